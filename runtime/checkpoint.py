@@ -31,6 +31,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as exc:
         raise SpeedError(f"{path} is not a SPEED checkpoint (torch could not read it: {exc})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise SpeedError(f"{path} is not a SPEED checkpoint (no '{FORMAT}' marker); pass the checkpoint.pt that `speed train` wrote")
+        raise SpeedError(f"{path} is not a SPEED checkpoint (no '{FORMAT}' marker); "
+                         "pass the checkpoint.pt that `speed train` wrote")
     state["model_config"] = ModelConfig.from_dict(state["model_config"], where=f"{path}: model config")
     return state

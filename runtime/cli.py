@@ -41,9 +41,56 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"checkpoint: {args.out / 'checkpoint.pt'}  report: {args.out / 'report.json'}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from runtime.export import export_bundle
+
+    out = export_bundle(args.checkpoint, args.out_dir, name=args.name, force=args.force)
+    print(f"wrote bundle {out}")
+
+
+def cmd_reference(args: argparse.Namespace) -> None:
+    from runtime.reference import run_reference
+
+    result = run_reference(args.prompt, bundle_path=args.bundle, backend=args.backend,
+                           max_new_tokens=args.max_new_tokens, device=args.device, threads=args.threads)
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return
+    g = result.generation
+    print(args.prompt + result.text)
+    print(f"[{len(g.token_ids)} tokens, {g.tokens_per_s:.1f} tokens/s, first token {g.first_token_s * 1000:.1f} ms, "
+          f"stop: {g.stop_reason}, {result.backend} on {result.provider}]", file=sys.stderr)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from runtime.benchmark import bench_reference
+    from runtime.bundle import load_bundle
+
+    if not args.reference:
+        raise SpeedError("choose what to measure: --reference (plain decoding, onnx vs torch, short vs long context)")
+    report = bench_reference(load_bundle(args.bundle), new_tokens=args.new_tokens, repeats=args.repeats,
+                             threads=args.threads)
+    if args.json:
+        print(json.dumps(report))
+        return
+    rates = report["tokens_per_s"]
+    print(f"plain greedy decoding of {report['bundle']}, {report['new_tokens']} new tokens, "
+          f"median of {report['repeats']} alternating runs (tokens/s)")
+    print(f"  onnx  {rates['onnx']:8.1f}   torch {rates['torch']:8.1f}   onnx/torch {report['onnx_over_torch']:.2f}x")
+    print(f"  onnx at 32 tokens of context {rates['context_32']:8.1f}   at 512 {rates['context_512']:8.1f}   "
+          f"ratio {report['context_512_over_32']:.2f}")
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage mistakes get one line naming the problem, not the whole usage block."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="speed", description="SPEED: speculative pipelined decoding runtime")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = OneLineErrorParser(prog="speed", description="SPEED: speculative pipelined decoding runtime")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineErrorParser)
 
     p = commands.add_parser("train", help="train a weight-shared decoder on the offline corpus")
     p.add_argument("--out", type=Path, required=True, help="directory for checkpoint.pt and report.json")
@@ -63,6 +110,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="CPU autocast dtype")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("export", help="export a checkpoint to an ONNX bundle")
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="checkpoint.pt written by speed train")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="bundle directory to create")
+    p.add_argument("--name", help="bundle name (default speed-NdxG)")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(run=cmd_export)
+
+    p = commands.add_parser("reference", help="plain greedy decoding in one process, no speculation")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--bundle", type=Path, help="bundle directory (default: the shipped demo-4x3 model)")
+    p.add_argument("--backend", choices=["onnx", "torch"], default="onnx")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="onnx backend device")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: one per core)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=cmd_reference)
+
+    p = commands.add_parser("bench", help="measure decoding speed")
+    p.add_argument("--reference", action="store_true", help="plain decoding: onnx vs torch, context 32 vs 512")
+    p.add_argument("--bundle", type=Path, help="bundle directory (default: the shipped demo-4x3 model)")
+    p.add_argument("--new-tokens", type=positive_int, default=64)
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: one per core)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=cmd_bench)
     return parser
 
 

@@ -38,6 +38,7 @@ class TrainConfig:
     precision: str = "bf16"  # autocast dtype on CPU: bf16 or fp32
     checkpoint_every: int = 100  # steps
     threads: int = 0  # torch threads; 0 = all cores
+    eval_windows: int = 0  # held-out windows of seq_len tokens in the final report; 0 = all of them
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "checkpoint_every"):
@@ -168,7 +169,8 @@ def train(out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, *, resume: bo
         step_time = time.perf_counter() - started
         elapsed += step_time
         progress.update(1)
-        progress.set_postfix(loss=f"{loss.item():.3f}", last=f"{stage_losses[-1]:.3f}", tok_s=f"{tokens_per_step / step_time:.0f}")
+        progress.set_postfix(loss=f"{loss.item():.3f}", last_stage=f"{stage_losses[-1]:.3f}",
+                             tok_s=f"{tokens_per_step / step_time:.0f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             checkpoint()
     progress.close()
@@ -181,7 +183,7 @@ def train(out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, *, resume: bo
         "train_tokens_in_corpus": int(len(train_tokens)),
         "tokens_seen": step * tokens_per_step,
         "train_time_s": round(elapsed, 1),
-        "held_out": evaluate(model, held_out_tokens, cfg.seq_len),
+        "held_out": evaluate(model, held_out_tokens, cfg.seq_len, cfg.eval_windows or None),
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

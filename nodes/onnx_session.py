@@ -1,0 +1,32 @@
+"""ONNX Runtime sessions that report the provider they really got.
+
+`onnxruntime-gpu` on a machine without CUDA lists the CUDA provider yet silently runs on CPU, so
+the provider is read back from the session and a CUDA request that was not honoured is an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+
+from runtime.errors import SpeedError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def create_session(path: Path, *, device: str = "cpu", threads: int = 0) -> ort.InferenceSession:
+    """threads: intra-op threads, 0 = ONNX Runtime's default (one per physical core)."""
+    if device not in PROVIDERS:
+        raise SpeedError(f"unknown device {device!r}; expected one of {', '.join(PROVIDERS)}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: no warnings about nodes placed on CPU
+    wanted = [PROVIDERS[device]] + ([PROVIDERS["cpu"]] if device != "cpu" else [])
+    session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+    got = session.get_providers()[0]
+    if got != PROVIDERS[device]:
+        raise SpeedError(f"device {device} was requested but ONNX Runtime runs {path.name} on {got}; "
+                         f"check the GPU driver and that onnxruntime-gpu (not onnxruntime) is installed")
+    return session

@@ -1,0 +1,110 @@
+"""The model bundle: a directory with a manifest, ONNX graphs, the embedding and the tokenizer.
+
+Loading verifies every file listed in the manifest against its sha256, so a node never serves a
+bundle that differs from the one it was given. Needs no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.config import ModelConfig
+from runtime.errors import SpeedError
+
+FORMAT = "speed-bundle/1"
+MANIFEST_FILE = "manifest.json"
+STAGE_FILE = "stage.onnx"
+HEAD_FILE = "head.onnx"
+EMBEDDING_FILE = "embedding.bin"
+TOKENIZER_FILE = "tokenizer.json"
+DEFAULT_BUNDLE = Path(__file__).parent / "bundles" / "demo-4x3"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, *, name: str, model_config: ModelConfig, eos_token_id: int, **extra: Any) -> None:
+    """Describe the bundle and hash every file already in `directory`."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    manifest = {
+        "format": FORMAT,
+        "name": name,
+        "architecture": "weight-shared decoder (CYCLE): N_d pre-norm layers applied G times",
+        "model_config": model_config.to_dict(),
+        "dtype": "float32",
+        "vocab_size": model_config.vocab_size,
+        "eos_token_id": eos_token_id,
+        # stages naming the same graph share its weights; each stage keeps its own KV cache
+        "stages": [{"graph": STAGE_FILE} for _ in range(model_config.n_stages)],
+        "head": HEAD_FILE,
+        "embedding": {"file": EMBEDDING_FILE, "shape": [model_config.vocab_size, model_config.d_model], "dtype": "<f4"},
+        "tokenizer": TOKENIZER_FILE,
+        "files": {p.name: {"sha256": sha256_of(p), "bytes": p.stat().st_size} for p in files},
+        **extra,
+    }
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+    config: ModelConfig
+    sha256: str  # hash of the manifest, which pins every file: the bundle's identity
+
+    @property
+    def stage_graphs(self) -> list[Path]:
+        return [self.path / stage["graph"] for stage in self.manifest["stages"]]
+
+    @property
+    def head_graph(self) -> Path:
+        return self.path / self.manifest["head"]
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.manifest["eos_token_id"]
+
+    def embedding(self) -> np.ndarray:
+        """(V, d) float32, memory-mapped read-only."""
+        spec = self.manifest["embedding"]
+        return np.memmap(self.path / spec["file"], dtype=spec["dtype"], mode="r", shape=tuple(spec["shape"]))
+
+    def tokenizer(self):
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(self.path / self.manifest["tokenizer"]))
+
+
+def load_bundle(path: Path | None = None) -> Bundle:
+    path = Path(path) if path is not None else DEFAULT_BUNDLE
+    manifest_path = path / MANIFEST_FILE
+    if not path.is_dir():
+        raise SpeedError(f"bundle {path} does not exist; pass a directory written by `speed export`")
+    if not manifest_path.is_file():
+        raise SpeedError(f"{path} is not a bundle: it has no {MANIFEST_FILE}; pass a directory written by `speed export`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpeedError(f"bundle {path}: {MANIFEST_FILE} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SpeedError(f"bundle {path}: {MANIFEST_FILE} is not a '{FORMAT}' manifest")
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise SpeedError(f"bundle {path}: {name} is missing; copy the whole bundle directory")
+        if sha256_of(file) != expected["sha256"]:
+            raise SpeedError(f"bundle {path}: {name} does not match its sha256 in {MANIFEST_FILE}; "
+                             "the file was changed or corrupted, re-export or re-copy the bundle")
+    config = ModelConfig.from_dict(manifest["model_config"], where=f"bundle {path}: model_config")
+    return Bundle(path=path, manifest=manifest, config=config, sha256=sha256_of(manifest_path))

@@ -1,0 +1,64 @@
+"""The torch model rebuilt from a bundle's own weights, to check the ONNX graphs against."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from nodes.kv_cache import StageCache
+from runtime.bundle import Bundle
+from runtime.errors import SpeedError
+from runtime.model import SpeedDecoder
+
+PARAMETER_PREFIX = "model."  # the export wraps the decoder as `model`
+
+
+def model_from_bundle(bundle: Bundle) -> SpeedDecoder:
+    """Load the stage and head initializers, which carry the torch parameter names."""
+    if len(set(bundle.stage_graphs)) != 1:
+        raise SpeedError(f"bundle {bundle.path}: the torch backend runs weight-shared bundles only")
+    state = {"embedding.weight": torch.from_numpy(np.array(bundle.embedding()))}
+    for path in (bundle.stage_graphs[0], bundle.head_graph):
+        graph = onnx.load(str(path), load_external_data=False).graph
+        for tensor in graph.initializer:
+            if tensor.name.startswith(PARAMETER_PREFIX) and tensor.data_location != onnx.TensorProto.EXTERNAL:
+                state[tensor.name.removeprefix(PARAMETER_PREFIX)] = torch.from_numpy(numpy_helper.to_array(tensor).copy())
+    model = SpeedDecoder(bundle.config)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+class TorchStageModel:
+    """The same interface as nodes.executor.OnnxStageModel, computed by torch eager."""
+
+    provider = "torch-cpu"
+
+    def __init__(self, bundle: Bundle, *, threads: int = 0):
+        if threads:
+            torch.set_num_threads(threads)
+        self.config = bundle.config
+        self.model = model_from_bundle(bundle)
+
+    @torch.no_grad()
+    def embed(self, token_ids: np.ndarray) -> np.ndarray:
+        return self.model.embedding(torch.from_numpy(token_ids)).numpy()
+
+    @torch.no_grad()
+    def run_stage(self, stage: int, hidden: np.ndarray, cache: StageCache) -> np.ndarray:
+        feeds = cache.feeds()
+        L = self.config.n_distinct_layers
+        hidden_out, new_keys, new_values = self.model.stage_step(
+            torch.from_numpy(hidden),
+            torch.from_numpy(feeds["cache_length"]),
+            [torch.from_numpy(feeds[f"cache_key_{l}"]) for l in range(L)],
+            [torch.from_numpy(feeds[f"cache_value_{l}"]) for l in range(L)],
+        )
+        cache.append([k.numpy() for k in new_keys], [v.numpy() for v in new_values])
+        return hidden_out.numpy()
+
+    @torch.no_grad()
+    def classify(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits = self.model.classify(torch.from_numpy(hidden))
+        return logits.numpy(), logits.argmax(-1).numpy()

@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny weight-shared model trained for a few steps and exported once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runtime.config import ModelConfig
+from runtime.train import TrainConfig
+
+TINY = ModelConfig(vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=128,
+                   n_distinct_layers=2, n_stages=3, context_length=640)
+TINY_TRAINING = TrainConfig(steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup=5, precision="fp32", threads=2,
+                             eval_windows=48)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from runtime.train import train
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    train(out, TINY, TINY_TRAINING, resume=False)
+    return out / "checkpoint.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
+    from runtime.export import export_bundle
+
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundles") / "tiny")
+
+
+def run_speed(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the `speed` command as a user would, in a separate process."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
