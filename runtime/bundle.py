@@ -23,6 +23,7 @@ STAGE_FILE = "stage.onnx"
 HEAD_FILE = "head.onnx"
 EMBEDDING_FILE = "embedding.bin"
 TOKENIZER_FILE = "tokenizer.json"
+TRAINING_REPORT_FILE = "training_report.json"  # held-out loss and flip rates, when exported from `speed train`
 DEFAULT_BUNDLE = Path(__file__).parent / "bundles" / "demo-4x3"
 
 

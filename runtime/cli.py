@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["onnx", "torch"], default="onnx")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="onnx backend device")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: one per core)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads; 0 = one per core (default 1: fastest for one sequence here)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_reference)
 
@@ -133,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, help="bundle directory (default: the shipped demo-4x3 model)")
     p.add_argument("--new-tokens", type=positive_int, default=64)
     p.add_argument("--repeats", type=positive_int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: one per core)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads; 0 = one per core (default 1: fastest for one sequence here)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_bench)
     return parser

@@ -26,7 +26,7 @@ import torch
 from onnx.external_data_helper import set_external_data
 from torch import nn
 
-from runtime.bundle import EMBEDDING_FILE, HEAD_FILE, STAGE_FILE, TOKENIZER_FILE, write_manifest
+from runtime.bundle import EMBEDDING_FILE, HEAD_FILE, STAGE_FILE, TOKENIZER_FILE, TRAINING_REPORT_FILE, write_manifest
 from runtime.checkpoint import load_checkpoint
 from runtime.config import ModelConfig
 from runtime.errors import SpeedError
@@ -131,11 +131,15 @@ def export_bundle(checkpoint: Path, out_dir: Path, *, name: str | None = None, f
     tokenizer = Tokenizer.from_str(state["tokenizer"])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
     try:
         export_stage(model, staging / STAGE_FILE)
         export_head(model, staging / HEAD_FILE)
         share_embedding_weight(staging / HEAD_FILE, model.embedding.weight.detach().numpy(), staging)
         tokenizer.save(str(staging / TOKENIZER_FILE))
+        report = checkpoint.parent / "report.json"  # written by `speed train` beside its checkpoint
+        if report.is_file():
+            shutil.copyfile(report, staging / TRAINING_REPORT_FILE)
         write_manifest(
             staging,
             name=name or f"speed-{cfg.name}",

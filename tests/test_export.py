@@ -33,7 +33,7 @@ def test_manifest_describes_the_bundle(tiny_bundle):
     assert manifest["model_config"]["n_stages"] == 3
     assert [s["graph"] for s in manifest["stages"]] == ["stage.onnx"] * 3
     assert manifest["dtype"] == "float32"
-    assert set(manifest["files"]) == {"stage.onnx", "head.onnx", "embedding.bin", "tokenizer.json"}
+    assert set(manifest["files"]) == {"stage.onnx", "head.onnx", "embedding.bin", "tokenizer.json", "training_report.json"}
     assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
 
 
