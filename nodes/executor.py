@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple, Protocol
+
 import numpy as np
 
-from nodes.kv_cache import StageCache
+from nodes.kv_cache import KVCache
 from nodes.onnx_session import create_session
 from runtime.bundle import Bundle
+from runtime.config import ModelConfig
+
+
+class StageOutput(NamedTuple):
+    hidden: np.ndarray  # (B, T, d)
+    new_keys: list[np.ndarray]  # per layer (B, Hkv, hd, T)
+    new_values: list[np.ndarray]  # per layer (B, Hkv, T, hd)
+
+
+class StageModel(Protocol):
+    """What decoders need of a model: ONNX Runtime here, torch in runtime.torch_backend."""
+
+    config: ModelConfig
+    provider: str
+
+    def embed(self, token_ids: np.ndarray) -> np.ndarray: ...  # (B, T) int64 -> (B, T, d)
+
+    def graph_of(self, stage: int) -> int: ...
+
+    def run_stage(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> StageOutput: ...
+
+    def classify(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...  # (N, d) -> logits, tokens
 
 
 class OnnxStageModel:
@@ -16,6 +40,7 @@ class OnnxStageModel:
         self.config = bundle.config
         sessions = {path: create_session(path, device=device, threads=threads) for path in set(bundle.stage_graphs)}
         self._stage_sessions = [sessions[path] for path in bundle.stage_graphs]
+        self._graph_ids = [sorted(sessions).index(path) for path in bundle.stage_graphs]
         self._head = create_session(bundle.head_graph, device=device, threads=threads)
         self.provider = self._head.get_providers()[0]
         self._embedding = bundle.embedding()
@@ -26,12 +51,16 @@ class OnnxStageModel:
         """(B, T) int64 -> (B, T, d) float32."""
         return self._embedding[token_ids]
 
-    def run_stage(self, stage: int, hidden: np.ndarray, cache: StageCache) -> np.ndarray:
-        """hidden (1, T, d) of the tokens after cache.length -> (1, T, d); appends their K/V."""
-        out = self._stage_sessions[stage].run(self._outputs, {"hidden": hidden, **cache.feeds()})
+    def graph_of(self, stage: int) -> int:
+        """Stages with the same graph id share weights and can run in one call."""
+        return self._graph_ids[stage]
+
+    def run_stage(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> StageOutput:
+        """hidden (B, T, d) of the tokens after each row's cache length, B = rows of `rows`.
+        Returns hidden (B, T, d) and per layer new keys (B, Hkv, hd, T) and values (B, Hkv, T, hd)."""
+        out = self._stage_sessions[stage].run(self._outputs, {"hidden": hidden, **cache.feeds(rows)})
         L = self.config.n_distinct_layers
-        cache.append(out[1 : 1 + L], out[1 + L :])
-        return out[0]
+        return StageOutput(out[0], out[1 : 1 + L], out[1 + L :])
 
     def classify(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """hidden (N, d) -> logits (N, V), greedy tokens (N,)."""

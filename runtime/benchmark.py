@@ -9,7 +9,7 @@ import statistics
 from dataclasses import dataclass
 
 from runtime.bundle import Bundle
-from runtime.reference import StageModel, generate_greedy, open_stage_model
+from runtime.reference import StageModel, generate_plain, open_stage_model
 
 # Text to build prompts of an exact token count from; any text works, this is what the model knows.
 PROMPT_TEXT = (
@@ -33,7 +33,7 @@ def prompt_of(bundle: Bundle, n_tokens: int) -> list[int]:
 
 def decode_rate(model: StageModel, prompt: list[int], new_tokens: int) -> float:
     # EOS is ignored (-1 matches no token) so every run decodes the same number of tokens
-    return generate_greedy(model, prompt, max_new_tokens=new_tokens, eos_id=-1).tokens_per_s
+    return generate_plain(model, prompt, max_new_tokens=new_tokens, eos_id=-1).tokens_per_s
 
 
 def alternate(cases: dict[str, tuple[StageModel, list[int]]], new_tokens: int, repeats: int) -> list[Measurement]:

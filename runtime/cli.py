@@ -48,11 +48,25 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote bundle {out}")
 
 
+def sampling_from(args: argparse.Namespace):
+    from runtime.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="with the position, fixes every random draw")
+
+
 def cmd_reference(args: argparse.Namespace) -> None:
     from runtime.reference import run_reference
 
     result = run_reference(args.prompt, bundle_path=args.bundle, backend=args.backend,
-                           max_new_tokens=args.max_new_tokens, device=args.device, threads=args.threads)
+                           max_new_tokens=args.max_new_tokens, sampling=sampling_from(args), speculate=args.speculate,
+                           device=args.device, threads=args.threads)
     if args.json:
         print(json.dumps(result.to_json()))
         return
@@ -60,6 +74,10 @@ def cmd_reference(args: argparse.Namespace) -> None:
     print(args.prompt + result.text)
     print(f"[{len(g.token_ids)} tokens, {g.tokens_per_s:.1f} tokens/s, first token {g.first_token_s * 1000:.1f} ms, "
           f"stop: {g.stop_reason}, {result.backend} on {result.provider}]", file=sys.stderr)
+    if g.stats:
+        flips = " ".join(f"{rate:.1%}" for rate in g.stats["flips_per_boundary"])
+        print(f"[speculative: {g.stats['ticks']} ticks, flips per boundary {flips}, "
+              f"{g.stats['flushed_steps']} flushed steps, {g.stats['mean_in_flight']:.2f} in flight]", file=sys.stderr)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -126,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="onnx backend device")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads; 0 = one per core (default 1: fastest for one sequence here)")
+    p.add_argument("--speculate", action="store_true", help="decode with SPEED's speculative pipeline (same tokens)")
+    add_sampling_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_reference)
 

@@ -1,44 +1,35 @@
-"""Plain greedy decoding in one process: the output every other mode must reproduce exactly.
+"""Plain decoding in one process: the output every other mode must reproduce exactly.
 
-Each new token runs through every stage in order (no speculation); every stage appends to its
-own KV cache, preallocated for the whole request, so a step copies only the new entries.
+Each new token runs through every stage in order (no speculation); every stage appends to its own
+row of a KV cache preallocated for the whole request, so a step copies only the new entries.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
-from nodes.kv_cache import StageCache
+from nodes.executor import StageModel
+from nodes.kv_cache import KVCache
 from runtime.bundle import Bundle, load_bundle
 from runtime.config import ModelConfig
 from runtime.errors import SpeedError
+from runtime.sampling import GREEDY, SamplingParams, choose_token
 
 BACKENDS = ("onnx", "torch")
-
-
-class StageModel(Protocol):
-    config: ModelConfig
-    provider: str
-
-    def embed(self, token_ids: np.ndarray) -> np.ndarray: ...  # (B, T) int64 -> (B, T, d)
-
-    def run_stage(self, stage: int, hidden: np.ndarray, cache: StageCache) -> np.ndarray: ...  # (1, T, d)
-
-    def classify(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...  # (N, d) -> logits, tokens
 
 
 @dataclass(frozen=True)
 class Generation:
     token_ids: list[int]  # generated tokens only; EOS is not included
-    stop_reason: str  # "eos", "length" (max new tokens) or "context" (the model's context is full)
+    stop_reason: str  # "eos", "length" (max new tokens), "stop" (a stop string) or "context" (context full)
     prompt_tokens: int
     first_token_s: float  # prompt prefill plus the first token
     decode_s: float  # every token after the first
+    stats: dict = field(default_factory=dict)  # speculative decoding's counters, when it was used
 
     @property
     def tokens_per_s(self) -> float:
@@ -63,25 +54,30 @@ def open_stage_model(bundle: Bundle, *, backend: str = "onnx", device: str = "cp
     raise SpeedError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 
 
-def check_prompt(prompt_ids: list[int], cfg: ModelConfig) -> None:
+def check_request(prompt_ids: list[int], cfg: ModelConfig, max_new_tokens: int) -> None:
     if not prompt_ids:
         raise SpeedError("the prompt is empty; give some text for the model to continue")
     if len(prompt_ids) >= cfg.context_length:
         raise SpeedError(f"the prompt has {len(prompt_ids)} tokens but the model's context holds {cfg.context_length}; "
                          f"shorten it to at most {cfg.context_length - 1} tokens")
-
-
-def generate_greedy(model: StageModel, prompt_ids: list[int], *, max_new_tokens: int, eos_id: int) -> Generation:
-    """Greedy tokens after the prompt; an eos_id of -1 never stops (benchmarks)."""
-    cfg = model.config
-    check_prompt(prompt_ids, cfg)
     if max_new_tokens < 1:
         raise SpeedError(f"max new tokens must be at least 1, got {max_new_tokens}")
-    capacity = min(cfg.context_length, len(prompt_ids) + max_new_tokens)
-    caches = [StageCache(cfg, capacity) for _ in range(cfg.n_stages)]
+
+
+def cache_capacity(cfg: ModelConfig, prompt_tokens: int, max_new_tokens: int) -> int:
+    return min(cfg.context_length, prompt_tokens + max_new_tokens)
+
+
+def generate_plain(model: StageModel, prompt_ids: list[int], *, max_new_tokens: int, eos_id: int,
+                   sampling: SamplingParams = GREEDY) -> Generation:
+    """Tokens after the prompt, one full pass of every stage per token; an eos_id of -1 never stops."""
+    cfg = model.config
+    check_request(prompt_ids, cfg, max_new_tokens)
+    capacity = cache_capacity(cfg, len(prompt_ids), max_new_tokens)
+    cache = KVCache(cfg, rows=cfg.n_stages, capacity=capacity)
 
     started = time.perf_counter()
-    token = _next_token(model, np.asarray([prompt_ids], dtype=np.int64), caches)
+    token = _next_token(model, np.asarray([prompt_ids], dtype=np.int64), cache, sampling)
     first_token_at = time.perf_counter()
     generated: list[int] = []
     while True:
@@ -92,26 +88,23 @@ def generate_greedy(model: StageModel, prompt_ids: list[int], *, max_new_tokens:
         if len(generated) == max_new_tokens:
             stop = "length"
             break
-        if caches[0].length == capacity:
+        if cache.lengths[0] == capacity:
             stop = "context"
             break
-        token = _next_token(model, np.asarray([[token]], dtype=np.int64), caches)
-    return Generation(
-        token_ids=generated,
-        stop_reason=stop,
-        prompt_tokens=len(prompt_ids),
-        first_token_s=first_token_at - started,
-        decode_s=time.perf_counter() - first_token_at,
-    )
+        token = _next_token(model, np.asarray([[token]], dtype=np.int64), cache, sampling)
+    return Generation(generated, stop, len(prompt_ids), first_token_at - started, time.perf_counter() - first_token_at)
 
 
-def _next_token(model: StageModel, token_ids: np.ndarray, caches: list[StageCache]) -> int:
-    """Run tokens (1, T) through every stage and return the greedy prediction after the last."""
+def _next_token(model: StageModel, token_ids: np.ndarray, cache: KVCache, sampling: SamplingParams) -> int:
+    """Run tokens (1, T) through every stage (row s of the cache is stage s); choose the next token."""
     hidden = model.embed(token_ids)
-    for stage, cache in enumerate(caches):
-        hidden = model.run_stage(stage, hidden, cache)
-    _, tokens = model.classify(hidden[0, -1:])
-    return int(tokens[0])
+    count = token_ids.shape[1]
+    for stage in range(model.config.n_stages):
+        out = model.run_stage(stage, hidden, cache, slice(stage, stage + 1))
+        cache.append(stage, [k[0] for k in out.new_keys], [v[0] for v in out.new_values], count)
+        hidden = out.hidden
+    logits, _ = model.classify(hidden[0, -1:])
+    return choose_token(logits[0], sampling, position=int(cache.lengths[0]))
 
 
 @dataclass(frozen=True)
@@ -123,7 +116,7 @@ class ReferenceResult:
 
     def to_json(self) -> dict:
         g = self.generation
-        return {
+        out = {
             "text": self.text,
             "token_ids": g.token_ids,
             "tokens_per_s": round(g.tokens_per_s, 2),
@@ -134,10 +127,14 @@ class ReferenceResult:
             "backend": self.backend,
             "provider": self.provider,
         }
+        if g.stats:
+            out["stats"] = g.stats
+        return out
 
 
 def run_reference(prompt: str, *, bundle_path: Path | None, backend: str, max_new_tokens: int,
-                  device: str = "cpu", threads: int = 0) -> ReferenceResult:
+                  sampling: SamplingParams = GREEDY, speculate: bool = False, device: str = "cpu",
+                  threads: int = 0) -> ReferenceResult:
     """Validate everything cheap first, so bad input fails before any model is loaded."""
     if not prompt:
         raise SpeedError("the prompt is empty; give some text for the model to continue")
@@ -146,7 +143,14 @@ def run_reference(prompt: str, *, bundle_path: Path | None, backend: str, max_ne
     bundle = load_bundle(bundle_path)
     tokenizer = bundle.tokenizer()
     prompt_ids = tokenizer.encode(prompt).ids
-    check_prompt(prompt_ids, bundle.config)
+    check_request(prompt_ids, bundle.config, max_new_tokens)
     model = open_stage_model(bundle, backend=backend, device=device, threads=threads)
-    generation = generate_greedy(model, prompt_ids, max_new_tokens=max_new_tokens, eos_id=bundle.eos_token_id)
+    if speculate:
+        from runtime.speculative import generate_speculative
+
+        (generation,) = generate_speculative(model, [prompt_ids], max_new_tokens=max_new_tokens,
+                                             eos_id=bundle.eos_token_id, sampling=sampling)
+    else:
+        generation = generate_plain(model, prompt_ids, max_new_tokens=max_new_tokens, eos_id=bundle.eos_token_id,
+                                    sampling=sampling)
     return ReferenceResult(tokenizer.decode(generation.token_ids), generation, backend, model.provider)

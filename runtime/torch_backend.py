@@ -7,7 +7,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from nodes.kv_cache import StageCache
+from nodes.executor import StageOutput
+from nodes.kv_cache import KVCache
 from runtime.bundle import Bundle
 from runtime.errors import SpeedError
 from runtime.model import SpeedDecoder
@@ -45,18 +46,20 @@ class TorchStageModel:
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         return self.model.embedding(torch.from_numpy(token_ids)).numpy()
 
+    def graph_of(self, stage: int) -> int:
+        return 0  # every stage runs the same shared layers
+
     @torch.no_grad()
-    def run_stage(self, stage: int, hidden: np.ndarray, cache: StageCache) -> np.ndarray:
-        feeds = cache.feeds()
+    def run_stage(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> StageOutput:
+        feeds = cache.feeds(rows)
         L = self.config.n_distinct_layers
         hidden_out, new_keys, new_values = self.model.stage_step(
             torch.from_numpy(hidden),
-            torch.from_numpy(feeds["cache_length"]),
+            torch.from_numpy(np.ascontiguousarray(feeds["cache_length"])),
             [torch.from_numpy(feeds[f"cache_key_{l}"]) for l in range(L)],
             [torch.from_numpy(feeds[f"cache_value_{l}"]) for l in range(L)],
         )
-        cache.append([k.numpy() for k in new_keys], [v.numpy() for v in new_values])
-        return hidden_out.numpy()
+        return StageOutput(hidden_out.numpy(), [k.numpy() for k in new_keys], [v.numpy() for v in new_values])
 
     @torch.no_grad()
     def classify(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

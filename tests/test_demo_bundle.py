@@ -5,7 +5,7 @@ import json
 import pytest
 
 from runtime.bundle import DEFAULT_BUNDLE, load_bundle
-from runtime.reference import generate_greedy, open_stage_model
+from runtime.reference import generate_plain, open_stage_model
 from tests.test_export import PROMPTS
 
 MAX_BUNDLE_BYTES = 25 * 1024 * 1024
@@ -37,6 +37,6 @@ def test_onnx_and_torch_agree_on_the_demo_model(demo_models):
     tokenizer = bundle.tokenizer()
     for prompt in PROMPTS:
         ids = tokenizer.encode(prompt).ids
-        a = generate_greedy(onnx_model, ids, max_new_tokens=32, eos_id=bundle.eos_token_id)
-        b = generate_greedy(torch_model, ids, max_new_tokens=32, eos_id=bundle.eos_token_id)
+        a = generate_plain(onnx_model, ids, max_new_tokens=32, eos_id=bundle.eos_token_id)
+        b = generate_plain(torch_model, ids, max_new_tokens=32, eos_id=bundle.eos_token_id)
         assert a.token_ids == b.token_ids, prompt

@@ -9,7 +9,7 @@ import pytest
 from nodes.executor import OnnxStageModel
 from nodes.kv_cache import StageCache
 from runtime.bundle import load_bundle
-from runtime.reference import generate_greedy
+from runtime.reference import generate_plain
 from runtime.torch_backend import TorchStageModel
 
 PROMPTS = [
@@ -70,6 +70,6 @@ def test_onnx_and_torch_give_the_same_tokens_on_many_prompts(models):
     tokenizer = bundle.tokenizer()
     for prompt in PROMPTS:
         ids = tokenizer.encode(prompt).ids
-        a = generate_greedy(onnx_model, ids, max_new_tokens=24, eos_id=bundle.eos_token_id)
-        b = generate_greedy(torch_model, ids, max_new_tokens=24, eos_id=bundle.eos_token_id)
+        a = generate_plain(onnx_model, ids, max_new_tokens=24, eos_id=bundle.eos_token_id)
+        b = generate_plain(torch_model, ids, max_new_tokens=24, eos_id=bundle.eos_token_id)
         assert a.token_ids == b.token_ids, prompt
