@@ -2,9 +2,11 @@
 
 Cache rows are laid out stage-major, row = stage * slots + slot, so the rows of stages that share a
 graph form one contiguous range and are passed to the graph as zero-copy views. Rows with no item this
-tick ride along with zero input and their outputs are dropped; items shorter than the longest one are
-padded at the end, which causal attention makes harmless, and only their real entries are appended.
-The shared classifier then runs once over the last position of every item.
+tick ride along with zero input and their outputs are dropped. Items of different lengths (prompt
+chunks next to decode tokens) run in separate calls rather than padded together: padding would not
+change the mathematics but would change floating-point summation order, and a row must compute the
+same bits whatever else shares its tick, or sampled text could depend on the batch. Decode ticks,
+where every item is one token, are one call. The shared classifier then runs once over every item.
 """
 
 from __future__ import annotations
@@ -62,15 +64,16 @@ class TickExecutor:
         last_hidden: dict[Item, np.ndarray] = {}
         hidden_after: dict[tuple[int, int], np.ndarray] = {}
         for group in self._stage_groups:
-            items = [item for item in plan.items if item.stage in group]
-            if items:
-                self._run_group(group, items, last_hidden, hidden_after)
+            items = sorted((item for item in plan.items if item.stage in group), key=lambda item: item.length)
+            for _, same_length in groupby(items, key=lambda item: item.length):
+                self._run_call(group, list(same_length), last_hidden, hidden_after)
         self._hidden = hidden_after
         return self._predict(plan.items, last_hidden)
 
-    def _run_group(self, stages: list[int], items: list[Item], last_hidden: dict, hidden_after: dict) -> None:
+    def _run_call(self, stages: list[int], items: list[Item], last_hidden: dict, hidden_after: dict) -> None:
+        """One graph call for items of equal length on stages that share the graph."""
         rows = slice(stages[0] * self.slots, (stages[-1] + 1) * self.slots)
-        width = max(item.length for item in items)
+        width = items[0].length
         hidden = np.zeros((rows.stop - rows.start, width, self.cfg.d_model), dtype=np.float32)  # (B, T, d)
         for item in items:
             row = self._row(item.seq_id, item.stage)
@@ -78,15 +81,15 @@ class TickExecutor:
                 raise SpeedError(f"sequence {item.seq_id} stage {item.stage}: cache holds {self.cache.lengths[row]} "
                                  f"positions but the item starts at {item.start}")
             if item.tokens is not None:
-                hidden[row - rows.start, : item.length] = self.model.embed(np.asarray(item.tokens, dtype=np.int64))
+                hidden[row - rows.start] = self.model.embed(np.asarray(item.tokens, dtype=np.int64))
             else:
-                hidden[row - rows.start, : item.length] = self._hidden[(item.seq_id, item.start)]
+                hidden[row - rows.start] = self._hidden[(item.seq_id, item.start)]
         out = self.model.run_stage(stages[0], hidden, self.cache, rows)
         for item in items:
             r = self._row(item.seq_id, item.stage) - rows.start
             self.cache.append(r + rows.start, [k[r] for k in out.new_keys], [v[r] for v in out.new_values], item.length)
-            hidden_after[(item.seq_id, item.start)] = out.hidden[r, : item.length]
-            last_hidden[item] = out.hidden[r, item.length - 1]
+            hidden_after[(item.seq_id, item.start)] = out.hidden[r]
+            last_hidden[item] = out.hidden[r, -1]
 
     def _predict(self, items: list[Item], last_hidden: dict[Item, np.ndarray]) -> dict[tuple[int, int], int]:
         logits, greedy = self.model.classify(np.stack([last_hidden[item] for item in items]))  # (N, V), (N,)

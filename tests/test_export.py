@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from nodes.executor import OnnxStageModel
-from nodes.kv_cache import StageCache
+from nodes.kv_cache import KVCache
 from runtime.bundle import load_bundle
 from runtime.reference import generate_plain
 from runtime.torch_backend import TorchStageModel
@@ -47,12 +47,14 @@ def test_the_embedding_is_stored_once(tiny_bundle):
 def stage_logits(model, token_ids, chunks):
     """Logits after every stage for the tokens, fed in the given (start, end) chunks."""
     cfg = model.config
-    caches = [StageCache(cfg, len(token_ids) + 4) for _ in range(cfg.n_stages)]
+    cache = KVCache(cfg, rows=cfg.n_stages, capacity=len(token_ids) + 4)
     per_stage = [[] for _ in range(cfg.n_stages)]
     for start, end in chunks:
         hidden = model.embed(np.asarray([token_ids[start:end]], dtype=np.int64))
-        for s, cache in enumerate(caches):
-            hidden = model.run_stage(s, hidden, cache)
+        for s in range(cfg.n_stages):
+            out = model.run_stage(s, hidden, cache, slice(s, s + 1))
+            cache.append(s, [k[0] for k in out.new_keys], [v[0] for v in out.new_values], end - start)
+            hidden = out.hidden
             per_stage[s].append(model.classify(hidden[0])[0])
     return [np.concatenate(x) for x in per_stage]
 

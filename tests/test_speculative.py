@@ -1,0 +1,97 @@
+"""Speculative decoding of the demo model gives exactly the plain decoder's tokens."""
+
+import json
+
+import pytest
+
+from runtime.bundle import load_bundle
+from runtime.corpus import load_shakespeare
+from runtime.reference import generate_plain, open_stage_model
+from runtime.sampling import SamplingParams
+from runtime.speculative import generate_speculative
+from tests.conftest import run_speed
+from tests.test_cli import assert_one_line_error
+
+
+def held_out_prompts(count: int) -> list[str]:
+    """Distinct lines of the held-out works: text the model has never been trained on."""
+    lines = [line.strip() for text in load_shakespeare().held_out for line in text.splitlines()]
+    lines = sorted({line for line in lines if 25 <= len(line) <= 70})
+    return lines[:: len(lines) // count][:count]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    bundle = load_bundle()
+    return bundle, open_stage_model(bundle, threads=1)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(demo):
+    tokenizer = demo[0].tokenizer()
+    return [tokenizer.encode(p).ids for p in held_out_prompts(50)]
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [SamplingParams(), SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=1.0, top_k=20, seed=2),
+     SamplingParams(temperature=0.7, top_p=0.9, seed=3)],
+    ids=["greedy", "t0.8", "top-k", "top-p"],
+)
+def test_speculative_equals_sequential_on_50_prompts(demo, prompt_ids, sampling):
+    """50 prompts decoded together, with and without speculation: the same tokens."""
+    bundle, model = demo
+    assert len(prompt_ids) == 50
+    kwargs = {"max_new_tokens": 64, "eos_id": bundle.eos_token_id, "sampling": sampling}
+    speculative = generate_speculative(model, prompt_ids, **kwargs)
+    sequential = generate_speculative(model, prompt_ids, speculate=False, **kwargs)
+    for spec, seq in zip(speculative, sequential):
+        assert spec.token_ids == seq.token_ids
+        assert spec.stop_reason == seq.stop_reason
+    assert sum(s.stats["ticks"] for s in speculative) < sum(s.stats["ticks"] for s in sequential)
+
+
+def test_batched_greedy_equals_the_plain_reference(demo, prompt_ids):
+    bundle, model = demo
+    speculative = generate_speculative(model, prompt_ids, max_new_tokens=64, eos_id=bundle.eos_token_id)
+    for ids, spec in zip(prompt_ids, speculative):
+        assert spec.token_ids == generate_plain(model, ids, max_new_tokens=64, eos_id=bundle.eos_token_id).token_ids
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_one_sampled_sequence_equals_the_plain_reference(demo, prompt_ids, seed):
+    bundle, model = demo
+    sampling = SamplingParams(temperature=0.9, top_p=0.95, seed=seed)
+    for ids in prompt_ids[:12]:
+        (spec,) = generate_speculative(model, [ids], max_new_tokens=64, eos_id=bundle.eos_token_id, sampling=sampling)
+        plain = generate_plain(model, ids, max_new_tokens=64, eos_id=bundle.eos_token_id, sampling=sampling)
+        assert spec.token_ids == plain.token_ids
+
+
+def test_one_sequence_alone_equals_plain_and_speculates(demo, prompt_ids):
+    bundle, model = demo
+    (spec,) = generate_speculative(model, [prompt_ids[0]], max_new_tokens=64, eos_id=-1)
+    plain = generate_plain(model, prompt_ids[0], max_new_tokens=64, eos_id=-1)
+    assert spec.token_ids == plain.token_ids
+    assert spec.stats["committed"] == 64
+    assert spec.stats["mean_in_flight"] > 1.5
+    assert spec.stats["ticks"] < 3 * 64
+
+
+def test_reference_speculate_prints_stats():
+    result = run_speed("reference", "--speculate", "--json", "--max-new-tokens", "16", "ROMEO:")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    plain = json.loads(run_speed("reference", "--json", "--max-new-tokens", "16", "ROMEO:").stdout)
+    assert out["token_ids"] == plain["token_ids"]
+    assert set(out["stats"]) == {"ticks", "committed", "flips_per_boundary", "flushed_steps", "mean_in_flight"}
+    assert len(out["stats"]["flips_per_boundary"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [("--temperature=-1", "temperature must be 0"), ("--top-p=0", "top-p must be in"), ("--top-p=1.5", "top-p must be in"),
+     ("--top-k=-2", "top-k must be"), ("--seed=1.5", "--seed")],
+)
+def test_bad_sampling_parameters_decode_nothing(flag, message):
+    assert_one_line_error(run_speed("reference", "--speculate", flag, "ROMEO:"), message)

@@ -1,0 +1,169 @@
+"""The scheduling core alone, driven by a synthetic model: no ONNX, no tensors."""
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runtime.speed_core import SpeedScheduler
+
+EOS = 0
+
+
+class SyntheticRun:
+    """Executes plans like a real executor, with a model whose early stages guess wrong on demand.
+
+    The oracle's greedy stream is fixed per sequence. A stage's prediction for position p is the
+    oracle's token when everything it attended to is the oracle's, with early stages wrong whenever
+    `wrong(seq, p, stage)` says so; with any wrong input it predicts garbage. Caches hold the input
+    token written at each position, so a flushed write that is not rolled back shows up.
+    """
+
+    def __init__(self, scheduler, streams, wrong):
+        self.scheduler, self.streams, self.wrong = scheduler, streams, wrong
+        self.caches = {}  # (seq, stage) -> tokens written at positions 0..len-1
+        self.carried = {}  # (seq, start) -> the item's input tokens, travelling with its hidden state
+
+    def run_tick(self):
+        plan = self.scheduler.plan()
+        for cut in plan.truncations:
+            cache = self.caches.setdefault((cut.seq_id, cut.stage), [])
+            del cache[cut.length :]
+        predictions, carried = {}, {}
+        for item in plan.items:
+            tokens = list(item.tokens) if item.tokens is not None else self.carried[(item.seq_id, item.start)]
+            cache = self.caches.setdefault((item.seq_id, item.stage), [])
+            assert len(cache) == item.start, "an item must start where its stage's cache ends"
+            cache.extend(tokens)
+            carried[(item.seq_id, item.start)] = tokens
+            predictions[(item.seq_id, item.start)] = self.predict(item.seq_id, item.stage, cache)
+        self.carried = carried
+        self.scheduler.apply(predictions)
+        return plan
+
+    def predict(self, seq_id, stage, context):
+        stream = self.streams[seq_id]
+        position = len(context) - 1
+        if context != stream[: len(context)]:
+            return 1000 + position  # garbage: a token the oracle never uses
+        right = stream[position + 1]
+        if stage < self.scheduler.n_stages - 1 and self.wrong(seq_id, position, stage):
+            return right + 500  # an early stage's wrong guess
+        return right
+
+
+def oracle_stream(seed, prompt_len, length, eos_at=None):
+    rng = random.Random(seed)
+    stream = [rng.randrange(1, 400) for _ in range(prompt_len + length + 1)]
+    if eos_at is not None and eos_at < length:
+        stream[prompt_len + eos_at] = EOS
+    return stream
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.data(),
+    n_stages=st.integers(1, 4),
+    n_seqs=st.integers(1, 3),
+    prompt_len=st.integers(1, 9),
+    max_new=st.integers(1, 30),
+    chunk=st.integers(1, 5),
+    flip_rate=st.sampled_from([0.0, 0.2, 0.6, 1.0]),
+    eos_at=st.one_of(st.none(), st.integers(0, 30)),
+)
+def test_committed_stream_equals_the_oracle_and_flushes_roll_back(data, n_stages, n_seqs, prompt_len, max_new, chunk,
+                                                                   flip_rate, eos_at):
+    flips = {}
+
+    def wrong(seq_id, position, stage):
+        key = (seq_id, position, stage)
+        if key not in flips:  # the same inputs always give the same prediction
+            flips[key] = flip_rate > 0 and data.draw(st.floats(0, 1)) < flip_rate
+        return flips[key]
+
+    scheduler = SpeedScheduler(n_stages, prefill_chunk=chunk)
+    streams = {s: oracle_stream(s, prompt_len, max_new, eos_at) for s in range(n_seqs)}
+    for s in range(n_seqs):
+        scheduler.add(s, streams[s][:prompt_len], max_new_tokens=max_new, context_length=1000, eos_id=EOS)
+    run = SyntheticRun(scheduler, streams, wrong)
+    for _ in range(10_000):
+        if not scheduler.active:
+            break
+        run.run_tick()
+    assert not scheduler.active
+    for s, seq in scheduler.sequences.items():
+        expected = streams[s][prompt_len : prompt_len + max_new]
+        if EOS in expected:
+            expected = expected[: expected.index(EOS)]
+        assert seq.generated == expected
+        assert seq.stop_reason == ("eos" if len(expected) < max_new else "length")
+        for stage in range(n_stages):  # what stays in every cache is the oracle's own text
+            cache = run.caches.get((s, stage), [])
+            assert cache == streams[s][: len(cache)]
+
+
+def test_the_prompt_is_prefilled_in_chunks_and_decoding_starts_right_after():
+    scheduler = SpeedScheduler(3, prefill_chunk=4)
+    scheduler.add(0, list(range(1, 11)), max_new_tokens=5, context_length=100)
+    run = SyntheticRun(scheduler, {0: oracle_stream(0, 0, 20)}, lambda *_: False)
+    run.streams[0][:10] = list(range(1, 11))
+    ticks = [[(i.start, i.length, i.stage) for i in run.run_tick().items] for _ in range(4)]
+    assert ticks[0] == [(0, 4, 0)]
+    assert ticks[1] == [(0, 4, 1), (4, 4, 0)]
+    assert ticks[2] == [(0, 4, 2), (4, 4, 1), (8, 2, 0)]
+    assert ticks[3] == [(4, 4, 2), (8, 2, 1), (10, 1, 0)]  # the first guess enters stage 0 at once
+
+
+def test_a_flip_flushes_younger_items_and_truncates_their_stages():
+    scheduler = SpeedScheduler(3, prefill_chunk=8)
+    stream = oracle_stream(1, 3, 10)
+    scheduler.add(0, stream[:3], max_new_tokens=10, context_length=100)
+    run = SyntheticRun(scheduler, {0: stream}, lambda seq, position, stage: (position, stage) == (3, 0))
+    for _ in range(3):
+        run.run_tick()
+    # tick 2: position 3 ran stage 0 and guessed wrong; tick 3: it ran stage 1, flipped, flushed position 4
+    plan = run.run_tick()
+    assert [(c.stage, c.length) for c in plan.truncations] == [(0, 4)]
+    assert (4, 1, 0) in [(i.start, i.length, i.stage) for i in plan.items]
+    assert scheduler.sequences[0].stats.flips[0] == 1
+
+
+def test_sequences_share_ticks():
+    scheduler = SpeedScheduler(2)
+    for s in range(3):
+        scheduler.add(s, [5, 6], max_new_tokens=4, context_length=100)
+    run = SyntheticRun(scheduler, {s: [5, 6] + oracle_stream(s, 0, 10) for s in range(3)}, lambda *_: False)
+    assert {i.seq_id for i in run.run_tick().items} == {0, 1, 2}
+
+
+def test_without_speculation_one_token_is_in_flight():
+    scheduler = SpeedScheduler(3)
+    stream = oracle_stream(2, 2, 8)
+    scheduler.add(0, stream[:2], max_new_tokens=8, context_length=100, speculate=False)
+    run = SyntheticRun(scheduler, {0: stream}, lambda *_: False)
+    while scheduler.active:
+        assert len(run.run_tick().items) <= 1
+    assert scheduler.sequences[0].generated == stream[2:10]
+    assert scheduler.sequences[0].stats.ticks == 3 * 8
+
+
+def test_a_stop_condition_ends_the_sequence_at_that_token():
+    scheduler = SpeedScheduler(3)
+    stream = oracle_stream(3, 2, 20)
+    scheduler.add(0, stream[:2], max_new_tokens=20, context_length=100, should_stop=lambda generated: len(generated) == 5)
+    run = SyntheticRun(scheduler, {0: stream}, lambda *_: False)
+    while scheduler.active:
+        run.run_tick()
+    assert scheduler.sequences[0].generated == stream[2:7]
+    assert scheduler.sequences[0].stop_reason == "stop"
+
+
+def test_the_context_bounds_generation():
+    scheduler = SpeedScheduler(2)
+    stream = oracle_stream(4, 5, 20)
+    scheduler.add(0, stream[:5], max_new_tokens=20, context_length=8)
+    run = SyntheticRun(scheduler, {0: stream}, lambda *_: False)
+    while scheduler.active:
+        run.run_tick()
+    assert scheduler.sequences[0].generated == stream[5:9]  # positions 5..8: the last fed position is 7
+    assert scheduler.sequences[0].stop_reason == "context"
