@@ -24,3 +24,4 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/speed bench --reference
+	$(VENV)/bin/speed bench --local

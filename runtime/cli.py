@@ -81,12 +81,18 @@ def cmd_reference(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from runtime.benchmark import bench_reference
+    from runtime.benchmark import bench_local, bench_reference, format_local
     from runtime.bundle import load_bundle
 
-    if not args.reference:
-        raise SpeedError("choose what to measure: --reference (plain decoding, onnx vs torch, short vs long context)")
-    report = bench_reference(load_bundle(args.bundle), new_tokens=args.new_tokens, repeats=args.repeats,
+    if args.reference == args.local:
+        raise SpeedError("choose one of --reference (plain decoding: onnx vs torch, short vs long context) "
+                         "and --local (sequential vs speculative)")
+    if args.local:
+        report = bench_local(load_bundle(args.bundle), new_tokens=args.new_tokens or 128, repeats=args.repeats,
+                             threads=args.threads)
+        print(json.dumps(report) if args.json else format_local(report))
+        return
+    report = bench_reference(load_bundle(args.bundle), new_tokens=args.new_tokens or 64, repeats=args.repeats,
                              threads=args.threads)
     if args.json:
         print(json.dumps(report))
@@ -151,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("bench", help="measure decoding speed")
     p.add_argument("--reference", action="store_true", help="plain decoding: onnx vs torch, context 32 vs 512")
+    p.add_argument("--local", action="store_true", help="sequential vs speculative decoding in one process")
     p.add_argument("--bundle", type=Path, help="bundle directory (default: the shipped demo-4x3 model)")
-    p.add_argument("--new-tokens", type=positive_int, default=64)
+    p.add_argument("--new-tokens", type=positive_int, help="tokens per run (default 64 reference, 128 local)")
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads; 0 = one per core (default 1: fastest for one sequence here)")

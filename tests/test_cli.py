@@ -90,5 +90,14 @@ def test_bench_reference_prints_its_figures_as_json(tiny_bundle):
     assert report["onnx_over_torch"] > 0 and report["context_512_over_32"] > 0
 
 
+def test_bench_local_prints_speedup_and_cost_model_as_json(tiny_bundle):
+    result = run_speed("bench", "--local", "--bundle", str(tiny_bundle), "--new-tokens", "6", "--repeats", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["speedup"] > 0 and report["predicted_speedup"] > 0
+    assert len(report["flips_per_boundary"]) == 2
+    assert report["steps_per_token"]["measured"] >= 1
+
+
 def test_bench_without_a_mode_says_what_to_choose():
-    assert_one_line_error(run_speed("bench"), "--reference")
+    assert_one_line_error(run_speed("bench"), "--reference", "--local")

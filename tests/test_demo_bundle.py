@@ -5,8 +5,8 @@ import json
 import pytest
 
 from runtime.bundle import DEFAULT_BUNDLE, load_bundle
-from runtime.reference import generate_plain, open_stage_model
-from tests.test_export import PROMPTS
+from runtime.reference import open_stage_model
+from tests.test_export import assert_backends_agree
 
 MAX_BUNDLE_BYTES = 25 * 1024 * 1024
 
@@ -33,10 +33,4 @@ def demo_models():
 
 
 def test_onnx_and_torch_agree_on_the_demo_model(demo_models):
-    bundle, onnx_model, torch_model = demo_models
-    tokenizer = bundle.tokenizer()
-    for prompt in PROMPTS:
-        ids = tokenizer.encode(prompt).ids
-        a = generate_plain(onnx_model, ids, max_new_tokens=32, eos_id=bundle.eos_token_id)
-        b = generate_plain(torch_model, ids, max_new_tokens=32, eos_id=bundle.eos_token_id)
-        assert a.token_ids == b.token_ids, prompt
+    assert_backends_agree(*demo_models, max_new_tokens=32)

@@ -67,11 +67,15 @@ def test_onnx_logits_match_torch_at_every_stage(models):
         np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-3)
 
 
-def test_onnx_and_torch_give_the_same_tokens_on_many_prompts(models):
-    bundle, onnx_model, torch_model = models
+def assert_backends_agree(bundle, onnx_model, torch_model, max_new_tokens):
+    """Greedy decoding gives the same tokens from ONNX Runtime and torch on every prompt of PROMPTS."""
     tokenizer = bundle.tokenizer()
     for prompt in PROMPTS:
         ids = tokenizer.encode(prompt).ids
-        a = generate_plain(onnx_model, ids, max_new_tokens=24, eos_id=bundle.eos_token_id)
-        b = generate_plain(torch_model, ids, max_new_tokens=24, eos_id=bundle.eos_token_id)
+        a = generate_plain(onnx_model, ids, max_new_tokens=max_new_tokens, eos_id=bundle.eos_token_id)
+        b = generate_plain(torch_model, ids, max_new_tokens=max_new_tokens, eos_id=bundle.eos_token_id)
         assert a.token_ids == b.token_ids, prompt
+
+
+def test_onnx_and_torch_give_the_same_tokens_on_many_prompts(models):
+    assert_backends_agree(*models, max_new_tokens=24)
