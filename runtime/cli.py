@@ -66,7 +66,7 @@ def cmd_reference(args: argparse.Namespace) -> None:
 
     result = run_reference(args.prompt, bundle_path=args.bundle, backend=args.backend,
                            max_new_tokens=args.max_new_tokens, sampling=sampling_from(args), speculate=args.speculate,
-                           device=args.device, threads=args.threads)
+                           stop=args.stop, device=args.device, threads=args.threads)
     if args.json:
         print(json.dumps(result.to_json()))
         return
@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads; 0 = one per core (default 1: fastest for one sequence here)")
     p.add_argument("--speculate", action="store_true", help="decode with SPEED's speculative pipeline (same tokens)")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end at the token that completes TEXT, which the printed text leaves out (repeatable)")
     add_sampling_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_reference)

@@ -7,6 +7,7 @@ row of a KV cache preallocated for the whole request, so a step copies only the 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from runtime.bundle import Bundle, load_bundle
 from runtime.config import ModelConfig
 from runtime.errors import SpeedError
 from runtime.sampling import GREEDY, SamplingParams, choose_token
+from runtime.stopping import StopStrings
 
 BACKENDS = ("onnx", "torch")
 
@@ -69,7 +71,8 @@ def cache_capacity(cfg: ModelConfig, prompt_tokens: int, max_new_tokens: int) ->
 
 
 def generate_plain(model: StageModel, prompt_ids: list[int], *, max_new_tokens: int, eos_id: int,
-                   sampling: SamplingParams = GREEDY) -> Generation:
+                   sampling: SamplingParams = GREEDY,
+                   should_stop: Callable[[list[int]], bool] | None = None) -> Generation:
     """Tokens after the prompt, one full pass of every stage per token; an eos_id of -1 never stops."""
     cfg = model.config
     check_request(prompt_ids, cfg, max_new_tokens)
@@ -85,6 +88,9 @@ def generate_plain(model: StageModel, prompt_ids: list[int], *, max_new_tokens: 
             stop = "eos"
             break
         generated.append(token)
+        if should_stop is not None and should_stop(generated):
+            stop = "stop"
+            break
         if len(generated) == max_new_tokens:
             stop = "length"
             break
@@ -133,8 +139,8 @@ class ReferenceResult:
 
 
 def run_reference(prompt: str, *, bundle_path: Path | None, backend: str, max_new_tokens: int,
-                  sampling: SamplingParams = GREEDY, speculate: bool = False, device: str = "cpu",
-                  threads: int = 0) -> ReferenceResult:
+                  sampling: SamplingParams = GREEDY, speculate: bool = False, stop: list[str] | None = None,
+                  device: str = "cpu", threads: int = 0) -> ReferenceResult:
     """Validate everything cheap first, so bad input fails before any model is loaded."""
     if not prompt:
         raise SpeedError("the prompt is empty; give some text for the model to continue")
@@ -145,12 +151,14 @@ def run_reference(prompt: str, *, bundle_path: Path | None, backend: str, max_ne
     prompt_ids = tokenizer.encode(prompt).ids
     check_request(prompt_ids, bundle.config, max_new_tokens)
     model = open_stage_model(bundle, backend=backend, device=device, threads=threads)
+    stop_strings = StopStrings(tokenizer, stop or [])
+    options = {"max_new_tokens": max_new_tokens, "eos_id": bundle.eos_token_id, "sampling": sampling,
+               "should_stop": stop_strings or None}
     if speculate:
         from runtime.speculative import generate_speculative
 
-        (generation,) = generate_speculative(model, [prompt_ids], max_new_tokens=max_new_tokens,
-                                             eos_id=bundle.eos_token_id, sampling=sampling)
+        (generation,) = generate_speculative(model, [prompt_ids], **options)
     else:
-        generation = generate_plain(model, prompt_ids, max_new_tokens=max_new_tokens, eos_id=bundle.eos_token_id,
-                                    sampling=sampling)
-    return ReferenceResult(tokenizer.decode(generation.token_ids), generation, backend, model.provider)
+        generation = generate_plain(model, prompt_ids, **options)
+    text = stop_strings.cut(tokenizer.decode(generation.token_ids))
+    return ReferenceResult(text, generation, backend, model.provider)

@@ -95,3 +95,13 @@ def test_reference_speculate_prints_stats():
 )
 def test_bad_sampling_parameters_decode_nothing(flag, message):
     assert_one_line_error(run_speed("reference", "--speculate", flag, "ROMEO:"), message)
+
+
+def test_a_stop_string_ends_both_decoders_at_the_same_token():
+    outputs = [json.loads(run_speed("reference", *flags, "--json", "--stop", ".", "--max-new-tokens", "40", "ROMEO:").stdout)
+               for flags in ([], ["--speculate"])]
+    assert outputs[0]["token_ids"] == outputs[1]["token_ids"]
+    for out in outputs:
+        assert out["stop_reason"] == "stop"
+        assert "." not in out["text"]
+        assert len(out["token_ids"]) < 40
