@@ -24,9 +24,12 @@ def create_session(path: Path, *, device: str = "cpu", threads: int = 0) -> ort.
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only: no warnings about nodes placed on CPU
     wanted = [PROVIDERS[device]] + ([PROVIDERS["cpu"]] if device != "cpu" else [])
+    # a provider that cannot load is reported below in one sentence, not by ONNX Runtime's native log
+    ort.set_default_logger_severity(4)
     session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
     got = session.get_providers()[0]
     if got != PROVIDERS[device]:
-        raise SpeedError(f"device {device} was requested but ONNX Runtime runs {path.name} on {got}; "
-                         f"check the GPU driver and that onnxruntime-gpu (not onnxruntime) is installed")
+        raise SpeedError(f"device {device} was requested but ONNX Runtime runs {path.name} on {got}; check that "
+                         "this machine has an NVIDIA GPU with the CUDA and cuDNN libraries onnxruntime-gpu needs, "
+                         "and that onnxruntime-gpu (not onnxruntime) is installed")
     return session
