@@ -55,7 +55,7 @@ def alternate(cases: dict[str, tuple[StageModel, list[int]]], new_tokens: int, r
     return [Measurement(name, statistics.median(r), r) for name, r in runs.items()]
 
 
-def bench_reference(bundle: Bundle, *, new_tokens: int = 64, repeats: int = 3, threads: int = 0) -> dict:
+def bench_reference(bundle: Bundle, *, new_tokens: int = 64, repeats: int = 3, threads: int = 1) -> dict:
     onnx_model = open_stage_model(bundle, backend="onnx", threads=threads)
     torch_model = open_stage_model(bundle, backend="torch", threads=threads)
     short, long = prompt_of(bundle, 32), prompt_of(bundle, 512)
