@@ -170,12 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAINING_MODULES = {"torch", "onnx", "onnxscript", "tqdm"}  # the `train` extra, which nodes do without
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except SpeedError as exc:
         print(f"speed {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        if exc.name not in TRAINING_MODULES:
+            raise
+        print(f"speed {args.command}: error: this command needs {exc.name}, part of the training extra; "
+              "install it with: pip install -e '.[train]' -c constraints.txt", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"speed {args.command}: interrupted", file=sys.stderr)
