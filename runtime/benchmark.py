@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,13 +27,6 @@ PROMPT_TEXT = (
 )
 
 
-@dataclass(frozen=True)
-class Measurement:
-    name: str
-    tokens_per_s: float  # median over repeats
-    runs: list[float]
-
-
 def prompt_of(bundle: Bundle, n_tokens: int) -> list[int]:
     ids = bundle.tokenizer().encode(PROMPT_TEXT).ids
     return (ids * (n_tokens // len(ids) + 1))[:n_tokens]
@@ -45,30 +37,30 @@ def decode_rate(model: StageModel, prompt: list[int], new_tokens: int) -> float:
     return generate_plain(model, prompt, max_new_tokens=new_tokens, eos_id=-1).tokens_per_s
 
 
-def alternate(cases: dict[str, tuple[StageModel, list[int]]], new_tokens: int, repeats: int) -> list[Measurement]:
+def alternate(cases: dict[str, tuple[StageModel, list[int]]], new_tokens: int, repeats: int) -> dict[str, float]:
+    """Median tokens/s of each case, its runs interleaved with the others'."""
     runs: dict[str, list[float]] = {name: [] for name in cases}
     for model, prompt in cases.values():  # warm-up: first-call allocations and thread start-up
         decode_rate(model, prompt, 4)
     for _ in range(repeats):
         for name, (model, prompt) in cases.items():
             runs[name].append(decode_rate(model, prompt, new_tokens))
-    return [Measurement(name, statistics.median(r), r) for name, r in runs.items()]
+    return {name: statistics.median(r) for name, r in runs.items()}
 
 
 def bench_reference(bundle: Bundle, *, new_tokens: int = 64, repeats: int = 3, threads: int = 1) -> dict:
     onnx_model = open_stage_model(bundle, backend="onnx", threads=threads)
     torch_model = open_stage_model(bundle, backend="torch", threads=threads)
     short, long = prompt_of(bundle, 32), prompt_of(bundle, 512)
-    backends = alternate({"onnx": (onnx_model, short), "torch": (torch_model, short)}, new_tokens, repeats)
-    contexts = alternate({"context_32": (onnx_model, short), "context_512": (onnx_model, long)}, new_tokens, repeats)
-    by_name = {m.name: m for m in backends + contexts}
+    rates = alternate({"onnx": (onnx_model, short), "torch": (torch_model, short)}, new_tokens, repeats)
+    rates |= alternate({"context_32": (onnx_model, short), "context_512": (onnx_model, long)}, new_tokens, repeats)
     return {
         "bundle": bundle.manifest["name"],
         "new_tokens": new_tokens,
         "repeats": repeats,
-        "tokens_per_s": {name: round(m.tokens_per_s, 1) for name, m in by_name.items()},
-        "onnx_over_torch": round(by_name["onnx"].tokens_per_s / by_name["torch"].tokens_per_s, 2),
-        "context_512_over_32": round(by_name["context_512"].tokens_per_s / by_name["context_32"].tokens_per_s, 2),
+        "tokens_per_s": {name: round(rate, 1) for name, rate in rates.items()},
+        "onnx_over_torch": round(rates["onnx"] / rates["torch"], 2),
+        "context_512_over_32": round(rates["context_512"] / rates["context_32"], 2),
     }
 
 
