@@ -19,7 +19,7 @@ demo: setup
 	$(VENV)/bin/speed reference "$(PROMPT)" --max-new-tokens 64
 
 test: setup
-	$(VENV)/bin/ruff check runtime nodes tests
+	$(VENV)/bin/ruff check runtime nodes deploy tests
 	$(VENV)/bin/pytest
 
 bench: setup

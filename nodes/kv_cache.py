@@ -46,5 +46,12 @@ class KVCache:
             raise SpeedError(f"cannot truncate a cache row of {self.lengths[row]} entries to {length}")
         self.lengths[row] = length
 
-    def clear(self, rows: slice) -> None:
-        self.lengths[rows] = 0
+    def resize(self, capacity: int) -> None:
+        """Hold `capacity` positions per row, keeping every entry that fits (a copy: call it rarely)."""
+        keep = min(capacity, self.capacity)
+        keys = np.zeros(self.keys.shape[:-1] + (capacity,), dtype=np.float32)
+        values = np.zeros(self.values.shape[:3] + (capacity, self.values.shape[-1]), dtype=np.float32)
+        keys[..., :keep] = self.keys[..., :keep]
+        values[:, :, :, :keep] = self.values[:, :, :, :keep]
+        self.keys, self.values, self.capacity = keys, values, capacity
+        np.minimum(self.lengths, capacity, out=self.lengths)

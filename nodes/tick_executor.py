@@ -1,17 +1,21 @@
 """Run one SPEED tick: every in-flight item of the stages that share weights in ONE ONNX Runtime call.
 
-Cache rows are laid out stage-major, row = stage * slots + slot, so the rows of stages that share a
-graph form one contiguous range and are passed to the graph as zero-copy views. Rows with no item this
-tick ride along with zero input and their outputs are dropped. Items of different lengths (prompt
-chunks next to decode tokens) run in separate calls rather than padded together: padding would not
-change the mathematics but would change floating-point summation order, and a row must compute the
-same bits whatever else shares its tick, or sampled text could depend on the batch. Decode ticks,
-where every item is one token, are one call. The shared classifier then runs once over every item.
+An executor hosts some of the model's stages (all of them in one process, a few on a cluster node).
+Cache rows are grouped by stage graph and laid out slot-major inside a group, row = group offset +
+slot * stages in group + stage index, so one sequence's stages are neighbours and a call passes only
+the contiguous span of rows its items use, as zero-copy views. Rows inside the span with no item ride
+along with zero input and their outputs are dropped. Items of different lengths (prompt chunks next to
+decode tokens) run in separate calls rather than padded together: padding would not change the
+mathematics but would change floating-point summation order, and a row must compute the same bits
+whatever else shares its tick, or sampled text could depend on the batch. The shared classifier then
+runs once over every item.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from itertools import groupby
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,77 +25,121 @@ from runtime.errors import SpeedError
 from runtime.sampling import GREEDY, SamplingParams, choose_token
 from runtime.speed_core import Item, TickPlan
 
+Key = tuple[int, int]  # (sequence, start position) names an item across ticks
+
+
+class TickResult(NamedTuple):
+    predictions: dict[Key, int]  # each item's prediction for the position after it
+    handoff: dict[Key, np.ndarray]  # (length, d) hidden states whose next stage is hosted elsewhere
+
 
 class TickExecutor:
-    def __init__(self, model: StageModel, *, slots: int, capacity: int):
+    def __init__(self, model: StageModel, *, slots: int, capacity: int, stages: Iterable[int] | None = None):
         self.model = model
         self.cfg = model.config
         self.slots = slots
-        self.cache = KVCache(self.cfg, rows=slots * self.cfg.n_stages, capacity=capacity)
+        self.stages = sorted(stages) if stages is not None else list(range(self.cfg.n_stages))
+        # stages that share a graph and are neighbours here run together
+        self._groups = [list(g) for _, g in groupby(self.stages, key=model.graph_of)]
+        self._group_of: dict[int, tuple[int, int, int]] = {}  # stage -> (group offset, group size, index)
+        offset = 0
+        for group in self._groups:
+            for index, stage in enumerate(group):
+                self._group_of[stage] = (offset, len(group), index)
+            offset += slots * len(group)
+        self.cache = KVCache(self.cfg, rows=offset, capacity=capacity)
         self._slot_of: dict[int, int] = {}
         self._sampling: dict[int, SamplingParams] = {}
-        self._hidden: dict[tuple[int, int], np.ndarray] = {}  # (seq, start) -> (length, d) after its last stage
-        # stages that share a graph and are contiguous run together
-        stages = range(self.cfg.n_stages)
-        self._stage_groups = [list(g) for _, g in groupby(stages, key=model.graph_of)]
+        self._hidden: dict[Key, np.ndarray] = {}  # hidden state after an item's stage, for the next hosted stage
 
-    def open(self, seq_id: int, sampling: SamplingParams = GREEDY) -> None:
+    @property
+    def open_sequences(self) -> list[int]:
+        return list(self._slot_of)
+
+    def is_open(self, seq_id: int) -> bool:
+        return seq_id in self._slot_of
+
+    def open(self, seq_id: int, sampling: SamplingParams = GREEDY, capacity: int | None = None) -> None:
+        """Give a sequence a slot; its caches grow to `capacity` positions if they hold fewer."""
         free = sorted(set(range(self.slots)) - set(self._slot_of.values()))
         if not free:
             raise SpeedError(f"all {self.slots} sequence slots are in use")
+        if capacity is not None and (capacity > self.cache.capacity or not self._slot_of):
+            self.cache.resize(max(capacity, 1))
         self._slot_of[seq_id] = free[0]
         self._sampling[seq_id] = sampling
-        for stage in range(self.cfg.n_stages):
-            self.cache.truncate(self._row(seq_id, stage), 0)
+        for stage in self.stages:
+            self.cache.truncate(self.row(seq_id, stage), 0)
 
     def close(self, seq_id: int) -> None:
         self._slot_of.pop(seq_id, None)
         self._sampling.pop(seq_id, None)
 
-    def _row(self, seq_id: int, stage: int) -> int:
-        return stage * self.slots + self._slot_of[seq_id]
+    def row(self, seq_id: int, stage: int) -> int:
+        offset, size, index = self._group_of[stage]
+        return offset + self._slot_of[seq_id] * size + index
 
-    def run(self, plan: TickPlan) -> dict[tuple[int, int], int]:
-        """Run the plan's items; return each item's prediction for the position after it."""
+    def cache_length(self, seq_id: int, stage: int) -> int:
+        return int(self.cache.lengths[self.row(seq_id, stage)])
+
+    def holds_hidden(self, key: Key) -> bool:
+        return key in self._hidden
+
+    def run(self, plan: TickPlan, hidden_in: Mapping[Key, np.ndarray] | None = None) -> TickResult:
+        """Run the plan's items. An item at a stage whose predecessor is hosted elsewhere takes its
+        input from hidden_in; otherwise from its tokens (stage 0) or from this executor's last tick."""
         for cut in plan.truncations:
             if cut.seq_id in self._slot_of:
-                row = self._row(cut.seq_id, cut.stage)
+                row = self.row(cut.seq_id, cut.stage)
                 self.cache.truncate(row, min(cut.length, int(self.cache.lengths[row])))
         for seq_id in plan.finished:
             self.close(seq_id)
         if not plan.items:
-            return {}
+            return TickResult({}, {})
         last_hidden: dict[Item, np.ndarray] = {}
-        hidden_after: dict[tuple[int, int], np.ndarray] = {}
-        for group in self._stage_groups:
+        hidden_after: dict[Key, np.ndarray] = {}
+        for group in self._groups:
             items = sorted((item for item in plan.items if item.stage in group), key=lambda item: item.length)
             for _, same_length in groupby(items, key=lambda item: item.length):
-                self._run_call(group, list(same_length), last_hidden, hidden_after)
-        self._hidden = hidden_after
-        return self._predict(plan.items, last_hidden)
+                self._run_call(group[0], list(same_length), hidden_in or {}, last_hidden, hidden_after)
+        self._hidden = {}
+        handoff = {}
+        for item in plan.items:
+            key = (item.seq_id, item.start)
+            if item.stage + 1 in self._group_of:
+                self._hidden[key] = hidden_after[key]
+            elif not item.final_token:
+                handoff[key] = hidden_after[key]
+        return TickResult(self._predict(plan.items, last_hidden), handoff)
 
-    def _run_call(self, stages: list[int], items: list[Item], last_hidden: dict, hidden_after: dict) -> None:
-        """One graph call for items of equal length on stages that share the graph."""
-        rows = slice(stages[0] * self.slots, (stages[-1] + 1) * self.slots)
+    def _input_of(self, item: Item, hidden_in: Mapping[Key, np.ndarray]) -> np.ndarray:
+        key = (item.seq_id, item.start)
+        if item.tokens is not None:
+            return self.model.embed(np.asarray(item.tokens, dtype=np.int64))
+        if item.stage - 1 in self._group_of:
+            return self._hidden[key]
+        return hidden_in[key]
+
+    def _run_call(self, stage: int, items: list[Item], hidden_in: Mapping[Key, np.ndarray], last_hidden: dict,
+                  hidden_after: dict) -> None:
+        """One graph call for items of equal length on stages that share the graph of `stage`."""
+        item_rows = [self.row(item.seq_id, item.stage) for item in items]
+        rows = slice(min(item_rows), max(item_rows) + 1)
         width = items[0].length
         hidden = np.zeros((rows.stop - rows.start, width, self.cfg.d_model), dtype=np.float32)  # (B, T, d)
-        for item in items:
-            row = self._row(item.seq_id, item.stage)
+        for item, row in zip(items, item_rows):
             if self.cache.lengths[row] != item.start:
                 raise SpeedError(f"sequence {item.seq_id} stage {item.stage}: cache holds {self.cache.lengths[row]} "
                                  f"positions but the item starts at {item.start}")
-            if item.tokens is not None:
-                hidden[row - rows.start] = self.model.embed(np.asarray(item.tokens, dtype=np.int64))
-            else:
-                hidden[row - rows.start] = self._hidden[(item.seq_id, item.start)]
-        out = self.model.run_stage(stages[0], hidden, self.cache, rows)
-        for item in items:
-            r = self._row(item.seq_id, item.stage) - rows.start
-            self.cache.append(r + rows.start, [k[r] for k in out.new_keys], [v[r] for v in out.new_values], item.length)
+            hidden[row - rows.start] = self._input_of(item, hidden_in)
+        out = self.model.run_stage(stage, hidden, self.cache, rows)
+        for item, row in zip(items, item_rows):
+            r = row - rows.start
+            self.cache.append(row, [k[r] for k in out.new_keys], [v[r] for v in out.new_values], item.length)
             hidden_after[(item.seq_id, item.start)] = out.hidden[r]
             last_hidden[item] = out.hidden[r, -1]
 
-    def _predict(self, items: list[Item], last_hidden: dict[Item, np.ndarray]) -> dict[tuple[int, int], int]:
+    def _predict(self, items: list[Item], last_hidden: dict[Item, np.ndarray]) -> dict[Key, int]:
         logits, greedy = self.model.classify(np.stack([last_hidden[item] for item in items]))  # (N, V), (N,)
         predictions = {}
         for i, item in enumerate(items):

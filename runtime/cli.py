@@ -84,9 +84,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from runtime.benchmark import bench_local, bench_reference, format_local
     from runtime.bundle import load_bundle
 
+    if args.cluster_file is not None:
+        if args.reference or args.local:
+            raise SpeedError("give either a cluster FILE or one of --reference and --local, not both")
+        cmd_bench_cluster(args)
+        return
+    if args.emulate_link_ms is not None:
+        raise SpeedError("--emulate-link-ms needs a cluster FILE")
     if args.reference == args.local:
-        raise SpeedError("choose one of --reference (plain decoding: onnx vs torch, short vs long context) "
-                         "and --local (sequential vs speculative)")
+        raise SpeedError("choose one of a cluster FILE (through a local cluster), --reference (plain decoding: onnx "
+                         "vs torch, short vs long context) and --local (sequential vs speculative in one process)")
     if args.local:
         report = bench_local(load_bundle(args.bundle), new_tokens=args.new_tokens or 128, repeats=args.repeats,
                              threads=args.threads)
@@ -103,6 +110,82 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"  onnx  {rates['onnx']:8.1f}   torch {rates['torch']:8.1f}   onnx/torch {report['onnx_over_torch']:.2f}x")
     print(f"  onnx at 32 tokens of context {rates['context_32']:8.1f}   at 512 {rates['context_512']:8.1f}   "
           f"ratio {report['context_512_over_32']:.2f}")
+
+
+def cmd_bench_cluster(args: argparse.Namespace) -> None:
+    from runtime.cluster_bench import bench_cluster, format_cluster
+
+    report = bench_cluster(args.cluster_file, new_tokens=args.new_tokens or 128, repeats=args.repeats,
+                           emulated_link_ms=args.emulate_link_ms)
+    print(json.dumps(report) if args.json else format_cluster(report))
+
+
+def configure_logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def cmd_node(args: argparse.Namespace) -> None:
+    from nodes.daemon import run_node
+
+    configure_logging()
+    run_node(args.cluster, args.name, emulated_link_ms=args.emulate_link_ms)
+
+
+def cmd_coordinator(args: argparse.Namespace) -> None:
+    from runtime.coordinator import run_coordinator
+
+    configure_logging()
+    run_coordinator(args.cluster)
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    from deploy.launcher import up
+
+    up(args.cluster_file, detach=args.detach, emulated_link_ms=args.emulate_link_ms)
+
+
+def cmd_down(args: argparse.Namespace) -> None:
+    from deploy.launcher import down
+
+    down(args.cluster_file)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from runtime.client import Client
+
+    with Client(args.coordinator) as client:
+        stream = client.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or (),
+                                 speculative=False if args.no_speculation else None)
+        if args.json:
+            print(json.dumps(stream.result().to_json()))
+            return
+        print(args.prompt, end="", flush=True)
+        for chunk in stream:
+            print(chunk.text, end="", flush=True)
+        result = stream.result()
+    print()
+    stats = result.stats
+    flips = " ".join(f"{rate:.1%}" for rate in stats["flips_per_boundary"])
+    mode = "speculative" if result.speculative else "sequential"
+    print(f"[{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tokens/s, first token "
+          f"{result.time_to_first_token_ms:.1f} ms, stop: {result.stop_reason}; {mode}: {stats['ticks']} ticks, "
+          f"flips per boundary {flips}, {stats['flushed_steps']} flushed steps]", file=sys.stderr)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from runtime.client import Client
+
+    with Client(args.coordinator) as client:
+        status = client.status()
+    print(f"cluster {status.cluster}: {'serving' if status.serving else 'NOT serving'}, "
+          f"{status.active_requests} active request(s), bundle {status.bundle_sha256[:12]}")
+    for node in status.nodes:
+        beat = f"{node.last_heartbeat_s:.1f} s ago" if node.last_heartbeat_s >= 0 else "never"
+        print(f"  {node.name:12} {node.address:22} stages {list(node.stages)!s:10} {node.state:8} "
+              f"{node.provider or '-':24} heartbeat {beat}")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -158,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_reference)
 
     p = commands.add_parser("bench", help="measure decoding speed")
+    p.add_argument("cluster_file", type=Path, nargs="?", metavar="FILE",
+                   help="a cluster file: start it here, then sequential vs speculative through the cluster")
+    p.add_argument("--emulate-link-ms", type=float, metavar="MS",
+                   help="with FILE: EMULATED one-way latency of every node's link (overrides the file)")
     p.add_argument("--reference", action="store_true", help="plain decoding: onnx vs torch, context 32 vs 512")
     p.add_argument("--local", action="store_true", help="sequential vs speculative decoding in one process")
     p.add_argument("--bundle", type=Path, help="bundle directory (default: the shipped demo-4x3 model)")
@@ -167,6 +254,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="intra-op threads; 0 = one per core (default 1: fastest for one sequence here)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_bench)
+
+    p = commands.add_parser("up", help="start a cluster file's coordinator and nodes on this machine")
+    p.add_argument("cluster_file", type=Path, metavar="FILE", help="cluster file, e.g. deploy/local.yaml")
+    p.add_argument("--detach", action="store_true", help="leave it running in the background; stop with speed down")
+    p.add_argument("--emulate-link-ms", type=float, metavar="MS",
+                   help="EMULATED one-way latency of every node's link, for benchmarks (overrides the file)")
+    p.set_defaults(run=cmd_up)
+
+    p = commands.add_parser("down", help="stop a cluster started with speed up --detach")
+    p.add_argument("cluster_file", type=Path, metavar="FILE")
+    p.set_defaults(run=cmd_down)
+
+    p = commands.add_parser("coordinator", help="run a cluster's coordinator alone (each device runs speed node)")
+    p.add_argument("--cluster", type=Path, required=True, metavar="FILE")
+    p.set_defaults(run=cmd_coordinator)
+
+    p = commands.add_parser("node", help="run one node daemon of a cluster (on its edge device)")
+    p.add_argument("--cluster", type=Path, required=True, metavar="FILE")
+    p.add_argument("--name", required=True, help="the node's name in the cluster file")
+    p.add_argument("--emulate-link-ms", type=float, metavar="MS",
+                   help="EMULATED one-way latency per step message, for benchmarks (overrides the file)")
+    p.set_defaults(run=cmd_node)
+
+    p = commands.add_parser("generate", help="generate text on a running cluster")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--coordinator", default="127.0.0.1:50050", metavar="HOST:PORT",
+                   help="the cluster's coordinator (default 127.0.0.1:50050, as in deploy/local.yaml)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--no-speculation", action="store_true", help="sequential decoding (same text, slower)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="end at the token that completes TEXT (repeatable)")
+    add_sampling_flags(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object (the keys of speed reference --json)")
+    p.set_defaults(run=cmd_generate)
+
+    p = commands.add_parser("status", help="show a running cluster's nodes")
+    p.add_argument("--coordinator", default="127.0.0.1:50050", metavar="HOST:PORT")
+    p.set_defaults(run=cmd_status)
     return parser
 
 

@@ -42,7 +42,7 @@ def generate_speculative(model: StageModel, prompts: list[list[int]], *, max_new
     first_token_at: dict[int, float] = {}
     finished_at: dict[int, float] = {}
     while scheduler.active:
-        scheduler.apply(executor.run(scheduler.plan()))
+        scheduler.apply(executor.run(scheduler.plan()).predictions)
         now = time.perf_counter()
         for seq_id, seq in scheduler.sequences.items():
             if seq_id not in first_token_at and (seq.generated or seq.done):

@@ -1,0 +1,1 @@
+"""Cluster deployments: the YAML schema, the local launcher and example clusters."""

@@ -1,0 +1,370 @@
+"""The cluster file: which machines run the coordinator and which stages, as typed, validated specs.
+
+A cluster file is YAML (see deploy/local.yaml):
+
+    cluster: local-demo              # required: a name for the cluster
+    bundle: null                     # a bundle directory, relative to this file; null or absent = the shipped demo
+    coordinator:
+      address: 127.0.0.1:50050       # required host:port; quote IPv6 hosts: "[::1]:50050"
+      step_timeout_s: 3.0            # > 0: how long a node may take to answer one step message
+      heartbeat_interval_s: 1.0      # > 0
+    speculation:                     # optional
+      enabled: true                  # false = sequential decoding
+      prefill_chunk: 64              # >= 1
+    nodes:                           # required, one entry per node process
+      - name: edge-1                 # required: letters, digits, '-', '_', '.'; unique
+        address: 127.0.0.1:50051     # required host:port, unique across the nodes and the coordinator
+        stages: [0]                  # required: the stages this node hosts
+        device: cpu                  # cpu or cuda
+        cpu_fallback: false          # a cuda node may fall back to CPU when CUDA is not really available
+        threads: 1                   # >= 0, 0 = one per core
+        max_sequences: 8             # >= 1
+        idle_timeout_s: 300          # > 0: free a sequence's caches after this long without a step
+        emulated_link_ms: 0          # >= 0, EMULATION for benchmarks only: one-way latency added per step message
+
+Every mistake raises SpeedError with one sentence naming the file, the key path and what is expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from runtime.errors import SpeedError
+
+DEVICES = ("cpu", "cuda")
+NODE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+ADDRESS_HINT = "host:port, e.g. 127.0.0.1:50051"
+
+
+@dataclass(frozen=True)
+class CoordinatorSpec:
+    address: str
+    step_timeout_s: float = 3.0
+    heartbeat_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class SpeculationSpec:
+    enabled: bool = True
+    prefill_chunk: int = 64
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    address: str
+    stages: tuple[int, ...]
+    device: str = "cpu"
+    cpu_fallback: bool = False
+    threads: int = 1  # 0 = one per core
+    max_sequences: int = 8
+    idle_timeout_s: float = 300.0
+    emulated_link_ms: float = 0.0  # emulation for benchmarks only
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    name: str
+    path: Path  # the cluster file, resolved
+    bundle: Path | None  # resolved; None = the shipped demo bundle
+    coordinator: CoordinatorSpec
+    speculation: SpeculationSpec
+    nodes: tuple[NodeSpec, ...]
+    source: str = dataclasses.field(default="", compare=False)  # the file as the user named it, for messages
+
+    @property
+    def _shown(self) -> str:
+        return self.source or str(self.path)
+
+    def node(self, name: str) -> NodeSpec:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        names = ", ".join(node.name for node in self.nodes)
+        raise SpeedError(f"{self._shown}: no node named {name!r}; the nodes are {names}")
+
+    def owner_of(self, stage: int) -> NodeSpec:
+        for node in self.nodes:
+            if stage in node.stages:
+                return node
+        raise SpeedError(f"{self._shown}: nodes: stage {stage} is hosted by no node")
+
+    def check_stages(self, n_stages: int) -> None:
+        """Every stage 0..n_stages-1 must be hosted by exactly one node."""
+        existing = f"the bundle has stages 0-{n_stages - 1}" if n_stages > 1 else "the bundle has only stage 0"
+        owners: dict[int, str] = {}
+        for i, node in enumerate(self.nodes):
+            for stage in node.stages:
+                if stage >= n_stages:
+                    raise SpeedError(f"{self._shown}: nodes[{i}].stages: stage {stage} does not exist; {existing}")
+                if stage in owners:
+                    raise SpeedError(f"{self._shown}: nodes[{i}].stages: stage {stage} is already hosted by "
+                                     f"{owners[stage]}; give each stage to exactly one node")
+                owners[stage] = node.name
+        orphans = [str(stage) for stage in range(n_stages) if stage not in owners]
+        if orphans:
+            which = f"stage {orphans[0]} is" if len(orphans) == 1 else f"stages {', '.join(orphans)} are"
+            raise SpeedError(f"{self._shown}: nodes: {which} hosted by no node; {existing}")
+
+    def with_emulated_link_ms(self, ms: float) -> ClusterSpec:
+        """The same cluster with every node's emulated one-way link latency set to `ms` (benchmarks only)."""
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not (math.isfinite(ms) and ms >= 0):
+            raise SpeedError(f"emulated link latency must be a number of milliseconds >= 0, got {ms!r}")
+        nodes = tuple(dataclasses.replace(node, emulated_link_ms=float(ms)) for node in self.nodes)
+        return dataclasses.replace(self, nodes=nodes)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Split host:port: "127.0.0.1:50051" -> ("127.0.0.1", 50051); "[::1]:50051" -> ("::1", 50051)."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not host or any(c.isspace() for c in text):
+        raise ValueError(f"{text!r} is not host:port; write e.g. 127.0.0.1:50051 or [::1]:50051")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r} has {host!r} in brackets, which is not an IPv6 address") from None
+    elif any(c in host for c in ":[]"):
+        raise ValueError(f"{text!r} is not host:port; write an IPv6 host in brackets, e.g. [::1]:50051")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"{text!r} has port {port!r}; a port is a whole number from 1 to 65535")
+    return host, int(port)
+
+
+def load_cluster(path: str | Path) -> ClusterSpec:
+    shown = str(path)
+    path = Path(path)
+    if not path.exists():
+        raise SpeedError(f"cluster file {shown} does not exist")
+    if not path.is_file():
+        raise SpeedError(f"cluster file {shown} is not a file")
+    try:
+        data = yaml.safe_load(path.read_bytes())
+    except yaml.YAMLError as exc:
+        raise SpeedError(f"{shown} is not valid YAML: {_yaml_problem(exc)}") from None
+    top = _Key(shown)
+    if not isinstance(data, dict):
+        raise top.error(f"expected a mapping with cluster, coordinator and nodes at the top level, got {_shown(data)}")
+    base = path.resolve().parent
+    fields = _fields(data, top, {
+        "cluster": _string,
+        "bundle": partial(_bundle, base=base),
+        "coordinator": _coordinator,
+        "speculation": _speculation,
+        "nodes": _nodes,
+    }, required={
+        "cluster": "a name for this cluster, e.g. local-demo",
+        "coordinator": "a mapping with the coordinator's address: host:port, e.g. 127.0.0.1:50050",
+        "nodes": "a list of nodes, each with name, address and stages",
+    })
+    _check_addresses_unique(fields["coordinator"], fields["nodes"], top)
+    return ClusterSpec(name=fields["cluster"], path=path.resolve(), bundle=fields.get("bundle"),
+                       coordinator=fields["coordinator"], speculation=fields.get("speculation", SpeculationSpec()),
+                       nodes=fields["nodes"], source=shown)
+
+
+# --- key paths and errors ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Key:
+    """Where a value sits: the file and a key path such as nodes[1].threads."""
+
+    file: str
+    path: str = ""
+
+    def child(self, name: str) -> _Key:
+        return _Key(self.file, f"{self.path}.{name}" if self.path else name)
+
+    def item(self, index: int) -> _Key:
+        return _Key(self.file, f"{self.path}[{index}]")
+
+    def error(self, problem: str) -> SpeedError:
+        return SpeedError(f"{self.file}: {self.path}: {problem}" if self.path else f"{self.file}: {problem}")
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it in YAML, for 'got ...'."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (dict, list)) and value:  # a whole section would drown the sentence
+        return "a mapping" if isinstance(value, dict) else "a list"
+    return repr(value)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is None:
+        return " ".join(problem.split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
+# --- one checker per kind of value: each takes (value, key) and returns the typed value ----------------
+
+Check = Callable[[Any, _Key], Any]
+
+
+def _fields(value: Any, key: _Key, checks: dict[str, Check], required: dict[str, str]) -> dict[str, Any]:
+    """A mapping whose keys are all known and whose required keys are present, each value checked."""
+    if not isinstance(value, dict):
+        raise key.error(f"expected a mapping of settings, got {_shown(value)}")
+    for name in value:
+        if name not in checks:
+            close = difflib.get_close_matches(str(name), checks, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise key.error(f"unknown key {name!r}; expected one of {', '.join(sorted(checks))}{hint}")
+    for name, what in required.items():
+        if name not in value:
+            raise key.error(f"missing {name!r} ({what})")
+    return {name: checks[name](item, key.child(name)) for name, item in value.items()}
+
+
+def _string(value: Any, key: _Key, *, choices: tuple[str, ...] = ()) -> str:
+    if choices and value not in choices:
+        raise key.error(f"expected one of {', '.join(choices)}, got {_shown(value)}")
+    if not isinstance(value, str) or not value.strip():
+        raise key.error(f"expected a non-empty string, got {_shown(value)}")
+    return value
+
+
+def _whole(value: Any, key: _Key, *, minimum: int) -> int:
+    # bool is an int in Python, and YAML reads yes/no/on/off as bools: never a count
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise key.error(f"expected a whole number >= {minimum}, got {_shown(value)}")
+    return value
+
+
+def _number(value: Any, key: _Key, *, minimum: float, inclusive: bool) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or value < minimum or (value == minimum and not inclusive):
+        raise key.error(f"expected a number {'>=' if inclusive else '>'} {minimum:g}, got {_shown(value)}")
+    return float(value)
+
+
+def _flag(value: Any, key: _Key) -> bool:
+    if not isinstance(value, bool):
+        raise key.error(f"expected true or false, got {_shown(value)}")
+    return value
+
+
+def _whole_list(value: Any, key: _Key, *, minimum: int) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value:
+        raise key.error(f"expected a non-empty list of whole numbers >= {minimum}, e.g. [{minimum}], got {_shown(value)}")
+    items = tuple(_whole(item, key.item(i), minimum=minimum) for i, item in enumerate(value))
+    for i, item in enumerate(items):
+        if item in items[:i]:
+            raise key.error(f"{item} is listed twice; list each once")
+    return items
+
+
+_positive = partial(_number, minimum=0, inclusive=False)
+
+
+def _address(value: Any, key: _Key) -> str:
+    if not isinstance(value, str):
+        raise key.error(f"expected {ADDRESS_HINT}, got {_shown(value)}")
+    try:
+        parse_address(value)
+    except ValueError as exc:
+        raise key.error(str(exc)) from None
+    return value
+
+
+# --- the sections -----------------------------------------------------------------------------------
+
+
+def _bundle(value: Any, key: _Key, *, base: Path) -> Path | None:
+    if value is None:
+        return None
+    directory = (base / Path(_string(value, key)).expanduser()).resolve()
+    if not directory.is_dir():
+        problem = "does not exist" if not directory.exists() else "is not a directory"
+        raise key.error(f"{directory} {problem}; give a bundle directory written by `speed export`, relative to this file")
+    return directory
+
+
+def _coordinator(value: Any, key: _Key) -> CoordinatorSpec:
+    return CoordinatorSpec(**_fields(value, key, {
+        "address": _address,
+        "step_timeout_s": _positive,
+        "heartbeat_interval_s": _positive,
+    }, required={"address": "host:port, e.g. 127.0.0.1:50050"}))
+
+
+def _speculation(value: Any, key: _Key) -> SpeculationSpec:
+    return SpeculationSpec(**_fields(value, key, {
+        "enabled": _flag,
+        "prefill_chunk": partial(_whole, minimum=1),
+    }, required={}))
+
+
+def _node_name(value: Any, key: _Key) -> str:
+    name = _string(value, key)
+    if not NODE_NAME.fullmatch(name):
+        raise key.error(f"{name!r} may use only letters, digits, '-', '_' and '.'")
+    return name
+
+
+NODE_CHECKS: dict[str, Check] = {
+    "name": _node_name,
+    "address": _address,
+    "stages": partial(_whole_list, minimum=0),
+    "device": partial(_string, choices=DEVICES),
+    "cpu_fallback": _flag,
+    "threads": partial(_whole, minimum=0),
+    "max_sequences": partial(_whole, minimum=1),
+    "idle_timeout_s": _positive,
+    "emulated_link_ms": partial(_number, minimum=0, inclusive=True),
+}
+NODE_REQUIRED = {
+    "name": "letters, digits, '-', '_' or '.', e.g. edge-1",
+    "address": ADDRESS_HINT,
+    "stages": "a list of the stages this node hosts, e.g. [0]",
+}
+
+
+def _nodes(value: Any, key: _Key) -> tuple[NodeSpec, ...]:
+    if not isinstance(value, list) or not value:
+        raise key.error(f"expected a non-empty list of nodes, each with name, address and stages, got {_shown(value)}")
+    nodes = tuple(NodeSpec(**_fields(item, key.item(i), NODE_CHECKS, NODE_REQUIRED)) for i, item in enumerate(value))
+    seen: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        if node.name in seen:
+            raise key.item(i).child("name").error(f"{node.name} is already the name of nodes[{seen[node.name]}]; "
+                                                  "give every node its own name")
+        seen[node.name] = i
+    return nodes
+
+
+def _endpoint(address: str) -> tuple[str, int]:
+    """host:port compared by meaning where the host is an IP address ([::1] = [0:0::1]), else by spelling."""
+    host, port = parse_address(address)
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        return host.lower(), port
+
+
+def _check_addresses_unique(coordinator: CoordinatorSpec, nodes: tuple[NodeSpec, ...], top: _Key) -> None:
+    users = {_endpoint(coordinator.address): "the coordinator"}
+    for i, node in enumerate(nodes):
+        endpoint = _endpoint(node.address)
+        if endpoint in users:
+            raise top.child("nodes").item(i).child("address").error(
+                f"{node.address} is already used by {users[endpoint]}; give every node and the coordinator its own address")
+        users[endpoint] = node.name

@@ -1,0 +1,215 @@
+"""`speed up` / `speed down`: a cluster file's coordinator and nodes as processes on this machine.
+
+Each process writes its log under the cluster's state directory ($SPEED_STATE_DIR, default
+~/.local/state/speed, then one folder per cluster file); a detached cluster also leaves its process
+ids there for `speed down`. Children run in their own session, so Ctrl-C reaches only the launcher,
+which then stops them in order: nodes first, the coordinator last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from deploy.cluster_file import ClusterSpec, load_cluster, parse_address
+from runtime.bundle import load_bundle
+from runtime.errors import SpeedError
+
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 10.0
+PROCESSES_FILE = "processes.json"
+
+
+def state_dir(spec: ClusterSpec) -> Path:
+    root = Path(os.environ.get("SPEED_STATE_DIR") or Path.home() / ".local" / "state" / "speed")
+    digest = hashlib.sha1(str(spec.path).encode()).hexdigest()[:8]
+    return root / f"{spec.name}-{digest}"
+
+
+def check_free(spec: ClusterSpec) -> None:
+    """Refuse to start when an address is taken, before any process is started."""
+    for owner, address in [("the coordinator", spec.coordinator.address), *((n.name, n.address) for n in spec.nodes)]:
+        host, port = parse_address(address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise SpeedError(f"{address} ({owner}) is not free: {exc.strerror}; stop what listens there or "
+                                 "change the address in the cluster file") from None
+
+
+class LocalCluster:
+    """The processes of one cluster file; a context manager that stops them all on exit."""
+
+    def __init__(self, cluster_path: Path, *, emulated_link_ms: float | None = None):
+        self.path = Path(cluster_path)
+        self.spec = load_cluster(cluster_path)
+        self.emulated_link_ms = emulated_link_ms
+        self.logs = state_dir(self.spec) / "logs"
+        self.processes: dict[str, subprocess.Popen] = {}  # "coordinator" and node names
+
+    @property
+    def endpoint(self) -> str:
+        return self.spec.coordinator.address
+
+    def command(self, name: str) -> list[str]:
+        base = [sys.executable, "-m", "runtime.cli"]
+        if name == "coordinator":
+            return [*base, "coordinator", "--cluster", str(self.spec.path)]
+        command = [*base, "node", "--cluster", str(self.spec.path), "--name", name]
+        if self.emulated_link_ms is not None:
+            command += ["--emulate-link-ms", str(self.emulated_link_ms)]
+        return command
+
+    def log_of(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    def start_process(self, name: str) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with self.log_of(name).open("ab") as log:
+            self.processes[name] = subprocess.Popen(
+                self.command(name), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def start(self, ready_timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Start every process and wait until the coordinator reports SERVING (every node registered)."""
+        load_bundle(self.spec.bundle)  # a bad bundle fails here, once, before any process starts
+        check_free(self.spec)
+        try:
+            self.start_process("coordinator")
+            for node in self.spec.nodes:
+                self.start_process(node.name)
+            self.wait_ready(ready_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.endpoint) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                self.check_alive()
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass  # not listening yet
+                if time.monotonic() > deadline:
+                    raise SpeedError(f"cluster {self.spec.name} was not serving after {timeout_s:g} s; "
+                                     f"see the logs in {self.logs}")
+                time.sleep(0.2)
+
+    def check_alive(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                raise SpeedError(f"{name} exited (status {process.returncode}): {self.last_line(name)}")
+
+    def last_line(self, name: str) -> str:
+        lines = self.log_of(name).read_text(errors="replace").strip().splitlines()
+        return lines[-1] if lines else f"no output; see {self.log_of(name)}"
+
+    def stop_process(self, name: str) -> None:
+        process = self.processes.pop(name, None)
+        if process is not None:
+            stop_pids([process.pid])
+            process.wait()
+
+    def stop(self) -> None:
+        """Nodes first, so the coordinator does not report their departure as failures of live requests."""
+        names = [n for n in self.processes if n != "coordinator"]
+        stop_pids([self.processes[n].pid for n in names])
+        for name in [*names, "coordinator"]:
+            self.stop_process(name)
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def stop_pids(pids: list[int]) -> None:
+    """SIGTERM, then SIGKILL whatever is still alive after STOP_TIMEOUT_S."""
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        if _alive(pid):
+            _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        finished, _ = os.waitpid(pid, os.WNOHANG)
+        if finished:
+            return False
+    except ChildProcessError:
+        pass  # not our child (a detached cluster): ask the kernel
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def up(cluster_path: Path, *, detach: bool, emulated_link_ms: float | None = None) -> None:
+    cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms)
+    record = state_dir(cluster.spec) / PROCESSES_FILE
+    if record.exists() and any(_alive(pid) for pid in json.loads(record.read_text()).values()):
+        raise SpeedError(f"cluster {cluster.spec.name} is already up; stop it with `speed down {cluster_path}`")
+    cluster.start()
+    print(f"cluster {cluster.spec.name} is serving: coordinator at {cluster.endpoint} "
+          f"({len(cluster.spec.nodes)} nodes); logs in {cluster.logs}")
+    if detach:
+        record.write_text(json.dumps({name: p.pid for name, p in cluster.processes.items()}))
+        print(f"stop it with: speed down {cluster_path}")
+        return
+    print("press Ctrl-C to stop it", flush=True)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    try:
+        while not stopping:
+            cluster.check_alive()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+    print(f"cluster {cluster.spec.name} stopped")
+
+
+def down(cluster_path: Path) -> None:
+    spec = load_cluster(cluster_path)
+    record = state_dir(spec) / PROCESSES_FILE
+    if not record.exists():
+        print(f"cluster {spec.name} is not up (no processes recorded in {record.parent})")
+        return
+    pids = json.loads(record.read_text())
+    nodes = [pid for name, pid in pids.items() if name != "coordinator"]
+    stop_pids(nodes)
+    stop_pids([pid for name, pid in pids.items() if name == "coordinator"])
+    record.unlink()
+    print(f"cluster {spec.name} stopped")

@@ -1,0 +1,100 @@
+"""`speed node`: an edge device's daemon hosting some stages of a cluster's bundle.
+
+Order of start: load and verify the bundle, listen (health NOT_SERVING), run a warm-up forward pass,
+report SERVING, then register with the coordinator. SIGTERM (or Ctrl-C) reports NOT_SERVING, lets
+in-flight steps finish and stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from deploy.cluster_file import NodeSpec, load_cluster
+from nodes.executor import OnnxStageModel
+from nodes.host import StageHost
+from nodes.registration import Registration
+from nodes.service import NodeService
+from runtime.bundle import Bundle, load_bundle
+from runtime.errors import SpeedError
+from runtime.wire import options
+from runtime.wire import speed_pb2 as pb
+from runtime.wire import speed_pb2_grpc as pb_grpc
+
+log = logging.getLogger("speed.node")
+
+SERVICE_NAME = "speed.v1.Node"
+STOP_GRACE_S = 2.0
+
+
+def open_model(bundle: Bundle, node: NodeSpec) -> OnnxStageModel:
+    try:
+        return OnnxStageModel(bundle, device=node.device, threads=node.threads)
+    except SpeedError as exc:
+        if node.device == "cpu" or not node.cpu_fallback:
+            raise
+        log.warning("node %s: %s; running on cpu because the cluster file allows cpu_fallback", node.name, exc)
+        return OnnxStageModel(bundle, device="cpu", threads=node.threads)
+
+
+def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = None) -> None:
+    spec = load_cluster(cluster_path)
+    node = spec.node(name)
+    if emulated_link_ms is not None:
+        node = replace(node, emulated_link_ms=emulated_link_ms)
+    bundle = load_bundle(spec.bundle)
+    spec.check_stages(bundle.config.n_stages)
+    model = open_model(bundle, node)
+    host = StageHost(model, name=node.name, stages=node.stages, max_sequences=node.max_sequences,
+                     idle_timeout_s=node.idle_timeout_s)
+
+    def info() -> pb.NodeInfo:
+        return pb.NodeInfo(name=node.name, stages=node.stages, bundle_sha256=bundle.sha256, provider=model.provider,
+                           threads=node.threads, device=node.device, open_sequences=host.open_sequences,
+                           max_sequences=node.max_sequences, emulated_link_ms=node.emulated_link_ms)
+
+    service = NodeService(host, info, emulated_link_ms=node.emulated_link_ms)
+    health_service = health.HealthServicer()
+    for service_name in ("", SERVICE_NAME):
+        health_service.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options.SERVER)
+    pb_grpc.add_NodeServicer_to_server(service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    options.listen(server, node.address)
+    server.start()
+
+    host.warm_up()
+    for service_name in ("", SERVICE_NAME):
+        health_service.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("node %s serving stages %s of %s on %s (%s, %d thread%s)%s", node.name, list(node.stages),
+             bundle.manifest["name"], node.address, model.provider, node.threads, "" if node.threads == 1 else "s",
+             f"; EMULATING a {node.emulated_link_ms:g} ms one-way link" if node.emulated_link_ms else "")
+
+    stop = threading.Event()
+    refusal: list[str] = []
+
+    def refused(message: str) -> None:
+        refusal.append(message)
+        stop.set()
+
+    registration = Registration(spec.coordinator.address, node.address, info, on_refused=refused)
+    registration.start()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(timeout=min(node.idle_timeout_s, 5.0)):
+        for seq_id in service.expire_idle():
+            log.info("freed sequence %d after %g s without a step", seq_id, node.idle_timeout_s)
+
+    registration.stopping.set()
+    health_service.enter_graceful_shutdown()
+    server.stop(grace=STOP_GRACE_S).wait()
+    log.info("node %s stopped", node.name)
+    if refusal:
+        raise SpeedError(f"the coordinator refused node {node.name}: {refusal[0]}")

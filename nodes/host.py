@@ -1,0 +1,172 @@
+"""The stages one node hosts, driven by step messages: each message is checked whole before any of it
+runs, so a malformed one changes nothing and the sequences of other callers go on undisturbed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+
+from nodes.executor import StageModel
+from nodes.tick_executor import TickExecutor
+from runtime.errors import SpeedError
+from runtime.sampling import SamplingParams
+from runtime.speed_core import Item, TickPlan, Truncate
+from runtime.wire import speed_pb2 as pb
+from runtime.wire.sampling import sampling_from_wire
+from runtime.wire.tensor import pack, unpack
+
+
+class StepRefused(SpeedError):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class StageHost:
+    def __init__(self, model: StageModel, *, name: str, stages: tuple[int, ...], max_sequences: int,
+                 idle_timeout_s: float, clock: Callable[[], float] = time.monotonic):
+        self.name = name
+        self.cfg = model.config
+        self.stages = tuple(sorted(stages))
+        self.max_sequences = max_sequences
+        self.idle_timeout_s = idle_timeout_s
+        self._clock = clock
+        self.executor = TickExecutor(model, slots=max_sequences, capacity=1, stages=self.stages)
+        self._last_used: dict[int, float] = {}
+        self._capacity: dict[int, int] = {}  # positions each open sequence may use
+
+    @property
+    def open_sequences(self) -> int:
+        return len(self.executor.open_sequences)
+
+    def step(self, batch: pb.StepBatch) -> pb.StepResults:
+        self.expire_idle()
+        opens = self._check_opens(batch.opens)
+        plan, hidden_in = self._check_steps(batch, opens)
+        for seq_id, (sampling, capacity) in opens.items():
+            self.executor.open(seq_id, sampling, capacity)
+            self._capacity[seq_id] = capacity
+        now = self._clock()
+        for seq_id in {*opens, *(t.seq_id for t in plan.truncations), *(i.seq_id for i in plan.items)}:
+            self._last_used[seq_id] = now
+        result = self.executor.run(plan, hidden_in)
+        for seq_id in batch.closes:
+            self.close(seq_id)
+        reply = pb.StepResults(tick=batch.tick)
+        for item in plan.items:
+            key = (item.seq_id, item.start)
+            out = reply.results.add(seq_id=item.seq_id, start=item.start, prediction=result.predictions[key])
+            if key in result.handoff:
+                out.hidden.CopyFrom(pack(result.handoff[key]))
+        return reply
+
+    def close(self, seq_id: int) -> None:
+        self.executor.close(seq_id)
+        self._last_used.pop(seq_id, None)
+        self._capacity.pop(seq_id, None)
+
+    def expire_idle(self) -> list[int]:
+        """Free the caches of sequences no step has touched for idle_timeout_s (a caller that went away)."""
+        deadline = self._clock() - self.idle_timeout_s
+        expired = [seq_id for seq_id, used in self._last_used.items() if used < deadline]
+        for seq_id in expired:
+            self.close(seq_id)
+        return expired
+
+    def warm_up(self) -> None:
+        """One real forward pass of every hosted stage and the classifier, so the first request is not slow."""
+        seq_id = 2**64 - 1  # no caller has opened anything yet
+        batch = pb.StepBatch(opens=[pb.OpenSequence(seq_id=seq_id, capacity=8)])
+        for stage in self.stages:
+            item = batch.items.add(seq_id=seq_id, start=0, length=8, stage=stage)
+            if stage == 0:
+                item.tokens.extend([0] * 8)
+            elif stage - 1 not in self.stages:
+                item.hidden.CopyFrom(pack(np.zeros((8, self.cfg.d_model), np.float32)))
+            self.step(batch)
+            batch = pb.StepBatch()
+        self.close(seq_id)
+
+    def _check_opens(self, opens) -> dict[int, tuple[SamplingParams, int]]:
+        checked = {}
+        for o in opens:
+            if self.executor.is_open(o.seq_id) or o.seq_id in checked:
+                raise StepRefused(grpc.StatusCode.ALREADY_EXISTS, f"sequence {o.seq_id} is already open on node {self.name}")
+            if not 1 <= o.capacity <= self.cfg.context_length:
+                raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"sequence {o.seq_id}: capacity must be 1 to "
+                                  f"{self.cfg.context_length} positions (the model's context), got {o.capacity}")
+            try:
+                checked[o.seq_id] = (sampling_from_wire(o.sampling), o.capacity)
+            except SpeedError as exc:
+                raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"sequence {o.seq_id}: {exc}") from None
+        if len(self.executor.open_sequences) + len(checked) > self.max_sequences:
+            raise StepRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"node {self.name} holds at most {self.max_sequences} "
+                              "sequences at once; close one first or raise max_sequences in the cluster file")
+        return checked
+
+    def _check_steps(self, batch: pb.StepBatch, opens: dict) -> tuple[TickPlan, dict]:
+        """The batch as a plan for the executor, refused whole if any part of it cannot run."""
+        lengths: dict[tuple[int, int], int] = {}  # (sequence, stage) -> cache length once truncations apply
+        capacity = {**self._capacity, **{seq_id: c for seq_id, (_, c) in opens.items()}}
+
+        def length_of(seq_id: int, stage: int) -> int:
+            if (seq_id, stage) not in lengths:
+                lengths[(seq_id, stage)] = 0 if seq_id in opens else self.executor.cache_length(seq_id, stage)
+            return lengths[(seq_id, stage)]
+
+        truncations = []
+        for t in batch.truncations:
+            self._check_sequence_and_stage(t.seq_id, t.stage, opens)
+            if not 0 <= t.length <= length_of(t.seq_id, t.stage):
+                raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"sequence {t.seq_id} stage {t.stage}: cannot "
+                                  f"truncate {length_of(t.seq_id, t.stage)} cache entries to {t.length}")
+            lengths[(t.seq_id, t.stage)] = t.length
+            truncations.append(Truncate(t.seq_id, t.stage, t.length))
+
+        items, hidden_in, seen = [], {}, set()
+        last_stage = self.cfg.n_stages - 1
+        for i in batch.items:
+            where = f"sequence {i.seq_id} stage {i.stage} item at {i.start}"
+            self._check_sequence_and_stage(i.seq_id, i.stage, opens)
+            if (i.seq_id, i.stage) in seen:
+                raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: one item per sequence and stage per step")
+            seen.add((i.seq_id, i.stage))
+            if i.length < 1 or i.start != length_of(i.seq_id, i.stage):
+                raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: the stage's cache holds "
+                                  f"{length_of(i.seq_id, i.stage)} positions, so the next item must start there "
+                                  "and have a length of at least 1")
+            limit = capacity[i.seq_id]
+            if i.start + i.length > limit:
+                raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: runs past the {limit} positions the "
+                                  "sequence was opened with")
+            tokens = None
+            if i.stage == 0:
+                tokens = tuple(i.tokens)
+                if len(tokens) != i.length or not all(0 <= t < self.cfg.vocab_size for t in tokens):
+                    raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: needs {i.length} token ids, each "
+                                      f"in 0..{self.cfg.vocab_size - 1}")
+            elif i.stage - 1 in self.stages:
+                if not self.executor.holds_hidden((i.seq_id, i.start)):
+                    raise StepRefused(grpc.StatusCode.FAILED_PRECONDITION, f"{where}: this node did not run stage "
+                                      f"{i.stage - 1} of these positions last step")
+            else:
+                try:
+                    hidden_in[(i.seq_id, i.start)] = unpack(i.hidden, dtype="float32", shape=(i.length, self.cfg.d_model),
+                                                            what=f"{where}: the hidden state")
+                except SpeedError as exc:
+                    raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            lengths[(i.seq_id, i.stage)] = i.start + i.length
+            items.append(Item(i.seq_id, i.start, i.length, i.stage, tokens, final_token=i.stage == last_stage))
+        return TickPlan(truncations, items, []), hidden_in
+
+    def _check_sequence_and_stage(self, seq_id: int, stage: int, opens: dict) -> None:
+        if seq_id not in opens and not self.executor.is_open(seq_id):
+            raise StepRefused(grpc.StatusCode.NOT_FOUND, f"sequence {seq_id} is not open on node {self.name}; open it "
+                              "in a step message first (it may have expired after the idle timeout)")
+        if stage not in self.stages:
+            raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name} hosts stages "
+                              f"{list(self.stages)}, not stage {stage}")

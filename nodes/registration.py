@@ -1,0 +1,68 @@
+"""A node daemon's side of the registry: register with the coordinator, then heartbeat.
+
+The coordinator may start after the node or restart at any time; the node keeps retrying with
+backoff and registers again when a heartbeat finds itself forgotten, so nodes never need a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import grpc
+
+from runtime.wire import options
+from runtime.wire import speed_pb2 as pb
+from runtime.wire import speed_pb2_grpc as pb_grpc
+
+log = logging.getLogger("speed.node")
+
+CALL_TIMEOUT_S = 2.0
+MAX_BACKOFF_S = 5.0
+
+
+class Registration(threading.Thread):
+    def __init__(self, coordinator_address: str, address: str, info: Callable[[], pb.NodeInfo],
+                 *, on_refused: Callable[[str], None]):
+        super().__init__(name="registration", daemon=True)
+        self.coordinator_address = coordinator_address
+        self.address = address
+        self.info = info
+        self.on_refused = on_refused  # the coordinator will never accept this node: a person must act
+        self.stopping = threading.Event()
+        self.registered = threading.Event()
+
+    def run(self) -> None:
+        with grpc.insecure_channel(self.coordinator_address, options=options.CHANNEL) as channel:
+            registry = pb_grpc.RegistryStub(channel)
+            backoff, interval, reported_down = 0.2, 1.0, False
+            while not self.stopping.is_set():
+                try:
+                    if not self.registered.is_set():
+                        reply = registry.Register(pb.RegisterRequest(info=self.info(), address=self.address),
+                                                  timeout=CALL_TIMEOUT_S)
+                        interval = reply.heartbeat_interval_s or interval
+                        self.registered.set()
+                        log.info("registered with the coordinator of cluster %s at %s", reply.cluster,
+                                 self.coordinator_address)
+                    else:
+                        info = self.info()
+                        beat = registry.Heartbeat(pb.HeartbeatRequest(name=info.name, open_sequences=info.open_sequences),
+                                                  timeout=CALL_TIMEOUT_S)
+                        if not beat.known:
+                            self.registered.clear()
+                            continue
+                    backoff, reported_down = 0.2, False
+                    self.stopping.wait(interval)
+                except grpc.RpcError as exc:
+                    if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                        self.on_refused(exc.details())
+                        return
+                    self.registered.clear()
+                    if not reported_down:
+                        log.warning("coordinator at %s unreachable (%s); retrying", self.coordinator_address,
+                                    exc.code().name)
+                        reported_down = True
+                    self.stopping.wait(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)

@@ -1,0 +1,225 @@
+"""The client SDK: `Client(address).generate(prompt)` streams the generated text, then the result.
+
+    from runtime.client import Client
+    with Client("127.0.0.1:50050") as client:
+        stream = client.generate("ROMEO:", max_new_tokens=32)
+        for chunk in stream:
+            print(chunk.text, end="", flush=True)
+        print(stream.result().stats)
+
+`AsyncClient` is the same for asyncio (`async for chunk in client.generate(...)`). Failures raise a
+`ClientError` subclass that carries the server's sentence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from runtime.errors import SpeedError
+from runtime.wire import options
+from runtime.wire import speed_pb2 as pb
+from runtime.wire import speed_pb2_grpc as pb_grpc
+
+GENERATE_TIMEOUT_S = 600.0
+STATUS_TIMEOUT_S = 10.0
+
+
+class ClientError(SpeedError):
+    """A request the cluster did not complete; `code` is the gRPC status, the message the server's sentence."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class InvalidRequest(ClientError):
+    """The request itself is wrong (empty or too long prompt, sampling out of range): fix it, do not retry."""
+
+
+class Unavailable(ClientError):
+    """The cluster cannot serve now (a node is down, the coordinator unreachable): retry later."""
+
+
+class DeadlineExceeded(ClientError):
+    """The request took longer than its timeout."""
+
+
+_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+
+
+def client_error(exc: grpc.RpcError) -> ClientError:
+    message = exc.details() or exc.code().name
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in message.lower():
+        message = f"cannot reach the coordinator ({message}); is the cluster up?"
+    return _ERRORS.get(exc.code(), ClientError)(exc.code(), message)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    token_ids: list[int]
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stop_reason: str
+    prompt_tokens: int
+    time_to_first_token_ms: float
+    tokens_per_s: float
+    speculative: bool
+    provider: str
+    stats: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_wire(cls, finished: pb.Finished) -> GenerationResult:
+        stats = finished.stats
+        return cls(text=finished.text, token_ids=list(finished.token_ids), stop_reason=finished.stop_reason,
+                   prompt_tokens=finished.prompt_tokens, time_to_first_token_ms=finished.time_to_first_token_ms,
+                   tokens_per_s=finished.tokens_per_s, speculative=finished.speculative, provider=finished.provider,
+                   stats={"ticks": stats.ticks, "committed": stats.committed,
+                          "flips_per_boundary": [round(x, 4) for x in stats.flips_per_boundary],
+                          "flushed_steps": stats.flushed_steps, "mean_in_flight": round(stats.mean_in_flight, 3)})
+
+    def to_json(self) -> dict:
+        """The keys of `speed reference --json`."""
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": len(self.token_ids),
+            "stop_reason": self.stop_reason,
+            "time_to_first_token_ms": round(self.time_to_first_token_ms, 2),
+            "backend": "onnx",
+            "provider": self.provider,
+            "speculative": self.speculative,
+            "stats": self.stats,
+        }
+
+
+def generate_request(prompt: str, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int,
+                     stop: Sequence[str], speculative: bool | None, ignore_eos: bool) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens, stop=list(stop), ignore_eos=ignore_eos,
+                                 sampling=pb.Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+    if speculative is not None:
+        request.speculative = speculative
+    return request
+
+
+class GenerationStream:
+    """Iterate for the text as it is committed; `result()` waits for the end and returns the whole answer."""
+
+    def __init__(self, call):
+        self._call = call
+        self._result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[Chunk]:
+        try:
+            for event in self._call:
+                if event.HasField("finished"):
+                    self._result = GenerationResult.from_wire(event.finished)
+                else:
+                    yield Chunk(list(event.tokens.token_ids), event.tokens.text)
+        except grpc.RpcError as exc:
+            raise client_error(exc) from None
+
+    def result(self) -> GenerationResult:
+        for _ in self:
+            pass
+        return self._result
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class Client:
+    def __init__(self, address: str):
+        self.address = address
+        self._channel = grpc.insecure_channel(address, options=options.CHANNEL)
+        self._stub = pb_grpc.CoordinatorStub(self._channel)
+
+    def generate(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), speculative: bool | None = None,
+                 ignore_eos: bool = False, timeout_s: float = GENERATE_TIMEOUT_S) -> GenerationStream:
+        """speculative None uses the cluster's setting; ignore_eos decodes max_new_tokens (for benchmarks)."""
+        request = generate_request(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, seed=seed, stop=stop, speculative=speculative, ignore_eos=ignore_eos)
+        return GenerationStream(self._stub.Generate(request, timeout=timeout_s))
+
+    def status(self, *, timeout_s: float = STATUS_TIMEOUT_S) -> pb.ClusterStatusReply:
+        try:
+            return self._stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise client_error(exc) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncGenerationStream:
+    def __init__(self, call):
+        self._call = call
+        self._result: GenerationResult | None = None
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        try:
+            async for event in self._call:
+                if event.HasField("finished"):
+                    self._result = GenerationResult.from_wire(event.finished)
+                else:
+                    yield Chunk(list(event.tokens.token_ids), event.tokens.text)
+        except grpc.RpcError as exc:
+            raise client_error(exc) from None
+
+    async def result(self) -> GenerationResult:
+        async for _ in self:
+            pass
+        return self._result
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class AsyncClient:
+    def __init__(self, address: str):
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(address, options=options.CHANNEL)
+        self._stub = pb_grpc.CoordinatorStub(self._channel)
+
+    def generate(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), speculative: bool | None = None,
+                 ignore_eos: bool = False, timeout_s: float = GENERATE_TIMEOUT_S) -> AsyncGenerationStream:
+        request = generate_request(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, seed=seed, stop=stop, speculative=speculative, ignore_eos=ignore_eos)
+        return AsyncGenerationStream(self._stub.Generate(request, timeout=timeout_s))
+
+    async def status(self, *, timeout_s: float = STATUS_TIMEOUT_S) -> pb.ClusterStatusReply:
+        try:
+            return await self._stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise client_error(exc) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

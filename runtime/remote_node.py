@@ -1,0 +1,96 @@
+"""The coordinator's link to one node: its registration state and its stream of step messages."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from deploy.cluster_file import NodeSpec
+from runtime.wire import options
+from runtime.wire import speed_pb2 as pb
+from runtime.wire import speed_pb2_grpc as pb_grpc
+
+WAITING, SERVING, DOWN = "waiting", "serving", "down"
+
+
+class NodeFailure(Exception):
+    """A node stopped answering, or refused a step: the requests it was serving cannot go on."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE):
+        super().__init__(message)
+        self.code = code
+
+
+class RemoteNode:
+    def __init__(self, spec: NodeSpec, *, step_timeout_s: float):
+        self.spec = spec
+        self.step_timeout_s = step_timeout_s
+        self.state = WAITING
+        self.info: pb.NodeInfo | None = None
+        self.address = spec.address
+        self.last_heartbeat: float | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._stream = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def describe(self) -> str:
+        return f"node {self.name} ({self.address})"
+
+    async def connect(self, info: pb.NodeInfo, address: str) -> None:
+        """Open a fresh step stream to a node that has just registered."""
+        await self.disconnect(WAITING)
+        self.info, self.address = info, address
+        self._channel = grpc.aio.insecure_channel(address, options=options.CHANNEL)
+        self._stream = pb_grpc.NodeStub(self._channel).Steps()
+        self.last_heartbeat = time.monotonic()
+        self.state = SERVING
+
+    async def disconnect(self, state: str = DOWN) -> None:
+        self.state = state
+        stream, channel, self._stream, self._channel = self._stream, self._channel, None, None
+        if stream is not None:
+            stream.cancel()
+        if channel is not None:
+            await channel.close()
+
+    async def step(self, batch: pb.StepBatch) -> pb.StepResults:
+        """Send one step message and wait for its results, at most step_timeout_s."""
+        stream = self._stream
+        if stream is None:
+            raise NodeFailure(f"{self.describe()} is down; the request was stopped. Restart the node: it "
+                              "registers again and the cluster serves new requests")
+        try:
+            return await asyncio.wait_for(self._exchange(stream, batch), self.step_timeout_s)
+        except asyncio.TimeoutError:
+            await self._lost(stream)
+            raise NodeFailure(f"{self.describe()} did not answer a step within {self.step_timeout_s:g} s; "
+                              "the request was stopped") from None
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+                await self._lost(stream)
+                raise NodeFailure(f"{self.describe()} stopped answering ({exc.code().name}); the request was "
+                                  "stopped. Restart the node: it registers again and the cluster serves new requests"
+                                  ) from None
+            # the node refused a step: a coordinator bug, not a dead node; a new stream serves the next requests
+            if self._stream is stream:
+                self._stream = pb_grpc.NodeStub(self._channel).Steps()
+            raise NodeFailure(f"{self.describe()} refused a step: {exc.details()}", grpc.StatusCode.INTERNAL) from None
+
+    async def _lost(self, stream) -> None:
+        """Mark the node down, unless it has registered again since this stream was opened."""
+        if self._stream is stream:
+            await self.disconnect()
+
+    @staticmethod
+    async def _exchange(stream, batch: pb.StepBatch) -> pb.StepResults:
+        await stream.write(batch)
+        reply = await stream.read()
+        if reply is grpc.aio.EOF:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                      "the node closed the stream")
+        return reply

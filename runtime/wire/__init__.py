@@ -1,0 +1,1 @@
+"""The wire contract (proto/speed/v1/speed.proto): generated stubs and tensor packing."""

@@ -1,0 +1,16 @@
+"""Sampling settings on the wire."""
+
+from __future__ import annotations
+
+from runtime.sampling import SamplingParams
+from runtime.wire import speed_pb2 as pb
+
+
+def sampling_from_wire(sampling: pb.Sampling) -> SamplingParams:
+    """Raises SpeedError with a sentence when a setting is out of range; an unset top_p (0) means 1."""
+    return SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p or 1.0,
+                          seed=sampling.seed)
+
+
+def sampling_to_wire(sampling: SamplingParams) -> pb.Sampling:
+    return pb.Sampling(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed)

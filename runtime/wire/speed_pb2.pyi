@@ -1,0 +1,261 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Sampling(_message.Message):
+    __slots__ = ("temperature", "top_k", "top_p", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class Stats(_message.Message):
+    __slots__ = ("ticks", "committed", "flips_per_boundary", "flushed_steps", "mean_in_flight")
+    TICKS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    FLIPS_PER_BOUNDARY_FIELD_NUMBER: _ClassVar[int]
+    FLUSHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    ticks: int
+    committed: int
+    flips_per_boundary: _containers.RepeatedScalarFieldContainer[float]
+    flushed_steps: int
+    mean_in_flight: float
+    def __init__(self, ticks: _Optional[int] = ..., committed: _Optional[int] = ..., flips_per_boundary: _Optional[_Iterable[float]] = ..., flushed_steps: _Optional[int] = ..., mean_in_flight: _Optional[float] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("prompt", "max_new_tokens", "sampling", "speculative", "stop", "ignore_eos")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    max_new_tokens: int
+    sampling: Sampling
+    speculative: bool
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    ignore_eos: bool
+    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., speculative: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+
+class TokenChunk(_message.Message):
+    __slots__ = ("token_ids", "text")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
+
+class Finished(_message.Message):
+    __slots__ = ("stop_reason", "text", "token_ids", "prompt_tokens", "time_to_first_token_ms", "tokens_per_s", "stats", "speculative", "provider")
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    stop_reason: str
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    prompt_tokens: int
+    time_to_first_token_ms: float
+    tokens_per_s: float
+    stats: Stats
+    speculative: bool
+    provider: str
+    def __init__(self, stop_reason: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., speculative: _Optional[bool] = ..., provider: _Optional[str] = ...) -> None: ...
+
+class GenerateEvent(_message.Message):
+    __slots__ = ("tokens", "finished")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    tokens: TokenChunk
+    finished: Finished
+    def __init__(self, tokens: _Optional[_Union[TokenChunk, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
+
+class ClusterStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("name", "address", "stages", "state", "provider", "threads", "last_heartbeat_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    stages: _containers.RepeatedScalarFieldContainer[int]
+    state: str
+    provider: str
+    threads: int
+    last_heartbeat_s: float
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., state: _Optional[str] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ...) -> None: ...
+
+class ClusterStatusReply(_message.Message):
+    __slots__ = ("cluster", "bundle_sha256", "serving", "nodes", "active_requests", "speculation")
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATION_FIELD_NUMBER: _ClassVar[int]
+    cluster: str
+    bundle_sha256: str
+    serving: bool
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    active_requests: int
+    speculation: bool
+    def __init__(self, cluster: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., serving: _Optional[bool] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., active_requests: _Optional[int] = ..., speculation: _Optional[bool] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("name", "stages", "bundle_sha256", "provider", "threads", "device", "open_sequences", "max_sequences", "emulated_link_ms")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    OPEN_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    EMULATED_LINK_MS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    stages: _containers.RepeatedScalarFieldContainer[int]
+    bundle_sha256: str
+    provider: str
+    threads: int
+    device: str
+    open_sequences: int
+    max_sequences: int
+    emulated_link_ms: float
+    def __init__(self, name: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., bundle_sha256: _Optional[str] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., device: _Optional[str] = ..., open_sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., emulated_link_ms: _Optional[float] = ...) -> None: ...
+
+class OpenSequence(_message.Message):
+    __slots__ = ("seq_id", "sampling", "capacity")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    seq_id: int
+    sampling: Sampling
+    capacity: int
+    def __init__(self, seq_id: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., capacity: _Optional[int] = ...) -> None: ...
+
+class Truncation(_message.Message):
+    __slots__ = ("seq_id", "stage", "length")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    seq_id: int
+    stage: int
+    length: int
+    def __init__(self, seq_id: _Optional[int] = ..., stage: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class StepItem(_message.Message):
+    __slots__ = ("seq_id", "start", "length", "stage", "tokens", "hidden")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    seq_id: int
+    start: int
+    length: int
+    stage: int
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    hidden: Tensor
+    def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., length: _Optional[int] = ..., stage: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class StepBatch(_message.Message):
+    __slots__ = ("tick", "opens", "truncations", "items", "closes")
+    TICK_FIELD_NUMBER: _ClassVar[int]
+    OPENS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATIONS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    CLOSES_FIELD_NUMBER: _ClassVar[int]
+    tick: int
+    opens: _containers.RepeatedCompositeFieldContainer[OpenSequence]
+    truncations: _containers.RepeatedCompositeFieldContainer[Truncation]
+    items: _containers.RepeatedCompositeFieldContainer[StepItem]
+    closes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tick: _Optional[int] = ..., opens: _Optional[_Iterable[_Union[OpenSequence, _Mapping]]] = ..., truncations: _Optional[_Iterable[_Union[Truncation, _Mapping]]] = ..., items: _Optional[_Iterable[_Union[StepItem, _Mapping]]] = ..., closes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class StepResult(_message.Message):
+    __slots__ = ("seq_id", "start", "prediction", "hidden")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    seq_id: int
+    start: int
+    prediction: int
+    hidden: Tensor
+    def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., prediction: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class StepResults(_message.Message):
+    __slots__ = ("tick", "results")
+    TICK_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    tick: int
+    results: _containers.RepeatedCompositeFieldContainer[StepResult]
+    def __init__(self, tick: _Optional[int] = ..., results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("info", "address")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    info: NodeInfo
+    address: str
+    def __init__(self, info: _Optional[_Union[NodeInfo, _Mapping]] = ..., address: _Optional[str] = ...) -> None: ...
+
+class RegisterReply(_message.Message):
+    __slots__ = ("cluster", "heartbeat_interval_s")
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    cluster: str
+    heartbeat_interval_s: float
+    def __init__(self, cluster: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("name", "open_sequences")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OPEN_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    open_sequences: int
+    def __init__(self, name: _Optional[str] = ..., open_sequences: _Optional[int] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("known",)
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    def __init__(self, known: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,334 @@
+"""The cluster file: the shipped example loads, defaults apply, and every mistake is one sentence with its key path."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deploy.cluster_file import ClusterSpec, CoordinatorSpec, NodeSpec, SpeculationSpec, load_cluster, parse_address
+from runtime.errors import SpeedError
+
+LOCAL = Path(__file__).resolve().parents[1] / "deploy" / "local.yaml"
+
+MINIMAL = {
+    "cluster": "test",
+    "coordinator": {"address": "127.0.0.1:50050"},
+    "nodes": [
+        {"name": "edge-1", "address": "127.0.0.1:50051", "stages": [0]},
+        {"name": "edge-2", "address": "127.0.0.1:50052", "stages": [1]},
+        {"name": "edge-3", "address": "127.0.0.1:50053", "stages": [2]},
+    ],
+}
+
+
+def write(tmp_path: Path, data: dict | str, name: str = "cluster.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def cluster_with(tmp_path: Path, edit) -> Path:
+    """A copy of MINIMAL changed by `edit(data)`, written to a file."""
+    data = copy.deepcopy(MINIMAL)
+    edit(data)
+    return write(tmp_path, data)
+
+
+def fails(path: Path, message: str) -> None:
+    """Loading `path` raises one sentence that starts with the file as given and contains `message`."""
+    with pytest.raises(SpeedError, match=re.escape(message)) as caught:
+        load_cluster(str(path))
+    assert "\n" not in str(caught.value)
+
+
+# --- what loads --------------------------------------------------------------------------------
+
+
+def test_the_shipped_local_cluster_loads_and_covers_the_demo_stages():
+    spec = load_cluster(LOCAL)
+    assert spec.name == "local-demo" and spec.bundle is None and spec.path == LOCAL
+    assert spec.coordinator == CoordinatorSpec(address="127.0.0.1:50050")
+    assert [node.name for node in spec.nodes] == ["edge-1", "edge-2", "edge-3"]
+    assert [node.stages for node in spec.nodes] == [(0,), (1,), (2,)]
+    assert [node.address for node in spec.nodes] == ["127.0.0.1:50051", "127.0.0.1:50052", "127.0.0.1:50053"]
+    assert all(node.device == "cpu" and node.threads == 1 for node in spec.nodes)
+    spec.check_stages(3)
+    assert spec.owner_of(1).name == "edge-2"
+    assert spec.node("edge-3").stages == (2,)
+
+
+def test_the_shipped_file_documents_that_link_latency_is_emulation():
+    assert "emulated_link_ms is EMULATION for benchmarks" in LOCAL.read_text()
+
+
+def test_defaults_are_applied(tmp_path):
+    spec = load_cluster(write(tmp_path, MINIMAL))
+    assert spec.speculation == SpeculationSpec(enabled=True, prefill_chunk=64)
+    assert spec.coordinator.step_timeout_s == 3.0 and spec.coordinator.heartbeat_interval_s == 1.0
+    assert spec.nodes[0] == NodeSpec(name="edge-1", address="127.0.0.1:50051", stages=(0,), device="cpu",
+                                     cpu_fallback=False, threads=1, max_sequences=8, idle_timeout_s=300.0,
+                                     emulated_link_ms=0.0)
+    assert spec.bundle is None and spec.path == (tmp_path / "cluster.yaml").resolve()
+
+
+def test_every_setting_is_read(tmp_path):
+    def edit(data):
+        data["coordinator"].update(step_timeout_s=0.5, heartbeat_interval_s=2)
+        data["speculation"] = {"enabled": False, "prefill_chunk": 16}
+        data["nodes"][0].update(device="cuda", cpu_fallback=True, threads=0, max_sequences=2, idle_timeout_s=30,
+                                emulated_link_ms=5)
+        data["nodes"][1]["stages"] = [1, 2]
+        del data["nodes"][2]
+
+    spec = load_cluster(cluster_with(tmp_path, edit))
+    assert spec.coordinator == CoordinatorSpec("127.0.0.1:50050", step_timeout_s=0.5, heartbeat_interval_s=2.0)
+    assert spec.speculation == SpeculationSpec(enabled=False, prefill_chunk=16)
+    assert spec.nodes[0] == NodeSpec("edge-1", "127.0.0.1:50051", (0,), device="cuda", cpu_fallback=True, threads=0,
+                                     max_sequences=2, idle_timeout_s=30.0, emulated_link_ms=5.0)
+    assert isinstance(spec.nodes[0].idle_timeout_s, float)
+    spec.check_stages(3)
+    assert spec.owner_of(2).name == "edge-2"
+
+
+def test_a_relative_bundle_is_resolved_against_the_cluster_files_directory(tmp_path, monkeypatch):
+    (tmp_path / "bundles" / "mine").mkdir(parents=True)
+    (tmp_path / "clusters").mkdir()
+    path = write(tmp_path / "clusters", {**MINIMAL, "bundle": "../bundles/mine"})
+    monkeypatch.chdir("/")  # the working directory must not matter
+    assert load_cluster(path).bundle == (tmp_path / "bundles" / "mine").resolve()
+
+
+def test_an_absolute_bundle_is_kept(tmp_path):
+    (tmp_path / "b").mkdir()
+    path = write(tmp_path, {**MINIMAL, "bundle": str(tmp_path / "b")})
+    assert load_cluster(path).bundle == (tmp_path / "b").resolve()
+
+
+def test_ipv6_addresses_are_written_in_brackets(tmp_path):
+    assert parse_address("127.0.0.1:50051") == ("127.0.0.1", 50051)
+    assert parse_address("[::1]:7") == ("::1", 7)
+    assert parse_address("node-a.lan:443") == ("node-a.lan", 443)
+    path = write(tmp_path, 'cluster: v6\ncoordinator: {address: "[::1]:50050"}\n'
+                           'nodes:\n  - {name: a, address: "[::1]:50051", stages: [0]}\n')
+    assert load_cluster(path).nodes[0].address == "[::1]:50051"
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1", ":50051", "host:", "host:port", "host:0", "host:65536", "::1:50051",
+                                  "[nonsense]:1", "a b:1", "host:-1"])
+def test_a_bad_address_is_a_sentence(text):
+    with pytest.raises(ValueError, match=re.escape(repr(text))):
+        parse_address(text)
+
+
+def test_with_emulated_link_ms_replaces_every_nodes_latency(tmp_path):
+    spec = load_cluster(write(tmp_path, MINIMAL))
+    slow = spec.with_emulated_link_ms(20)
+    assert [node.emulated_link_ms for node in slow.nodes] == [20.0, 20.0, 20.0]
+    assert [node.emulated_link_ms for node in spec.nodes] == [0.0, 0.0, 0.0]  # the original is untouched
+    assert slow.nodes[1].stages == spec.nodes[1].stages and slow.coordinator == spec.coordinator
+    with pytest.raises(SpeedError, match="must be a number of milliseconds >= 0"):
+        spec.with_emulated_link_ms(-1)
+
+
+# --- the file itself -----------------------------------------------------------------------------
+
+
+def test_a_missing_file_is_named_as_given(tmp_path):
+    with pytest.raises(SpeedError, match=re.escape(f"cluster file {tmp_path}/nope.yaml does not exist")):
+        load_cluster(tmp_path / "nope.yaml")
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = write(tmp_path, "cluster: x\nnodes:\n  - name: [edge\n")
+    fails(path, f"{path} is not valid YAML: ")
+    with pytest.raises(SpeedError, match=r"line \d+, column \d+"):
+        load_cluster(path)
+
+
+def test_an_unquoted_ipv6_address_is_a_yaml_error_with_its_line(tmp_path):
+    path = write(tmp_path, "cluster: x\ncoordinator:\n  address: [::1]:50050\n")
+    fails(path, "is not valid YAML: expected the node content, but found ':' at line 3")
+
+
+@pytest.mark.parametrize("text, got", [("", "null"), ("- a\n- b\n", "a list"), ("just text\n", "'just text'")])
+def test_the_top_level_must_be_a_mapping(tmp_path, text, got):
+    path = write(tmp_path, text)
+    fails(path, f"{path}: expected a mapping with cluster, coordinator and nodes at the top level, got {got}")
+
+
+# --- keys ------------------------------------------------------------------------------------------
+
+
+def test_an_unknown_node_key_is_named_with_a_suggestion(tmp_path):
+    def edit(data):
+        data["nodes"][1]["stage"] = data["nodes"][1].pop("stages")
+
+    path = cluster_with(tmp_path, edit)
+    fails(path, f"{path}: nodes[1]: unknown key 'stage'; expected one of address, cpu_fallback, device, "
+                "emulated_link_ms, idle_timeout_s, max_sequences, name, stages, threads (did you mean 'stages'?)")
+
+
+def test_an_unknown_key_without_a_close_match_gets_no_suggestion(tmp_path):
+    path = cluster_with(tmp_path, lambda data: data.update(zzz=1))
+    with pytest.raises(SpeedError, match=re.escape(f"{path}: unknown key 'zzz'; expected one of bundle, cluster, "
+                                                   "coordinator, nodes, speculation")) as caught:
+        load_cluster(str(path))
+    assert "did you mean" not in str(caught.value)
+
+
+@pytest.mark.parametrize("section, key, expected", [
+    ("coordinator", "step_timeout", "coordinator: unknown key 'step_timeout'; expected one of address, "
+                                    "heartbeat_interval_s, step_timeout_s (did you mean 'step_timeout_s'?)"),
+    ("speculation", "enable", "speculation: unknown key 'enable'; expected one of enabled, prefill_chunk "
+                              "(did you mean 'enabled'?)"),
+])
+def test_unknown_keys_in_sections(tmp_path, section, key, expected):
+    path = cluster_with(tmp_path, lambda data: data.setdefault(section, {}).update({key: 1}))
+    fails(path, f"{path}: {expected}")
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda d: d.pop("cluster"), ": missing 'cluster' (a name for this cluster, e.g. local-demo)"),
+    (lambda d: d.pop("nodes"), ": missing 'nodes' (a list of nodes, each with name, address and stages)"),
+    (lambda d: d.pop("coordinator"), ": missing 'coordinator' (a mapping with the coordinator's address"),
+    (lambda d: d["coordinator"].pop("address"), ": coordinator: missing 'address' (host:port, e.g. 127.0.0.1:50050)"),
+    (lambda d: d["nodes"][0].pop("address"), ": nodes[0]: missing 'address' (host:port, e.g. 127.0.0.1:50051)"),
+    (lambda d: d["nodes"][2].pop("name"), ": nodes[2]: missing 'name' (letters, digits, '-', '_' or '.', e.g. edge-1)"),
+    (lambda d: d["nodes"][1].pop("stages"), ": nodes[1]: missing 'stages' (a list of the stages this node hosts"),
+])
+def test_a_missing_required_key_says_what_to_write(tmp_path, edit, expected):
+    path = cluster_with(tmp_path, edit)
+    fails(path, f"{path}{expected}")
+
+
+# --- values ----------------------------------------------------------------------------------------
+
+
+def set_node_key(index: int, key: str, value):
+    return lambda data: data["nodes"][index].__setitem__(key, value)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (set_node_key(0, "threads", "two"), "nodes[0].threads: expected a whole number >= 0, got 'two'"),
+    (set_node_key(0, "threads", 1.5), "nodes[0].threads: expected a whole number >= 0, got 1.5"),
+    (set_node_key(0, "threads", 2.0), "nodes[0].threads: expected a whole number >= 0, got 2.0"),
+    (set_node_key(0, "threads", -1), "nodes[0].threads: expected a whole number >= 0, got -1"),
+    (set_node_key(1, "max_sequences", 0), "nodes[1].max_sequences: expected a whole number >= 1, got 0"),
+    (set_node_key(1, "idle_timeout_s", 0), "nodes[1].idle_timeout_s: expected a number > 0, got 0"),
+    (set_node_key(1, "idle_timeout_s", "5m"), "nodes[1].idle_timeout_s: expected a number > 0, got '5m'"),
+    (set_node_key(2, "emulated_link_ms", -0.5), "nodes[2].emulated_link_ms: expected a number >= 0, got -0.5"),
+    (set_node_key(2, "emulated_link_ms", float("nan")), "nodes[2].emulated_link_ms: expected a number >= 0, got nan"),
+    (set_node_key(0, "cpu_fallback", "no"), "nodes[0].cpu_fallback: expected true or false, got 'no'"),
+    (set_node_key(0, "device", "gpu"), "nodes[0].device: expected one of cpu, cuda, got 'gpu'"),
+    (set_node_key(0, "device", None), "nodes[0].device: expected one of cpu, cuda, got null"),
+    (set_node_key(0, "name", "edge 1"), "nodes[0].name: 'edge 1' may use only letters, digits, '-', '_' and '.'"),
+    (set_node_key(0, "name", 7), "nodes[0].name: expected a non-empty string, got 7"),
+    (set_node_key(0, "address", 50051), "nodes[0].address: expected host:port, e.g. 127.0.0.1:50051, got 50051"),
+    (set_node_key(0, "address", "127.0.0.1"), "nodes[0].address: '127.0.0.1' is not host:port; write e.g. 127.0.0.1"),
+    (set_node_key(0, "stages", 0), "nodes[0].stages: expected a non-empty list of whole numbers >= 0, e.g. [0], got 0"),
+    (set_node_key(0, "stages", []), "nodes[0].stages: expected a non-empty list of whole numbers >= 0, e.g. [0], got []"),
+    (set_node_key(0, "stages", [0, "1"]), "nodes[0].stages[1]: expected a whole number >= 0, got '1'"),
+    (set_node_key(0, "stages", [-1]), "nodes[0].stages[0]: expected a whole number >= 0, got -1"),
+    (set_node_key(0, "stages", [0, 1, 0]), "nodes[0].stages: 0 is listed twice; list each once"),
+    (lambda d: d.update(cluster=""), "cluster: expected a non-empty string, got ''"),
+    (lambda d: d.update(nodes=[]), "nodes: expected a non-empty list of nodes, each with name, address and stages, got []"),
+    (lambda d: d.update(nodes={"edge-1": {}}), "nodes: expected a non-empty list of nodes, each with name, address and "
+                                              "stages, got a mapping"),
+    (lambda d: d["nodes"].__setitem__(1, "edge-2"), "nodes[1]: expected a mapping of settings, got 'edge-2'"),
+    (lambda d: d.update(coordinator="127.0.0.1:50050"), "coordinator: expected a mapping of settings, got '127.0.0.1"),
+    (lambda d: d["coordinator"].update(step_timeout_s=-3), "coordinator.step_timeout_s: expected a number > 0, got -3"),
+    (lambda d: d.update(speculation={"prefill_chunk": 0}), "speculation.prefill_chunk: expected a whole number >= 1, got 0"),
+    (lambda d: d.update(speculation={"enabled": 1}), "speculation.enabled: expected true or false, got 1"),
+])
+def test_a_wrong_value_names_its_key_path_and_what_is_expected(tmp_path, edit, expected):
+    path = cluster_with(tmp_path, edit)
+    fails(path, f"{path}: {expected}")
+
+
+@pytest.mark.parametrize("word", ["yes", "on", "true"])
+def test_yaml_booleans_are_not_numbers(tmp_path, word):
+    text = yaml.safe_dump(MINIMAL, sort_keys=False).replace("stages:\n  - 0\n", f"stages:\n  - 0\n  threads: {word}\n", 1)
+    path = write(tmp_path, text)
+    fails(path, f"{path}: nodes[0].threads: expected a whole number >= 0, got true")
+
+
+def test_a_duplicate_node_name_is_named(tmp_path):
+    path = cluster_with(tmp_path, set_node_key(2, "name", "edge-1"))
+    fails(path, f"{path}: nodes[2].name: edge-1 is already the name of nodes[0]; give every node its own name")
+
+
+@pytest.mark.parametrize("index, address, user", [
+    (2, "127.0.0.1:50051", "edge-1"),
+    (0, "127.0.0.1:50050", "the coordinator"),
+])
+def test_colliding_addresses_are_named(tmp_path, index, address, user):
+    path = cluster_with(tmp_path, set_node_key(index, "address", address))
+    fails(path, f"{path}: nodes[{index}].address: {address} is already used by {user}; "
+                "give every node and the coordinator its own address")
+
+
+def test_addresses_collide_by_meaning_for_ip_hosts(tmp_path):
+    def edit(data):
+        data["coordinator"]["address"] = "[::1]:50050"
+        data["nodes"][1]["address"] = "[0:0::1]:50050"
+
+    fails(cluster_with(tmp_path, edit), "nodes[1].address: [0:0::1]:50050 is already used by the coordinator")
+
+
+def test_a_missing_bundle_directory_is_named_with_the_fix(tmp_path):
+    path = write(tmp_path, {**MINIMAL, "bundle": "no-such-bundle"})
+    fails(path, f"{path}: bundle: {(tmp_path / 'no-such-bundle').resolve()} does not exist; "
+                "give a bundle directory written by `speed export`, relative to this file")
+
+
+def test_a_bundle_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "bundle.txt").write_text("")
+    fails(write(tmp_path, {**MINIMAL, "bundle": "bundle.txt"}), "bundle.txt is not a directory; give a bundle directory")
+
+
+# --- the spec's questions ---------------------------------------------------------------------------
+
+
+def spec_with(tmp_path: Path, *stages: list[int]) -> ClusterSpec:
+    data = copy.deepcopy(MINIMAL)
+    data["nodes"] = [{"name": f"edge-{i + 1}", "address": f"127.0.0.1:{50051 + i}", "stages": s}
+                     for i, s in enumerate(stages)]
+    return load_cluster(str(write(tmp_path, data, "x.yaml")))
+
+
+def test_check_stages_names_a_stage_hosted_twice(tmp_path):
+    spec = spec_with(tmp_path, [0], [1], [1, 2])
+    with pytest.raises(SpeedError, match=re.escape(f"{tmp_path}/x.yaml: nodes[2].stages: stage 1 is already hosted by "
+                                                   "edge-2; give each stage to exactly one node")):
+        spec.check_stages(3)
+
+
+def test_check_stages_names_a_stage_hosted_by_no_node(tmp_path):
+    spec = spec_with(tmp_path, [0], [1])
+    with pytest.raises(SpeedError, match=re.escape(f"{tmp_path}/x.yaml: nodes: stage 2 is hosted by no node; "
+                                                   "the bundle has stages 0-2")):
+        spec.check_stages(3)
+    with pytest.raises(SpeedError, match=re.escape("nodes: stages 2, 3 are hosted by no node; the bundle has stages 0-3")):
+        spec.check_stages(4)
+
+
+def test_check_stages_names_a_stage_that_does_not_exist(tmp_path):
+    spec = spec_with(tmp_path, [5], [1], [2])
+    with pytest.raises(SpeedError, match=re.escape(f"{tmp_path}/x.yaml: nodes[0].stages: stage 5 does not exist; "
+                                                   "the bundle has stages 0-2")):
+        spec.check_stages(3)
+    with pytest.raises(SpeedError, match=re.escape("stage 1 does not exist; the bundle has only stage 0")):
+        spec_with(tmp_path, [0, 1]).check_stages(1)
+
+
+def test_node_and_owner_of_name_what_exists(tmp_path):
+    spec = spec_with(tmp_path, [0], [1], [2])
+    with pytest.raises(SpeedError, match=re.escape(f"{tmp_path}/x.yaml: no node named 'x'; "
+                                                   "the nodes are edge-1, edge-2, edge-3")):
+        spec.node("x")
+    with pytest.raises(SpeedError, match=re.escape("nodes: stage 3 is hosted by no node")):
+        spec.owner_of(3)
