@@ -42,6 +42,7 @@ def check_free(spec: ClusterSpec) -> None:
         host, port = parse_address(address)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: ignore closed connections
             try:
                 probe.bind((host, port))
             except OSError as exc:

@@ -35,14 +35,14 @@ def bench_cluster(cluster_path: Path, *, new_tokens: int = 128, repeats: int = 3
             for prompt in LOCAL_PROMPTS:
                 reference = generate_plain(model, tokenizer.encode(prompt).ids, max_new_tokens=new_tokens, eos_id=-1)
                 rates["reference"].append(reference.tokens_per_s)
-                for mode in ("sequential", "speculative"):
-                    result = client.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True,
-                                             speculative=mode == "speculative").result()
-                    rates[mode].append(result.tokens_per_s)
-                if mode == "speculative":
-                    ticks += result.stats["ticks"]
-                    committed += result.stats["committed"]
-                    flips += result.stats["flips_per_boundary"]
+                sequential = client.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True, speculative=False)
+                rates["sequential"].append(sequential.result().tokens_per_s)
+                speculative = client.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True,
+                                              speculative=True).result()
+                rates["speculative"].append(speculative.tokens_per_s)
+                ticks += speculative.stats["ticks"]
+                committed += speculative.stats["committed"]
+                flips += speculative.stats["flips_per_boundary"]
     median = {mode: statistics.median(r) for mode, r in rates.items()}
     links = {node.name: node.emulated_link_ms if emulated_link_ms is None else emulated_link_ms
              for node in cluster.spec.nodes}

@@ -44,11 +44,12 @@ class Cluster:
         self.spec = spec
         self.bundle = bundle
         self.tokenizer = bundle.tokenizer()
-        self.nodes = [RemoteNode(node, step_timeout_s=spec.coordinator.step_timeout_s) for node in spec.nodes]
+        self.health = health.aio.HealthServicer()
+        self.nodes = [RemoteNode(node, step_timeout_s=spec.coordinator.step_timeout_s, on_state_change=self.update_health)
+                      for node in spec.nodes]
         self.engine = Engine(self.nodes, config=bundle.config, eos_id=bundle.eos_token_id,
                              prefill_chunk=spec.speculation.prefill_chunk,
                              max_sequences=min(node.max_sequences for node in spec.nodes))
-        self.health = health.aio.HealthServicer()
 
     @property
     def serving(self) -> bool:
@@ -90,7 +91,6 @@ class Cluster:
         await node.connect(info, request.address)
         log.info("%s registered: stages %s, %s, %d thread(s)", node.describe(), list(info.stages), info.provider,
                  info.threads)
-        await self.update_health()
         return node
 
     async def watch_heartbeats(self) -> None:
@@ -102,10 +102,6 @@ class Cluster:
                 if node.state == SERVING and now - node.last_heartbeat > MISSED_HEARTBEATS * interval + 1:
                     log.warning("%s missed %d heartbeats; marking it down", node.describe(), MISSED_HEARTBEATS)
                     await node.disconnect(DOWN)
-                elif node.state == DOWN and node.info is not None:
-                    log.warning("%s is down", node.describe())
-                    node.info = None  # reported once
-            await self.update_health()
 
     def status(self) -> pb.ClusterStatusReply:
         now = time.monotonic()

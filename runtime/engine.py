@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from runtime.stopping import StopStrings
 from runtime.text_stream import TextStream
 from runtime.wire import speed_pb2 as pb
 from runtime.wire.sampling import sampling_to_wire
+
+log = logging.getLogger("speed.coordinator")
 
 
 @dataclass(frozen=True)
@@ -135,8 +138,9 @@ class Engine:
         failures = [reply for reply in replies if isinstance(reply, BaseException)]
         if failures:
             failure = next((f for f in failures if isinstance(f, NodeFailure)), None)
-            if failure is None:
-                raise failures[0]
+            if failure is None:  # a bug, not a node: say so, and keep serving
+                log.error("a step failed unexpectedly", exc_info=failures[0])
+                failure = NodeFailure(f"internal error: {failures[0]!r}", grpc.StatusCode.INTERNAL)
             self._fail_all(failure)
             return
         predictions, self._handoff = {}, {}
@@ -220,6 +224,7 @@ class Engine:
 
     def _fail_all(self, failure: NodeFailure) -> None:
         """Every active sequence runs on every node: a failed node stops them all."""
+        log.warning("%s (%d request(s) stopped)", failure, len(self._active))
         for seq_id, request in list(self._active.items()):
             request.events.put_nowait(RequestFailed(failure.code, str(failure)))
             self._end(seq_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -24,9 +25,11 @@ class NodeFailure(Exception):
 
 
 class RemoteNode:
-    def __init__(self, spec: NodeSpec, *, step_timeout_s: float):
+    def __init__(self, spec: NodeSpec, *, step_timeout_s: float,
+                 on_state_change: Callable[[], Awaitable[None]] | None = None):
         self.spec = spec
         self.step_timeout_s = step_timeout_s
+        self.on_state_change = on_state_change  # e.g. to keep the health service true at once
         self.state = WAITING
         self.info: pb.NodeInfo | None = None
         self.address = spec.address
@@ -49,6 +52,7 @@ class RemoteNode:
         self._stream = pb_grpc.NodeStub(self._channel).Steps()
         self.last_heartbeat = time.monotonic()
         self.state = SERVING
+        await self._changed()
 
     async def disconnect(self, state: str = DOWN) -> None:
         self.state = state
@@ -57,6 +61,11 @@ class RemoteNode:
             stream.cancel()
         if channel is not None:
             await channel.close()
+        await self._changed()
+
+    async def _changed(self) -> None:
+        if self.on_state_change is not None:
+            await self.on_state_change()
 
     async def step(self, batch: pb.StepBatch) -> pb.StepResults:
         """Send one step message and wait for its results, at most step_timeout_s."""
@@ -66,6 +75,10 @@ class RemoteNode:
                               "registers again and the cluster serves new requests")
         try:
             return await asyncio.wait_for(self._exchange(stream, batch), self.step_timeout_s)
+        except asyncio.InvalidStateError:  # the stream had already ended: the node is gone
+            await self._lost(stream)
+            raise NodeFailure(f"{self.describe()} closed its step stream; the request was stopped. Restart the "
+                              "node: it registers again and the cluster serves new requests") from None
         except asyncio.TimeoutError:
             await self._lost(stream)
             raise NodeFailure(f"{self.describe()} did not answer a step within {self.step_timeout_s:g} s; "

@@ -217,4 +217,7 @@ class SpeedScheduler:
         seq.next_prompt_position = end
 
     def remove(self, seq_id: int) -> Sequence:
+        """Forget a sequence, with anything still pending for it: its caches are freed elsewhere."""
+        self._truncations = [cut for cut in self._truncations if cut.seq_id != seq_id]
+        self._finished = [finished for finished in self._finished if finished != seq_id]
         return self.sequences.pop(seq_id)

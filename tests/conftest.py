@@ -39,3 +39,26 @@ def run_speed(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_cluster(directory: Path, *, bundle: Path | None = None, stages: list[list[int]] | None = None,
+                  speculation: bool = True, extra_node_keys: str = "") -> Path:
+    """A cluster file on free loopback ports: one node per entry of `stages` (default one stage each of three)."""
+    stages = stages or [[0], [1], [2]]
+    nodes = "".join(
+        f"  - name: edge-{i + 1}\n    address: 127.0.0.1:{free_port()}\n    stages: {s}\n    threads: 1\n{extra_node_keys}"
+        for i, s in enumerate(stages))
+    path = directory / "cluster.yaml"
+    path.write_text(
+        f"cluster: test-{directory.name}\nbundle: {bundle if bundle is not None else 'null'}\n"
+        f"coordinator:\n  address: 127.0.0.1:{free_port()}\n  heartbeat_interval_s: 0.5\n"
+        f"speculation:\n  enabled: {str(speculation).lower()}\nnodes:\n{nodes}")
+    return path

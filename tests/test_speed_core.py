@@ -168,3 +168,18 @@ def test_the_context_bounds_generation():
         run.run_tick()
     assert scheduler.sequences[0].generated == stream[5:9]  # positions 5..8: the last fed position is 7
     assert scheduler.sequences[0].stop_reason == "context"
+
+
+def test_a_removed_sequence_leaves_nothing_pending_for_the_executor():
+    """A sequence that ended with a flush still pending (speculated past its stop) is freed elsewhere:
+    nothing about it may reach an executor afterwards."""
+    scheduler = SpeedScheduler(3)
+    stream = oracle_stream(5, 2, 20)
+    scheduler.add(0, stream[:2], max_new_tokens=20, context_length=100, should_stop=lambda generated: len(generated) == 3)
+    run = SyntheticRun(scheduler, {0: stream}, lambda *_: False)
+    while scheduler.active:
+        run.run_tick()
+    assert scheduler._truncations and scheduler._finished == [0]  # younger guesses were flushed at the stop
+    scheduler.remove(0)
+    plan = scheduler.plan()
+    assert plan.truncations == [] and plan.items == [] and plan.finished == []

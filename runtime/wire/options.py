@@ -13,7 +13,10 @@ COMMON = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-SERVER = COMMON + [("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
+SERVER = COMMON + [
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+]
 CHANNEL = COMMON
 
 

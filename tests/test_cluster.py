@@ -1,0 +1,199 @@
+"""End to end: a real cluster of processes on loopback (coordinator + three nodes, one stage each of the
+shipped demo model) gives exactly the single-process reference's tokens, in every mode."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from deploy.launcher import LocalCluster
+from runtime.bundle import load_bundle
+from runtime.client import AsyncClient, Client, InvalidRequest, Unavailable
+from runtime.reference import generate_plain, open_stage_model
+from runtime.sampling import GREEDY, SamplingParams
+from runtime.stopping import StopStrings
+from tests.conftest import run_speed, write_cluster
+
+PROMPTS = [
+    "ROMEO. But soft, what light through yonder window breaks?",
+    "KING HENRY. Once more unto the breach, dear friends,",
+    "Enter a Messenger.",
+    "LADY MACBETH. Out, damned spot!",
+]
+SAMPLED = [SamplingParams(temperature=0.8, top_k=40, seed=7), SamplingParams(temperature=1.0, top_p=0.9, seed=123)]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cluster")
+    os.environ["SPEED_STATE_DIR"] = str(directory / "state")
+    with LocalCluster(write_cluster(directory)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def reference():
+    bundle = load_bundle()
+    model = open_stage_model(bundle)
+    tokenizer = bundle.tokenizer()
+
+    def generate(prompt: str, sampling: SamplingParams = GREEDY, max_new_tokens: int = NEW_TOKENS,
+                 stop: list[str] | None = None) -> list[int]:
+        stop_strings = StopStrings(tokenizer, stop or [])
+        return generate_plain(model, tokenizer.encode(prompt).ids, max_new_tokens=max_new_tokens,
+                              eos_id=bundle.eos_token_id, sampling=sampling, should_stop=stop_strings or None).token_ids
+
+    return generate
+
+
+def generate(client: Client, prompt: str, sampling: SamplingParams = GREEDY, **options):
+    return client.generate(prompt, max_new_tokens=options.pop("max_new_tokens", NEW_TOKENS),
+                           temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                           seed=sampling.seed, **options).result()
+
+
+@pytest.mark.parametrize("speculative", [False, True], ids=["sequential", "speculative"])
+def test_the_cluster_gives_the_reference_tokens_greedy_and_sampled(cluster, reference, speculative):
+    with Client(cluster.endpoint) as client:
+        for prompt in PROMPTS:
+            for sampling in [GREEDY, *SAMPLED]:
+                result = generate(client, prompt, sampling, speculative=speculative)
+                assert result.token_ids == reference(prompt, sampling), (prompt, sampling)
+                assert result.speculative == speculative
+                assert result.stats["committed"] == len(result.token_ids)
+
+
+def test_four_concurrent_clients_share_ticks_and_each_gets_its_own_text(cluster, reference):
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def one(index: int) -> None:
+        try:
+            with Client(cluster.endpoint) as client:
+                results[index] = generate(client, PROMPTS[index], max_new_tokens=48).token_ids
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    for index, prompt in enumerate(PROMPTS):
+        assert results[index] == reference(prompt, max_new_tokens=48)
+
+
+def test_the_stream_carries_the_text_in_pieces_and_stops_at_a_stop_string(cluster, reference):
+    stop = ["\n\n"]
+    with Client(cluster.endpoint) as client:
+        stream = client.generate(PROMPTS[0], max_new_tokens=64, stop=stop)
+        pieces = [chunk.text for chunk in stream]
+        result = stream.result()
+    assert len(pieces) > 1
+    assert "".join(pieces) == result.text
+    assert "\n\n" not in result.text
+    assert result.stop_reason == "stop"
+    assert result.token_ids == reference(PROMPTS[0], max_new_tokens=64, stop=stop)
+
+
+def test_the_asyncio_client_streams_the_same_tokens(cluster, reference):
+    async def run() -> tuple[list[int], str]:
+        async with AsyncClient(cluster.endpoint) as client:
+            stream = client.generate(PROMPTS[1], max_new_tokens=NEW_TOKENS)
+            ids = [token for chunk in [c async for c in stream] for token in chunk.token_ids]
+            return ids, (await stream.result()).text
+
+    ids, text = asyncio.run(run())
+    assert ids == reference(PROMPTS[1])
+    assert text
+
+
+def test_bad_requests_get_a_sentence_and_the_cluster_keeps_serving(cluster):
+    with Client(cluster.endpoint) as client:
+        with pytest.raises(InvalidRequest, match="prompt is empty"):
+            client.generate("").result()
+        with pytest.raises(InvalidRequest, match="context holds 1024"):
+            client.generate("word " * 1200).result()
+        with pytest.raises(InvalidRequest, match="temperature must be 0"):
+            client.generate("Hi", temperature=-1.0).result()
+        with pytest.raises(InvalidRequest, match="top-p must be in"):
+            client.generate("Hi", temperature=1.0, top_p=1.5).result()
+        assert client.status().serving
+        assert generate(client, PROMPTS[2], max_new_tokens=4).token_ids
+
+
+def test_speed_generate_prints_the_reference_json_keys(cluster):
+    result = run_speed("generate", "--coordinator", cluster.endpoint, "--json", "--max-new-tokens", "8", PROMPTS[0])
+    assert result.returncode == 0, result.stderr
+    cluster_json = json.loads(result.stdout)
+    reference = run_speed("reference", "--json", "--max-new-tokens", "8", PROMPTS[0])
+    reference_json = json.loads(reference.stdout)
+    assert set(reference_json) <= set(cluster_json)
+    assert cluster_json["token_ids"] == reference_json["token_ids"]
+    assert set(cluster_json["stats"]) == {"ticks", "committed", "flips_per_boundary", "flushed_steps", "mean_in_flight"}
+
+
+def test_speed_generate_without_a_cluster_says_so_in_one_line():
+    result = run_speed("generate", "--coordinator", "127.0.0.1:9", "Hello")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "cannot reach the coordinator" in result.stderr
+
+
+def test_a_node_killed_mid_generation_fails_the_request_naming_it_and_the_cluster_recovers(cluster, reference):
+    with Client(cluster.endpoint) as client:
+        stream = client.generate(PROMPTS[0], max_new_tokens=900, ignore_eos=True)
+        chunks = iter(stream)
+        next(chunks)  # decoding has started
+        os.kill(cluster.processes["edge-2"].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        with pytest.raises(Unavailable, match="node edge-2"):
+            for _ in chunks:
+                pass
+        assert time.monotonic() - killed_at < 5
+        cluster.processes.pop("edge-2").wait()
+        with pytest.raises(Unavailable, match="edge-2"):
+            generate(client, PROMPTS[1], max_new_tokens=4)
+
+        cluster.start_process("edge-2")  # the node registers again by itself
+        cluster.wait_ready(60)
+        assert generate(client, PROMPTS[1]).token_ids == reference(PROMPTS[1])
+
+
+def test_a_restarted_coordinator_serves_again_without_restarting_the_nodes(cluster, reference):
+    nodes_before = {name: p.pid for name, p in cluster.processes.items() if name != "coordinator"}
+    cluster.stop_process("coordinator")
+    cluster.start_process("coordinator")
+    cluster.wait_ready(60)
+    assert {name: p.pid for name, p in cluster.processes.items() if name != "coordinator"} == nodes_before
+    with Client(cluster.endpoint) as client:
+        assert generate(client, PROMPTS[3], speculative=True).token_ids == reference(PROMPTS[3])
+
+
+def test_a_coordinator_whose_nodes_never_came_says_which_node_is_missing(tmp_path):
+    os.environ["SPEED_STATE_DIR"] = str(tmp_path / "state")
+    lonely = LocalCluster(write_cluster(tmp_path))
+    lonely.start_process("coordinator")
+    try:
+        deadline = time.monotonic() + 60
+        with Client(lonely.endpoint) as client:
+            while True:
+                try:
+                    status = client.status(timeout_s=1)
+                    break
+                except Unavailable:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.2)
+            assert not status.serving and {n.state for n in status.nodes} == {"waiting"}
+            with pytest.raises(Unavailable, match="node edge-1 .* is waiting"):
+                client.generate("Hello").result()
+    finally:
+        lonely.stop()
