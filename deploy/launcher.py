@@ -188,15 +188,14 @@ def up(cluster_path: Path, *, detach: bool, emulated_link_ms: float | None = Non
         record.write_text(json.dumps({name: p.pid for name, p in cluster.processes.items()}))
         print(f"stop it with: speed down {cluster_path}")
         return
-    print("press Ctrl-C to stop it", flush=True)
     stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.append(True))
+    print("press Ctrl-C to stop it", flush=True)
     try:
         while not stopping:
             cluster.check_alive()
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+            time.sleep(0.2)
     finally:
         cluster.stop()
     print(f"cluster {cluster.spec.name} stopped")

@@ -1,0 +1,107 @@
+"""`speed up`, `speed down` and `speed bench FILE` as an operator runs them: real processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from deploy.cluster_file import load_cluster, parse_address
+from tests.conftest import run_speed, write_cluster
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEED_STATE_DIR", str(tmp_path / "state"))
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def ports_free(path) -> bool:
+    spec = load_cluster(path)
+    for address in [spec.coordinator.address, *(n.address for n in spec.nodes)]:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(parse_address(address))
+            except OSError:
+                return False
+    return True
+
+
+def test_up_detach_serves_until_down_stops_every_process(tmp_path):
+    path = write_cluster(tmp_path)
+    started = run_speed("up", str(path), "--detach")
+    assert started.returncode == 0, started.stderr
+    endpoint = load_cluster(path).coordinator.address
+    assert f"coordinator at {endpoint}" in started.stdout
+    try:
+        again = run_speed("up", str(path), "--detach")
+        assert_one_line_error(again, "already up", "speed down")
+        generated = run_speed("generate", "--coordinator", endpoint, "--max-new-tokens", "4", "--json", "Enter")
+        assert generated.returncode == 0 and len(json.loads(generated.stdout)["token_ids"]) == 4
+    finally:
+        stopped = run_speed("down", str(path))
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert ports_free(path)
+    assert "not up" in run_speed("down", str(path)).stdout
+
+
+def test_up_in_the_foreground_stops_everything_on_ctrl_c(tmp_path):
+    path = write_cluster(tmp_path)
+    up = subprocess.Popen([sys.executable, "-m", "runtime.cli", "up", str(path)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        for line in up.stdout:
+            if "Ctrl-C" in line:
+                break
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=30) == 0
+    finally:
+        up.kill()
+    assert "stopped" in up.stdout.read()
+    assert ports_free(path)
+
+
+def test_a_malformed_cluster_file_starts_nothing(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("cluster: x\nnodes: [\n")
+    assert_one_line_error(run_speed("up", str(path)), str(path), "not valid YAML")
+
+
+def test_an_address_already_taken_is_named_before_anything_starts(tmp_path):
+    path = write_cluster(tmp_path)
+    taken = load_cluster(path).nodes[1].address
+    with socket.socket() as holder:
+        holder.bind(parse_address(taken))
+        holder.listen()
+        assert_one_line_error(run_speed("up", str(path)), taken, "edge-2", "not free")
+    assert not (tmp_path / "state").exists() or not list((tmp_path / "state").rglob("processes.json"))
+
+
+def test_a_cuda_node_without_cuda_refuses_to_start_and_says_why(tmp_path):
+    path = write_cluster(tmp_path, extra_node_keys="    device: cuda\n")
+    result = run_speed("up", str(path))
+    assert_one_line_error(result, "exited", "device cuda was requested")
+    assert ports_free(path)
+
+
+def test_bench_on_a_cluster_file_reports_both_modes_and_the_speedup(tmp_path):
+    path = write_cluster(tmp_path)
+    result = run_speed("bench", str(path), "--repeats", "1", "--new-tokens", "8", "--json", "--emulate-link-ms", "1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["sequential_tokens_per_s"] > 0 and report["speculative_tokens_per_s"] > 0
+    assert report["speedup"] == pytest.approx(report["speculative_tokens_per_s"] / report["sequential_tokens_per_s"],
+                                              abs=0.01)
+    assert set(report["emulated_link_ms"].values()) == {1.0}
+    assert ports_free(path)
