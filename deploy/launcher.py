@@ -1,9 +1,9 @@
 """`speed up` / `speed down`: a cluster file's coordinator and nodes as processes on this machine.
 
 Each process writes its log under the cluster's state directory ($SPEED_STATE_DIR, default
-~/.local/state/speed, then one folder per cluster file); a detached cluster also leaves its process
-ids there for `speed down`. Children run in their own session, so Ctrl-C reaches only the launcher,
-which then stops them in order: nodes first, the coordinator last.
+~/.local/state/speed, then one folder per cluster file), next to the process ids `speed down` reads. Children run in their own session, so Ctrl-C reaches only the launcher,
+which then stops them in order: nodes first, the coordinator last; `speed down` stops a cluster
+started either way.
 """
 
 from __future__ import annotations
@@ -182,10 +182,10 @@ def up(cluster_path: Path, *, detach: bool, emulated_link_ms: float | None = Non
     if record.exists() and any(_alive(pid) for pid in json.loads(record.read_text()).values()):
         raise SpeedError(f"cluster {cluster.spec.name} is already up; stop it with `speed down {cluster_path}`")
     cluster.start()
+    record.write_text(json.dumps({name: p.pid for name, p in cluster.processes.items()}))  # for `speed down`
     print(f"cluster {cluster.spec.name} is serving: coordinator at {cluster.endpoint} "
           f"({len(cluster.spec.nodes)} nodes); logs in {cluster.logs}")
     if detach:
-        record.write_text(json.dumps({name: p.pid for name, p in cluster.processes.items()}))
         print(f"stop it with: speed down {cluster_path}")
         return
     stopping = []
@@ -198,6 +198,7 @@ def up(cluster_path: Path, *, detach: bool, emulated_link_ms: float | None = Non
             time.sleep(0.2)
     finally:
         cluster.stop()
+        record.unlink(missing_ok=True)
     print(f"cluster {cluster.spec.name} stopped")
 
 

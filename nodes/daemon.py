@@ -45,6 +45,9 @@ def open_model(bundle: Bundle, node: NodeSpec) -> OnnxStageModel:
 
 
 def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = None) -> None:
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())  # from the start: a stop during warm-up is still graceful
     spec = load_cluster(cluster_path)
     node = spec.node(name)
     if emulated_link_ms is not None:
@@ -77,7 +80,6 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
              bundle.manifest["name"], node.address, model.provider, node.threads, "" if node.threads == 1 else "s",
              f"; EMULATING a {node.emulated_link_ms:g} ms one-way link" if node.emulated_link_ms else "")
 
-    stop = threading.Event()
     refusal: list[str] = []
 
     def refused(message: str) -> None:
@@ -86,8 +88,6 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
 
     registration = Registration(spec.coordinator.address, node.address, info, on_refused=refused)
     registration.start()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
     while not stop.wait(timeout=min(node.idle_timeout_s, 5.0)):
         for seq_id in service.expire_idle():
             log.info("freed sequence %d after %g s without a step", seq_id, node.idle_timeout_s)

@@ -150,9 +150,9 @@ class StageHost:
                     raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: needs {i.length} token ids, each "
                                       f"in 0..{self.cfg.vocab_size - 1}")
             elif i.stage - 1 in self.stages:
-                if not self.executor.holds_hidden((i.seq_id, i.start)):
+                if self.executor.held_length((i.seq_id, i.start)) != i.length:
                     raise StepRefused(grpc.StatusCode.FAILED_PRECONDITION, f"{where}: this node did not run stage "
-                                      f"{i.stage - 1} of these positions last step")
+                                      f"{i.stage - 1} of these {i.length} positions last step")
             else:
                 try:
                     hidden_in[(i.seq_id, i.start)] = unpack(i.hidden, dtype="float32", shape=(i.length, self.cfg.d_model),

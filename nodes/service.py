@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +12,8 @@ import grpc
 from nodes.host import StageHost, StepRefused
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+
+log = logging.getLogger("speed.node")
 
 
 class NodeService(pb_grpc.NodeServicer):
@@ -31,6 +34,9 @@ class NodeService(pb_grpc.NodeServicer):
                     results = self.host.step(batch)
                 except StepRefused as exc:
                     context.abort(exc.code, str(exc))
+                except Exception as exc:  # a bug: the caller gets a sentence, the node keeps serving others
+                    log.exception("a step failed")
+                    context.abort(grpc.StatusCode.INTERNAL, f"node {self.host.name} failed to run a step: {exc!r}")
             self._emulate_link()
             yield results
 

@@ -82,8 +82,10 @@ class TickExecutor:
     def cache_length(self, seq_id: int, stage: int) -> int:
         return int(self.cache.lengths[self.row(seq_id, stage)])
 
-    def holds_hidden(self, key: Key) -> bool:
-        return key in self._hidden
+    def held_length(self, key: Key) -> int | None:
+        """Positions of the hidden state kept from last tick for this item's next hosted stage, if any."""
+        hidden = self._hidden.get(key)
+        return None if hidden is None else len(hidden)
 
     def run(self, plan: TickPlan, hidden_in: Mapping[Key, np.ndarray] | None = None) -> TickResult:
         """Run the plan's items. An item at a stage whose predecessor is hosted elsewhere takes its

@@ -67,7 +67,9 @@ def test_up_in_the_foreground_stops_everything_on_ctrl_c(tmp_path):
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=30) == 0
     finally:
-        up.kill()
+        if up.poll() is None:
+            up.kill()
+            run_speed("down", str(path))  # whatever the launcher left behind
     assert "stopped" in up.stdout.read()
     assert ports_free(path)
 

@@ -355,8 +355,6 @@ def test_a_batch_with_one_bad_item_runs_none_of_it(stubs):
     assert error.code() == grpc.StatusCode.NOT_FOUND and f"sequence {good}" in error.details()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: nodes/host.py accepts a later stage's item whose length differs from the "
-                   "hidden state its earlier stage left; the node then fails inside the executor (UNKNOWN)")
 def test_a_second_stage_item_of_another_length_than_its_first_stage_is_refused(stubs):
     seq_id = next(SEQ_IDS)
     stub = stubs["edge-2"]
