@@ -59,7 +59,7 @@ class StageHost:
         reply = pb.StepResults(tick=batch.tick)
         for item in plan.items:
             key = (item.seq_id, item.start)
-            out = reply.results.add(seq_id=item.seq_id, start=item.start, prediction=result.predictions[key])
+            out = reply.results.add(seq_id=item.seq_id, start=item.start, prediction=result.predictions.get(key, -1))
             if key in result.handoff:
                 out.hidden.CopyFrom(pack(result.handoff[key]))
         return reply
@@ -160,7 +160,9 @@ class StageHost:
                 except SpeedError as exc:
                     raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             lengths[(i.seq_id, i.stage)] = i.start + i.length
-            items.append(Item(i.seq_id, i.start, i.length, i.stage, tokens, final_token=i.stage == last_stage))
+            final = i.stage == last_stage
+            items.append(Item(i.seq_id, i.start, i.length, i.stage, tokens, final_token=final,
+                              predict=final or not i.skip_prediction))
         return TickPlan(truncations, items, []), hidden_in
 
     def _check_sequence_and_stage(self, seq_id: int, stage: int, opens: dict) -> None:

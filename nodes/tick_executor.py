@@ -142,6 +142,10 @@ class TickExecutor:
             last_hidden[item] = out.hidden[r, -1]
 
     def _predict(self, items: list[Item], last_hidden: dict[Item, np.ndarray]) -> dict[Key, int]:
+        """Predictions of the items that want one; the classifier does not run when none does."""
+        items = [item for item in items if item.predict]
+        if not items:
+            return {}
         logits, greedy = self.model.classify(np.stack([last_hidden[item] for item in items]))  # (N, V), (N,)
         predictions = {}
         for i, item in enumerate(items):

@@ -146,7 +146,8 @@ class Engine:
         predictions, self._handoff = {}, {}
         for reply in replies:
             for result in reply.results:
-                predictions[(result.seq_id, result.start)] = result.prediction
+                if result.prediction >= 0:
+                    predictions[(result.seq_id, result.start)] = result.prediction
                 if result.HasField("hidden"):
                     self._handoff[(result.seq_id, result.start)] = result.hidden
         self.scheduler.apply(predictions)
@@ -165,7 +166,8 @@ class Engine:
                 control = self._control.pop(name, _Control())
                 batches[name] = pb.StepBatch(tick=tick, opens=control.opens, truncations=control.truncations,
                                              closes=control.closes)
-            step = batches[name].items.add(seq_id=item.seq_id, start=item.start, length=item.length, stage=item.stage)
+            step = batches[name].items.add(seq_id=item.seq_id, start=item.start, length=item.length, stage=item.stage,
+                                           skip_prediction=not item.predict)
             if item.tokens is not None:
                 step.tokens.extend(item.tokens)
             elif self.owner[item.stage - 1] != name:

@@ -26,6 +26,7 @@ class Item:
     stage: int  # the stage it runs this tick
     tokens: tuple[int, ...] | None  # input tokens at stage 0; None later (the executor holds the hidden state)
     final_token: bool  # True when its prediction after this stage commits a token (the last stage)
+    predict: bool = True  # False: nothing reads its prediction (an early stage without speculation)
 
 
 @dataclass(frozen=True)
@@ -132,15 +133,17 @@ class SpeedScheduler:
             seq.stats.ticks += 1
             seq.stats.item_steps += len(seq.flights)
             for f in seq.flights:
+                final = f.next_stage == self.n_stages - 1
                 items.append(Item(seq.seq_id, f.start, f.length, f.next_stage, f.tokens if f.next_stage == 0 else None,
-                                  final_token=f.next_stage == self.n_stages - 1))
+                                  final_token=final, predict=final or seq.speculate))
         plan = TickPlan(self._truncations, items, self._finished)
         self._truncations, self._finished = [], []
         return plan
 
     def apply(self, predictions: dict[tuple[int, int], int]) -> None:
         """predictions[(seq_id, start)]: each planned item's prediction for the position after it
-        (argmax at early stages; at the last stage the token to commit, greedy or sampled)."""
+        (argmax at early stages; at the last stage the token to commit, greedy or sampled); items
+        planned with predict=False may be left out."""
         for seq in self.sequences.values():
             if not seq.done:
                 self._apply_sequence(seq, predictions)
@@ -152,7 +155,9 @@ class SpeedScheduler:
             f.next_stage += 1
             if f.end < len(seq.prompt):
                 continue  # a prompt chunk whose successor is the prompt itself: nothing to check
-            prediction = predictions[(seq.seq_id, f.start)]
+            prediction = predictions.get((seq.seq_id, f.start))
+            if prediction is None:  # without speculation only the last stage's prediction matters
+                break
             if f.prediction is not None and stage > 0:
                 seq.stats.checks[stage - 1] += 1
                 seq.stats.flips[stage - 1] += prediction != f.prediction

@@ -36,7 +36,8 @@ class SyntheticRun:
             assert len(cache) == item.start, "an item must start where its stage's cache ends"
             cache.extend(tokens)
             carried[(item.seq_id, item.start)] = tokens
-            predictions[(item.seq_id, item.start)] = self.predict(item.seq_id, item.stage, cache)
+            if item.predict:  # like the executors: no classifier for a prediction nobody reads
+                predictions[(item.seq_id, item.start)] = self.predict(item.seq_id, item.stage, cache)
         self.carried = carried
         self.scheduler.apply(predictions)
         return plan
@@ -70,9 +71,10 @@ def oracle_stream(seed, prompt_len, length, eos_at=None):
     chunk=st.integers(1, 5),
     flip_rate=st.sampled_from([0.0, 0.2, 0.6, 1.0]),
     eos_at=st.one_of(st.none(), st.integers(0, 30)),
+    speculate=st.booleans(),
 )
 def test_committed_stream_equals_the_oracle_and_flushes_roll_back(data, n_stages, n_seqs, prompt_len, max_new, chunk,
-                                                                   flip_rate, eos_at):
+                                                                   flip_rate, eos_at, speculate):
     flips = {}
 
     def wrong(seq_id, position, stage):
@@ -84,7 +86,8 @@ def test_committed_stream_equals_the_oracle_and_flushes_roll_back(data, n_stages
     scheduler = SpeedScheduler(n_stages, prefill_chunk=chunk)
     streams = {s: oracle_stream(s, prompt_len, max_new, eos_at) for s in range(n_seqs)}
     for s in range(n_seqs):
-        scheduler.add(s, streams[s][:prompt_len], max_new_tokens=max_new, context_length=1000, eos_id=EOS)
+        scheduler.add(s, streams[s][:prompt_len], max_new_tokens=max_new, context_length=1000, eos_id=EOS,
+                      speculate=speculate)
     run = SyntheticRun(scheduler, streams, wrong)
     for _ in range(10_000):
         if not scheduler.active:

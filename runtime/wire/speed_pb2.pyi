@@ -181,20 +181,22 @@ class Truncation(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., stage: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class StepItem(_message.Message):
-    __slots__ = ("seq_id", "start", "length", "stage", "tokens", "hidden")
+    __slots__ = ("seq_id", "start", "length", "stage", "tokens", "hidden", "skip_prediction")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    SKIP_PREDICTION_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     start: int
     length: int
     stage: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     hidden: Tensor
-    def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., length: _Optional[int] = ..., stage: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    skip_prediction: bool
+    def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., length: _Optional[int] = ..., stage: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., skip_prediction: _Optional[bool] = ...) -> None: ...
 
 class StepBatch(_message.Message):
     __slots__ = ("tick", "opens", "truncations", "items", "closes")
