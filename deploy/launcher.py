@@ -1,9 +1,9 @@
 """`speed up` / `speed down`: a cluster file's coordinator and nodes as processes on this machine.
 
 Each process writes its log under the cluster's state directory ($SPEED_STATE_DIR, default
-~/.local/state/speed, then one folder per cluster file), next to the process ids `speed down` reads. Children run in their own session, so Ctrl-C reaches only the launcher,
-which then stops them in order: nodes first, the coordinator last; `speed down` stops a cluster
-started either way.
+~/.local/state/speed, then one folder per cluster file), next to the process ids `speed down` reads.
+Children run in their own session, so Ctrl-C reaches only the launcher, which then stops them in
+order: nodes first, the coordinator last; `speed down` stops a cluster started either way.
 """
 
 from __future__ import annotations

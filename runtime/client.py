@@ -116,20 +116,31 @@ def generate_request(prompt: str, *, max_new_tokens: int, temperature: float, to
     return request
 
 
-class GenerationStream:
-    """Iterate for the text as it is committed; `result()` waits for the end and returns the whole answer."""
+class _Events:
+    """What both streams do with the server's events: chunks pass on, the final one becomes the result."""
 
     def __init__(self, call):
         self._call = call
         self._result: GenerationResult | None = None
 
+    def _chunk(self, event: pb.GenerateEvent) -> Chunk | None:
+        if event.HasField("finished"):
+            self._result = GenerationResult.from_wire(event.finished)
+            return None
+        return Chunk(list(event.tokens.token_ids), event.tokens.text)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class GenerationStream(_Events):
+    """Iterate for the text as it is committed; `result()` waits for the end and returns the whole answer."""
+
     def __iter__(self) -> Iterator[Chunk]:
         try:
             for event in self._call:
-                if event.HasField("finished"):
-                    self._result = GenerationResult.from_wire(event.finished)
-                else:
-                    yield Chunk(list(event.tokens.token_ids), event.tokens.text)
+                if (chunk := self._chunk(event)) is not None:
+                    yield chunk
         except grpc.RpcError as exc:
             raise client_error(exc) from None
 
@@ -137,9 +148,6 @@ class GenerationStream:
         for _ in self:
             pass
         return self._result
-
-    def cancel(self) -> None:
-        self._call.cancel()
 
 
 class Client:
@@ -172,18 +180,12 @@ class Client:
         self.close()
 
 
-class AsyncGenerationStream:
-    def __init__(self, call):
-        self._call = call
-        self._result: GenerationResult | None = None
-
+class AsyncGenerationStream(_Events):
     async def __aiter__(self) -> AsyncIterator[Chunk]:
         try:
             async for event in self._call:
-                if event.HasField("finished"):
-                    self._result = GenerationResult.from_wire(event.finished)
-                else:
-                    yield Chunk(list(event.tokens.token_ids), event.tokens.text)
+                if (chunk := self._chunk(event)) is not None:
+                    yield chunk
         except grpc.RpcError as exc:
             raise client_error(exc) from None
 
@@ -191,9 +193,6 @@ class AsyncGenerationStream:
         async for _ in self:
             pass
         return self._result
-
-    def cancel(self) -> None:
-        self._call.cancel()
 
 
 class AsyncClient:
