@@ -107,3 +107,17 @@ def test_bench_on_a_cluster_file_reports_both_modes_and_the_speedup(tmp_path):
                                               abs=0.01)
     assert set(report["emulated_link_ms"].values()) == {1.0}
     assert ports_free(path)
+
+
+def test_a_cuda_node_allowed_to_fall_back_serves_on_cpu_and_the_file_can_turn_speculation_off(tmp_path):
+    path = write_cluster(tmp_path, speculation=False, extra_node_keys="    device: cuda\n    cpu_fallback: true\n")
+    assert run_speed("up", str(path), "--detach").returncode == 0
+    try:
+        endpoint = load_cluster(path).coordinator.address
+        generated = run_speed("generate", "--coordinator", endpoint, "--max-new-tokens", "4", "--json", "Enter")
+        assert generated.returncode == 0, generated.stderr
+        result = json.loads(generated.stdout)
+        assert result["provider"] == "CPUExecutionProvider"
+        assert result["speculative"] is False  # the cluster file's default when the request does not say
+    finally:
+        run_speed("down", str(path))
