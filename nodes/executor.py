@@ -44,8 +44,9 @@ class OnnxStageModel:
         self._head = create_session(bundle.head_graph, device=device, threads=threads)
         self.provider = self._head.get_providers()[0]
         self._embedding = bundle.embedding()
-        L = self.config.n_distinct_layers
-        self._outputs = ["hidden_out"] + [f"new_key_{l}" for l in range(L)] + [f"new_value_{l}" for l in range(L)]
+        self._layers = [len(self.config.stage_layers(s)) for s in range(self.config.n_stages)]
+        self._outputs = [["hidden_out", *(f"new_key_{l}" for l in range(L)), *(f"new_value_{l}" for l in range(L))]
+                         for L in self._layers]
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         """(B, T) int64 -> (B, T, d) float32."""
@@ -58,8 +59,8 @@ class OnnxStageModel:
     def run_stage(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> StageOutput:
         """hidden (B, T, d) of the tokens after each row's cache length, B = rows of `rows`.
         Returns hidden (B, T, d) and per layer new keys (B, Hkv, hd, T) and values (B, Hkv, T, hd)."""
-        out = self._stage_sessions[stage].run(self._outputs, {"hidden": hidden, **cache.feeds(rows)})
-        L = self.config.n_distinct_layers
+        L = self._layers[stage]
+        out = self._stage_sessions[stage].run(self._outputs[stage], {"hidden": hidden, **cache.feeds(rows, L)})
         return StageOutput(out[0], out[1 : 1 + L], out[1 + L :])
 
     def classify(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -15,17 +15,19 @@ from runtime.errors import SpeedError
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, *, rows: int, capacity: int):
-        L, Hkv, hd = cfg.n_distinct_layers, cfg.n_kv_heads, cfg.head_dim
+    def __init__(self, cfg: ModelConfig, *, rows: int, capacity: int, layers: int | None = None):
+        """layers: per row, default the deepest stage's."""
+        L, Hkv, hd = layers or cfg.max_stage_layers, cfg.n_kv_heads, cfg.head_dim
         self.capacity = capacity
         self.lengths = np.zeros(rows, dtype=np.int64)  # valid entries per row
         self.keys = np.zeros((L, rows, Hkv, hd, capacity), dtype=np.float32)
         self.values = np.zeros((L, rows, Hkv, capacity, hd), dtype=np.float32)
 
-    def feeds(self, rows: slice) -> dict[str, np.ndarray]:
-        """Graph inputs for a contiguous range of rows; every array is a view, nothing is copied."""
+    def feeds(self, rows: slice, layers: int) -> dict[str, np.ndarray]:
+        """Graph inputs of a stage with `layers` layers for a contiguous range of rows; every array is a
+        view, nothing is copied."""
         feeds = {"cache_length": self.lengths[rows]}
-        for layer in range(len(self.keys)):
+        for layer in range(layers):
             feeds[f"cache_key_{layer}"] = self.keys[layer, rows]
             feeds[f"cache_value_{layer}"] = self.values[layer, rows]
         return feeds

@@ -35,19 +35,21 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(directory: Path, *, name: str, model_config: ModelConfig, eos_token_id: int, **extra: Any) -> None:
+def write_manifest(directory: Path, *, name: str, model_config: ModelConfig, stage_graphs: list[str], eos_token_id: int,
+                   **extra: Any) -> None:
     """Describe the bundle and hash every file already in `directory`."""
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
     manifest = {
         "format": FORMAT,
         "name": name,
-        "architecture": "weight-shared decoder (CYCLE): N_d pre-norm layers applied G times",
+        "architecture": "weight-shared decoder (CYCLE): N_d pre-norm layers applied G times" if model_config.shared_layers
+        else "pre-norm decoder; stages are contiguous ranges of distinct layers",
         "model_config": model_config.to_dict(),
         "dtype": "float32",
         "vocab_size": model_config.vocab_size,
         "eos_token_id": eos_token_id,
         # stages naming the same graph share its weights; each stage keeps its own KV cache
-        "stages": [{"graph": STAGE_FILE} for _ in range(model_config.n_stages)],
+        "stages": [{"graph": graph, "layers": list(model_config.stage_layers(s))} for s, graph in enumerate(stage_graphs)],
         "head": HEAD_FILE,
         "embedding": {"file": EMBEDDING_FILE, "shape": [model_config.vocab_size, model_config.d_model], "dtype": "<f4"},
         "tokenizer": TOKENIZER_FILE,
@@ -75,6 +77,18 @@ class Bundle:
     @property
     def eos_token_id(self) -> int:
         return self.manifest["eos_token_id"]
+
+    @property
+    def chat_template(self) -> str:
+        """Jinja source, empty when the model has none (the demo model is not a chat model)."""
+        return self.manifest.get("chat_template", "")
+
+    def prompt_text(self, prompt: str, *, chat: bool) -> str:
+        if not chat:
+            return prompt
+        from runtime.chat import chat_prompt
+
+        return chat_prompt(self.chat_template, prompt, bundle_name=self.manifest["name"])
 
     def embedding(self) -> np.ndarray:
         """(V, d) float32, memory-mapped read-only."""

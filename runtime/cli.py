@@ -66,12 +66,12 @@ def cmd_reference(args: argparse.Namespace) -> None:
 
     result = run_reference(args.prompt, bundle_path=args.bundle, backend=args.backend,
                            max_new_tokens=args.max_new_tokens, sampling=sampling_from(args), speculate=args.speculate,
-                           stop=args.stop, device=args.device, threads=args.threads)
+                           stop=args.stop, device=args.device, threads=args.threads, chat=args.chat)
     if args.json:
         print(json.dumps(result.to_json()))
         return
     g = result.generation
-    print(args.prompt + result.text)
+    print(result.text if args.chat else args.prompt + result.text)
     print(f"[{len(g.token_ids)} tokens, {g.tokens_per_s:.1f} tokens/s, first token {g.first_token_s * 1000:.1f} ms, "
           f"stop: {g.stop_reason}, {result.backend} on {result.provider}]", file=sys.stderr)
     if g.stats:
@@ -120,6 +120,21 @@ def cmd_bench_cluster(args: argparse.Namespace) -> None:
     print(json.dumps(report) if args.json else format_cluster(report))
 
 
+def cmd_models_pull(args: argparse.Namespace) -> None:
+    from runtime.models import pull
+
+    configure_logging()
+    print(pull(args.name, cache=args.cache))
+
+
+def cmd_import_gguf(args: argparse.Namespace) -> None:
+    from runtime.gguf_import import import_gguf
+
+    out = import_gguf(args.file, args.out_dir, stages=args.stages, name=args.name, force=args.force,
+                      progress=lambda line: print(line, file=sys.stderr))
+    print(f"wrote bundle {out}")
+
+
 def configure_logging() -> None:
     import logging
 
@@ -158,11 +173,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     with Client(args.coordinator) as client:
         stream = client.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or (),
-                                 speculative=False if args.no_speculation else None)
+                                 speculative=False if args.no_speculation else None, chat=args.chat)
         if args.json:
             print(json.dumps(stream.result().to_json()))
             return
-        print(args.prompt, end="", flush=True)
+        if not args.chat:
+            print(args.prompt, end="", flush=True)
         for chunk in stream:
             print(chunk.text, end="", flush=True)
         result = stream.result()
@@ -225,6 +241,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.set_defaults(run=cmd_export)
 
+    p = commands.add_parser("models", help="pretrained models the runtime can fetch")
+    models = p.add_subparsers(dest="models_command", required=True, metavar="ACTION", parser_class=OneLineErrorParser)
+    q = models.add_parser("pull", help="download a known model into the cache (once) and print its path")
+    q.add_argument("name", metavar="NAME", help="e.g. smollm2-135m")
+    q.add_argument("--cache", type=Path, help="cache directory (default $SPEED_CACHE_DIR or ~/.cache/speed/models)")
+    q.set_defaults(run=cmd_models_pull)
+
+    p = commands.add_parser("import", help="turn a pretrained model file into a bundle")
+    formats = p.add_subparsers(dest="import_format", required=True, metavar="FORMAT", parser_class=OneLineErrorParser)
+    q = formats.add_parser("gguf", help="a Llama-family GGUF file; stages are contiguous layer ranges")
+    q.add_argument("file", type=Path, metavar="FILE")
+    q.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="bundle directory to create")
+    q.add_argument("--stages", type=positive_int, required=True, help="pipeline stages, 1 to the layer count")
+    q.add_argument("--name", help="bundle name (default: the file's name)")
+    q.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    q.set_defaults(run=cmd_import_gguf)
+
     p = commands.add_parser("reference", help="plain greedy decoding in one process, no speculation")
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("--bundle", type=Path, help="bundle directory (default: the shipped demo-4x3 model)")
@@ -234,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads; 0 = one per core (default 1: fastest for one sequence here)")
     p.add_argument("--speculate", action="store_true", help="decode with SPEED's speculative pipeline (same tokens)")
+    p.add_argument("--chat", action="store_true", help="PROMPT is a user's message: apply the bundle's chat template")
     p.add_argument("--stop", action="append", metavar="TEXT",
                    help="end at the token that completes TEXT, which the printed text leaves out (repeatable)")
     add_sampling_flags(p)
@@ -283,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the cluster's coordinator (default 127.0.0.1:50050, as in deploy/local.yaml)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--no-speculation", action="store_true", help="sequential decoding (same text, slower)")
+    p.add_argument("--chat", action="store_true", help="PROMPT is a user's message: apply the model's chat template")
     p.add_argument("--stop", action="append", metavar="TEXT", help="end at the token that completes TEXT (repeatable)")
     add_sampling_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (the keys of speed reference --json)")
@@ -294,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-TRAINING_MODULES = {"torch", "onnx", "onnxscript", "tqdm"}  # the `train` extra, which nodes do without
+TRAINING_MODULES = {"torch", "onnx", "onnxscript", "tqdm", "gguf"}  # the `train` extra, which nodes do without
 
 
 def main(argv: list[str] | None = None) -> int:

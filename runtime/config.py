@@ -16,20 +16,28 @@ class ModelConfig:
     n_heads: int = 8  # query heads
     n_kv_heads: int = 4  # key/value heads (grouped-query attention when < n_heads)
     ffn_hidden: int = 768  # SwiGLU inner width
-    n_distinct_layers: int = 4  # N_d: layers with their own weights, forming one stage
-    n_stages: int = 3  # G: how many times the group of N_d layers is applied
+    n_distinct_layers: int = 4  # layers with their own weights: N_d when shared, else the whole depth
+    n_stages: int = 3  # G: stages; shared: the N_d layers applied G times, else contiguous layer ranges
     context_length: int = 1024  # longest sequence (prompt + generated), in tokens
     rope_base: float = 10000.0  # rotary position base frequency
     norm_eps: float = 1e-5  # RMSNorm epsilon
+    shared_layers: bool = True  # False: a pretrained model whose stages are ranges of distinct layers
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.type == "bool":
+                if not isinstance(value, bool):
+                    raise SpeedError(f"model config {field.name}: expected true or false, got {value!r}")
+                continue
             accepted = (int, float) if field.type == "float" else (int,)
             if isinstance(value, bool) or not isinstance(value, accepted):
                 raise SpeedError(f"model config {field.name}: expected {field.type}, got {value!r}")
             if value <= 0:
                 raise SpeedError(f"model config {field.name}: must be positive, got {value}")
+        if not self.shared_layers and self.n_stages > self.n_distinct_layers:
+            raise SpeedError(f"model config: {self.n_stages} stages need at least as many layers, the model has "
+                             f"{self.n_distinct_layers}; choose 1 to {self.n_distinct_layers} stages")
         if self.d_model % self.n_heads:
             raise SpeedError(f"model config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -43,8 +51,24 @@ class ModelConfig:
 
     @property
     def name(self) -> str:
-        """The paper's "N_d x G" name, e.g. 4x3."""
-        return f"{self.n_distinct_layers}x{self.n_stages}"
+        """The paper's "N_d x G" name, e.g. 4x3; layers over stages when they are not shared, e.g. 30L-3S."""
+        if self.shared_layers:
+            return f"{self.n_distinct_layers}x{self.n_stages}"
+        return f"{self.n_distinct_layers}L-{self.n_stages}S"
+
+    def stage_layers(self, stage: int) -> range:
+        """The layers stage `stage` runs: all N_d when shared, else its contiguous range (the first
+        `layers % stages` stages take one layer more)."""
+        if self.shared_layers:
+            return range(self.n_distinct_layers)
+        size, extra = divmod(self.n_distinct_layers, self.n_stages)
+        start = stage * size + min(stage, extra)
+        return range(start, start + size + (stage < extra))
+
+    @property
+    def max_stage_layers(self) -> int:
+        """Cache layers a stage may need: the deepest stage's."""
+        return max(len(self.stage_layers(s)) for s in range(self.n_stages))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

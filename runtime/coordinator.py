@@ -68,7 +68,7 @@ class Cluster:
         if max_new_tokens < 1:
             raise SpeedError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         sampling = sampling_from_wire(request.sampling)
-        prompt_ids = self.tokenizer.encode(request.prompt).ids
+        prompt_ids = self.tokenizer.encode(self.bundle.prompt_text(request.prompt, chat=request.chat)).ids
         check_request(prompt_ids, self.bundle.config, max_new_tokens)
         stop = StopStrings(self.tokenizer, list(request.stop))
         speculative = request.speculative if request.HasField("speculative") else self.spec.speculation.enabled

@@ -1,7 +1,8 @@
 """`speed export`: turn a training checkpoint into a bundle that nodes serve with ONNX Runtime.
 
 Graphs (B rows, T new tokens, C cache capacity, L layers per stage; all float32):
-  stage.onnx  hidden (B, T, d), cache_length (B,) int64,
+  stage.onnx  (stage_<s>.onnx per stage when stages do not share weights)
+              hidden (B, T, d), cache_length (B,) int64,
               cache_key_{l} (B, Hkv, hd, C), cache_value_{l} (B, Hkv, C, hd)
            -> hidden_out (B, T, d), new_key_{l} (B, Hkv, hd, T), new_value_{l} (B, Hkv, T, hd)
   head.onnx   hidden (N, d) -> logits (N, V), token (N,) int64 (greedy argmax)
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -29,8 +29,8 @@ from torch import nn
 from runtime.bundle import EMBEDDING_FILE, HEAD_FILE, STAGE_FILE, TOKENIZER_FILE, TRAINING_REPORT_FILE, write_manifest
 from runtime.checkpoint import load_checkpoint
 from runtime.config import ModelConfig
-from runtime.errors import SpeedError
 from runtime.model import SpeedDecoder
+from runtime.staging import check_free, staged_directory
 from runtime.tokenizer import eos_id
 
 OPSET = 20
@@ -38,14 +38,16 @@ EMBEDDING_WEIGHT = "model.embedding.weight"  # initializer names are the torch p
 
 
 class StageGraph(nn.Module):
-    """One stage (the N_d shared layers) with flat, named cache inputs and outputs."""
+    """One stage's layers with flat, named cache inputs and outputs. Only the layers the stage uses
+    end up in the graph, under their model-wide names (model.layers.<i>...)."""
 
-    def __init__(self, model: SpeedDecoder):
+    def __init__(self, model: SpeedDecoder, stage: int):
         super().__init__()
         self.model = model
+        self.stage = stage
 
     def forward(self, hidden, cache_length, cache_keys, cache_values):
-        hidden, new_keys, new_values = self.model.stage_step(hidden, cache_length, cache_keys, cache_values)
+        hidden, new_keys, new_values = self.model.stage_step(hidden, cache_length, cache_keys, cache_values, self.stage)
         return hidden, *new_keys, *new_values
 
 
@@ -69,9 +71,24 @@ def stage_io_names(n_layers: int) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-def export_stage(model: SpeedDecoder, path: Path) -> None:
+def stage_graph_files(cfg: ModelConfig) -> list[str]:
+    """The graph file of each stage: one for all when they share weights, else one each."""
+    if cfg.shared_layers:
+        return [STAGE_FILE] * cfg.n_stages
+    return [f"stage_{s}.onnx" for s in range(cfg.n_stages)]
+
+
+def export_stages(model: SpeedDecoder, out_dir: Path) -> list[str]:
+    files = stage_graph_files(model.cfg)
+    for stage, file in enumerate(files):
+        if not (out_dir / file).exists():
+            export_stage(model, stage, out_dir / file)
+    return files
+
+
+def export_stage(model: SpeedDecoder, stage: int, path: Path) -> None:
     cfg = model.cfg
-    L, Hkv, hd = cfg.n_distinct_layers, cfg.n_kv_heads, cfg.head_dim
+    L, Hkv, hd = len(cfg.stage_layers(stage)), cfg.n_kv_heads, cfg.head_dim
     B, T, C = 2, 3, 5  # example sizes; none may be 1 on a dynamic axis
     args = (
         torch.randn(B, T, cfg.d_model),
@@ -87,7 +104,7 @@ def export_stage(model: SpeedDecoder, path: Path) -> None:
         [{0: rows, 2: capacity}] * L,
     )
     inputs, outputs = stage_io_names(L)
-    _export(StageGraph(model), args, path, dynamic_shapes, inputs, outputs)
+    _export(StageGraph(model, stage), args, path, dynamic_shapes, inputs, outputs)
 
 
 def export_head(model: SpeedDecoder, path: Path) -> None:
@@ -117,10 +134,17 @@ def share_embedding_weight(head_path: Path, embedding: np.ndarray, out_dir: Path
     onnx.save(head, str(head_path))
 
 
+def write_model(model: SpeedDecoder, out_dir: Path) -> list[str]:
+    """Stage graphs, head graph and embedding of a torch model; returns each stage's graph file."""
+    stage_files = export_stages(model, out_dir)
+    export_head(model, out_dir / HEAD_FILE)
+    share_embedding_weight(out_dir / HEAD_FILE, model.embedding.weight.detach().numpy(), out_dir)
+    return stage_files
+
+
 def export_bundle(checkpoint: Path, out_dir: Path, *, name: str | None = None, force: bool = False) -> Path:
     """Export into a temporary directory next to OUT_DIR and move it into place when complete."""
-    if out_dir.exists() and not force:
-        raise SpeedError(f"{out_dir} already exists; choose another directory or pass --force to replace it")
+    check_free(out_dir, force=force)
     state = load_checkpoint(checkpoint)
     cfg: ModelConfig = state["model_config"]
     model = SpeedDecoder(cfg)
@@ -129,13 +153,8 @@ def export_bundle(checkpoint: Path, out_dir: Path, *, name: str | None = None, f
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(state["tokenizer"])
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
-    try:
-        export_stage(model, staging / STAGE_FILE)
-        export_head(model, staging / HEAD_FILE)
-        share_embedding_weight(staging / HEAD_FILE, model.embedding.weight.detach().numpy(), staging)
+    with staged_directory(out_dir, force=force) as staging:
+        stage_files = write_model(model, staging)
         tokenizer.save(str(staging / TOKENIZER_FILE))
         report = checkpoint.parent / "report.json"  # written by `speed train` beside its checkpoint
         if report.is_file():
@@ -144,12 +163,8 @@ def export_bundle(checkpoint: Path, out_dir: Path, *, name: str | None = None, f
             staging,
             name=name or f"speed-{cfg.name}",
             model_config=cfg,
+            stage_graphs=stage_files,
             eos_token_id=eos_id(tokenizer),
             trained_steps=state["step"],
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir

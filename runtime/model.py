@@ -2,7 +2,8 @@
 
 One application of the group is a *stage*. Every stage shares the same weights but keeps its own
 KV cache, and one shared classifier (final RMSNorm + LM head tied to the embedding) reads the
-hidden state after any stage.
+hidden state after any stage. An imported pretrained model uses the same code with
+`shared_layers=False`: its stages are contiguous ranges of distinct layers.
 
 Decoding caches store keys transposed, (B, Hkv, hd, C), so `q @ k` needs no transpose of the
 whole cache, and a step attends to the cache and to its own new tokens separately, so the cache
@@ -133,19 +134,22 @@ class SpeedDecoder(nn.Module):
         cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_base)
         x = self.embedding(tokens)  # (B, T, d)
         stage_logits = []
-        for _ in range(self.cfg.n_stages):
-            for layer in self.layers:
+        for stage in range(self.cfg.n_stages):
+            for layer in self.stage_modules(stage):
                 x, _, _ = layer(x, cos, sin)
             stage_logits.append(self.classify(x))
         return stage_logits
 
-    def stage_step(self, hidden, cache_length, cache_keys, cache_values):
+    def stage_modules(self, stage: int) -> list[Layer]:
+        return [self.layers[i] for i in self.cfg.stage_layers(stage)]
+
+    def stage_step(self, hidden, cache_length, cache_keys, cache_values, stage: int = 0):
         """One stage over new tokens of B rows, each attending to its own stage cache.
 
         hidden (B, T, d); cache_length (B,) int64, the valid entries of each row's cache, which
         are also the position of its first new token; cache_keys[l] (B, Hkv, hd, C) and
-        cache_values[l] (B, Hkv, C, hd) per layer l. Returns hidden (B, T, d), and per layer the
-        new keys (B, Hkv, hd, T) and values (B, Hkv, T, hd) for the caller to append.
+        cache_values[l] (B, Hkv, C, hd) per layer l of the stage. Returns hidden (B, T, d), and per
+        layer the new keys (B, Hkv, hd, T) and values (B, Hkv, T, hd) for the caller to append.
         """
         B, T, _ = hidden.shape
         C = cache_keys[0].shape[-1]
@@ -153,7 +157,7 @@ class SpeedDecoder(nn.Module):
         cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_base)
         cache_mask = (torch.arange(C, device=hidden.device) < cache_length[:, None]).view(B, 1, 1, C)
         new_keys, new_values = [], []
-        for layer, keys, values in zip(self.layers, cache_keys, cache_values):
+        for layer, keys, values in zip(self.stage_modules(stage), cache_keys, cache_values):
             hidden, k, v = layer(hidden, cos, sin, (keys, values, cache_mask))
             new_keys.append(k)
             new_values.append(v)

@@ -141,7 +141,7 @@ class ReferenceResult:
 
 def run_reference(prompt: str, *, bundle_path: Path | None, backend: str, max_new_tokens: int,
                   sampling: SamplingParams = GREEDY, speculate: bool = False, stop: list[str] | None = None,
-                  device: str = "cpu", threads: int = 1) -> ReferenceResult:
+                  device: str = "cpu", threads: int = 1, chat: bool = False) -> ReferenceResult:
     """Validate everything cheap first, so bad input fails before any model is loaded."""
     if not prompt:
         raise SpeedError("the prompt is empty; give some text for the model to continue")
@@ -149,7 +149,7 @@ def run_reference(prompt: str, *, bundle_path: Path | None, backend: str, max_ne
         raise SpeedError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     bundle = load_bundle(bundle_path)
     tokenizer = bundle.tokenizer()
-    prompt_ids = tokenizer.encode(prompt).ids
+    prompt_ids = tokenizer.encode(bundle.prompt_text(prompt, chat=chat)).ids
     check_request(prompt_ids, bundle.config, max_new_tokens)
     model = open_stage_model(bundle, backend=backend, device=device, threads=threads)
     stop_strings = StopStrings(tokenizer, stop or [])

@@ -10,7 +10,6 @@ from onnx import numpy_helper
 from nodes.executor import StageOutput
 from nodes.kv_cache import KVCache
 from runtime.bundle import Bundle
-from runtime.errors import SpeedError
 from runtime.model import SpeedDecoder
 
 PARAMETER_PREFIX = "model."  # the export wraps the decoder as `model`
@@ -18,10 +17,8 @@ PARAMETER_PREFIX = "model."  # the export wraps the decoder as `model`
 
 def model_from_bundle(bundle: Bundle) -> SpeedDecoder:
     """Load the stage and head initializers, which carry the torch parameter names."""
-    if len(set(bundle.stage_graphs)) != 1:
-        raise SpeedError(f"bundle {bundle.path}: the torch backend runs weight-shared bundles only")
     state = {"embedding.weight": torch.from_numpy(np.array(bundle.embedding()))}
-    for path in (bundle.stage_graphs[0], bundle.head_graph):
+    for path in (*sorted(set(bundle.stage_graphs)), bundle.head_graph):
         graph = onnx.load(str(path), load_external_data=False).graph
         for tensor in graph.initializer:
             if tensor.name.startswith(PARAMETER_PREFIX) and tensor.data_location != onnx.TensorProto.EXTERNAL:
@@ -47,17 +44,18 @@ class TorchStageModel:
         return self.model.embedding(torch.from_numpy(token_ids)).numpy()
 
     def graph_of(self, stage: int) -> int:
-        return 0  # every stage runs the same shared layers
+        return 0 if self.config.shared_layers else stage
 
     @torch.no_grad()
     def run_stage(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> StageOutput:
-        feeds = cache.feeds(rows)
-        L = self.config.n_distinct_layers
+        L = len(self.config.stage_layers(stage))
+        feeds = cache.feeds(rows, L)
         hidden_out, new_keys, new_values = self.model.stage_step(
             torch.from_numpy(hidden),
             torch.from_numpy(np.ascontiguousarray(feeds["cache_length"])),
             [torch.from_numpy(feeds[f"cache_key_{l}"]) for l in range(L)],
             [torch.from_numpy(feeds[f"cache_value_{l}"]) for l in range(L)],
+            stage,
         )
         return StageOutput(hidden_out.numpy(), [k.numpy() for k in new_keys], [v.numpy() for v in new_values])
 

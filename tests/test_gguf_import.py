@@ -1,0 +1,194 @@
+"""`speed import gguf` on a small Llama model written here as GGUF the way llama.cpp writes it
+(query/key rows permuted, some tensors quantized), then served by every decoder, a cluster included."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import dequantize, quantize
+
+from deploy.launcher import LocalCluster
+from runtime.bundle import load_bundle
+from runtime.client import Client
+from runtime.config import ModelConfig
+from runtime.gguf_import import TENSOR_NAMES
+from runtime.model import SpeedDecoder
+from runtime.reference import generate_plain, open_stage_model
+from runtime.speculative import generate_speculative
+from runtime.torch_backend import model_from_bundle
+from tests.conftest import run_speed, write_cluster
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PROMPTS = ["To be, or not to be", "Enter a Messenger.", "My lord, 12 ships", "O Romeo, Romeo!"]
+# how llama.cpp stores each kind of tensor in this file: norms stay float32, the rest is quantized
+TYPES = {"attn_q": GGMLQuantizationType.F32, "attn_k": GGMLQuantizationType.Q8_0,
+         "ffn_up": GGMLQuantizationType.Q4_1, "ffn_down": GGMLQuantizationType.F16,
+         "token_embd": GGMLQuantizationType.Q8_0}
+
+
+def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """What llama.cpp's converter does to query/key rows (convert_hf_to_gguf.py's permute)."""
+    rows, cols = weight.shape
+    return weight.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def write_gguf(path: Path, model: SpeedDecoder, tokenizer_json: dict, *, architecture: str = "llama") -> dict:
+    """The model as a GGUF file; returns the weights an exact importer must recover (quantization included)."""
+    cfg = model.cfg
+    tokens = sorted(tokenizer_json["model"]["vocab"], key=tokenizer_json["model"]["vocab"].get)
+    tokens += ["<|im_start|>", "<|im_end|>"]
+    writer = GGUFWriter(str(path), architecture)
+    writer.add_block_count(cfg.n_distinct_layers)
+    writer.add_context_length(cfg.context_length)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_feed_forward_length(cfg.ffn_hidden)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_rope_freq_base(cfg.rope_base)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges([" ".join(m) for m in tokenizer_json["model"]["merges"]])
+    writer.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    writer.add_bos_token_id(len(tokens) - 2)
+    writer.add_eos_token_id(len(tokens) - 1)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    state = model.state_dict()
+    expected = {}
+    for gguf_name, name in TENSOR_NAMES.items():
+        for i in range(cfg.n_distinct_layers) if "{i}" in gguf_name else [None]:
+            weight = state[name.format(i=i)].numpy()
+            kind = next((t for part, t in TYPES.items() if part in gguf_name), GGMLQuantizationType.F32)
+            stored = weight
+            if "attn_q" in gguf_name or "attn_k" in gguf_name:
+                stored = llama_cpp_permute(weight, cfg.n_heads if "attn_q" in gguf_name else cfg.n_kv_heads)
+            data = quantize(stored, kind) if kind != GGMLQuantizationType.F32 else stored
+            writer.add_tensor(gguf_name.format(i=i), data, raw_dtype=kind)
+            expected[name.format(i=i)] = dequantize(quantize(weight, kind), kind) if kind != GGMLQuantizationType.F32 \
+                else weight
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected
+
+
+@pytest.fixture(scope="module")
+def source(tiny_bundle, tmp_path_factory):
+    """A random 5-layer Llama (uneven stages: 2 + 2 + 1) written as GGUF, and what the import should hold."""
+    tokenizer_json = json.loads((tiny_bundle / "tokenizer.json").read_text())
+    cfg = ModelConfig(vocab_size=len(tokenizer_json["model"]["vocab"]) + 2, d_model=64, n_heads=4, n_kv_heads=2,
+                      ffn_hidden=128, n_distinct_layers=5, n_stages=3, context_length=256, shared_layers=False)
+    torch.manual_seed(0)
+    model = SpeedDecoder(cfg)
+    for module in model.modules():  # ones-initialized norms would hide a mix-up of norm weights
+        if hasattr(module, "eps"):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
+    expected = write_gguf(path, model, tokenizer_json)
+    return path, expected
+
+
+@pytest.fixture(scope="module")
+def imported(source, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("imported") / "tiny-llama"
+    result = run_speed("import", "gguf", str(source[0]), str(out), "--stages", "3")
+    assert result.returncode == 0, result.stderr
+    assert "5 layers as 3 stage(s) of 2 + 2 + 1 layers" in result.stderr
+    return out
+
+
+def test_the_import_recovers_every_weight_and_undoes_the_rotary_permutation(source, imported):
+    _, expected = source
+    state = model_from_bundle(load_bundle(imported)).state_dict()
+    assert set(state) == set(expected)
+    for name, weight in expected.items():
+        np.testing.assert_array_equal(state[name].numpy(), weight, err_msg=name)
+
+
+def test_the_bundle_has_one_graph_per_stage_and_the_file_s_special_tokens(imported):
+    bundle = load_bundle(imported)
+    assert [p.name for p in bundle.stage_graphs] == ["stage_0.onnx", "stage_1.onnx", "stage_2.onnx"]
+    assert [s["layers"] for s in bundle.manifest["stages"]] == [[0, 1], [2, 3], [4]]
+    assert bundle.eos_token_id == bundle.config.vocab_size - 1
+    tokenizer = bundle.tokenizer()
+    assert tokenizer.encode("<|im_end|>").ids == [bundle.eos_token_id]  # a special token is one token
+    assert bundle.manifest["source"]["gguf"] == "tiny-llama.gguf"
+
+
+def test_onnx_torch_speculative_and_plain_decoding_agree(imported):
+    bundle = load_bundle(imported)
+    tokenizer = bundle.tokenizer()
+    onnx_model, torch_model = open_stage_model(bundle), open_stage_model(bundle, backend="torch")
+    prompts = [tokenizer.encode(p).ids for p in PROMPTS]
+    speculative = generate_speculative(onnx_model, prompts, max_new_tokens=24, eos_id=-1)
+    for prompt, spec in zip(prompts, speculative):
+        plain = generate_plain(onnx_model, prompt, max_new_tokens=24, eos_id=-1).token_ids
+        assert generate_plain(torch_model, prompt, max_new_tokens=24, eos_id=-1).token_ids == plain
+        assert spec.token_ids == plain
+
+
+def test_chat_prompts_are_rendered_with_the_model_s_template(imported):
+    result = run_speed("reference", "--bundle", str(imported), "--chat", "--json", "--max-new-tokens", "4", "Hello")
+    assert result.returncode == 0, result.stderr
+    tokenizer = load_bundle(imported).tokenizer()
+    rendered = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    assert json.loads(result.stdout)["prompt_tokens"] == len(tokenizer.encode(rendered).ids)
+
+
+def test_a_cluster_serves_the_imported_model_like_the_reference(imported, tmp_path):
+    os.environ["SPEED_STATE_DIR"] = str(tmp_path / "state")
+    bundle = load_bundle(imported)
+    model = open_stage_model(bundle)
+    tokenizer = bundle.tokenizer()
+    with LocalCluster(write_cluster(tmp_path, bundle=imported, stages=[[0], [1, 2]])) as cluster:
+        with Client(cluster.endpoint) as client:
+            for prompt in PROMPTS[:2]:
+                expected = generate_plain(model, tokenizer.encode(prompt).ids, max_new_tokens=16, eos_id=-1).token_ids
+                for speculative in (False, True):
+                    result = client.generate(prompt, max_new_tokens=16, ignore_eos=True, speculative=speculative)
+                    assert result.result().token_ids == expected
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_bad_files_and_stage_counts_are_refused_and_nothing_is_written(source, tiny_bundle, tmp_path):
+    path, _ = source
+    out = tmp_path / "out"
+    assert_one_line_error(run_speed("import", "gguf", str(path), str(out), "--stages", "6"),
+                          "the model has 5 layers; choose 1 to 5")
+    assert_one_line_error(run_speed("import", "gguf", str(tmp_path / "missing.gguf"), str(out), "--stages", "2"),
+                          "does not exist")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert_one_line_error(run_speed("import", "gguf", str(truncated), str(out), "--stages", "2"),
+                          "not a readable GGUF file")
+    other = tmp_path / "gpt2.gguf"
+    tokenizer_json = json.loads((tiny_bundle / "tokenizer.json").read_text())
+    write_gguf(other, SpeedDecoder(ModelConfig(vocab_size=len(tokenizer_json["model"]["vocab"]) + 2, d_model=32,
+                                               n_heads=2, n_kv_heads=2, ffn_hidden=64, n_distinct_layers=2, n_stages=2,
+                                               context_length=64, shared_layers=False)),
+               tokenizer_json, architecture="gpt2")
+    assert_one_line_error(run_speed("import", "gguf", str(other), str(out), "--stages", "2"),
+                          "architecture 'gpt2' is not supported")
+    assert list(tmp_path.iterdir()) and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out-")]  # no half-written bundle
+
+
+def test_an_existing_bundle_directory_is_kept_unless_forced(source, tmp_path):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    assert_one_line_error(run_speed("import", "gguf", str(source[0]), str(out), "--stages", "1"), "already exists")
