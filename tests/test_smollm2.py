@@ -1,0 +1,70 @@
+"""SmolLM2-135M-Instruct pulled and imported as an operator would: it answers, every decoder agrees, and
+the three-node cluster of deploy/smollm2.yaml gives the single-process reference's tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deploy.launcher import LocalCluster
+from runtime.bundle import load_bundle
+from runtime.client import Client
+from runtime.reference import generate_plain, open_stage_model
+from tests.conftest import free_port, run_speed
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory) -> Path:
+    pulled = run_speed("models", "pull", "smollm2-135m", "--cache", str(tmp_path_factory.mktemp("models")))
+    assert pulled.returncode == 0, pulled.stderr
+    out = tmp_path_factory.mktemp("bundles") / "smollm2-135m"
+    imported = run_speed("import", "gguf", pulled.stdout.strip(), str(out), "--stages", "3", timeout=900)
+    assert imported.returncode == 0, imported.stderr
+    assert "30 layers as 3 stage(s) of 10 + 10 + 10 layers" in imported.stderr
+    return out
+
+
+def test_it_answers_the_capital_of_france_with_paris(smollm2):
+    result = run_speed("reference", "--bundle", str(smollm2), "--chat", "--json", "--max-new-tokens", "16", QUESTION)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in json.loads(result.stdout)["text"]
+
+
+def test_onnx_and_torch_backends_agree_token_for_token(smollm2):
+    bundle = load_bundle(smollm2)
+    tokenizer = bundle.tokenizer()
+    onnx_model, torch_model = open_stage_model(bundle), open_stage_model(bundle, backend="torch")
+    for prompt in ["The meaning of life is", "def fibonacci(n):", bundle.prompt_text("Name three colours.", chat=True)]:
+        ids = tokenizer.encode(prompt).ids
+        expected = generate_plain(onnx_model, ids, max_new_tokens=12, eos_id=-1).token_ids
+        assert generate_plain(torch_model, ids, max_new_tokens=12, eos_id=-1).token_ids == expected, prompt
+
+
+def test_the_three_node_cluster_gives_the_reference_tokens(smollm2, tmp_path):
+    """deploy/smollm2.yaml as shipped, moved to free ports and pointed at the bundle imported here."""
+    os.environ["SPEED_STATE_DIR"] = str(tmp_path / "state")
+    spec = yaml.safe_load((ROOT / "deploy" / "smollm2.yaml").read_text())
+    spec["bundle"] = str(smollm2)
+    spec["coordinator"]["address"] = f"127.0.0.1:{free_port()}"
+    for node in spec["nodes"]:
+        node["address"] = f"127.0.0.1:{free_port()}"
+    assert [node["stages"] for node in spec["nodes"]] == [[0], [1], [2]]
+    path = tmp_path / "smollm2.yaml"
+    path.write_text(yaml.safe_dump(spec))
+
+    bundle = load_bundle(smollm2)
+    prompt_ids = bundle.tokenizer().encode(bundle.prompt_text(QUESTION, chat=True)).ids
+    expected = generate_plain(open_stage_model(bundle), prompt_ids, max_new_tokens=12,
+                              eos_id=bundle.eos_token_id).token_ids
+    with LocalCluster(path) as cluster, Client(cluster.endpoint) as client:
+        for speculative in (False, True):
+            result = client.generate(QUESTION, chat=True, max_new_tokens=12, speculative=speculative).result()
+            assert result.token_ids == expected
+            assert "Paris" in result.text
