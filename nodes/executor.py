@@ -23,6 +23,7 @@ class StageModel(Protocol):
 
     config: ModelConfig
     provider: str
+    exit_adapters: dict[int, tuple[np.ndarray, np.ndarray]]  # early stage -> (A, B): guesses read h + (h @ A) @ B
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray: ...  # (B, T) int64 -> (B, T, d)
 
@@ -44,6 +45,7 @@ class OnnxStageModel:
         self._head = create_session(bundle.head_graph, device=device, threads=threads)
         self.provider = self._head.get_providers()[0]
         self._embedding = bundle.embedding()
+        self.exit_adapters = bundle.exit_adapters()
         self._layers = [len(self.config.stage_layers(s)) for s in range(self.config.n_stages)]
         self._outputs = [["hidden_out", *(f"new_key_{l}" for l in range(L)), *(f"new_value_{l}" for l in range(L))]
                          for L in self._layers]

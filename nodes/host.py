@@ -47,8 +47,8 @@ class StageHost:
         self.expire_idle()
         opens = self._check_opens(batch.opens)
         plan, hidden_in = self._check_steps(batch, opens)
-        for seq_id, (sampling, capacity) in opens.items():
-            self.executor.open(seq_id, sampling, capacity)
+        for seq_id, (sampling, capacity, plain_guesses) in opens.items():
+            self.executor.open(seq_id, sampling, capacity, plain_guesses=plain_guesses)
             self._capacity[seq_id] = capacity
         now = self._clock()
         for seq_id in {*opens, *(t.seq_id for t in plan.truncations), *(i.seq_id for i in plan.items)}:
@@ -91,7 +91,7 @@ class StageHost:
             batch = pb.StepBatch()
         self.close(seq_id)
 
-    def _check_opens(self, opens) -> dict[int, tuple[SamplingParams, int]]:
+    def _check_opens(self, opens) -> dict[int, tuple[SamplingParams, int, bool]]:
         checked = {}
         for o in opens:
             if self.executor.is_open(o.seq_id) or o.seq_id in checked:
@@ -100,7 +100,7 @@ class StageHost:
                 raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"sequence {o.seq_id}: capacity must be 1 to "
                                   f"{self.cfg.context_length} positions (the model's context), got {o.capacity}")
             try:
-                checked[o.seq_id] = (sampling_from_wire(o.sampling), o.capacity)
+                checked[o.seq_id] = (sampling_from_wire(o.sampling), o.capacity, o.plain_guesses)
             except SpeedError as exc:
                 raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"sequence {o.seq_id}: {exc}") from None
         if len(self.executor.open_sequences) + len(checked) > self.max_sequences:
@@ -111,7 +111,7 @@ class StageHost:
     def _check_steps(self, batch: pb.StepBatch, opens: dict) -> tuple[TickPlan, dict]:
         """The batch as a plan for the executor, refused whole if any part of it cannot run."""
         lengths: dict[tuple[int, int], int] = {}  # (sequence, stage) -> cache length once truncations apply
-        capacity = {**self._capacity, **{seq_id: c for seq_id, (_, c) in opens.items()}}
+        capacity = {**self._capacity, **{seq_id: c for seq_id, (_, c, _) in opens.items()}}
 
         def length_of(seq_id: int, stage: int) -> int:
             if (seq_id, stage) not in lengths:

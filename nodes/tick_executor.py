@@ -50,6 +50,7 @@ class TickExecutor:
         self.cache = KVCache(self.cfg, rows=offset, capacity=capacity)
         self._slot_of: dict[int, int] = {}
         self._sampling: dict[int, SamplingParams] = {}
+        self._plain_guesses: set[int] = set()  # sequences whose guesses skip the exit adapters
         self._hidden: dict[Key, np.ndarray] = {}  # hidden state after an item's stage, for the next hosted stage
 
     @property
@@ -59,8 +60,10 @@ class TickExecutor:
     def is_open(self, seq_id: int) -> bool:
         return seq_id in self._slot_of
 
-    def open(self, seq_id: int, sampling: SamplingParams = GREEDY, capacity: int | None = None) -> None:
-        """Give a sequence a slot; its caches grow to `capacity` positions if they hold fewer."""
+    def open(self, seq_id: int, sampling: SamplingParams = GREEDY, capacity: int | None = None, *,
+             plain_guesses: bool = False) -> None:
+        """Give a sequence a slot; its caches grow to `capacity` positions if they hold fewer.
+        plain_guesses: early stages guess through the plain head even when the model has exit adapters."""
         free = sorted(set(range(self.slots)) - set(self._slot_of.values()))
         if not free:
             raise SpeedError(f"all {self.slots} sequence slots are in use")
@@ -68,12 +71,15 @@ class TickExecutor:
             self.cache.resize(max(capacity, 1))
         self._slot_of[seq_id] = free[0]
         self._sampling[seq_id] = sampling
+        if plain_guesses:
+            self._plain_guesses.add(seq_id)
         for stage in self.stages:
             self.cache.truncate(self.row(seq_id, stage), 0)
 
     def close(self, seq_id: int) -> None:
         self._slot_of.pop(seq_id, None)
         self._sampling.pop(seq_id, None)
+        self._plain_guesses.discard(seq_id)
 
     def row(self, seq_id: int, stage: int) -> int:
         offset, size, index = self._group_of[stage]
@@ -141,12 +147,20 @@ class TickExecutor:
             hidden_after[(item.seq_id, item.start)] = out.hidden[r]
             last_hidden[item] = out.hidden[r, -1]
 
+    def _head_input(self, item: Item, hidden: np.ndarray) -> np.ndarray:
+        """A guess reads the head through its stage's exit adapter; a committed token never does."""
+        adapter = self.model.exit_adapters.get(item.stage)
+        if adapter is None or item.final_token or item.seq_id in self._plain_guesses:
+            return hidden
+        down, up = adapter
+        return hidden + (hidden @ down) @ up
+
     def _predict(self, items: list[Item], last_hidden: dict[Item, np.ndarray]) -> dict[Key, int]:
         """Predictions of the items that want one; the classifier does not run when none does."""
         items = [item for item in items if item.predict]
         if not items:
             return {}
-        logits, greedy = self.model.classify(np.stack([last_hidden[item] for item in items]))  # (N, V), (N,)
+        logits, greedy = self.model.classify(np.stack([self._head_input(item, last_hidden[item]) for item in items]))
         predictions = {}
         for i, item in enumerate(items):
             sampling = self._sampling[item.seq_id]

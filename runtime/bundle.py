@@ -95,10 +95,37 @@ class Bundle:
         spec = self.manifest["embedding"]
         return np.memmap(self.path / spec["file"], dtype=spec["dtype"], mode="r", shape=tuple(spec["shape"]))
 
+    def exit_adapters(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per early stage, the low-rank exit adapter (A (d, r), B (r, d)): a guess after that stage reads
+        the head at h + (h @ A) @ B. Empty when the bundle has none."""
+        spec = self.manifest.get("exit_adapters")
+        if not spec:
+            return {}
+        d, r, stages = self.config.d_model, spec["rank"], spec["stages"]
+        table = np.memmap(self.path / spec["file"], dtype="<f4", mode="r", shape=(len(stages), 2, d * r))
+        return {stage: (table[i, 0].reshape(d, r), table[i, 1].reshape(r, d)) for i, stage in enumerate(stages)}
+
     def tokenizer(self):
         from tokenizers import Tokenizer
 
         return Tokenizer.from_file(str(self.path / self.manifest["tokenizer"]))
+
+
+def update_bundle(bundle: Bundle, new_files: dict[str, bytes], removed: list[str], **manifest_entries: Any) -> None:
+    """Add files and manifest entries, dropping `removed` files. New files never overwrite old ones
+    (give them new names) and the manifest is replaced in one rename, so an interrupted update leaves
+    the bundle exactly as it was."""
+    files = {name: meta for name, meta in bundle.manifest["files"].items() if name not in removed}
+    for name, data in new_files.items():
+        scratch = bundle.path / f".{name}.tmp"
+        scratch.write_bytes(data)
+        scratch.replace(bundle.path / name)
+        files[name] = {"sha256": sha256_of(bundle.path / name), "bytes": len(data)}
+    scratch = bundle.path / f".{MANIFEST_FILE}.tmp"
+    scratch.write_text(json.dumps({**bundle.manifest, **manifest_entries, "files": files}, indent=2) + "\n")
+    scratch.replace(bundle.path / MANIFEST_FILE)
+    for name in removed:
+        (bundle.path / name).unlink(missing_ok=True)
 
 
 def load_bundle(path: Path | None = None) -> Bundle:

@@ -66,7 +66,8 @@ def cmd_reference(args: argparse.Namespace) -> None:
 
     result = run_reference(args.prompt, bundle_path=args.bundle, backend=args.backend,
                            max_new_tokens=args.max_new_tokens, sampling=sampling_from(args), speculate=args.speculate,
-                           stop=args.stop, device=args.device, threads=args.threads, chat=args.chat)
+                           stop=args.stop, device=args.device, threads=args.threads, chat=args.chat,
+                           plain_guesses=args.plain_guesses)
     if args.json:
         print(json.dumps(result.to_json()))
         return
@@ -135,6 +136,18 @@ def cmd_import_gguf(args: argparse.Namespace) -> None:
     print(f"wrote bundle {out}")
 
 
+def cmd_train_exit(args: argparse.Namespace) -> None:
+    from runtime.exit_training import ExitTraining, train_exits
+
+    cfg = ExitTraining(steps=args.steps, rank=args.rank, lr=args.lr, train_windows=args.train_windows,
+                       held_out_windows=args.held_out_windows, seed=args.seed)
+    report = train_exits(args.bundle, cfg, progress=lambda line: print(line, file=sys.stderr))
+    before = "  ".join(f"{x:.1%}" for x in report["flip_rate_per_boundary_before"])
+    after = "  ".join(f"{x:.1%}" for x in report["flip_rate_per_boundary_after"])
+    print(f"exit adapters (rank {cfg.rank}) written into {args.bundle} in {report['train_time_s']} s; held-out flip "
+          f"rate per boundary {before} -> {after}")
+
+
 def configure_logging() -> None:
     import logging
 
@@ -173,7 +186,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     with Client(args.coordinator) as client:
         stream = client.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or (),
-                                 speculative=False if args.no_speculation else None, chat=args.chat)
+                                 speculative=False if args.no_speculation else None, chat=args.chat,
+                                 plain_guesses=args.plain_guesses)
         if args.json:
             print(json.dumps(stream.result().to_json()))
             return
@@ -258,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     q.set_defaults(run=cmd_import_gguf)
 
+    p = commands.add_parser("train-exit", help="train exit adapters that improve a bundle's early guesses")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle directory, updated in place")
+    p.add_argument("--steps", type=positive_int, default=600)
+    p.add_argument("--rank", type=positive_int, default=256, help="rank of each low-rank adapter")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--train-windows", type=positive_int, default=128, help="128-token windows of training text")
+    p.add_argument("--held-out-windows", type=positive_int, default=24, help="windows of held-out text")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_train_exit)
+
     p = commands.add_parser("reference", help="plain greedy decoding in one process, no speculation")
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("--bundle", type=Path, help="bundle directory (default: the shipped demo-4x3 model)")
@@ -268,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="intra-op threads; 0 = one per core (default 1: fastest for one sequence here)")
     p.add_argument("--speculate", action="store_true", help="decode with SPEED's speculative pipeline (same tokens)")
     p.add_argument("--chat", action="store_true", help="PROMPT is a user's message: apply the bundle's chat template")
+    p.add_argument("--plain-guesses", action="store_true",
+                   help="with --speculate: guess without the bundle's exit adapters (same text)")
     p.add_argument("--stop", action="append", metavar="TEXT",
                    help="end at the token that completes TEXT, which the printed text leaves out (repeatable)")
     add_sampling_flags(p)
@@ -318,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--no-speculation", action="store_true", help="sequential decoding (same text, slower)")
     p.add_argument("--chat", action="store_true", help="PROMPT is a user's message: apply the model's chat template")
+    p.add_argument("--plain-guesses", action="store_true", help="guess without the bundle's exit adapters (same text)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="end at the token that completes TEXT (repeatable)")
     add_sampling_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (the keys of speed reference --json)")

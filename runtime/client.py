@@ -108,9 +108,10 @@ class GenerationResult:
 
 
 def generate_request(prompt: str, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int,
-                     stop: Sequence[str], speculative: bool | None, ignore_eos: bool, chat: bool) -> pb.GenerateRequest:
+                     stop: Sequence[str], speculative: bool | None, ignore_eos: bool, chat: bool,
+                     plain_guesses: bool) -> pb.GenerateRequest:
     request = pb.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens, stop=list(stop), ignore_eos=ignore_eos,
-                                 chat=chat,
+                                 chat=chat, plain_guesses=plain_guesses,
                                  sampling=pb.Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
     if speculative is not None:
         request.speculative = speculative
@@ -159,12 +160,14 @@ class Client:
 
     def generate(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), speculative: bool | None = None,
-                 ignore_eos: bool = False, chat: bool = False, timeout_s: float = GENERATE_TIMEOUT_S) -> GenerationStream:
+                 ignore_eos: bool = False, chat: bool = False, plain_guesses: bool = False,
+                 timeout_s: float = GENERATE_TIMEOUT_S) -> GenerationStream:
         """speculative None uses the cluster's setting; ignore_eos decodes max_new_tokens (for benchmarks);
-        chat treats the prompt as a user's message and applies the model's chat template."""
+        chat treats the prompt as a user's message and applies the model's chat template; plain_guesses
+        ignores the bundle's exit adapters (same text, for comparison)."""
         request = generate_request(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                    top_p=top_p, seed=seed, stop=stop, speculative=speculative, ignore_eos=ignore_eos,
-                                   chat=chat)
+                                   chat=chat, plain_guesses=plain_guesses)
         return GenerationStream(self._stub.Generate(request, timeout=timeout_s))
 
     def status(self, *, timeout_s: float = STATUS_TIMEOUT_S) -> pb.ClusterStatusReply:
@@ -206,11 +209,11 @@ class AsyncClient:
 
     def generate(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), speculative: bool | None = None,
-                 ignore_eos: bool = False, chat: bool = False,
+                 ignore_eos: bool = False, chat: bool = False, plain_guesses: bool = False,
                  timeout_s: float = GENERATE_TIMEOUT_S) -> AsyncGenerationStream:
         request = generate_request(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                    top_p=top_p, seed=seed, stop=stop, speculative=speculative, ignore_eos=ignore_eos,
-                                   chat=chat)
+                                   chat=chat, plain_guesses=plain_guesses)
         return AsyncGenerationStream(self._stub.Generate(request, timeout=timeout_s))
 
     async def status(self, *, timeout_s: float = STATUS_TIMEOUT_S) -> pb.ClusterStatusReply:

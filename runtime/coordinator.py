@@ -73,7 +73,8 @@ class Cluster:
         stop = StopStrings(self.tokenizer, list(request.stop))
         speculative = request.speculative if request.HasField("speculative") else self.spec.speculation.enabled
         return Request(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, speculative=speculative,
-                       stop=stop, text=TextStream(self.tokenizer, stop), ignore_eos=request.ignore_eos)
+                       stop=stop, text=TextStream(self.tokenizer, stop), ignore_eos=request.ignore_eos,
+                       plain_guesses=request.plain_guesses)
 
     async def register(self, request: pb.RegisterRequest) -> RemoteNode:
         info = request.info

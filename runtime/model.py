@@ -129,16 +129,20 @@ class SpeedDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Training forward: tokens (B, T) -> logits (B, T, V) after every stage, first to last."""
+        return [self.classify(hidden) for hidden in self.stage_hiddens(tokens)]
+
+    def stage_hiddens(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """tokens (B, T) -> the hidden state (B, T, d) after every stage, first to last."""
         B, T = tokens.shape
         positions = torch.arange(T, device=tokens.device).expand(B, T)
         cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_base)
         x = self.embedding(tokens)  # (B, T, d)
-        stage_logits = []
+        hiddens = []
         for stage in range(self.cfg.n_stages):
             for layer in self.stage_modules(stage):
                 x, _, _ = layer(x, cos, sin)
-            stage_logits.append(self.classify(x))
-        return stage_logits
+            hiddens.append(x)
+        return hiddens
 
     def stage_modules(self, stage: int) -> list[Layer]:
         return [self.layers[i] for i in self.cfg.stage_layers(stage)]

@@ -141,7 +141,8 @@ class ReferenceResult:
 
 def run_reference(prompt: str, *, bundle_path: Path | None, backend: str, max_new_tokens: int,
                   sampling: SamplingParams = GREEDY, speculate: bool = False, stop: list[str] | None = None,
-                  device: str = "cpu", threads: int = 1, chat: bool = False) -> ReferenceResult:
+                  device: str = "cpu", threads: int = 1, chat: bool = False,
+                  plain_guesses: bool = False) -> ReferenceResult:
     """Validate everything cheap first, so bad input fails before any model is loaded."""
     if not prompt:
         raise SpeedError("the prompt is empty; give some text for the model to continue")
@@ -158,7 +159,7 @@ def run_reference(prompt: str, *, bundle_path: Path | None, backend: str, max_ne
     if speculate:
         from runtime.speculative import generate_speculative
 
-        (generation,) = generate_speculative(model, [prompt_ids], **options)
+        (generation,) = generate_speculative(model, [prompt_ids], plain_guesses=plain_guesses, **options)
     else:
         generation = generate_plain(model, prompt_ids, **options)
     text = stop_strings.cut(tokenizer.decode(generation.token_ids))

@@ -25,8 +25,10 @@ def speculation_stats(seq: Sequence) -> dict:
 
 def generate_speculative(model: StageModel, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int,
                          sampling: SamplingParams = GREEDY, speculate: bool = True, prefill_chunk: int = 64,
-                         should_stop: Callable[[list[int]], bool] | None = None) -> list[Generation]:
-    """Decode several prompts together, their items sharing ticks; one Generation per prompt."""
+                         should_stop: Callable[[list[int]], bool] | None = None,
+                         plain_guesses: bool = False) -> list[Generation]:
+    """Decode several prompts together, their items sharing ticks; one Generation per prompt.
+    plain_guesses: guess through the plain head even when the model has exit adapters (same text)."""
     cfg = model.config
     for prompt in prompts:
         check_request(prompt, cfg, max_new_tokens)
@@ -34,7 +36,7 @@ def generate_speculative(model: StageModel, prompts: list[list[int]], *, max_new
     executor = TickExecutor(model, slots=len(prompts), capacity=capacity)
     scheduler = SpeedScheduler(cfg.n_stages, prefill_chunk=prefill_chunk)
     for seq_id, prompt in enumerate(prompts):
-        executor.open(seq_id, sampling)
+        executor.open(seq_id, sampling, plain_guesses=plain_guesses)
         scheduler.add(seq_id, prompt, max_new_tokens=max_new_tokens, context_length=cfg.context_length,
                       speculate=speculate, eos_id=eos_id, should_stop=should_stop)
 

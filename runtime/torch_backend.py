@@ -38,6 +38,7 @@ class TorchStageModel:
             torch.set_num_threads(threads)
         self.config = bundle.config
         self.model = model_from_bundle(bundle)
+        self.exit_adapters = bundle.exit_adapters()
 
     @torch.no_grad()
     def embed(self, token_ids: np.ndarray) -> np.ndarray:

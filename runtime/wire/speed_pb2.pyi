@@ -43,7 +43,7 @@ class Stats(_message.Message):
     def __init__(self, ticks: _Optional[int] = ..., committed: _Optional[int] = ..., flips_per_boundary: _Optional[_Iterable[float]] = ..., flushed_steps: _Optional[int] = ..., mean_in_flight: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "max_new_tokens", "sampling", "speculative", "stop", "ignore_eos", "chat")
+    __slots__ = ("prompt", "max_new_tokens", "sampling", "speculative", "stop", "ignore_eos", "chat", "plain_guesses")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class GenerateRequest(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
+    PLAIN_GUESSES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     max_new_tokens: int
     sampling: Sampling
@@ -58,7 +59,8 @@ class GenerateRequest(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     ignore_eos: bool
     chat: bool
-    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., speculative: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., chat: _Optional[bool] = ...) -> None: ...
+    plain_guesses: bool
+    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., speculative: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., chat: _Optional[bool] = ..., plain_guesses: _Optional[bool] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("token_ids", "text")
@@ -163,14 +165,16 @@ class NodeInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., bundle_sha256: _Optional[str] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., device: _Optional[str] = ..., open_sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., emulated_link_ms: _Optional[float] = ...) -> None: ...
 
 class OpenSequence(_message.Message):
-    __slots__ = ("seq_id", "sampling", "capacity")
+    __slots__ = ("seq_id", "sampling", "capacity", "plain_guesses")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    PLAIN_GUESSES_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     sampling: Sampling
     capacity: int
-    def __init__(self, seq_id: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., capacity: _Optional[int] = ...) -> None: ...
+    plain_guesses: bool
+    def __init__(self, seq_id: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., capacity: _Optional[int] = ..., plain_guesses: _Optional[bool] = ...) -> None: ...
 
 class Truncation(_message.Message):
     __slots__ = ("seq_id", "stage", "length")
