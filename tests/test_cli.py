@@ -5,17 +5,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import run_speed
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert result.stdout == ""
+from tests.conftest import assert_one_line_error, run_speed
 
 
 def test_reference_prints_json_with_the_generated_tokens(tiny_bundle):

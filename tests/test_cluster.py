@@ -18,7 +18,7 @@ from runtime.client import AsyncClient, Client, InvalidRequest, Unavailable
 from runtime.reference import generate_plain, open_stage_model
 from runtime.sampling import GREEDY, SamplingParams
 from runtime.stopping import StopStrings
-from tests.conftest import run_speed, write_cluster
+from tests.conftest import assert_one_line_error, run_speed, write_cluster
 
 PROMPTS = [
     "ROMEO. But soft, what light through yonder window breaks?",
@@ -142,10 +142,7 @@ def test_speed_generate_prints_the_reference_json_keys(cluster):
 
 
 def test_speed_generate_without_a_cluster_says_so_in_one_line():
-    result = run_speed("generate", "--coordinator", "127.0.0.1:9", "Hello")
-    assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert "cannot reach the coordinator" in result.stderr
+    assert_one_line_error(run_speed("generate", "--coordinator", "127.0.0.1:9", "Hello"), "cannot reach the coordinator")
 
 
 def test_a_node_killed_mid_generation_fails_the_request_naming_it_and_the_cluster_recovers(cluster, reference):

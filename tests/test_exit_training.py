@@ -17,7 +17,7 @@ from runtime.model import SpeedDecoder
 from runtime.reference import generate_plain, open_stage_model
 from runtime.sampling import SamplingParams
 from runtime.speculative import generate_speculative
-from tests.conftest import run_speed, write_cluster
+from tests.conftest import assert_one_line_error, run_speed, write_cluster
 from tests.test_gguf_import import write_gguf
 
 PROMPTS = ["To be, or not to be", "Enter a Messenger.", "def main():", "O Romeo, Romeo!"]
@@ -95,5 +95,4 @@ def test_a_cluster_gives_the_same_text_with_and_without_the_adapters(adapted, tm
 
 
 def test_a_missing_bundle_is_refused_in_one_line(tmp_path):
-    result = run_speed("train-exit", str(tmp_path / "missing"), *SMALL)
-    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "does not exist" in result.stderr
+    assert_one_line_error(run_speed("train-exit", str(tmp_path / "missing"), *SMALL), "does not exist")

@@ -22,7 +22,7 @@ from runtime.model import SpeedDecoder
 from runtime.reference import generate_plain, open_stage_model
 from runtime.speculative import generate_speculative
 from runtime.torch_backend import model_from_bundle
-from tests.conftest import run_speed, write_cluster
+from tests.conftest import assert_one_line_error, run_speed, write_cluster
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -156,13 +156,6 @@ def test_a_cluster_serves_the_imported_model_like_the_reference(imported, tmp_pa
                 for speculative in (False, True):
                     result = client.generate(prompt, max_new_tokens=16, ignore_eos=True, speculative=speculative)
                     assert result.result().token_ids == expected
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
 
 
 def test_bad_files_and_stage_counts_are_refused_and_nothing_is_written(source, tiny_bundle, tmp_path):

@@ -11,19 +11,12 @@ import sys
 import pytest
 
 from deploy.cluster_file import load_cluster, parse_address
-from tests.conftest import run_speed, write_cluster
+from tests.conftest import assert_one_line_error, run_speed, write_cluster
 
 
 @pytest.fixture(autouse=True)
 def state_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("SPEED_STATE_DIR", str(tmp_path / "state"))
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode != 0
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
 
 
 def ports_free(path) -> bool:
