@@ -149,12 +149,12 @@ def import_gguf(path: Path, out_dir: Path, *, stages: int, name: str | None = No
     check_free(out_dir, force=force)
     model_file = GGUFModel(Path(path))
     cfg = model_file.config(stages)
-    progress(f"{model_file.value('general.name', path.stem)}: {cfg.n_distinct_layers} layers as {stages} stage(s) of "
-             f"{layer_split(cfg.n_distinct_layers, stages)} layers, d={cfg.d_model}, vocabulary {cfg.vocab_size}")
     model = SpeedDecoder(cfg)
-    model.load_state_dict(model_file.state_dict(cfg))
+    model.load_state_dict(model_file.state_dict(cfg))  # every tensor read: a bad one fails before any output
     model.eval()
     tokenizer = model_file.tokenizer()
+    progress(f"{model_file.value('general.name', path.stem)}: {cfg.n_distinct_layers} layers as {stages} stage(s) of "
+             f"{layer_split(cfg.n_distinct_layers, stages)} layers, d={cfg.d_model}, vocabulary {cfg.vocab_size}")
     with staged_directory(out_dir, force=force) as staging:
         progress("exporting the stage graphs to ONNX ...")
         stage_files = write_model(model, staging)

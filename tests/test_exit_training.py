@@ -12,13 +12,12 @@ import torch
 from deploy.launcher import LocalCluster
 from runtime.bundle import load_bundle
 from runtime.client import Client
-from runtime.config import ModelConfig
 from runtime.model import SpeedDecoder
 from runtime.reference import generate_plain, open_stage_model
 from runtime.sampling import SamplingParams
 from runtime.speculative import generate_speculative
 from tests.conftest import assert_one_line_error, run_speed, write_cluster
-from tests.test_gguf_import import write_gguf
+from tests.test_gguf_import import source_config, write_gguf
 
 PROMPTS = ["To be, or not to be", "Enter a Messenger.", "def main():", "O Romeo, Romeo!"]
 SMALL = ["--steps", "60", "--lr", "0.01", "--rank", "8", "--train-windows", "8", "--held-out-windows", "4"]
@@ -31,9 +30,7 @@ def adapted(tiny_bundle, tmp_path_factory):
     directory = tmp_path_factory.mktemp("adapted")
     tokenizer_json = json.loads((tiny_bundle / "tokenizer.json").read_text())
     torch.manual_seed(1)
-    model = SpeedDecoder(ModelConfig(vocab_size=len(tokenizer_json["model"]["vocab"]) + 2, d_model=64, n_heads=4,
-                                     n_kv_heads=2, ffn_hidden=128, n_distinct_layers=5, n_stages=3,
-                                     context_length=256, shared_layers=False))
+    model = SpeedDecoder(source_config(tokenizer_json))
     write_gguf(directory / "random.gguf", model, tokenizer_json)
     bundle = directory / "random"
     assert run_speed("import", "gguf", str(directory / "random.gguf"), str(bundle), "--stages", "3").returncode == 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
-from gguf.quants import dequantize, quantize
+from gguf.quants import dequantize, quant_shape_to_byte_shape, quantize
 
 from deploy.launcher import LocalCluster
 from runtime.bundle import load_bundle
@@ -39,8 +39,10 @@ def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def write_gguf(path: Path, model: SpeedDecoder, tokenizer_json: dict, *, architecture: str = "llama") -> dict:
-    """The model as a GGUF file; returns the weights an exact importer must recover (quantization included)."""
+def write_gguf(path: Path, model: SpeedDecoder, tokenizer_json: dict, *, architecture: str = "llama",
+               types: dict[str, GGMLQuantizationType] = TYPES) -> dict:
+    """The model as a GGUF file; returns the weights an exact importer must recover (quantization included).
+    A type this `gguf` cannot quantize is written as zero bytes of the right size (for refusal tests)."""
     cfg = model.cfg
     tokens = sorted(tokenizer_json["model"]["vocab"], key=tokenizer_json["model"]["vocab"].get)
     tokens += ["<|im_start|>", "<|im_end|>"]
@@ -66,14 +68,20 @@ def write_gguf(path: Path, model: SpeedDecoder, tokenizer_json: dict, *, archite
     for gguf_name, name in TENSOR_NAMES.items():
         for i in range(cfg.n_distinct_layers) if "{i}" in gguf_name else [None]:
             weight = state[name.format(i=i)].numpy()
-            kind = next((t for part, t in TYPES.items() if part in gguf_name), GGMLQuantizationType.F32)
+            kind = next((t for part, t in types.items() if part in gguf_name), GGMLQuantizationType.F32)
             stored = weight
             if "attn_q" in gguf_name or "attn_k" in gguf_name:
                 stored = llama_cpp_permute(weight, cfg.n_heads if "attn_q" in gguf_name else cfg.n_kv_heads)
-            data = quantize(stored, kind) if kind != GGMLQuantizationType.F32 else stored
+            if kind == GGMLQuantizationType.F32:
+                data, expected_weight = stored, weight
+            elif kind == GGMLQuantizationType.Q8_1:  # no quantizer here: bytes of the right size
+                data = np.zeros(quant_shape_to_byte_shape(stored.shape, kind), dtype=np.uint8)
+                expected_weight = None
+            else:
+                data = quantize(stored, kind)
+                expected_weight = dequantize(quantize(weight, kind), kind)
             writer.add_tensor(gguf_name.format(i=i), data, raw_dtype=kind)
-            expected[name.format(i=i)] = dequantize(quantize(weight, kind), kind) if kind != GGMLQuantizationType.F32 \
-                else weight
+            expected[name.format(i=i)] = expected_weight
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -81,14 +89,18 @@ def write_gguf(path: Path, model: SpeedDecoder, tokenizer_json: dict, *, archite
     return expected
 
 
+def source_config(tokenizer_json: dict) -> ModelConfig:
+    """A 5-layer Llama: three stages split it unevenly, 2 + 2 + 1."""
+    return ModelConfig(vocab_size=len(tokenizer_json["model"]["vocab"]) + 2, d_model=64, n_heads=4, n_kv_heads=2,
+                       ffn_hidden=128, n_distinct_layers=5, n_stages=3, context_length=256, shared_layers=False)
+
+
 @pytest.fixture(scope="module")
 def source(tiny_bundle, tmp_path_factory):
-    """A random 5-layer Llama (uneven stages: 2 + 2 + 1) written as GGUF, and what the import should hold."""
+    """A random 5-layer Llama written as GGUF, and what the import should hold."""
     tokenizer_json = json.loads((tiny_bundle / "tokenizer.json").read_text())
-    cfg = ModelConfig(vocab_size=len(tokenizer_json["model"]["vocab"]) + 2, d_model=64, n_heads=4, n_kv_heads=2,
-                      ffn_hidden=128, n_distinct_layers=5, n_stages=3, context_length=256, shared_layers=False)
     torch.manual_seed(0)
-    model = SpeedDecoder(cfg)
+    model = SpeedDecoder(source_config(tokenizer_json))
     for module in model.modules():  # ones-initialized norms would hide a mix-up of norm weights
         if hasattr(module, "eps"):
             torch.nn.init.uniform_(module.weight, 0.5, 1.5)
@@ -177,6 +189,11 @@ def test_bad_files_and_stage_counts_are_refused_and_nothing_is_written(source, t
                tokenizer_json, architecture="gpt2")
     assert_one_line_error(run_speed("import", "gguf", str(other), str(out), "--stages", "2"),
                           "architecture 'gpt2' is not supported")
+    odd = tmp_path / "q8_1.gguf"
+    write_gguf(odd, SpeedDecoder(source_config(tokenizer_json)), tokenizer_json,
+               types={**TYPES, "attn_v": GGMLQuantizationType.Q8_1})
+    assert_one_line_error(run_speed("import", "gguf", str(odd), str(out), "--stages", "2"),
+                          "tensor blk.0.attn_v.weight is of type Q8_1")
     assert list(tmp_path.iterdir()) and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out-")]  # no half-written bundle
 

@@ -41,7 +41,10 @@ def test_onnx_and_torch_backends_agree_token_for_token(smollm2):
     bundle = load_bundle(smollm2)
     tokenizer = bundle.tokenizer()
     onnx_model, torch_model = open_stage_model(bundle), open_stage_model(bundle, backend="torch")
-    for prompt in ["The meaning of life is", "def fibonacci(n):", bundle.prompt_text("Name three colours.", chat=True)]:
+    questions = ["Name three colours.", "Why is the sky blue?"]
+    prompts = ["The meaning of life is", "def fibonacci(n):", "ROMEO. But soft, what light through yonder window",
+               "1, 2, 3, 5, 8, 13,", *(bundle.prompt_text(q, chat=True) for q in questions)]
+    for prompt in prompts:
         ids = tokenizer.encode(prompt).ids
         expected = generate_plain(onnx_model, ids, max_new_tokens=12, eos_id=-1).token_ids
         assert generate_plain(torch_model, ids, max_new_tokens=12, eos_id=-1).token_ids == expected, prompt
