@@ -141,6 +141,15 @@ def test_speed_generate_prints_the_reference_json_keys(cluster):
     assert set(cluster_json["stats"]) == {"ticks", "committed", "flips_per_boundary", "flushed_steps", "mean_in_flight"}
 
 
+def test_speed_status_lists_every_node_serving(cluster):
+    result = run_speed("status", "--coordinator", cluster.endpoint)
+    assert result.returncode == 0, result.stderr
+    assert "serving" in result.stdout.splitlines()[0]
+    for name, stage in [("edge-1", 0), ("edge-2", 1), ("edge-3", 2)]:
+        line = next(line for line in result.stdout.splitlines() if name in line)
+        assert f"stages [{stage}]" in line and "serving" in line and "CPUExecutionProvider" in line
+
+
 def test_speed_generate_without_a_cluster_says_so_in_one_line():
     assert_one_line_error(run_speed("generate", "--coordinator", "127.0.0.1:9", "Hello"), "cannot reach the coordinator")
 
