@@ -10,14 +10,18 @@ import signal
 import threading
 import time
 
+import grpc
 import pytest
 
+from deploy.cluster_file import load_cluster
 from deploy.launcher import LocalCluster
 from runtime.bundle import load_bundle
 from runtime.client import AsyncClient, Client, InvalidRequest, Unavailable
 from runtime.reference import generate_plain, open_stage_model
 from runtime.sampling import GREEDY, SamplingParams
 from runtime.stopping import StopStrings
+from runtime.wire import speed_pb2 as pb
+from runtime.wire import speed_pb2_grpc as pb_grpc
 from tests.conftest import assert_one_line_error, run_speed, write_cluster
 
 PROMPTS = [
@@ -139,6 +143,23 @@ def test_speed_generate_prints_the_reference_json_keys(cluster):
     assert set(reference_json) <= set(cluster_json)
     assert cluster_json["token_ids"] == reference_json["token_ids"]
     assert set(cluster_json["stats"]) == {"ticks", "committed", "flips_per_boundary", "flushed_steps", "mean_in_flight"}
+
+
+def test_a_client_that_goes_away_has_its_caches_freed_on_every_node(cluster):
+    with Client(cluster.endpoint) as client:
+        stream = client.generate(PROMPTS[0], max_new_tokens=1000, ignore_eos=True)  # seconds of work left
+        next(iter(stream))  # decoding has started
+        stream.cancel()
+        deadline = time.monotonic() + 2
+        while client.status().active_requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.status().active_requests == 0
+    for node in load_cluster(cluster.path).nodes:
+        with grpc.insecure_channel(node.address) as channel:
+            while pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=5).open_sequences and \
+                    time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=5).open_sequences == 0, node.name
 
 
 def test_speed_status_lists_every_node_serving(cluster):
