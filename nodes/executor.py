@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -39,10 +40,13 @@ class OnnxStageModel:
 
     def __init__(self, bundle: Bundle, *, device: str = "cpu", threads: int = 0):
         self.config = bundle.config
-        sessions = {path: create_session(path, device=device, threads=threads) for path in set(bundle.stage_graphs)}
+        def session(path: Path):
+            return create_session(path, device=device, threads=threads, sha256=bundle.file_sha256(path))
+
+        sessions = {path: session(path) for path in set(bundle.stage_graphs)}
         self._stage_sessions = [sessions[path] for path in bundle.stage_graphs]
         self._graph_ids = [sorted(sessions).index(path) for path in bundle.stage_graphs]
-        self._head = create_session(bundle.head_graph, device=device, threads=threads)
+        self._head = session(bundle.head_graph)
         self.provider = self._head.get_providers()[0]
         self._embedding = bundle.embedding()
         self.exit_adapters = bundle.exit_adapters()

@@ -6,19 +6,30 @@ the provider is read back from the session and a CUDA request that was not honou
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import onnxruntime as ort
 
+from nodes.prepacked_graphs import prepacked_graph
 from runtime.errors import SpeedError
+
+log = logging.getLogger("speed.node")
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-def create_session(path: Path, *, device: str = "cpu", threads: int = 0) -> ort.InferenceSession:
-    """threads: intra-op threads, 0 = ONNX Runtime's default (one per physical core)."""
+def create_session(path: Path, *, device: str = "cpu", threads: int = 0, sha256: str | None = None
+                   ) -> ort.InferenceSession:
+    """threads: intra-op threads, 0 = ONNX Runtime's default (one per physical core). sha256: the graph's
+    hash from its bundle; on CPU the session then loads this machine's pre-packed copy of the graph."""
     if device not in PROVIDERS:
         raise SpeedError(f"unknown device {device!r}; expected one of {', '.join(PROVIDERS)}")
+    if device == "cpu" and sha256 is not None:
+        try:
+            path = prepacked_graph(path, sha256)
+        except OSError as exc:
+            log.warning("no pre-packed copy of %s (%s); loading the graph itself", path.name, exc)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads

@@ -74,6 +74,10 @@ class Bundle:
     def head_graph(self) -> Path:
         return self.path / self.manifest["head"]
 
+    def file_sha256(self, path: Path) -> str:
+        """The verified hash of one of the bundle's files."""
+        return self.manifest["files"][path.name]["sha256"]
+
     @property
     def eos_token_id(self) -> int:
         return self.manifest["eos_token_id"]

@@ -1,0 +1,46 @@
+"""Machine-local pre-packed copies of a bundle's graphs: made once, shared, and computing what the
+original graph computes."""
+
+import logging
+
+import numpy as np
+
+from nodes.executor import OnnxStageModel
+from nodes.kv_cache import KVCache
+from nodes.onnx_session import create_session
+from nodes.prepacked_graphs import prepacked_graph
+from runtime.bundle import load_bundle
+
+
+def stage_outputs(session, cfg, rows=2, length=5, capacity=12):
+    rng = np.random.default_rng(0)
+    cache = KVCache(cfg, rows=rows, capacity=capacity)
+    cache.keys[...] = rng.normal(size=cache.keys.shape)
+    cache.values[...] = rng.normal(size=cache.values.shape)
+    cache.lengths[:] = [3, 7]
+    hidden = rng.normal(size=(rows, length, cfg.d_model)).astype(np.float32)
+    return session.run(None, {"hidden": hidden, **cache.feeds(slice(0, rows), cfg.max_stage_layers)})
+
+
+def test_the_copy_is_made_once_and_computes_what_the_original_computes(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEED_GRAPH_CACHE", str(tmp_path / "graphs"))
+    bundle = load_bundle(tiny_bundle)
+    (path,) = set(bundle.stage_graphs)
+    copy = prepacked_graph(path, bundle.file_sha256(path))
+    made = copy.stat().st_mtime_ns
+    assert prepacked_graph(path, bundle.file_sha256(path)) == copy and copy.stat().st_mtime_ns == made
+    assert (copy.parent / "graph.data").stat().st_size > 0  # the weights, pre-packed, in a mapped file
+    original = stage_outputs(create_session(path, threads=1), bundle.config)
+    prepacked = stage_outputs(create_session(path, threads=1, sha256=bundle.file_sha256(path)), bundle.config)
+    for a, b in zip(original, prepacked):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_writable_cache_the_original_graph_is_loaded(tiny_bundle, tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("SPEED_GRAPH_CACHE", str(blocker / "graphs"))
+    with caplog.at_level(logging.WARNING, logger="speed.node"):
+        model = OnnxStageModel(load_bundle(tiny_bundle), threads=1)
+    assert "loading the graph itself" in caplog.text
+    assert model.classify(np.zeros((1, model.config.d_model), np.float32))[1].shape == (1,)
