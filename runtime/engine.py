@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from runtime.config import ModelConfig
-from runtime.reference import cache_capacity
+from runtime.reference import cache_capacity, decode_rate
 from runtime.remote_node import SERVING, NodeFailure, RemoteNode
 from runtime.sampling import SamplingParams
 from runtime.speculative import speculation_stats
@@ -64,6 +64,9 @@ class _Control:
 
     def __bool__(self) -> bool:
         return bool(self.opens or self.truncations or self.closes)
+
+    def batch(self, tick: int) -> pb.StepBatch:
+        return pb.StepBatch(tick=tick, opens=self.opens, truncations=self.truncations, closes=self.closes)
 
 
 class Engine:
@@ -165,9 +168,7 @@ class Engine:
         for item in plan.items:
             name = self.owner[item.stage]
             if name not in batches:
-                control = self._control.pop(name, _Control())
-                batches[name] = pb.StepBatch(tick=tick, opens=control.opens, truncations=control.truncations,
-                                             closes=control.closes)
+                batches[name] = self._control.pop(name, _Control()).batch(tick)
             step = batches[name].items.add(seq_id=item.seq_id, start=item.start, length=item.length, stage=item.stage,
                                            skip_prediction=not item.predict)
             if item.tokens is not None:
@@ -183,9 +184,7 @@ class Engine:
         self._control.clear()
         if waiting:
             tick = next(self._ticks)
-            batches = [pb.StepBatch(tick=tick, opens=c.opens, truncations=c.truncations, closes=c.closes)
-                       for c in waiting.values()]
-            await asyncio.gather(*(self.nodes[name].step(batch) for name, batch in zip(waiting, batches)),
+            await asyncio.gather(*(self.nodes[name].step(control.batch(tick)) for name, control in waiting.items()),
                                  return_exceptions=True)
 
     def _emit(self) -> None:
@@ -195,13 +194,14 @@ class Engine:
             new = seq.generated[request.sent_tokens :]
             if request.first_token_at is None and (new or seq.done):
                 request.first_token_at = now
+            if not (new or seq.done):
+                continue  # nothing committed this tick: no text to decode
             text = request.text.delta(seq.generated, final=seq.done)
             if new or text:
                 request.events.put_nowait(pb.GenerateEvent(tokens=pb.TokenChunk(token_ids=new, text=text)))
                 request.sent_tokens = len(seq.generated)
             if seq.done:
-                decode_s = now - request.first_token_at
-                tokens_per_s = (len(seq.generated) - 1) / decode_s if len(seq.generated) > 1 and decode_s > 0 else 0.0
+                tokens_per_s = decode_rate(len(seq.generated), now - request.first_token_at)
                 stats = speculation_stats(seq)
                 request.events.put_nowait(pb.GenerateEvent(finished=pb.Finished(
                     stop_reason=seq.stop_reason, text=request.text.text(seq.generated), token_ids=seq.generated,

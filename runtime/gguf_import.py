@@ -136,12 +136,6 @@ def unpermute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def layer_split(layers: int, stages: int) -> str:
-    sizes = [len(ModelConfig(n_distinct_layers=layers, n_stages=stages, shared_layers=False).stage_layers(s))
-             for s in range(stages)]
-    return " + ".join(map(str, sizes))
-
-
 def import_gguf(path: Path, out_dir: Path, *, stages: int, name: str | None = None, force: bool = False,
                 progress=print) -> Path:
     from runtime.export import write_model
@@ -153,8 +147,9 @@ def import_gguf(path: Path, out_dir: Path, *, stages: int, name: str | None = No
     model.load_state_dict(model_file.state_dict(cfg))  # every tensor read: a bad one fails before any output
     model.eval()
     tokenizer = model_file.tokenizer()
+    split = " + ".join(str(len(cfg.stage_layers(s))) for s in range(stages))
     progress(f"{model_file.value('general.name', path.stem)}: {cfg.n_distinct_layers} layers as {stages} stage(s) of "
-             f"{layer_split(cfg.n_distinct_layers, stages)} layers, d={cfg.d_model}, vocabulary {cfg.vocab_size}")
+             f"{split} layers, d={cfg.d_model}, vocabulary {cfg.vocab_size}")
     with staged_directory(out_dir, force=force) as staging:
         progress("exporting the stage graphs to ONNX ...")
         stage_files = write_model(model, staging)

@@ -35,8 +35,12 @@ class Generation:
 
     @property
     def tokens_per_s(self) -> float:
-        """Steady decoding rate: tokens after the first over the time they took."""
-        return (len(self.token_ids) - 1) / self.decode_s if len(self.token_ids) > 1 and self.decode_s > 0 else 0.0
+        return decode_rate(len(self.token_ids), self.decode_s)
+
+
+def decode_rate(tokens: int, decode_s: float) -> float:
+    """Steady decoding rate: tokens after the first over the time they took."""
+    return (tokens - 1) / decode_s if tokens > 1 and decode_s > 0 else 0.0
 
 
 def open_stage_model(bundle: Bundle, *, backend: str = "onnx", device: str = "cpu", threads: int = 1) -> StageModel:

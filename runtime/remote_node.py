@@ -14,6 +14,7 @@ from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 
 WAITING, SERVING, DOWN = "waiting", "serving", "down"
+STOPPED = "the request was stopped. Restart the node: it registers again and the cluster serves new requests"
 
 
 class NodeFailure(Exception):
@@ -71,33 +72,26 @@ class RemoteNode:
         """Send one step message and wait for its results, at most step_timeout_s."""
         stream = self._stream
         if stream is None:
-            raise NodeFailure(f"{self.describe()} is down; the request was stopped. Restart the node: it "
-                              "registers again and the cluster serves new requests")
+            raise NodeFailure(f"{self.describe()} is down; {STOPPED}")
         try:
             return await asyncio.wait_for(self._exchange(stream, batch), self.step_timeout_s)
         except asyncio.InvalidStateError:  # the stream had already ended: the node is gone
-            await self._lost(stream)
-            raise NodeFailure(f"{self.describe()} closed its step stream; the request was stopped. Restart the "
-                              "node: it registers again and the cluster serves new requests") from None
+            raise await self._lost(stream, "closed its step stream") from None
         except asyncio.TimeoutError:
-            await self._lost(stream)
-            raise NodeFailure(f"{self.describe()} did not answer a step within {self.step_timeout_s:g} s; "
-                              "the request was stopped") from None
+            raise await self._lost(stream, f"did not answer a step within {self.step_timeout_s:g} s") from None
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
-                await self._lost(stream)
-                raise NodeFailure(f"{self.describe()} stopped answering ({exc.code().name}); the request was "
-                                  "stopped. Restart the node: it registers again and the cluster serves new requests"
-                                  ) from None
+                raise await self._lost(stream, f"stopped answering ({exc.code().name})") from None
             # the node refused a step: a coordinator bug, not a dead node; a new stream serves the next requests
             if self._stream is stream:
                 self._stream = pb_grpc.NodeStub(self._channel).Steps()
             raise NodeFailure(f"{self.describe()} refused a step: {exc.details()}", grpc.StatusCode.INTERNAL) from None
 
-    async def _lost(self, stream) -> None:
+    async def _lost(self, stream, what: str) -> NodeFailure:
         """Mark the node down, unless it has registered again since this stream was opened."""
         if self._stream is stream:
             await self.disconnect()
+        return NodeFailure(f"{self.describe()} {what}; {STOPPED}")
 
     @staticmethod
     async def _exchange(stream, batch: pb.StepBatch) -> pb.StepResults:

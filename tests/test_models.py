@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -11,15 +10,12 @@ from pathlib import Path
 import pytest
 
 from runtime import models
+from runtime.bundle import sha256_of
 from runtime.errors import SpeedError
 from runtime.models import KNOWN_MODELS, cache_dir, cached_path, pull
 
 NAME = "smollm2-135m"
 MODEL = KNOWN_MODELS[NAME]
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def leftovers(cache: Path) -> list[Path]:
@@ -49,7 +45,7 @@ def offline(monkeypatch):
 
 def test_pull_downloads_a_verified_file_and_a_second_pull_uses_the_cache(pulled, offline, monkeypatch):
     assert pulled.stat().st_size == MODEL.size
-    assert sha256(pulled) == MODEL.sha256
+    assert sha256_of(pulled) == MODEL.sha256
     assert [p.name for p in pulled.parent.iterdir()] == [pulled.name]  # no staging debris
     before = pulled.stat()
     monkeypatch.setenv("SPEED_CACHE_DIR", str(pulled.parent.parent))
@@ -75,7 +71,7 @@ def test_a_corrupted_cached_file_is_replaced(pulled, tmp_path, caplog, damage):
     assert cached_path(NAME, tmp_path) is None
     with caplog.at_level(logging.WARNING, logger="speed.models"):
         assert pull(NAME, cache=tmp_path) == copy
-    assert sha256(copy) == MODEL.sha256
+    assert sha256_of(copy) == MODEL.sha256
     assert "corrupted" in caplog.text
 
 
