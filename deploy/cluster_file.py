@@ -8,19 +8,23 @@ A cluster file is YAML (see deploy/local.yaml):
       address: 127.0.0.1:50050       # required host:port; quote IPv6 hosts: "[::1]:50050"
       step_timeout_s: 3.0            # > 0: how long a node may take to answer one step message
       heartbeat_interval_s: 1.0      # > 0
+      max_queue: 64                  # >= 0: requests that may wait for a free sequence slot; more are refused
+      metrics_port: 9150             # optional: serve Prometheus metrics over HTTP on this port of the address's host
     speculation:                     # optional
       enabled: true                  # false = sequential decoding
       prefill_chunk: 64              # >= 1
     nodes:                           # required, one entry per node process
       - name: edge-1                 # required: letters, digits, '-', '_', '.'; unique
         address: 127.0.0.1:50051     # required host:port, unique across the nodes and the coordinator
-        stages: [0]                  # required: the stages this node hosts
+        stages: [0]                  # required: the stages this node hosts; [] = a standby node
+        standby_stages: [1]          # stages it can take over from a lost node (a weight-shared bundle: any)
         device: cpu                  # cpu or cuda
         cpu_fallback: false          # a cuda node may fall back to CPU when CUDA is not really available
         threads: 1                   # >= 0, 0 = one per core
         max_sequences: 8             # >= 1
         idle_timeout_s: 300          # > 0: free a sequence's caches after this long without a step
         emulated_link_ms: 0          # >= 0, EMULATION for benchmarks only: one-way latency added per step message
+        metrics_port: 9151           # optional: serve Prometheus metrics over HTTP on this port of the address's host
 
 Every mistake raises SpeedError with one sentence naming the file, the key path and what is expected.
 """
@@ -52,6 +56,8 @@ class CoordinatorSpec:
     address: str
     step_timeout_s: float = 3.0
     heartbeat_interval_s: float = 1.0
+    max_queue: int = 64  # requests waiting for a sequence slot; more get RESOURCE_EXHAUSTED
+    metrics_port: int | None = None  # Prometheus metrics over HTTP; None = off
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,8 @@ class NodeSpec:
     max_sequences: int = 8
     idle_timeout_s: float = 300.0
     emulated_link_ms: float = 0.0  # emulation for benchmarks only
+    standby_stages: tuple[int, ...] = ()  # stages whose graphs it also loads, to take them over
+    metrics_port: int | None = None  # Prometheus metrics over HTTP; None = off
 
 
 @dataclass(frozen=True)
@@ -101,13 +109,15 @@ class ClusterSpec:
         raise SpeedError(f"{self._shown}: nodes: stage {stage} is hosted by no node")
 
     def check_stages(self, n_stages: int) -> None:
-        """Every stage 0..n_stages-1 must be hosted by exactly one node."""
+        """Every stage 0..n_stages-1 must be hosted by exactly one node; standby stages must exist."""
         existing = f"the bundle has stages 0-{n_stages - 1}" if n_stages > 1 else "the bundle has only stage 0"
         owners: dict[int, str] = {}
         for i, node in enumerate(self.nodes):
+            for key, stages in (("stages", node.stages), ("standby_stages", node.standby_stages)):
+                for stage in stages:
+                    if stage >= n_stages:
+                        raise SpeedError(f"{self._shown}: nodes[{i}].{key}: stage {stage} does not exist; {existing}")
             for stage in node.stages:
-                if stage >= n_stages:
-                    raise SpeedError(f"{self._shown}: nodes[{i}].stages: stage {stage} does not exist; {existing}")
                 if stage in owners:
                     raise SpeedError(f"{self._shown}: nodes[{i}].stages: stage {stage} is already hosted by "
                                      f"{owners[stage]}; give each stage to exactly one node")
@@ -262,9 +272,10 @@ def _flag(value: Any, key: _Key) -> bool:
     return value
 
 
-def _whole_list(value: Any, key: _Key, *, minimum: int) -> tuple[int, ...]:
-    if not isinstance(value, list) or not value:
-        raise key.error(f"expected a non-empty list of whole numbers >= {minimum}, e.g. [{minimum}], got {_shown(value)}")
+def _whole_list(value: Any, key: _Key, *, minimum: int, empty_ok: bool = False) -> tuple[int, ...]:
+    if not isinstance(value, list) or not (value or empty_ok):
+        kind = "list" if empty_ok else "non-empty list"
+        raise key.error(f"expected a {kind} of whole numbers >= {minimum}, e.g. [{minimum}], got {_shown(value)}")
     items = tuple(_whole(item, key.item(i), minimum=minimum) for i, item in enumerate(value))
     for i, item in enumerate(items):
         if item in items[:i]:
@@ -273,6 +284,14 @@ def _whole_list(value: Any, key: _Key, *, minimum: int) -> tuple[int, ...]:
 
 
 _positive = partial(_number, minimum=0, inclusive=False)
+
+
+def _port(value: Any, key: _Key) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise key.error(f"expected a port, a whole number from 1 to 65535 (or null for none), got {_shown(value)}")
+    return value
 
 
 def _address(value: Any, key: _Key) -> str:
@@ -303,6 +322,8 @@ def _coordinator(value: Any, key: _Key) -> CoordinatorSpec:
         "address": _address,
         "step_timeout_s": _positive,
         "heartbeat_interval_s": _positive,
+        "max_queue": partial(_whole, minimum=0),
+        "metrics_port": _port,
     }, required={"address": "host:port, e.g. 127.0.0.1:50050"}))
 
 
@@ -323,18 +344,20 @@ def _node_name(value: Any, key: _Key) -> str:
 NODE_CHECKS: dict[str, Check] = {
     "name": _node_name,
     "address": _address,
-    "stages": partial(_whole_list, minimum=0),
+    "stages": partial(_whole_list, minimum=0, empty_ok=True),
+    "standby_stages": partial(_whole_list, minimum=0, empty_ok=True),
     "device": partial(_string, choices=DEVICES),
     "cpu_fallback": _flag,
     "threads": partial(_whole, minimum=0),
     "max_sequences": partial(_whole, minimum=1),
     "idle_timeout_s": _positive,
     "emulated_link_ms": partial(_number, minimum=0, inclusive=True),
+    "metrics_port": _port,
 }
 NODE_REQUIRED = {
     "name": "letters, digits, '-', '_' or '.', e.g. edge-1",
     "address": ADDRESS_HINT,
-    "stages": "a list of the stages this node hosts, e.g. [0]",
+    "stages": "a list of the stages this node hosts, e.g. [0], or [] for a standby node",
 }
 
 
@@ -360,11 +383,36 @@ def _endpoint(address: str) -> tuple[str, int]:
         return host.lower(), port
 
 
-def _check_addresses_unique(coordinator: CoordinatorSpec, nodes: tuple[NodeSpec, ...], top: _Key) -> None:
-    users = {_endpoint(coordinator.address): "the coordinator"}
+def listen_addresses(spec: ClusterSpec) -> list[tuple[str, str]]:
+    """(owner, host:port) of every port the cluster's processes listen on, metrics included."""
+    return [(owner, address) for owner, address, _ in _listeners(spec.coordinator, spec.nodes)]
+
+
+def _metrics_address(address: str, port: int) -> str:
+    host, _ = parse_address(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _listeners(coordinator: CoordinatorSpec, nodes: tuple[NodeSpec, ...]) -> list[tuple[str, str, str]]:
+    """(owner, host:port, key path) of every listening port."""
+    found = [("the coordinator", coordinator.address, "coordinator.address")]
+    if coordinator.metrics_port is not None:
+        found.append(("the coordinator's metrics", _metrics_address(coordinator.address, coordinator.metrics_port),
+                      "coordinator.metrics_port"))
     for i, node in enumerate(nodes):
-        endpoint = _endpoint(node.address)
+        found.append((node.name, node.address, f"nodes[{i}].address"))
+        if node.metrics_port is not None:
+            found.append((f"{node.name}'s metrics", _metrics_address(node.address, node.metrics_port),
+                          f"nodes[{i}].metrics_port"))
+    return found
+
+
+def _check_addresses_unique(coordinator: CoordinatorSpec, nodes: tuple[NodeSpec, ...], top: _Key) -> None:
+    users: dict[tuple[str, int], str] = {}
+    for owner, address, path in _listeners(coordinator, nodes):
+        endpoint = _endpoint(address)
         if endpoint in users:
-            raise top.child("nodes").item(i).child("address").error(
-                f"{node.address} is already used by {users[endpoint]}; give every node and the coordinator its own address")
-        users[endpoint] = node.name
+            key = _Key(top.file, path)
+            raise key.error(f"{address} is already used by {users[endpoint]}; give every node, the coordinator "
+                            "and each metrics port its own address")
+        users[endpoint] = owner

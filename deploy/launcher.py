@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deploy.cluster_file import ClusterSpec, load_cluster, parse_address
+from deploy.cluster_file import ClusterSpec, listen_addresses, load_cluster, parse_address
 from runtime.bundle import load_bundle
 from runtime.errors import SpeedError
+from runtime.wire import speed_pb2 as pb
+from runtime.wire import speed_pb2_grpc as pb_grpc
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
@@ -38,7 +39,7 @@ def state_dir(spec: ClusterSpec) -> Path:
 
 def check_free(spec: ClusterSpec) -> None:
     """Refuse to start when an address is taken, before any process is started."""
-    for owner, address in [("the coordinator", spec.coordinator.address), *((n.name, n.address) for n in spec.nodes)]:
+    for owner, address in listen_addresses(spec):
         host, port = parse_address(address)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -97,14 +98,17 @@ class LocalCluster:
             raise
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Until every node of the file has registered and runs its own stages (not just until the cluster
+        can serve, which one node of a weight-shared bundle already can)."""
         deadline = time.monotonic() + timeout_s
         with grpc.insecure_channel(self.endpoint) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
+            coordinator = pb_grpc.CoordinatorStub(channel)
             while True:
                 self.check_alive()
                 try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    status = coordinator.ClusterStatus(pb.ClusterStatusRequest(), timeout=1.0)
+                    if all(node.state == "serving" and tuple(node.hosting) == tuple(node.stages)
+                           for node in status.nodes):
                         return
                 except grpc.RpcError:
                     pass  # not listening yet

@@ -17,9 +17,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from deploy.cluster_file import NodeSpec, load_cluster
+from deploy.cluster_file import NodeSpec, load_cluster, parse_address
 from nodes.executor import OnnxStageModel
 from nodes.host import StageHost
+from nodes.node_metrics import NodeMetrics
 from nodes.registration import Registration
 from nodes.service import NodeService
 from runtime.bundle import Bundle, load_bundle
@@ -34,14 +35,22 @@ SERVICE_NAME = "speed.v1.Node"
 STOP_GRACE_S = 2.0
 
 
+def hostable_stages(bundle: Bundle, node: NodeSpec) -> tuple[int, ...]:
+    """The stages a node can run: any when all stages share one graph, else its own and its standby stages."""
+    if len(set(bundle.stage_graphs)) == 1:
+        return tuple(range(bundle.config.n_stages))
+    return tuple(sorted({*node.stages, *node.standby_stages}))
+
+
 def open_model(bundle: Bundle, node: NodeSpec) -> OnnxStageModel:
+    stages = hostable_stages(bundle, node)
     try:
-        return OnnxStageModel(bundle, device=node.device, threads=node.threads)
+        return OnnxStageModel(bundle, device=node.device, threads=node.threads, stages=stages)
     except SpeedError as exc:
         if node.device == "cpu" or not node.cpu_fallback:
             raise
         log.warning("node %s: %s; running on cpu because the cluster file allows cpu_fallback", node.name, exc)
-        return OnnxStageModel(bundle, device="cpu", threads=node.threads)
+        return OnnxStageModel(bundle, device="cpu", threads=node.threads, stages=stages)
 
 
 def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = None) -> None:
@@ -56,14 +65,19 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
     spec.check_stages(bundle.config.n_stages)
     model = open_model(bundle, node)
     host = StageHost(model, name=node.name, stages=node.stages, max_sequences=node.max_sequences,
-                     idle_timeout_s=node.idle_timeout_s)
+                     idle_timeout_s=node.idle_timeout_s, hostable=hostable_stages(bundle, node))
 
     def info() -> pb.NodeInfo:
         return pb.NodeInfo(name=node.name, stages=node.stages, bundle_sha256=bundle.sha256, provider=model.provider,
                            threads=node.threads, device=node.device, open_sequences=host.open_sequences,
-                           max_sequences=node.max_sequences, emulated_link_ms=node.emulated_link_ms)
+                           max_sequences=node.max_sequences, emulated_link_ms=node.emulated_link_ms,
+                           standby_stages=[s for s in host.hostable if s not in node.stages], hosting=host.stages,
+                           incarnation=host.incarnation)
 
-    service = NodeService(host, info, emulated_link_ms=node.emulated_link_ms)
+    metrics = NodeMetrics(node.name)
+    if node.metrics_port is not None:
+        metrics.serve(parse_address(node.address)[0], node.metrics_port)
+    service = NodeService(host, info, metrics=metrics, emulated_link_ms=node.emulated_link_ms)
     health_service = health.HealthServicer()
     for service_name in ("", SERVICE_NAME):
         health_service.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -86,7 +100,8 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
         refusal.append(message)
         stop.set()
 
-    registration = Registration(spec.coordinator.address, node.address, info, on_refused=refused)
+    registration = Registration(spec.coordinator.address, node.address, info, on_registered=service.adopt,
+                                on_refused=refused)
     registration.start()
     while not stop.wait(timeout=min(node.idle_timeout_s, 5.0)):
         for seq_id in service.expire_idle():

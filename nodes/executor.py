@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -36,16 +37,19 @@ class StageModel(Protocol):
 
 
 class OnnxStageModel:
-    """One session per distinct stage graph: stages that share weights share a session."""
+    """One session per distinct stage graph: stages that share weights share a session. Only the graphs
+    of `stages` are loaded (default all), so a node holds in memory just what it may run."""
 
-    def __init__(self, bundle: Bundle, *, device: str = "cpu", threads: int = 0):
+    def __init__(self, bundle: Bundle, *, device: str = "cpu", threads: int = 0, stages: Iterable[int] | None = None):
         self.config = bundle.config
         def session(path: Path):
             return create_session(path, device=device, threads=threads, sha256=bundle.file_sha256(path))
 
-        sessions = {path: session(path) for path in set(bundle.stage_graphs)}
-        self._stage_sessions = [sessions[path] for path in bundle.stage_graphs]
-        self._graph_ids = [sorted(sessions).index(path) for path in bundle.stage_graphs]
+        graphs = bundle.stage_graphs
+        self.stages = frozenset(range(len(graphs)) if stages is None else stages)  # the stages it can run
+        sessions = {path: session(path) for path in {graphs[stage] for stage in self.stages}}
+        self._stage_sessions = {stage: sessions[graphs[stage]] for stage in self.stages}
+        self._graph_ids = [sorted(set(graphs)).index(path) for path in graphs]
         self._head = session(bundle.head_graph)
         self.provider = self._head.get_providers()[0]
         self._embedding = bundle.embedding()

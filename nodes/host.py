@@ -1,11 +1,15 @@
 """The stages one node hosts, driven by step messages: each message is checked whole before any of it
 runs, so a malformed one changes nothing and the sequences of other callers go on undisturbed.
+
+A node serves one coordinator incarnation at a time. The coordinator assigns it its stages (its own
+from the cluster file, or more after another node was lost) and every assignment starts from no open
+sequence; a newer incarnation, announced at registration, frees everything an older one opened.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import grpc
 import numpy as np
@@ -28,14 +32,23 @@ class StepRefused(SpeedError):
 
 class StageHost:
     def __init__(self, model: StageModel, *, name: str, stages: tuple[int, ...], max_sequences: int,
-                 idle_timeout_s: float, clock: Callable[[], float] = time.monotonic):
+                 idle_timeout_s: float, hostable: Iterable[int] = (), clock: Callable[[], float] = time.monotonic):
+        """stages: the node's own; hostable: every stage whose graph the model holds (its own included)."""
         self.name = name
+        self.model = model
         self.cfg = model.config
-        self.stages = tuple(sorted(stages))
+        self.home = tuple(sorted(stages))
+        self.hostable = tuple(sorted({*stages, *hostable}))
         self.max_sequences = max_sequences
         self.idle_timeout_s = idle_timeout_s
+        self.incarnation = 0  # of the coordinator it serves; 0 before any
         self._clock = clock
-        self.executor = TickExecutor(model, slots=max_sequences, capacity=1, stages=self.stages)
+        self._host(self.home)
+
+    def _host(self, stages: Iterable[int]) -> None:
+        """Run these stages from now on, with no sequence open."""
+        self.stages = tuple(sorted(stages))
+        self.executor = TickExecutor(self.model, slots=self.max_sequences, capacity=1, stages=self.stages)
         self._last_used: dict[int, float] = {}
         self._capacity: dict[int, int] = {}  # positions each open sequence may use
 
@@ -43,7 +56,32 @@ class StageHost:
     def open_sequences(self) -> int:
         return len(self.executor.open_sequences)
 
+    def assign(self, incarnation: int, stages: Iterable[int]) -> None:
+        """Serve `incarnation` with `stages`, every sequence freed (its caches are rebuilt by replay)."""
+        stages = sorted(set(stages))
+        if incarnation < self.incarnation:
+            raise StepRefused(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name} serves coordinator incarnation "
+                              f"{self.incarnation}; an older one ({incarnation}) cannot assign it stages")
+        missing = [stage for stage in stages if stage not in self.hostable]
+        if missing:
+            raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name} holds the graphs of stages "
+                              f"{list(self.hostable)}, not of stage {missing[0]}; list it under the node's "
+                              "standby_stages in the cluster file to let it take that stage over")
+        self.incarnation = incarnation
+        self._host(stages)
+
+    def adopt(self, incarnation: int) -> None:
+        """A coordinator announced at registration: a newer incarnation frees everything of older ones."""
+        if incarnation > self.incarnation:
+            self.incarnation = incarnation
+            self._host(self.home)
+
     def step(self, batch: pb.StepBatch) -> pb.StepResults:
+        if batch.incarnation != self.incarnation:
+            raise StepRefused(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name} serves coordinator incarnation "
+                              f"{self.incarnation}, not {batch.incarnation}; the sender is not its coordinator")
+        for seq_id in batch.closes:  # freeing is never refused, so no slot outlives a refused message
+            self.close(seq_id)
         self.expire_idle()
         opens = self._check_opens(batch.opens)
         plan, hidden_in = self._check_steps(batch, opens)
@@ -54,8 +92,6 @@ class StageHost:
         for seq_id in {*opens, *(t.seq_id for t in plan.truncations), *(i.seq_id for i in plan.items)}:
             self._last_used[seq_id] = now
         result = self.executor.run(plan, hidden_in)
-        for seq_id in batch.closes:
-            self.close(seq_id)
         reply = pb.StepResults(tick=batch.tick)
         for item in plan.items:
             key = (item.seq_id, item.start)
@@ -80,7 +116,7 @@ class StageHost:
     def warm_up(self) -> None:
         """One real forward pass of every hosted stage and the classifier, so the first request is not slow."""
         seq_id = 2**64 - 1  # no caller has opened anything yet
-        batch = pb.StepBatch(opens=[pb.OpenSequence(seq_id=seq_id, capacity=8)])
+        batch = pb.StepBatch(opens=[pb.OpenSequence(seq_id=seq_id, capacity=8)], incarnation=self.incarnation)
         for stage in self.stages:
             item = batch.items.add(seq_id=seq_id, start=0, length=8, stage=stage)
             if stage == 0:
@@ -88,7 +124,7 @@ class StageHost:
             elif stage - 1 not in self.stages:
                 item.hidden.CopyFrom(pack(np.zeros((8, self.cfg.d_model), np.float32)))
             self.step(batch)
-            batch = pb.StepBatch()
+            batch = pb.StepBatch(incarnation=self.incarnation)
         self.close(seq_id)
 
     def _check_opens(self, opens) -> dict[int, tuple[SamplingParams, int, bool]]:

@@ -24,11 +24,12 @@ MAX_BACKOFF_S = 5.0
 
 class Registration(threading.Thread):
     def __init__(self, coordinator_address: str, address: str, info: Callable[[], pb.NodeInfo],
-                 *, on_refused: Callable[[str], None]):
+                 *, on_registered: Callable[[int], None], on_refused: Callable[[str], None]):
         super().__init__(name="registration", daemon=True)
         self.coordinator_address = coordinator_address
         self.address = address
         self.info = info
+        self.on_registered = on_registered  # with the coordinator's incarnation
         self.on_refused = on_refused  # the coordinator will never accept this node: a person must act
         self.stopping = threading.Event()
         self.registered = threading.Event()
@@ -43,6 +44,7 @@ class Registration(threading.Thread):
                         reply = registry.Register(pb.RegisterRequest(info=self.info(), address=self.address),
                                                   timeout=CALL_TIMEOUT_S)
                         interval = reply.heartbeat_interval_s or interval
+                        self.on_registered(reply.incarnation)
                         self.registered.set()
                         log.info("registered with the coordinator of cluster %s at %s", reply.cluster,
                                  self.coordinator_address)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from nodes.host import StageHost, StepRefused
+from nodes.node_metrics import NodeMetrics
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 
@@ -17,8 +18,12 @@ log = logging.getLogger("speed.node")
 
 
 class NodeService(pb_grpc.NodeServicer):
-    def __init__(self, host: StageHost, info: Callable[[], pb.NodeInfo], *, emulated_link_ms: float = 0.0):
+    def __init__(self, host: StageHost, info: Callable[[], pb.NodeInfo], *, metrics: NodeMetrics,
+                 emulated_link_ms: float = 0.0):
         self.host = host
+        self.metrics = metrics
+        metrics.set_max_sequences(host.max_sequences)
+        metrics.set_hosting(len(host.stages))
         self._info = info
         self._lock = threading.Lock()  # one ONNX Runtime call at a time; its own threads do the parallel work
         self._link_delay_s = emulated_link_ms / 1000
@@ -26,17 +31,41 @@ class NodeService(pb_grpc.NodeServicer):
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.NodeInfo:
         return self._info()
 
+    def Assign(self, request: pb.AssignRequest, context: grpc.ServicerContext) -> pb.NodeInfo:
+        with self._lock:
+            try:
+                self.host.assign(request.incarnation, request.stages)
+            except StepRefused as exc:
+                context.abort(exc.code, str(exc))
+            self.metrics.set_hosting(len(self.host.stages))
+            self.metrics.set_sequences(0)
+        log.info("serving coordinator incarnation %d with stages %s", request.incarnation, list(self.host.stages))
+        return self._info()
+
+    def adopt(self, incarnation: int) -> None:
+        """The coordinator announced its incarnation at registration."""
+        with self._lock:
+            self.host.adopt(incarnation)
+            self.metrics.set_hosting(len(self.host.stages))
+            self.metrics.set_sequences(self.host.open_sequences)
+
     def Steps(self, requests: Iterator[pb.StepBatch], context: grpc.ServicerContext) -> Iterator[pb.StepResults]:
         for batch in requests:
             self._emulate_link()
             with self._lock:
+                started = time.perf_counter()
                 try:
                     results = self.host.step(batch)
                 except StepRefused as exc:
+                    self.metrics.refused(exc.code.name)
                     context.abort(exc.code, str(exc))
                 except Exception as exc:  # a bug: the caller gets a sentence, the node keeps serving others
                     log.exception("a step failed")
+                    self.metrics.refused(grpc.StatusCode.INTERNAL.name)
                     context.abort(grpc.StatusCode.INTERNAL, f"node {self.host.name} failed to run a step: {exc!r}")
+                finally:
+                    self.metrics.set_sequences(self.host.open_sequences)
+                self.metrics.step(time.perf_counter() - started)
             self._emulate_link()
             yield results
 
@@ -47,4 +76,6 @@ class NodeService(pb_grpc.NodeServicer):
 
     def expire_idle(self) -> list[int]:
         with self._lock:
-            return self.host.expire_idle()
+            expired = self.host.expire_idle()
+            self.metrics.set_sequences(self.host.open_sequences)
+            return expired

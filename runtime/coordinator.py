@@ -2,7 +2,9 @@
 
 Nodes register themselves (and again after a restart of either side); the coordinator checks that a
 node is the one the cluster file names, hosts the stages it says and serves the same bundle, then
-opens its step stream. Health is SERVING while every stage has a serving node.
+opens its step stream. Each run of the coordinator is an incarnation (its start time in nanoseconds):
+nodes learn it at registration and free whatever an older one left. Health is SERVING while every
+stage has a serving node to run it.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from deploy.cluster_file import ClusterSpec, load_cluster
+from deploy.cluster_file import ClusterSpec, load_cluster, parse_address
 from runtime.bundle import Bundle, load_bundle
-from runtime.engine import Engine, Request, RequestFailed
+from runtime.coordinator_metrics import CoordinatorMetrics
+from runtime.engine import Engine, QueueFull, Request, RequestFailed
 from runtime.errors import SpeedError
+from runtime.placement import stages_of
 from runtime.reference import check_request
 from runtime.remote_node import DOWN, SERVING, RemoteNode
 from runtime.stopping import StopStrings
@@ -35,6 +39,8 @@ SERVICE_NAME = "speed.v1.Coordinator"
 DEFAULT_MAX_NEW_TOKENS = 64
 MISSED_HEARTBEATS = 3  # a node silent this many intervals is down
 STOP_GRACE_S = 2.0
+DEADLINE_MARGIN_S = 0.05  # answer a little before the client's own deadline, so it gets our sentence
+ERROR_ORIGIN = ("speed-error-origin", "coordinator")  # trailing metadata: the coordinator said it, not the network
 
 
 class Cluster:
@@ -45,15 +51,22 @@ class Cluster:
         self.bundle = bundle
         self.tokenizer = bundle.tokenizer()
         self.health = health.aio.HealthServicer()
-        self.nodes = [RemoteNode(node, step_timeout_s=spec.coordinator.step_timeout_s, on_state_change=self.update_health)
+        self.metrics = CoordinatorMetrics()
+        self.nodes = [RemoteNode(node, step_timeout_s=spec.coordinator.step_timeout_s, on_state_change=self.node_changed)
                       for node in spec.nodes]
         self.engine = Engine(self.nodes, config=bundle.config, eos_id=bundle.eos_token_id,
-                             prefill_chunk=spec.speculation.prefill_chunk,
-                             max_sequences=min(node.max_sequences for node in spec.nodes))
+                             prefill_chunk=spec.speculation.prefill_chunk, max_queue=spec.coordinator.max_queue,
+                             incarnation=time.time_ns(), metrics=self.metrics)
 
     @property
     def serving(self) -> bool:
-        return all(node.state == SERVING for node in self.nodes)
+        """Every stage has a serving node that can run it (its own, or one that took it over)."""
+        serving = [node for node in self.nodes if node.state == SERVING]
+        return all(any(stage in node.can_run for node in serving) for stage in range(self.bundle.config.n_stages))
+
+    async def node_changed(self) -> None:
+        self.engine.wake()
+        await self.update_health()
 
     async def update_health(self) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if self.serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -72,9 +85,20 @@ class Cluster:
         check_request(prompt_ids, self.bundle.config, max_new_tokens)
         stop = StopStrings(self.tokenizer, list(request.stop))
         speculative = request.speculative if request.HasField("speculative") else self.spec.speculation.enabled
+        generated = self._continuation(request.continuation, max_new_tokens)
+        text = TextStream(self.tokenizer, stop)
+        text.emitted = min(max(request.continuation.text_chars, 0), len(text.text(generated)))
         return Request(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, speculative=speculative,
-                       stop=stop, text=TextStream(self.tokenizer, stop), ignore_eos=request.ignore_eos,
-                       plain_guesses=request.plain_guesses)
+                       stop=stop, text=text, ignore_eos=request.ignore_eos, plain_guesses=request.plain_guesses,
+                       generated=generated)
+
+    def _continuation(self, continuation: pb.Continuation, max_new_tokens: int) -> list[int]:
+        tokens = list(continuation.token_ids)
+        vocab = self.bundle.config.vocab_size
+        if len(tokens) > max_new_tokens or not all(0 <= token < vocab for token in tokens):
+            raise SpeedError(f"the continuation must hold at most max_new_tokens ({max_new_tokens}) token ids, each in "
+                             f"0..{vocab - 1}: the tokens this request already received")
+        return tokens
 
     async def register(self, request: pb.RegisterRequest) -> RemoteNode:
         info = request.info
@@ -106,14 +130,22 @@ class Cluster:
 
     def status(self) -> pb.ClusterStatusReply:
         now = time.monotonic()
+        engine = self.engine
         reply = pb.ClusterStatusReply(cluster=self.spec.name, bundle_sha256=self.bundle.sha256, serving=self.serving,
-                                      active_requests=self.engine.active_requests,
-                                      speculation=self.spec.speculation.enabled)
+                                      active_requests=engine.active_requests, queued_requests=engine.queued_requests,
+                                      max_queue=engine.max_queue, speculation=self.spec.speculation.enabled,
+                                      incarnation=engine.incarnation)
         for node in self.nodes:
             reply.nodes.add(name=node.name, address=node.address, stages=node.spec.stages, state=node.state,
                             provider=node.info.provider if node.info else "", threads=node.spec.threads,
-                            last_heartbeat_s=now - node.last_heartbeat if node.last_heartbeat else -1.0)
+                            last_heartbeat_s=now - node.last_heartbeat if node.last_heartbeat else -1.0,
+                            hosting=stages_of(engine.placement, node.name), sequences=node.held,
+                            max_sequences=node.max_sequences)
         return reply
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    await context.abort(code, message, trailing_metadata=(ERROR_ORIGIN,))
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -121,27 +153,51 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.cluster = cluster
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        metrics = self.cluster.metrics
         try:
             prepared = self.cluster.prepare(request)
         except SpeedError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            metrics.request_ended("invalid")
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         engine = self.cluster.engine
-        engine.submit(prepared)
-        finished = False
         try:
-            while not finished:
-                event = await prepared.events.get()
+            engine.submit(prepared)
+        except QueueFull as exc:
+            metrics.request_ended("rejected")
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        loop = asyncio.get_running_loop()
+        allowed = context.time_remaining()  # None: the client set no deadline
+        deadline = None if allowed is None else loop.time() + allowed - DEADLINE_MARGIN_S
+        outcome = "cancelled"  # unless it ends otherwise: the client went away
+        try:
+            while outcome == "cancelled":
+                try:
+                    event = await asyncio.wait_for(prepared.events.get(),
+                                                   None if deadline is None else max(deadline - loop.time(), 0))
+                except asyncio.TimeoutError:
+                    outcome = "deadline_exceeded"
+                    engine.cancel(prepared)
+                    await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, _late(prepared, allowed))
                 if isinstance(event, RequestFailed):
-                    finished = True
-                    await context.abort(event.code, event.message)
-                finished = event.HasField("finished")
+                    outcome = "failed"
+                    await _abort(context, event.code, event.message)
+                if event.HasField("finished"):
+                    outcome = "completed"
                 yield event
         finally:
-            if not finished:
+            metrics.request_ended(outcome)
+            if outcome == "cancelled":
                 engine.cancel(prepared)  # the client went away: free the sequence's caches now
 
     async def ClusterStatus(self, request: pb.ClusterStatusRequest, context) -> pb.ClusterStatusReply:
         return self.cluster.status()
+
+
+def _late(request: Request, allowed: float) -> str:
+    where = (f"after {request.sent_tokens} generated token(s)" if request.admitted
+             else "while it waited for a free sequence slot")
+    return (f"the request did not finish within its {allowed:.3g} s deadline ({where}); give it a longer timeout, "
+            "ask for fewer tokens, or retry when the cluster is less busy")
 
 
 class RegistryService(pb_grpc.RegistryServicer):
@@ -155,13 +211,14 @@ class RegistryService(pb_grpc.RegistryServicer):
             log.error("refused a node: %s", exc)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return pb.RegisterReply(cluster=self.cluster.spec.name,
-                                heartbeat_interval_s=self.cluster.spec.coordinator.heartbeat_interval_s)
+                                heartbeat_interval_s=self.cluster.spec.coordinator.heartbeat_interval_s,
+                                incarnation=self.cluster.engine.incarnation)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
         node = next((n for n in self.cluster.nodes if n.name == request.name), None)
         if node is None or node.state != SERVING:
             return pb.HeartbeatReply(known=False)
-        node.last_heartbeat = time.monotonic()
+        node.last_heartbeat, node.held = time.monotonic(), request.open_sequences
         return pb.HeartbeatReply(known=True)
 
 
@@ -169,7 +226,10 @@ def run_coordinator(cluster_path: Path) -> None:
     spec = load_cluster(cluster_path)
     bundle = load_bundle(spec.bundle)
     spec.check_stages(bundle.config.n_stages)
-    asyncio.run(_serve(Cluster(spec, bundle)))
+    cluster = Cluster(spec, bundle)
+    if spec.coordinator.metrics_port is not None:
+        cluster.metrics.serve(parse_address(spec.coordinator.address)[0], spec.coordinator.metrics_port)
+    asyncio.run(_serve(cluster))
 
 
 async def _serve(cluster: Cluster) -> None:
@@ -180,8 +240,8 @@ async def _serve(cluster: Cluster) -> None:
     await cluster.update_health()
     options.listen(server, cluster.spec.coordinator.address)
     await server.start()
-    log.info("coordinator of cluster %s listening on %s; waiting for %d node(s) to register", cluster.spec.name,
-             cluster.spec.coordinator.address, len(cluster.nodes))
+    log.info("coordinator of cluster %s (incarnation %d) listening on %s; waiting for %d node(s) to register",
+             cluster.spec.name, cluster.engine.incarnation, cluster.spec.coordinator.address, len(cluster.nodes))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -14,15 +14,21 @@ from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 
 WAITING, SERVING, DOWN = "waiting", "serving", "down"
-STOPPED = "the request was stopped. Restart the node: it registers again and the cluster serves new requests"
 
 
 class NodeFailure(Exception):
-    """A node stopped answering, or refused a step: the requests it was serving cannot go on."""
+    """A node refused a step: a coordinator bug, so the requests of that tick cannot go on."""
 
-    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE):
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INTERNAL):
         super().__init__(message)
         self.code = code
+
+
+class NodeLost(NodeFailure):
+    """A node stopped answering (or registered again): its stages move and the requests are replayed."""
+
+    def __init__(self, message: str):
+        super().__init__(message, grpc.StatusCode.UNAVAILABLE)
 
 
 class RemoteNode:
@@ -35,6 +41,8 @@ class RemoteNode:
         self.info: pb.NodeInfo | None = None
         self.address = spec.address
         self.last_heartbeat: float | None = None
+        self.assigned: tuple[int, ...] | None = None  # the stages it was told to run on this connection
+        self.held = 0  # sequences it reported holding at its last heartbeat
         self._channel: grpc.aio.Channel | None = None
         self._stream = None
 
@@ -45,10 +53,19 @@ class RemoteNode:
     def describe(self) -> str:
         return f"node {self.name} ({self.address})"
 
+    @property
+    def can_run(self) -> frozenset[int]:
+        """The stages whose graphs it holds: its own and its standby stages."""
+        return frozenset(self.info.stages) | frozenset(self.info.standby_stages) if self.info else frozenset()
+
+    @property
+    def max_sequences(self) -> int:
+        return self.info.max_sequences if self.info else self.spec.max_sequences
+
     async def connect(self, info: pb.NodeInfo, address: str) -> None:
         """Open a fresh step stream to a node that has just registered."""
         await self.disconnect(WAITING)
-        self.info, self.address = info, address
+        self.info, self.address, self.held = info, address, info.open_sequences
         self._channel = grpc.aio.insecure_channel(address, options=options.CHANNEL)
         self._stream = pb_grpc.NodeStub(self._channel).Steps()
         self.last_heartbeat = time.monotonic()
@@ -57,6 +74,7 @@ class RemoteNode:
 
     async def disconnect(self, state: str = DOWN) -> None:
         self.state = state
+        self.assigned = None
         stream, channel, self._stream, self._channel = self._stream, self._channel, None, None
         if stream is not None:
             stream.cancel()
@@ -68,11 +86,24 @@ class RemoteNode:
         if self.on_state_change is not None:
             await self.on_state_change()
 
+    async def assign(self, incarnation: int, stages: list[int]) -> None:
+        """Tell the node which stages it runs for this coordinator; it frees every sequence it held."""
+        stream = self._stream
+        if stream is None:
+            raise NodeLost(f"{self.describe()} is {self.state}")
+        try:
+            info = await pb_grpc.NodeStub(self._channel).Assign(
+                pb.AssignRequest(incarnation=incarnation, stages=stages), timeout=self.step_timeout_s)
+        except grpc.aio.AioRpcError as exc:  # whatever the reason, it cannot run stages for us now
+            raise await self._lost(stream, f"did not take stages {stages} ({exc.code().name}: {exc.details()})") from None
+        if self._stream is stream:
+            self.assigned, self.held = tuple(stages), info.open_sequences
+
     async def step(self, batch: pb.StepBatch) -> pb.StepResults:
         """Send one step message and wait for its results, at most step_timeout_s."""
         stream = self._stream
-        if stream is None:
-            raise NodeFailure(f"{self.describe()} is down; {STOPPED}")
+        if stream is None or self.assigned is None:
+            raise NodeLost(f"{self.describe()} is {self.state if stream is None else 'not assigned its stages yet'}")
         try:
             return await asyncio.wait_for(self._exchange(stream, batch), self.step_timeout_s)
         except asyncio.InvalidStateError:  # the stream had already ended: the node is gone
@@ -87,11 +118,11 @@ class RemoteNode:
                 self._stream = pb_grpc.NodeStub(self._channel).Steps()
             raise NodeFailure(f"{self.describe()} refused a step: {exc.details()}", grpc.StatusCode.INTERNAL) from None
 
-    async def _lost(self, stream, what: str) -> NodeFailure:
+    async def _lost(self, stream, what: str) -> NodeLost:
         """Mark the node down, unless it has registered again since this stream was opened."""
         if self._stream is stream:
             await self.disconnect()
-        return NodeFailure(f"{self.describe()} {what}; {STOPPED}")
+        return NodeLost(f"{self.describe()} {what}")
 
     @staticmethod
     async def _exchange(stream, batch: pb.StepBatch) -> pb.StepResults:

@@ -10,6 +10,10 @@ An item is a run of consecutive positions of one sequence at one stage: prompt c
 single decode tokens move through the same pipeline, so the first decode token enters stage 0 one tick
 after stage 0 has seen the prompt's last position. No I/O and no tensors here: the executor keeps each
 item's hidden state between ticks, keyed by (sequence, start).
+
+A rewind (after lost caches) is a flush at position 0: every stage's cache is cut to nothing and the
+prompt plus every committed token is fed again as prefill; since a token depends only on the tokens
+before it (and a sampled draw on its seed and position), decoding then goes on with the same text.
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ class Sequence:
     speculate: bool
     eos_id: int | None
     should_stop: Callable[[list[int]], bool] | None  # given the generated tokens, e.g. a stop string
+    prefill: list[int] = field(default_factory=list)  # fed before decoding: the prompt (+ committed tokens after a rewind)
     generated: list[int] = field(default_factory=list)
     flights: list[_Flight] = field(default_factory=list)  # oldest first
     next_prompt_position: int = 0
@@ -106,7 +111,9 @@ class SpeedScheduler:
         self._finished: list[int] = []
 
     def add(self, seq_id: int, prompt: list[int], *, max_new_tokens: int, context_length: int, speculate: bool = True,
-            eos_id: int | None = None, should_stop: Callable[[list[int]], bool] | None = None) -> Sequence:
+            eos_id: int | None = None, should_stop: Callable[[list[int]], bool] | None = None,
+            generated: list[int] | None = None) -> Sequence:
+        """generated: tokens already committed (a resumed request); decoding continues after them."""
         if seq_id in self.sequences:
             raise ValueError(f"sequence {seq_id} already exists")
         if not prompt or len(prompt) >= context_length or max_new_tokens < 1:
@@ -114,12 +121,42 @@ class SpeedScheduler:
         seq = Sequence(
             seq_id=seq_id, prompt=list(prompt), max_new_tokens=max_new_tokens, speculate=speculate, eos_id=eos_id,
             should_stop=should_stop, last_position=min(context_length, len(prompt) + max_new_tokens - 1) - 1,
+            generated=list(generated or []),
         )
+        seq.prefill = seq.prompt + seq.generated
         seq.stats.flips = [0] * (self.n_stages - 1)
         seq.stats.checks = [0] * (self.n_stages - 1)
         self.sequences[seq_id] = seq
-        self._enter_prompt_chunk(seq)
+        if seq.generated:
+            self._end_if_complete(seq)
+        if not seq.done:
+            self._enter_prompt_chunk(seq)
         return seq
+
+    def _end_if_complete(self, seq: Sequence) -> None:
+        """A resumed sequence whose committed tokens already end it (the end was lost on the way)."""
+        if seq.should_stop is not None and seq.should_stop(seq.generated):
+            seq.stop_reason = "stop"
+        elif len(seq.generated) >= seq.max_new_tokens:
+            seq.stop_reason = "length"
+        elif len(seq.prefill) > seq.last_position + 1:
+            seq.stop_reason = "context"
+        if seq.done:
+            self._finished.append(seq.seq_id)
+
+    def rewind(self, seq_id: int) -> None:
+        """Forget every cache entry and in-flight item of a sequence: all stages start again at position 0
+        with the prompt and the committed tokens as prefill (the caches were lost, or moved elsewhere)."""
+        seq = self.sequences[seq_id]
+        if seq.done:
+            return
+        seq.stats.flushed_steps += sum(f.next_stage for f in seq.flights)
+        seq.flights = []
+        seq.prefill = seq.prompt + seq.generated
+        seq.next_prompt_position = 0
+        self._truncations = [cut for cut in self._truncations if cut.seq_id != seq_id]
+        self._truncations.extend(Truncate(seq_id, stage, 0) for stage in range(self.n_stages))
+        self._enter_prompt_chunk(seq)
 
     @property
     def active(self) -> bool:
@@ -153,8 +190,8 @@ class SpeedScheduler:
         for index, f in enumerate(seq.flights):
             stage = f.next_stage
             f.next_stage += 1
-            if f.end < len(seq.prompt):
-                continue  # a prompt chunk whose successor is the prompt itself: nothing to check
+            if f.end < len(seq.prefill):
+                continue  # a prefill chunk whose successor is the prefill itself: nothing to check
             prediction = predictions.get((seq.seq_id, f.start))
             if prediction is None:  # without speculation only the last stage's prediction matters
                 break
@@ -213,12 +250,12 @@ class SpeedScheduler:
         self._truncations.extend(Truncate(seq.seq_id, s, dropped[0].start) for s in range(passed))
 
     def _enter_prompt_chunk(self, seq: Sequence) -> None:
-        """Feed the next prompt chunk to stage 0 when stage 0 is free."""
-        if seq.next_prompt_position >= len(seq.prompt) or any(f.next_stage == 0 for f in seq.flights):
+        """Feed the next prefill chunk to stage 0 when stage 0 is free."""
+        if seq.next_prompt_position >= len(seq.prefill) or any(f.next_stage == 0 for f in seq.flights):
             return
         start = seq.next_prompt_position
-        end = min(len(seq.prompt), start + self.prefill_chunk)
-        seq.flights.append(_Flight(start, end - start, 0, tuple(seq.prompt[start:end])))
+        end = min(len(seq.prefill), start + self.prefill_chunk)
+        seq.flights.append(_Flight(start, end - start, 0, tuple(seq.prefill[start:end])))
         seq.next_prompt_position = end
 
     def remove(self, seq_id: int) -> Sequence:

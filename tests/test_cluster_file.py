@@ -169,7 +169,8 @@ def test_an_unknown_node_key_is_named_with_a_suggestion(tmp_path):
 
     path = cluster_with(tmp_path, edit)
     fails(path, f"{path}: nodes[1]: unknown key 'stage'; expected one of address, cpu_fallback, device, "
-                "emulated_link_ms, idle_timeout_s, max_sequences, name, stages, threads (did you mean 'stages'?)")
+                "emulated_link_ms, idle_timeout_s, max_sequences, metrics_port, name, stages, standby_stages, threads "
+                "(did you mean 'stages'?)")
 
 
 def test_an_unknown_key_without_a_close_match_gets_no_suggestion(tmp_path):
@@ -182,7 +183,8 @@ def test_an_unknown_key_without_a_close_match_gets_no_suggestion(tmp_path):
 
 @pytest.mark.parametrize("section, key, expected", [
     ("coordinator", "step_timeout", "coordinator: unknown key 'step_timeout'; expected one of address, "
-                                    "heartbeat_interval_s, step_timeout_s (did you mean 'step_timeout_s'?)"),
+                                    "heartbeat_interval_s, max_queue, metrics_port, step_timeout_s "
+                                    "(did you mean 'step_timeout_s'?)"),
     ("speculation", "enable", "speculation: unknown key 'enable'; expected one of enabled, prefill_chunk "
                               "(did you mean 'enabled'?)"),
 ])
@@ -229,8 +231,11 @@ def set_node_key(index: int, key: str, value):
     (set_node_key(0, "name", 7), "nodes[0].name: expected a non-empty string, got 7"),
     (set_node_key(0, "address", 50051), "nodes[0].address: expected host:port, e.g. 127.0.0.1:50051, got 50051"),
     (set_node_key(0, "address", "127.0.0.1"), "nodes[0].address: '127.0.0.1' is not host:port; write e.g. 127.0.0.1"),
-    (set_node_key(0, "stages", 0), "nodes[0].stages: expected a non-empty list of whole numbers >= 0, e.g. [0], got 0"),
-    (set_node_key(0, "stages", []), "nodes[0].stages: expected a non-empty list of whole numbers >= 0, e.g. [0], got []"),
+    (set_node_key(0, "stages", 0), "nodes[0].stages: expected a list of whole numbers >= 0, e.g. [0], got 0"),
+    (set_node_key(0, "standby_stages", 1),
+     "nodes[0].standby_stages: expected a list of whole numbers >= 0, e.g. [0], got 1"),
+    (set_node_key(0, "metrics_port", 70000), "nodes[0].metrics_port: expected a port, a whole number from 1 to 65535"),
+    (lambda d: d["coordinator"].update(max_queue=-1), "coordinator.max_queue: expected a whole number >= 0, got -1"),
     (set_node_key(0, "stages", [0, "1"]), "nodes[0].stages[1]: expected a whole number >= 0, got '1'"),
     (set_node_key(0, "stages", [-1]), "nodes[0].stages[0]: expected a whole number >= 0, got -1"),
     (set_node_key(0, "stages", [0, 1, 0]), "nodes[0].stages: 0 is listed twice; list each once"),
@@ -268,7 +273,7 @@ def test_a_duplicate_node_name_is_named(tmp_path):
 def test_colliding_addresses_are_named(tmp_path, index, address, user):
     path = cluster_with(tmp_path, set_node_key(index, "address", address))
     fails(path, f"{path}: nodes[{index}].address: {address} is already used by {user}; "
-                "give every node and the coordinator its own address")
+                "give every node, the coordinator and each metrics port its own address")
 
 
 def test_addresses_collide_by_meaning_for_ip_hosts(tmp_path):
@@ -332,3 +337,24 @@ def test_node_and_owner_of_name_what_exists(tmp_path):
         spec.node("x")
     with pytest.raises(SpeedError, match=re.escape("nodes: stage 3 is hosted by no node")):
         spec.owner_of(3)
+
+
+def test_a_metrics_port_may_not_take_another_process_address(tmp_path):
+    path = cluster_with(tmp_path, set_node_key(1, "metrics_port", 50051))
+    fails(path, f"{path}: nodes[1].metrics_port: 127.0.0.1:50051 is already used by edge-1; give every node, the "
+                "coordinator and each metrics port its own address")
+
+
+def test_a_standby_node_hosts_no_stage_and_may_name_stages_to_take_over(tmp_path):
+    def edit(data):
+        data["nodes"].append({"name": "spare", "address": "127.0.0.1:50059", "stages": [], "standby_stages": [1, 2]})
+
+    spec = load_cluster(cluster_with(tmp_path, edit))
+    assert spec.node("spare").stages == () and spec.node("spare").standby_stages == (1, 2)
+    spec.check_stages(3)
+
+
+def test_a_standby_stage_that_does_not_exist_is_named(tmp_path):
+    spec = load_cluster(cluster_with(tmp_path, set_node_key(0, "standby_stages", [7])))
+    with pytest.raises(SpeedError, match=re.escape("nodes[0].standby_stages: stage 7 does not exist")):
+        spec.check_stages(3)

@@ -375,11 +375,10 @@ def test_closing_frees_the_sequence(stubs):
     with steps(stub) as stream:
         stream.step(prompt_batch("edge-1", seq_id))
         assert open_sequences(stub) == before + 1
-        # closes apply after the batch's items: the last step still runs
-        last = stream.step(pb.StepBatch(items=[tokens_item(seq_id, PROMPT, 1)], closes=[seq_id]))
-    assert [(r.seq_id, r.start) for r in last.results] == [(seq_id, PROMPT)]
+        # closes apply before anything else in a message, so its slot serves the message's opens
+        stream.step(pb.StepBatch(closes=[seq_id]))
     assert open_sequences(stub) == before
-    error = refusal_of(stub, pb.StepBatch(items=[tokens_item(seq_id, PROMPT + 1, 1)]))
+    error = refusal_of(stub, pb.StepBatch(items=[tokens_item(seq_id, PROMPT, 1)]))
     assert error.code() == grpc.StatusCode.NOT_FOUND and "not open" in error.details()
     # and the id may be opened afresh, from position 0
     assert summary(one_step(stub, prompt_batch("edge-1", seq_id)))[0][:2] == (seq_id, 0)

@@ -106,6 +106,69 @@ def test_committed_stream_equals_the_oracle_and_flushes_roll_back(data, n_stages
             assert cache == streams[s][: len(cache)]
 
 
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.data(),
+    n_stages=st.integers(1, 4),
+    prompt_len=st.integers(1, 9),
+    max_new=st.integers(1, 25),
+    chunk=st.integers(1, 5),
+    flip_rate=st.sampled_from([0.0, 0.3, 1.0]),
+    loss_rate=st.sampled_from([0.05, 0.2, 0.5]),
+    speculate=st.booleans(),
+)
+def test_lost_caches_are_rebuilt_by_replay_and_the_text_is_unchanged(data, n_stages, prompt_len, max_new, chunk,
+                                                                      flip_rate, loss_rate, speculate):
+    """A failover: a tick whose results never come back, every cache gone, every sequence rewound."""
+    flips = {}
+
+    def wrong(seq_id, position, stage):
+        key = (seq_id, position, stage)
+        if key not in flips:
+            flips[key] = flip_rate > 0 and data.draw(st.floats(0, 1)) < flip_rate
+        return flips[key]
+
+    scheduler = SpeedScheduler(n_stages, prefill_chunk=chunk)
+    streams = {s: oracle_stream(s, prompt_len, max_new) for s in range(2)}
+    for s in streams:
+        scheduler.add(s, streams[s][:prompt_len], max_new_tokens=max_new, context_length=1000, eos_id=EOS,
+                      speculate=speculate)
+    run = SyntheticRun(scheduler, streams, wrong)
+    losses = 0
+    for _ in range(10_000):
+        if not scheduler.active:
+            break
+        if losses < 5 and data.draw(st.floats(0, 1)) < loss_rate:
+            scheduler.plan()  # sent, never answered
+            losses += 1
+            run.caches, run.carried = {}, {}
+            for seq_id in scheduler.sequences:
+                scheduler.rewind(seq_id)
+            continue
+        run.run_tick()
+    for s, seq in scheduler.sequences.items():
+        assert seq.generated == streams[s][prompt_len : prompt_len + max_new]
+        for stage in range(n_stages):
+            cache = run.caches.get((s, stage), [])[: prompt_len + len(seq.generated)]
+            assert cache == streams[s][: len(cache)]
+
+
+@given(prompt_len=st.integers(1, 9), max_new=st.integers(1, 20), done=st.integers(0, 20), n_stages=st.integers(1, 4))
+def test_a_resumed_sequence_continues_after_the_tokens_it_already_has(prompt_len, max_new, done, n_stages):
+    done = min(done, max_new)
+    stream = oracle_stream(3, prompt_len, max_new)
+    scheduler = SpeedScheduler(n_stages, prefill_chunk=4)
+    seq = scheduler.add(0, stream[:prompt_len], max_new_tokens=max_new, context_length=1000,
+                        generated=stream[prompt_len : prompt_len + done])
+    run = SyntheticRun(scheduler, {0: stream}, lambda *_: False)
+    for _ in range(1000):
+        if not scheduler.active:
+            break
+        run.run_tick()
+    assert seq.generated == stream[prompt_len : prompt_len + max_new]
+    assert seq.stop_reason == "length"
+
 def test_the_prompt_is_prefilled_in_chunks_and_decoding_starts_right_after():
     scheduler = SpeedScheduler(3, prefill_chunk=4)
     scheduler.add(0, list(range(1, 11)), max_new_tokens=5, context_length=100)

@@ -43,7 +43,7 @@ class Stats(_message.Message):
     def __init__(self, ticks: _Optional[int] = ..., committed: _Optional[int] = ..., flips_per_boundary: _Optional[_Iterable[float]] = ..., flushed_steps: _Optional[int] = ..., mean_in_flight: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "max_new_tokens", "sampling", "speculative", "stop", "ignore_eos", "chat", "plain_guesses")
+    __slots__ = ("prompt", "max_new_tokens", "sampling", "speculative", "stop", "ignore_eos", "chat", "plain_guesses", "continuation")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class GenerateRequest(_message.Message):
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     PLAIN_GUESSES_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     max_new_tokens: int
     sampling: Sampling
@@ -60,7 +61,16 @@ class GenerateRequest(_message.Message):
     ignore_eos: bool
     chat: bool
     plain_guesses: bool
-    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., speculative: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., chat: _Optional[bool] = ..., plain_guesses: _Optional[bool] = ...) -> None: ...
+    continuation: Continuation
+    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., speculative: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., chat: _Optional[bool] = ..., plain_guesses: _Optional[bool] = ..., continuation: _Optional[_Union[Continuation, _Mapping]] = ...) -> None: ...
+
+class Continuation(_message.Message):
+    __slots__ = ("token_ids", "text_chars")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    text_chars: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text_chars: _Optional[int] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("token_ids", "text")
@@ -105,7 +115,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("name", "address", "stages", "state", "provider", "threads", "last_heartbeat_s")
+    __slots__ = ("name", "address", "stages", "state", "provider", "threads", "last_heartbeat_s", "hosting", "sequences", "max_sequences")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +123,9 @@ class NodeStatus(_message.Message):
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    HOSTING_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     stages: _containers.RepeatedScalarFieldContainer[int]
@@ -120,30 +133,47 @@ class NodeStatus(_message.Message):
     provider: str
     threads: int
     last_heartbeat_s: float
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., state: _Optional[str] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ...) -> None: ...
+    hosting: _containers.RepeatedScalarFieldContainer[int]
+    sequences: int
+    max_sequences: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., state: _Optional[str] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., hosting: _Optional[_Iterable[int]] = ..., sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ...) -> None: ...
 
 class ClusterStatusReply(_message.Message):
-    __slots__ = ("cluster", "bundle_sha256", "serving", "nodes", "active_requests", "speculation")
+    __slots__ = ("cluster", "bundle_sha256", "serving", "nodes", "active_requests", "speculation", "queued_requests", "max_queue", "incarnation")
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SPECULATION_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     cluster: str
     bundle_sha256: str
     serving: bool
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     active_requests: int
     speculation: bool
-    def __init__(self, cluster: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., serving: _Optional[bool] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., active_requests: _Optional[int] = ..., speculation: _Optional[bool] = ...) -> None: ...
+    queued_requests: int
+    max_queue: int
+    incarnation: int
+    def __init__(self, cluster: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., serving: _Optional[bool] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., active_requests: _Optional[int] = ..., speculation: _Optional[bool] = ..., queued_requests: _Optional[int] = ..., max_queue: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
+
+class AssignRequest(_message.Message):
+    __slots__ = ("incarnation", "stages")
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    incarnation: int
+    stages: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, incarnation: _Optional[int] = ..., stages: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "stages", "bundle_sha256", "provider", "threads", "device", "open_sequences", "max_sequences", "emulated_link_ms")
+    __slots__ = ("name", "stages", "bundle_sha256", "provider", "threads", "device", "open_sequences", "max_sequences", "emulated_link_ms", "standby_stages", "hosting", "incarnation")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +183,9 @@ class NodeInfo(_message.Message):
     OPEN_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     EMULATED_LINK_MS_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_STAGES_FIELD_NUMBER: _ClassVar[int]
+    HOSTING_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     stages: _containers.RepeatedScalarFieldContainer[int]
     bundle_sha256: str
@@ -162,7 +195,10 @@ class NodeInfo(_message.Message):
     open_sequences: int
     max_sequences: int
     emulated_link_ms: float
-    def __init__(self, name: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., bundle_sha256: _Optional[str] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., device: _Optional[str] = ..., open_sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., emulated_link_ms: _Optional[float] = ...) -> None: ...
+    standby_stages: _containers.RepeatedScalarFieldContainer[int]
+    hosting: _containers.RepeatedScalarFieldContainer[int]
+    incarnation: int
+    def __init__(self, name: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., bundle_sha256: _Optional[str] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., device: _Optional[str] = ..., open_sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., emulated_link_ms: _Optional[float] = ..., standby_stages: _Optional[_Iterable[int]] = ..., hosting: _Optional[_Iterable[int]] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class OpenSequence(_message.Message):
     __slots__ = ("seq_id", "sampling", "capacity", "plain_guesses")
@@ -205,18 +241,20 @@ class StepItem(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., length: _Optional[int] = ..., stage: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., skip_prediction: _Optional[bool] = ...) -> None: ...
 
 class StepBatch(_message.Message):
-    __slots__ = ("tick", "opens", "truncations", "items", "closes")
+    __slots__ = ("tick", "closes", "opens", "truncations", "items", "incarnation")
     TICK_FIELD_NUMBER: _ClassVar[int]
+    CLOSES_FIELD_NUMBER: _ClassVar[int]
     OPENS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATIONS_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
-    CLOSES_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     tick: int
+    closes: _containers.RepeatedScalarFieldContainer[int]
     opens: _containers.RepeatedCompositeFieldContainer[OpenSequence]
     truncations: _containers.RepeatedCompositeFieldContainer[Truncation]
     items: _containers.RepeatedCompositeFieldContainer[StepItem]
-    closes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, tick: _Optional[int] = ..., opens: _Optional[_Iterable[_Union[OpenSequence, _Mapping]]] = ..., truncations: _Optional[_Iterable[_Union[Truncation, _Mapping]]] = ..., items: _Optional[_Iterable[_Union[StepItem, _Mapping]]] = ..., closes: _Optional[_Iterable[int]] = ...) -> None: ...
+    incarnation: int
+    def __init__(self, tick: _Optional[int] = ..., closes: _Optional[_Iterable[int]] = ..., opens: _Optional[_Iterable[_Union[OpenSequence, _Mapping]]] = ..., truncations: _Optional[_Iterable[_Union[Truncation, _Mapping]]] = ..., items: _Optional[_Iterable[_Union[StepItem, _Mapping]]] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("seq_id", "start", "prediction", "hidden")
@@ -247,12 +285,14 @@ class RegisterRequest(_message.Message):
     def __init__(self, info: _Optional[_Union[NodeInfo, _Mapping]] = ..., address: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("cluster", "heartbeat_interval_s")
+    __slots__ = ("cluster", "heartbeat_interval_s", "incarnation")
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     cluster: str
     heartbeat_interval_s: float
-    def __init__(self, cluster: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    incarnation: int
+    def __init__(self, cluster: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("name", "open_sequences")

@@ -168,6 +168,11 @@ class NodeStub:
                 request_serializer=speed_dot_v1_dot_speed__pb2.StepBatch.SerializeToString,
                 response_deserializer=speed_dot_v1_dot_speed__pb2.StepResults.FromString,
                 _registered_method=True)
+        self.Assign = channel.unary_unary(
+                '/speed.v1.Node/Assign',
+                request_serializer=speed_dot_v1_dot_speed__pb2.AssignRequest.SerializeToString,
+                response_deserializer=speed_dot_v1_dot_speed__pb2.NodeInfo.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -188,6 +193,13 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Assign(self, request, context):
+        """Serve a coordinator incarnation with these stages from now on. Frees every sequence the node holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +212,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Steps,
                     request_deserializer=speed_dot_v1_dot_speed__pb2.StepBatch.FromString,
                     response_serializer=speed_dot_v1_dot_speed__pb2.StepResults.SerializeToString,
+            ),
+            'Assign': grpc.unary_unary_rpc_method_handler(
+                    servicer.Assign,
+                    request_deserializer=speed_dot_v1_dot_speed__pb2.AssignRequest.FromString,
+                    response_serializer=speed_dot_v1_dot_speed__pb2.NodeInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +275,33 @@ class Node:
             '/speed.v1.Node/Steps',
             speed_dot_v1_dot_speed__pb2.StepBatch.SerializeToString,
             speed_dot_v1_dot_speed__pb2.StepResults.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Assign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/speed.v1.Node/Assign',
+            speed_dot_v1_dot_speed__pb2.AssignRequest.SerializeToString,
+            speed_dot_v1_dot_speed__pb2.NodeInfo.FromString,
             options,
             channel_credentials,
             insecure,
