@@ -20,6 +20,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from runtime.config import ModelConfig
     from runtime.train import TrainConfig, train
@@ -85,13 +95,18 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from runtime.benchmark import bench_local, bench_reference, format_local
     from runtime.bundle import load_bundle
 
+    if args.requests is not None and args.clients is None:
+        raise SpeedError("--requests needs --clients")
+    if args.seed is not None and args.chaos is None:
+        raise SpeedError("--seed needs --chaos")
     if args.cluster_file is not None:
         if args.reference or args.local:
             raise SpeedError("give either a cluster FILE or one of --reference and --local, not both")
         cmd_bench_cluster(args)
         return
-    if args.emulate_link_ms is not None:
-        raise SpeedError("--emulate-link-ms needs a cluster FILE")
+    for flag, value in [("--clients", args.clients), ("--chaos", args.chaos), ("--emulate-link-ms", args.emulate_link_ms)]:
+        if value is not None:
+            raise SpeedError(f"{flag} needs a cluster FILE")
     if args.reference == args.local:
         raise SpeedError("choose one of a cluster FILE (through a local cluster), --reference (plain decoding: onnx "
                          "vs torch, short vs long context) and --local (sequential vs speculative in one process)")
@@ -116,9 +131,31 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_bench_cluster(args: argparse.Namespace) -> None:
     from runtime.cluster_bench import bench_cluster, format_cluster
 
+    if args.clients is not None:
+        cmd_bench_load(args)
+        return
+    if args.chaos is not None:
+        cmd_bench_chaos(args)
+        return
     report = bench_cluster(args.cluster_file, new_tokens=args.new_tokens or 128, repeats=args.repeats,
                            emulated_link_ms=args.emulate_link_ms)
     print(json.dumps(report) if args.json else format_cluster(report))
+
+
+def cmd_bench_load(args: argparse.Namespace) -> None:
+    from runtime.load_bench import bench_load, format_load
+
+    report = bench_load(args.cluster_file, clients=args.clients, requests=args.requests or 3,
+                        new_tokens=args.new_tokens or 48, emulated_link_ms=args.emulate_link_ms)
+    print(json.dumps(report) if args.json else format_load(report))
+
+
+def cmd_bench_chaos(args: argparse.Namespace) -> None:
+    from runtime.load_bench import bench_chaos, format_chaos
+
+    report = bench_chaos(args.cluster_file, trials=args.chaos, new_tokens=args.new_tokens or 48, seed=args.seed or 0,
+                         emulated_link_ms=args.emulate_link_ms)
+    print(json.dumps(report) if args.json else format_chaos(report))
 
 
 def cmd_models_pull(args: argparse.Namespace) -> None:
@@ -187,7 +224,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         stream = client.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or (),
                                  speculative=False if args.no_speculation else None, chat=args.chat,
-                                 plain_guesses=args.plain_guesses)
+                                 plain_guesses=args.plain_guesses, timeout_s=args.timeout, resume=args.resume)
         if args.json:
             print(json.dumps(stream.result().to_json()))
             return
@@ -211,11 +248,13 @@ def cmd_status(args: argparse.Namespace) -> None:
     with Client(args.coordinator) as client:
         status = client.status()
     print(f"cluster {status.cluster}: {'serving' if status.serving else 'NOT serving'}, "
-          f"{status.active_requests} active request(s), bundle {status.bundle_sha256[:12]}")
+          f"{status.active_requests} active request(s), {status.queued_requests} queued (at most {status.max_queue}), "
+          f"bundle {status.bundle_sha256[:12]}")
     for node in status.nodes:
         beat = f"{node.last_heartbeat_s:.1f} s ago" if node.last_heartbeat_s >= 0 else "never"
+        running = "" if list(node.hosting) == list(node.stages) else f" running {list(node.hosting)}"
         print(f"  {node.name:12} {node.address:22} stages {list(node.stages)!s:10} {node.state:8} "
-              f"{node.provider or '-':24} heartbeat {beat}")
+              f"sequences {node.sequences}/{node.max_sequences:<3} {node.provider or '-':24} heartbeat {beat}{running}")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -302,13 +341,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("bench", help="measure decoding speed")
     p.add_argument("cluster_file", type=Path, nargs="?", metavar="FILE",
-                   help="a cluster file: start it here, then sequential vs speculative through the cluster")
+                   help="a cluster file: start it here, then sequential vs speculative through the cluster "
+                        "(or --clients, --chaos)")
     p.add_argument("--emulate-link-ms", type=float, metavar="MS",
                    help="with FILE: EMULATED one-way latency of every node's link (overrides the file)")
     p.add_argument("--reference", action="store_true", help="plain decoding: onnx vs torch, context 32 vs 512")
     p.add_argument("--local", action="store_true", help="sequential vs speculative decoding in one process")
     p.add_argument("--bundle", type=Path, help="bundle directory (default: the shipped demo-4x3 model)")
-    p.add_argument("--new-tokens", type=positive_int, help="tokens per run (default 64 reference, 128 local)")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--clients", type=positive_int, metavar="N",
+                      help="with FILE: 1 client against N concurrent clients: tokens/s, latency, errors, memory")
+    load.add_argument("--chaos", type=positive_int, metavar="N",
+                      help="with FILE: N generations, a random node SIGKILLed during each, tokens checked, node restarted")
+    p.add_argument("--requests", type=positive_int, help="with --clients: requests per client (default 3)")
+    p.add_argument("--seed", type=int, help="with --chaos: seed of the random kills (default 0)")
+    p.add_argument("--new-tokens", type=positive_int,
+                   help="tokens per run (default 64 reference, 128 local and FILE, 48 --clients and --chaos)")
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads; 0 = one per core (default 1: fastest for one sequence here)")
@@ -347,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain-guesses", action="store_true", help="guess without the bundle's exit adapters (same text)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="end at the token that completes TEXT (repeatable)")
     add_sampling_flags(p)
+    p.add_argument("--timeout", type=positive_float, default=600.0, metavar="S",
+                   help="give up after S seconds, queueing included (default 600)")
+    p.add_argument("--resume", action="store_true",
+                   help="if the coordinator is lost, reconnect within the timeout and continue (same text)")
     p.add_argument("--json", action="store_true", help="print one JSON object (the keys of speed reference --json)")
     p.set_defaults(run=cmd_generate)
 

@@ -9,11 +9,17 @@
 
 `AsyncClient` is the same for asyncio (`async for chunk in client.generate(...)`). Failures raise a
 `ClientError` subclass that carries the server's sentence.
+
+With `resume=True` a request survives its coordinator: when the coordinator is lost (or the cluster
+cannot serve for a while), the client reconnects within the request's timeout and asks for the rest
+after the tokens it already has; the text is the same as an uninterrupted run's.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -25,6 +31,8 @@ from runtime.wire import speed_pb2_grpc as pb_grpc
 
 GENERATE_TIMEOUT_S = 600.0
 STATUS_TIMEOUT_S = 10.0
+ERROR_ORIGIN = ("speed-error-origin", "coordinator")  # trailing metadata of errors the coordinator itself sent
+RESUME_BACKOFF_S = (0.2, 2.0)  # first and longest wait between tries of a resumed request
 
 
 class ClientError(SpeedError):
@@ -48,18 +56,36 @@ class DeadlineExceeded(ClientError):
     """The request took longer than its timeout."""
 
 
+class Busy(ClientError):
+    """Every sequence slot is taken and the queue is full: retry later."""
+
+
 _ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Busy,
 }
 
 
-def client_error(exc: grpc.RpcError) -> ClientError:
-    message = exc.details() or exc.code().name
-    if exc.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in message.lower():
-        message = f"cannot reach the coordinator ({message}); is the cluster up?"
-    return _ERRORS.get(exc.code(), ClientError)(exc.code(), message)
+def from_coordinator(exc: grpc.RpcError) -> bool:
+    """The coordinator itself sent this error (with a sentence), rather than the network or gRPC."""
+    return ERROR_ORIGIN in tuple(exc.trailing_metadata() or ())
+
+
+def client_error(exc: grpc.RpcError, address: str = "", timeout_s: float | None = None) -> ClientError:
+    code, message = exc.code(), exc.details() or exc.code().name
+    if not from_coordinator(exc):
+        if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in message.lower():
+            message = f"cannot reach the coordinator {address} ({message}); is the cluster up?"
+        elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+            code, message = grpc.StatusCode.UNAVAILABLE, (
+                f"lost the coordinator {address} during the request ({message}); it stopped or restarted: retry, "
+                "or pass resume=True to continue where the request stopped")
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout_s is not None:
+            message = (f"the request did not finish within its {timeout_s:g} s timeout; give it a longer timeout_s "
+                       "or ask for fewer tokens")
+    return _ERRORS.get(code, ClientError)(code, message)
 
 
 @dataclass(frozen=True)
@@ -119,17 +145,45 @@ def generate_request(prompt: str, *, max_new_tokens: int, temperature: float, to
 
 
 class _Events:
-    """What both streams do with the server's events: chunks pass on, the final one becomes the result."""
+    """What both streams do with the server's events: chunks pass on, the final one becomes the result;
+    after a lost coordinator, a resumed call asks for what comes after the chunks already received."""
 
-    def __init__(self, call):
-        self._call = call
+    def __init__(self, start: Callable[[pb.Continuation, float, bool], object], *, address: str, timeout_s: float,
+                 resume: bool):
+        self._start = start  # (continuation, timeout, wait for the channel) -> a call
+        self._address, self._timeout_s, self._resume = address, timeout_s, resume
+        self._deadline = time.monotonic() + timeout_s
+        self._token_ids: list[int] = []
+        self._text_chars = 0
+        self._tries = 0
+        self._call = start(pb.Continuation(), timeout_s, False)
         self._result: GenerationResult | None = None
 
     def _chunk(self, event: pb.GenerateEvent) -> Chunk | None:
         if event.HasField("finished"):
             self._result = GenerationResult.from_wire(event.finished)
             return None
+        self._token_ids += event.tokens.token_ids
+        self._text_chars += len(event.tokens.text)
+        self._tries = 0  # progress: the next outage starts its backoff afresh
         return Chunk(list(event.tokens.token_ids), event.tokens.text)
+
+    def _retry_after(self, exc: grpc.RpcError) -> float | None:
+        """Seconds to wait before resuming after `exc`, or None when it ends the request."""
+        left = self._deadline - time.monotonic()
+        lost = exc.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and not from_coordinator(exc)
+        if not self._resume or left <= 0 or not (exc.code() == grpc.StatusCode.UNAVAILABLE or lost):
+            return None
+        first, longest = RESUME_BACKOFF_S
+        self._tries += 1
+        return min(first * 2 ** (self._tries - 1), longest, left)
+
+    def _restart(self) -> None:
+        continuation = pb.Continuation(token_ids=self._token_ids, text_chars=self._text_chars)
+        self._call = self._start(continuation, max(self._deadline - time.monotonic(), 0.001), True)
+
+    def _error(self, exc: grpc.RpcError) -> ClientError:
+        return client_error(exc, self._address, self._timeout_s)
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -139,17 +193,33 @@ class GenerationStream(_Events):
     """Iterate for the text as it is committed; `result()` waits for the end and returns the whole answer."""
 
     def __iter__(self) -> Iterator[Chunk]:
-        try:
-            for event in self._call:
-                if (chunk := self._chunk(event)) is not None:
-                    yield chunk
-        except grpc.RpcError as exc:
-            raise client_error(exc) from None
+        while self._result is None:
+            try:
+                for event in self._call:
+                    if (chunk := self._chunk(event)) is not None:
+                        yield chunk
+                return
+            except grpc.RpcError as exc:
+                wait = self._retry_after(exc)
+                if wait is None:
+                    raise self._error(exc) from None
+                time.sleep(wait)
+                self._restart()
 
     def result(self) -> GenerationResult:
         for _ in self:
             pass
         return self._result
+
+
+def _starter(stub: pb_grpc.CoordinatorStub, request: pb.GenerateRequest):
+    """A function that (re)starts the request, resumed after a continuation."""
+
+    def start(continuation: pb.Continuation, timeout_s: float, wait_for_ready: bool):
+        request.continuation.CopyFrom(continuation)
+        return stub.Generate(request, timeout=timeout_s, wait_for_ready=wait_for_ready)
+
+    return start
 
 
 class Client:
@@ -161,20 +231,22 @@ class Client:
     def generate(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), speculative: bool | None = None,
                  ignore_eos: bool = False, chat: bool = False, plain_guesses: bool = False,
-                 timeout_s: float = GENERATE_TIMEOUT_S) -> GenerationStream:
+                 timeout_s: float = GENERATE_TIMEOUT_S, resume: bool = False) -> GenerationStream:
         """speculative None uses the cluster's setting; ignore_eos decodes max_new_tokens (for benchmarks);
         chat treats the prompt as a user's message and applies the model's chat template; plain_guesses
-        ignores the bundle's exit adapters (same text, for comparison)."""
+        ignores the bundle's exit adapters (same text, for comparison); resume rides out a lost
+        coordinator or a cluster that cannot serve for a while, within timeout_s."""
         request = generate_request(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                    top_p=top_p, seed=seed, stop=stop, speculative=speculative, ignore_eos=ignore_eos,
                                    chat=chat, plain_guesses=plain_guesses)
-        return GenerationStream(self._stub.Generate(request, timeout=timeout_s))
+        return GenerationStream(_starter(self._stub, request), address=self.address, timeout_s=timeout_s,
+                                resume=resume)
 
     def status(self, *, timeout_s: float = STATUS_TIMEOUT_S) -> pb.ClusterStatusReply:
         try:
             return self._stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=timeout_s)
         except grpc.RpcError as exc:
-            raise client_error(exc) from None
+            raise client_error(exc, self.address) from None
 
     def close(self) -> None:
         self._channel.close()
@@ -188,12 +260,18 @@ class Client:
 
 class AsyncGenerationStream(_Events):
     async def __aiter__(self) -> AsyncIterator[Chunk]:
-        try:
-            async for event in self._call:
-                if (chunk := self._chunk(event)) is not None:
-                    yield chunk
-        except grpc.RpcError as exc:
-            raise client_error(exc) from None
+        while self._result is None:
+            try:
+                async for event in self._call:
+                    if (chunk := self._chunk(event)) is not None:
+                        yield chunk
+                return
+            except grpc.RpcError as exc:
+                wait = self._retry_after(exc)
+                if wait is None:
+                    raise self._error(exc) from None
+                await asyncio.sleep(wait)
+                self._restart()
 
     async def result(self) -> GenerationResult:
         async for _ in self:
@@ -210,17 +288,18 @@ class AsyncClient:
     def generate(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), speculative: bool | None = None,
                  ignore_eos: bool = False, chat: bool = False, plain_guesses: bool = False,
-                 timeout_s: float = GENERATE_TIMEOUT_S) -> AsyncGenerationStream:
+                 timeout_s: float = GENERATE_TIMEOUT_S, resume: bool = False) -> AsyncGenerationStream:
         request = generate_request(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                    top_p=top_p, seed=seed, stop=stop, speculative=speculative, ignore_eos=ignore_eos,
                                    chat=chat, plain_guesses=plain_guesses)
-        return AsyncGenerationStream(self._stub.Generate(request, timeout=timeout_s))
+        return AsyncGenerationStream(_starter(self._stub, request), address=self.address, timeout_s=timeout_s,
+                                     resume=resume)
 
     async def status(self, *, timeout_s: float = STATUS_TIMEOUT_S) -> pb.ClusterStatusReply:
         try:
             return await self._stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=timeout_s)
         except grpc.RpcError as exc:
-            raise client_error(exc) from None
+            raise client_error(exc, self.address) from None
 
     async def close(self) -> None:
         await self._channel.close()

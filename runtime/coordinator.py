@@ -196,7 +196,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 def _late(request: Request, allowed: float) -> str:
     where = (f"after {request.sent_tokens} generated token(s)" if request.admitted
              else "while it waited for a free sequence slot")
-    return (f"the request did not finish within its {allowed:.3g} s deadline ({where}); give it a longer timeout, "
+    return (f"the request did not finish within its {round(allowed, 1):g} s deadline ({where}); give it a longer timeout, "
             "ask for fewer tokens, or retry when the cluster is less busy")
 
 

@@ -128,11 +128,12 @@ class Engine:
         return len(self._active) if name in self.placement.values() else 0
 
     def submit(self, request: Request) -> None:
+        self._pending = deque(waiting for waiting in self._pending if not waiting.cancelled)
         free = self.capacity - len(self._active)
         if len(self._pending) - free >= self.max_queue:
-            raise QueueFull(f"the cluster is decoding {len(self._active)} sequences, as many as it can hold, and "
-                            f"{len(self._pending)} requests wait (coordinator.max_queue is {self.max_queue}); retry "
-                            "later, or raise max_queue or the nodes' max_sequences in the cluster file")
+            raise QueueFull(f"every sequence slot is taken ({len(self._active)} decoding) and {len(self._pending)} "
+                            f"request(s) already wait, as many as coordinator.max_queue ({self.max_queue}) allows; "
+                            "retry later, or raise max_queue or the nodes' max_sequences in the cluster file")
         self._pending.append(request)
         self._wake.set()
 

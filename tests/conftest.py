@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from runtime.config import ModelConfig
+from runtime.sampling import GREEDY, SamplingParams
 from runtime.train import TrainConfig
 
 TINY = ModelConfig(vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=128,
@@ -60,15 +64,72 @@ def free_port() -> int:
 
 
 def write_cluster(directory: Path, *, bundle: Path | None = None, stages: list[list[int]] | None = None,
-                  speculation: bool = True, extra_node_keys: str = "") -> Path:
-    """A cluster file on free loopback ports: one node per entry of `stages` (default one stage each of three)."""
-    stages = stages or [[0], [1], [2]]
+                  speculation: bool = True, extra_node_keys: str = "", extra_coordinator_keys: str = "",
+                  metrics: bool = False) -> Path:
+    """A cluster file on free loopback ports: one node per entry of `stages` (default one stage each of three);
+    metrics: every process serves Prometheus metrics on a port of its own."""
+    stages = stages if stages is not None else [[0], [1], [2]]
+
+    def metrics_port(indent: str) -> str:
+        return f"{indent}metrics_port: {free_port()}\n" if metrics else ""
+
     nodes = "".join(
-        f"  - name: edge-{i + 1}\n    address: 127.0.0.1:{free_port()}\n    stages: {s}\n    threads: 1\n{extra_node_keys}"
-        for i, s in enumerate(stages))
+        f"  - name: edge-{i + 1}\n    address: 127.0.0.1:{free_port()}\n    stages: {s}\n    threads: 1\n"
+        f"{metrics_port('    ')}{extra_node_keys}" for i, s in enumerate(stages))
     path = directory / "cluster.yaml"
     path.write_text(
         f"cluster: test-{directory.name}\nbundle: {bundle if bundle is not None else 'null'}\n"
         f"coordinator:\n  address: 127.0.0.1:{free_port()}\n  heartbeat_interval_s: 0.5\n"
+        f"{metrics_port('  ')}{extra_coordinator_keys}"
         f"speculation:\n  enabled: {str(speculation).lower()}\nnodes:\n{nodes}")
     return path
+
+
+@contextlib.contextmanager
+def running_cluster(directory: Path, **cluster_options) -> Iterator:
+    """A LocalCluster of a cluster file written by write_cluster, its state kept under `directory`."""
+    from deploy.launcher import LocalCluster
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPEED_STATE_DIR", str(directory / "state"))
+        with LocalCluster(write_cluster(directory, **cluster_options)) as cluster:
+            yield cluster
+
+
+# --- the shipped demo model through a cluster, and what plain decoding in one process gives ----------------
+
+CLUSTER_PROMPTS = [
+    "ROMEO. But soft, what light through yonder window breaks?",
+    "KING HENRY. Once more unto the breach, dear friends,",
+    "Enter a Messenger.",
+    "LADY MACBETH. Out, damned spot!",
+]
+CLUSTER_NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """reference(prompt, sampling, max_new_tokens, stop) -> the demo model's token ids, decoded plainly."""
+    from runtime.bundle import load_bundle
+    from runtime.reference import generate_plain, open_stage_model
+    from runtime.stopping import StopStrings
+
+    bundle = load_bundle()
+    model = open_stage_model(bundle)
+    tokenizer = bundle.tokenizer()
+
+    @functools.cache
+    def generate(prompt: str, sampling: SamplingParams = GREEDY, max_new_tokens: int = CLUSTER_NEW_TOKENS,
+                 stop: tuple[str, ...] = ()) -> list[int]:
+        stop_strings = StopStrings(tokenizer, list(stop))
+        return generate_plain(model, tokenizer.encode(prompt).ids, max_new_tokens=max_new_tokens,
+                              eos_id=bundle.eos_token_id, sampling=sampling, should_stop=stop_strings or None).token_ids
+
+    return generate
+
+
+def generate_on(client, prompt: str, sampling: SamplingParams = GREEDY, *, max_new_tokens: int = CLUSTER_NEW_TOKENS,
+                **options):
+    """The whole result of one request through a client, with the sampling of `sampling`."""
+    return client.generate(prompt, max_new_tokens=max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+                           top_p=sampling.top_p, seed=sampling.seed, **options).result()

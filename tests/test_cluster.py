@@ -15,52 +15,21 @@ import pytest
 
 from deploy.cluster_file import load_cluster
 from deploy.launcher import LocalCluster
-from runtime.bundle import load_bundle
 from runtime.client import AsyncClient, Client, InvalidRequest, Unavailable
-from runtime.reference import generate_plain, open_stage_model
 from runtime.sampling import GREEDY, SamplingParams
-from runtime.stopping import StopStrings
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
-from tests.conftest import assert_one_line_error, run_speed, write_cluster
+from tests.conftest import CLUSTER_NEW_TOKENS as NEW_TOKENS
+from tests.conftest import CLUSTER_PROMPTS as PROMPTS
+from tests.conftest import assert_one_line_error, generate_on, run_speed, running_cluster, write_cluster
 
-PROMPTS = [
-    "ROMEO. But soft, what light through yonder window breaks?",
-    "KING HENRY. Once more unto the breach, dear friends,",
-    "Enter a Messenger.",
-    "LADY MACBETH. Out, damned spot!",
-]
 SAMPLED = [SamplingParams(temperature=0.8, top_k=40, seed=7), SamplingParams(temperature=1.0, top_p=0.9, seed=123)]
-NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("cluster")
-    os.environ["SPEED_STATE_DIR"] = str(directory / "state")
-    with LocalCluster(write_cluster(directory)) as running:
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def reference():
-    bundle = load_bundle()
-    model = open_stage_model(bundle)
-    tokenizer = bundle.tokenizer()
-
-    def generate(prompt: str, sampling: SamplingParams = GREEDY, max_new_tokens: int = NEW_TOKENS,
-                 stop: list[str] | None = None) -> list[int]:
-        stop_strings = StopStrings(tokenizer, stop or [])
-        return generate_plain(model, tokenizer.encode(prompt).ids, max_new_tokens=max_new_tokens,
-                              eos_id=bundle.eos_token_id, sampling=sampling, should_stop=stop_strings or None).token_ids
-
-    return generate
-
-
-def generate(client: Client, prompt: str, sampling: SamplingParams = GREEDY, **options):
-    return client.generate(prompt, max_new_tokens=options.pop("max_new_tokens", NEW_TOKENS),
-                           temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                           seed=sampling.seed, **options).result()
 
 
 @pytest.mark.parametrize("speculative", [False, True], ids=["sequential", "speculative"])
@@ -68,7 +37,7 @@ def test_the_cluster_gives_the_reference_tokens_greedy_and_sampled(cluster, refe
     with Client(cluster.endpoint) as client:
         for prompt in PROMPTS:
             for sampling in [GREEDY, *SAMPLED]:
-                result = generate(client, prompt, sampling, speculative=speculative)
+                result = generate_on(client, prompt, sampling, speculative=speculative)
                 assert result.token_ids == reference(prompt, sampling), (prompt, sampling)
                 assert result.speculative == speculative
                 assert result.stats["committed"] == len(result.token_ids)
@@ -81,7 +50,7 @@ def test_four_concurrent_clients_share_ticks_and_each_gets_its_own_text(cluster,
     def one(index: int) -> None:
         try:
             with Client(cluster.endpoint) as client:
-                results[index] = generate(client, PROMPTS[index], max_new_tokens=48).token_ids
+                results[index] = generate_on(client, PROMPTS[index], max_new_tokens=48).token_ids
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -105,7 +74,7 @@ def test_the_stream_carries_the_text_in_pieces_and_stops_at_a_stop_string(cluste
     assert "".join(pieces) == result.text
     assert "\n\n" not in result.text
     assert result.stop_reason == "stop"
-    assert result.token_ids == reference(PROMPTS[0], max_new_tokens=64, stop=stop)
+    assert result.token_ids == reference(PROMPTS[0], max_new_tokens=64, stop=tuple(stop))
 
 
 def test_the_asyncio_client_streams_the_same_tokens(cluster, reference):
@@ -131,7 +100,7 @@ def test_bad_requests_get_a_sentence_and_the_cluster_keeps_serving(cluster):
         with pytest.raises(InvalidRequest, match="top-p must be in"):
             client.generate("Hi", temperature=1.0, top_p=1.5).result()
         assert client.status().serving
-        assert generate(client, PROMPTS[2], max_new_tokens=4).token_ids
+        assert generate_on(client, PROMPTS[2], max_new_tokens=4).token_ids
 
 
 def test_speed_generate_prints_the_reference_json_keys(cluster):
@@ -187,11 +156,11 @@ def test_a_node_killed_mid_generation_is_replaced_and_the_text_is_unchanged(clus
         status = client.status()
         assert status.serving and {n.name: n.state for n in status.nodes}["edge-2"] == "down"
         assert {n.name: list(n.hosting) for n in status.nodes} == {"edge-1": [0, 1], "edge-2": [], "edge-3": [2]}
-        assert generate(client, PROMPTS[1]).token_ids == reference(PROMPTS[1])  # two nodes serve on
+        assert generate_on(client, PROMPTS[1]).token_ids == reference(PROMPTS[1])  # two nodes serve on
 
         cluster.start_process("edge-2")  # the node registers again by itself and takes its stage back
         cluster.wait_ready(60)
-        assert generate(client, PROMPTS[1]).token_ids == reference(PROMPTS[1])
+        assert generate_on(client, PROMPTS[1]).token_ids == reference(PROMPTS[1])
 
 
 def test_a_restarted_coordinator_serves_again_without_restarting_the_nodes(cluster, reference):
@@ -201,11 +170,11 @@ def test_a_restarted_coordinator_serves_again_without_restarting_the_nodes(clust
     cluster.wait_ready(60)
     assert {name: p.pid for name, p in cluster.processes.items() if name != "coordinator"} == nodes_before
     with Client(cluster.endpoint) as client:
-        assert generate(client, PROMPTS[3], speculative=True).token_ids == reference(PROMPTS[3])
+        assert generate_on(client, PROMPTS[3], speculative=True).token_ids == reference(PROMPTS[3])
 
 
-def test_a_coordinator_whose_nodes_never_came_says_which_node_is_missing(tmp_path):
-    os.environ["SPEED_STATE_DIR"] = str(tmp_path / "state")
+def test_a_coordinator_whose_nodes_never_came_says_which_node_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEED_STATE_DIR", str(tmp_path / "state"))
     lonely = LocalCluster(write_cluster(tmp_path))
     lonely.start_process("coordinator")
     try:
