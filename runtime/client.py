@@ -83,7 +83,7 @@ def client_error(exc: grpc.RpcError, address: str = "", timeout_s: float | None 
                 f"lost the coordinator {address} during the request ({message}); it stopped or restarted: retry, "
                 "or pass resume=True to continue where the request stopped")
         elif code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout_s is not None:
-            message = (f"the request did not finish within its {timeout_s:g} s timeout; give it a longer timeout_s "
+            message = (f"the request did not finish within its {timeout_s:g} s timeout; give it a longer timeout "
                        "or ask for fewer tokens")
     return _ERRORS.get(code, ClientError)(code, message)
 

@@ -189,7 +189,8 @@ class Engine:
                                 plain_guesses=request.plain_guesses))
 
     def _unservable(self) -> str:
-        stage = next(s for s in range(self.config.n_stages) if s not in self.placement)
+        placement = self._placement_now()
+        stage = next((s for s in range(self.config.n_stages) if s not in placement), 0)
         node = next(self.nodes[name] for name, stages in self.home.items() if stage in stages)
         return (f"no serving node can run stage {stage}: {node.describe()} is {node.state} and no other node holds "
                 "that stage's graph; start the node (it registers by itself) and retry")
@@ -259,9 +260,8 @@ class Engine:
     async def _reconcile(self) -> None:
         """Make the placement match the serving nodes; replay every active sequence when it changes."""
         while True:
-            serving = [name for name, node in self.nodes.items() if node.state == SERVING]
-            placement = place(self.home, {name: node.can_run for name, node in self.nodes.items()}, serving,
-                              self.config.n_stages)
+            serving = self._serving_nodes()
+            placement = self._placement_now()
             stale = [name for name in serving if self.nodes[name].assigned != tuple(stages_of(placement, name))]
             if placement == self.placement and not stale:
                 return
@@ -278,6 +278,14 @@ class Engine:
             previous, self.placement = self.placement, placement
             self._replay(previous)
             return
+
+    def _serving_nodes(self) -> list[str]:
+        return [name for name, node in self.nodes.items() if node.state == SERVING]
+
+    def _placement_now(self) -> dict[int, str]:
+        """Where the stages would run on the nodes serving now (some may be missing)."""
+        can_run = {name: node.can_run for name, node in self.nodes.items()}
+        return place(self.home, can_run, self._serving_nodes(), self.config.n_stages)
 
     def _lose_placement(self) -> None:
         if self.placement:

@@ -65,17 +65,19 @@ def free_port() -> int:
 
 def write_cluster(directory: Path, *, bundle: Path | None = None, stages: list[list[int]] | None = None,
                   speculation: bool = True, extra_node_keys: str = "", extra_coordinator_keys: str = "",
-                  metrics: bool = False) -> Path:
+                  metrics: bool = False, standby_stages: dict[int, list[int]] | None = None) -> Path:
     """A cluster file on free loopback ports: one node per entry of `stages` (default one stage each of three);
-    metrics: every process serves Prometheus metrics on a port of its own."""
+    metrics: every process serves Prometheus metrics on a port of its own; standby_stages: by node index."""
     stages = stages if stages is not None else [[0], [1], [2]]
+    standby = standby_stages or {}
 
     def metrics_port(indent: str) -> str:
         return f"{indent}metrics_port: {free_port()}\n" if metrics else ""
 
     nodes = "".join(
         f"  - name: edge-{i + 1}\n    address: 127.0.0.1:{free_port()}\n    stages: {s}\n    threads: 1\n"
-        f"{metrics_port('    ')}{extra_node_keys}" for i, s in enumerate(stages))
+        f"{metrics_port('    ')}{f'    standby_stages: {standby[i]}{chr(10)}' if i in standby else ''}{extra_node_keys}"
+        for i, s in enumerate(stages))
     path = directory / "cluster.yaml"
     path.write_text(
         f"cluster: test-{directory.name}\nbundle: {bundle if bundle is not None else 'null'}\n"

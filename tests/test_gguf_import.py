@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from gguf.quants import dequantize, quant_shape_to_byte_shape, quantize
 
 from deploy.launcher import LocalCluster
 from runtime.bundle import load_bundle
-from runtime.client import Client
+from runtime.client import Client, Unavailable
 from runtime.config import ModelConfig
 from runtime.gguf_import import TENSOR_NAMES
 from runtime.model import SpeedDecoder
@@ -156,8 +158,8 @@ def test_chat_prompts_are_rendered_with_the_model_s_template(imported):
     assert json.loads(result.stdout)["prompt_tokens"] == len(tokenizer.encode(rendered).ids)
 
 
-def test_a_cluster_serves_the_imported_model_like_the_reference(imported, tmp_path):
-    os.environ["SPEED_STATE_DIR"] = str(tmp_path / "state")
+def test_a_cluster_serves_the_imported_model_like_the_reference(imported, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEED_STATE_DIR", str(tmp_path / "state"))
     bundle = load_bundle(imported)
     model = open_stage_model(bundle)
     tokenizer = bundle.tokenizer()
@@ -169,6 +171,32 @@ def test_a_cluster_serves_the_imported_model_like_the_reference(imported, tmp_pa
                     result = client.generate(prompt, max_new_tokens=16, ignore_eos=True, speculative=speculative)
                     assert result.result().token_ids == expected
 
+
+
+def test_a_lost_stage_moves_only_to_a_node_holding_its_graph(imported, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEED_STATE_DIR", str(tmp_path / "state"))
+    bundle = load_bundle(imported)
+    prompt_ids = bundle.tokenizer().encode(PROMPTS[0]).ids
+    expected = generate_plain(open_stage_model(bundle), prompt_ids, max_new_tokens=24, eos_id=-1).token_ids
+    path = write_cluster(tmp_path, bundle=imported, standby_stages={0: [1]})  # edge-1 can also run stage 1
+    with LocalCluster(path) as cluster, Client(cluster.endpoint) as client:
+        stream = client.generate(PROMPTS[0], max_new_tokens=24, ignore_eos=True)
+        chunks = iter(stream)
+        received = list(next(chunks).token_ids)
+        os.kill(cluster.processes["edge-2"].pid, signal.SIGKILL)
+        received += [token for chunk in chunks for token in chunk.token_ids]
+        assert received == stream.result().token_ids == expected
+        assert {n.name: list(n.hosting) for n in client.status().nodes}["edge-1"] == [0, 1]
+        cluster.processes.pop("edge-2").wait()
+
+        os.kill(cluster.processes["edge-3"].pid, signal.SIGKILL)  # nobody else holds stage 2's graph
+        cluster.processes.pop("edge-3").wait()
+        with pytest.raises(Unavailable, match="no serving node can run stage 2: node edge-3 .* no other node holds "
+                                              "that stage's graph"):
+            deadline = time.monotonic() + 10  # an idle cluster notices the loss by missed heartbeats
+            while time.monotonic() < deadline:
+                client.generate(PROMPTS[1], max_new_tokens=4).result()
+                time.sleep(0.2)
 
 def test_bad_files_and_stage_counts_are_refused_and_nothing_is_written(source, tiny_bundle, tmp_path):
     path, _ = source
