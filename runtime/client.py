@@ -168,12 +168,12 @@ class _Events:
         self._tries = 0  # progress: the next outage starts its backoff afresh
         return Chunk(list(event.tokens.token_ids), event.tokens.text)
 
-    def _retry_after(self, exc: grpc.RpcError) -> float | None:
-        """Seconds to wait before resuming after `exc`, or None when it ends the request."""
+    def _resume_after(self, exc: grpc.RpcError) -> float:
+        """Seconds to wait before resuming after `exc`; raises the ClientError when `exc` ends the request."""
         left = self._deadline - time.monotonic()
         lost = exc.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and not from_coordinator(exc)
         if not self._resume or left <= 0 or not (exc.code() == grpc.StatusCode.UNAVAILABLE or lost):
-            return None
+            raise client_error(exc, self._address, self._timeout_s) from None
         first, longest = RESUME_BACKOFF_S
         self._tries += 1
         return min(first * 2 ** (self._tries - 1), longest, left)
@@ -181,9 +181,6 @@ class _Events:
     def _restart(self) -> None:
         continuation = pb.Continuation(token_ids=self._token_ids, text_chars=self._text_chars)
         self._call = self._start(continuation, max(self._deadline - time.monotonic(), 0.001), True)
-
-    def _error(self, exc: grpc.RpcError) -> ClientError:
-        return client_error(exc, self._address, self._timeout_s)
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -200,10 +197,7 @@ class GenerationStream(_Events):
                         yield chunk
                 return
             except grpc.RpcError as exc:
-                wait = self._retry_after(exc)
-                if wait is None:
-                    raise self._error(exc) from None
-                time.sleep(wait)
+                time.sleep(self._resume_after(exc))
                 self._restart()
 
     def result(self) -> GenerationResult:
@@ -267,10 +261,7 @@ class AsyncGenerationStream(_Events):
                         yield chunk
                 return
             except grpc.RpcError as exc:
-                wait = self._retry_after(exc)
-                if wait is None:
-                    raise self._error(exc) from None
-                await asyncio.sleep(wait)
+                await asyncio.sleep(self._resume_after(exc))
                 self._restart()
 
     async def result(self) -> GenerationResult:

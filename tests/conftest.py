@@ -7,7 +7,8 @@ import functools
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,24 @@ def reference():
                               eos_id=bundle.eos_token_id, sampling=sampling, should_stop=stop_strings or None).token_ids
 
     return generate
+
+
+def in_threads(work: Callable[[int], object], count: int, *, timeout_s: float = 300) -> tuple[dict, list]:
+    """work(0) .. work(count - 1) at once, one thread each: ({index: result}, [exceptions raised])."""
+    results, errors = {}, []
+
+    def run(index: int) -> None:
+        try:
+            results[index] = work(index)
+        except Exception as exc:  # noqa: BLE001 - returned to the test, which reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout_s)
+    return results, errors
 
 
 def generate_on(client, prompt: str, sampling: SamplingParams = GREEDY, *, max_new_tokens: int = CLUSTER_NEW_TOKENS,

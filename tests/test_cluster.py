@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import threading
 import time
 
 import grpc
@@ -21,7 +20,7 @@ from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from tests.conftest import CLUSTER_NEW_TOKENS as NEW_TOKENS
 from tests.conftest import CLUSTER_PROMPTS as PROMPTS
-from tests.conftest import assert_one_line_error, generate_on, run_speed, running_cluster, write_cluster
+from tests.conftest import assert_one_line_error, generate_on, in_threads, run_speed, running_cluster, write_cluster
 
 SAMPLED = [SamplingParams(temperature=0.8, top_k=40, seed=7), SamplingParams(temperature=1.0, top_p=0.9, seed=123)]
 
@@ -44,21 +43,11 @@ def test_the_cluster_gives_the_reference_tokens_greedy_and_sampled(cluster, refe
 
 
 def test_four_concurrent_clients_share_ticks_and_each_gets_its_own_text(cluster, reference):
-    results: dict[int, list[int]] = {}
-    errors: list[BaseException] = []
+    def one(index: int) -> list[int]:
+        with Client(cluster.endpoint) as client:
+            return generate_on(client, PROMPTS[index], max_new_tokens=48).token_ids
 
-    def one(index: int) -> None:
-        try:
-            with Client(cluster.endpoint) as client:
-                results[index] = generate_on(client, PROMPTS[index], max_new_tokens=48).token_ids
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    results, errors = in_threads(one, 4)
     assert not errors
     for index, prompt in enumerate(PROMPTS):
         assert results[index] == reference(prompt, max_new_tokens=48)

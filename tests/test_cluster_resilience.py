@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import threading
 import time
 import urllib.request
 
@@ -21,7 +20,7 @@ from runtime.sampling import GREEDY, SamplingParams
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from tests.conftest import CLUSTER_PROMPTS as PROMPTS
-from tests.conftest import generate_on, running_cluster
+from tests.conftest import generate_on, in_threads, running_cluster
 
 SAMPLED = SamplingParams(temperature=0.8, top_k=40, seed=7)
 
@@ -52,25 +51,20 @@ def wait_until_nodes_hold_nothing(cluster, timeout_s: float = 5.0) -> dict[str, 
 
 def test_32_clients_with_3_requests_each_all_succeed_and_leave_nothing_held(cluster, reference):
     modes = [({"speculative": True}, GREEDY), ({"speculative": False}, GREEDY), ({"speculative": True}, SAMPLED)]
-    results, errors = [], []
 
-    def client_run(index: int) -> None:
-        try:
-            with Client(cluster.endpoint) as client:
-                for request in range(3):
-                    options, sampling = modes[(index + request) % 3]
-                    prompt = PROMPTS[(index + request) % len(PROMPTS)]
-                    result = generate_on(client, prompt, sampling, max_new_tokens=48, timeout_s=300, **options)
-                    results.append((prompt, sampling, result.token_ids))
-        except Exception as exc:  # noqa: BLE001 - every failure is reported below
-            errors.append(exc)
+    def client_run(index: int) -> list[tuple]:
+        done = []
+        with Client(cluster.endpoint) as client:
+            for request in range(3):
+                options, sampling = modes[(index + request) % 3]
+                prompt = PROMPTS[(index + request) % len(PROMPTS)]
+                result = generate_on(client, prompt, sampling, max_new_tokens=48, timeout_s=300, **options)
+                done.append((prompt, sampling, result.token_ids))
+        return done
 
-    threads = [threading.Thread(target=client_run, args=(i,)) for i in range(32)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=600)
+    by_client, errors = in_threads(client_run, 32, timeout_s=600)
     assert not errors, errors[:3]
+    results = [outcome for done in by_client.values() for outcome in done]
     assert len(results) == 96
     for prompt, sampling, token_ids in results:
         if sampling == GREEDY:
@@ -117,20 +111,11 @@ def test_a_killed_coordinator_is_named_to_its_client_and_its_successor_frees_the
     cluster.start_process("coordinator")
     cluster.wait_ready(60)
     assert wait_until_nodes_hold_nothing(cluster) == {"edge-1": 0, "edge-2": 0, "edge-3": 0}
-    errors, results = [], {}
+    def one(index: int) -> list[int]:
+        with Client(cluster.endpoint) as client:
+            return generate_on(client, PROMPTS[index % 4], max_new_tokens=24).token_ids
 
-    def one(index: int) -> None:
-        try:
-            with Client(cluster.endpoint) as client:
-                results[index] = generate_on(client, PROMPTS[index % 4], max_new_tokens=24).token_ids
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
+    results, errors = in_threads(one, 12)
     assert not errors
     assert all(results[i] == reference(PROMPTS[i % 4], max_new_tokens=24) for i in range(12))
 

@@ -61,6 +61,19 @@ def oracle_stream(seed, prompt_len, length, eos_at=None):
     return stream
 
 
+def drawn_flips(data, flip_rate):
+    """wrong(seq, position, stage) for SyntheticRun, drawn once per key: the same inputs give the same prediction."""
+    flips = {}
+
+    def wrong(seq_id, position, stage):
+        key = (seq_id, position, stage)
+        if key not in flips:
+            flips[key] = flip_rate > 0 and data.draw(st.floats(0, 1)) < flip_rate
+        return flips[key]
+
+    return wrong
+
+
 @settings(max_examples=100, deadline=None)
 @given(
     data=st.data(),
@@ -75,14 +88,7 @@ def oracle_stream(seed, prompt_len, length, eos_at=None):
 )
 def test_committed_stream_equals_the_oracle_and_flushes_roll_back(data, n_stages, n_seqs, prompt_len, max_new, chunk,
                                                                    flip_rate, eos_at, speculate):
-    flips = {}
-
-    def wrong(seq_id, position, stage):
-        key = (seq_id, position, stage)
-        if key not in flips:  # the same inputs always give the same prediction
-            flips[key] = flip_rate > 0 and data.draw(st.floats(0, 1)) < flip_rate
-        return flips[key]
-
+    wrong = drawn_flips(data, flip_rate)
     scheduler = SpeedScheduler(n_stages, prefill_chunk=chunk)
     streams = {s: oracle_stream(s, prompt_len, max_new, eos_at) for s in range(n_seqs)}
     for s in range(n_seqs):
@@ -121,14 +127,7 @@ def test_committed_stream_equals_the_oracle_and_flushes_roll_back(data, n_stages
 def test_lost_caches_are_rebuilt_by_replay_and_the_text_is_unchanged(data, n_stages, prompt_len, max_new, chunk,
                                                                       flip_rate, loss_rate, speculate):
     """A failover: a tick whose results never come back, every cache gone, every sequence rewound."""
-    flips = {}
-
-    def wrong(seq_id, position, stage):
-        key = (seq_id, position, stage)
-        if key not in flips:
-            flips[key] = flip_rate > 0 and data.draw(st.floats(0, 1)) < flip_rate
-        return flips[key]
-
+    wrong = drawn_flips(data, flip_rate)
     scheduler = SpeedScheduler(n_stages, prefill_chunk=chunk)
     streams = {s: oracle_stream(s, prompt_len, max_new) for s in range(2)}
     for s in streams:
