@@ -2,8 +2,9 @@
 
 A pure function of the cluster's state, so the coordinator's failover rule can be read and tested
 alone. A stage whose own node is not serving goes to a serving node that can run it (holds its graph),
-preferring one that already runs a neighbouring stage (the two then share a call and no hidden state
-crosses the network), then the node running the fewest stages, then the cluster file's order.
+preferring the node running the fewest stages (an idle standby first: the stages keep running side by
+side), then one that already runs a neighbouring stage (the two then share a call and no hidden state
+crosses the network), then the cluster file's order.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def place(home: Mapping[str, Sequence[int]], can_run: Mapping[str, frozenset[int
         candidates = [name for name in serving if stage in can_run.get(name, frozenset())]
         if candidates:
             placement[stage] = min(candidates, key=lambda name: (
-                not _runs_neighbour(placement, name, stage),
                 sum(1 for owner in placement.values() if owner == name),
+                not _runs_neighbour(placement, name, stage),
                 order.get(name, len(order)),
             ))
     return placement

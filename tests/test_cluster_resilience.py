@@ -193,3 +193,20 @@ def test_every_process_serves_prometheus_metrics(small_cluster):
     for node in spec.nodes:
         text = scrape(f"127.0.0.1:{node.metrics_port}")
         assert "speed_node_steps_total" in text and "speed_node_max_sequences 1.0" in text
+
+
+def test_a_standby_node_takes_a_lost_stage_and_hands_it_back(tmp_path, reference):
+    with running_cluster(tmp_path, stages=[[0], [1], [2], []]) as standby_cluster:
+        with Client(standby_cluster.endpoint) as client:
+            assert [list(n.hosting) for n in client.status().nodes] == [[0], [1], [2], []]
+            stream = client.generate(PROMPTS[2], max_new_tokens=48, timeout_s=120)
+            chunks = iter(stream)
+            received = list(next(chunks).token_ids)
+            os.kill(standby_cluster.processes["edge-2"].pid, signal.SIGKILL)
+            received += [token for chunk in chunks for token in chunk.token_ids]
+            assert received == stream.result().token_ids == reference(PROMPTS[2], max_new_tokens=48)
+            assert [list(n.hosting) for n in client.status().nodes] == [[0], [], [2], [1]]
+            standby_cluster.processes.pop("edge-2").wait()
+            standby_cluster.start_process("edge-2")
+            standby_cluster.wait_ready(60)
+            assert [list(n.hosting) for n in client.status().nodes] == [[0], [1], [2], []]

@@ -33,11 +33,17 @@ def test_a_standby_node_takes_the_stages_it_holds():
     assert place(home, can_run, ["edge-1", "edge-3", "spare"], 3) == {0: "edge-1", 1: "spare", 2: "edge-3"}
 
 
-def test_the_node_with_fewer_stages_is_preferred_among_neighbours():
-    home = {"a": [0, 1], "b": [2], "c": [3]}
-    can_run = {name: frozenset(range(4)) for name in home}
-    # stage 2 lost: a (stages 0-1) and c (stage 3) are both neighbours; c runs fewer
-    assert place(home, can_run, ["a", "c"], 4) == {0: "a", 1: "a", 2: "c", 3: "c"}
+def test_an_idle_standby_is_preferred_to_a_busy_neighbour():
+    home = {**HOME, "spare": []}
+    can_run = {name: frozenset({0, 1, 2}) for name in home}
+    assert place(home, can_run, ["edge-1", "edge-3", "spare"], 3) == {0: "edge-1", 1: "spare", 2: "edge-3"}
+
+
+def test_the_node_with_fewer_stages_is_preferred_then_a_neighbour():
+    home = {"a": [0, 1], "b": [2], "c": [3], "d": [4]}
+    can_run = {name: frozenset(range(5)) for name in home}
+    # stage 2 lost: c (stage 3) and d (stage 4) run one stage each, a runs two; c is the neighbour
+    assert place(home, can_run, ["a", "c", "d"], 5) == {0: "a", 1: "a", 2: "c", 3: "c", 4: "d"}
 
 
 def test_nothing_serving_places_nothing():
