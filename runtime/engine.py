@@ -310,9 +310,10 @@ class Engine:
         lost = sorted({old for old, _ in moved.values() if old and self.nodes[old].state != SERVING})
         tokens = sum(len(self.scheduler.sequences[s].prefill) for s in self._active)
         what = ", ".join(f"stage {stage} {old} -> {new}" for stage, (old, new) in sorted(moved.items()))
-        cause = f"lost {', '.join(lost)}" if lost else "a node came back"
-        log.warning("failover (%s): %s; replaying %d sequence(s) (%d tokens): %s", cause, what or "no stage moved",
-                    len(self._active), tokens, ", ".join(str(s) for s in self._active) or "none")
+        event = f"failover (lost {', '.join(lost)})" if lost else "stages back home (a node registered)"
+        log.log(logging.WARNING if lost or self._active else logging.INFO, "%s: %s; replaying %d sequence(s) (%d tokens)%s",
+                event, what or "no stage moved", len(self._active), tokens,
+                f": {', '.join(str(s) for s in self._active)}" if self._active else "")
         for name in lost:
             self.metrics.failover(name)
         self.metrics.sequences_replayed(len(self._active))
