@@ -20,11 +20,15 @@ A cluster file is YAML (see deploy/local.yaml):
         standby_stages: [1]          # stages it can take over from a lost node (a weight-shared bundle: any)
         device: cpu                  # cpu or cuda
         cpu_fallback: false          # a cuda node may fall back to CPU when CUDA is not really available
-        threads: 1                   # >= 0, 0 = one per core
+        threads: 1                   # 0 to 256, 0 = one per core
         max_sequences: 8             # >= 1
         idle_timeout_s: 300          # > 0: free a sequence's caches after this long without a step
         emulated_link_ms: 0          # >= 0, EMULATION for benchmarks only: one-way latency added per step message
         metrics_port: 9151           # optional: serve Prometheus metrics over HTTP on this port of the address's host
+    security:                        # optional: mutual TLS between the processes, TLS and authentication for clients
+      certs: certs/local             # a directory written by `speed certs init DIR --cluster FILE`, relative to this file
+      client_auth: token             # token (bearer tokens, `speed tokens add`) or certificate (client certificates)
+    insecure: false                  # true: allow listening on an address other than loopback without security
 
 Every mistake raises SpeedError with one sentence naming the file, the key path and what is expected.
 """
@@ -49,6 +53,8 @@ from runtime.errors import SpeedError
 DEVICES = ("cpu", "cuda")
 NODE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 ADDRESS_HINT = "host:port, e.g. 127.0.0.1:50051"
+MAX_THREADS = 256  # intra-op threads of a node (and of `speed reference`, `bench`, `train`); more only slow it down
+MAX_FILE_BYTES = 1 << 20  # a cluster file of 1024 nodes is about 100 KiB
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,15 @@ class NodeSpec:
     metrics_port: int | None = None  # Prometheus metrics over HTTP; None = off
 
 
+CLIENT_AUTH = ("token", "certificate")
+
+
+@dataclass(frozen=True)
+class SecuritySpec:
+    certs: Path  # resolved; the files of `speed certs init` (deploy/certs.py)
+    client_auth: str = "token"  # how clients prove who they are: "token" or "certificate"
+
+
 @dataclass(frozen=True)
 class ClusterSpec:
     name: str
@@ -90,6 +105,8 @@ class ClusterSpec:
     speculation: SpeculationSpec
     nodes: tuple[NodeSpec, ...]
     source: str = dataclasses.field(default="", compare=False)  # the file as the user named it, for messages
+    security: SecuritySpec | None = None  # None: plain connections (loopback only unless insecure)
+    insecure: bool = False  # plain connections allowed on other addresses than loopback
 
     @property
     def _shown(self) -> str:
@@ -153,6 +170,21 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class _AliasFound(Exception):
+    pass
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader without aliases (*name): a few lines of them, merged with <<, can expand to billions of values."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasFound(f"line {event.start_mark.line + 1} uses the YAML alias *{event.anchor}; a cluster file "
+                              "may not use anchors and aliases, write each value out")
+        return super().compose_node(parent, index)
+
+
 def load_cluster(path: str | Path) -> ClusterSpec:
     shown = str(path)
     path = Path(path)
@@ -160,10 +192,20 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         raise SpeedError(f"cluster file {shown} does not exist")
     if not path.is_file():
         raise SpeedError(f"cluster file {shown} is not a file")
+    with path.open("rb") as f:
+        text = f.read(MAX_FILE_BYTES + 1)  # never more: the file may be huge, or growing
+    if len(text) > MAX_FILE_BYTES:
+        raise SpeedError(f"cluster file {shown} is larger than {MAX_FILE_BYTES >> 20} MiB, the limit for a cluster file; "
+                         "check that you named the right file")
     try:
-        data = yaml.safe_load(path.read_bytes())
+        data = yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader
+    except _AliasFound as exc:
+        raise SpeedError(f"{shown}: {exc}") from None
     except yaml.YAMLError as exc:
         raise SpeedError(f"{shown} is not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise SpeedError(f"{shown} nests lists or mappings too deeply to be a cluster file (it needs three levels); "
+                         "check that you named the right file") from None
     top = _Key(shown)
     if not isinstance(data, dict):
         raise top.error(f"expected a mapping with cluster, coordinator and nodes at the top level, got {_shown(data)}")
@@ -174,6 +216,8 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         "coordinator": _coordinator,
         "speculation": _speculation,
         "nodes": _nodes,
+        "security": partial(_security, base=base),
+        "insecure": _flag,
     }, required={
         "cluster": "a name for this cluster, e.g. local-demo",
         "coordinator": "a mapping with the coordinator's address: host:port, e.g. 127.0.0.1:50050",
@@ -182,7 +226,8 @@ def load_cluster(path: str | Path) -> ClusterSpec:
     _check_addresses_unique(fields["coordinator"], fields["nodes"], top)
     return ClusterSpec(name=fields["cluster"], path=path.resolve(), bundle=fields.get("bundle"),
                        coordinator=fields["coordinator"], speculation=fields.get("speculation", SpeculationSpec()),
-                       nodes=fields["nodes"], source=shown)
+                       nodes=fields["nodes"], source=shown, security=fields.get("security"),
+                       insecure=fields.get("insecure", False))
 
 
 # --- key paths and errors ------------------------------------------------------------------------
@@ -252,10 +297,13 @@ def _string(value: Any, key: _Key, *, choices: tuple[str, ...] = ()) -> str:
     return value
 
 
-def _whole(value: Any, key: _Key, *, minimum: int) -> int:
+def _whole(value: Any, key: _Key, *, minimum: int, maximum: int | None = None, zero: str = "") -> int:
     # bool is an int in Python, and YAML reads yes/no/on/off as bools: never a count
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise key.error(f"expected a whole number >= {minimum}, got {_shown(value)}")
+    if maximum is not None and value > maximum:
+        meaning = f" ({zero})" if zero else ""
+        raise key.error(f"expected a whole number >= {minimum} and at most {maximum}{meaning}, got {value}")
     return value
 
 
@@ -277,9 +325,11 @@ def _whole_list(value: Any, key: _Key, *, minimum: int, empty_ok: bool = False) 
         kind = "list" if empty_ok else "non-empty list"
         raise key.error(f"expected a {kind} of whole numbers >= {minimum}, e.g. [{minimum}], got {_shown(value)}")
     items = tuple(_whole(item, key.item(i), minimum=minimum) for i, item in enumerate(value))
-    for i, item in enumerate(items):
-        if item in items[:i]:
+    seen: set[int] = set()
+    for item in items:  # a set, not items[:i]: a long list must not take quadratic time
+        if item in seen:
             raise key.error(f"{item} is listed twice; list each once")
+        seen.add(item)
     return items
 
 
@@ -327,6 +377,15 @@ def _coordinator(value: Any, key: _Key) -> CoordinatorSpec:
     }, required={"address": "host:port, e.g. 127.0.0.1:50050"}))
 
 
+def _security(value: Any, key: _Key, *, base: Path) -> SecuritySpec:
+    fields = _fields(value, key, {
+        "certs": _string,
+        "client_auth": partial(_string, choices=CLIENT_AUTH),
+    }, required={"certs": "the directory written by `speed certs init DIR --cluster FILE`, relative to this file"})
+    return SecuritySpec(certs=(base / Path(fields["certs"]).expanduser()).resolve(),
+                        client_auth=fields.get("client_auth", "token"))
+
+
 def _speculation(value: Any, key: _Key) -> SpeculationSpec:
     return SpeculationSpec(**_fields(value, key, {
         "enabled": _flag,
@@ -348,7 +407,7 @@ NODE_CHECKS: dict[str, Check] = {
     "standby_stages": partial(_whole_list, minimum=0, empty_ok=True),
     "device": partial(_string, choices=DEVICES),
     "cpu_fallback": _flag,
-    "threads": partial(_whole, minimum=0),
+    "threads": partial(_whole, minimum=0, maximum=MAX_THREADS, zero="0 = one per core"),
     "max_sequences": partial(_whole, minimum=1),
     "idle_timeout_s": _positive,
     "emulated_link_ms": partial(_number, minimum=0, inclusive=True),

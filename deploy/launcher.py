@@ -25,6 +25,7 @@ from runtime.bundle import load_bundle
 from runtime.errors import SpeedError
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.security import operator_credentials
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
@@ -87,6 +88,8 @@ class LocalCluster:
     def start(self, ready_timeout_s: float = READY_TIMEOUT_S) -> None:
         """Start every process and wait until the coordinator reports SERVING (every node registered)."""
         load_bundle(self.spec.bundle)  # a bad bundle fails here, once, before any process starts
+        if self.spec.security is not None:
+            operator_credentials(self.spec.security)  # and so do missing certificates
         check_free(self.spec)
         try:
             self.start_process("coordinator")
@@ -101,7 +104,7 @@ class LocalCluster:
         """Until every node of the file has registered and runs its own stages (not just until the cluster
         can serve, which one node of a weight-shared bundle already can)."""
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.endpoint) as channel:
+        with self.channel() as channel:
             coordinator = pb_grpc.CoordinatorStub(channel)
             while True:
                 self.check_alive()
@@ -116,6 +119,12 @@ class LocalCluster:
                     raise SpeedError(f"cluster {self.spec.name} was not serving after {timeout_s:g} s; "
                                      f"see the logs in {self.logs}")
                 time.sleep(0.2)
+
+    def channel(self) -> grpc.Channel:
+        """A channel to the coordinator, as the client identity of `speed certs init` in a secure cluster."""
+        if self.spec.security is None:
+            return grpc.insecure_channel(self.endpoint)
+        return grpc.secure_channel(self.endpoint, operator_credentials(self.spec.security))
 
     def check_alive(self) -> None:
         for name, process in self.processes.items():

@@ -28,6 +28,7 @@ from runtime.errors import SpeedError
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.security import COORDINATOR, check_exposure, node_identity
 
 log = logging.getLogger("speed.node")
 
@@ -77,14 +78,18 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
     metrics = NodeMetrics(node.name)
     if node.metrics_port is not None:
         metrics.serve(parse_address(node.address)[0], node.metrics_port)
-    service = NodeService(host, info, metrics=metrics, emulated_link_ms=node.emulated_link_ms)
+    identity = node_identity(spec.security, node.name) if spec.security else None
+    if check_exposure(spec, node.address, f"node {node.name}"):
+        log.warning("serving %s WITHOUT TLS, as the cluster file allows (insecure: true)", node.address)
+    service = NodeService(host, info, metrics=metrics, emulated_link_ms=node.emulated_link_ms,
+                          only_caller=COORDINATOR if identity else None)
     health_service = health.HealthServicer()
     for service_name in ("", SERVICE_NAME):
         health_service.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options.SERVER)
     pb_grpc.add_NodeServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
-    options.listen(server, node.address)
+    options.listen(server, node.address, identity.server(require_client_certificate=True) if identity else None)
     server.start()
 
     host.warm_up()
@@ -101,7 +106,7 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
         stop.set()
 
     registration = Registration(spec.coordinator.address, node.address, info, on_registered=service.adopt,
-                                on_refused=refused)
+                                on_refused=refused, credentials=identity.channel() if identity else None)
     registration.start()
     while not stop.wait(timeout=min(node.idle_timeout_s, 5.0)):
         for seq_id in service.expire_idle():

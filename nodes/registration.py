@@ -24,18 +24,24 @@ MAX_BACKOFF_S = 5.0
 
 class Registration(threading.Thread):
     def __init__(self, coordinator_address: str, address: str, info: Callable[[], pb.NodeInfo],
-                 *, on_registered: Callable[[int], None], on_refused: Callable[[str], None]):
+                 *, on_registered: Callable[[int], None], on_refused: Callable[[str], None],
+                 credentials: grpc.ChannelCredentials | None = None):
         super().__init__(name="registration", daemon=True)
         self.coordinator_address = coordinator_address
         self.address = address
         self.info = info
         self.on_registered = on_registered  # with the coordinator's incarnation
         self.on_refused = on_refused  # the coordinator will never accept this node: a person must act
+        self.credentials = credentials  # TLS with the node's certificate, in a secure cluster
         self.stopping = threading.Event()
         self.registered = threading.Event()
 
     def run(self) -> None:
-        with grpc.insecure_channel(self.coordinator_address, options=options.CHANNEL) as channel:
+        if self.credentials is None:
+            channel = grpc.insecure_channel(self.coordinator_address, options=options.CHANNEL)
+        else:
+            channel = grpc.secure_channel(self.coordinator_address, self.credentials, options=options.CHANNEL)
+        with channel:
             registry = pb_grpc.RegistryStub(channel)
             backoff, interval, reported_down = 0.2, 1.0, False
             while not self.stopping.is_set():

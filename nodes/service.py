@@ -13,14 +13,17 @@ from nodes.host import StageHost, StepRefused
 from nodes.node_metrics import NodeMetrics
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.security import caller
 
 log = logging.getLogger("speed.node")
 
 
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, host: StageHost, info: Callable[[], pb.NodeInfo], *, metrics: NodeMetrics,
-                 emulated_link_ms: float = 0.0):
+                 emulated_link_ms: float = 0.0, only_caller: str | None = None):
+        """only_caller: the one certificate name allowed to call (the coordinator's), in a secure cluster."""
         self.host = host
+        self.only_caller = only_caller
         self.metrics = metrics
         metrics.set_max_sequences(host.max_sequences)
         metrics.set_hosting(len(host.stages))
@@ -28,10 +31,17 @@ class NodeService(pb_grpc.NodeServicer):
         self._lock = threading.Lock()  # one ONNX Runtime call at a time; its own threads do the parallel work
         self._link_delay_s = emulated_link_ms / 1000
 
+    def _admit(self, context: grpc.ServicerContext) -> None:
+        if self.only_caller is not None and caller(context) != self.only_caller:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {self.host.name} serves only its cluster's "
+                          f"coordinator, not {caller(context) or 'a caller without a certificate'}")
+
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.NodeInfo:
+        self._admit(context)
         return self._info()
 
     def Assign(self, request: pb.AssignRequest, context: grpc.ServicerContext) -> pb.NodeInfo:
+        self._admit(context)
         with self._lock:
             try:
                 self.host.assign(request.incarnation, request.stages)
@@ -50,6 +60,7 @@ class NodeService(pb_grpc.NodeServicer):
             self.metrics.set_sequences(self.host.open_sequences)
 
     def Steps(self, requests: Iterator[pb.StepBatch], context: grpc.ServicerContext) -> Iterator[pb.StepResults]:
+        self._admit(context)
         for batch in requests:
             self._emulate_link()
             with self._lock:

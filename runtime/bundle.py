@@ -136,7 +136,8 @@ def load_bundle(path: Path | None = None) -> Bundle:
     path = Path(path) if path is not None else DEFAULT_BUNDLE
     manifest_path = path / MANIFEST_FILE
     if not path.is_dir():
-        raise SpeedError(f"bundle {path} does not exist; pass a directory written by `speed export`")
+        problem = "is a file, not a bundle directory" if path.exists() else "does not exist"
+        raise SpeedError(f"bundle {path} {problem}; pass a directory written by `speed export`")
     if not manifest_path.is_file():
         raise SpeedError(f"{path} is not a bundle: it has no {MANIFEST_FILE}; pass a directory written by `speed export`")
     try:

@@ -18,9 +18,11 @@ after the tokens it already has; the text is the same as an uninterrupted run's.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -28,6 +30,7 @@ from runtime.errors import SpeedError
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.security import client_credentials
 
 GENERATE_TIMEOUT_S = 600.0
 STATUS_TIMEOUT_S = 10.0
@@ -60,11 +63,17 @@ class Busy(ClientError):
     """Every sequence slot is taken and the queue is full: retry later."""
 
 
+class Unauthenticated(ClientError):
+    """The cluster does not know this client: a token or client certificate is missing or wrong."""
+
+
 _ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Busy,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: Unauthenticated,
 }
 
 
@@ -76,8 +85,12 @@ def from_coordinator(exc: grpc.RpcError) -> bool:
 def client_error(exc: grpc.RpcError, address: str = "", timeout_s: float | None = None) -> ClientError:
     code, message = exc.code(), exc.details() or exc.code().name
     if not from_coordinator(exc):
-        if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in message.lower():
-            message = f"cannot reach the coordinator {address} ({message}); is the cluster up?"
+        if code == grpc.StatusCode.UNAVAILABLE and ("handshake" in message.lower() or "ssl" in message.lower()):
+            message = (f"TLS with the coordinator {address} failed ({message}); check the CA certificate (--ca), and "
+                       "give a client certificate (--cert, --key) where the cluster asks for one")
+        elif code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in message.lower():
+            message = (f"cannot reach the coordinator {address} ({message}); is the cluster up, and if it is a secure "
+                       "one, were its CA (--ca) and, where it asks for one, a client certificate (--cert, --key) given?")
         elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
             code, message = grpc.StatusCode.UNAVAILABLE, (
                 f"lost the coordinator {address} during the request ({message}); it stopped or restarted: retry, "
@@ -216,10 +229,44 @@ def _starter(stub: pb_grpc.CoordinatorStub, request: pb.GenerateRequest):
     return start
 
 
+def credentials_from(ca: str | Path | None, token: str | None, cert: str | Path | None,
+                     key: str | Path | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials for a secure cluster, or None for a plain one. Unset arguments come from the
+    environment: SPEED_CA, SPEED_TOKEN, SPEED_CERT, SPEED_KEY."""
+    ca, token = ca or os.environ.get("SPEED_CA"), token or os.environ.get("SPEED_TOKEN")
+    cert, key = cert or os.environ.get("SPEED_CERT"), key or os.environ.get("SPEED_KEY")
+    if not ca:
+        if token or cert or key:
+            raise SpeedError("a token or a client certificate needs the cluster's CA certificate too (ca=... or "
+                             "--ca or SPEED_CA), so that the coordinator is checked before anything is sent")
+        return None
+    if bool(cert) != bool(key):
+        raise SpeedError("a client certificate needs its key too, and a key its certificate")
+    return client_credentials(_file(ca, "CA certificate"), token=token, cert=cert and _file(cert, "client certificate"),
+                              key=key and _file(key, "client key"))
+
+
+def _file(path: str | Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SpeedError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+def _open(address: str, credentials: grpc.ChannelCredentials | None, channel_module=grpc):
+    if credentials is None:
+        return channel_module.insecure_channel(address, options=options.CHANNEL)
+    return channel_module.secure_channel(address, credentials, options=options.CHANNEL)
+
+
 class Client:
-    def __init__(self, address: str):
+    """A plain cluster: Client(address). A secure one: Client(address, ca="certs/ca.pem", token=...) or with
+    cert= and key= (a client certificate), or the same through SPEED_CA / SPEED_TOKEN / SPEED_CERT / SPEED_KEY."""
+
+    def __init__(self, address: str, *, ca: str | Path | None = None, token: str | None = None,
+                 cert: str | Path | None = None, key: str | Path | None = None):
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=options.CHANNEL)
+        self._channel = _open(address, credentials_from(ca, token, cert, key))
         self._stub = pb_grpc.CoordinatorStub(self._channel)
 
     def generate(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -271,9 +318,10 @@ class AsyncGenerationStream(_Events):
 
 
 class AsyncClient:
-    def __init__(self, address: str):
+    def __init__(self, address: str, *, ca: str | Path | None = None, token: str | None = None,
+                 cert: str | Path | None = None, key: str | Path | None = None):
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=options.CHANNEL)
+        self._channel = _open(address, credentials_from(ca, token, cert, key), grpc.aio)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
 
     def generate(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,

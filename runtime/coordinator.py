@@ -28,16 +28,19 @@ from runtime.reference import check_request
 from runtime.remote_node import DOWN, SERVING, RemoteNode
 from runtime.stopping import StopStrings
 from runtime.text_stream import TextStream
+from runtime.tokens import TOKENS_FILE, TokenFile
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.sampling import sampling_from_wire
+from runtime.wire.security import CLIENT, Identity, caller, check_exposure, expect_name, node_common_name
 
 log = logging.getLogger("speed.coordinator")
 
 SERVICE_NAME = "speed.v1.Coordinator"
 DEFAULT_MAX_NEW_TOKENS = 64
 MISSED_HEARTBEATS = 3  # a node silent this many intervals is down
+DIAL_BACK_TIMEOUT_S = 2.0  # to check a registering node at the address it gave
 STOP_GRACE_S = 2.0
 DEADLINE_MARGIN_S = 0.05  # answer a little before the client's own deadline, so it gets our sentence
 ERROR_ORIGIN = ("speed-error-origin", "coordinator")  # trailing metadata: the coordinator said it, not the network
@@ -52,6 +55,9 @@ class Cluster:
         self.tokenizer = bundle.tokenizer()
         self.health = health.aio.HealthServicer()
         self.metrics = CoordinatorMetrics()
+        security = spec.security
+        self.identity = Identity.load(security, "coordinator") if security else None
+        self.tokens = TokenFile(security.certs / TOKENS_FILE) if security and security.client_auth == "token" else None
         self.nodes = [RemoteNode(node, step_timeout_s=spec.coordinator.step_timeout_s, on_state_change=self.node_changed)
                       for node in spec.nodes]
         self.engine = Engine(self.nodes, config=bundle.config, eos_id=bundle.eos_token_id,
@@ -100,23 +106,49 @@ class Cluster:
                              f"0..{vocab - 1}: the tokens this request already received")
         return tokens
 
+    def open_node_channel(self, name: str, address: str) -> grpc.aio.Channel:
+        """A channel to a node that, in a secure cluster, only the node's own certificate can answer."""
+        if self.identity is None:
+            return grpc.aio.insecure_channel(address, options=options.CHANNEL)
+        return grpc.aio.secure_channel(address, self.identity.channel(), options=options.CHANNEL + expect_name(name))
+
     async def register(self, request: pb.RegisterRequest) -> RemoteNode:
-        info = request.info
-        node = next((n for n in self.nodes if n.name == info.name), None)
-        where = f"cluster file {self.spec.source or self.spec.path}"
+        """Accept a node by what it answers when dialled back at the address it gave, never by the request's
+        own claims: in a secure cluster only the holder of the node's certificate can answer."""
+        node = next((n for n in self.nodes if n.name == request.info.name), None)
         if node is None:
-            raise SpeedError(f"{where} has no node named {info.name!r}; its nodes are "
-                             f"{', '.join(n.name for n in self.nodes)}")
+            raise SpeedError(f"cluster file {self.spec.source or self.spec.path} has no node named "
+                             f"{request.info.name!r}; its nodes are {', '.join(n.name for n in self.nodes)}")
+        channel = self.open_node_channel(node.name, request.address)
+        try:
+            info = await pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=DIAL_BACK_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            await channel.close()
+            raise Unverified(f"node {node.name} could not be reached as itself at {request.address} "
+                             f"({exc.code().name}: {exc.details()})") from None
+        try:
+            self._check_node(node, info)
+        except SpeedError:
+            await channel.close()
+            raise
+        if node.state == SERVING and node.address == request.address and info.incarnation == self.engine.incarnation:
+            await channel.close()  # it is serving us already: nothing to do (a repeated registration)
+            return node
+        await node.connect(info, request.address, channel)
+        log.info("%s registered: stages %s, %s, %d thread(s)", node.describe(), list(info.stages), info.provider,
+                 info.threads)
+        return node
+
+    def _check_node(self, node: RemoteNode, info: pb.NodeInfo) -> None:
+        where = f"cluster file {self.spec.source or self.spec.path}"
+        if info.name != node.name:
+            raise SpeedError(f"the node at that address is {info.name!r}, not {node.name}")
         if tuple(info.stages) != node.spec.stages:
             raise SpeedError(f"node {info.name} hosts stages {list(info.stages)} but {where} gives it "
                              f"{list(node.spec.stages)}; start the node with the same cluster file")
         if info.bundle_sha256 != self.bundle.sha256:
             raise SpeedError(f"node {info.name} serves bundle {info.bundle_sha256[:12]} but the cluster's is "
                              f"{self.bundle.sha256[:12]}; give every device the same bundle")
-        await node.connect(info, request.address)
-        log.info("%s registered: stages %s, %s, %d thread(s)", node.describe(), list(info.stages), info.provider,
-                 info.threads)
-        return node
 
     async def watch_heartbeats(self) -> None:
         interval = self.spec.coordinator.heartbeat_interval_s
@@ -148,11 +180,33 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
     await context.abort(code, message, trailing_metadata=(ERROR_ORIGIN,))
 
 
+class Unverified(SpeedError):
+    """A registration that could not be checked now (the node did not answer as itself): it may retry."""
+
+
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, cluster: Cluster):
         self.cluster = cluster
 
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        """In a secure cluster, a client presents a known bearer token or the cluster's client certificate."""
+        cluster = self.cluster
+        if cluster.identity is None:
+            return
+        if cluster.tokens is None:
+            if caller(context) != CLIENT:
+                await _abort(context, grpc.StatusCode.UNAUTHENTICATED, f"cluster {cluster.spec.name} serves clients "
+                             "that present its client certificate (client.pem from speed certs init)")
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
+        if scheme.lower() != "bearer" or cluster.tokens.owner(token.strip()) is None:
+            cluster.metrics.request_ended("unauthenticated")
+            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, f"cluster {cluster.spec.name} needs a valid bearer "
+                         "token; ask its operator for one (speed tokens add NAME) and pass it with --token or SPEED_TOKEN")
+
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        await self._authenticate(context)
         metrics = self.cluster.metrics
         try:
             prepared = self.cluster.prepare(request)
@@ -190,6 +244,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 engine.cancel(prepared)  # the client went away: free the sequence's caches now
 
     async def ClusterStatus(self, request: pb.ClusterStatusRequest, context) -> pb.ClusterStatusReply:
+        await self._authenticate(context)
         return self.cluster.status()
 
 
@@ -207,6 +262,9 @@ class RegistryService(pb_grpc.RegistryServicer):
     async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.RegisterReply:
         try:
             await self.cluster.register(request)
+        except Unverified as exc:
+            log.warning("refused a registration from %s: %s", context.peer(), exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except SpeedError as exc:
             log.error("refused a node: %s", exc)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
@@ -215,6 +273,9 @@ class RegistryService(pb_grpc.RegistryServicer):
                                 incarnation=self.cluster.engine.incarnation)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+        if self.cluster.tokens is None and self.cluster.identity is not None \
+                and caller(context) != node_common_name(request.name):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"only node {request.name}'s certificate may beat for it")
         node = next((n for n in self.cluster.nodes if n.name == request.name), None)
         if node is None or node.state != SERVING:
             return pb.HeartbeatReply(known=False)
@@ -238,7 +299,13 @@ async def _serve(cluster: Cluster) -> None:
     pb_grpc.add_RegistryServicer_to_server(RegistryService(cluster), server)
     health_pb2_grpc.add_HealthServicer_to_server(cluster.health, server)
     await cluster.update_health()
-    options.listen(server, cluster.spec.coordinator.address)
+    address = cluster.spec.coordinator.address
+    if check_exposure(cluster.spec, address, "the coordinator"):
+        log.warning("serving %s WITHOUT TLS or authentication, as the cluster file allows (insecure: true)", address)
+    credentials = None
+    if cluster.identity is not None:
+        credentials = cluster.identity.server(require_client_certificate=cluster.tokens is None)
+    options.listen(server, address, credentials)
     await server.start()
     log.info("coordinator of cluster %s (incarnation %d) listening on %s; waiting for %d node(s) to register",
              cluster.spec.name, cluster.engine.incarnation, cluster.spec.coordinator.address, len(cluster.nodes))

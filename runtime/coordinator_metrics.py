@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 
 from runtime.metrics_http import LATENCY_BUCKETS, serve_registry
 
-OUTCOMES = ("completed", "failed", "cancelled", "deadline_exceeded", "rejected", "invalid")
+OUTCOMES = ("completed", "failed", "cancelled", "deadline_exceeded", "rejected", "invalid", "unauthenticated")
 NODE_STATES = ["waiting", "serving", "down"]
 
 

@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from deploy.cluster_file import NodeSpec
-from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 
@@ -62,11 +61,11 @@ class RemoteNode:
     def max_sequences(self) -> int:
         return self.info.max_sequences if self.info else self.spec.max_sequences
 
-    async def connect(self, info: pb.NodeInfo, address: str) -> None:
-        """Open a fresh step stream to a node that has just registered."""
+    async def connect(self, info: pb.NodeInfo, address: str, channel: grpc.aio.Channel) -> None:
+        """Open a fresh step stream, on `channel`, to a node that has just registered."""
         await self.disconnect(WAITING)
         self.info, self.address, self.held = info, address, info.open_sequences
-        self._channel = grpc.aio.insecure_channel(address, options=options.CHANNEL)
+        self._channel = channel
         self._stream = pb_grpc.NodeStub(self._channel).Steps()
         self.last_heartbeat = time.monotonic()
         self.state = SERVING

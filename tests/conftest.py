@@ -66,7 +66,8 @@ def free_port() -> int:
 
 def write_cluster(directory: Path, *, bundle: Path | None = None, stages: list[list[int]] | None = None,
                   speculation: bool = True, extra_node_keys: str = "", extra_coordinator_keys: str = "",
-                  metrics: bool = False, standby_stages: dict[int, list[int]] | None = None) -> Path:
+                  metrics: bool = False, standby_stages: dict[int, list[int]] | None = None,
+                  extra_top_keys: str = "") -> Path:
     """A cluster file on free loopback ports: one node per entry of `stages` (default one stage each of three);
     metrics: every process serves Prometheus metrics on a port of its own; standby_stages: by node index."""
     stages = stages if stages is not None else [[0], [1], [2]]
@@ -84,18 +85,25 @@ def write_cluster(directory: Path, *, bundle: Path | None = None, stages: list[l
         f"cluster: test-{directory.name}\nbundle: {bundle if bundle is not None else 'null'}\n"
         f"coordinator:\n  address: 127.0.0.1:{free_port()}\n  heartbeat_interval_s: 0.5\n"
         f"{metrics_port('  ')}{extra_coordinator_keys}"
-        f"speculation:\n  enabled: {str(speculation).lower()}\nnodes:\n{nodes}")
+        f"{extra_top_keys}speculation:\n  enabled: {str(speculation).lower()}\nnodes:\n{nodes}")
     return path
 
 
 @contextlib.contextmanager
-def running_cluster(directory: Path, **cluster_options) -> Iterator:
-    """A LocalCluster of a cluster file written by write_cluster, its state kept under `directory`."""
+def running_cluster(directory: Path, *, make_certs: bool = False, **cluster_options) -> Iterator:
+    """A LocalCluster of a cluster file written by write_cluster, its state kept under `directory`;
+    make_certs: the certificates its security section names are made first."""
+    from deploy.certs import init_certs
+    from deploy.cluster_file import load_cluster
     from deploy.launcher import LocalCluster
 
+    path = write_cluster(directory, **cluster_options)
+    if make_certs:
+        spec = load_cluster(path)
+        init_certs(spec.security.certs, spec)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SPEED_STATE_DIR", str(directory / "state"))
-        with LocalCluster(write_cluster(directory, **cluster_options)) as cluster:
+        with LocalCluster(path) as cluster:
             yield cluster
 
 

@@ -57,3 +57,9 @@ def test_a_foreign_manifest_is_refused(bundle_copy):
     (bundle_copy / "manifest.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(SpeedError, match="is not a 'speed-bundle/1' manifest"):
         load_bundle(bundle_copy)
+
+
+def test_a_file_is_not_reported_as_missing(tmp_path):
+    (tmp_path / "bundle.onnx").write_bytes(b"\0")
+    with pytest.raises(SpeedError, match=r"bundle .*bundle\.onnx is a file, not a bundle directory; pass a directory"):
+        load_bundle(tmp_path / "bundle.onnx")

@@ -1,10 +1,13 @@
 """Bad input at the command line: one line naming the problem, a non-zero exit, nothing written."""
 
+import argparse
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
+from runtime.cli import build_parser
 from tests.conftest import assert_one_line_error, run_speed
 
 
@@ -91,3 +94,101 @@ def test_bench_local_prints_speedup_and_cost_model_as_json(tiny_bundle):
 
 def test_bench_without_a_mode_says_what_to_choose():
     assert_one_line_error(run_speed("bench"), "--reference", "--local")
+
+
+# --- arguments an attacker or a careless user might give: refused in one line before anything runs ----------
+
+NOT_UTF8 = "\udcff\udcfe\udc80abc"  # the bytes ff fe 80 61 62 63, as Python hands such an argument over
+
+
+@pytest.mark.parametrize("args, position", [
+    (["reference", NOT_UTF8], 2),
+    (["generate", "--json", NOT_UTF8], 3),
+    (["reference", "--stop", NOT_UTF8, "hi"], 3),
+    (["export", "{tmp}/checkpoint.pt", "{tmp}/" + NOT_UTF8], 3),
+])
+def test_an_argument_that_is_not_utf8_is_refused_by_position(tmp_path, args, position):
+    result = run_speed(*(arg.replace("{tmp}", str(tmp_path)) for arg in args), timeout=60)
+    assert_one_line_error(result, f"argument {position} is not valid UTF-8 text; pass text in UTF-8")
+    assert result.returncode == 2
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["10000", "257", "-3"])
+@pytest.mark.parametrize("command", [["reference", "hi"], ["bench", "--local"], ["train", "--out", "{tmp}/run"]])
+def test_threads_out_of_range_are_refused_before_any_work(tmp_path, command, value):
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in command]
+    result = run_speed(*args, "--threads", value, timeout=30)  # 10000 threads hung decoding for over a minute
+    assert_one_line_error(result, "argument --threads: must be at least 0 and at most 256 (0 = one per core)")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["reference", "bench", "train"])
+def test_every_threads_flag_documents_zero_and_its_bound(command):
+    help_text = " ".join(run_speed(command, "--help", timeout=30).stdout.split())
+    assert "0 = one per core" in help_text and "at most 256" in help_text
+    prompt = ["hi"] if command == "reference" else ["--out", "x"] if command == "train" else []
+    assert build_parser().parse_args([command, *prompt, "--threads", "0"]).threads == 0
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["generate", "--temperature", "nan", "hi"], "--temperature"),
+    (["generate", "--temperature", "1e39", "hi"], "--temperature"),
+    (["generate", "--top-k", "3000000000", "hi"], "--top-k"),
+    (["generate", "--top-p", "inf", "hi"], "--top-p"),
+    (["generate", "--seed", str(2**63), "hi"], "--seed"),
+    (["generate", "--max-new-tokens", "3000000000", "hi"], "--max-new-tokens"),
+    (["generate", "--timeout", "1e300", "hi"], "--timeout"),
+    (["reference", "--seed", "-1", "hi"], "--seed"),
+    (["up", "{tmp}/cluster.yaml", "--emulate-link-ms", "nan"], "--emulate-link-ms"),
+    (["node", "--cluster", "{tmp}/cluster.yaml", "--name", "a", "--emulate-link-ms", "-1"], "--emulate-link-ms"),
+    (["bench", "--repeats", "100000"], "--repeats"),
+    (["bench", "{tmp}/cluster.yaml", "--clients", "1000000"], "--clients"),
+    (["train", "--out", "{tmp}/run", "--lr", "nan"], "--lr"),
+    (["train", "--out", "{tmp}/run", "--d-model", "1" + "0" * 12], "--d-model"),
+    (["train-exit", "{tmp}/bundle", "--rank", "1" + "0" * 12], "--rank"),
+    (["import", "gguf", "{tmp}/model.gguf", "{tmp}/bundle", "--stages", "5000"], "--stages"),
+])
+def test_a_number_out_of_range_is_a_usage_error(tmp_path, args, flag):
+    result = run_speed(*(arg.replace("{tmp}", str(tmp_path)) for arg in args), timeout=60)
+    assert_one_line_error(result, f"argument {flag}: must be ")
+    assert result.returncode == 2 and list(tmp_path.iterdir()) == []
+
+
+def numeric_options(parser: argparse.ArgumentParser, prefix: str = "speed"):
+    """(command, option) of every flag of every subcommand that takes a number."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from numeric_options(sub, f"{prefix} {name}")
+        elif action.option_strings and action.type not in (None, str, Path):
+            yield prefix, action
+
+
+def test_every_numeric_flag_refuses_nan_infinity_and_absurd_values():
+    found = list(numeric_options(build_parser()))
+    assert len(found) >= 30
+    for command, action in found:
+        where = f"{command} {action.option_strings[0]}"
+        assert action.type not in (int, float), f"{where} takes any {action.type.__name__}"
+        for text in ["nan", "inf", "-inf", "1e400", "9" * 30, "-" + "9" * 30, "abc", ""]:
+            with pytest.raises(argparse.ArgumentTypeError):
+                action.type(text)
+                pytest.fail(f"{where} accepted {text!r}")
+        if action.default is not None:
+            assert action.type(str(action.default)) == action.default, f"{where}: its default is out of its range"
+
+
+def test_documented_zero_values_are_kept():
+    args = build_parser().parse_args(["generate", "--temperature", "0", "--top-k", "0", "--top-p", "1", "hi"])
+    assert (args.temperature, args.top_k, args.top_p) == (0, 0, 1)
+    args = build_parser().parse_args(["generate", "--seed", str(2**63 - 1), "--top-p", "0.01", "hi"])
+    assert args.seed == 2**63 - 1 and args.top_p == 0.01
+
+
+@pytest.mark.parametrize("command", [["reference", "hi"], ["bench", "--local"]])
+def test_a_bundle_that_is_a_file_is_named_as_a_file(tmp_path, command):
+    (tmp_path / "bundle.txt").write_text("not a bundle")
+    result = run_speed(*command, "--bundle", str(tmp_path / "bundle.txt"), timeout=60)
+    assert_one_line_error(result, f"bundle {tmp_path / 'bundle.txt'} is a file, not a bundle directory; pass a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle.txt"]

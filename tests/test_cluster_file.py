@@ -176,7 +176,7 @@ def test_an_unknown_node_key_is_named_with_a_suggestion(tmp_path):
 def test_an_unknown_key_without_a_close_match_gets_no_suggestion(tmp_path):
     path = cluster_with(tmp_path, lambda data: data.update(zzz=1))
     with pytest.raises(SpeedError, match=re.escape(f"{path}: unknown key 'zzz'; expected one of bundle, cluster, "
-                                                   "coordinator, nodes, speculation")) as caught:
+                                                   "coordinator, insecure, nodes, security, speculation")) as caught:
         load_cluster(str(path))
     assert "did you mean" not in str(caught.value)
 
@@ -358,3 +358,71 @@ def test_a_standby_stage_that_does_not_exist_is_named(tmp_path):
     spec = load_cluster(cluster_with(tmp_path, set_node_key(0, "standby_stages", [7])))
     with pytest.raises(SpeedError, match=re.escape("nodes[0].standby_stages: stage 7 does not exist")):
         spec.check_stages(3)
+
+
+# --- what a hostile or mistaken file costs: bounded, refused in one sentence --------------------------------
+
+
+def test_a_file_over_one_mib_is_refused_before_parsing(tmp_path):
+    import time
+
+    path = tmp_path / "huge.yaml"
+    path.write_bytes(yaml.safe_dump(MINIMAL).encode() + b"# padding\n" * 1_000_000)  # 10 MB
+    started = time.monotonic()
+    fails(path, f"cluster file {path} is larger than 1 MiB, the limit for a cluster file")
+    assert time.monotonic() - started < 0.5
+
+
+def test_a_file_just_under_the_limit_still_loads(tmp_path):
+    from deploy.cluster_file import MAX_FILE_BYTES
+
+    text = yaml.safe_dump(MINIMAL)
+    path = write(tmp_path, text + "#" * (MAX_FILE_BYTES - len(text) - 1) + "\n")
+    assert path.stat().st_size == MAX_FILE_BYTES
+    assert load_cluster(path).name == "test"
+
+
+@pytest.mark.parametrize("text, alias", [
+    # a node's settings shared by anchor and merge key: innocent here, but <<: [*a, *a, ...] nested a few
+    # levels deep expands to billions of entries
+    ("cluster: t\ncoordinator: {address: '127.0.0.1:50050'}\nnodes:\n"
+     "  - &first {name: a, address: '127.0.0.1:50051', stages: [0]}\n"
+     "  - {<<: *first, name: b, address: '127.0.0.1:50052'}\n", "first"),
+    ("cluster: t\ncoordinator: {address: '127.0.0.1:50050'}\nnodes:\n"
+     "  - {name: a, address: '127.0.0.1:50051', stages: &s [0]}\n"
+     "  - {name: b, address: '127.0.0.1:50052', stages: *s}\n", "s"),
+])
+def test_yaml_aliases_are_refused(tmp_path, text, alias):
+    path = write(tmp_path, text)
+    fails(path, f"{path}: line 5 uses the YAML alias *{alias}; a cluster file may not use anchors and aliases")
+
+
+def test_an_alias_bomb_is_refused_at_once(tmp_path):
+    import time
+
+    levels = [f"l0: &l0 [{', '.join(['x'] * 9)}]"]
+    levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]  # 9**10 values
+    path = write(tmp_path, "\n".join(levels) + "\n")
+    started = time.monotonic()
+    fails(path, f"{path}: line 2 uses the YAML alias *l0")
+    assert time.monotonic() - started < 0.5
+
+
+def test_nesting_too_deep_for_the_parser_is_a_sentence(tmp_path):
+    path = write(tmp_path, "cluster: " + "[" * 20_000 + "\n")
+    fails(path, f"{path} nests lists or mappings too deeply to be a cluster file")
+
+
+@pytest.mark.parametrize("threads", [257, 10_000])
+def test_node_threads_have_an_upper_bound(tmp_path, threads):
+    path = cluster_with(tmp_path, set_node_key(1, "threads", threads))
+    fails(path, f"{path}: nodes[1].threads: expected a whole number >= 0 and at most 256 (0 = one per core), "
+                f"got {threads}")
+
+
+def test_node_threads_from_zero_to_the_bound_load(tmp_path):
+    def edit(data):
+        data["nodes"][0]["threads"] = 0
+        data["nodes"][1]["threads"] = 256
+
+    assert [node.threads for node in load_cluster(cluster_with(tmp_path, edit)).nodes[:2]] == [0, 256]

@@ -90,8 +90,9 @@ def test_reference_speculate_prints_stats():
 
 @pytest.mark.parametrize(
     ("flag", "message"),
-    [("--temperature=-1", "temperature must be 0"), ("--top-p=0", "top-p must be in"), ("--top-p=1.5", "top-p must be in"),
-     ("--top-k=-2", "top-k must be"), ("--seed=1.5", "--seed")],
+    [("--temperature=-1", "--temperature: must be at least 0"), ("--top-p=0", "--top-p: must be above 0 and at most 1"),
+     ("--top-p=1.5", "--top-p: must be above 0 and at most 1"), ("--top-k=-2", "--top-k: must be at least 0"),
+     ("--seed=1.5", "--seed")],
 )
 def test_bad_sampling_parameters_decode_nothing(flag, message):
     assert_one_line_error(run_speed("reference", "--speculate", flag, "ROMEO:"), message)

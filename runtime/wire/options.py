@@ -20,10 +20,11 @@ SERVER = COMMON + [
 CHANNEL = COMMON
 
 
-def listen(server, address: str) -> None:
-    """Bind a (sync or asyncio) server to address, or say in one sentence why it cannot."""
+def listen(server, address: str, credentials=None) -> None:
+    """Bind a (sync or asyncio) server to address, with TLS when credentials are given, or say in one
+    sentence why it cannot."""
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:
         port = 0
     if port == 0:

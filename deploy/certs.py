@@ -1,0 +1,116 @@
+"""`speed certs init DIR --cluster FILE`: a certificate authority and one certificate per process.
+
+Everything a secure cluster needs, in one directory (keys and tokens readable by their owner only):
+
+    ca.pem, ca.key                      the cluster's certificate authority
+    coordinator.pem, coordinator.key    the coordinator: serves clients and nodes, calls nodes
+    node.NAME.pem, node.NAME.key        each node: serves the coordinator, registers with it
+    client.pem, client.key              a client certificate (for `client_auth: certificate`)
+    client.token                        a client bearer token, whose salted hash is in tokens.txt
+
+A certificate names its process in its common name ("speed coordinator", "speed node edge-1",
+"speed client"), which is what the other side checks, and lists the host of the process's address
+from the cluster file (and, for a node, its name) as subject alternative names, which is what TLS
+checks against the address dialled.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from deploy.cluster_file import ClusterSpec, parse_address
+from runtime.staging import staged_directory
+from runtime.tokens import TOKENS_FILE, add_token
+
+CA_DAYS = 3650
+CLIENT_NAME = "client"
+
+
+def common_name(role: str, name: str = "") -> str:
+    """What a certificate says its process is: "speed coordinator", "speed node edge-1", "speed client"."""
+    return f"speed {role} {name}".strip()
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.touch(mode=0o600)
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> None:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, days: int) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days)))
+
+
+def _alt_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+class Authority:
+    """A certificate authority that signs the cluster's process certificates."""
+
+    def __init__(self, name: str, *, days: int):
+        self.key = _key()
+        self.days = days
+        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"speed cluster {name} CA")])
+        self.cert = (_builder(self.name, self.name, self.key, CA_DAYS)
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                     .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                                  content_commitment=False, key_encipherment=False,
+                                                  data_encipherment=False, key_agreement=False, encipher_only=False,
+                                                  decipher_only=False), critical=True)
+                     .sign(self.key, hashes.SHA256()))
+
+    def issue(self, directory: Path, stem: str, cn: str, hosts: list[str]) -> None:
+        """stem.pem and stem.key: a certificate for both ends of TLS (a process serves and calls)."""
+        key = _key()
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        builder = (_builder(subject, self.name, key, self.days)
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                                  critical=False))
+        if hosts:
+            names = list(dict.fromkeys(hosts))
+            builder = builder.add_extension(x509.SubjectAlternativeName([_alt_name(h) for h in names]), critical=False)
+        _write_cert(directory / f"{stem}.pem", builder.sign(self.key, hashes.SHA256()))
+        _write_key(directory / f"{stem}.key", key)
+
+
+def init_certs(out_dir: Path, spec: ClusterSpec, *, days: int = 365, force: bool = False) -> list[str]:
+    """Write the directory described above; returns the names of the files written."""
+    with staged_directory(out_dir, force=force) as staging:
+        staging.chmod(0o700)
+        authority = Authority(spec.name, days=days)
+        _write_cert(staging / "ca.pem", authority.cert)
+        _write_key(staging / "ca.key", authority.key)
+        authority.issue(staging, "coordinator", common_name("coordinator"), [parse_address(spec.coordinator.address)[0]])
+        for node in spec.nodes:
+            authority.issue(staging, f"node.{node.name}", common_name("node", node.name),
+                            [node.name, parse_address(node.address)[0]])
+        authority.issue(staging, CLIENT_NAME, common_name(CLIENT_NAME), [])
+        token = add_token(staging / TOKENS_FILE, CLIENT_NAME)
+        (staging / "client.token").touch(mode=0o600)
+        (staging / "client.token").write_text(token + "\n")
+        written = sorted(path.name for path in staging.iterdir())
+    out_dir.chmod(0o700)
+    return written

@@ -1,0 +1,110 @@
+"""TLS on every hop, from a cluster file's `security` section (the files of `speed certs init`).
+
+- Nodes serve with mutual TLS: only a certificate of the cluster's authority gets a connection, and
+  only the coordinator's ("speed coordinator") may call them.
+- The coordinator serves with TLS. Clients prove who they are with a bearer token (`client_auth:
+  token`) or a client certificate (`client_auth: certificate`: then every caller needs one, since gRPC
+  Python cannot ask for a certificate without requiring it). A node proves it is the node it names by
+  the certificate it serves with: the coordinator dials the registered address expecting that name.
+- A process's certificate names it in its common name; `caller()` reads the peer's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from deploy.cluster_file import ClusterSpec, SecuritySpec, parse_address
+from runtime.errors import SpeedError
+
+COORDINATOR = "speed coordinator"
+CLIENT = "speed client"
+
+
+def node_common_name(name: str) -> str:
+    return f"speed node {name}"
+
+
+def _read(path: Path) -> bytes:
+    if not path.is_file():
+        raise SpeedError(f"{path} does not exist; make the cluster's certificates with "
+                         f"`speed certs init {path.parent} --cluster FILE`")
+    return path.read_bytes()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A process's certificate and key, and the authority whose certificates it trusts."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+    @classmethod
+    def load(cls, security: SecuritySpec, stem: str) -> Identity:
+        """stem: "coordinator", "client" or "node.NAME", as `speed certs init` names the files."""
+        certs = security.certs
+        return cls(ca=_read(certs / "ca.pem"), cert=_read(certs / f"{stem}.pem"), key=_read(certs / f"{stem}.key"))
+
+    def server(self, *, require_client_certificate: bool) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca,
+                                           require_client_auth=require_client_certificate)
+
+    def channel(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert)
+
+
+def node_identity(security: SecuritySpec, name: str) -> Identity:
+    return Identity.load(security, f"node.{name}")
+
+
+def expect_name(name: str) -> list[tuple[str, str]]:
+    """Channel options that make TLS check the server's certificate against `name`, not the dialled host."""
+    return [("grpc.ssl_target_name_override", name)]
+
+
+def caller(context) -> str:
+    """The common name of the peer's certificate; "" without one (works for sync and asyncio contexts)."""
+    names = (context.auth_context() or {}).get("x509_common_name") or [b""]
+    return names[0].decode(errors="replace")
+
+
+def client_credentials(ca: bytes, *, token: str | None = None, cert: bytes | None = None,
+                       key: bytes | None = None) -> grpc.ChannelCredentials:
+    """What a client presents to a secure coordinator: its CA, and a bearer token or a certificate."""
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    if token:
+        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+    return credentials
+
+
+def is_loopback(address: str) -> bool:
+    host, _ = parse_address(address)
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(spec: ClusterSpec, address: str, owner: str) -> bool:
+    """Refuse to serve `address` in the clear unless it is loopback or the cluster file says `insecure:
+    true`; True when it will be served in the clear on another address (worth a warning)."""
+    if spec.security is not None or is_loopback(address):
+        return False
+    if not spec.insecure:
+        raise SpeedError(f"{owner} would listen on {address} without TLS; add a security section to "
+                         f"{spec.source or spec.path} (see `speed certs init`), or set `insecure: true` if this "
+                         "network is trusted")
+    return True
+
+
+def operator_credentials(security: SecuritySpec) -> grpc.ChannelCredentials:
+    """The client identity `speed certs init` made (its token, or its certificate where the cluster asks for
+    one): what `speed up` uses to watch the cluster it started."""
+    certs = security.certs
+    if security.client_auth == "certificate":
+        return client_credentials(_read(certs / "ca.pem"), cert=_read(certs / "client.pem"), key=_read(certs / "client.key"))
+    return client_credentials(_read(certs / "ca.pem"), token=_read(certs / "client.token").decode().strip())

@@ -1,0 +1,188 @@
+"""Trust on every hop, with real processes on loopback: mutual TLS between the coordinator and its nodes,
+TLS and tokens (or client certificates) for clients, and nothing served in the clear off loopback."""
+
+from __future__ import annotations
+
+import stat
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+
+from deploy.cluster_file import load_cluster
+from runtime.bundle import load_bundle
+from runtime.client import Client, Unauthenticated, Unavailable
+from runtime.sampling import GREEDY, SamplingParams
+from runtime.wire import speed_pb2 as pb
+from runtime.wire import speed_pb2_grpc as pb_grpc
+from tests.conftest import CLUSTER_PROMPTS as PROMPTS
+from tests.conftest import assert_one_line_error, free_port, generate_on, run_speed, running_cluster
+
+SAMPLED = SamplingParams(temperature=0.8, top_k=40, seed=7)
+
+
+def secured(client_auth: str = "token") -> str:
+    return f"security:\n  certs: certs\n  client_auth: {client_auth}\n"
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory):
+    """A three-node cluster with a security section, its certificates made by init_certs."""
+    directory = tmp_path_factory.mktemp("secure")
+    with running_cluster(directory, extra_top_keys=secured(), make_certs=True) as cluster:
+        yield cluster
+
+
+def certs_of(cluster) -> Path:
+    return load_cluster(cluster.path).security.certs
+
+
+def token_of(cluster) -> str:
+    return (certs_of(cluster) / "client.token").read_text().strip()
+
+
+def test_certs_init_names_every_process_and_keeps_keys_private(tmp_path):
+    (tmp_path / "cluster.yaml").write_text(
+        "cluster: c\ncoordinator: {address: '127.0.0.1:50090'}\nnodes:\n"
+        "  - {name: edge-1, address: '127.0.0.1:50091', stages: [0]}\n  - {name: edge-2, address: 'localhost:50092', "
+        "stages: [1, 2]}\n")
+    result = run_speed("certs", "init", str(tmp_path / "certs"), "--cluster", str(tmp_path / "cluster.yaml"))
+    assert result.returncode == 0, result.stderr
+    certs = tmp_path / "certs"
+    assert stat.S_IMODE(certs.stat().st_mode) == 0o700
+    for private in ["ca.key", "coordinator.key", "node.edge-1.key", "node.edge-2.key", "client.key", "client.token",
+                    "tokens.txt"]:
+        assert stat.S_IMODE((certs / private).stat().st_mode) == 0o600, private
+    node = x509.load_pem_x509_certificate((certs / "node.edge-2.pem").read_bytes())
+    assert node.subject.rfc4514_string() == "CN=speed node edge-2"
+    names = node.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["edge-2", "localhost"]
+    assert_one_line_error(run_speed("certs", "init", str(certs), "--cluster", str(tmp_path / "cluster.yaml")),
+                          "already exists")
+
+
+def test_the_secure_cluster_gives_the_reference_text(secure, reference):
+    with Client(secure.endpoint, ca=certs_of(secure) / "ca.pem", token=token_of(secure)) as client:
+        for sampling in (GREEDY, SAMPLED):
+            assert generate_on(client, PROMPTS[0], sampling).token_ids == reference(PROMPTS[0], sampling)
+        assert client.status().serving
+
+
+@pytest.mark.parametrize("token", [None, "not-a-token"], ids=["no token", "wrong token"])
+def test_generate_and_status_need_a_valid_token(secure, token):
+    with Client(secure.endpoint, ca=certs_of(secure) / "ca.pem", token=token) as client:
+        with pytest.raises(Unauthenticated, match="needs a valid bearer token"):
+            client.generate("Hello", max_new_tokens=4).result()
+        with pytest.raises(Unauthenticated, match="needs a valid bearer token"):
+            client.status()
+
+
+def test_a_plain_client_cannot_talk_to_a_secure_coordinator(secure):
+    with Client(secure.endpoint) as client, pytest.raises(Unavailable):
+        client.status(timeout_s=5)
+
+
+def test_tokens_are_added_and_removed_on_a_running_cluster(secure):
+    cluster_file = str(secure.path)
+    added = run_speed("tokens", "add", "alice", "--cluster", cluster_file)
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.strip()
+    with Client(secure.endpoint, ca=certs_of(secure) / "ca.pem", token=token) as client:
+        assert client.status().serving
+        assert run_speed("tokens", "remove", "alice", "--cluster", cluster_file).returncode == 0
+        with pytest.raises(Unauthenticated):
+            client.status()
+
+
+class Impostor(pb_grpc.NodeServicer):
+    """Serves Info claiming to be a node, with whatever certificate it was given."""
+
+    def __init__(self, real_info: pb.NodeInfo):
+        self.real_info = real_info
+
+    def Info(self, request, context):
+        return self.real_info
+
+
+@pytest.mark.parametrize("certificate", ["none", "another node's"])
+def test_a_registration_without_the_node_s_own_certificate_is_refused(secure, certificate):
+    certs = certs_of(secure)
+    spec = load_cluster(secure.path)
+    claimed = spec.node("edge-3")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    port = free_port()
+    info = pb.NodeInfo(name="edge-3", stages=claimed.stages, bundle_sha256=load_bundle().sha256)
+    pb_grpc.add_NodeServicer_to_server(Impostor(info), server)
+    if certificate == "none":
+        server.add_insecure_port(f"127.0.0.1:{port}")
+    else:  # edge-1's certificate, from the cluster's own authority
+        pair = ((certs / "node.edge-1.key").read_bytes(), (certs / "node.edge-1.pem").read_bytes())
+        server.add_secure_port(f"127.0.0.1:{port}", grpc.ssl_server_credentials([pair]))
+    server.start()
+    try:
+        credentials = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes())
+        with grpc.secure_channel(secure.endpoint, credentials) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.RegistryStub(channel).Register(pb.RegisterRequest(info=info, address=f"127.0.0.1:{port}"),
+                                                       timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "could not be reached as itself" in refused.value.details()
+    finally:
+        server.stop(0)
+    with Client(secure.endpoint, ca=certs / "ca.pem", token=token_of(secure)) as client:
+        edge_3 = next(node for node in client.status().nodes if node.name == "edge-3")
+        assert edge_3.address == claimed.address and edge_3.state == "serving"
+        assert generate_on(client, PROMPTS[1], max_new_tokens=8).token_ids
+
+
+@pytest.mark.parametrize("certificate", ["client", "none"])
+def test_a_node_serves_only_the_coordinator_s_certificate(secure, certificate):
+    certs = certs_of(secure)
+    node = load_cluster(secure.path).node("edge-2")
+    key, cert = ((certs / "client.key").read_bytes(), (certs / "client.pem").read_bytes()) if certificate == "client" \
+        else (None, None)
+    credentials = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes(), key, cert)
+    options = [("grpc.ssl_target_name_override", "edge-2")]
+    with grpc.secure_channel(node.address, credentials, options=options) as channel:
+        stream = pb_grpc.NodeStub(channel).Steps(iter([pb.StepBatch(closes=list(range(1, 200)))]), timeout=10)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stream)
+    if certificate == "client":
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "serves only its cluster's coordinator, not speed client" in refused.value.details()
+    else:  # no certificate: the TLS handshake itself fails
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_client_certificates_when_the_cluster_asks_for_them(tmp_path, reference):
+    with running_cluster(tmp_path, extra_top_keys=secured("certificate"), make_certs=True) as cluster:
+        certs = certs_of(cluster)
+        with Client(cluster.endpoint, ca=certs / "ca.pem", cert=certs / "client.pem", key=certs / "client.key") as client:
+            assert generate_on(client, PROMPTS[2], max_new_tokens=8).token_ids == reference(PROMPTS[2], max_new_tokens=8)
+        with Client(cluster.endpoint, ca=certs / "ca.pem", token=token_of(cluster)) as client:
+            with pytest.raises(Unavailable, match=r"a client certificate \(--cert, --key\) given"):
+                client.status(timeout_s=5)
+
+
+@pytest.mark.parametrize("process", ["coordinator", "node"])
+def test_nothing_listens_off_loopback_in_the_clear(tmp_path, process):
+    path = tmp_path / "cluster.yaml"
+    coordinator, node = ("0.0.0.0", "127.0.0.1") if process == "coordinator" else ("127.0.0.1", "0.0.0.0")
+    path.write_text(f"cluster: open\ncoordinator: {{address: '{coordinator}:{free_port()}'}}\nnodes:\n"
+                    f"  - {{name: edge-1, address: '{node}:{free_port()}', stages: [0, 1, 2]}}\n")
+    command = ["coordinator", "--cluster", str(path)] if process == "coordinator" else \
+        ["node", "--cluster", str(path), "--name", "edge-1"]
+    result = run_speed(*command, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "without TLS; add a security section" in result.stderr and "insecure: true" in result.stderr
+
+
+def test_a_secure_cluster_file_without_certificates_names_the_command_that_makes_them(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(f"cluster: c\ncoordinator: {{address: '127.0.0.1:{free_port()}'}}\n{secured()}nodes:\n"
+                    f"  - {{name: edge-1, address: '127.0.0.1:{free_port()}', stages: [0, 1, 2]}}\n")
+    assert_one_line_error(run_speed("up", str(path)), "does not exist; make the cluster's certificates with "
+                                                      f"`speed certs init {tmp_path / 'certs'} --cluster FILE`")
+
