@@ -120,11 +120,15 @@ class LocalCluster:
                                      f"see the logs in {self.logs}")
                 time.sleep(0.2)
 
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """In a secure cluster, the client identity `speed certs init` made; None in a plain one."""
+        return operator_credentials(self.spec.security) if self.spec.security is not None else None
+
     def channel(self) -> grpc.Channel:
-        """A channel to the coordinator, as the client identity of `speed certs init` in a secure cluster."""
-        if self.spec.security is None:
+        credentials = self.credentials()
+        if credentials is None:
             return grpc.insecure_channel(self.endpoint)
-        return grpc.secure_channel(self.endpoint, operator_credentials(self.spec.security))
+        return grpc.secure_channel(self.endpoint, credentials)
 
     def check_alive(self) -> None:
         for name, process in self.processes.items():

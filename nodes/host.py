@@ -9,7 +9,7 @@ sequence; a newer incarnation, announced at registration, frees everything an ol
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 import grpc
 import numpy as np
@@ -22,6 +22,12 @@ from runtime.speed_core import Item, TickPlan, Truncate
 from runtime.wire import speed_pb2 as pb
 from runtime.wire.sampling import sampling_from_wire
 from runtime.wire.tensor import pack, unpack
+
+# What one step message may make a node allocate is bounded before any of it is read element by element:
+# counts come from the repeated fields' lengths, so a refused message costs no more than its own bytes.
+CLOSES_PER_SLOT = 64  # closes in one message, per sequence slot: the sequences that ended since the last one
+TRUNCATIONS_PER_ROW = 16  # truncations in one message, per (sequence slot, hosted stage)
+MAX_TEMPERATURE = 100.0  # as `speed generate --temperature` allows
 
 
 class StepRefused(SpeedError):
@@ -40,6 +46,7 @@ class StageHost:
         self.home = tuple(sorted(stages))
         self.hostable = tuple(sorted({*stages, *hostable}))
         self.max_sequences = max_sequences
+        self.max_closes = CLOSES_PER_SLOT * max_sequences
         self.idle_timeout_s = idle_timeout_s
         self.incarnation = 0  # of the coordinator it serves; 0 before any
         self._clock = clock
@@ -48,6 +55,8 @@ class StageHost:
     def _host(self, stages: Iterable[int]) -> None:
         """Run these stages from now on, with no sequence open."""
         self.stages = tuple(sorted(stages))
+        self.max_items = self.max_sequences * max(len(self.stages), 1)  # one per (sequence, stage)
+        self.max_truncations = TRUNCATIONS_PER_ROW * self.max_items
         self.executor = TickExecutor(self.model, slots=self.max_sequences, capacity=1, stages=self.stages)
         self._last_used: dict[int, float] = {}
         self._capacity: dict[int, int] = {}  # positions each open sequence may use
@@ -56,8 +65,11 @@ class StageHost:
     def open_sequences(self) -> int:
         return len(self.executor.open_sequences)
 
-    def assign(self, incarnation: int, stages: Iterable[int]) -> None:
+    def assign(self, incarnation: int, stages: Collection[int]) -> None:
         """Serve `incarnation` with `stages`, every sequence freed (its caches are rebuilt by replay)."""
+        if len(stages) > self.cfg.n_stages:
+            raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name} can be assigned at most the "
+                              f"model's {self.cfg.n_stages} stages, got a list of {len(stages)}")
         stages = sorted(set(stages))
         if incarnation < self.incarnation:
             raise StepRefused(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name} serves coordinator incarnation "
@@ -80,6 +92,7 @@ class StageHost:
         if batch.incarnation != self.incarnation:
             raise StepRefused(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name} serves coordinator incarnation "
                               f"{self.incarnation}, not {batch.incarnation}; the sender is not its coordinator")
+        self._check_counts(batch)
         for seq_id in batch.closes:  # freeing is never refused, so no slot outlives a refused message
             self.close(seq_id)
         self.expire_idle()
@@ -127,6 +140,19 @@ class StageHost:
             batch = pb.StepBatch(incarnation=self.incarnation)
         self.close(seq_id)
 
+    def _check_counts(self, batch: pb.StepBatch) -> None:
+        """Refuse a message with more closes, opens, truncations or items than a coordinator ever sends."""
+        if len(batch.opens) > self.max_sequences:
+            raise StepRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"node {self.name} holds at most {self.max_sequences} "
+                              f"sequences at once, so one step message cannot open {len(batch.opens)}")
+        for what, count, limit in (("closes", len(batch.closes), self.max_closes),
+                                   ("truncations", len(batch.truncations), self.max_truncations),
+                                   ("items", len(batch.items), self.max_items)):
+            if count > limit:
+                raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"a step message to node {self.name} carries at most "
+                                  f"{limit} {what} (for {self.max_sequences} sequences and {len(self.stages)} stage(s)), "
+                                  f"got {count}")
+
     def _check_opens(self, opens) -> dict[int, tuple[SamplingParams, int, bool]]:
         checked = {}
         for o in opens:
@@ -135,6 +161,9 @@ class StageHost:
             if not 1 <= o.capacity <= self.cfg.context_length:
                 raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"sequence {o.seq_id}: capacity must be 1 to "
                                   f"{self.cfg.context_length} positions (the model's context), got {o.capacity}")
+            if not o.sampling.temperature <= MAX_TEMPERATURE:  # also NaN and infinity
+                raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"sequence {o.seq_id}: temperature must be 0 (greedy) "
+                                  f"to {MAX_TEMPERATURE:g}, got {o.sampling.temperature}")
             try:
                 checked[o.seq_id] = (sampling_from_wire(o.sampling), o.capacity, o.plain_guesses)
             except SpeedError as exc:
@@ -181,7 +210,7 @@ class StageHost:
                                   "sequence was opened with")
             tokens = None
             if i.stage == 0:
-                tokens = tuple(i.tokens)
+                tokens = tuple(i.tokens) if len(i.tokens) == i.length else ()  # counted before they are read
                 if len(tokens) != i.length or not all(0 <= t < self.cfg.vocab_size for t in tokens):
                     raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: needs {i.length} token ids, each "
                                       f"in 0..{self.cfg.vocab_size - 1}")
@@ -192,7 +221,7 @@ class StageHost:
             else:
                 try:
                     hidden_in[(i.seq_id, i.start)] = unpack(i.hidden, dtype="float32", shape=(i.length, self.cfg.d_model),
-                                                            what=f"{where}: the hidden state")
+                                                            what=f"{where}: the hidden state", finite=True)
                 except SpeedError as exc:
                     raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             lengths[(i.seq_id, i.stage)] = i.start + i.length

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -17,6 +18,43 @@ from runtime.wire.security import caller
 
 log = logging.getLogger("speed.node")
 
+TRIM_DELAY_S = 0.5  # a burst of refused messages costs one trim
+
+
+class FreedMemory:
+    """Gives the memory a refused message used back to the operating system, soon after.
+
+    A message is parsed in whichever of gRPC's threads received it, and glibc keeps what a thread freed
+    in that thread's arena: measured on the demo model, each refused 60 MB step message left about 20 MB
+    more resident, for good. malloc_trim(0) returns the free pages of every arena; it takes 10-60 ms,
+    so it runs once per burst of refusals, on a timer, not once per message."""
+
+    def __init__(self, delay_s: float = TRIM_DELAY_S):
+        self._delay_s = delay_s
+        self._lock = threading.Lock()
+        self._pending = False
+        try:
+            self._trim = ctypes.CDLL(None).malloc_trim  # glibc only; elsewhere nothing to do
+            self._trim.argtypes, self._trim.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):
+            self._trim = None
+
+    def release_soon(self) -> None:
+        if self._trim is None:
+            return
+        with self._lock:
+            if self._pending:
+                return
+            self._pending = True
+        timer = threading.Timer(self._delay_s, self._release)
+        timer.daemon = True
+        timer.start()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._pending = False
+        self._trim(0)
+
 
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, host: StageHost, info: Callable[[], pb.NodeInfo], *, metrics: NodeMetrics,
@@ -30,6 +68,7 @@ class NodeService(pb_grpc.NodeServicer):
         self._info = info
         self._lock = threading.Lock()  # one ONNX Runtime call at a time; its own threads do the parallel work
         self._link_delay_s = emulated_link_ms / 1000
+        self._freed = FreedMemory()
 
     def _admit(self, context: grpc.ServicerContext) -> None:
         if self.only_caller is not None and caller(context) != self.only_caller:
@@ -63,20 +102,25 @@ class NodeService(pb_grpc.NodeServicer):
         self._admit(context)
         for batch in requests:
             self._emulate_link()
+            refusal = None
             with self._lock:
                 started = time.perf_counter()
                 try:
                     results = self.host.step(batch)
                 except StepRefused as exc:
-                    self.metrics.refused(exc.code.name)
-                    context.abort(exc.code, str(exc))
+                    refusal = exc.code, str(exc)
                 except Exception as exc:  # a bug: the caller gets a sentence, the node keeps serving others
                     log.exception("a step failed")
-                    self.metrics.refused(grpc.StatusCode.INTERNAL.name)
-                    context.abort(grpc.StatusCode.INTERNAL, f"node {self.host.name} failed to run a step: {exc!r}")
+                    refusal = grpc.StatusCode.INTERNAL, f"node {self.host.name} failed to run a step: {exc!r}"
                 finally:
                     self.metrics.set_sequences(self.host.open_sequences)
-                self.metrics.step(time.perf_counter() - started)
+                if refusal is None:
+                    self.metrics.step(time.perf_counter() - started)
+            if refusal is not None:
+                self.metrics.refused(refusal[0].name)
+                batch = None  # nothing holds the refused message or what its checks decoded any more
+                self._freed.release_soon()
+                context.abort(*refusal)
             self._emulate_link()
             yield results
 

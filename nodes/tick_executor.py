@@ -77,7 +77,11 @@ class TickExecutor:
             self.cache.truncate(self.row(seq_id, stage), 0)
 
     def close(self, seq_id: int) -> None:
-        self._slot_of.pop(seq_id, None)
+        """Free a sequence's slot; the last one to go gives the caches' memory back (the next open
+        allocates them again anyway), so an idle node holds no more than it did at start."""
+        if self._slot_of.pop(seq_id, None) is not None and not self._slot_of and self.cache.capacity > 1:
+            self.cache.resize(1)
+            self._hidden = {}
         self._sampling.pop(seq_id, None)
         self._plain_guesses.discard(seq_id)
 

@@ -264,9 +264,11 @@ class Client:
     cert= and key= (a client certificate), or the same through SPEED_CA / SPEED_TOKEN / SPEED_CERT / SPEED_KEY."""
 
     def __init__(self, address: str, *, ca: str | Path | None = None, token: str | None = None,
-                 cert: str | Path | None = None, key: str | Path | None = None):
+                 cert: str | Path | None = None, key: str | Path | None = None,
+                 credentials: grpc.ChannelCredentials | None = None):
+        """credentials: ready-made TLS credentials instead of the files (e.g. LocalCluster.credentials())."""
         self.address = address
-        self._channel = _open(address, credentials_from(ca, token, cert, key))
+        self._channel = _open(address, credentials or credentials_from(ca, token, cert, key))
         self._stub = pb_grpc.CoordinatorStub(self._channel)
 
     def generate(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -319,9 +321,10 @@ class AsyncGenerationStream(_Events):
 
 class AsyncClient:
     def __init__(self, address: str, *, ca: str | Path | None = None, token: str | None = None,
-                 cert: str | Path | None = None, key: str | Path | None = None):
+                 cert: str | Path | None = None, key: str | Path | None = None,
+                 credentials: grpc.ChannelCredentials | None = None):
         self.address = address
-        self._channel = _open(address, credentials_from(ca, token, cert, key), grpc.aio)
+        self._channel = _open(address, credentials or credentials_from(ca, token, cert, key), grpc.aio)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
 
     def generate(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,

@@ -44,7 +44,7 @@ def bench_cluster(cluster_path: Path, *, new_tokens: int = 128, repeats: int = 3
     ticks = {mode: 0 for mode in modes}
     committed = {mode: 0 for mode in modes}
     flips = {mode: np.zeros(bundle.config.n_stages - 1) for mode in modes}
-    with cluster, Client(cluster.endpoint) as client:
+    with cluster, Client(cluster.endpoint, credentials=cluster.credentials()) as client:
         client.generate(prompts[0], max_new_tokens=8, chat=chat).result()  # warm-up
         for _ in range(repeats):
             for prompt in prompts:

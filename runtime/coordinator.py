@@ -80,14 +80,31 @@ class Cluster:
             await self.health.set(service_name, status)
 
     def prepare(self, request: pb.GenerateRequest) -> Request:
-        """A client's request, checked; SpeedError with a sentence when it cannot be served."""
-        if not request.prompt:
+        """A client's request, checked; SpeedError with a sentence when it cannot be served.
+
+        Sizes are checked before anything is tokenized or decoded, so a hostile request costs little: a
+        prompt of more characters than 16 per position of the context (at least 64 KiB) cannot fit it,
+        and stop strings are short (a stop string is checked against the decoded tail at every token)."""
+        max_prompt_chars = max(64 * 1024, 16 * self.bundle.config.context_length)
+        max_stop_strings, max_stop_chars, max_temperature = 16, 256, 100.0  # as `speed generate` allows
+        prompt = request.prompt
+        if not prompt:
             raise SpeedError("the prompt is empty; give some text for the model to continue")
+        if len(prompt) > max_prompt_chars:
+            raise SpeedError(f"the prompt has {len(prompt)} characters; at most {max_prompt_chars} are accepted, "
+                             f"more than the model's context of {self.bundle.config.context_length} tokens holds")
         max_new_tokens = request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         if max_new_tokens < 1:
             raise SpeedError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if not request.sampling.temperature <= max_temperature:  # also NaN and infinity
+            raise SpeedError(f"temperature must be 0 (greedy) to {max_temperature:g}, got {request.sampling.temperature}")
         sampling = sampling_from_wire(request.sampling)
-        prompt_ids = self.tokenizer.encode(self.bundle.prompt_text(request.prompt, chat=request.chat)).ids
+        if len(request.stop) > max_stop_strings:
+            raise SpeedError(f"give at most {max_stop_strings} stop strings, got {len(request.stop)}")
+        longest = max((len(s) for s in request.stop), default=0)
+        if longest > max_stop_chars:
+            raise SpeedError(f"a stop string may have at most {max_stop_chars} characters, got one of {longest}")
+        prompt_ids = self.tokenizer.encode(self.bundle.prompt_text(prompt, chat=request.chat)).ids
         check_request(prompt_ids, self.bundle.config, max_new_tokens)
         stop = StopStrings(self.tokenizer, list(request.stop))
         speculative = request.speculative if request.HasField("speculative") else self.spec.speculation.enabled
@@ -99,11 +116,12 @@ class Cluster:
                        generated=generated)
 
     def _continuation(self, continuation: pb.Continuation, max_new_tokens: int) -> list[int]:
-        tokens = list(continuation.token_ids)
         vocab = self.bundle.config.vocab_size
-        if len(tokens) > max_new_tokens or not all(0 <= token < vocab for token in tokens):
-            raise SpeedError(f"the continuation must hold at most max_new_tokens ({max_new_tokens}) token ids, each in "
-                             f"0..{vocab - 1}: the tokens this request already received")
+        limit = min(max_new_tokens, self.bundle.config.context_length)  # counted before any id is read
+        tokens = list(continuation.token_ids) if len(continuation.token_ids) <= limit else None
+        if tokens is None or not all(0 <= token < vocab for token in tokens):
+            raise SpeedError(f"the continuation must hold at most {limit} token ids (max_new_tokens, within the "
+                             f"model's context), each in 0..{vocab - 1}: the tokens this request already received")
         return tokens
 
     def open_node_channel(self, name: str, address: str) -> grpc.aio.Channel:

@@ -153,10 +153,10 @@ class Tally:
         return total
 
 
-def run_client(address: str, workload: Workload, first: int, count: int, new_tokens: int | None = None) -> Tally:
+def run_client(cluster: LocalCluster, workload: Workload, first: int, count: int, new_tokens: int | None = None) -> Tally:
     """One client doing `count` requests in turn, prompts cycled from index `first`."""
     tally = Tally()
-    with Client(address) as client:
+    with Client(cluster.endpoint, credentials=cluster.credentials()) as client:
         for index in range(first, first + count):
             started = time.perf_counter()
             try:
@@ -169,12 +169,12 @@ def run_client(address: str, workload: Workload, first: int, count: int, new_tok
     return tally
 
 
-def run_clients(address: str, workload: Workload, clients: int, requests: int,
+def run_clients(cluster: LocalCluster, workload: Workload, clients: int, requests: int,
                 new_tokens: int | None = None) -> tuple[Tally, float]:
     """`clients` concurrent clients (one thread and one Client each); the merged tally and the wall time."""
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients, thread_name_prefix="bench-client") as pool:
-        tallies = list(pool.map(lambda c: run_client(address, workload, c * requests, requests, new_tokens),
+        tallies = list(pool.map(lambda c: run_client(cluster, workload, c * requests, requests, new_tokens),
                                 range(clients)))
     return Tally.merged(tallies), time.perf_counter() - started
 
@@ -185,12 +185,12 @@ def bench_load(cluster_path: Path, *, clients: int, requests: int = 3, new_token
     bundle = load_bundle(cluster.spec.bundle)
     workload = workload_of(bundle, new_tokens)
     with cluster:
-        run_clients(cluster.endpoint, workload, clients, 1, new_tokens=WARM_UP_TOKENS)  # warm-up, as concurrent
+        run_clients(cluster, workload, clients, 1, new_tokens=WARM_UP_TOKENS)  # warm-up, as concurrent
         pids = {name: process.pid for name, process in cluster.processes.items()}
         before = rss_of(pids)
         with PeakRss(pids) as sampler:
-            one, one_s = run_clients(cluster.endpoint, workload, 1, requests)
-            many, many_s = run_clients(cluster.endpoint, workload, clients, requests)
+            one, one_s = run_clients(cluster, workload, 1, requests)
+            many, many_s = run_clients(cluster, workload, clients, requests)
         time.sleep(SETTLE_S)
         after = rss_of(pids)
     memory = {name: {"before": before[name], "peak": max(sampler.peak[name], after[name]), "after": after[name]}
@@ -350,7 +350,7 @@ def bench_chaos(cluster_path: Path, *, trials: int, new_tokens: int = 48, seed: 
     workload = workload_of(bundle, new_tokens)
     reference = reference_of(bundle, workload)
     rng = random.Random(seed)
-    with cluster, Client(cluster.endpoint) as client:
+    with cluster, Client(cluster.endpoint, credentials=cluster.credentials()) as client:
         workload.generate(client, 0, new_tokens=WARM_UP_TOKENS).result()
         results = [chaos_trial(cluster, client, workload, reference, rng, index) for index in range(trials)]
     return chaos_report(describe(cluster, bundle), new_tokens, seed, results)
