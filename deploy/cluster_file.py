@@ -170,19 +170,25 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class _AliasFound(Exception):
-    pass
+class _Refused(Exception):
+    """What the loader refuses to read, as a sentence without the file's name."""
 
 
 class _NoAliasLoader(yaml.SafeLoader):
-    """SafeLoader without aliases (*name): a few lines of them, merged with <<, can expand to billions of values."""
+    """SafeLoader without aliases (*name): a few lines of them, merged with <<, can expand to billions of values;
+    and without [ ] { } nested deeper than a cluster file needs: PyYAML's time per token grows with the depth."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise _AliasFound(f"line {event.start_mark.line + 1} uses the YAML alias *{event.anchor}; a cluster file "
-                              "may not use anchors and aliases, write each value out")
+            raise _Refused(f"line {event.start_mark.line + 1} uses the YAML alias *{event.anchor}; a cluster file "
+                           "may not use anchors and aliases, write each value out")
         return super().compose_node(parent, index)
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        if self.flow_level >= 16:
+            raise _Refused(f"line {self.line + 1} nests [ ] and {{ }} more than 16 deep; a cluster file needs 3")
+        super().fetch_flow_collection_start(TokenClass)
 
 
 def load_cluster(path: str | Path) -> ClusterSpec:
@@ -199,7 +205,7 @@ def load_cluster(path: str | Path) -> ClusterSpec:
                          "check that you named the right file")
     try:
         data = yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader
-    except _AliasFound as exc:
+    except _Refused as exc:
         raise SpeedError(f"{shown}: {exc}") from None
     except yaml.YAMLError as exc:
         raise SpeedError(f"{shown} is not valid YAML: {_yaml_problem(exc)}") from None

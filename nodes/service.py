@@ -69,6 +69,7 @@ class NodeService(pb_grpc.NodeServicer):
         self._lock = threading.Lock()  # one ONNX Runtime call at a time; its own threads do the parallel work
         self._link_delay_s = emulated_link_ms / 1000
         self._freed = FreedMemory()
+        self._owner: str | None = None  # the connection (gRPC peer) of the coordinator that assigned the stages
 
     def _admit(self, context: grpc.ServicerContext) -> None:
         if self.only_caller is not None and caller(context) != self.only_caller:
@@ -88,6 +89,7 @@ class NodeService(pb_grpc.NodeServicer):
                 context.abort(exc.code, str(exc))
             self.metrics.set_hosting(len(self.host.stages))
             self.metrics.set_sequences(0)
+            self._owner = context.peer()
         log.info("serving coordinator incarnation %d with stages %s", request.incarnation, list(self.host.stages))
         return self._info()
 
@@ -101,6 +103,9 @@ class NodeService(pb_grpc.NodeServicer):
     def Steps(self, requests: Iterator[pb.StepBatch], context: grpc.ServicerContext) -> Iterator[pb.StepResults]:
         self._admit(context)
         for batch in requests:
+            if self._owner is not None and context.peer() != self._owner:  # checked per message: Assign may come later
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {self.host.name} takes step messages only on "
+                              "the connection of the coordinator that assigned its stages")
             self._emulate_link()
             refusal = None
             with self._lock:

@@ -409,8 +409,18 @@ def test_an_alias_bomb_is_refused_at_once(tmp_path):
 
 
 def test_nesting_too_deep_for_the_parser_is_a_sentence(tmp_path):
-    path = write(tmp_path, "cluster: " + "[" * 3000 + "\n")
+    path = write(tmp_path, "cluster:\n" + "- " * 3000 + "1\n")  # block lists in block lists: Python's recursion limit
     fails(path, f"{path} nests lists or mappings too deeply to be a cluster file")
+
+
+@pytest.mark.parametrize("text", ["cluster: " + "[" * 3000 + "\n", "cluster: [{a: [{b: " * 5 + "\n"])
+def test_brackets_nested_deeper_than_any_cluster_file_are_refused_at_once(tmp_path, text):
+    import time
+
+    path = write(tmp_path, text)
+    started = time.monotonic()
+    fails(path, f"{path}: line 1 nests [ ] and {{ }} more than 16 deep; a cluster file needs 3")
+    assert time.monotonic() - started < 0.5
 
 
 @pytest.mark.parametrize("threads", [257, 10_000])

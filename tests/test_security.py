@@ -186,3 +186,18 @@ def test_a_secure_cluster_file_without_certificates_names_the_command_that_makes
     assert_one_line_error(run_speed("up", str(path)), "does not exist; make the cluster's certificates with "
                                                       f"`speed certs init {tmp_path / 'certs'} --cluster FILE`")
 
+
+
+def test_in_a_plain_cluster_too_only_the_coordinator_s_connection_may_step_a_node(tmp_path, reference):
+    with running_cluster(tmp_path) as cluster, Client(cluster.endpoint) as client:
+        stream = client.generate(PROMPTS[3], max_new_tokens=48)
+        chunks = iter(stream)
+        received = list(next(chunks).token_ids)
+        node = load_cluster(cluster.path).node("edge-2")
+        with grpc.insecure_channel(node.address) as channel:
+            attack = pb_grpc.NodeStub(channel).Steps(iter([pb.StepBatch(closes=list(range(1, 200)))]), timeout=10)
+            with pytest.raises(grpc.RpcError) as refused:
+                list(attack)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        received += [token for chunk in chunks for token in chunk.token_ids]
+        assert received == stream.result().token_ids == reference(PROMPTS[3], max_new_tokens=48)

@@ -19,6 +19,23 @@ SERVER = COMMON + [
 ]
 CHANNEL = COMMON
 
+MIN_STEP_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def step_message_bytes(*, d_model: int, max_items: int, max_positions: int) -> int:
+    """The most a legitimate step message to a node can need, doubled: one item per (sequence, hosted stage),
+    each of at most max_positions positions (the cluster's prefill_chunk: decode items have 1) of float32
+    hidden state or token ids, plus 1 MiB for opens, closes and truncations; at least 4 MiB."""
+    per_item = max_positions * (4 * d_model + 5) + 64
+    return max(MIN_STEP_MESSAGE_BYTES, 2 * max_items * per_item + 1024 * 1024)
+
+
+def node_server(max_receive_bytes: int) -> list[tuple[str, int]]:
+    """A node's server settings: gRPC refuses a larger message (RESOURCE_EXHAUSTED) before reading it, which
+    matters because what parsing a message allocates stays with the process (glibc keeps freed arenas):
+    a refused 60 MB step message left 20 MB or more resident."""
+    return [(key, max_receive_bytes if key == "grpc.max_receive_message_length" else value) for key, value in SERVER]
+
 
 def listen(server, address: str, credentials=None) -> None:
     """Bind a (sync or asyncio) server to address, with TLS when credentials are given, or say in one
