@@ -58,6 +58,7 @@ def number(minimum: float, maximum: float, *, above: bool = False, zero: str = "
     return parse
 
 
+# the ones used by several flags; a flag with a range of its own calls whole() or number() in place
 positive_int = whole(1, INT32_MAX)
 positive_float = number(0, 1e9, above=True)
 thread_count = whole(0, MAX_THREADS, zero="0 = one per core")
@@ -503,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = certs.add_parser("init", help="a CA and one certificate per process, a client certificate and a client token")
     q.add_argument("directory", type=Path, metavar="DIR")
     q.add_argument("--cluster", type=Path, required=True, metavar="FILE", help="names and addresses come from it")
-    q.add_argument("--days", type=positive_int, default=365, help="validity of the process certificates (default 365)")
+    q.add_argument("--days", type=whole(1, 36500), default=365, help="validity of the process certificates (default 365)")
     q.add_argument("--force", action="store_true", help="replace DIR if it exists")
     q.set_defaults(run=cmd_certs_init)
 

@@ -413,7 +413,7 @@ def test_nesting_too_deep_for_the_parser_is_a_sentence(tmp_path):
     fails(path, f"{path} nests lists or mappings too deeply to be a cluster file")
 
 
-@pytest.mark.parametrize("text", ["cluster: " + "[" * 3000 + "\n", "cluster: [{a: [{b: " * 5 + "\n"])
+@pytest.mark.parametrize("text", ["cluster: " + "[" * 3000 + "\n", "cluster: " + "[{a: " * 10 + "\n"])
 def test_brackets_nested_deeper_than_any_cluster_file_are_refused_at_once(tmp_path, text):
     import time
 
