@@ -369,7 +369,7 @@ def test_a_file_over_one_mib_is_refused_before_parsing(tmp_path):
     path = tmp_path / "huge.yaml"
     path.write_bytes(yaml.safe_dump(MINIMAL).encode() + b"# padding\n" * 1_000_000)  # 10 MB
     started = time.monotonic()
-    fails(path, f"cluster file {path} is larger than 1 MiB, the limit for a cluster file")
+    fails(path, f"cluster file {path} is larger than 256 KiB, the limit for a cluster file")
     assert time.monotonic() - started < 0.5
 
 
