@@ -202,6 +202,12 @@ def up(cluster_path: Path, *, detach: bool, emulated_link_ms: float | None = Non
     record.write_text(json.dumps({name: p.pid for name, p in cluster.processes.items()}))  # for `speed down`
     print(f"cluster {cluster.spec.name} is serving: coordinator at {cluster.endpoint} "
           f"({len(cluster.spec.nodes)} nodes); logs in {cluster.logs}")
+    security = cluster.spec.security
+    if security is not None:
+        proof = (f"--cert {security.certs / 'client.pem'} --key {security.certs / 'client.key'}"
+                 if security.client_auth == "certificate" else f"--token \"$(cat {security.certs / 'client.token'})\"")
+        print(f"clients connect with TLS: speed generate --coordinator {cluster.endpoint} --ca {security.certs / 'ca.pem'} "
+              f"{proof} PROMPT")
     if detach:
         print(f"stop it with: speed down {cluster_path}")
         return
