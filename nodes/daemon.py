@@ -86,7 +86,9 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
     health_service = health.HealthServicer()
     for service_name in ("", SERVICE_NAME):
         health_service.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options.SERVER)
+    largest_step = options.step_message_bytes(d_model=bundle.config.d_model, max_positions=spec.speculation.prefill_chunk,
+                                              max_items=node.max_sequences * len(host.hostable))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options.node_server(largest_step))
     pb_grpc.add_NodeServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     options.listen(server, node.address, identity.server(require_client_certificate=True) if identity else None)
