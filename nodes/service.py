@@ -12,11 +12,18 @@ import grpc
 from nodes.freed_memory import FreedMemory
 from nodes.host import StageHost, StepRefused
 from nodes.node_metrics import NodeMetrics
+from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.security import caller
 
 log = logging.getLogger("speed.node")
+
+def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End the call with a sentence the coordinator knows came from this node, not from a broken connection."""
+    context.set_trailing_metadata(options.origin("node"))
+    context.abort(code, message)
+
 
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, host: StageHost, info: Callable[[], pb.NodeInfo], *, metrics: NodeMetrics,
@@ -35,8 +42,8 @@ class NodeService(pb_grpc.NodeServicer):
 
     def _admit(self, context: grpc.ServicerContext) -> None:
         if self.only_caller is not None and caller(context) != self.only_caller:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {self.host.name} serves only its cluster's "
-                          f"coordinator, not {caller(context) or 'a caller without a certificate'}")
+            _refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"node {self.host.name} serves only its cluster's "
+                    f"coordinator, not {caller(context) or 'a caller without a certificate'}")
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.NodeInfo:
         self._admit(context)
@@ -48,7 +55,7 @@ class NodeService(pb_grpc.NodeServicer):
             try:
                 self.host.assign(request.incarnation, request.stages)
             except StepRefused as exc:
-                context.abort(exc.code, str(exc))
+                _refuse(context, exc.code, str(exc))
             self.metrics.set_hosting(len(self.host.stages))
             self.metrics.set_sequences(0)
             self._owner = context.peer()
@@ -66,8 +73,8 @@ class NodeService(pb_grpc.NodeServicer):
         self._admit(context)
         for batch in requests:
             if self._owner is not None and context.peer() != self._owner:  # checked per message: Assign may come later
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {self.host.name} takes step messages only on "
-                              "the connection of the coordinator that assigned its stages")
+                _refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"node {self.host.name} takes step messages only "
+                        "on the connection of the coordinator that assigned its stages")
             self._emulate_link()
             refusal = None
             with self._lock:
@@ -87,7 +94,7 @@ class NodeService(pb_grpc.NodeServicer):
                 self.metrics.refused(refusal[0].name)
                 batch = None  # nothing holds the refused message or what its checks decoded any more
                 self._freed.release_soon()
-                context.abort(*refusal)
+                _refuse(context, *refusal)
             self._emulate_link()
             yield results
 

@@ -34,7 +34,6 @@ from runtime.wire.security import client_credentials
 
 GENERATE_TIMEOUT_S = 600.0
 STATUS_TIMEOUT_S = 10.0
-ERROR_ORIGIN = ("speed-error-origin", "coordinator")  # trailing metadata of errors the coordinator itself sent
 RESUME_BACKOFF_S = (0.2, 2.0)  # first and longest wait between tries of a resumed request
 
 
@@ -79,7 +78,7 @@ _ERRORS = {
 
 def from_coordinator(exc: grpc.RpcError) -> bool:
     """The coordinator itself sent this error (with a sentence), rather than the network or gRPC."""
-    return ERROR_ORIGIN in tuple(exc.trailing_metadata() or ())
+    return options.sent_by(exc, "coordinator")
 
 
 def client_error(exc: grpc.RpcError, address: str = "", timeout_s: float | None = None) -> ClientError:

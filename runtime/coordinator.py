@@ -43,7 +43,6 @@ MISSED_HEARTBEATS = 3  # a node silent this many intervals is down
 DIAL_BACK_TIMEOUT_S = 2.0  # to check a registering node at the address it gave
 STOP_GRACE_S = 2.0
 DEADLINE_MARGIN_S = 0.05  # answer a little before the client's own deadline, so it gets our sentence
-ERROR_ORIGIN = ("speed-error-origin", "coordinator")  # trailing metadata: the coordinator said it, not the network
 
 
 class Cluster:
@@ -195,7 +194,7 @@ class Cluster:
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
-    await context.abort(code, message, trailing_metadata=(ERROR_ORIGIN,))
+    await context.abort(code, message, trailing_metadata=options.origin("coordinator"))
 
 
 class Unverified(SpeedError):

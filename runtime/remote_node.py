@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from deploy.cluster_file import NodeSpec
+from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 
@@ -110,7 +111,7 @@ class RemoteNode:
         except asyncio.TimeoutError:
             raise await self._lost(stream, f"did not answer a step within {self.step_timeout_s:g} s") from None
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+            if not options.sent_by(exc, "node"):  # the connection broke, whatever gRPC calls it
                 raise await self._lost(stream, f"stopped answering ({exc.code().name})") from None
             # the node refused a step: a coordinator bug, not a dead node; a new stream serves the next requests
             if self._stream is stream:

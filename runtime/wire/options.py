@@ -37,6 +37,19 @@ def node_server(max_receive_bytes: int) -> list[tuple[str, int]]:
     return [(key, max_receive_bytes if key == "grpc.max_receive_message_length" else value) for key, value in SERVER]
 
 
+ERROR_ORIGIN = "speed-error-origin"  # trailing metadata: which process of ours sent an error (not gRPC, not the network)
+
+
+def origin(process: str) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata for an error `process` ("node", "coordinator") sends with a sentence of its own."""
+    return ((ERROR_ORIGIN, process),)
+
+
+def sent_by(exc, process: str) -> bool:
+    """Whether `process` itself sent this gRPC error; otherwise the connection or gRPC failed."""
+    return (ERROR_ORIGIN, process) in tuple(exc.trailing_metadata() or ())
+
+
 def listen(server, address: str, credentials=None) -> None:
     """Bind a (sync or asyncio) server to address, with TLS when credentials are given, or say in one
     sentence why it cannot."""
