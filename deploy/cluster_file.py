@@ -439,6 +439,14 @@ def _nodes(value: Any, key: _Key) -> tuple[NodeSpec, ...]:
     return nodes
 
 
+def same_address(a: str, b: str) -> bool:
+    """Whether two host:port texts name the same endpoint; False when either is not host:port."""
+    try:
+        return _endpoint(a) == _endpoint(b)
+    except ValueError:
+        return False
+
+
 def _endpoint(address: str) -> tuple[str, int]:
     """host:port compared by meaning where the host is an IP address ([::1] = [0:0::1]), else by spelling."""
     host, port = parse_address(address)

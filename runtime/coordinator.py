@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from deploy.cluster_file import ClusterSpec, load_cluster, parse_address
+from deploy.cluster_file import ClusterSpec, load_cluster, parse_address, same_address
 from runtime.bundle import Bundle, load_bundle
 from runtime.coordinator_metrics import CoordinatorMetrics
 from runtime.engine import Engine, QueueFull, Request, RequestFailed
@@ -136,6 +136,9 @@ class Cluster:
         if node is None:
             raise SpeedError(f"cluster file {self.spec.source or self.spec.path} has no node named "
                              f"{request.info.name!r}; its nodes are {', '.join(n.name for n in self.nodes)}")
+        if not same_address(request.address, node.spec.address):  # never dial an address a caller chose
+            raise SpeedError(f"node {node.name} registered with address {request.address!r} but the cluster file gives "
+                             f"it {node.spec.address}; start the node with the same cluster file")
         channel = self.open_node_channel(node.name, request.address)
         try:
             info = await pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=DIAL_BACK_TIMEOUT_S)

@@ -106,34 +106,45 @@ class Impostor(pb_grpc.NodeServicer):
         return self.real_info
 
 
+def register_as_edge_3(cluster, address: str) -> grpc.RpcError:
+    """Registry.Register as edge-3 at `address`, over TLS; the refusal it gets."""
+    certs = certs_of(cluster)
+    info = pb.NodeInfo(name="edge-3", stages=[2], bundle_sha256=load_bundle().sha256)
+    credentials = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes())
+    with grpc.secure_channel(cluster.endpoint, credentials) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.RegistryStub(channel).Register(pb.RegisterRequest(info=info, address=address), timeout=10)
+    return refused.value
+
+
+def test_a_registration_at_another_address_than_the_file_s_is_refused_without_dialling_it(secure):
+    refusal = register_as_edge_3(secure, "10.9.9.9:50051")
+    assert refusal.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "registered with address '10.9.9.9:50051' but the cluster file gives it" in refusal.details()
+
+
 @pytest.mark.parametrize("certificate", ["none", "another node's"])
-def test_a_registration_without_the_node_s_own_certificate_is_refused(secure, certificate):
+def test_a_process_in_a_dead_node_s_place_cannot_register_as_it(secure, certificate):
     certs = certs_of(secure)
-    spec = load_cluster(secure.path)
-    claimed = spec.node("edge-3")
+    address = load_cluster(secure.path).node("edge-3").address
+    secure.stop_process("edge-3")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    port = free_port()
-    info = pb.NodeInfo(name="edge-3", stages=claimed.stages, bundle_sha256=load_bundle().sha256)
-    pb_grpc.add_NodeServicer_to_server(Impostor(info), server)
+    pb_grpc.add_NodeServicer_to_server(Impostor(pb.NodeInfo(name="edge-3", stages=[2],
+                                                            bundle_sha256=load_bundle().sha256)), server)
     if certificate == "none":
-        server.add_insecure_port(f"127.0.0.1:{port}")
+        server.add_insecure_port(address)
     else:  # edge-1's certificate, from the cluster's own authority
         pair = ((certs / "node.edge-1.key").read_bytes(), (certs / "node.edge-1.pem").read_bytes())
-        server.add_secure_port(f"127.0.0.1:{port}", grpc.ssl_server_credentials([pair]))
+        server.add_secure_port(address, grpc.ssl_server_credentials([pair]))
     server.start()
     try:
-        credentials = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes())
-        with grpc.secure_channel(secure.endpoint, credentials) as channel:
-            with pytest.raises(grpc.RpcError) as refused:
-                pb_grpc.RegistryStub(channel).Register(pb.RegisterRequest(info=info, address=f"127.0.0.1:{port}"),
-                                                       timeout=10)
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "could not be reached as itself" in refused.value.details()
+        refusal = register_as_edge_3(secure, address)
+        assert refusal.code() == grpc.StatusCode.UNAVAILABLE and "could not be reached as itself" in refusal.details()
     finally:
-        server.stop(0)
+        server.stop(0).wait()
+    secure.start_process("edge-3")
+    secure.wait_ready(60)
     with Client(secure.endpoint, ca=certs / "ca.pem", token=token_of(secure)) as client:
-        edge_3 = next(node for node in client.status().nodes if node.name == "edge-3")
-        assert edge_3.address == claimed.address and edge_3.state == "serving"
         assert generate_on(client, PROMPTS[1], max_new_tokens=8).token_ids
 
 
