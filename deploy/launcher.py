@@ -87,7 +87,8 @@ class LocalCluster:
 
     def start(self, ready_timeout_s: float = READY_TIMEOUT_S) -> None:
         """Start every process and wait until the coordinator reports SERVING (every node registered)."""
-        load_bundle(self.spec.bundle)  # a bad bundle fails here, once, before any process starts
+        bundle = load_bundle(self.spec.bundle)  # a bad bundle fails here, once, before any process starts
+        self.spec.check_stages(bundle.config.n_stages)  # and so does a stage given to two nodes, or to none
         if self.spec.security is not None:
             operator_credentials(self.spec.security)  # and so do missing certificates
         check_free(self.spec)
@@ -216,8 +217,12 @@ def up(cluster_path: Path, *, detach: bool, emulated_link_ms: float | None = Non
         signal.signal(signum, lambda *_: stopping.append(True))
     print("press Ctrl-C to stop it", flush=True)
     try:
-        while not stopping:
-            cluster.check_alive()
+        while not stopping and record.exists():  # `speed down` removes the record before it stops anything
+            try:
+                cluster.check_alive()
+            except SpeedError:
+                if record.exists():
+                    raise
             time.sleep(0.2)
     finally:
         cluster.stop()
@@ -232,8 +237,8 @@ def down(cluster_path: Path) -> None:
         print(f"cluster {spec.name} is not up (no processes recorded in {record.parent})")
         return
     pids = json.loads(record.read_text())
+    record.unlink(missing_ok=True)  # first: a launcher in the foreground then knows the stop is wanted
     nodes = [pid for name, pid in pids.items() if name != "coordinator"]
     stop_pids(nodes)
     stop_pids([pid for name, pid in pids.items() if name == "coordinator"])
-    record.unlink()
     print(f"cluster {spec.name} stopped")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -16,6 +17,8 @@ import pytest
 from runtime.config import ModelConfig
 from runtime.sampling import GREEDY, SamplingParams
 from runtime.train import TrainConfig
+
+HAS_GPU = shutil.which("nvidia-smi") is not None  # tests of the CUDA refusal cannot run where CUDA is real
 
 TINY = ModelConfig(vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=128,
                    n_distinct_layers=2, n_stages=3, context_length=640)

@@ -1,14 +1,10 @@
 """The CUDA provider is used only when it really loads; otherwise the request is refused clearly."""
 
 import json
-import shutil
 
 import pytest
 
-from tests.conftest import run_speed
-from tests.test_cli import assert_one_line_error
-
-HAS_GPU = shutil.which("nvidia-smi") is not None
+from tests.conftest import HAS_GPU, assert_one_line_error, run_speed
 
 
 @pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU: the refusal cannot be observed")

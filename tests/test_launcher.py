@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from deploy.cluster_file import load_cluster, parse_address
-from tests.conftest import assert_one_line_error, run_speed, write_cluster
+from tests.conftest import HAS_GPU, assert_one_line_error, run_speed, write_cluster
 
 
 @pytest.fixture(autouse=True)
@@ -67,6 +67,32 @@ def test_up_in_the_foreground_stops_everything_on_ctrl_c(tmp_path):
     assert ports_free(path)
 
 
+def test_speed_down_stops_a_cluster_started_in_the_foreground(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEED_STATE_DIR", str(tmp_path / "state"))
+    path = write_cluster(tmp_path)
+    up = subprocess.Popen([sys.executable, "-m", "runtime.cli", "up", str(path)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        for line in up.stdout:
+            if "Ctrl-C" in line:
+                break
+        down = run_speed("down", str(path))
+        assert down.returncode == 0 and "Traceback" not in down.stderr, down.stderr
+        assert up.wait(timeout=30) == 0, up.stderr.read()
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert "stopped" in up.stdout.read()
+    assert ports_free(path)
+
+
+def test_a_stage_given_to_two_nodes_is_named_before_anything_starts(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEED_STATE_DIR", str(tmp_path / "state"))
+    path = write_cluster(tmp_path, stages=[[0], [1], [1, 2]])
+    assert_one_line_error(run_speed("up", str(path)), "nodes[2].stages: stage 1 is already hosted by edge-2")
+    assert not (tmp_path / "state").exists() or not list((tmp_path / "state").rglob("*.log"))
+
+
 def test_a_malformed_cluster_file_starts_nothing(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("cluster: x\nnodes: [\n")
@@ -83,6 +109,7 @@ def test_an_address_already_taken_is_named_before_anything_starts(tmp_path):
     assert not (tmp_path / "state").exists() or not list((tmp_path / "state").rglob("processes.json"))
 
 
+@pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU: the refusal cannot be observed")
 def test_a_cuda_node_without_cuda_refuses_to_start_and_says_why(tmp_path):
     path = write_cluster(tmp_path, extra_node_keys="    device: cuda\n")
     result = run_speed("up", str(path))
