@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
@@ -80,8 +79,8 @@ def test_training_again_replaces_the_adapters_and_leaves_no_stale_file(adapted, 
     assert sorted(p.name for p in bundle_dir.glob("exit_adapters-*")) == [new]
 
 
-def test_a_cluster_gives_the_same_text_with_and_without_the_adapters(adapted, tmp_path):
-    os.environ["SPEED_STATE_DIR"] = str(tmp_path / "state")
+def test_a_cluster_gives_the_same_text_with_and_without_the_adapters(adapted, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEED_STATE_DIR", str(tmp_path / "state"))
     bundle = load_bundle(adapted)
     ids = bundle.tokenizer().encode(PROMPTS[0]).ids
     expected = generate_plain(open_stage_model(bundle), ids, max_new_tokens=24, eos_id=-1).token_ids
