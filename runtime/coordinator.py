@@ -65,9 +65,7 @@ class Cluster:
 
     @property
     def serving(self) -> bool:
-        """Every stage has a serving node that can run it (its own, or one that took it over)."""
-        serving = [node for node in self.nodes if node.state == SERVING]
-        return all(any(stage in node.can_run for node in serving) for stage in range(self.bundle.config.n_stages))
+        return self.engine.can_serve
 
     async def node_changed(self) -> None:
         self.engine.wake()

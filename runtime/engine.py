@@ -111,6 +111,11 @@ class Engine:
         return len(self.placement) == self.config.n_stages
 
     @property
+    def can_serve(self) -> bool:
+        """Every stage has a serving node that can run it (its own, or one that would take it over)."""
+        return len(self._placement_now()) == self.config.n_stages
+
+    @property
     def active_requests(self) -> int:
         return len(self._active)
 
@@ -153,7 +158,6 @@ class Engine:
             await self._reconcile()
             self._drop_cancelled()
             self._admit()
-            self._emit()  # a resumed request may be complete already
             self._report()
             if self._active:
                 await self._tick()
@@ -179,6 +183,8 @@ class Engine:
             request.sent_tokens = len(request.generated)
             self._active[seq_id] = request
             self._open(seq_id, request)
+            if self.scheduler.sequences[seq_id].done:  # a resumed request whose end was lost on the way
+                self._emit()
 
     def _open(self, seq_id: int, request: Request) -> None:
         """Open the sequence on every node of the placement, in its next message."""

@@ -49,14 +49,20 @@ def test_up_detach_serves_until_down_stops_every_process(tmp_path):
     assert "not up" in run_speed("down", str(path)).stdout
 
 
-def test_up_in_the_foreground_stops_everything_on_ctrl_c(tmp_path):
-    path = write_cluster(tmp_path)
+def up_in_the_foreground(path) -> subprocess.Popen:
+    """`speed up FILE` without --detach, returned once it says the cluster serves."""
     up = subprocess.Popen([sys.executable, "-m", "runtime.cli", "up", str(path)], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
+    for line in up.stdout:
+        if "Ctrl-C" in line:
+            break
+    return up
+
+
+def test_up_in_the_foreground_stops_everything_on_ctrl_c(tmp_path):
+    path = write_cluster(tmp_path)
+    up = up_in_the_foreground(path)
     try:
-        for line in up.stdout:
-            if "Ctrl-C" in line:
-                break
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=30) == 0
     finally:
@@ -70,12 +76,8 @@ def test_up_in_the_foreground_stops_everything_on_ctrl_c(tmp_path):
 def test_speed_down_stops_a_cluster_started_in_the_foreground(tmp_path, monkeypatch):
     monkeypatch.setenv("SPEED_STATE_DIR", str(tmp_path / "state"))
     path = write_cluster(tmp_path)
-    up = subprocess.Popen([sys.executable, "-m", "runtime.cli", "up", str(path)], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+    up = up_in_the_foreground(path)
     try:
-        for line in up.stdout:
-            if "Ctrl-C" in line:
-                break
         down = run_speed("down", str(path))
         assert down.returncode == 0 and "Traceback" not in down.stderr, down.stderr
         assert up.wait(timeout=30) == 0, up.stderr.read()
