@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from deploy.cluster_file import ClusterSpec, parse_address
-from runtime.staging import staged_directory
-from runtime.tokens import TOKENS_FILE, add_token
+from runtime.coordinator.tokens import TOKENS_FILE, add_token
+from runtime.core.staging import staged_directory
 
 CA_DAYS = 3650
 CLIENT_NAME = "client"

@@ -48,7 +48,7 @@ from typing import Any
 
 import yaml
 
-from runtime.errors import SpeedError
+from runtime.core.errors import SpeedError
 
 DEVICES = ("cpu", "cuda")
 NODE_NAME = re.compile(r"[A-Za-z0-9._-]+")

@@ -21,8 +21,8 @@ from pathlib import Path
 import grpc
 
 from deploy.cluster_file import ClusterSpec, listen_addresses, load_cluster, parse_address
-from runtime.bundle import load_bundle
-from runtime.errors import SpeedError
+from runtime.core.bundle import load_bundle
+from runtime.core.errors import SpeedError
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.security import operator_credentials

@@ -14,11 +14,11 @@ from collections.abc import Callable, Collection, Iterable
 import grpc
 import numpy as np
 
-from nodes.executor import StageModel
+from nodes.stage_model import StageModel
 from nodes.tick_executor import TickExecutor
-from runtime.errors import SpeedError
-from runtime.sampling import SamplingParams
-from runtime.speed_core import Item, TickPlan, Truncate
+from runtime.core.errors import SpeedError
+from runtime.core.sampling import SamplingParams
+from runtime.core.scheduler import Item, TickPlan, Truncate
 from runtime.wire import speed_pb2 as pb
 from runtime.wire.sampling import sampling_from_wire
 from runtime.wire.tensor import pack, unpack

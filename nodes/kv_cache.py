@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.config import ModelConfig
-from runtime.errors import SpeedError
+from runtime.core.config import ModelConfig
+from runtime.core.errors import SpeedError
 
 
 class KVCache:

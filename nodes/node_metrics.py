@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from runtime.metrics_http import LATENCY_BUCKETS, serve_registry
+from runtime.wire.metrics_http import LATENCY_BUCKETS, serve_registry
 
 
 class NodeMetrics:

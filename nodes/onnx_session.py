@@ -12,7 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from nodes.prepacked_graphs import prepacked_graph
-from runtime.errors import SpeedError
+from runtime.core.errors import SpeedError
 
 log = logging.getLogger("speed.node")
 

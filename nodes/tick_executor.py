@@ -19,11 +19,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from nodes.executor import StageModel
 from nodes.kv_cache import KVCache
-from runtime.errors import SpeedError
-from runtime.sampling import GREEDY, SamplingParams, choose_token
-from runtime.speed_core import Item, TickPlan
+from nodes.stage_model import StageModel
+from runtime.core.errors import SpeedError
+from runtime.core.sampling import GREEDY, SamplingParams, choose_token
+from runtime.core.scheduler import Item, TickPlan
 
 Key = tuple[int, int]  # (sequence, start position) names an item across ticks
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import ModelConfig
-from runtime.sampling import GREEDY, SamplingParams
-from runtime.train import TrainConfig
+from runtime.core.config import ModelConfig
+from runtime.core.sampling import GREEDY, SamplingParams
+from runtime.models.train import TrainConfig
 
 HAS_GPU = shutil.which("nvidia-smi") is not None  # tests of the CUDA refusal cannot run where CUDA is real
 
@@ -28,7 +28,7 @@ TINY_TRAINING = TrainConfig(steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup=
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from runtime.train import train
+    from runtime.models.train import train
 
     out = tmp_path_factory.mktemp("tiny-run")
     train(out, TINY, TINY_TRAINING, resume=False)
@@ -37,7 +37,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
-    from runtime.export import export_bundle
+    from runtime.models.export import export_bundle
 
     return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundles") / "tiny")
 
@@ -124,9 +124,10 @@ CLUSTER_NEW_TOKENS = 32
 @pytest.fixture(scope="session")
 def reference():
     """reference(prompt, sampling, max_new_tokens, stop) -> the demo model's token ids, decoded plainly."""
-    from runtime.bundle import load_bundle
-    from runtime.reference import generate_plain, open_stage_model
-    from runtime.stopping import StopStrings
+    from runtime.core.bundle import load_bundle
+    from runtime.core.stopping import StopStrings
+    from runtime.local.backends import open_stage_model
+    from runtime.local.plain import generate_plain
 
     bundle = load_bundle()
     model = open_stage_model(bundle)

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from runtime.bundle import load_bundle
-from runtime.errors import SpeedError
+from runtime.core.bundle import load_bundle
+from runtime.core.errors import SpeedError
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cli import build_parser
+from runtime.cli.main import build_parser
 from tests.conftest import assert_one_line_error, run_speed
 
 

@@ -15,7 +15,7 @@ import pytest
 from deploy.cluster_file import load_cluster
 from deploy.launcher import LocalCluster
 from runtime.client import AsyncClient, Client, InvalidRequest, Unavailable
-from runtime.sampling import GREEDY, SamplingParams
+from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from tests.conftest import CLUSTER_NEW_TOKENS as NEW_TOKENS
@@ -39,7 +39,7 @@ def test_the_cluster_gives_the_reference_tokens_greedy_and_sampled(cluster, refe
                 result = generate_on(client, prompt, sampling, speculative=speculative)
                 assert result.token_ids == reference(prompt, sampling), (prompt, sampling)
                 assert result.speculative == speculative
-                assert result.stats["committed"] == len(result.token_ids)
+                assert result.stats.committed == len(result.token_ids)
 
 
 def test_four_concurrent_clients_share_ticks_and_each_gets_its_own_text(cluster, reference):

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from deploy.cluster_file import ClusterSpec, CoordinatorSpec, NodeSpec, SpeculationSpec, load_cluster, parse_address
-from runtime.errors import SpeedError
+from runtime.core.errors import SpeedError
 
 LOCAL = Path(__file__).resolve().parents[1] / "deploy" / "local.yaml"
 

@@ -16,7 +16,7 @@ import pytest
 
 from deploy.cluster_file import load_cluster
 from runtime.client import Busy, Client, DeadlineExceeded, Unavailable
-from runtime.sampling import GREEDY, SamplingParams
+from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from tests.conftest import CLUSTER_PROMPTS as PROMPTS

@@ -1,7 +1,7 @@
 import pytest
 
-from runtime.config import ModelConfig
-from runtime.errors import SpeedError
+from runtime.core.config import ModelConfig
+from runtime.core.errors import SpeedError
 
 
 def test_defaults_are_the_demo_4x3():

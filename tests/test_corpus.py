@@ -1,4 +1,4 @@
-from runtime.corpus import HELD_OUT_WORKS, load_shakespeare
+from runtime.models.corpus import HELD_OUT_WORKS, load_shakespeare
 
 
 def test_held_out_works_are_never_in_the_training_split():

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from runtime.bundle import DEFAULT_BUNDLE, load_bundle
-from runtime.reference import open_stage_model
+from runtime.core.bundle import DEFAULT_BUNDLE, load_bundle
+from runtime.local.backends import open_stage_model
 from tests.test_export import assert_backends_agree
 
 MAX_BUNDLE_BYTES = 25 * 1024 * 1024

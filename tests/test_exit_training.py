@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from deploy.launcher import LocalCluster
-from runtime.bundle import load_bundle
 from runtime.client import Client
-from runtime.model import SpeedDecoder
-from runtime.reference import generate_plain, open_stage_model
-from runtime.sampling import SamplingParams
-from runtime.speculative import generate_speculative
+from runtime.core.bundle import load_bundle
+from runtime.core.sampling import SamplingParams
+from runtime.local.backends import open_stage_model
+from runtime.local.plain import generate_plain
+from runtime.local.speculative import generate_speculative
+from runtime.models.decoder import SpeedDecoder
 from tests.conftest import assert_one_line_error, run_speed, write_cluster
 from tests.test_gguf_import import source_config, write_gguf
 

@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pytest
 
-from nodes.executor import OnnxStageModel
 from nodes.kv_cache import KVCache
-from runtime.bundle import load_bundle
-from runtime.reference import generate_plain
-from runtime.torch_backend import TorchStageModel
+from nodes.onnx_stage_model import OnnxStageModel
+from runtime.core.bundle import load_bundle
+from runtime.local.plain import generate_plain
+from runtime.models.torch_backend import TorchStageModel
 
 PROMPTS = [
     "ROMEO:", "To be, or not to be", "KING HENRY. Once more unto the breach", "What light through yonder",

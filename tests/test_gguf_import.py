@@ -16,14 +16,15 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quant_shape_to_byte_shape, quantize
 
 from deploy.launcher import LocalCluster
-from runtime.bundle import load_bundle
 from runtime.client import Client, Unavailable
-from runtime.config import ModelConfig
-from runtime.gguf_import import TENSOR_NAMES
-from runtime.model import SpeedDecoder
-from runtime.reference import generate_plain, open_stage_model
-from runtime.speculative import generate_speculative
-from runtime.torch_backend import model_from_bundle
+from runtime.core.bundle import load_bundle
+from runtime.core.config import ModelConfig
+from runtime.local.backends import open_stage_model
+from runtime.local.plain import generate_plain
+from runtime.local.speculative import generate_speculative
+from runtime.models.decoder import SpeedDecoder
+from runtime.models.gguf_import import TENSOR_NAMES
+from runtime.models.torch_backend import model_from_bundle
 from tests.conftest import assert_one_line_error, run_speed, write_cluster
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -19,8 +19,8 @@ import grpc
 import numpy as np
 import pytest
 
-from runtime.bundle import load_bundle
 from runtime.client import Client
+from runtime.core.bundle import load_bundle
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc

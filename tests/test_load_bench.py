@@ -8,8 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from runtime.client import Unavailable
-from runtime.load_bench import (
+from runtime.bench.load import (
     KillWatch,
     Tally,
     failover_ms,
@@ -23,7 +22,8 @@ from runtime.load_bench import (
     spread,
     trial_sampling,
 )
-from runtime.sampling import GREEDY
+from runtime.client import Unavailable
+from runtime.core.sampling import GREEDY
 from runtime.wire import speed_pb2 as pb
 from tests.conftest import assert_one_line_error, run_speed, write_cluster
 from tests.test_launcher import ports_free

@@ -8,8 +8,8 @@ import urllib.request
 import pytest
 
 from nodes.node_metrics import NodeMetrics
-from runtime.coordinator_metrics import CoordinatorMetrics
-from runtime.errors import SpeedError
+from runtime.coordinator.metrics import CoordinatorMetrics
+from runtime.core.errors import SpeedError
 from tests.conftest import free_port
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from runtime.config import ModelConfig
-from runtime.model import SpeedDecoder, speed_loss, stage_loss_weights
+from runtime.core.config import ModelConfig
+from runtime.models.decoder import SpeedDecoder, speed_loss, stage_loss_weights
 
 CFG = ModelConfig(vocab_size=97, d_model=32, n_heads=4, n_kv_heads=2, ffn_hidden=48, n_distinct_layers=2,
                   n_stages=3, context_length=64)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from runtime import models
-from runtime.bundle import sha256_of
-from runtime.errors import SpeedError
-from runtime.models import KNOWN_MODELS, cache_dir, cached_path, pull
+from runtime.core.bundle import sha256_of
+from runtime.core.errors import SpeedError
+from runtime.models.registry import KNOWN_MODELS, cache_dir, cached_path, pull
 
 NAME = "smollm2-135m"
 MODEL = KNOWN_MODELS[NAME]

@@ -6,7 +6,7 @@ import sys
 PROGRAM = """
 import sys
 sys.modules["torch"] = None  # any import of torch now fails
-from runtime.cli import main
+from runtime.cli.main import main
 sys.exit(main(["reference", "--bundle", sys.argv[1], "--max-new-tokens", "4", "--json", "Hello"]))
 """
 
@@ -20,7 +20,7 @@ def test_onnx_reference_decoding_imports_no_torch(tiny_bundle):
 EXPORT_WITHOUT_TORCH = """
 import sys
 sys.modules["torch"] = None
-from runtime.cli import main
+from runtime.cli.main import main
 sys.exit(main(["export", sys.argv[1], sys.argv[2]]))
 """
 

@@ -25,7 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deploy.cluster_file import load_cluster, parse_address
-from runtime.bundle import load_bundle
+from runtime.core.bundle import load_bundle
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.tensor import pack, unpack

@@ -1,6 +1,6 @@
 """Where stages go when nodes come and go: the coordinator's placement rule alone."""
 
-from runtime.placement import place
+from runtime.core.placement import place
 
 HOME = {"edge-1": [0], "edge-2": [1], "edge-3": [2]}
 ANY = {name: frozenset({0, 1, 2}) for name in HOME}  # a weight-shared bundle: one graph for every stage

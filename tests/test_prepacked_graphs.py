@@ -5,11 +5,11 @@ import logging
 
 import numpy as np
 
-from nodes.executor import OnnxStageModel
 from nodes.kv_cache import KVCache
 from nodes.onnx_session import create_session
+from nodes.onnx_stage_model import OnnxStageModel
 from nodes.prepacked_graphs import prepacked_graph
-from runtime.bundle import load_bundle
+from runtime.core.bundle import load_bundle
 
 
 def stage_outputs(session, cfg, rows=2, length=5, capacity=12):

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from runtime.errors import SpeedError
-from runtime.sampling import SamplingParams, choose_token
+from runtime.core.errors import SpeedError
+from runtime.core.sampling import SamplingParams, choose_token
 
 LOGITS = np.random.default_rng(0).normal(size=200).astype(np.float32)
 

@@ -12,9 +12,9 @@ import pytest
 from cryptography import x509
 
 from deploy.cluster_file import load_cluster
-from runtime.bundle import load_bundle
 from runtime.client import Client, Unauthenticated, Unavailable
-from runtime.sampling import GREEDY, SamplingParams
+from runtime.core.bundle import load_bundle
+from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from tests.conftest import CLUSTER_PROMPTS as PROMPTS

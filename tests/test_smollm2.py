@@ -11,9 +11,10 @@ import pytest
 import yaml
 
 from deploy.launcher import LocalCluster
-from runtime.bundle import load_bundle
 from runtime.client import Client
-from runtime.reference import generate_plain, open_stage_model
+from runtime.core.bundle import load_bundle
+from runtime.local.backends import open_stage_model
+from runtime.local.plain import generate_plain
 from tests.conftest import free_port, run_speed
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,11 +4,12 @@ import json
 
 import pytest
 
-from runtime.bundle import load_bundle
-from runtime.corpus import load_shakespeare
-from runtime.reference import generate_plain, open_stage_model
-from runtime.sampling import SamplingParams
-from runtime.speculative import generate_speculative
+from runtime.core.bundle import load_bundle
+from runtime.core.sampling import SamplingParams
+from runtime.local.backends import open_stage_model
+from runtime.local.plain import generate_plain
+from runtime.local.speculative import generate_speculative
+from runtime.models.corpus import load_shakespeare
 from tests.conftest import run_speed
 from tests.test_cli import assert_one_line_error
 
@@ -48,7 +49,7 @@ def test_speculative_equals_sequential_on_50_prompts(demo, prompt_ids, sampling)
     for spec, seq in zip(speculative, sequential):
         assert spec.token_ids == seq.token_ids
         assert spec.stop_reason == seq.stop_reason
-    assert sum(s.stats["ticks"] for s in speculative) < sum(s.stats["ticks"] for s in sequential)
+    assert sum(s.stats.ticks for s in speculative) < sum(s.stats.ticks for s in sequential)
 
 
 def test_batched_greedy_equals_the_plain_reference(demo, prompt_ids):
@@ -73,9 +74,9 @@ def test_one_sequence_alone_equals_plain_and_speculates(demo, prompt_ids):
     (spec,) = generate_speculative(model, [prompt_ids[0]], max_new_tokens=64, eos_id=-1)
     plain = generate_plain(model, prompt_ids[0], max_new_tokens=64, eos_id=-1)
     assert spec.token_ids == plain.token_ids
-    assert spec.stats["committed"] == 64
-    assert spec.stats["mean_in_flight"] > 1.5
-    assert spec.stats["ticks"] < 3 * 64
+    assert spec.stats.committed == 64
+    assert spec.stats.mean_in_flight > 1.5
+    assert spec.stats.ticks < 3 * 64
 
 
 def test_reference_speculate_prints_stats():

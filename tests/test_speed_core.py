@@ -5,7 +5,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.speed_core import SpeedScheduler
+from runtime.core.scheduler import SpeedScheduler
 
 EOS = 0
 

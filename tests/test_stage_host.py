@@ -4,9 +4,9 @@ import grpc
 import numpy as np
 import pytest
 
-from nodes.executor import OnnxStageModel
 from nodes.host import StageHost, StepRefused
-from runtime.bundle import load_bundle
+from nodes.onnx_stage_model import OnnxStageModel
+from runtime.core.bundle import load_bundle
 from runtime.wire import speed_pb2 as pb
 from runtime.wire.tensor import pack
 

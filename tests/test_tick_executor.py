@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from nodes.executor import OnnxStageModel
 from nodes.kv_cache import KVCache
+from nodes.onnx_stage_model import OnnxStageModel
 from nodes.tick_executor import TickExecutor
-from runtime.bundle import load_bundle
-from runtime.errors import SpeedError
-from runtime.speed_core import Item, TickPlan, Truncate
+from runtime.core.bundle import load_bundle
+from runtime.core.errors import SpeedError
+from runtime.core.scheduler import Item, TickPlan, Truncate
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from dataclasses import replace
 
 import torch
 
-from runtime.checkpoint import load_checkpoint
-from runtime.train import train
+from runtime.models.checkpoint import load_checkpoint
+from runtime.models.train import train
 from tests.conftest import TINY, TINY_TRAINING
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from runtime.errors import SpeedError
+from runtime.core.errors import SpeedError
 from runtime.wire import codegen
 from runtime.wire.tensor import pack, unpack
 

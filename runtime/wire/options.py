@@ -1,6 +1,6 @@
 """gRPC settings every channel and server of the cluster uses."""
 
-from runtime.errors import SpeedError
+from runtime.core.errors import SpeedError
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a step message carries hidden states of whole prompt chunks
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.sampling import SamplingParams
+from runtime.core.sampling import SamplingParams
 from runtime.wire import speed_pb2 as pb
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 
 from deploy.cluster_file import ClusterSpec, SecuritySpec, parse_address
-from runtime.errors import SpeedError
+from runtime.core.errors import SpeedError
 
 COORDINATOR = "speed coordinator"
 CLIENT = "speed client"

@@ -81,7 +81,7 @@ class TokenChunk(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("stop_reason", "text", "token_ids", "prompt_tokens", "time_to_first_token_ms", "tokens_per_s", "stats", "speculative", "provider")
+    __slots__ = ("stop_reason", "text", "token_ids", "prompt_tokens", "time_to_first_token_ms", "tokens_per_s", "stats", "speculative", "provider", "backend")
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class Finished(_message.Message):
     STATS_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     stop_reason: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -100,7 +101,8 @@ class Finished(_message.Message):
     stats: Stats
     speculative: bool
     provider: str
-    def __init__(self, stop_reason: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., speculative: _Optional[bool] = ..., provider: _Optional[str] = ...) -> None: ...
+    backend: str
+    def __init__(self, stop_reason: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., speculative: _Optional[bool] = ..., provider: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("tokens", "finished")

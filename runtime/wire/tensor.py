@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.errors import SpeedError
+from runtime.core.errors import SpeedError
 from runtime.wire import speed_pb2 as pb
 
 SHOWN_CHARS = 32  # of a sender's dtype name in a refusal: a sentence never echoes a huge field

@@ -1,0 +1,33 @@
+"""What decoders need of a model, whatever runs it: ONNX Runtime on a node (nodes.onnx_stage_model) or
+torch eager in one process (runtime.models.torch_backend)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+from nodes.kv_cache import KVCache
+from runtime.core.config import ModelConfig
+
+
+class StageOutput(NamedTuple):
+    hidden: np.ndarray  # (B, T, d)
+    new_keys: list[np.ndarray]  # per layer (B, Hkv, hd, T)
+    new_values: list[np.ndarray]  # per layer (B, Hkv, T, hd)
+
+
+class StageModel(Protocol):
+    """Embedding lookup, the stages and the shared classifier of one bundle."""
+
+    config: ModelConfig
+    provider: str
+    exit_adapters: dict[int, tuple[np.ndarray, np.ndarray]]  # early stage -> (A, B): guesses read h + (h @ A) @ B
+
+    def embed(self, token_ids: np.ndarray) -> np.ndarray: ...  # (B, T) int64 -> (B, T, d)
+
+    def graph_of(self, stage: int) -> int: ...
+
+    def run_stage(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> StageOutput: ...
+
+    def classify(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...  # (N, d) -> logits, tokens

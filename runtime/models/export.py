@@ -1,0 +1,170 @@
+"""`speed export`: turn a training checkpoint into a bundle that nodes serve with ONNX Runtime.
+
+Graphs (B rows, T new tokens, C cache capacity, L layers per stage; all float32):
+  stage.onnx  (stage_<s>.onnx per stage when stages do not share weights)
+              hidden (B, T, d), cache_length (B,) int64,
+              cache_key_{l} (B, Hkv, hd, C), cache_value_{l} (B, Hkv, C, hd)
+           -> hidden_out (B, T, d), new_key_{l} (B, Hkv, hd, T), new_value_{l} (B, Hkv, T, hd)
+  head.onnx   hidden (N, d) -> logits (N, V), token (N,) int64 (greedy argmax)
+The caller owns the caches: it passes them whole (no copy) and writes the new entries at
+cache_length itself. Graphs are exported unoptimized so initializers keep their torch parameter
+names (ONNX Runtime folds the weight transposes when it loads them). The embedding table is stored
+once, as raw little-endian float32 in embedding.bin, and head.onnx reads its tied LM-head weight
+from that same file.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx.external_data_helper import set_external_data
+from torch import nn
+
+from runtime.core.bundle import EMBEDDING_FILE, HEAD_FILE, STAGE_FILE, TOKENIZER_FILE, TRAINING_REPORT_FILE, write_manifest
+from runtime.core.config import ModelConfig
+from runtime.core.staging import check_free, staged_directory
+from runtime.models.checkpoint import load_checkpoint
+from runtime.models.decoder import SpeedDecoder
+from runtime.models.tokenizer import eos_id
+
+OPSET = 20
+EMBEDDING_WEIGHT = "model.embedding.weight"  # initializer names are the torch parameter names
+
+
+class StageGraph(nn.Module):
+    """One stage's layers with flat, named cache inputs and outputs. Only the layers the stage uses
+    end up in the graph, under their model-wide names (model.layers.<i>...)."""
+
+    def __init__(self, model: SpeedDecoder, stage: int):
+        super().__init__()
+        self.model = model
+        self.stage = stage
+
+    def forward(self, hidden, cache_length, cache_keys, cache_values):
+        hidden, new_keys, new_values = self.model.stage_step(hidden, cache_length, cache_keys, cache_values, self.stage)
+        return hidden, *new_keys, *new_values
+
+
+class HeadGraph(nn.Module):
+    """The shared classifier: final norm + tied LM head, plus the greedy token."""
+
+    def __init__(self, model: SpeedDecoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden):
+        logits = self.model.classify(hidden)
+        return logits, logits.argmax(-1)
+
+
+def stage_io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    inputs = ["hidden", "cache_length"]
+    inputs += [f"cache_key_{l}" for l in range(n_layers)] + [f"cache_value_{l}" for l in range(n_layers)]
+    outputs = ["hidden_out"]
+    outputs += [f"new_key_{l}" for l in range(n_layers)] + [f"new_value_{l}" for l in range(n_layers)]
+    return inputs, outputs
+
+
+def stage_graph_files(cfg: ModelConfig) -> list[str]:
+    """The graph file of each stage: one for all when they share weights, else one each."""
+    if cfg.shared_layers:
+        return [STAGE_FILE] * cfg.n_stages
+    return [f"stage_{s}.onnx" for s in range(cfg.n_stages)]
+
+
+def export_stages(model: SpeedDecoder, out_dir: Path) -> list[str]:
+    files = stage_graph_files(model.cfg)
+    for stage, file in enumerate(files):
+        if not (out_dir / file).exists():
+            export_stage(model, stage, out_dir / file)
+    return files
+
+
+def export_stage(model: SpeedDecoder, stage: int, path: Path) -> None:
+    cfg = model.cfg
+    L, Hkv, hd = len(cfg.stage_layers(stage)), cfg.n_kv_heads, cfg.head_dim
+    B, T, C = 2, 3, 5  # example sizes; none may be 1 on a dynamic axis
+    args = (
+        torch.randn(B, T, cfg.d_model),
+        torch.tensor([2, 4]),
+        [torch.randn(B, Hkv, hd, C) for _ in range(L)],
+        [torch.randn(B, Hkv, C, hd) for _ in range(L)],
+    )
+    rows, new, capacity = torch.export.Dim("rows"), torch.export.Dim("new_tokens"), torch.export.Dim("capacity")
+    dynamic_shapes = (
+        {0: rows, 1: new},
+        {0: rows},
+        [{0: rows, 3: capacity}] * L,
+        [{0: rows, 2: capacity}] * L,
+    )
+    inputs, outputs = stage_io_names(L)
+    _export(StageGraph(model, stage), args, path, dynamic_shapes, inputs, outputs)
+
+
+def export_head(model: SpeedDecoder, path: Path) -> None:
+    _export(HeadGraph(model), (torch.randn(3, model.cfg.d_model),), path,
+            ({0: torch.export.Dim("rows")},), ["hidden"], ["logits", "token"])
+
+
+def _export(module, args, path, dynamic_shapes, input_names, output_names) -> None:
+    # the exporter's notes (deprecations, optional torchvision ops, axis renames) are not the user's concern
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(), args, str(path), dynamo=True, opset_version=OPSET, external_data=False, optimize=False,
+            dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names, verbose=False,
+        )
+
+
+def share_embedding_weight(head_path: Path, embedding: np.ndarray, out_dir: Path) -> None:
+    """Write the embedding once and make head.onnx read its tied LM-head weight from that file."""
+    embedding.astype("<f4").tofile(out_dir / EMBEDDING_FILE)
+    head = onnx.load(str(head_path))
+    (table,) = [t for t in head.graph.initializer if t.name == EMBEDDING_WEIGHT]
+    set_external_data(table, location=EMBEDDING_FILE, offset=0, length=embedding.nbytes)
+    table.data_location = onnx.TensorProto.EXTERNAL
+    table.ClearField("raw_data")
+    onnx.save(head, str(head_path))
+
+
+def write_model(model: SpeedDecoder, out_dir: Path) -> list[str]:
+    """Stage graphs, head graph and embedding of a torch model; returns each stage's graph file."""
+    stage_files = export_stages(model, out_dir)
+    export_head(model, out_dir / HEAD_FILE)
+    share_embedding_weight(out_dir / HEAD_FILE, model.embedding.weight.detach().numpy(), out_dir)
+    return stage_files
+
+
+def export_bundle(checkpoint: Path, out_dir: Path, *, name: str | None = None, force: bool = False) -> Path:
+    """Export into a temporary directory next to OUT_DIR and move it into place when complete."""
+    check_free(out_dir, force=force)
+    state = load_checkpoint(checkpoint)
+    cfg: ModelConfig = state["model_config"]
+    model = SpeedDecoder(cfg)
+    model.load_state_dict(state["model"])
+    model.eval()
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(state["tokenizer"])
+    with staged_directory(out_dir, force=force) as staging:
+        stage_files = write_model(model, staging)
+        tokenizer.save(str(staging / TOKENIZER_FILE))
+        report = checkpoint.parent / "report.json"  # written by `speed train` beside its checkpoint
+        if report.is_file():
+            shutil.copyfile(report, staging / TRAINING_REPORT_FILE)
+        write_manifest(
+            staging,
+            name=name or f"speed-{cfg.name}",
+            model_config=cfg,
+            stage_graphs=stage_files,
+            eos_token_id=eos_id(tokenizer),
+            trained_steps=state["step"],
+        )
+    return out_dir

@@ -1,0 +1,164 @@
+"""`speed import gguf`: a pretrained Llama-family model from a GGUF file, as a bundle whose stages are
+contiguous ranges of its layers (distinct weights: speculation overlaps stages on different nodes).
+
+Weights are dequantized to float32 with PyPI `gguf`; the tokenizer (GPT-2-style byte-level BPE) and
+the chat template are rebuilt from the file's metadata. GGUF stores the query and key rows of every
+head permuted for llama.cpp's interleaved rotary form; they are permuted back here so the model's
+rotate-half form applies unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.core.bundle import TOKENIZER_FILE, sha256_of, write_manifest
+from runtime.core.config import ModelConfig
+from runtime.core.errors import SpeedError
+from runtime.core.staging import check_free, staged_directory
+from runtime.models.decoder import SpeedDecoder
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+CONTROL_TOKEN = 3  # llama.cpp's token type for special tokens such as <|im_start|>
+
+# GGUF tensor name -> parameter name of runtime.models.decoder.SpeedDecoder ({i} is the layer)
+TENSOR_NAMES = {
+    "token_embd.weight": "embedding.weight",
+    "output_norm.weight": "final_norm.weight",
+    "blk.{i}.attn_norm.weight": "layers.{i}.attn_norm.weight",
+    "blk.{i}.attn_q.weight": "layers.{i}.attn.wq.weight",
+    "blk.{i}.attn_k.weight": "layers.{i}.attn.wk.weight",
+    "blk.{i}.attn_v.weight": "layers.{i}.attn.wv.weight",
+    "blk.{i}.attn_output.weight": "layers.{i}.attn.wo.weight",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.mlp_norm.weight",
+    "blk.{i}.ffn_gate.weight": "layers.{i}.mlp.gate.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.mlp.up.weight",
+    "blk.{i}.ffn_down.weight": "layers.{i}.mlp.down.weight",
+}
+
+
+class GGUFModel:
+    """A GGUF file's metadata and tensors, read lazily (memory-mapped by PyPI gguf)."""
+
+    def __init__(self, path: Path):
+        from gguf import GGUFReader
+
+        if not path.is_file():
+            raise SpeedError(f"{path} does not exist; get the model with `speed models pull smollm2-135m`")
+        try:
+            self.reader = GGUFReader(path)
+        except Exception as exc:  # the reader raises many kinds on a damaged file
+            raise SpeedError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); it may be "
+                             "truncated: download it again") from None
+        self.path = path
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.architecture = self.value("general.architecture")
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise SpeedError(f"{path}: architecture {self.architecture!r} is not supported; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+    def value(self, key: str, default=None):
+        field = self.reader.fields.get(key)
+        if field is None:
+            if default is None:
+                raise SpeedError(f"{self.path}: metadata {key} is missing; is this a complete model file?")
+            return default
+        return field.contents()
+
+    def arch(self, key: str, default=None):
+        return self.value(f"{self.architecture}.{key}", default)
+
+    def config(self, n_stages: int) -> ModelConfig:
+        layers = self.arch("block_count")
+        if not 1 <= n_stages <= layers:
+            raise SpeedError(f"--stages {n_stages}: the model has {layers} layers; choose 1 to {layers}")
+        d_model, n_heads = self.arch("embedding_length"), self.arch("attention.head_count")
+        if self.arch("rope.dimension_count", d_model // n_heads) != d_model // n_heads:
+            raise SpeedError(f"{self.path}: rotary positions over part of each head are not supported")
+        return ModelConfig(
+            vocab_size=len(self.value("tokenizer.ggml.tokens")), d_model=d_model, n_heads=n_heads,
+            n_kv_heads=self.arch("attention.head_count_kv", n_heads), ffn_hidden=self.arch("feed_forward_length"),
+            n_distinct_layers=layers, n_stages=n_stages, context_length=self.arch("context_length"),
+            rope_base=float(self.arch("rope.freq_base", 10000.0)),
+            norm_eps=float(self.arch("attention.layer_norm_rms_epsilon")), shared_layers=False)
+
+    def array(self, name: str) -> np.ndarray:
+        """A tensor as float32 in torch's (out, in) order."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        tensor = self.tensors.get(name)
+        if tensor is None:
+            raise SpeedError(f"{self.path}: tensor {name} is missing; is this a complete model file?")
+        try:
+            return dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+        except NotImplementedError:
+            kind = GGMLQuantizationType(tensor.tensor_type).name
+            raise SpeedError(f"{self.path}: tensor {name} is of type {kind}, which cannot be dequantized here; "
+                             "use a file quantized as F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or a K-quant"
+                             ) from None
+
+    def state_dict(self, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        state = {}
+        for gguf_name, name in TENSOR_NAMES.items():
+            for i in range(cfg.n_distinct_layers) if "{i}" in gguf_name else [None]:
+                weight = self.array(gguf_name.format(i=i))
+                if gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+                    heads = cfg.n_heads if "attn_q" in gguf_name else cfg.n_kv_heads
+                    weight = unpermute_rotary_rows(weight, heads)
+                state[name.format(i=i)] = torch.from_numpy(np.array(weight))  # writable: torch needs it
+        return state
+
+    def tokenizer(self):
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+        if self.value("tokenizer.ggml.model") != "gpt2":
+            raise SpeedError(f"{self.path}: tokenizer model {self.value('tokenizer.ggml.model')!r} is not supported; "
+                             "supported: gpt2 (byte-level BPE)")
+        tokens = self.value("tokenizer.ggml.tokens")
+        merges = [tuple(merge.split(" ", 1)) for merge in self.value("tokenizer.ggml.merges")]
+        tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+        # llama.cpp's "smollm" and similar pre-tokenizers: digits one by one, then GPT-2's split
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tokenizer.decoder = decoders.ByteLevel()
+        types = self.value("tokenizer.ggml.token_type")
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                      for t, kind in zip(tokens, types) if kind == CONTROL_TOKEN])
+        return tokenizer
+
+
+def unpermute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's per-head (half, pair) -> (pair, half) row permutation of query/key weights."""
+    rows, cols = weight.shape
+    return weight.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def import_gguf(path: Path, out_dir: Path, *, stages: int, name: str | None = None, force: bool = False,
+                progress=print) -> Path:
+    from runtime.models.export import write_model
+
+    check_free(out_dir, force=force)
+    model_file = GGUFModel(Path(path))
+    cfg = model_file.config(stages)
+    model = SpeedDecoder(cfg)
+    model.load_state_dict(model_file.state_dict(cfg))  # every tensor read: a bad one fails before any output
+    model.eval()
+    tokenizer = model_file.tokenizer()
+    split = " + ".join(str(len(cfg.stage_layers(s))) for s in range(stages))
+    progress(f"{model_file.value('general.name', path.stem)}: {cfg.n_distinct_layers} layers as {stages} stage(s) of "
+             f"{split} layers, d={cfg.d_model}, vocabulary {cfg.vocab_size}")
+    with staged_directory(out_dir, force=force) as staging:
+        progress("exporting the stage graphs to ONNX ...")
+        stage_files = write_model(model, staging)
+        tokenizer.save(str(staging / TOKENIZER_FILE))
+        write_manifest(
+            staging, name=name or path.stem, model_config=cfg, stage_graphs=stage_files,
+            eos_token_id=int(model_file.value("tokenizer.ggml.eos_token_id")),
+            bos_token_id=int(model_file.value("tokenizer.ggml.bos_token_id", -1)),
+            chat_template=model_file.value("tokenizer.chat_template", ""),
+            source={"gguf": path.name, "sha256": sha256_of(path), "architecture": model_file.architecture},
+        )
+    return out_dir

@@ -1,0 +1,67 @@
+"""The torch model rebuilt from a bundle's own weights, to check the ONNX graphs against."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from nodes.kv_cache import KVCache
+from nodes.stage_model import StageOutput
+from runtime.core.bundle import Bundle
+from runtime.models.decoder import SpeedDecoder
+
+PARAMETER_PREFIX = "model."  # the export wraps the decoder as `model`
+
+
+def model_from_bundle(bundle: Bundle) -> SpeedDecoder:
+    """Load the stage and head initializers, which carry the torch parameter names."""
+    state = {"embedding.weight": torch.from_numpy(np.array(bundle.embedding()))}
+    for path in (*sorted(set(bundle.stage_graphs)), bundle.head_graph):
+        graph = onnx.load(str(path), load_external_data=False).graph
+        for tensor in graph.initializer:
+            if tensor.name.startswith(PARAMETER_PREFIX) and tensor.data_location != onnx.TensorProto.EXTERNAL:
+                state[tensor.name.removeprefix(PARAMETER_PREFIX)] = torch.from_numpy(numpy_helper.to_array(tensor).copy())
+    model = SpeedDecoder(bundle.config)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+class TorchStageModel:
+    """The same interface as nodes.onnx_stage_model.OnnxStageModel, computed by torch eager."""
+
+    provider = "torch-cpu"
+
+    def __init__(self, bundle: Bundle, *, threads: int = 0):
+        if threads:
+            torch.set_num_threads(threads)
+        self.config = bundle.config
+        self._graph_ids = bundle.graph_ids
+        self.model = model_from_bundle(bundle)
+        self.exit_adapters = bundle.exit_adapters()
+
+    @torch.no_grad()
+    def embed(self, token_ids: np.ndarray) -> np.ndarray:
+        return self.model.embedding(torch.from_numpy(token_ids)).numpy()
+
+    def graph_of(self, stage: int) -> int:
+        return self._graph_ids[stage]
+
+    @torch.no_grad()
+    def run_stage(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> StageOutput:
+        L = len(self.config.stage_layers(stage))
+        feeds = cache.feeds(rows, L)
+        hidden_out, new_keys, new_values = self.model.stage_step(
+            torch.from_numpy(hidden),
+            torch.from_numpy(np.ascontiguousarray(feeds["cache_length"])),
+            [torch.from_numpy(feeds[f"cache_key_{l}"]) for l in range(L)],
+            [torch.from_numpy(feeds[f"cache_value_{l}"]) for l in range(L)],
+            stage,
+        )
+        return StageOutput(hidden_out.numpy(), [k.numpy() for k in new_keys], [v.numpy() for v in new_values])
+
+    @torch.no_grad()
+    def classify(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits = self.model.classify(torch.from_numpy(hidden))
+        return logits.numpy(), logits.argmax(-1).numpy()

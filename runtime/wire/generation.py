@@ -1,0 +1,52 @@
+"""Generation requests and results on the wire: GenerationOptions, SpeculationStats and
+GenerationResult to and from their protobuf messages, in one place for the client and the coordinator."""
+
+from __future__ import annotations
+
+from runtime.core.generation import DEFAULT_MAX_NEW_TOKENS, GenerationOptions, GenerationResult, SpeculationStats
+from runtime.core.stopping import StopReason
+from runtime.wire import speed_pb2 as pb
+
+
+def request_to_wire(prompt: str, options: GenerationOptions) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(
+        prompt=prompt, max_new_tokens=options.max_new_tokens, stop=list(options.stop), ignore_eos=options.ignore_eos,
+        chat=options.chat, plain_guesses=options.plain_guesses,
+        sampling=pb.Sampling(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+                             seed=options.seed))
+    if options.speculative is not None:
+        request.speculative = options.speculative
+    return request
+
+
+def options_from_wire(request: pb.GenerateRequest) -> GenerationOptions:
+    """Unset fields take their defaults: max_new_tokens 0 means the default, top_p 0 means 1."""
+    sampling = request.sampling
+    return GenerationOptions(
+        max_new_tokens=request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, temperature=sampling.temperature,
+        top_k=sampling.top_k, top_p=sampling.top_p or 1.0, seed=sampling.seed, stop=tuple(request.stop),
+        speculative=request.speculative if request.HasField("speculative") else None,
+        ignore_eos=request.ignore_eos, chat=request.chat, plain_guesses=request.plain_guesses)
+
+
+def result_to_wire(result: GenerationResult) -> pb.Finished:
+    stats = result.stats
+    return pb.Finished(
+        stop_reason=result.stop_reason, text=result.text, token_ids=result.token_ids,
+        prompt_tokens=result.prompt_tokens, time_to_first_token_ms=result.time_to_first_token_ms,
+        tokens_per_s=result.tokens_per_s, speculative=result.speculative, provider=result.provider,
+        backend=result.backend,
+        stats=pb.Stats(ticks=stats.ticks, committed=stats.committed, flips_per_boundary=stats.flips_per_boundary,
+                       flushed_steps=stats.flushed_steps, mean_in_flight=stats.mean_in_flight))
+
+
+def result_from_wire(finished: pb.Finished) -> GenerationResult:
+    stats = finished.stats
+    return GenerationResult(
+        text=finished.text, token_ids=list(finished.token_ids), stop_reason=StopReason(finished.stop_reason),
+        prompt_tokens=finished.prompt_tokens, time_to_first_token_ms=finished.time_to_first_token_ms,
+        tokens_per_s=finished.tokens_per_s, speculative=finished.speculative, backend=finished.backend,
+        provider=finished.provider,
+        stats=SpeculationStats(ticks=stats.ticks, committed=stats.committed,
+                               flips_per_boundary=tuple(round(x, 4) for x in stats.flips_per_boundary),
+                               flushed_steps=stats.flushed_steps, mean_in_flight=round(stats.mean_in_flight, 3)))
