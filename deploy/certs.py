@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from deploy.cluster_file import ClusterSpec, parse_address
 from runtime.coordinator.tokens import TOKENS_FILE, add_token
+from runtime.core.cluster_file import ClusterSpec, parse_address
 from runtime.core.staging import staged_directory
 
 CA_DAYS = 3650

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import grpc
 
-from deploy.cluster_file import ClusterSpec, listen_addresses, load_cluster, parse_address
 from runtime.core.bundle import load_bundle
+from runtime.core.cluster_file import ClusterSpec, listen_addresses, load_cluster, parse_address
 from runtime.core.errors import SpeedError
+from runtime.core.node_state import NodeState
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.security import operator_credentials
@@ -38,7 +39,7 @@ def state_dir(spec: ClusterSpec) -> Path:
     return root / f"{spec.name}-{digest}"
 
 
-def check_free(spec: ClusterSpec) -> None:
+def check_ports_free(spec: ClusterSpec) -> None:
     """Refuse to start when an address is taken, before any process is started."""
     for owner, address in listen_addresses(spec):
         host, port = parse_address(address)
@@ -91,7 +92,7 @@ class LocalCluster:
         self.spec.check_stages(bundle.config.n_stages)  # and so does a stage given to two nodes, or to none
         if self.spec.security is not None:
             operator_credentials(self.spec.security)  # and so do missing certificates
-        check_free(self.spec)
+        check_ports_free(self.spec)
         try:
             self.start_process("coordinator")
             for node in self.spec.nodes:
@@ -111,7 +112,7 @@ class LocalCluster:
                 self.check_alive()
                 try:
                     status = coordinator.ClusterStatus(pb.ClusterStatusRequest(), timeout=1.0)
-                    if all(node.state == "serving" and tuple(node.hosting) == tuple(node.stages)
+                    if all(node.state == NodeState.SERVING and tuple(node.hosting) == tuple(node.stages)
                            for node in status.nodes):
                         return
                 except grpc.RpcError:

@@ -92,13 +92,22 @@ def write_cluster(directory: Path, *, bundle: Path | None = None, stages: list[l
     return path
 
 
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch) -> Path:
+    """$SPEED_STATE_DIR for this test only (restored after it): what a LocalCluster or `speed up` writes, logs
+    and process files, stays under the test's own directory."""
+    path = tmp_path / "state"
+    monkeypatch.setenv("SPEED_STATE_DIR", str(path))
+    return path
+
+
 @contextlib.contextmanager
 def running_cluster(directory: Path, *, make_certs: bool = False, **cluster_options) -> Iterator:
     """A LocalCluster of a cluster file written by write_cluster, its state kept under `directory`;
     make_certs: the certificates its security section names are made first."""
     from deploy.certs import init_certs
-    from deploy.cluster_file import load_cluster
     from deploy.launcher import LocalCluster
+    from runtime.core.cluster_file import load_cluster
 
     path = write_cluster(directory, **cluster_options)
     if make_certs:

@@ -12,9 +12,9 @@ import time
 import grpc
 import pytest
 
-from deploy.cluster_file import load_cluster
 from deploy.launcher import LocalCluster
 from runtime.client import AsyncClient, Client, InvalidRequest, Unavailable
+from runtime.core.cluster_file import load_cluster
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
@@ -162,8 +162,7 @@ def test_a_restarted_coordinator_serves_again_without_restarting_the_nodes(clust
         assert generate_on(client, PROMPTS[3], speculative=True).token_ids == reference(PROMPTS[3])
 
 
-def test_a_coordinator_whose_nodes_never_came_says_which_node_is_missing(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPEED_STATE_DIR", str(tmp_path / "state"))
+def test_a_coordinator_whose_nodes_never_came_says_which_node_is_missing(tmp_path, state_dir):
     lonely = LocalCluster(write_cluster(tmp_path))
     lonely.start_process("coordinator")
     try:

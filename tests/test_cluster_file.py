@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy.cluster_file import ClusterSpec, CoordinatorSpec, NodeSpec, SpeculationSpec, load_cluster, parse_address
+from runtime.core.cluster_file import ClusterSpec, CoordinatorSpec, NodeSpec, SpeculationSpec, load_cluster, parse_address
 from runtime.core.errors import SpeedError
 
 LOCAL = Path(__file__).resolve().parents[1] / "deploy" / "local.yaml"
@@ -374,7 +374,7 @@ def test_a_file_over_one_mib_is_refused_before_parsing(tmp_path):
 
 
 def test_a_file_just_under_the_limit_still_loads(tmp_path):
-    from deploy.cluster_file import MAX_FILE_BYTES
+    from runtime.core.cluster_file import MAX_FILE_BYTES
 
     text = yaml.safe_dump(MINIMAL)
     path = write(tmp_path, text + "#" * (MAX_FILE_BYTES - len(text) - 1) + "\n")

@@ -14,8 +14,8 @@ import urllib.request
 import grpc
 import pytest
 
-from deploy.cluster_file import load_cluster
 from runtime.client import Busy, Client, DeadlineExceeded, Unavailable
+from runtime.core.cluster_file import load_cluster
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc

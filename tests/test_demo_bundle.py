@@ -6,7 +6,7 @@ import pytest
 
 from runtime.core.bundle import DEFAULT_BUNDLE, load_bundle
 from runtime.local.backends import open_stage_model
-from tests.test_export import assert_backends_agree
+from tests.support import assert_backends_agree
 
 MAX_BUNDLE_BYTES = 25 * 1024 * 1024
 

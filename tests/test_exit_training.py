@@ -17,7 +17,7 @@ from runtime.local.plain import generate_plain
 from runtime.local.speculative import generate_speculative
 from runtime.models.decoder import SpeedDecoder
 from tests.conftest import assert_one_line_error, run_speed, write_cluster
-from tests.test_gguf_import import source_config, write_gguf
+from tests.gguf_writer import source_config, write_gguf
 
 PROMPTS = ["To be, or not to be", "Enter a Messenger.", "def main():", "O Romeo, Romeo!"]
 SMALL = ["--steps", "60", "--lr", "0.01", "--rank", "8", "--train-windows", "8", "--held-out-windows", "4"]
@@ -80,8 +80,7 @@ def test_training_again_replaces_the_adapters_and_leaves_no_stale_file(adapted, 
     assert sorted(p.name for p in bundle_dir.glob("exit_adapters-*")) == [new]
 
 
-def test_a_cluster_gives_the_same_text_with_and_without_the_adapters(adapted, tmp_path, monkeypatch):
-    monkeypatch.setenv("SPEED_STATE_DIR", str(tmp_path / "state"))
+def test_a_cluster_gives_the_same_text_with_and_without_the_adapters(adapted, tmp_path, state_dir):
     bundle = load_bundle(adapted)
     ids = bundle.tokenizer().encode(PROMPTS[0]).ids
     expected = generate_plain(open_stage_model(bundle), ids, max_new_tokens=24, eos_id=-1).token_ids

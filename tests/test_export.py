@@ -9,17 +9,8 @@ import pytest
 from nodes.kv_cache import KVCache
 from nodes.onnx_stage_model import OnnxStageModel
 from runtime.core.bundle import load_bundle
-from runtime.local.plain import generate_plain
 from runtime.models.torch_backend import TorchStageModel
-
-PROMPTS = [
-    "ROMEO:", "To be, or not to be", "KING HENRY. Once more unto the breach", "What light through yonder",
-    "O", "Good morrow, my lord.", "Enter a Messenger", "My lord, I have", "Thou art", "\n\n", "HAMLET.",
-    "Now is the winter of our discontent", "Friends, Romans, countrymen", "Exeunt", "LADY MACBETH. Out, damned",
-    "The quality of mercy", "A horse! a horse!", "If music be the food of love", "All the world's a stage",
-    "Shall I compare thee", "FIRST WITCH. When shall we three", "Is this a dagger", "Cry havoc",
-    "We few, we happy few", "Lord, what fools",
-]
+from tests.support import assert_backends_agree
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +56,6 @@ def test_onnx_logits_match_torch_at_every_stage(models):
     chunks = [(0, 5)] + [(i, i + 1) for i in range(5, len(token_ids))]
     for got, expected in zip(stage_logits(onnx_model, token_ids, chunks), stage_logits(torch_model, token_ids, chunks)):
         np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-3)
-
-
-def assert_backends_agree(bundle, onnx_model, torch_model, max_new_tokens):
-    """Greedy decoding gives the same tokens from ONNX Runtime and torch on every prompt of PROMPTS."""
-    tokenizer = bundle.tokenizer()
-    for prompt in PROMPTS:
-        ids = tokenizer.encode(prompt).ids
-        a = generate_plain(onnx_model, ids, max_new_tokens=max_new_tokens, eos_id=bundle.eos_token_id)
-        b = generate_plain(torch_model, ids, max_new_tokens=max_new_tokens, eos_id=bundle.eos_token_id)
-        assert a.token_ids == b.token_ids, prompt
 
 
 def test_onnx_and_torch_give_the_same_tokens_on_many_prompts(models):

@@ -26,9 +26,17 @@ from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.tensor import pack
 from tests.conftest import CLUSTER_PROMPTS, generate_on, running_cluster, write_cluster
-from tests.test_hostile_input import DEMO, REFUSAL_CODES, assert_a_sentence, decode_on_nodes, resident_mb
-from tests.test_node_service import running_nodes, steps
+from tests.support import (
+    REFUSAL_CODES,
+    assert_a_sentence,
+    decode_on_nodes,
+    demo_bundle,
+    resident_mb,
+    running_nodes,
+    steps,
+)
 
+DEMO = demo_bundle()
 VOCAB, CONTEXT, D = DEMO.config.vocab_size, DEMO.config.context_length, DEMO.config.d_model
 MEMORY_BOUND_MB = 30  # each node's resident memory after the fuzzing, above what it was before
 FUZZ = settings(max_examples=150, deadline=None, database=None, print_blob=True,

@@ -9,11 +9,9 @@ deploy/local.yaml) decode a prompt when driven a step at a time, which must give
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -25,35 +23,17 @@ from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.tensor import pack
-from tests.conftest import CLUSTER_NEW_TOKENS, CLUSTER_PROMPTS, generate_on, running_cluster, write_cluster
-from tests.test_node_service import running_nodes, steps
+from tests.conftest import CLUSTER_PROMPTS, generate_on, running_cluster, write_cluster
+from tests.support import assert_a_sentence, decode_on_nodes, resident_mb, running_nodes
 
 DEMO = load_bundle()
 D = DEMO.config.d_model
 SEQ_IDS = itertools.count(5000)
 MEMORY_BOUND_MB = 30  # a node's resident memory after the refused messages, above what it was before them
 REFUSED_WITHIN_S = 5.0  # a hostile request to the coordinator is refused this fast (it never gets tokenized)
-# what a refusal may be: never UNKNOWN or INTERNAL (a bug), nor UNAVAILABLE or CANCELLED (a process gone)
-REFUSAL_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
-                 grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
-# --- helpers the fuzz tests share ---------------------------------------------------------------------
-
-
-def resident_mb(pid: int) -> float:
-    """VmRSS of a process, in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for process {pid}")
-
-
-def assert_a_sentence(error: grpc.RpcError) -> None:
-    """A refusal of bad input: a status meant for it and one line that says why."""
-    details = error.details() or ""
-    assert error.code() in REFUSAL_CODES, (error.code(), details[:300])
-    assert details.strip() and "\n" not in details and len(details) < 1000, details[:300]
+# --- helpers ---------------------------------------------------------------------------------------------
 
 
 def raw_steps(channel: grpc.Channel):
@@ -69,41 +49,6 @@ def send_raw(channel: grpc.Channel, message: bytes) -> grpc.RpcError | None:
     except grpc.RpcError as error:
         return error
     return None
-
-
-def decode_on_nodes(pipeline: list[tuple[pb_grpc.NodeStub, tuple[int, ...]]], prompt: str,
-                    max_new_tokens: int = CLUSTER_NEW_TOKENS) -> list[int]:
-    """Greedy tokens of `prompt`, driving standalone nodes a step at a time as a sequential coordinator does:
-    pipeline lists (node, the stages it hosts) in stage order."""
-    prompt_ids = DEMO.tokenizer().encode(prompt).ids
-    seq_id = next(SEQ_IDS)
-    try:
-        with contextlib.ExitStack() as stack:
-            streams = [stack.enter_context(steps(stub)) for stub, _ in pipeline]
-            opening = [pb.OpenSequence(seq_id=seq_id, capacity=len(prompt_ids) + max_new_tokens)]
-            tokens, start, generated = prompt_ids, 0, []
-            while len(generated) < max_new_tokens:
-                hidden, prediction = None, -1
-                for stream, (_, stages) in zip(streams, pipeline):
-                    for index, stage in enumerate(stages):
-                        item = pb.StepItem(seq_id=seq_id, start=start, length=len(tokens), stage=stage,
-                                           skip_prediction=True)
-                        if stage == 0:
-                            item.tokens.extend(tokens)
-                        elif index == 0:
-                            item.hidden.CopyFrom(hidden)
-                        [result] = stream.step(pb.StepBatch(opens=opening if index == 0 else [], items=[item])).results
-                        hidden, prediction = result.hidden, result.prediction
-                opening = []
-                if prediction == DEMO.eos_token_id:
-                    break
-                generated.append(prediction)
-                start, tokens = start + len(tokens), [prediction]
-    finally:
-        for stub, _ in pipeline:
-            with steps(stub) as stream:
-                stream.step(pb.StepBatch(closes=[seq_id]))
-    return generated
 
 
 def open_sequences(stub: pb_grpc.NodeStub) -> int:

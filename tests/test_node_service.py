@@ -6,101 +6,27 @@ retrying registration in the background while they serve.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
-import queue
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deploy.cluster_file import load_cluster, parse_address
 from runtime.core.bundle import load_bundle
+from runtime.core.cluster_file import load_cluster, parse_address
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.tensor import pack, unpack
 from tests.conftest import TINY, run_speed, write_cluster
+from tests.support import STOP_TIMEOUT_S, NodeProcess, running_nodes, steps, stop_node
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = [[0], [1, 2]]  # edge-1, edge-2
 PROMPT = 5
-START_TIMEOUT_S = 60
-STOP_TIMEOUT_S = 10
 SEQ_IDS = itertools.count(1000)  # every test opens its own sequence ids on the shared nodes
-TICKS = itertools.count(1)
-
-
-# --- node processes ----------------------------------------------------------------------------
-
-
-@dataclass
-class NodeProcess:
-    name: str
-    address: str
-    process: subprocess.Popen
-    log: Path  # the node's stderr
-
-    def stderr(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def start_node(cluster: Path, name: str) -> NodeProcess:
-    log = cluster.parent / f"{name}.stderr"
-    with log.open("wb") as err:
-        process = subprocess.Popen([sys.executable, "-m", "runtime.cli", "node", "--cluster", str(cluster), "--name", name],
-                                   stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
-                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    return NodeProcess(name, load_cluster(cluster).node(name).address, process, log)
-
-
-def wait_serving(node: NodeProcess, timeout_s: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(node.address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if node.process.poll() is not None:
-                pytest.fail(f"node {node.name} exited with status {node.process.returncode}:\n{node.stderr()}")
-            with contextlib.suppress(grpc.RpcError):
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            time.sleep(0.1)
-    pytest.fail(f"node {node.name} not SERVING after {timeout_s} s:\n{node.stderr()}")
-
-
-def stop_node(node: NodeProcess) -> int:
-    """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT_S; the exit status."""
-    if node.process.poll() is None:
-        node.process.send_signal(signal.SIGTERM)
-        try:
-            node.process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            node.process.kill()
-            node.process.wait()
-    return node.process.returncode
-
-
-@contextlib.contextmanager
-def running_nodes(cluster: Path, *names: str) -> Iterator[dict[str, NodeProcess]]:
-    nodes = {}
-    try:
-        for name in names:  # started together, so they load the bundle in parallel
-            nodes[name] = start_node(cluster, name)
-        for node in nodes.values():
-            wait_serving(node)
-        yield nodes
-    finally:
-        for node in nodes.values():
-            stop_node(node)
 
 
 @pytest.fixture(scope="module")
@@ -123,39 +49,6 @@ def stubs(nodes) -> Iterator[dict[str, pb_grpc.NodeStub]]:
 
 
 # --- step messages -----------------------------------------------------------------------------
-
-
-class Steps:
-    """One Steps stream, driven a batch at a time as the coordinator drives it."""
-
-    def __init__(self, stub: pb_grpc.NodeStub):
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._replies = stub.Steps(iter(self._requests.get, None), timeout=30)
-
-    def step(self, batch: pb.StepBatch) -> pb.StepResults:
-        batch.tick = next(TICKS)
-        self._requests.put(batch)
-        reply = next(self._replies)
-        assert reply.tick == batch.tick
-        return reply
-
-    def refused(self, batch: pb.StepBatch) -> grpc.RpcError:
-        with pytest.raises(grpc.RpcError) as refusal:
-            self.step(batch)
-        return refusal.value
-
-    def end(self) -> None:
-        self._requests.put(None)
-        self._replies.cancel()
-
-
-@contextlib.contextmanager
-def steps(stub: pb_grpc.NodeStub) -> Iterator[Steps]:
-    stream = Steps(stub)
-    try:
-        yield stream
-    finally:
-        stream.end()
 
 
 def one_step(stub: pb_grpc.NodeStub, batch: pb.StepBatch) -> pb.StepResults:

@@ -11,9 +11,9 @@ import grpc
 import pytest
 from cryptography import x509
 
-from deploy.cluster_file import load_cluster
 from runtime.client import Client, Unauthenticated, Unavailable
 from runtime.core.bundle import load_bundle
+from runtime.core.cluster_file import load_cluster
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc

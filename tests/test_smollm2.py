@@ -4,7 +4,6 @@ the three-node cluster of deploy/smollm2.yaml gives the single-process reference
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,8 @@ from runtime.core.bundle import load_bundle
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
 from tests.conftest import free_port, run_speed
+
+pytestmark = pytest.mark.needs_model  # pulls SmolLM2-135M
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What is the capital of France?"
@@ -51,9 +52,8 @@ def test_onnx_and_torch_backends_agree_token_for_token(smollm2):
         assert generate_plain(torch_model, ids, max_new_tokens=12, eos_id=-1).token_ids == expected, prompt
 
 
-def test_the_three_node_cluster_gives_the_reference_tokens(smollm2, tmp_path):
+def test_the_three_node_cluster_gives_the_reference_tokens(smollm2, tmp_path, state_dir):
     """deploy/smollm2.yaml as shipped, moved to free ports and pointed at the bundle imported here."""
-    os.environ["SPEED_STATE_DIR"] = str(tmp_path / "state")
     spec = yaml.safe_load((ROOT / "deploy" / "smollm2.yaml").read_text())
     spec["bundle"] = str(smollm2)
     spec["coordinator"]["address"] = f"127.0.0.1:{free_port()}"

@@ -10,8 +10,7 @@ from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
 from runtime.local.speculative import generate_speculative
 from runtime.models.corpus import load_shakespeare
-from tests.conftest import run_speed
-from tests.test_cli import assert_one_line_error
+from tests.conftest import assert_one_line_error, run_speed
 
 
 def held_out_prompts(count: int) -> list[str]:

@@ -9,6 +9,7 @@ from nodes.tick_executor import TickExecutor
 from runtime.core.bundle import load_bundle
 from runtime.core.errors import SpeedError
 from runtime.core.scheduler import Item, TickPlan, Truncate
+from runtime.local.speculative import generate_speculative
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +83,107 @@ def test_a_cache_keeps_its_entries_when_it_grows(tiny_bundle):
     assert cache.keys.shape[-1] == 9 and cache.values.shape[-2] == 9
     assert (cache.keys[..., :4] == 1.0).all() and (cache.keys[..., 4:] == 0.0).all()
     assert cache.lengths.tolist() == [3, 4]
+
+
+# --- exit adapters: what an early stage's guess reads --------------------------------------------------
+
+ADAPTER_RANK = 4
+
+
+def random_adapters(cfg, seed: int = 0) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Exit adapters (A (d, r), B (r, d)) after every early stage, as `speed train-exit` writes them, but random:
+    large enough that h + (h @ A) @ B is far from h."""
+    rng = np.random.default_rng(seed)
+    d = cfg.d_model
+    return {stage: ((rng.standard_normal((d, ADAPTER_RANK)) / np.sqrt(d)).astype(np.float32),
+                    rng.standard_normal((ADAPTER_RANK, d)).astype(np.float32))
+            for stage in range(cfg.n_stages - 1)}
+
+
+def adapted(hidden: np.ndarray, adapter: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    down, up = adapter
+    return hidden + (hidden @ down) @ up
+
+
+class HeadLog:
+    """Wraps a model's run_stage and classify: for every classify call, the hidden states at the last position
+    of every row that the stage calls since the previous one gave, and the hidden states the head was given."""
+
+    def __init__(self, model):
+        self.calls: list[tuple[np.ndarray, np.ndarray]] = []  # (stage outputs of the tick, head input)
+        self._outputs: list[np.ndarray] = []
+        run_stage, classify = model.run_stage, model.classify
+
+        def logged_run_stage(stage, hidden, cache, rows):
+            out = run_stage(stage, hidden, cache, rows)
+            self._outputs.extend(out.hidden[:, -1].copy())
+            return out
+
+        def logged_classify(hidden):
+            self.calls.append((np.array(self._outputs), np.array(hidden)))
+            self._outputs = []
+            return classify(hidden)
+
+        model.run_stage, model.classify = logged_run_stage, logged_classify
+
+
+@pytest.fixture
+def demo_with_adapters():
+    """The shipped demo model given random exit adapters (a bundle has trained ones only after `speed train-exit`)."""
+    model = OnnxStageModel(load_bundle(), threads=1)
+    model.exit_adapters = random_adapters(model.config)
+    return model
+
+
+def test_an_early_guess_reads_the_head_through_its_adapter_unless_the_sequence_asked_for_plain_guesses(
+        demo_with_adapters):
+    model = demo_with_adapters
+    adapters, last = model.exit_adapters, model.config.n_stages - 1
+    log = HeadLog(model)
+    executor = TickExecutor(model, slots=2, capacity=16)
+    executor.open(0)
+    executor.open(1, plain_guesses=True)
+    prompts = {0: (5, 6, 7, 8), 1: (9, 10, 11, 12)}
+    for stage in range(last + 1):  # one stage a tick: each tick's head reads what that stage gave
+        items = [Item(seq_id, 0, 4, stage, tokens if stage == 0 else None, final_token=stage == last)
+                 for seq_id, tokens in prompts.items()]
+        executor.run(TickPlan([], items, []))
+        outputs, head_input = log.calls[-1]
+        first_row = min(executor.row(seq_id, stage) for seq_id in prompts)
+        plain = {seq_id: outputs[executor.row(seq_id, stage) - first_row] for seq_id in prompts}
+        assert len(head_input) == 2  # the items in plan order: sequence 0, then 1
+        if stage < last:
+            guess = adapted(plain[0], adapters[stage])
+            assert not np.allclose(guess, plain[0], atol=1e-2)  # the adapter changes what the head reads
+            np.testing.assert_allclose(head_input[0], guess, rtol=0, atol=1e-5, err_msg=f"stage {stage}: adapted")
+        else:  # a committed token never reads an adapter
+            np.testing.assert_allclose(head_input[0], plain[0], rtol=0, atol=0, err_msg="last stage")
+        np.testing.assert_allclose(head_input[1], plain[1], rtol=0, atol=0, err_msg=f"stage {stage}: plain guesses")
+
+
+def head_reads(log: HeadLog, adapters: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[str, int]:
+    """How many hidden states the head read as a stage gave them, and how many through an exit adapter."""
+    counts = {"plain": 0, "adapted": 0}
+    for outputs, head_input in log.calls:
+        for row in head_input:
+            if any(np.array_equal(row, h) for h in outputs):
+                counts["plain"] += 1
+            elif any(np.allclose(row, adapted(h, a), rtol=0, atol=1e-5) for h in outputs for a in adapters.values()):
+                counts["adapted"] += 1
+            else:
+                raise AssertionError("the head read a hidden state that no stage gave, adapted or not")
+    return counts
+
+
+def test_speculative_decoding_guesses_through_the_adapters_and_plain_guesses_turns_them_off(demo_with_adapters):
+    model = demo_with_adapters
+    prompt = load_bundle().tokenizer().encode("ROMEO. But soft, what light").ids
+    log = HeadLog(model)
+    reads, tokens = {}, {}
+    for plain_guesses in (False, True):
+        log.calls.clear()
+        [generation] = generate_speculative(model, [prompt], max_new_tokens=12, eos_id=-1, plain_guesses=plain_guesses)
+        reads[plain_guesses], tokens[plain_guesses] = head_reads(log, model.exit_adapters), generation.token_ids
+    assert reads[False]["adapted"] > 0 and reads[False]["plain"] > 0  # guesses adapted, committed tokens not
+    assert reads[True] == {"plain": reads[True]["plain"], "adapted": 0}
+    assert tokens[False] == tokens[True]  # guesses change, the text does not

@@ -1,12 +1,15 @@
-"""Training: a few steps lower the loss; a resumed run equals an uninterrupted one."""
+"""Training: a few steps lower the loss; a resumed run equals an uninterrupted one; the precision fits the CPU."""
 
 import json
 from dataclasses import replace
 
+import pytest
 import torch
 
+from runtime.core.errors import SpeedError
+from runtime.models import train as training
 from runtime.models.checkpoint import load_checkpoint
-from runtime.models.train import train
+from runtime.models.train import TrainConfig, choose_precision, train
 from tests.conftest import TINY, TINY_TRAINING
 
 
@@ -16,6 +19,7 @@ def test_a_few_steps_lower_the_held_out_loss(tmp_path):
     assert trained["held_out"]["loss_per_stage"][-1] < untrained["held_out"]["loss_per_stage"][-1] - 0.5
     report = json.loads((tmp_path / "some" / "report.json").read_text())
     assert report["tokens_seen"] == TINY_TRAINING.steps * TINY_TRAINING.batch_size * TINY_TRAINING.seq_len
+    assert report["precision"] == "fp32"
     assert len(report["held_out"]["flip_rate_per_boundary"]) == TINY.n_stages - 1
     assert all(0.0 <= rate <= 1.0 for rate in report["held_out"]["flip_rate_per_boundary"])
 
@@ -30,3 +34,39 @@ def test_resuming_continues_exactly_where_training_stopped(tmp_path):
     assert resumed["step"] == straight["step"] == 6
     for name, weight in straight["model"].items():
         torch.testing.assert_close(resumed["model"][name], weight, atol=0, rtol=0, msg=name)
+
+
+X86_WITHOUT_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw\n\nprocessor\t: 1\nflags\t\t: fpu\n"
+
+
+@pytest.mark.parametrize("cpuinfo, expected", [
+    (X86_WITHOUT_BF16, "fp32"),
+    (X86_WITHOUT_BF16.replace("avx512bw", "avx512bw avx512_bf16"), "bf16"),
+    (X86_WITHOUT_BF16.replace("avx512bw", "avx512bw amx_tile amx_bf16"), "bf16"),
+    ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", "bf16"),  # Arm
+    ("processor\t: 0\nFeatures\t: fp asimd\nmodel name\t: bf16 in a name is no flag\n", "fp32"),
+    (None, "fp32"),  # no /proc/cpuinfo: not Linux
+])
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it_natively(monkeypatch, tmp_path, cpuinfo, expected):
+    path = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        path.write_text(cpuinfo)
+    monkeypatch.setattr(training, "CPUINFO", path)
+    assert choose_precision("auto") == expected
+    assert choose_precision("bf16") == "bf16" and choose_precision("fp32") == "fp32"  # an explicit choice stands
+
+
+def test_auto_is_the_default_and_other_precisions_are_refused():
+    assert TrainConfig().precision == "auto"
+    with pytest.raises(SpeedError, match="--precision must be auto, bf16 or fp32, got 'fp16'"):
+        TrainConfig(precision="fp16")
+
+
+def test_the_report_and_the_checkpoint_name_the_precision_auto_chose(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(X86_WITHOUT_BF16)
+    monkeypatch.setattr(training, "CPUINFO", cpuinfo)
+    report = train(tmp_path / "run", TINY, replace(TINY_TRAINING, steps=1, precision="auto"), resume=False)
+    assert report["precision"] == report["train_config"]["precision"] == "fp32"
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["precision"] == "fp32"
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["train_config"]["precision"] == "fp32"

@@ -29,9 +29,9 @@ from deploy.launcher import LocalCluster
 from runtime.bench.cluster import CHAT_PROMPTS
 from runtime.bench.local import LOCAL_PROMPTS
 from runtime.client import Client, ClientError, GenerationStream
-from runtime.coordinator.remote_node import SERVING
 from runtime.core.bundle import Bundle, load_bundle
 from runtime.core.errors import SpeedError
+from runtime.core.node_state import NodeState
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
@@ -292,7 +292,7 @@ def recovered(status: pb.ClusterStatusReply, restarted: str, since_kill_s: float
     """Every node serving its own stages, the restarted one heard from since the kill (not a dead process still
     thought serving)."""
     node = next(n for n in status.nodes if n.name == restarted)
-    home = all(n.state == SERVING and list(n.hosting) == list(n.stages) for n in status.nodes)
+    home = all(n.state == NodeState.SERVING and list(n.hosting) == list(n.stages) for n in status.nodes)
     return home and 0 <= node.last_heartbeat_s < since_kill_s
 
 

@@ -33,7 +33,7 @@ def prompt_of(bundle: Bundle, n_tokens: int) -> list[int]:
     return (ids * (n_tokens // len(ids) + 1))[:n_tokens]
 
 
-def decode_rate(model: StageModel, prompt: list[int], new_tokens: int) -> float:
+def plain_rate(model: StageModel, prompt: list[int], new_tokens: int) -> float:
     # EOS is ignored (-1 matches no token) so every run decodes the same number of tokens
     return generate_plain(model, prompt, max_new_tokens=new_tokens, eos_id=-1).tokens_per_s
 
@@ -42,10 +42,10 @@ def alternate(cases: dict[str, tuple[StageModel, list[int]]], new_tokens: int, r
     """Median tokens/s of each case, its runs interleaved with the others'."""
     runs: dict[str, list[float]] = {name: [] for name in cases}
     for model, prompt in cases.values():  # warm-up: first-call allocations and thread start-up
-        decode_rate(model, prompt, 4)
+        plain_rate(model, prompt, 4)
     for _ in range(repeats):
         for name, (model, prompt) in cases.items():
-            runs[name].append(decode_rate(model, prompt, new_tokens))
+            runs[name].append(plain_rate(model, prompt, new_tokens))
     return {name: statistics.median(r) for name, r in runs.items()}
 
 

@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 import grpc
 
 from runtime.coordinator.metrics import CoordinatorMetrics
-from runtime.coordinator.remote_node import SERVING, NodeFailure, NodeLost, RemoteNode
+from runtime.coordinator.remote_node import NodeFailure, NodeLost, RemoteNode
 from runtime.core.config import ModelConfig
 from runtime.core.generation import GenerationOptions, GenerationResult, SpeculationStats, steady_rate
 from runtime.core.limits import cache_capacity
+from runtime.core.node_state import NodeState
 from runtime.core.placement import place, stages_of
 from runtime.core.scheduler import SpeedScheduler, TickPlan
 from runtime.core.stopping import StopStrings
@@ -252,7 +253,7 @@ class Engine:
     async def _flush_control(self) -> None:
         """With nothing to decode, deliver the waiting closes so nodes free their caches now."""
         waiting = {name: control for name, control in self._control.items()
-                   if control and self.nodes[name].state == SERVING and self.nodes[name].assigned is not None}
+                   if control and self.nodes[name].state == NodeState.SERVING and self.nodes[name].assigned is not None}
         self._control.clear()
         if waiting:
             tick = next(self._ticks)
@@ -284,7 +285,7 @@ class Engine:
             return
 
     def _serving_nodes(self) -> list[str]:
-        return [name for name, node in self.nodes.items() if node.state == SERVING]
+        return [name for name, node in self.nodes.items() if node.state == NodeState.SERVING]
 
     def _placement_now(self) -> dict[int, str]:
         """Where the stages would run on the nodes serving now (some may be missing)."""
@@ -311,7 +312,7 @@ class Engine:
             return
         moved = {stage: (previous.get(stage), name) for stage, name in self.placement.items()
                  if previous.get(stage) != name}
-        lost = sorted({old for old, _ in moved.values() if old and self.nodes[old].state != SERVING})
+        lost = sorted({old for old, _ in moved.values() if old and self.nodes[old].state != NodeState.SERVING})
         tokens = sum(len(self.scheduler.sequences[s].prefill) for s in self._active)
         what = ", ".join(f"stage {stage} {old} -> {new}" for stage, (old, new) in sorted(moved.items()))
         event = f"failover (lost {', '.join(lost)})" if lost else "stages back home (a node registered)"

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, generate_latest
 
+from runtime.core.node_state import NodeState
 from runtime.wire.metrics_http import LATENCY_BUCKETS, serve_registry
 
 OUTCOMES = ("completed", "failed", "cancelled", "deadline_exceeded", "rejected", "invalid", "unauthenticated")
-NODE_STATES = ["waiting", "serving", "down"]
+NODE_STATES = [str(state) for state in NodeState]
 
 
 class CoordinatorMetrics:
@@ -73,7 +74,7 @@ class CoordinatorMetrics:
     def node_state(self, node: str, state: str) -> None:
         """Set the node's state, one of NODE_STATES; node_up follows it."""
         self._node_state.labels(node).state(state)
-        self._node_up.labels(node).set(1 if state == "serving" else 0)
+        self._node_up.labels(node).set(1 if state == NodeState.SERVING else 0)
 
     def serve(self, host: str, port: int) -> None:
         serve_registry(self.registry, host, port, what="coordinator metrics")

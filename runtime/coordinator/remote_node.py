@@ -8,12 +8,11 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from deploy.cluster_file import NodeSpec
+from runtime.core.cluster_file import NodeSpec
+from runtime.core.node_state import NodeState
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
-
-WAITING, SERVING, DOWN = "waiting", "serving", "down"
 
 
 class NodeFailure(Exception):
@@ -37,7 +36,7 @@ class RemoteNode:
         self.spec = spec
         self.step_timeout_s = step_timeout_s
         self.on_state_change = on_state_change  # e.g. to keep the health service true at once
-        self.state = WAITING
+        self.state = NodeState.WAITING
         self.info: pb.NodeInfo | None = None
         self.address = spec.address
         self.last_heartbeat: float | None = None
@@ -64,15 +63,15 @@ class RemoteNode:
 
     async def connect(self, info: pb.NodeInfo, address: str, channel: grpc.aio.Channel) -> None:
         """Open a fresh step stream, on `channel`, to a node that has just registered."""
-        await self.disconnect(WAITING)
+        await self.disconnect(NodeState.WAITING)
         self.info, self.address, self.held = info, address, info.open_sequences
         self._channel = channel
         self._stream = pb_grpc.NodeStub(self._channel).Steps()
         self.last_heartbeat = time.monotonic()
-        self.state = SERVING
+        self.state = NodeState.SERVING
         await self._changed()
 
-    async def disconnect(self, state: str = DOWN) -> None:
+    async def disconnect(self, state: NodeState = NodeState.DOWN) -> None:
         self.state = state
         self.assigned = None
         stream, channel, self._stream, self._channel = self._stream, self._channel, None, None

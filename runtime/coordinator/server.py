@@ -18,14 +18,15 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from deploy.cluster_file import ClusterSpec, load_cluster, parse_address, same_address
 from runtime.coordinator.engine import Engine, QueueFull, Request, RequestFailed
 from runtime.coordinator.metrics import CoordinatorMetrics
-from runtime.coordinator.remote_node import DOWN, SERVING, RemoteNode
+from runtime.coordinator.remote_node import RemoteNode
 from runtime.coordinator.tokens import TOKENS_FILE, TokenFile
 from runtime.core.bundle import Bundle, load_bundle
+from runtime.core.cluster_file import ClusterSpec, load_cluster, parse_address, same_address
 from runtime.core.errors import SpeedError
 from runtime.core.limits import check_request
+from runtime.core.node_state import NodeState
 from runtime.core.placement import stages_of
 from runtime.core.stopping import StopStrings
 from runtime.core.text_stream import TextStream
@@ -147,7 +148,8 @@ class Cluster:
         except SpeedError:
             await channel.close()
             raise
-        if node.state == SERVING and node.address == request.address and info.incarnation == self.engine.incarnation:
+        serving_us = node.state == NodeState.SERVING and info.incarnation == self.engine.incarnation
+        if serving_us and node.address == request.address:
             await channel.close()  # it is serving us already: nothing to do (a repeated registration)
             return node
         await node.connect(info, request.address, channel)
@@ -172,9 +174,9 @@ class Cluster:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for node in self.nodes:
-                if node.state == SERVING and now - node.last_heartbeat > MISSED_HEARTBEATS * interval + 1:
+                if node.state == NodeState.SERVING and now - node.last_heartbeat > MISSED_HEARTBEATS * interval + 1:
                     log.warning("%s missed %d heartbeats; marking it down", node.describe(), MISSED_HEARTBEATS)
-                    await node.disconnect(DOWN)
+                    await node.disconnect(NodeState.DOWN)
 
     def status(self) -> pb.ClusterStatusReply:
         now = time.monotonic()
@@ -293,7 +295,7 @@ class RegistryService(pb_grpc.RegistryServicer):
                 and caller(context) != node_common_name(request.name):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"only node {request.name}'s certificate may beat for it")
         node = next((n for n in self.cluster.nodes if n.name == request.name), None)
-        if node is None or node.state != SERVING:
+        if node is None or node.state != NodeState.SERVING:
             return pb.HeartbeatReply(known=False)
         node.last_heartbeat, node.held = time.monotonic(), request.open_sequences
         return pb.HeartbeatReply(known=True)

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from runtime.core.sampling import SamplingParams
-from runtime.core.scheduler import Sequence
 from runtime.core.stopping import StopReason
+
+if TYPE_CHECKING:
+    from runtime.core.scheduler import Sequence
 
 DEFAULT_MAX_NEW_TOKENS = 64
 

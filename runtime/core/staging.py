@@ -11,7 +11,7 @@ from pathlib import Path
 from runtime.core.errors import SpeedError
 
 
-def check_free(out_dir: Path, *, force: bool) -> None:
+def check_directory_free(out_dir: Path, *, force: bool) -> None:
     """Call it before any slow work, so a taken name fails at once."""
     if out_dir.exists() and not force:
         raise SpeedError(f"{out_dir} already exists; choose another directory or pass --force to replace it")
@@ -21,7 +21,7 @@ def check_free(out_dir: Path, *, force: bool) -> None:
 def staged_directory(out_dir: Path, *, force: bool) -> Iterator[Path]:
     """Yield an empty directory beside out_dir; when the block ends without error it becomes out_dir
     (replacing it with force); on any error, nothing of it remains."""
-    check_free(out_dir, force=force)
+    check_directory_free(out_dir, force=force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from tokenizers import Tokenizer
+from runtime.core.text_enum import TextEnum
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 
-class StopReason(StrEnum):
+class StopReason(TextEnum):
     EOS = "eos"  # the model ended its answer
     LENGTH = "length"  # max new tokens reached
     STOP = "stop"  # a stop string appeared

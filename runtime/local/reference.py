@@ -18,11 +18,11 @@ def run_reference(prompt: str, options: GenerationOptions | None = None, *, bund
                   backend: str = "onnx", device: str = "cpu", threads: int = 1) -> GenerationResult:
     """Validate everything cheap first, so bad input fails before any model is loaded.
     options.speculative None (or False) decodes plainly; True runs the SPEED core in this process."""
+    options = options or GenerationOptions()
     if not prompt:
         raise SpeedError("the prompt is empty; give some text for the model to continue")
     if options.max_new_tokens < 1:
         raise SpeedError(f"--max-new-tokens must be at least 1, got {options.max_new_tokens}")
-    options = options or GenerationOptions()
     sampling = options.sampling
     bundle = load_bundle(bundle_path)
     tokenizer = bundle.tokenizer()

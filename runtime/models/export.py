@@ -28,7 +28,7 @@ from torch import nn
 
 from runtime.core.bundle import EMBEDDING_FILE, HEAD_FILE, STAGE_FILE, TOKENIZER_FILE, TRAINING_REPORT_FILE, write_manifest
 from runtime.core.config import ModelConfig
-from runtime.core.staging import check_free, staged_directory
+from runtime.core.staging import check_directory_free, staged_directory
 from runtime.models.checkpoint import load_checkpoint
 from runtime.models.decoder import SpeedDecoder
 from runtime.models.tokenizer import eos_id
@@ -144,7 +144,7 @@ def write_model(model: SpeedDecoder, out_dir: Path) -> list[str]:
 
 def export_bundle(checkpoint: Path, out_dir: Path, *, name: str | None = None, force: bool = False) -> Path:
     """Export into a temporary directory next to OUT_DIR and move it into place when complete."""
-    check_free(out_dir, force=force)
+    check_directory_free(out_dir, force=force)
     state = load_checkpoint(checkpoint)
     cfg: ModelConfig = state["model_config"]
     model = SpeedDecoder(cfg)

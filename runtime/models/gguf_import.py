@@ -17,7 +17,7 @@ import torch
 from runtime.core.bundle import TOKENIZER_FILE, sha256_of, write_manifest
 from runtime.core.config import ModelConfig
 from runtime.core.errors import SpeedError
-from runtime.core.staging import check_free, staged_directory
+from runtime.core.staging import check_directory_free, staged_directory
 from runtime.models.decoder import SpeedDecoder
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -140,7 +140,7 @@ def import_gguf(path: Path, out_dir: Path, *, stages: int, name: str | None = No
                 progress=print) -> Path:
     from runtime.models.export import write_model
 
-    check_free(out_dir, force=force)
+    check_directory_free(out_dir, force=force)
     model_file = GGUFModel(Path(path))
     cfg = model_file.config(stages)
     model = SpeedDecoder(cfg)

@@ -48,5 +48,5 @@ def result_from_wire(finished: pb.Finished) -> GenerationResult:
         tokens_per_s=finished.tokens_per_s, speculative=finished.speculative, backend=finished.backend,
         provider=finished.provider,
         stats=SpeculationStats(ticks=stats.ticks, committed=stats.committed,
-                               flips_per_boundary=tuple(round(x, 4) for x in stats.flips_per_boundary),
-                               flushed_steps=stats.flushed_steps, mean_in_flight=round(stats.mean_in_flight, 3)))
+                               flips_per_boundary=tuple(stats.flips_per_boundary), flushed_steps=stats.flushed_steps,
+                               mean_in_flight=stats.mean_in_flight))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from deploy.cluster_file import ClusterSpec, SecuritySpec, parse_address
+from runtime.core.cluster_file import ClusterSpec, SecuritySpec, parse_address
 from runtime.core.errors import SpeedError
 
 COORDINATOR = "speed coordinator"

@@ -109,7 +109,7 @@ class ClusterSpec:
     insecure: bool = False  # plain connections allowed on other addresses than loopback
 
     @property
-    def _shown(self) -> str:
+    def _file_name(self) -> str:
         return self.source or str(self.path)
 
     def node(self, name: str) -> NodeSpec:
@@ -117,13 +117,13 @@ class ClusterSpec:
             if node.name == name:
                 return node
         names = ", ".join(node.name for node in self.nodes)
-        raise SpeedError(f"{self._shown}: no node named {name!r}; the nodes are {names}")
+        raise SpeedError(f"{self._file_name}: no node named {name!r}; the nodes are {names}")
 
     def owner_of(self, stage: int) -> NodeSpec:
         for node in self.nodes:
             if stage in node.stages:
                 return node
-        raise SpeedError(f"{self._shown}: nodes: stage {stage} is hosted by no node")
+        raise SpeedError(f"{self._file_name}: nodes: stage {stage} is hosted by no node")
 
     def check_stages(self, n_stages: int) -> None:
         """Every stage 0..n_stages-1 must be hosted by exactly one node; standby stages must exist."""
@@ -133,16 +133,16 @@ class ClusterSpec:
             for key, stages in (("stages", node.stages), ("standby_stages", node.standby_stages)):
                 for stage in stages:
                     if stage >= n_stages:
-                        raise SpeedError(f"{self._shown}: nodes[{i}].{key}: stage {stage} does not exist; {existing}")
+                        raise SpeedError(f"{self._file_name}: nodes[{i}].{key}: stage {stage} does not exist; {existing}")
             for stage in node.stages:
                 if stage in owners:
-                    raise SpeedError(f"{self._shown}: nodes[{i}].stages: stage {stage} is already hosted by "
+                    raise SpeedError(f"{self._file_name}: nodes[{i}].stages: stage {stage} is already hosted by "
                                      f"{owners[stage]}; give each stage to exactly one node")
                 owners[stage] = node.name
         orphans = [str(stage) for stage in range(n_stages) if stage not in owners]
         if orphans:
             which = f"stage {orphans[0]} is" if len(orphans) == 1 else f"stages {', '.join(orphans)} are"
-            raise SpeedError(f"{self._shown}: nodes: {which} hosted by no node; {existing}")
+            raise SpeedError(f"{self._file_name}: nodes: {which} hosted by no node; {existing}")
 
     def with_emulated_link_ms(self, ms: float) -> ClusterSpec:
         """The same cluster with every node's emulated one-way link latency set to `ms` (benchmarks only)."""

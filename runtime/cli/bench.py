@@ -1,0 +1,105 @@
+"""`speed bench`: decoding speed in one process, through a local cluster, under load and under node kills."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from runtime.cli.arguments import link_ms, seed_int, thread_count, token_count, whole
+from runtime.core.cluster_file import MAX_THREADS
+from runtime.core.errors import SpeedError
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("bench", help="measure decoding speed")
+    p.add_argument("cluster_file", type=Path, nargs="?", metavar="FILE",
+                   help="a cluster file: start it here, then sequential vs speculative through the cluster "
+                        "(or --clients, --chaos)")
+    p.add_argument("--emulate-link-ms", type=link_ms, metavar="MS",
+                   help="with FILE: EMULATED one-way latency of every node's link, 0 to 60000 (overrides the file)")
+    p.add_argument("--reference", action="store_true", help="plain decoding: onnx vs torch, context 32 vs 512")
+    p.add_argument("--local", action="store_true", help="sequential vs speculative decoding in one process")
+    p.add_argument("--bundle", type=Path, help="bundle directory (default: the shipped demo-4x3 model)")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--clients", type=whole(1, 1000), metavar="N",
+                      help="with FILE: 1 client against N concurrent clients: tokens/s, latency, errors, memory")
+    load.add_argument("--chaos", type=whole(1, 10_000), metavar="N",
+                      help="with FILE: N generations, a random node SIGKILLed during each, tokens checked, node restarted")
+    p.add_argument("--requests", type=whole(1, 10_000), help="with --clients: requests per client (default 3)")
+    p.add_argument("--seed", type=seed_int, help="with --chaos: seed of the random kills (default 0)")
+    p.add_argument("--new-tokens", type=token_count,
+                   help="tokens per run (default 64 reference, 128 local and FILE, 48 --clients and --chaos)")
+    p.add_argument("--repeats", type=whole(1, 1000), default=3)
+    p.add_argument("--threads", type=thread_count, default=1,
+                   help=f"intra-op threads; 0 = one per core, at most {MAX_THREADS} (default 1: fastest for one "
+                        "sequence here)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from runtime.bench.local import bench_local, bench_reference, format_local
+    from runtime.core.bundle import load_bundle
+
+    if args.requests is not None and args.clients is None:
+        raise SpeedError("--requests needs --clients")
+    if args.seed is not None and args.chaos is None:
+        raise SpeedError("--seed needs --chaos")
+    if args.cluster_file is not None:
+        if args.reference or args.local:
+            raise SpeedError("give either a cluster FILE or one of --reference and --local, not both")
+        cmd_bench_cluster(args)
+        return
+    for flag, value in [("--clients", args.clients), ("--chaos", args.chaos), ("--emulate-link-ms", args.emulate_link_ms)]:
+        if value is not None:
+            raise SpeedError(f"{flag} needs a cluster FILE")
+    if args.reference == args.local:
+        raise SpeedError("choose one of a cluster FILE (through a local cluster), --reference (plain decoding: onnx "
+                         "vs torch, short vs long context) and --local (sequential vs speculative in one process)")
+    if args.local:
+        report = bench_local(load_bundle(args.bundle), new_tokens=args.new_tokens or 128, repeats=args.repeats,
+                             threads=args.threads)
+        print(json.dumps(report) if args.json else format_local(report))
+        return
+    report = bench_reference(load_bundle(args.bundle), new_tokens=args.new_tokens or 64, repeats=args.repeats,
+                             threads=args.threads)
+    if args.json:
+        print(json.dumps(report))
+        return
+    rates = report["tokens_per_s"]
+    print(f"plain greedy decoding of {report['bundle']}, {report['new_tokens']} new tokens, "
+          f"median of {report['repeats']} alternating runs (tokens/s)")
+    print(f"  onnx  {rates['onnx']:8.1f}   torch {rates['torch']:8.1f}   onnx/torch {report['onnx_over_torch']:.2f}x")
+    print(f"  onnx at 32 tokens of context {rates['context_32']:8.1f}   at 512 {rates['context_512']:8.1f}   "
+          f"ratio {report['context_512_over_32']:.2f}")
+
+
+def cmd_bench_cluster(args: argparse.Namespace) -> None:
+    from runtime.bench.cluster import bench_cluster, format_cluster
+
+    if args.clients is not None:
+        cmd_bench_load(args)
+        return
+    if args.chaos is not None:
+        cmd_bench_chaos(args)
+        return
+    report = bench_cluster(args.cluster_file, new_tokens=args.new_tokens or 128, repeats=args.repeats,
+                           emulated_link_ms=args.emulate_link_ms)
+    print(json.dumps(report) if args.json else format_cluster(report))
+
+
+def cmd_bench_load(args: argparse.Namespace) -> None:
+    from runtime.bench.load import bench_load, format_load
+
+    report = bench_load(args.cluster_file, clients=args.clients, requests=args.requests or 3,
+                        new_tokens=args.new_tokens or 48, emulated_link_ms=args.emulate_link_ms)
+    print(json.dumps(report) if args.json else format_load(report))
+
+
+def cmd_bench_chaos(args: argparse.Namespace) -> None:
+    from runtime.bench.load import bench_chaos, format_chaos
+
+    report = bench_chaos(args.cluster_file, trials=args.chaos, new_tokens=args.new_tokens or 48, seed=args.seed or 0,
+                         emulated_link_ms=args.emulate_link_ms)
+    print(json.dumps(report) if args.json else format_chaos(report))

@@ -1,0 +1,121 @@
+"""Commands that make and change bundles: train, export, models pull, import gguf, train-exit."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from runtime.cli.arguments import OneLineErrorParser, configure_logging, learning_rate, seed_int, thread_count, whole
+from runtime.core.cluster_file import MAX_THREADS
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("train", help="train a weight-shared decoder on the offline corpus")
+    p.add_argument("--out", type=Path, required=True, help="directory for checkpoint.pt and report.json")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--layers", type=whole(1, 1024), default=4, help="N_d: distinct layers per stage (default 4)")
+    p.add_argument("--stages", type=whole(1, 1024), default=3, help="G: stages sharing those layers (default 3)")
+    p.add_argument("--d-model", type=whole(1, 65536), default=256)
+    p.add_argument("--heads", type=whole(1, 1024), default=8)
+    p.add_argument("--kv-heads", type=whole(1, 1024), default=4)
+    p.add_argument("--ffn-hidden", type=whole(1, 262144), default=768)
+    p.add_argument("--vocab-size", type=whole(1, 1 << 20), default=4096)
+    p.add_argument("--steps", type=whole(1, 10_000_000), default=1500)
+    p.add_argument("--batch-size", type=whole(1, 65536), default=16)
+    p.add_argument("--seq-len", type=whole(1, 65536), default=256)
+    p.add_argument("--lr", type=learning_rate, default=2e-3, help="learning rate, in (0, 1]")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="CPU autocast dtype")
+    p.add_argument("--threads", type=thread_count, default=0,
+                   help=f"torch threads; 0 = one per core (default), at most {MAX_THREADS}")
+    p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("export", help="export a checkpoint to an ONNX bundle")
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="checkpoint.pt written by speed train")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="bundle directory to create")
+    p.add_argument("--name", help="bundle name (default speed-NdxG)")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(run=cmd_export)
+
+    p = commands.add_parser("models", help="pretrained models the runtime can fetch")
+    models = p.add_subparsers(dest="models_command", required=True, metavar="ACTION", parser_class=OneLineErrorParser)
+    q = models.add_parser("pull", help="download a known model into the cache (once) and print its path")
+    q.add_argument("name", metavar="NAME", help="e.g. smollm2-135m")
+    q.add_argument("--cache", type=Path, help="cache directory (default $SPEED_CACHE_DIR or ~/.cache/speed/models)")
+    q.set_defaults(run=cmd_models_pull)
+
+    p = commands.add_parser("import", help="turn a pretrained model file into a bundle")
+    formats = p.add_subparsers(dest="import_format", required=True, metavar="FORMAT", parser_class=OneLineErrorParser)
+    q = formats.add_parser("gguf", help="a Llama-family GGUF file; stages are contiguous layer ranges")
+    q.add_argument("file", type=Path, metavar="FILE")
+    q.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="bundle directory to create")
+    q.add_argument("--stages", type=whole(1, 1024), required=True, help="pipeline stages, 1 to the layer count")
+    q.add_argument("--name", help="bundle name (default: the file's name)")
+    q.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    q.set_defaults(run=cmd_import_gguf)
+
+    p = commands.add_parser("train-exit", help="train exit adapters that improve a bundle's early guesses")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle directory, updated in place")
+    p.add_argument("--steps", type=whole(1, 10_000_000), default=600)
+    p.add_argument("--rank", type=whole(1, 65536), default=256, help="rank of each low-rank adapter")
+    p.add_argument("--lr", type=learning_rate, default=3e-3, help="learning rate, in (0, 1]")
+    p.add_argument("--train-windows", type=whole(1, 1_000_000), default=128, help="128-token windows of training text")
+    p.add_argument("--held-out-windows", type=whole(1, 1_000_000), default=24, help="windows of held-out text")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.set_defaults(run=cmd_train_exit)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from runtime.core.config import ModelConfig
+    from runtime.models.train import TrainConfig, train
+
+    model_cfg = ModelConfig(
+        vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.kv_heads,
+        ffn_hidden=args.ffn_hidden, n_distinct_layers=args.layers, n_stages=args.stages,
+    )
+    cfg = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
+        precision=args.precision, threads=args.threads,
+    )
+    report = train(args.out, model_cfg, cfg, resume=args.resume)
+    held_out = report["held_out"]
+    print(f"trained {report['model']} ({report['parameters'] / 1e6:.2f}M parameters) for {cfg.steps} steps, "
+          f"{report['tokens_seen']} tokens, in {report['train_time_s'] / 60:.1f} min")
+    print("held-out loss per stage:      " + "  ".join(f"{x:.3f}" for x in held_out["loss_per_stage"]))
+    print("held-out flip rate per boundary: " + "  ".join(f"{x:.1%}" for x in held_out["flip_rate_per_boundary"]))
+    print(f"checkpoint: {args.out / 'checkpoint.pt'}  report: {args.out / 'report.json'}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from runtime.models.export import export_bundle
+
+    out = export_bundle(args.checkpoint, args.out_dir, name=args.name, force=args.force)
+    print(f"wrote bundle {out}")
+
+
+def cmd_models_pull(args: argparse.Namespace) -> None:
+    from runtime.models.registry import pull
+
+    configure_logging()
+    print(pull(args.name, cache=args.cache))
+
+
+def cmd_import_gguf(args: argparse.Namespace) -> None:
+    from runtime.models.gguf_import import import_gguf
+
+    out = import_gguf(args.file, args.out_dir, stages=args.stages, name=args.name, force=args.force,
+                      progress=lambda line: print(line, file=sys.stderr))
+    print(f"wrote bundle {out}")
+
+
+def cmd_train_exit(args: argparse.Namespace) -> None:
+    from runtime.models.exit_training import ExitTraining, train_exits
+
+    cfg = ExitTraining(steps=args.steps, rank=args.rank, lr=args.lr, train_windows=args.train_windows,
+                       held_out_windows=args.held_out_windows, seed=args.seed)
+    report = train_exits(args.bundle, cfg, progress=lambda line: print(line, file=sys.stderr))
+    before = "  ".join(f"{x:.1%}" for x in report["flip_rate_per_boundary_before"])
+    after = "  ".join(f"{x:.1%}" for x in report["flip_rate_per_boundary_after"])
+    print(f"exit adapters (rank {cfg.rank}) written into {args.bundle} in {report['train_time_s']} s; held-out flip "
+          f"rate per boundary {before} -> {after}")

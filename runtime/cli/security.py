@@ -1,0 +1,65 @@
+"""Commands that secure a cluster: certs init, tokens add and remove."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from runtime.cli.arguments import OneLineErrorParser, whole
+from runtime.core.errors import SpeedError
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("certs", help="certificates of a secure cluster")
+    certs = p.add_subparsers(dest="certs_command", required=True, metavar="COMMAND", parser_class=OneLineErrorParser)
+    q = certs.add_parser("init", help="a CA and one certificate per process, a client certificate and a client token")
+    q.add_argument("directory", type=Path, metavar="DIR")
+    q.add_argument("--cluster", type=Path, required=True, metavar="FILE", help="names and addresses come from it")
+    q.add_argument("--days", type=whole(1, 36500), default=365, help="validity of the process certificates (default 365)")
+    q.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    q.set_defaults(run=cmd_certs_init)
+
+    p = commands.add_parser("tokens", help="client bearer tokens of a secure cluster")
+    tokens = p.add_subparsers(dest="tokens_command", required=True, metavar="COMMAND", parser_class=OneLineErrorParser)
+    for name, what, run in (("add", "make a token for NAME and print it (shown once)", cmd_tokens_add),
+                            ("remove", "revoke NAME's token", cmd_tokens_remove)):
+        q = tokens.add_parser(name, help=what)
+        q.add_argument("name", metavar="NAME")
+        q.add_argument("--cluster", type=Path, required=True, metavar="FILE", help="a cluster file with a security section")
+        q.set_defaults(run=run)
+
+
+def cmd_certs_init(args: argparse.Namespace) -> None:
+    from deploy.certs import init_certs
+    from runtime.core.cluster_file import load_cluster
+
+    written = init_certs(args.directory, load_cluster(args.cluster), days=args.days, force=args.force)
+    print(f"wrote {len(written)} files to {args.directory} (keys and tokens readable by you only): {', '.join(written)}")
+    print(f"the client token is in {args.directory / 'client.token'}; more with: speed tokens add NAME --cluster "
+          f"{args.cluster}")
+
+
+def tokens_file(cluster: Path) -> Path:
+    from runtime.coordinator.tokens import TOKENS_FILE
+    from runtime.core.cluster_file import load_cluster
+
+    spec = load_cluster(cluster)
+    if spec.security is None:
+        raise SpeedError(f"{cluster} has no security section, so its clients need no token; add one (see speed certs init)")
+    if not spec.security.certs.is_dir():
+        raise SpeedError(f"{spec.security.certs} does not exist; make it first with speed certs init "
+                         f"{spec.security.certs} --cluster {cluster}")
+    return spec.security.certs / TOKENS_FILE
+
+
+def cmd_tokens_add(args: argparse.Namespace) -> None:
+    from runtime.coordinator.tokens import add_token
+
+    print(add_token(tokens_file(args.cluster), args.name))
+
+
+def cmd_tokens_remove(args: argparse.Namespace) -> None:
+    from runtime.coordinator.tokens import remove_token
+
+    remove_token(tokens_file(args.cluster), args.name)
+    print(f"token {args.name} removed; the coordinator refuses it from now on")
