@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.models import registry
 from runtime.core.bundle import sha256_of
 from runtime.core.errors import SpeedError
+from runtime.models import registry
 from runtime.models.registry import KNOWN_MODELS, cache_dir, cached_path, pull
 
 NAME = "smollm2-135m"
