@@ -26,7 +26,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=whole(1, 65536), default=256)
     p.add_argument("--lr", type=learning_rate, default=2e-3, help="learning rate, in (0, 1]")
     p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="CPU autocast dtype")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="CPU autocast dtype; auto (default): bf16 where the CPU has native bf16 (avx512_bf16, amx_bf16 "
+                        "or Arm bf16 in /proc/cpuinfo), else fp32")
     p.add_argument("--threads", type=thread_count, default=0,
                    help=f"torch threads; 0 = one per core (default), at most {MAX_THREADS}")
     p.set_defaults(run=cmd_train)
@@ -84,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"{report['tokens_seen']} tokens, in {report['train_time_s'] / 60:.1f} min")
     print("held-out loss per stage:      " + "  ".join(f"{x:.3f}" for x in held_out["loss_per_stage"]))
     print("held-out flip rate per boundary: " + "  ".join(f"{x:.1%}" for x in held_out["flip_rate_per_boundary"]))
-    print(f"checkpoint: {args.out / 'checkpoint.pt'}  report: {args.out / 'report.json'}")
+    print(f"precision: {report['precision']}  checkpoint: {args.out / 'checkpoint.pt'}  report: {args.out / 'report.json'}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
