@@ -20,6 +20,11 @@ class OnnxStageModel:
     def __init__(self, bundle: Bundle, *, device: str = "cpu", threads: int = 0, stages: Iterable[int] | None = None):
         self.config = bundle.config
         self._graph_ids = bundle.graph_ids
+        # ONNX Runtime's MatMulNBits computes a single row (M = 1) with another kernel than several rows, and
+        # the sums differ in the last bits: a quantized bundle's graphs always get at least two rows, so a
+        # token's result never depends on what it is batched with, which lossless speculation needs
+        self._never_one_row = bundle.quantized
+
         def session(path: Path):
             return create_session(path, device=device, threads=threads, sha256=bundle.file_sha256(path))
 
@@ -46,11 +51,24 @@ class OnnxStageModel:
     def run_stage(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> StageOutput:
         """hidden (B, T, d) of the tokens after each row's cache length, B = rows of `rows`.
         Returns hidden (B, T, d) and per layer new keys (B, Hkv, hd, T) and values (B, Hkv, T, hd)."""
+        if self._never_one_row and hidden.shape[:2] == (1, 1) and len(cache.lengths) > 1:
+            return self._run_beside_a_neighbour(stage, hidden, cache, rows.start)
         L = self._layers[stage]
         out = self._stage_sessions[stage].run(self._outputs[stage], {"hidden": hidden, **cache.feeds(rows, L)})
         return StageOutput(out[0], out[1 : 1 + L], out[1 + L :])
 
+    def _run_beside_a_neighbour(self, stage: int, hidden: np.ndarray, cache: KVCache, row: int) -> StageOutput:
+        """Run one token as one of two rows, the other a neighbouring cache row whose result is dropped
+        (rows are independent in every op, and the neighbour is a view: nothing is copied)."""
+        pair = slice(row, row + 2) if row + 1 < len(cache.lengths) else slice(row - 1, row + 1)
+        out = self.run_stage(stage, np.concatenate([hidden, hidden]), cache, pair)  # (2, 1, d)
+        keep = slice(row - pair.start, row - pair.start + 1)
+        return StageOutput(out.hidden[keep], [k[keep] for k in out.new_keys], [v[keep] for v in out.new_values])
+
     def classify(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """hidden (N, d) -> logits (N, V), greedy tokens (N,)."""
+        if self._never_one_row and len(hidden) == 1:
+            logits, tokens = self._head.run(None, {"hidden": np.concatenate([hidden, hidden])})
+            return logits[:1], tokens[:1]
         logits, tokens = self._head.run(None, {"hidden": hidden})
         return logits, tokens

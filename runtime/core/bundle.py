@@ -22,6 +22,8 @@ MANIFEST_FILE = "manifest.json"
 STAGE_FILE = "stage.onnx"
 HEAD_FILE = "head.onnx"
 EMBEDDING_FILE = "embedding.bin"
+EMBEDDING_Q8_FILE = "embedding.int8.bin"  # a quantized bundle's table: int8 (V, d) ...
+EMBEDDING_SCALES_FILE = "embedding.scales.bin"  # ... and one float32 scale per row (V,)
 TOKENIZER_FILE = "tokenizer.json"
 TRAINING_REPORT_FILE = "training_report.json"  # held-out loss and flip rates, when exported from `speed train`
 DEFAULT_BUNDLE = Path(__file__).parents[1] / "bundles" / "demo-4x3"
@@ -57,6 +59,26 @@ def write_manifest(directory: Path, *, name: str, model_config: ModelConfig, sta
         **extra,
     }
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class Int8Rows:
+    """An embedding table stored as int8 with one float32 scale per row (a quantized bundle's)."""
+
+    values: np.ndarray  # (V, d) int8
+    scales: np.ndarray  # (V,) float32
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    def __getitem__(self, token_ids: np.ndarray) -> np.ndarray:
+        """token ids (...) -> float32 rows (..., d)."""
+        return self.values[token_ids].astype(np.float32) * self.scales[token_ids][..., None]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        table = self.values.astype(np.float32) * self.scales[:, None]
+        return table if dtype is None else table.astype(dtype)
 
 
 @dataclass(frozen=True)
@@ -100,10 +122,18 @@ class Bundle:
 
         return chat_prompt(self.chat_template, prompt, bundle_name=self.manifest["name"])
 
-    def embedding(self) -> np.ndarray:
-        """(V, d) float32, memory-mapped read-only."""
+    def embedding(self) -> np.ndarray | Int8Rows:
+        """(V, d), memory-mapped read-only; indexing with token ids gives float32 rows either way."""
         spec = self.manifest["embedding"]
-        return np.memmap(self.path / spec["file"], dtype=spec["dtype"], mode="r", shape=tuple(spec["shape"]))
+        shape = tuple(spec["shape"])
+        if spec["dtype"] == "int8":
+            scales = np.memmap(self.path / spec["row_scales"], dtype="<f4", mode="r", shape=shape[:1])
+            return Int8Rows(np.memmap(self.path / spec["file"], dtype=np.int8, mode="r", shape=shape), scales)
+        return np.memmap(self.path / spec["file"], dtype=spec["dtype"], mode="r", shape=shape)
+
+    @property
+    def quantized(self) -> bool:
+        return "quantization" in self.manifest
 
     def exit_adapters(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Per early stage, the low-rank exit adapter (A (d, r), B (r, d)): a guess after that stage reads

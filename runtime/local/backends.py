@@ -18,6 +18,9 @@ def open_stage_model(bundle: Bundle, *, backend: str = "onnx", device: str = "cp
     if backend == "torch":
         if device != "cpu":
             raise SpeedError("the torch backend runs on cpu only; use --backend onnx for other devices")
+        if bundle.quantized:
+            raise SpeedError(f"bundle {bundle.path} is quantized and the torch backend runs float32 bundles only; "
+                             "use --backend onnx, or give the float32 bundle it was made from")
         try:
             from runtime.models.torch_backend import TorchStageModel
         except ImportError:

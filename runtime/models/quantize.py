@@ -1,0 +1,132 @@
+"""`speed quantize`: a bundle whose weight matrices are stored in 4 or 8 bits.
+
+Every MatMul with a constant weight, in the stage graphs and the head (the tied LM head included), becomes
+ONNX Runtime's block-quantized MatMulNBits, made by `onnxruntime.quantization`'s n-bit quantizer: per block
+of `block_size` input channels, one float32 scale and one zero point (asymmetric). The embedding table,
+which the stage-0 node reads row by row, is stored as int8 with one scale per row. Activations, norms,
+attention and the KV caches stay float32.
+
+A quantized bundle is a different model from its source: speculative decoding of it equals sequential
+decoding of it token for token, as for any bundle; how closely it follows the float32 source is
+measured, not promised.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.core.bundle import EMBEDDING_Q8_FILE, EMBEDDING_SCALES_FILE, Bundle, load_bundle, write_manifest
+from runtime.core.errors import SpeedError
+from runtime.core.staging import check_directory_free, staged_directory
+
+WEIGHTS = {"int4": 4, "int8": 8}
+# MatMulNBits computes in float32 (accuracy level 1). Level 4 (int8 activations) was measured 2.5x faster on
+# this CPU, but it turned SmolLM2-135M's answers into noise, and its results depend on the shape of the call
+# (a request's cache size changed its sampled text), which lossless speculation cannot allow.
+ACCURACY_LEVEL = 1
+# the manifest keys write_manifest derives itself; every other key of the source manifest is carried over
+_DERIVED_KEYS = {"format", "name", "architecture", "model_config", "dtype", "vocab_size", "eos_token_id", "stages",
+                 "head", "embedding", "tokenizer", "files"}
+
+
+@dataclass(frozen=True)
+class Quantization:
+    weights: str = "int4"  # int4 or int8
+    block_size: int = 32  # input channels per scale; a power of two, at least 16 (as llama.cpp's Q4_1: 32)
+
+    def __post_init__(self) -> None:
+        if self.weights not in WEIGHTS:
+            raise SpeedError(f"--weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise SpeedError(f"--block-size must be a power of two, at least 16, got {self.block_size}")
+
+
+def quantize_bundle(source: Path, out_dir: Path, settings: Quantization, *, force: bool = False,
+                    progress: Callable[[str], None] = lambda line: None) -> Path:
+    """Write the quantized copy of the bundle at `source` to `out_dir`, completely or not at all."""
+    check_directory_free(out_dir, force=force)
+    bundle = load_bundle(source)
+    if "quantization" in bundle.manifest:
+        raise SpeedError(f"bundle {source} is quantized already; quantize its float32 source instead")
+    with staged_directory(out_dir, force=force) as staging:
+        graphs = sorted({path.name for path in bundle.stage_graphs}) + [bundle.head_graph.name]
+        for name in graphs:
+            progress(f"quantizing {name} to {settings.weights} ...")
+            _quantize_graph(bundle.path / name, staging / name, settings)
+        progress("storing the embedding table as int8 rows ...")
+        _write_int8_rows(bundle.embedding(), staging)
+        carried = _carry_other_files(bundle, staging, skip={*graphs, bundle.manifest["embedding"]["file"]})
+        extra = {key: value for key, value in bundle.manifest.items() if key not in _DERIVED_KEYS}
+        write_manifest(
+            staging, name=f"{bundle.manifest['name']}-{settings.weights}", model_config=bundle.config,
+            stage_graphs=[path.name for path in bundle.stage_graphs], eos_token_id=bundle.eos_token_id, **extra,
+            dtype=f"{settings.weights} weights (MatMulNBits), float32 activations and caches",
+            embedding={"file": EMBEDDING_Q8_FILE, "shape": [bundle.config.vocab_size, bundle.config.d_model],
+                       "dtype": "int8", "row_scales": EMBEDDING_SCALES_FILE},
+            quantization={"weights": settings.weights, "block_size": settings.block_size,
+                          "accuracy_level": ACCURACY_LEVEL, "symmetric": False,
+                          "tool": f"onnxruntime {_ort_version()} MatMulNBitsQuantizer",
+                          "source": {"name": bundle.manifest["name"], "sha256": bundle.sha256},
+                          "carried_unchanged": carried})
+    return out_dir
+
+
+def _quantize_graph(path: Path, out: Path, settings: Quantization) -> None:
+    """Fold the weight transposes first (the exported graphs keep them), so every weight is a constant
+    MatMul input the quantizer can replace."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folded = Path(scratch) / "folded.onnx"
+        _fold_constants(path, folded)
+        model = onnx.load(str(folded))
+    quantizer = MatMulNBitsQuantizer(model, bits=WEIGHTS[settings.weights], block_size=settings.block_size,
+                                     is_symmetric=False, accuracy_level=ACCURACY_LEVEL)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one line per MatMul otherwise
+    quantizer.process()
+    if not any(node.op_type == "MatMulNBits" for node in quantizer.model.model.graph.node):
+        raise SpeedError(f"{path.name} has no weight matrix ONNX Runtime's quantizer can replace")
+    quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+
+
+def _fold_constants(path: Path, out: Path) -> None:
+    """ONNX Runtime's basic optimizations only: portable to every machine, unlike the full level."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(out)
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _write_int8_rows(table: np.ndarray, out_dir: Path) -> None:
+    """(V, d) float32 -> int8 (V, d) and one float32 scale per row (symmetric: row max maps to 127)."""
+    scales = np.maximum(np.abs(table).max(axis=1), np.finfo(np.float32).tiny) / 127.0  # (V,)
+    values = np.clip(np.rint(table / scales[:, None]), -127, 127).astype(np.int8)  # (V, d)
+    values.tofile(out_dir / EMBEDDING_Q8_FILE)
+    scales.astype("<f4").tofile(out_dir / EMBEDDING_SCALES_FILE)
+
+
+def _carry_other_files(bundle: Bundle, out_dir: Path, *, skip: set[str]) -> list[str]:
+    """Tokenizer, exit adapters, reports: copied as they are."""
+    carried = []
+    for name in bundle.manifest["files"]:
+        if name not in skip:
+            shutil.copy2(bundle.path / name, out_dir / name)
+            carried.append(name)
+    return sorted(carried)
+
+
+def _ort_version() -> str:
+    import onnxruntime as ort
+
+    return ort.__version__
