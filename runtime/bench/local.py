@@ -50,17 +50,22 @@ def alternate(cases: dict[str, tuple[StageModel, list[int]]], new_tokens: int, r
 
 
 def bench_reference(bundle: Bundle, *, new_tokens: int = 64, repeats: int = 3, threads: int = 1) -> dict:
+    """A quantized bundle has no torch twin: its torch figures are None."""
     onnx_model = open_stage_model(bundle, backend="onnx", threads=threads)
-    torch_model = open_stage_model(bundle, backend="torch", threads=threads)
     short, long = prompt_of(bundle, 32), prompt_of(bundle, 512)
-    rates = alternate({"onnx": (onnx_model, short), "torch": (torch_model, short)}, new_tokens, repeats)
+    cases = {"onnx": (onnx_model, short)}
+    if not bundle.quantized:
+        cases["torch"] = (open_stage_model(bundle, backend="torch", threads=threads), short)
+    rates = alternate(cases, new_tokens, repeats)
     rates |= alternate({"context_32": (onnx_model, short), "context_512": (onnx_model, long)}, new_tokens, repeats)
     return {
         "bundle": bundle.manifest["name"],
+        "bundle_bytes": sum(meta["bytes"] for meta in bundle.manifest["files"].values()),
         "new_tokens": new_tokens,
         "repeats": repeats,
+        "threads": threads,
         "tokens_per_s": {name: round(rate, 1) for name, rate in rates.items()},
-        "onnx_over_torch": round(rates["onnx"] / rates["torch"], 2),
+        "onnx_over_torch": round(rates["onnx"] / rates["torch"], 2) if "torch" in rates else None,
         "context_512_over_32": round(rates["context_512"] / rates["context_32"], 2),
     }
 

@@ -65,6 +65,12 @@ link_ms = number(0, 60_000)  # an EMULATED one-way latency, at most a minute
 learning_rate = number(0, 1, above=True)
 
 
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=thread_count, default=1,
+                   help=f"intra-op threads; 0 = one per core, at most {MAX_THREADS} (default 1, leaving the other "
+                        "cores to other processes; on 2 free cores, 2 threads decoded 1.3-1.4x faster)")
+
+
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=number(0, 100, zero="0 = greedy"), default=0.0,
                    help="0 = greedy (default); > 0 samples, at most 100")

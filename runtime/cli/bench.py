@@ -6,8 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from runtime.cli.arguments import link_ms, seed_int, thread_count, token_count, whole
-from runtime.core.cluster_file import MAX_THREADS
+from runtime.cli.arguments import add_threads_flag, link_ms, seed_int, token_count, whole
 from runtime.core.errors import SpeedError
 
 
@@ -31,9 +30,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=token_count,
                    help="tokens per run (default 64 reference, 128 local and FILE, 48 --clients and --chaos)")
     p.add_argument("--repeats", type=whole(1, 1000), default=3)
-    p.add_argument("--threads", type=thread_count, default=1,
-                   help=f"intra-op threads; 0 = one per core, at most {MAX_THREADS} (default 1: fastest for one "
-                        "sequence here)")
+    add_threads_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_bench)
 
@@ -68,9 +65,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(json.dumps(report))
         return
     rates = report["tokens_per_s"]
-    print(f"plain greedy decoding of {report['bundle']}, {report['new_tokens']} new tokens, "
-          f"median of {report['repeats']} alternating runs (tokens/s)")
-    print(f"  onnx  {rates['onnx']:8.1f}   torch {rates['torch']:8.1f}   onnx/torch {report['onnx_over_torch']:.2f}x")
+    print(f"plain greedy decoding of {report['bundle']} ({report['bundle_bytes'] / 1e6:.1f} MB), "
+          f"{report['new_tokens']} new tokens, {report['threads']} thread(s), median of {report['repeats']} "
+          "alternating runs (tokens/s)")
+    torch = (f"   torch {rates['torch']:8.1f}   onnx/torch {report['onnx_over_torch']:.2f}x" if "torch" in rates
+             else "   (quantized: no torch twin)")
+    print(f"  onnx  {rates['onnx']:8.1f}{torch}")
     print(f"  onnx at 32 tokens of context {rates['context_32']:8.1f}   at 512 {rates['context_512']:8.1f}   "
           f"ratio {report['context_512_over_32']:.2f}")
 

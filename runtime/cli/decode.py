@@ -10,13 +10,12 @@ from pathlib import Path
 from runtime.cli.arguments import (
     add_credential_flags,
     add_sampling_flags,
+    add_threads_flag,
     credentials_of,
     number,
     options_from,
-    thread_count,
     token_count,
 )
-from runtime.core.cluster_file import MAX_THREADS
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -27,9 +26,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["onnx", "torch"], default="onnx")
     p.add_argument("--max-new-tokens", type=token_count, default=64)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="onnx backend device")
-    p.add_argument("--threads", type=thread_count, default=1,
-                   help=f"intra-op threads; 0 = one per core, at most {MAX_THREADS} (default 1: fastest for one "
-                        "sequence here)")
+    add_threads_flag(p)
     p.add_argument("--speculate", action="store_true", help="decode with SPEED's speculative pipeline (same tokens)")
     p.add_argument("--chat", action="store_true", help="PROMPT is a user's message: apply the bundle's chat template")
     p.add_argument("--plain-guesses", action="store_true",

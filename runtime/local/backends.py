@@ -10,7 +10,7 @@ BACKENDS = ("onnx", "torch")
 
 
 def open_stage_model(bundle: Bundle, *, backend: str = "onnx", device: str = "cpu", threads: int = 1) -> StageModel:
-    """threads: intra-op threads, 0 = one per core; 1 (default) was fastest for decoding on 2 cores."""
+    """threads: intra-op threads, shared by every session of the process; 0 = one per core."""
     if backend == "onnx":
         from nodes.onnx_stage_model import OnnxStageModel
 
