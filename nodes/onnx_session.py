@@ -17,7 +17,6 @@ from runtime.core.errors import SpeedError
 log = logging.getLogger("speed.node")
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-_shared_pool_threads: int | None = None  # intra-op threads of this process's shared pool, once it is made
 
 
 def create_session(path: Path, *, device: str = "cpu", threads: int = 0, sha256: str | None = None
@@ -26,14 +25,19 @@ def create_session(path: Path, *, device: str = "cpu", threads: int = 0, sha256:
     hash from its bundle; on CPU the session then loads this machine's pre-packed copy of the graph."""
     if device not in PROVIDERS:
         raise SpeedError(f"unknown device {device!r}; expected one of {', '.join(PROVIDERS)}")
-    options = ort.SessionOptions()
-    _share_threads(options, threads)  # before any other session of the process, pre-packing's included
     if device == "cpu" and sha256 is not None:
         try:
             path = prepacked_graph(path, sha256)
         except OSError as exc:
             log.warning("no pre-packed copy of %s (%s); loading the graph itself", path.name, exc)
+    options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    # a process holds several sessions (one per stage graph, and the head), each with its own thread pool,
+    # whose threads by default spin between calls for the next one: with SmolLM2's four sessions on 2 cores,
+    # 2 threads decoded 2.3x slower than 1; without spinning, 1.45x faster than 1. (One pool shared by the
+    # sessions was faster still, but ONNX Runtime then refuses every other session of the process.)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: no warnings about nodes placed on CPU
     wanted = [PROVIDERS[device]] + ([PROVIDERS["cpu"]] if device != "cpu" else [])
     # a provider that cannot load is reported below in one sentence, not by ONNX Runtime's native log
@@ -46,18 +50,3 @@ def create_session(path: Path, *, device: str = "cpu", threads: int = 0, sha256:
                          "and that onnxruntime-gpu (not onnxruntime) is installed")
     return session
 
-
-def _share_threads(options: ort.SessionOptions, threads: int) -> None:
-    """The sessions of a process (one per stage graph, and the head) share one intra-op thread pool, made
-    with the first session's thread count. With a pool per session, ONNX Runtime's default, every pool's
-    threads spin between calls: SmolLM2's four sessions ran 2.3x slower with 2 threads than with 1 on
-    2 cores. A session that asks for another count than the shared pool's gets its own pool, not spinning."""
-    global _shared_pool_threads
-    if _shared_pool_threads is None:
-        ort.set_global_thread_pool_sizes(threads, 1)  # takes effect only before the first session
-        _shared_pool_threads = threads
-    if threads == _shared_pool_threads:
-        options.use_per_session_threads = False
-    else:
-        options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -63,3 +63,16 @@ def test_a_file_is_not_reported_as_missing(tmp_path):
     (tmp_path / "bundle.onnx").write_bytes(b"\0")
     with pytest.raises(SpeedError, match=r"bundle .*bundle\.onnx is a file, not a bundle directory; pass a directory"):
         load_bundle(tmp_path / "bundle.onnx")
+
+
+def test_a_process_verifies_just_the_files_it_reads(bundle_copy):
+    tokenizer = bundle_copy / "tokenizer.json"
+    data = bytearray(tokenizer.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tokenizer.write_bytes(bytes(data))
+    bundle = load_bundle(bundle_copy, verify=False)  # present, not hashed
+    node_files = bundle.files_for([0])
+    assert node_files == {"stage.onnx", "head.onnx", "embedding.bin"}  # a node does not read the tokenizer
+    bundle.verify(node_files)
+    with pytest.raises(SpeedError, match="tokenizer.json does not match its sha256"):
+        bundle.verify(["tokenizer.json"])  # what a coordinator reads

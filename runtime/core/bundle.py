@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,21 @@ class Bundle:
             return Int8Rows(np.memmap(self.path / spec["file"], dtype=np.int8, mode="r", shape=shape), scales)
         return np.memmap(self.path / spec["file"], dtype=spec["dtype"], mode="r", shape=shape)
 
+    def verify(self, names: Iterable[str]) -> None:
+        """Check these files against their sha256 in the manifest, so nothing else is ever read."""
+        for name in names:
+            if sha256_of(self.path / name) != self.manifest["files"][name]["sha256"]:
+                raise SpeedError(f"bundle {self.path}: {name} does not match its sha256 in {MANIFEST_FILE}; "
+                                 "the file was changed or corrupted, re-export or re-copy the bundle")
+
+    def files_for(self, stages: Iterable[int]) -> set[str]:
+        """The files a node running `stages` reads: their graphs, the head, the embedding, exit adapters."""
+        embedding = self.manifest["embedding"]
+        names = {self.stage_graphs[stage].name for stage in stages} | {self.head_graph.name, embedding["file"]}
+        names |= {embedding["row_scales"]} if "row_scales" in embedding else set()
+        adapters = self.manifest.get("exit_adapters")
+        return names | ({adapters["file"]} if adapters else set())
+
     @property
     def quantized(self) -> bool:
         return "quantization" in self.manifest
@@ -168,7 +184,9 @@ def update_bundle(bundle: Bundle, new_files: dict[str, bytes], removed: list[str
         (bundle.path / name).unlink(missing_ok=True)
 
 
-def load_bundle(path: Path | None = None) -> Bundle:
+def load_bundle(path: Path | None = None, *, verify: bool = True) -> Bundle:
+    """verify: hash every file against the manifest now; a process that reads only some of them passes
+    False and calls Bundle.verify with those, before it reads them."""
     path = Path(path) if path is not None else DEFAULT_BUNDLE
     manifest_path = path / MANIFEST_FILE
     if not path.is_dir():
@@ -182,12 +200,11 @@ def load_bundle(path: Path | None = None) -> Bundle:
         raise SpeedError(f"bundle {path}: {MANIFEST_FILE} is not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SpeedError(f"bundle {path}: {MANIFEST_FILE} is not a '{FORMAT}' manifest")
-    for name, expected in manifest["files"].items():
-        file = path / name
-        if not file.is_file():
+    for name in manifest["files"]:
+        if not (path / name).is_file():
             raise SpeedError(f"bundle {path}: {name} is missing; copy the whole bundle directory")
-        if sha256_of(file) != expected["sha256"]:
-            raise SpeedError(f"bundle {path}: {name} does not match its sha256 in {MANIFEST_FILE}; "
-                             "the file was changed or corrupted, re-export or re-copy the bundle")
     config = ModelConfig.from_dict(manifest["model_config"], where=f"bundle {path}: model_config")
-    return Bundle(path=path, manifest=manifest, config=config, sha256=sha256_of(manifest_path))
+    bundle = Bundle(path=path, manifest=manifest, config=config, sha256=sha256_of(manifest_path))
+    if verify:
+        bundle.verify(manifest["files"])
+    return bundle
