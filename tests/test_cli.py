@@ -79,8 +79,9 @@ def test_bench_reference_prints_its_figures_as_json(tiny_bundle):
     result = run_speed("bench", "--reference", "--bundle", str(tiny_bundle), "--new-tokens", "4", "--repeats", "1", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report["tokens_per_s"]) == {"onnx", "torch", "context_32", "context_512"}
+    assert set(report["tokens_per_s"]) == {"onnx", "torch", "context_32", "context_512", "threads_1", "threads_2"}
     assert report["onnx_over_torch"] > 0 and report["context_512_over_32"] > 0
+    assert report["bundle_bytes"] == sum(f.stat().st_size for f in tiny_bundle.iterdir() if f.name != "manifest.json")
 
 
 def test_bench_local_prints_speedup_and_cost_model_as_json(tiny_bundle):

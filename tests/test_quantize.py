@@ -92,3 +92,9 @@ def test_speed_quantize_writes_a_bundle_and_refuses_bad_settings(tmp_path):
     assert_one_line_error(run_speed("quantize", str(DEFAULT_BUNDLE), str(tmp_path / "x"), "--block-size", "48"),
                           "--block-size must be a power of two")
     assert not (tmp_path / "x").exists()
+
+    bench = run_speed("bench", "--reference", "--bundle", str(out), "--new-tokens", "4", "--repeats", "1", "--json")
+    assert bench.returncode == 0, bench.stderr
+    report = json.loads(bench.stdout)
+    assert "torch" not in report["tokens_per_s"] and report["onnx_over_torch"] is None  # no torch twin
+    assert report["bundle_bytes"] == sum(meta["bytes"] for meta in load_bundle(out).manifest["files"].values())

@@ -73,6 +73,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"  onnx  {rates['onnx']:8.1f}{torch}")
     print(f"  onnx at 32 tokens of context {rates['context_32']:8.1f}   at 512 {rates['context_512']:8.1f}   "
           f"ratio {report['context_512_over_32']:.2f}")
+    print(f"  onnx with 1 thread {rates['threads_1']:8.1f}   with 2 threads {rates['threads_2']:8.1f}")
 
 
 def cmd_bench_cluster(args: argparse.Namespace) -> None:
