@@ -98,3 +98,11 @@ def test_speed_quantize_writes_a_bundle_and_refuses_bad_settings(tmp_path):
     report = json.loads(bench.stdout)
     assert "torch" not in report["tokens_per_s"] and report["onnx_over_torch"] is None  # no torch twin
     assert report["bundle_bytes"] == sum(meta["bytes"] for meta in load_bundle(out).manifest["files"].values())
+
+    agreement = run_speed("bench", "--agreement", str(DEFAULT_BUNDLE), "--bundle", str(out), "--new-tokens", "3",
+                          "--json")
+    assert agreement.returncode == 0, agreement.stderr
+    report = json.loads(agreement.stdout)
+    assert (report["bundle"], report["source"], report["prompts"]) == ("demo-4x3-int4", "demo-4x3", 20)
+    assert 0 <= report["identical_sequences"] <= 20 and 0 <= report["agreeing_fraction"] <= 1
+    assert_one_line_error(run_speed("bench", "--agreement", str(DEFAULT_BUNDLE)), "--agreement SOURCE needs --bundle")

@@ -19,6 +19,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                    help="with FILE: EMULATED one-way latency of every node's link, 0 to 60000 (overrides the file)")
     p.add_argument("--reference", action="store_true", help="plain decoding: onnx vs torch, context 32 vs 512")
     p.add_argument("--local", action="store_true", help="sequential vs speculative decoding in one process")
+    p.add_argument("--agreement", type=Path, metavar="SOURCE",
+                   help="greedy tokens of --bundle against the bundle SOURCE it was made from (e.g. by speed quantize)")
     p.add_argument("--bundle", type=Path, help="bundle directory (default: the shipped demo-4x3 model)")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--clients", type=whole(1, 1000), metavar="N",
@@ -51,9 +53,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for flag, value in [("--clients", args.clients), ("--chaos", args.chaos), ("--emulate-link-ms", args.emulate_link_ms)]:
         if value is not None:
             raise SpeedError(f"{flag} needs a cluster FILE")
+    if args.agreement is not None:
+        if args.reference or args.local:
+            raise SpeedError("give one of --agreement, --reference and --local")
+        cmd_bench_agreement(args)
+        return
     if args.reference == args.local:
         raise SpeedError("choose one of a cluster FILE (through a local cluster), --reference (plain decoding: onnx "
-                         "vs torch, short vs long context) and --local (sequential vs speculative in one process)")
+                         "vs torch, short vs long context), --local (sequential vs speculative in one process) and "
+                         "--agreement SOURCE (greedy tokens against another bundle)")
     if args.local:
         report = bench_local(load_bundle(args.bundle), new_tokens=args.new_tokens or 128, repeats=args.repeats,
                              threads=args.threads)
@@ -74,6 +82,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"  onnx at 32 tokens of context {rates['context_32']:8.1f}   at 512 {rates['context_512']:8.1f}   "
           f"ratio {report['context_512_over_32']:.2f}")
     print(f"  onnx with 1 thread {rates['threads_1']:8.1f}   with 2 threads {rates['threads_2']:8.1f}")
+
+
+def cmd_bench_agreement(args: argparse.Namespace) -> None:
+    from runtime.bench.agreement import bench_agreement, format_agreement
+    from runtime.core.bundle import load_bundle
+
+    if args.bundle is None:
+        raise SpeedError("--agreement SOURCE needs --bundle, the bundle to compare with SOURCE")
+    report = bench_agreement(load_bundle(args.bundle), load_bundle(args.agreement), new_tokens=args.new_tokens or 64,
+                             threads=args.threads)
+    print(json.dumps(report) if args.json else format_agreement(report))
 
 
 def cmd_bench_cluster(args: argparse.Namespace) -> None:

@@ -1,0 +1,67 @@
+"""`speed bench --agreement SOURCE`: how closely a bundle (a quantized copy, say) follows the bundle it
+was made from, in greedy tokens over held-out prompts. A measurement, never a promise: once two greedy
+texts part, everything after differs, so both the positions before the first difference and the
+sequences identical to the end are reported."""
+
+from __future__ import annotations
+
+import statistics
+
+from runtime.core.bundle import Bundle
+from runtime.local.backends import open_stage_model
+from runtime.local.plain import generate_plain
+
+PROMPTS = 20
+# for a chat model: questions of the kind it is asked, none from its training data we know of
+CHAT_PROMPTS = (
+    "What is the capital of France?", "Name three primary colours.", "How many legs does a spider have?",
+    "What is 12 times 12?", "Who wrote Romeo and Juliet?", "What does a thermometer measure?",
+    "Give me a synonym for happy.", "Why is the sky blue?", "What is the boiling point of water in Celsius?",
+    "Translate 'good morning' into Spanish.", "What is photosynthesis?", "List the planets of the solar system.",
+    "What is the largest ocean on Earth?", "Write a haiku about rain.", "What is a prime number?",
+    "How do I make a cup of tea?", "What is the chemical symbol for gold?", "Explain what a noun is.",
+    "What year did the Second World War end?", "Suggest a name for a pet cat.",
+)
+
+
+def held_out_prompts(bundle: Bundle) -> list[str]:
+    """Chat questions for a chat model; otherwise line openings from the works the demo model never saw."""
+    if bundle.chat_template:
+        return [bundle.prompt_text(question, chat=True) for question in CHAT_PROMPTS[:PROMPTS]]
+    from runtime.models.corpus import load_shakespeare
+
+    lines = [line.strip() for work in load_shakespeare().held_out for line in work.splitlines()]
+    lines = [line for line in lines if len(line) > 40]
+    step = len(lines) // PROMPTS
+    return [lines[i * step][:60] for i in range(PROMPTS)]
+
+
+def bench_agreement(bundle: Bundle, source: Bundle, *, new_tokens: int = 64, threads: int = 1) -> dict:
+    tokenizer = source.tokenizer()
+    prompts = [tokenizer.encode(text).ids for text in held_out_prompts(source)]
+    models = {"bundle": open_stage_model(bundle, threads=threads), "source": open_stage_model(source, threads=threads)}
+    agreeing, identical = [], 0
+    for prompt in prompts:
+        ours, theirs = (generate_plain(model, prompt, max_new_tokens=new_tokens, eos_id=-1).token_ids
+                        for model in models.values())
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), new_tokens)
+        agreeing.append(same)
+        identical += same == new_tokens
+    return {
+        "bundle": bundle.manifest["name"],
+        "source": source.manifest["name"],
+        "prompts": len(prompts),
+        "new_tokens": new_tokens,
+        "identical_sequences": identical,
+        "tokens_before_first_difference": {"mean": round(statistics.mean(agreeing), 1),
+                                           "median": statistics.median(agreeing)},
+        "agreeing_fraction": round(sum(agreeing) / (new_tokens * len(prompts)), 3),
+    }
+
+
+def format_agreement(report: dict) -> str:
+    before = report["tokens_before_first_difference"]
+    return (f"{report['bundle']} against {report['source']}: greedy, {report['prompts']} held-out prompts x "
+            f"{report['new_tokens']} tokens\n  identical to the end: {report['identical_sequences']} of "
+            f"{report['prompts']}; tokens before the first difference: mean {before['mean']}, median "
+            f"{before['median']} ({report['agreeing_fraction']:.1%} of all positions)")
