@@ -208,9 +208,11 @@ class Engine:
         failures = [reply for reply in replies if isinstance(reply, BaseException)]
         if failures:
             if all(isinstance(failure, NodeLost) for failure in failures):
-                for failure in failures:
-                    log.warning("%s", failure)
-                self._handoff.clear()  # the next reconcile moves the stages and replays every sequence
+                for name, reply in zip(names, replies):
+                    if isinstance(reply, NodeLost):
+                        log.warning("%s", reply)
+                        self.nodes[name].doubt_sequences()  # also when it still serves: reassigned either way
+                self._handoff.clear()  # the next reconcile assigns the stages again and replays every sequence
                 return
             self._fail_tick([f for f in failures if not isinstance(f, NodeLost)][0])
             return

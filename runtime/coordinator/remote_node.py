@@ -98,6 +98,11 @@ class RemoteNode:
         if self._stream is stream:
             self.assigned, self.held = tuple(stages), info.open_sequences
 
+    def doubt_sequences(self) -> None:
+        """A step was lost on the way, with whatever opens and closes it carried: what the node holds is no
+        longer known, so its stages are assigned again (which frees them) before its next step."""
+        self.assigned = None
+
     async def step(self, batch: pb.StepBatch) -> pb.StepResults:
         """Send one step message and wait for its results, at most step_timeout_s."""
         stream = self._stream
