@@ -58,8 +58,8 @@ def bench_reference(bundle: Bundle, *, new_tokens: int = 64, repeats: int = 3, t
         cases["torch"] = (open_stage_model(bundle, backend="torch", threads=threads), short)
     rates = alternate(cases, new_tokens, repeats)
     rates |= alternate({"context_32": (onnx_model, short), "context_512": (onnx_model, long)}, new_tokens, repeats)
-    rates |= alternate({"threads_1": (open_stage_model(bundle, threads=1), short),
-                        "threads_2": (open_stage_model(bundle, threads=2), short)}, new_tokens, repeats)
+    by_threads = {count: onnx_model if count == threads else open_stage_model(bundle, threads=count) for count in (1, 2)}
+    rates |= alternate({f"threads_{count}": (model, short) for count, model in by_threads.items()}, new_tokens, repeats)
     return {
         "bundle": bundle.manifest["name"],
         "bundle_bytes": sum(meta["bytes"] for meta in bundle.manifest["files"].values()),

@@ -77,10 +77,6 @@ class Int8Rows:
         """token ids (...) -> float32 rows (..., d)."""
         return self.values[token_ids].astype(np.float32) * self.scales[token_ids][..., None]
 
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        table = self.values.astype(np.float32) * self.scales[:, None]
-        return table if dtype is None else table.astype(dtype)
-
 
 @dataclass(frozen=True)
 class Bundle:

@@ -31,9 +31,9 @@ WEIGHTS = {"int4": 4, "int8": 8}
 # this CPU, but it turned SmolLM2-135M's answers into noise, and its results depend on the shape of the call
 # (a request's cache size changed its sampled text), which lossless speculation cannot allow.
 ACCURACY_LEVEL = 1
-SLOW_ON_CPU = {"int8": "int8 weights decode slowly on CPUs (SmolLM2-135M: 1.4 tokens/s against 27 in float32 and 15 "
-                       "in int4 on one x86 core; ONNX Runtime has no fast kernel for them with float32 arithmetic): "
-                       "choose them for their accuracy, or for a GPU"}
+INT8_ON_CPU = ("note: int8 weights decode slowly on CPUs (SmolLM2-135M: 1.4 tokens/s against 27 in float32 and 15 "
+                "in int4 on one x86 core; ONNX Runtime has no fast kernel for them with float32 arithmetic): "
+                "choose them for their accuracy, or for a GPU")
 # the manifest keys write_manifest derives itself; every other key of the source manifest is carried over
 _DERIVED_KEYS = {"format", "name", "architecture", "model_config", "dtype", "vocab_size", "eos_token_id", "stages",
                  "head", "embedding", "tokenizer", "files"}
@@ -56,8 +56,8 @@ def quantize_bundle(source: Path, out_dir: Path, settings: Quantization, *, forc
     """Write the quantized copy of the bundle at `source` to `out_dir`, completely or not at all."""
     check_directory_free(out_dir, force=force)
     bundle = load_bundle(source)
-    if settings.weights in SLOW_ON_CPU:
-        progress(f"note: {SLOW_ON_CPU[settings.weights]}")
+    if settings.weights == "int8":
+        progress(INT8_ON_CPU)
     if "quantization" in bundle.manifest:
         raise SpeedError(f"bundle {source} is quantized already; quantize its float32 source instead")
     with staged_directory(out_dir, force=force) as staging:

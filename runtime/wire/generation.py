@@ -6,6 +6,7 @@ from __future__ import annotations
 from runtime.core.generation import DEFAULT_MAX_NEW_TOKENS, GenerationOptions, GenerationResult, SpeculationStats
 from runtime.core.stopping import StopReason
 from runtime.wire import speed_pb2 as pb
+from runtime.wire.sampling import top_p_of
 
 
 def request_to_wire(prompt: str, options: GenerationOptions) -> pb.GenerateRequest:
@@ -24,7 +25,7 @@ def options_from_wire(request: pb.GenerateRequest) -> GenerationOptions:
     sampling = request.sampling
     return GenerationOptions(
         max_new_tokens=request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, temperature=sampling.temperature,
-        top_k=sampling.top_k, top_p=sampling.top_p or 1.0, seed=sampling.seed, stop=tuple(request.stop),
+        top_k=sampling.top_k, top_p=top_p_of(sampling), seed=sampling.seed, stop=tuple(request.stop),
         speculative=request.speculative if request.HasField("speculative") else None,
         ignore_eos=request.ignore_eos, chat=request.chat, plain_guesses=request.plain_guesses)
 
