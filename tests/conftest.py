@@ -59,12 +59,20 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in lines[0], result.stderr
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port gave already: the system may offer one again once released
+
+
 def free_port() -> int:
+    """A loopback port free now and not given before in this run, so one cluster file never repeats a port."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def write_cluster(directory: Path, *, bundle: Path | None = None, stages: list[list[int]] | None = None,
