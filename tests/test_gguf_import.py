@@ -18,6 +18,7 @@ from deploy.launcher import LocalCluster
 from runtime.client import Client, Unavailable
 from runtime.core.bundle import load_bundle
 from runtime.core.config import ModelConfig
+from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
 from runtime.local.speculative import generate_speculative
@@ -27,6 +28,10 @@ from tests.conftest import assert_one_line_error, run_speed, write_cluster
 from tests.gguf_writer import TYPES, source_config, write_gguf
 
 PROMPTS = ["To be, or not to be", "Enter a Messenger.", "My lord, 12 ships", "O Romeo, Romeo!"]
+# a file whose every layer matrix is in 4-bit blocks, as llama.cpp's Q4_0 and Q4_1 files are
+FOUR_BIT = {**{part: GGMLQuantizationType.Q4_1 for part in ("attn_q", "attn_k", "attn_v", "ffn_up", "ffn_down")},
+            "attn_output": GGMLQuantizationType.Q4_0, "ffn_gate": GGMLQuantizationType.Q4_0,
+            "token_embd": GGMLQuantizationType.Q8_0}
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +133,7 @@ def test_a_lost_stage_moves_only_to_a_node_holding_its_graph(imported, tmp_path,
                 client.generate(PROMPTS[1], max_new_tokens=4).result()
                 time.sleep(0.2)
 
+
 def test_bad_files_and_stage_counts_are_refused_and_nothing_is_written(source, tiny_bundle, tmp_path):
     path, _ = source
     out = tmp_path / "out"
@@ -160,3 +166,69 @@ def test_an_existing_bundle_directory_is_kept_unless_forced(source, tmp_path):
     out = tmp_path / "bundle"
     out.mkdir()
     assert_one_line_error(run_speed("import", "gguf", str(source[0]), str(out), "--stages", "1"), "already exists")
+
+
+@pytest.fixture(scope="module")
+def four_bit(tiny_bundle, tmp_path_factory) -> tuple[Path, Path, str]:
+    """A 4-bit GGUF file imported twice: float32, and keeping its blocks (and what that import printed)."""
+    tokenizer_json = json.loads((tiny_bundle / "tokenizer.json").read_text())
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("gguf") / "four-bit.gguf"
+    write_gguf(path, SpeedDecoder(source_config(tokenizer_json)), tokenizer_json, types=FOUR_BIT)
+    out = tmp_path_factory.mktemp("imported")
+    for weights in ("f32", "q4"):
+        result = run_speed("import", "gguf", str(path), str(out / weights), "--stages", "3", "--weights", weights)
+        assert result.returncode == 0, result.stderr
+    return out / "f32", out / "q4", result.stderr
+
+
+def test_a_4_bit_import_keeps_the_file_s_blocks_and_computes_what_the_file_says(four_bit):
+    floats, kept, printed = four_bit
+    bundle = load_bundle(kept)
+    made = bundle.manifest["quantization"]
+    assert len(made["kept_from_gguf"]) == 5 * 7 and made["quantized_from_values"] == []
+    assert made["float32"] == ["token_embd.weight"]  # the embedding and tied head
+    assert "kept the file's own blocks of 35 of 35 layer matrices (Q4_0, Q4_1)" in printed
+    assert bundle.quantized
+    # the same numbers as the float32 import of the file, only stored in its 4 bits
+    hidden = np.random.default_rng(0).standard_normal((2, 5, bundle.config.d_model)).astype(np.float32)
+    for graph_float, graph_kept in zip(load_bundle(floats).stage_graphs, bundle.stage_graphs):
+        expected, got = (_run_stage(path, hidden) for path in (graph_float, graph_kept))
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    size = sum(meta["bytes"] for name, meta in bundle.manifest["files"].items() if name.startswith("stage_"))
+    float_size = sum(meta["bytes"] for name, meta in load_bundle(floats).manifest["files"].items()
+                     if name.startswith("stage_"))
+    assert size < float_size / 3
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=0.8, top_p=0.95, seed=5)],
+                         ids=["greedy", "sampled"])
+def test_speculative_decoding_of_a_4_bit_import_equals_its_sequential_decoding(four_bit, sampling):
+    bundle = load_bundle(four_bit[1])
+    model = open_stage_model(bundle)
+    prompts = [bundle.tokenizer().encode(p).ids for p in PROMPTS]
+    sequential = [generate_plain(model, p, max_new_tokens=24, eos_id=-1, sampling=sampling).token_ids for p in prompts]
+    speculative = generate_speculative(model, prompts, max_new_tokens=24, eos_id=-1, sampling=sampling)
+    assert [g.token_ids for g in speculative] == sequential
+
+
+def test_matrices_in_other_types_are_quantized_from_their_values(source, tmp_path):
+    out = tmp_path / "q4"
+    result = run_speed("import", "gguf", str(source[0]), str(out), "--stages", "3", "--weights", "q4")
+    assert result.returncode == 0, result.stderr
+    made = load_bundle(out).manifest["quantization"]
+    assert made["kept_from_gguf"] == [f"blk.{i}.ffn_up.weight" for i in range(5)]  # the file's Q4_1 ones
+    assert "blk.0.attn_k.weight" in made["quantized_from_values"]  # Q8_0 in this file
+    assert "blk.0.ffn_down.weight" in made["quantized_from_values"]  # F16
+
+
+def _run_stage(graph: Path, hidden: np.ndarray) -> np.ndarray:
+    """One stage over new tokens with empty caches."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    feeds = {"hidden": hidden, "cache_length": np.zeros(len(hidden), np.int64)}
+    for spec in session.get_inputs()[2:]:
+        shape = [len(hidden), *[0 if dim == "capacity" else dim for dim in spec.shape[1:]]]
+        feeds[spec.name] = np.zeros(shape, np.float32)
+    return session.run(["hidden_out"], feeds)[0]

@@ -4,6 +4,7 @@ of it gives exactly what sequential decoding of it gives, in one process and thr
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import onnx
@@ -105,4 +106,6 @@ def test_speed_quantize_writes_a_bundle_and_refuses_bad_settings(tmp_path):
     report = json.loads(agreement.stdout)
     assert (report["bundle"], report["source"], report["prompts"]) == ("demo-4x3-int4", "demo-4x3", 20)
     assert 0 <= report["identical_sequences"] <= 20 and 0 <= report["agreeing_fraction"] <= 1
+    loss, uniform = report["held_out_loss"], math.log(load_bundle().config.vocab_size)
+    assert 0 < loss["source"] < uniform / 2 and 0 < loss["bundle"] < uniform / 2  # trained: far below guessing
     assert_one_line_error(run_speed("bench", "--agreement", str(DEFAULT_BUNDLE)), "--agreement SOURCE needs --bundle")

@@ -1,17 +1,22 @@
 """`speed bench --agreement SOURCE`: how closely a bundle (a quantized copy, say) follows the bundle it
-was made from, in greedy tokens over held-out prompts. A measurement, never a promise: once two greedy
-texts part, everything after differs, so both the positions before the first difference and the
-sequences identical to the end are reported."""
+was made from, in greedy tokens over held-out prompts and in loss on held-out text. A measurement, never a
+promise: once two greedy texts part, everything after differs, so both the positions before the first
+difference and the sequences identical to the end are reported."""
 
 from __future__ import annotations
 
 import statistics
 
+import numpy as np
+
+from nodes.kv_cache import KVCache
+from nodes.stage_model import StageModel
 from runtime.core.bundle import Bundle
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
 
 PROMPTS = 20
+LOSS_WINDOWS, LOSS_WINDOW_TOKENS = 8, 128
 # for a chat model: questions of the kind it is asked, none from its training data we know of
 CHAT_PROMPTS = (
     "What is the capital of France?", "Name three primary colours.", "How many legs does a spider have?",
@@ -36,6 +41,31 @@ def held_out_prompts(bundle: Bundle) -> list[str]:
     return [lines[i * step][:60] for i in range(PROMPTS)]
 
 
+def held_out_windows(tokenizer) -> list[list[int]]:
+    """Token windows spread evenly over the works no demo model was trained on."""
+    from runtime.models.corpus import load_shakespeare
+
+    ids = tokenizer.encode("\n".join(load_shakespeare().held_out)).ids
+    step = (len(ids) - LOSS_WINDOW_TOKENS) // LOSS_WINDOWS
+    return [ids[i * step : i * step + LOSS_WINDOW_TOKENS] for i in range(LOSS_WINDOWS)]
+
+
+def held_out_loss(model: StageModel, windows: list[list[int]]) -> float:
+    """Mean next-token cross-entropy in nats, each window read in one pass through every stage."""
+    total, count = 0.0, 0
+    for ids in windows:
+        cache = KVCache(model.config, rows=model.config.n_stages, capacity=len(ids))
+        hidden = model.embed(np.asarray([ids], dtype=np.int64))
+        for stage in range(model.config.n_stages):
+            hidden = model.run_stage(stage, hidden, cache, slice(stage, stage + 1)).hidden
+        logits, _ = model.classify(hidden[0, :-1])  # (T - 1, V): position t predicts token t + 1
+        peak = logits.max(axis=-1, keepdims=True)
+        log_normalizer = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=-1))
+        total += float((log_normalizer - logits[np.arange(len(ids) - 1), ids[1:]]).sum())
+        count += len(ids) - 1
+    return total / count
+
+
 def bench_agreement(bundle: Bundle, source: Bundle, *, new_tokens: int = 64, threads: int = 1) -> dict:
     tokenizer = source.tokenizer()
     prompts = [tokenizer.encode(text).ids for text in held_out_prompts(source)]
@@ -47,6 +77,8 @@ def bench_agreement(bundle: Bundle, source: Bundle, *, new_tokens: int = 64, thr
         same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), new_tokens)
         agreeing.append(same)
         identical += same == new_tokens
+    windows = held_out_windows(tokenizer)
+    loss = {name: round(held_out_loss(model, windows), 4) for name, model in models.items()}
     return {
         "bundle": bundle.manifest["name"],
         "source": source.manifest["name"],
@@ -56,12 +88,15 @@ def bench_agreement(bundle: Bundle, source: Bundle, *, new_tokens: int = 64, thr
         "tokens_before_first_difference": {"mean": round(statistics.mean(agreeing), 1),
                                            "median": statistics.median(agreeing)},
         "agreeing_fraction": round(sum(agreeing) / (new_tokens * len(prompts)), 3),
+        "held_out_loss": {**loss, "windows": len(windows), "tokens_per_window": LOSS_WINDOW_TOKENS},
     }
 
 
 def format_agreement(report: dict) -> str:
-    before = report["tokens_before_first_difference"]
+    before, loss = report["tokens_before_first_difference"], report["held_out_loss"]
     return (f"{report['bundle']} against {report['source']}: greedy, {report['prompts']} held-out prompts x "
             f"{report['new_tokens']} tokens\n  identical to the end: {report['identical_sequences']} of "
             f"{report['prompts']}; tokens before the first difference: mean {before['mean']}, median "
-            f"{before['median']} ({report['agreeing_fraction']:.1%} of all positions)")
+            f"{before['median']} ({report['agreeing_fraction']:.1%} of all positions)\n"
+            f"  held-out loss, nats a token over {loss['windows']} x {loss['tokens_per_window']} tokens: "
+            f"{loss['bundle']:.4f} against {loss['source']:.4f} ({loss['bundle'] - loss['source']:+.4f})")

@@ -53,6 +53,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     q.add_argument("file", type=Path, metavar="FILE")
     q.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="bundle directory to create")
     q.add_argument("--stages", type=whole(1, 1024), required=True, help="pipeline stages, 1 to the layer count")
+    q.add_argument("--weights", choices=["f32", "q4"], default="f32",
+                   help="float32, or 4-bit layers keeping the file's own Q4_0 / Q4_1 blocks (default f32)")
     q.add_argument("--name", help="bundle name (default: the file's name)")
     q.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     q.set_defaults(run=cmd_import_gguf)
@@ -115,7 +117,7 @@ def cmd_models_pull(args: argparse.Namespace) -> None:
 def cmd_import_gguf(args: argparse.Namespace) -> None:
     from runtime.models.gguf_import import import_gguf
 
-    out = import_gguf(args.file, args.out_dir, stages=args.stages, name=args.name, force=args.force,
+    out = import_gguf(args.file, args.out_dir, stages=args.stages, weights=args.weights, name=args.name, force=args.force,
                       progress=lambda line: print(line, file=sys.stderr))
     print(f"wrote bundle {out}")
 

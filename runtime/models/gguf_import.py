@@ -1,14 +1,18 @@
 """`speed import gguf`: a pretrained Llama-family model from a GGUF file, as a bundle whose stages are
 contiguous ranges of its layers (distinct weights: speculation overlaps stages on different nodes).
 
-Weights are dequantized to float32 with PyPI `gguf`; the tokenizer (GPT-2-style byte-level BPE) and
-the chat template are rebuilt from the file's metadata. GGUF stores the query and key rows of every
+Weights are dequantized to float32 with PyPI `gguf` (`--weights f32`), or kept in the file's own 4- and 8-bit
+blocks where ONNX Runtime's MatMulNBits can hold them (`--weights q4|q8`, see gguf_blocks.py), the rest
+quantized from their values; the tokenizer (GPT-2-style byte-level BPE) and the chat template are rebuilt
+from the file's metadata. GGUF stores the query and key rows of every
 head permuted for llama.cpp's interleaved rotary form; they are permuted back here so the model's
 rotate-half form applies unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +23,14 @@ from runtime.core.config import ModelConfig
 from runtime.core.errors import SpeedError
 from runtime.core.staging import check_directory_free, staged_directory
 from runtime.models.decoder import SpeedDecoder
+from runtime.models.export import write_model
+from runtime.models.gguf_blocks import BLOCK, nbits_weight
+from runtime.models.quantize import ACCURACY_LEVEL, Quantization, ort_version, quantize_graph, weight_digest
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 CONTROL_TOKEN = 3  # llama.cpp's token type for special tokens such as <|im_start|>
+IMPORT_WEIGHTS = ("f32", "q4")  # float32, or 4-bit layers keeping the file's Q4_0 and Q4_1 blocks
+DEFAULT_WEIGHTS = "f32"
 
 # GGUF tensor name -> parameter name of runtime.models.decoder.SpeedDecoder ({i} is the layer)
 TENSOR_NAMES = {
@@ -84,32 +93,29 @@ class GGUFModel:
             rope_base=float(self.arch("rope.freq_base", 10000.0)),
             norm_eps=float(self.arch("attention.layer_norm_rms_epsilon")), shared_layers=False)
 
-    def array(self, name: str) -> np.ndarray:
-        """A tensor as float32 in torch's (out, in) order."""
+    def weights(self, cfg: ModelConfig) -> Iterator[Weight]:
+        """Every tensor the decoder needs, dequantized and as stored, in the decoder's row order."""
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        tensor = self.tensors.get(name)
-        if tensor is None:
-            raise SpeedError(f"{self.path}: tensor {name} is missing; is this a complete model file?")
-        try:
-            return dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
-        except NotImplementedError:
-            kind = GGMLQuantizationType(tensor.tensor_type).name
-            raise SpeedError(f"{self.path}: tensor {name} is of type {kind}, which cannot be dequantized here; "
-                             "use a file quantized as F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or a K-quant"
-                             ) from None
-
-    def state_dict(self, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-        state = {}
-        for gguf_name, name in TENSOR_NAMES.items():
-            for i in range(cfg.n_distinct_layers) if "{i}" in gguf_name else [None]:
-                weight = self.array(gguf_name.format(i=i))
-                if gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
-                    heads = cfg.n_heads if "attn_q" in gguf_name else cfg.n_kv_heads
-                    weight = unpermute_rotary_rows(weight, heads)
-                state[name.format(i=i)] = torch.from_numpy(np.array(weight))  # writable: torch needs it
-        return state
+        for gguf_pattern, name_pattern in TENSOR_NAMES.items():
+            for i in range(cfg.n_distinct_layers) if "{i}" in gguf_pattern else [None]:
+                gguf_name = gguf_pattern.format(i=i)
+                tensor = self.tensors.get(gguf_name)
+                if tensor is None:
+                    raise SpeedError(f"{self.path}: tensor {gguf_name} is missing; is this a complete model file?")
+                kind = GGMLQuantizationType(tensor.tensor_type).name
+                try:
+                    values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+                except NotImplementedError:
+                    raise SpeedError(f"{self.path}: tensor {gguf_name} is of type {kind}, which cannot be dequantized "
+                                     "here; use a file quantized as F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or a "
+                                     "K-quant") from None
+                stored = tensor.data
+                if gguf_pattern.endswith(("attn_q.weight", "attn_k.weight")):
+                    heads = cfg.n_heads if "attn_q" in gguf_pattern else cfg.n_kv_heads
+                    values, stored = unpermute_rotary_rows(values, heads), unpermute_rotary_rows(stored, heads)
+                yield Weight(gguf_name, name_pattern.format(i=i), kind, values, stored)
 
     def tokenizer(self):
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -130,35 +136,75 @@ class GGUFModel:
         return tokenizer
 
 
+@dataclass(frozen=True)
+class Weight:
+    gguf_name: str
+    parameter: str  # the decoder's parameter name
+    kind: str  # GGML type: F32, Q4_1, ...
+    values: np.ndarray  # float32, (out, in) for a matrix
+    stored: np.ndarray  # as the file stores it: for a block type, one row of bytes per output channel
+
+
 def unpermute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's per-head (half, pair) -> (pair, half) row permutation of query/key weights."""
-    rows, cols = weight.shape
-    return weight.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+    """Undo llama.cpp's per-head (half, pair) -> (pair, half) row permutation of query/key weights
+    (rows of values or rows of quantized blocks alike)."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def import_gguf(path: Path, out_dir: Path, *, stages: int, name: str | None = None, force: bool = False,
-                progress=print) -> Path:
-    from runtime.models.export import write_model
-
+def import_gguf(path: Path, out_dir: Path, *, stages: int, weights: str = DEFAULT_WEIGHTS, name: str | None = None,
+                force: bool = False, progress=print) -> Path:
+    """The GGUF file at `path` as a bundle: float32, or 4-bit layers keeping the file's own blocks."""
+    if weights not in IMPORT_WEIGHTS:
+        raise SpeedError(f"--weights must be one of {', '.join(IMPORT_WEIGHTS)}, got {weights!r}")
     check_directory_free(out_dir, force=force)
     model_file = GGUFModel(Path(path))
     cfg = model_file.config(stages)
+    tensors = list(model_file.weights(cfg))  # every tensor read: a bad one fails before any output
     model = SpeedDecoder(cfg)
-    model.load_state_dict(model_file.state_dict(cfg))  # every tensor read: a bad one fails before any output
+    model.load_state_dict({w.parameter: torch.from_numpy(np.array(w.values)) for w in tensors})  # writable copies
     model.eval()
-    tokenizer = model_file.tokenizer()
     split = " + ".join(str(len(cfg.stage_layers(s))) for s in range(stages))
     progress(f"{model_file.value('general.name', path.stem)}: {cfg.n_distinct_layers} layers as {stages} stage(s) of "
              f"{split} layers, d={cfg.d_model}, vocabulary {cfg.vocab_size}")
     with staged_directory(out_dir, force=force) as staging:
         progress("exporting the stage graphs to ONNX ...")
         stage_files = write_model(model, staging)
-        tokenizer.save(str(staging / TOKENIZER_FILE))
+        kept = {} if weights == "f32" else _keep_4bit_blocks(tensors, staging, sorted(set(stage_files)), progress)
+        model_file.tokenizer().save(str(staging / TOKENIZER_FILE))
         write_manifest(
             staging, name=name or path.stem, model_config=cfg, stage_graphs=stage_files,
             eos_token_id=int(model_file.value("tokenizer.ggml.eos_token_id")),
             bos_token_id=int(model_file.value("tokenizer.ggml.bos_token_id", -1)),
             chat_template=model_file.value("tokenizer.chat_template", ""),
             source={"gguf": path.name, "sha256": sha256_of(path), "architecture": model_file.architecture},
+            **kept,
         )
     return out_dir
+
+
+def _keep_4bit_blocks(tensors: list[Weight], out_dir: Path, stage_graphs: list[str], progress) -> dict:
+    """Rewrite the stage graphs with the file's own 4-bit blocks, every other layer matrix quantized to int4
+    from its values; the embedding and tied head stay float32 (int4 heads garbled SmolLM2's answers).
+    Returns the manifest entries that record it."""
+    layer_matrices = [w for w in tensors if w.values.ndim == 2 and w.parameter.startswith("layers.")]
+    digests = [weight_digest(w.values.T) for w in layer_matrices]  # the graphs hold weights as (in, out)
+    known = {digest: blocks for digest, w in zip(digests, layer_matrices)
+             if (blocks := nbits_weight(w.kind, w.stored)) is not None}
+    settings = Quantization("int4")
+    for graph in stage_graphs:
+        progress(f"writing {graph} with the file's 4-bit blocks ...")
+        quantize_graph(out_dir / graph, out_dir / graph, settings, known)
+    kept = [w for digest, w in zip(digests, layer_matrices) if digest in known]
+    again = sorted(w.gguf_name for digest, w in zip(digests, layer_matrices) if digest not in known)
+    float32 = sorted(w.gguf_name for w in tensors if w.values.ndim == 2 and not w.parameter.startswith("layers."))
+    kinds = ", ".join(sorted({w.kind for w in kept})) or "none"
+    progress(f"kept the file's own blocks of {len(kept)} of {len(layer_matrices)} layer matrices ({kinds})"
+             + (f"; quantized to int4 from their values: {', '.join(again)}" if again else "")
+             + f"; float32: {', '.join(float32)}")
+    return {"dtype": "int4 layer weights (MatMulNBits) from the GGUF file's own blocks; float32 embedding, head, "
+                     "activations and caches",
+            "quantization": {"weights": "int4", "block_size": BLOCK, "accuracy_level": ACCURACY_LEVEL,
+                             "tool": f"GGUF blocks kept; onnxruntime {ort_version()} MatMulNBitsQuantizer for others",
+                             "kept_from_gguf": sorted(w.gguf_name for w in kept), "quantized_from_values": again,
+                             "float32": float32}}

@@ -4,7 +4,8 @@ Every MatMul with a constant weight, in the stage graphs and the head (the tied 
 ONNX Runtime's block-quantized MatMulNBits, made by `onnxruntime.quantization`'s n-bit quantizer: per block
 of `block_size` input channels, one float32 scale and one zero point (asymmetric). The embedding table,
 which the stage-0 node reads row by row, is stored as int8 with one scale per row. Activations, norms,
-attention and the KV caches stay float32.
+attention and the KV caches stay float32. Weights quantized already (a GGUF file's 4-bit blocks) are written
+as they are (`quantize_graph`'s known weights), not quantized a second time.
 
 A quantized bundle is a different model from its source: speculative decoding of it equals sequential
 decoding of it token for token, as for any bundle; how closely it follows the float32 source is
@@ -13,6 +14,7 @@ measured, not promised.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import tempfile
@@ -25,6 +27,7 @@ import numpy as np
 from runtime.core.bundle import EMBEDDING_Q8_FILE, EMBEDDING_SCALES_FILE, Bundle, load_bundle, write_manifest
 from runtime.core.errors import SpeedError
 from runtime.core.staging import check_directory_free, staged_directory
+from runtime.models.gguf_blocks import BLOCK, NBitsWeight
 
 WEIGHTS = {"int4": 4, "int8": 8}
 # MatMulNBits computes in float32 (accuracy level 1). Level 4 (int8 activations) was measured 2.5x faster on
@@ -64,7 +67,7 @@ def quantize_bundle(source: Path, out_dir: Path, settings: Quantization, *, forc
         graphs = sorted({path.name for path in bundle.stage_graphs}) + [bundle.head_graph.name]
         for name in graphs:
             progress(f"quantizing {name} to {settings.weights} ...")
-            _quantize_graph(bundle.path / name, staging / name, settings)
+            quantize_graph(bundle.path / name, staging / name, settings)
         progress("storing the embedding table as int8 rows ...")
         _write_int8_rows(bundle.embedding(), staging)
         carried = _carry_other_files(bundle, staging, skip={*graphs, bundle.manifest["embedding"]["file"]})
@@ -77,15 +80,17 @@ def quantize_bundle(source: Path, out_dir: Path, settings: Quantization, *, forc
                        "dtype": "int8", "row_scales": EMBEDDING_SCALES_FILE},
             quantization={"weights": settings.weights, "block_size": settings.block_size,
                           "accuracy_level": ACCURACY_LEVEL, "symmetric": False,
-                          "tool": f"onnxruntime {_ort_version()} MatMulNBitsQuantizer",
+                          "tool": f"onnxruntime {ort_version()} MatMulNBitsQuantizer",
                           "source": {"name": bundle.manifest["name"], "sha256": bundle.sha256},
                           "carried_unchanged": carried})
     return out_dir
 
 
-def _quantize_graph(path: Path, out: Path, settings: Quantization) -> None:
+def quantize_graph(path: Path, out: Path, settings: Quantization, known: dict[bytes, NBitsWeight] | None = None
+                   ) -> set[bytes]:
     """Fold the weight transposes first (the exported graphs keep them), so every weight is a constant
-    MatMul input the quantizer can replace."""
+    MatMul input; write the `known` ones (by weight_digest) as they are, let ONNX Runtime's quantizer replace
+    the rest, and return the digests of the known weights used."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -93,13 +98,74 @@ def _quantize_graph(path: Path, out: Path, settings: Quantization) -> None:
         folded = Path(scratch) / "folded.onnx"
         _fold_constants(path, folded)
         model = onnx.load(str(folded))
+    used, offset_products = _write_known_weights(model, known or {})
     quantizer = MatMulNBitsQuantizer(model, bits=WEIGHTS[settings.weights], block_size=settings.block_size,
-                                     is_symmetric=False, accuracy_level=ACCURACY_LEVEL)
+                                     is_symmetric=False, accuracy_level=ACCURACY_LEVEL,
+                                     nodes_to_exclude=offset_products)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one line per MatMul otherwise
     quantizer.process()
     if not any(node.op_type == "MatMulNBits" for node in quantizer.model.model.graph.node):
         raise SpeedError(f"{path.name} has no weight matrix ONNX Runtime's quantizer can replace")
     quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+    return used
+
+
+def _write_known_weights(model, known: dict[bytes, NBitsWeight]) -> tuple[set[bytes], list[str]]:
+    """Replace every MatMul whose constant weight is known by MatMulNBits over its blocks (plus, for blocks
+    with offsets, the product of the input's block sums and the offsets). Returns the digests used and the
+    names of the float MatMuls added, which must stay float."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    used, replaced, nodes, offset_products = set(), set(), [], []
+    for node in graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
+        digest = weight_digest(numpy_helper.to_array(weight)) if weight is not None else None
+        blocks = known.get(digest)
+        if blocks is None:
+            nodes.append(node)
+            continue
+        K, N = blocks.shape
+        name, (x,), (y,) = weight.name, node.input[:1], node.output
+        arrays = {f"{name}_Q4": blocks.packed, f"{name}_scales": blocks.scales}
+        if blocks.offsets is None:
+            nodes.append(_matmul_nbits(x, arrays, y, K, N))
+        else:
+            arrays[f"{name}_zero_points"] = np.zeros((N, (K // BLOCK + 1) // 2), np.uint8)  # two 4-bit zeros a byte
+            sums = f"block_sums_{K}"
+            if sums not in initializers:  # (K, K / 32): 1 where input channel k is in block b
+                initializers[sums] = numpy_helper.from_array(np.repeat(np.eye(K // BLOCK, dtype=np.float32), BLOCK, 0), sums)
+                graph.initializer.append(initializers[sums])
+            graph.initializer.append(numpy_helper.from_array(blocks.offsets, f"{name}_offsets"))
+            offset_products += [f"{name}_block_sums", f"{name}_offsets"]
+            nodes += [_matmul_nbits(x, arrays, f"{y}_scaled", K, N),
+                      helper.make_node("MatMul", [x, sums], [f"{y}_block_sums"], name=offset_products[-2]),
+                      helper.make_node("MatMul", [f"{y}_block_sums", f"{name}_offsets"], [f"{y}_offsets"],
+                                       name=offset_products[-1]),
+                      helper.make_node("Add", [f"{y}_scaled", f"{y}_offsets"], [y])]
+        graph.initializer.extend(numpy_helper.from_array(array, key) for key, array in arrays.items())
+        used.add(digest)
+        replaced.add(name)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    for tensor in [tensor for tensor in graph.initializer if tensor.name in replaced]:
+        graph.initializer.remove(tensor)  # each folded weight feeds one MatMul
+    if replaced and not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return used, offset_products
+
+
+def _matmul_nbits(x: str, arrays: dict[str, np.ndarray], y: str, K: int, N: int):
+    from onnx import helper
+
+    return helper.make_node("MatMulNBits", [x, *arrays], [y], domain="com.microsoft", K=K, N=N, bits=4,
+                            block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)
+
+
+def weight_digest(weight: np.ndarray) -> bytes:
+    """Identifies a float32 weight matrix as a graph stores it, (K, N)."""
+    return hashlib.sha256(np.ascontiguousarray(weight, dtype=np.float32).tobytes()).digest()
 
 
 def _fold_constants(path: Path, out: Path) -> None:
@@ -131,7 +197,7 @@ def _carry_other_files(bundle: Bundle, out_dir: Path, *, skip: set[str]) -> list
     return sorted(carried)
 
 
-def _ort_version() -> str:
+def ort_version() -> str:
     import onnxruntime as ort
 
     return ort.__version__
