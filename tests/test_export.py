@@ -60,3 +60,13 @@ def test_onnx_logits_match_torch_at_every_stage(models):
 
 def test_onnx_and_torch_give_the_same_tokens_on_many_prompts(models):
     assert_backends_agree(*models, max_new_tokens=24)
+
+
+def test_stage_graphs_rotate_with_onnx_runtimes_fused_kernel(tiny_bundle):
+    """One fused RotaryEmbedding for the queries and one for the keys of each layer, reading constant tables: no
+    cos or sin computed per call (the tests above check that the fused graph computes what torch does)."""
+    layers = len(load_bundle(tiny_bundle).config.stage_layers(0))
+    graph = onnx.load(str(tiny_bundle / "stage.onnx"), load_external_data=False).graph
+    fused = [n for n in graph.node if (n.domain, n.op_type) == ("com.microsoft", "RotaryEmbedding")]
+    assert len(fused) == 2 * layers
+    assert not [n for n in graph.node if n.op_type in ("Cos", "Sin")]

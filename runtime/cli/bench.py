@@ -20,7 +20,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", action="store_true", help="plain decoding: onnx vs torch, context 32 vs 512")
     p.add_argument("--local", action="store_true", help="sequential vs speculative decoding in one process")
     p.add_argument("--agreement", type=Path, metavar="SOURCE",
-                   help="greedy tokens of --bundle against the bundle SOURCE it was made from (e.g. by speed quantize)")
+                   help="greedy tokens and held-out loss of --bundle against the bundle SOURCE it was made from "
+                        "(e.g. by speed quantize)")
     p.add_argument("--bundle", type=Path, help="bundle directory (default: the shipped demo-4x3 model)")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--clients", type=whole(1, 1000), metavar="N",

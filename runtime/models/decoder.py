@@ -7,7 +7,11 @@ hidden state after any stage. An imported pretrained model uses the same code wi
 
 Decoding caches store keys transposed, (B, Hkv, hd, C), so `q @ k` needs no transpose of the
 whole cache, and a step attends to the cache and to its own new tokens separately, so the cache
-is never concatenated: a step costs O(new tokens) in copies whatever the context length.
+is never concatenated: a step costs O(new tokens) in copies whatever the context length. A decoding
+step is written in as few operators as the exported graph can have, since at one token per row ONNX
+Runtime's cost per operator is a large share of a step: the rotary embedding is one operator
+(`rotate_at_positions`, exported as ONNX Runtime's fused RotaryEmbedding), and which cache entries and
+new tokens each query sees is one additive mask built once per stage, not two masks per layer.
 """
 
 from __future__ import annotations
@@ -33,6 +37,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+@torch.library.custom_op("speed::rotate_at_positions", mutates_args=())
+def rotate_at_positions(x: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor,
+                        sin_table: torch.Tensor) -> torch.Tensor:
+    """apply_rotary to x (B, h, T, hd) at integer positions (B, T), with cos and sin read from tables
+    (positions, hd/2). One operator, so that the export can map it onto a fused kernel."""
+    return apply_rotary(x, cos_table[positions][:, None], sin_table[positions][:, None])
+
+
+@rotate_at_positions.register_fake
+def _(x, positions, cos_table, sin_table):
+    return x.new_empty(x.shape)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -54,15 +71,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, past=None):
+    def forward(self, x, rotate, past=None):
         """x (B, T, d) -> (B, T, d), new keys (B, Hkv, hd, T), new values (B, Hkv, T, hd).
 
+        rotate: the rotary embedding at the tokens' positions, (B, h, T, hd) -> (B, h, T, hd).
         past: None for a whole causal sequence (training), else (keys (B, Hkv, hd, C),
-        values (B, Hkv, C, hd), mask (B, 1, 1, C) of the cache entries each row may see).
+        values (B, Hkv, C, hd), mask (B, 1, rep*T, C+T) from SpeedDecoder.attention_mask).
         """
         B, T, _ = x.shape
-        q = apply_rotary(self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B,H,T,hd)
-        k = apply_rotary(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B,Hkv,T,hd)
+        q = rotate(self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2))  # (B,H,T,hd)
+        k = rotate(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))  # (B,Hkv,T,hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B,Hkv,T,hd)
         if past is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B,H,T,hd)
@@ -71,14 +89,12 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.wo(y), k.transpose(-1, -2), v
 
-    def _attend_with_cache(self, q, k, v, cache_keys, cache_values, cache_mask):
+    def _attend_with_cache(self, q, k, v, cache_keys, cache_values, mask):
         B, H, T, hd = q.shape
         rep = H // self.n_kv_heads
         qg = q.reshape(B, self.n_kv_heads, rep * T, hd) * hd**-0.5  # query heads grouped by their KV head
-        scores_cache = (qg @ cache_keys).masked_fill(~cache_mask, float("-inf"))  # (B,Hkv,rep*T,C)
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril().repeat(rep, 1)  # (rep*T, T)
-        scores_new = (qg @ k.transpose(-1, -2)).masked_fill(~causal, float("-inf"))  # (B,Hkv,rep*T,T)
-        probs = torch.cat([scores_cache, scores_new], dim=-1).softmax(dim=-1)
+        scores = torch.cat([qg @ cache_keys, qg @ k.transpose(-1, -2)], dim=-1) + mask  # (B,Hkv,rep*T,C+T)
+        probs = scores.softmax(dim=-1)
         C = cache_keys.shape[-1]
         y = probs[..., :C] @ cache_values + probs[..., C:] @ v  # (B,Hkv,rep*T,hd)
         return y.reshape(B, H, T, hd)
@@ -105,8 +121,8 @@ class Layer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, past=None):
-        h, new_keys, new_values = self.attn(self.attn_norm(x), cos, sin, past)
+    def forward(self, x, rotate, past=None):
+        h, new_keys, new_values = self.attn(self.attn_norm(x), rotate, past)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), new_keys, new_values
 
@@ -119,6 +135,10 @@ class SpeedDecoder(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_distinct_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.apply(self._init_weights)
+        # cos and sin (context_length, hd/2) of every position, for decoding steps; not parameters, so
+        # neither in checkpoints nor in the state_dict, and exported as constants
+        cos, sin = rotary_tables(torch.arange(cfg.context_length)[None], cfg.head_dim, cfg.rope_base)
+        self.position_tables = cos[0, 0], sin[0, 0]
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -142,7 +162,7 @@ class SpeedDecoder(nn.Module):
         hiddens = []
         for stage in range(self.cfg.n_stages):
             for layer in self.stage_modules(stage):
-                x, _, _ = layer(x, cos, sin)
+                x, _, _ = layer(x, lambda t: apply_rotary(t, cos, sin))
             hiddens.append(x)
         return hiddens
 
@@ -157,17 +177,26 @@ class SpeedDecoder(nn.Module):
         cache_values[l] (B, Hkv, C, hd) per layer l of the stage. Returns hidden (B, T, d), and per
         layer the new keys (B, Hkv, hd, T) and values (B, Hkv, T, hd) for the caller to append.
         """
-        B, T, _ = hidden.shape
-        C = cache_keys[0].shape[-1]
+        T = hidden.shape[1]
         positions = cache_length[:, None] + torch.arange(T, device=hidden.device)  # (B, T)
-        cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_base)
-        cache_mask = (torch.arange(C, device=hidden.device) < cache_length[:, None]).view(B, 1, 1, C)
+        cos, sin = self.position_tables
+        mask = self.attention_mask(cache_length, cache_keys[0].shape[-1], T)
         new_keys, new_values = [], []
         for layer, keys, values in zip(self.stage_modules(stage), cache_keys, cache_values):
-            hidden, k, v = layer(hidden, cos, sin, (keys, values, cache_mask))
+            hidden, k, v = layer(hidden, lambda t: rotate_at_positions(t, positions, cos, sin), (keys, values, mask))
             new_keys.append(k)
             new_values.append(v)
         return hidden, new_keys, new_values
+
+    def attention_mask(self, cache_length: torch.Tensor, capacity: int, new_tokens: int) -> torch.Tensor:
+        """(B, 1, rep*T, C+T), added to the scores of Attention._attend_with_cache: 0 where a query may
+        look (its row's first cache_length cache entries, the new tokens up to its own), -inf elsewhere."""
+        B, T, C = cache_length.shape[0], new_tokens, capacity
+        rep = self.cfg.n_heads // self.cfg.n_kv_heads
+        device = cache_length.device
+        cached = (torch.arange(C, device=device) < cache_length[:, None]).view(B, 1, 1, C).expand(B, 1, rep * T, C)
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril().repeat(rep, 1).expand(B, 1, rep * T, T)
+        return torch.where(torch.cat([cached, causal], dim=-1), 0.0, float("-inf"))
 
 
 def stage_loss_weights(n_stages: int) -> list[float]:

@@ -7,10 +7,12 @@ Graphs (B rows, T new tokens, C cache capacity, L layers per stage; all float32)
            -> hidden_out (B, T, d), new_key_{l} (B, Hkv, hd, T), new_value_{l} (B, Hkv, T, hd)
   head.onnx   hidden (N, d) -> logits (N, V), token (N,) int64 (greedy argmax)
 The caller owns the caches: it passes them whole (no copy) and writes the new entries at
-cache_length itself. Graphs are exported unoptimized so initializers keep their torch parameter
-names (ONNX Runtime folds the weight transposes when it loads them). The embedding table is stored
-once, as raw little-endian float32 in embedding.bin, and head.onnx reads its tied LM-head weight
-from that same file.
+cache_length itself. The rotary embedding of the queries and keys is ONNX Runtime's fused
+com.microsoft RotaryEmbedding (one operator instead of eight); its cos and sin tables cover the
+model's context, so a position beyond it is an error. Graphs are exported unoptimized so
+initializers keep their torch parameter names (ONNX Runtime folds the weight transposes when it
+loads them). The embedding table is stored once, as raw little-endian float32 in embedding.bin,
+and head.onnx reads its tied LM-head weight from that same file.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxscript
 import torch
+from onnx.defs import OpSchema
 from onnx.external_data_helper import set_external_data
 from torch import nn
 
@@ -35,6 +39,21 @@ from runtime.models.tokenizer import eos_id
 
 OPSET = 20
 EMBEDDING_WEIGHT = "model.embedding.weight"  # initializer names are the torch parameter names
+
+# ONNX Runtime's own operator, declared here because the onnx package does not know its domain
+_FUSED_ROTARY = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "RotaryEmbedding", OpSchema(
+    "RotaryEmbedding", "com.microsoft", 1,
+    inputs=[OpSchema.FormalParameter(name, kind) for name, kind in
+            [("input", "T"), ("position_ids", "M"), ("cos_cache", "T"), ("sin_cache", "T")]],
+    outputs=[OpSchema.FormalParameter("output", "T")],
+    type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int64)"], "")],
+    attributes=[OpSchema.Attribute("interleaved", OpSchema.AttrType.INT, "")],
+))
+
+
+def _fused_rotary(x, positions, cos_table, sin_table):
+    """decoder.rotate_at_positions: x (B, h, T, hd), rotate-half pairs (not interleaved)."""
+    return _FUSED_ROTARY(x, positions, cos_table, sin_table, interleaved=0)
 
 
 class StageGraph(nn.Module):
@@ -120,6 +139,7 @@ def _export(module, args, path, dynamic_shapes, input_names, output_names) -> No
         torch.onnx.export(
             module.eval(), args, str(path), dynamo=True, opset_version=OPSET, external_data=False, optimize=False,
             dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names, verbose=False,
+            custom_translation_table={torch.ops.speed.rotate_at_positions.default: _fused_rotary},
         )
 
 

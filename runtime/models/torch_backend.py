@@ -16,14 +16,17 @@ PARAMETER_PREFIX = "model."  # the export wraps the decoder as `model`
 
 
 def model_from_bundle(bundle: Bundle) -> SpeedDecoder:
-    """Load the stage and head initializers, which carry the torch parameter names."""
+    """Load the stage and head initializers, which carry the torch parameter names (the other constants the
+    export names after the layer that reads them, such as the rotary tables, are not parameters)."""
+    model = SpeedDecoder(bundle.config)
+    parameters = model.state_dict().keys()
     state = {"embedding.weight": torch.from_numpy(np.array(bundle.embedding()))}
     for path in (*sorted(set(bundle.stage_graphs)), bundle.head_graph):
         graph = onnx.load(str(path), load_external_data=False).graph
         for tensor in graph.initializer:
-            if tensor.name.startswith(PARAMETER_PREFIX) and tensor.data_location != onnx.TensorProto.EXTERNAL:
-                state[tensor.name.removeprefix(PARAMETER_PREFIX)] = torch.from_numpy(numpy_helper.to_array(tensor).copy())
-    model = SpeedDecoder(bundle.config)
+            name = tensor.name.removeprefix(PARAMETER_PREFIX)
+            if name in parameters and tensor.data_location != onnx.TensorProto.EXTERNAL:
+                state[name] = torch.from_numpy(numpy_helper.to_array(tensor).copy())
     model.load_state_dict(state)
     return model.eval()
 
