@@ -23,11 +23,16 @@ QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory) -> Path:
+def gguf_file(tmp_path_factory) -> str:
     pulled = run_speed("models", "pull", "smollm2-135m", "--cache", str(tmp_path_factory.mktemp("models")))
     assert pulled.returncode == 0, pulled.stderr
+    return pulled.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def smollm2(gguf_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "smollm2-135m"
-    imported = run_speed("import", "gguf", pulled.stdout.strip(), str(out), "--stages", "3", timeout=900)
+    imported = run_speed("import", "gguf", gguf_file, str(out), "--stages", "3", timeout=900)
     assert imported.returncode == 0, imported.stderr
     assert "30 layers as 3 stage(s) of 10 + 10 + 10 layers" in imported.stderr
     return out
@@ -72,3 +77,21 @@ def test_the_three_node_cluster_gives_the_reference_tokens(smollm2, tmp_path, st
             result = client.generate(QUESTION, chat=True, max_new_tokens=12, speculative=speculative).result()
             assert result.token_ids == expected
             assert "Paris" in result.text
+
+
+def test_keeping_the_file_s_4_bit_blocks_gives_the_float32_import_s_answers(gguf_file, smollm2, tmp_path):
+    out = tmp_path / "smollm2-135m-q4"
+    imported = run_speed("import", "gguf", gguf_file, str(out), "--stages", "3", "--weights", "q4", timeout=900)
+    assert imported.returncode == 0, imported.stderr
+    assert "kept the file's own blocks of 210 of 210 layer matrices (Q4_1)" in imported.stderr
+    result = run_speed("reference", "--bundle", str(out), "--chat", "--json", "--max-new-tokens", "16", QUESTION)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in json.loads(result.stdout)["text"]
+    kept, floats = load_bundle(out), load_bundle(smollm2)
+    assert sum(m["bytes"] for m in kept.manifest["files"].values()) < 0.4 * sum(
+        m["bytes"] for m in floats.manifest["files"].values())
+    kept_model, float_model = open_stage_model(kept), open_stage_model(floats)
+    for question in ["Name three colours.", "Why is the sky blue?", "Write a haiku about rain."]:
+        ids = floats.tokenizer().encode(floats.prompt_text(question, chat=True)).ids
+        assert (generate_plain(kept_model, ids, max_new_tokens=24, eos_id=-1).token_ids
+                == generate_plain(float_model, ids, max_new_tokens=24, eos_id=-1).token_ids), question
