@@ -168,8 +168,8 @@ class TickExecutor:
         predictions = {}
         for i, item in enumerate(items):
             sampling = self._sampling[item.seq_id]
-            if item.final_token and not sampling.greedy:
-                predictions[(item.seq_id, item.start)] = choose_token(logits[i], sampling, item.start + item.length)
-            else:
-                predictions[(item.seq_id, item.start)] = int(greedy[i])
+            # a guess of a sampled sequence is the draw the last stage will make at that position, with the
+            # same random number, from the early distribution: it agrees whenever the two are close
+            predictions[(item.seq_id, item.start)] = (int(greedy[i]) if sampling.greedy else
+                                                      choose_token(logits[i], sampling, item.start + item.length))
         return predictions

@@ -91,6 +91,16 @@ def test_bench_local_prints_speedup_and_cost_model_as_json(tiny_bundle):
     assert report["speedup"] > 0 and report["predicted_speedup"] > 0
     assert len(report["flips_per_boundary"]) == 2
     assert report["steps_per_token"]["measured"] >= 1
+    assert report["temperature"] == 0
+
+
+def test_bench_local_samples_with_temperature(tiny_bundle):
+    result = run_speed("bench", "--local", "--bundle", str(tiny_bundle), "--new-tokens", "6", "--repeats", "1",
+                       "--temperature", "0.8")
+    assert result.returncode == 0, result.stderr
+    assert "sampled at temperature 0.8" in result.stdout
+    assert_one_line_error(run_speed("bench", "--agreement", str(tiny_bundle), "--bundle", str(tiny_bundle),
+                                    "--temperature", "0.8"), "--temperature applies to")
 
 
 def test_bench_without_a_mode_says_what_to_choose():

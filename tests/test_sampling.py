@@ -19,6 +19,24 @@ def test_a_draw_depends_only_on_seed_and_position():
     assert draws != [choose_token(LOGITS, SamplingParams(temperature=1.0, seed=43), p) for p in range(50)]
 
 
+def test_draws_follow_the_distribution():
+    logits = np.array([2.0, 1.0, 0.5, -1.0, 0.0])
+    params = SamplingParams(temperature=0.8, seed=9)
+    draws = np.bincount([choose_token(logits, params, position) for position in range(20_000)], minlength=5)
+    expected = np.exp(logits / 0.8) / np.exp(logits / 0.8).sum()
+    np.testing.assert_allclose(draws / draws.sum(), expected, atol=0.01)
+
+
+def test_close_distributions_drawn_at_one_position_mostly_agree():
+    """What makes a sampled speculative guess worth sending: the early stage's draw from a distribution
+    close to the last stage's is usually the same token."""
+    rng = np.random.default_rng(1)
+    params = SamplingParams(temperature=1.0, seed=3)
+    nearby = LOGITS + rng.normal(scale=0.1, size=LOGITS.shape).astype(np.float32)
+    agree = np.mean([choose_token(LOGITS, params, p) == choose_token(nearby, params, p) for p in range(2000)])
+    assert agree > 0.9
+
+
 def test_top_k_and_top_p_restrict_the_choice():
     top5 = set(np.argsort(-LOGITS)[:5].tolist())
     assert {choose_token(LOGITS, SamplingParams(temperature=2.0, top_k=5), p) for p in range(200)} <= top5

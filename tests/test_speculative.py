@@ -51,6 +51,19 @@ def test_speculative_equals_sequential_on_50_prompts(demo, prompt_ids, sampling)
     assert sum(s.stats.ticks for s in speculative) < sum(s.stats.ticks for s in sequential)
 
 
+def test_sampled_guesses_flip_about_as_rarely_as_greedy_ones(demo, prompt_ids):
+    """Early stages guess with the draw the last stage will make (same random numbers, their own
+    distribution), so sampling at 0.8 speculates nearly as well as greedy decoding (argmax guesses of a
+    sampled text flipped 58% at the last boundary)."""
+    bundle, model = demo
+    flips = {}
+    for name, sampling in [("greedy", SamplingParams()), ("sampled", SamplingParams(temperature=0.8, seed=7))]:
+        generations = generate_speculative(model, prompt_ids[:12], max_new_tokens=64, eos_id=-1, sampling=sampling)
+        flips[name] = [sum(g.stats.flips_per_boundary[b] for g in generations) / len(generations) for b in (0, 1)]
+    assert flips["sampled"][1] < 2 * flips["greedy"][1] + 0.05, flips
+    assert flips["sampled"][0] < 2 * flips["greedy"][0] + 0.05, flips
+
+
 def test_batched_greedy_equals_the_plain_reference(demo, prompt_ids):
     bundle, model = demo
     speculative = generate_speculative(model, prompt_ids, max_new_tokens=64, eos_id=bundle.eos_token_id)

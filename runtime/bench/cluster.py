@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from deploy.launcher import LocalCluster
-from runtime.bench.local import LOCAL_PROMPTS
+from runtime.bench.local import LOCAL_PROMPTS, sampled
 from runtime.client import Client
 from runtime.core.bundle import load_bundle
+from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
 
@@ -31,7 +32,7 @@ CHAT_PROMPTS = (
 
 
 def bench_cluster(cluster_path: Path, *, new_tokens: int = 128, repeats: int = 3,
-                  emulated_link_ms: float | None = None) -> dict:
+                  emulated_link_ms: float | None = None, sampling: SamplingParams = GREEDY) -> dict:
     cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms)
     bundle = load_bundle(cluster.spec.bundle)
     model = open_stage_model(bundle, threads=1)
@@ -50,10 +51,11 @@ def bench_cluster(cluster_path: Path, *, new_tokens: int = 128, repeats: int = 3
         for _ in range(repeats):
             for prompt in prompts:
                 ids = tokenizer.encode(bundle.prompt_text(prompt, chat=chat)).ids
-                rates["reference"].append(generate_plain(model, ids, max_new_tokens=new_tokens, eos_id=-1).tokens_per_s)
+                rates["reference"].append(generate_plain(model, ids, max_new_tokens=new_tokens, eos_id=-1,
+                                                         sampling=sampling).tokens_per_s)
                 for mode, options in modes.items():
                     result = client.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True, chat=chat,
-                                             **options).result()
+                                             temperature=sampling.temperature, seed=sampling.seed, **options).result()
                     rates[mode].append(result.tokens_per_s)
                     ticks[mode] += result.stats.ticks
                     committed[mode] += result.stats.committed
@@ -66,6 +68,7 @@ def bench_cluster(cluster_path: Path, *, new_tokens: int = 128, repeats: int = 3
         "nodes": len(cluster.spec.nodes),
         "emulated_link_ms": {node.name: node.emulated_link_ms if emulated_link_ms is None else emulated_link_ms
                              for node in cluster.spec.nodes},
+        "temperature": sampling.temperature,
         "new_tokens": new_tokens,
         "runs": runs,
         "reference_tokens_per_s": round(median["reference"], 1),
@@ -88,7 +91,7 @@ def format_cluster(report: dict) -> str:
     link = "no emulated latency" if links == [0] else f"EMULATED one-way link latency {', '.join(map(str, links))} ms"
     lines = [
         f"cluster {report['cluster']} ({report['bundle']}, {report['nodes']} nodes, {link}), {report['new_tokens']} "
-        f"new tokens, median of {report['runs']} alternating runs",
+        f"new tokens, {sampled(report['temperature'])}, median of {report['runs']} alternating runs",
         f"  single process (plain) {report['reference_tokens_per_s']:8.1f} tokens/s",
         f"  cluster sequential     {report['sequential_tokens_per_s']:8.1f} tokens/s   "
         f"{report['sequential_over_reference']:.2f}x the single process",

@@ -16,6 +16,7 @@ import numpy as np
 from nodes.kv_cache import KVCache
 from nodes.stage_model import StageModel
 from runtime.core.bundle import Bundle
+from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
 from runtime.local.speculative import generate_speculative
@@ -33,36 +34,41 @@ def prompt_of(bundle: Bundle, n_tokens: int) -> list[int]:
     return (ids * (n_tokens // len(ids) + 1))[:n_tokens]
 
 
-def plain_rate(model: StageModel, prompt: list[int], new_tokens: int) -> float:
+def plain_rate(model: StageModel, prompt: list[int], new_tokens: int, sampling: SamplingParams = GREEDY) -> float:
     # EOS is ignored (-1 matches no token) so every run decodes the same number of tokens
-    return generate_plain(model, prompt, max_new_tokens=new_tokens, eos_id=-1).tokens_per_s
+    return generate_plain(model, prompt, max_new_tokens=new_tokens, eos_id=-1, sampling=sampling).tokens_per_s
 
 
-def alternate(cases: dict[str, tuple[StageModel, list[int]]], new_tokens: int, repeats: int) -> dict[str, float]:
+def alternate(cases: dict[str, tuple[StageModel, list[int]]], new_tokens: int, repeats: int,
+              sampling: SamplingParams = GREEDY) -> dict[str, float]:
     """Median tokens/s of each case, its runs interleaved with the others'."""
     runs: dict[str, list[float]] = {name: [] for name in cases}
     for model, prompt in cases.values():  # warm-up: first-call allocations and thread start-up
         plain_rate(model, prompt, 4)
     for _ in range(repeats):
         for name, (model, prompt) in cases.items():
-            runs[name].append(plain_rate(model, prompt, new_tokens))
+            runs[name].append(plain_rate(model, prompt, new_tokens, sampling))
     return {name: statistics.median(r) for name, r in runs.items()}
 
 
-def bench_reference(bundle: Bundle, *, new_tokens: int = 64, repeats: int = 3, threads: int = 1) -> dict:
+def bench_reference(bundle: Bundle, *, new_tokens: int = 64, repeats: int = 3, threads: int = 1,
+                    sampling: SamplingParams = GREEDY) -> dict:
     """A quantized bundle has no torch twin: its torch figures are None."""
     onnx_model = open_stage_model(bundle, backend="onnx", threads=threads)
     short, long = prompt_of(bundle, 32), prompt_of(bundle, 512)
     cases = {"onnx": (onnx_model, short)}
     if not bundle.quantized:
         cases["torch"] = (open_stage_model(bundle, backend="torch", threads=threads), short)
-    rates = alternate(cases, new_tokens, repeats)
-    rates |= alternate({"context_32": (onnx_model, short), "context_512": (onnx_model, long)}, new_tokens, repeats)
+    rates = alternate(cases, new_tokens, repeats, sampling)
+    rates |= alternate({"context_32": (onnx_model, short), "context_512": (onnx_model, long)}, new_tokens, repeats,
+                       sampling)
     by_threads = {count: onnx_model if count == threads else open_stage_model(bundle, threads=count) for count in (1, 2)}
-    rates |= alternate({f"threads_{count}": (model, short) for count, model in by_threads.items()}, new_tokens, repeats)
+    rates |= alternate({f"threads_{count}": (model, short) for count, model in by_threads.items()}, new_tokens, repeats,
+                       sampling)
     return {
         "bundle": bundle.manifest["name"],
         "bundle_bytes": sum(meta["bytes"] for meta in bundle.manifest["files"].values()),
+        "temperature": sampling.temperature,
         "new_tokens": new_tokens,
         "repeats": repeats,
         "threads": threads,
@@ -94,7 +100,8 @@ def pass_cost_us(model: StageModel, rows: int, capacity: int, repeats: int = 200
     return statistics.median(times) * 1e6
 
 
-def bench_local(bundle: Bundle, *, new_tokens: int = 128, repeats: int = 3, threads: int = 1) -> dict:
+def bench_local(bundle: Bundle, *, new_tokens: int = 128, repeats: int = 3, threads: int = 1,
+                sampling: SamplingParams = GREEDY) -> dict:
     """Sequential against speculative decoding of the same prompts, one sequence at a time."""
     model = open_stage_model(bundle, backend="onnx", threads=threads)
     tokenizer = bundle.tokenizer()
@@ -106,8 +113,9 @@ def bench_local(bundle: Bundle, *, new_tokens: int = 128, repeats: int = 3, thre
     generate_speculative(model, [prompts[0]], max_new_tokens=4, eos_id=-1)  # warm-up
     for _ in range(repeats):
         for prompt in prompts:
-            rates["sequential"].append(generate_plain(model, prompt, max_new_tokens=new_tokens, eos_id=-1).tokens_per_s)
-            (spec,) = generate_speculative(model, [prompt], max_new_tokens=new_tokens, eos_id=-1)
+            rates["sequential"].append(generate_plain(model, prompt, max_new_tokens=new_tokens, eos_id=-1,
+                                                      sampling=sampling).tokens_per_s)
+            (spec,) = generate_speculative(model, [prompt], max_new_tokens=new_tokens, eos_id=-1, sampling=sampling)
             rates["speculative"].append(spec.tokens_per_s)
             ticks += spec.stats.ticks
             committed += spec.stats.committed
@@ -119,6 +127,7 @@ def bench_local(bundle: Bundle, *, new_tokens: int = 128, repeats: int = 3, thre
     sequential, speculative = statistics.median(rates["sequential"]), statistics.median(rates["speculative"])
     return {
         "bundle": bundle.manifest["name"],
+        "temperature": sampling.temperature,
         "new_tokens": new_tokens,
         "runs": repeats * len(prompts),
         "sequential_tokens_per_s": round(sequential, 1),
@@ -131,12 +140,16 @@ def bench_local(bundle: Bundle, *, new_tokens: int = 128, repeats: int = 3, thre
     }
 
 
+def sampled(temperature: float) -> str:
+    return f"sampled at temperature {temperature:g}" if temperature else "greedy"
+
+
 def format_local(report: dict) -> str:
     steps, cost = report["steps_per_token"], report["pass_cost_us"]
     flips = "  ".join(f"{p:.1%}" for p in report["flips_per_boundary"])
     return "\n".join([
         f"sequential vs speculative decoding of {report['bundle']}, {report['new_tokens']} new tokens, "
-        f"median of {report['runs']} alternating runs",
+        f"{sampled(report['temperature'])}, median of {report['runs']} alternating runs",
         f"  sequential  {report['sequential_tokens_per_s']:8.1f} tokens/s",
         f"  speculative {report['speculative_tokens_per_s']:8.1f} tokens/s   speedup {report['speedup']:.2f}x",
         f"  flips per boundary {flips}; passes per token {steps['measured']} measured, {steps['cost_model']} cost model",

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from runtime.cli.arguments import add_threads_flag, link_ms, seed_int, token_count, whole
+from runtime.cli.arguments import add_threads_flag, link_ms, number, seed_int, token_count, whole
 from runtime.core.errors import SpeedError
 
 
@@ -33,6 +33,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=token_count,
                    help="tokens per run (default 64 reference, 128 local and FILE, 48 --clients and --chaos)")
     p.add_argument("--repeats", type=whole(1, 1000), default=3)
+    p.add_argument("--temperature", type=number(0, 100, zero="0 = greedy"), default=0.0,
+                   help="with --reference, --local or FILE: sample at this temperature (seed 0) instead of greedy")
     add_threads_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_bench)
@@ -54,6 +56,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for flag, value in [("--clients", args.clients), ("--chaos", args.chaos), ("--emulate-link-ms", args.emulate_link_ms)]:
         if value is not None:
             raise SpeedError(f"{flag} needs a cluster FILE")
+    if args.temperature and (args.agreement is not None or args.clients is not None or args.chaos is not None):
+        raise SpeedError("--temperature applies to --reference, --local and a cluster FILE's sequential against "
+                         "speculative runs (--agreement compares greedy tokens; --chaos samples every other trial)")
     if args.agreement is not None:
         if args.reference or args.local:
             raise SpeedError("give one of --agreement, --reference and --local")
@@ -65,11 +70,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
                          "--agreement SOURCE (greedy tokens against another bundle)")
     if args.local:
         report = bench_local(load_bundle(args.bundle), new_tokens=args.new_tokens or 128, repeats=args.repeats,
-                             threads=args.threads)
+                             threads=args.threads, sampling=bench_sampling(args))
         print(json.dumps(report) if args.json else format_local(report))
         return
     report = bench_reference(load_bundle(args.bundle), new_tokens=args.new_tokens or 64, repeats=args.repeats,
-                             threads=args.threads)
+                             threads=args.threads, sampling=bench_sampling(args))
     if args.json:
         print(json.dumps(report))
         return
@@ -96,6 +101,12 @@ def cmd_bench_agreement(args: argparse.Namespace) -> None:
     print(json.dumps(report) if args.json else format_agreement(report))
 
 
+def bench_sampling(args: argparse.Namespace):
+    from runtime.core.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature)
+
+
 def cmd_bench_cluster(args: argparse.Namespace) -> None:
     from runtime.bench.cluster import bench_cluster, format_cluster
 
@@ -106,7 +117,7 @@ def cmd_bench_cluster(args: argparse.Namespace) -> None:
         cmd_bench_chaos(args)
         return
     report = bench_cluster(args.cluster_file, new_tokens=args.new_tokens or 128, repeats=args.repeats,
-                           emulated_link_ms=args.emulate_link_ms)
+                           emulated_link_ms=args.emulate_link_ms, sampling=bench_sampling(args))
     print(json.dumps(report) if args.json else format_cluster(report))
 
 

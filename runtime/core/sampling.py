@@ -1,4 +1,4 @@
-"""Lossless sampling: the token at a position is drawn with a random number that depends only on
+"""Lossless sampling: the token at a position is drawn with random numbers that depend only on
 (seed, position), so sequential and speculative decoding draw the same token from the same logits.
 """
 
@@ -36,29 +36,29 @@ class SamplingParams:
 GREEDY = SamplingParams()
 
 
-def uniform_draw(seed: int, position: int) -> float:
-    """The random number used for the token at `position`: a pure function of (seed, position)."""
-    return float(np.random.default_rng([seed & (2**63 - 1), position]).random())
+def gumbel_noise(seed: int, position: int, size: int) -> np.ndarray:
+    """The random numbers used for the token at `position`: a pure function of (seed, position)."""
+    return np.random.default_rng([seed & (2**63 - 1), position]).gumbel(size=size)
 
 
 def choose_token(logits: np.ndarray, params: SamplingParams, position: int) -> int:
     """logits (V,) -> the token for `position`: argmax when greedy, else a draw from the filtered
-    distribution by inverse CDF over token ids in ascending order."""
+    distribution by the Gumbel-max trick (argmax of scaled logits plus per-token noise). The noise depends
+    only on (seed, position), so two close distributions drawn at one position usually give one token:
+    a speculative guess drawn from an early stage agrees with the last stage's draw that often."""
     if params.greedy:
         return int(np.argmax(logits))
     scaled = logits.astype(np.float64) / params.temperature
     keep = np.ones(scaled.shape, dtype=bool)
     if params.top_k and params.top_k < scaled.size:
         keep &= scaled >= np.partition(scaled, -params.top_k)[-params.top_k]
-    probs = np.where(keep, np.exp(scaled - scaled[keep].max()), 0.0)
-    probs /= probs.sum()
     if params.top_p < 1:
+        probs = np.where(keep, np.exp(scaled - scaled[keep].max()), 0.0)
+        probs /= probs.sum()
         order = np.argsort(-probs, kind="stable")
         mass_before = np.cumsum(probs[order]) - probs[order]
         nucleus = np.zeros_like(keep)
         nucleus[order[mass_before < params.top_p]] = True
-        probs = np.where(nucleus, probs, 0.0)
-        probs /= probs.sum()
-    cdf = np.cumsum(probs)
-    index = int(np.searchsorted(cdf, uniform_draw(params.seed, position) * cdf[-1], side="right"))
-    return min(index, probs.size - 1)
+        keep &= nucleus
+    perturbed = np.where(keep, scaled + gumbel_noise(params.seed, position, scaled.size), -np.inf)
+    return int(np.argmax(perturbed))

@@ -181,7 +181,7 @@ class SpeedScheduler:
 
     def apply(self, predictions: dict[tuple[int, int], int]) -> None:
         """predictions[(seq_id, start)]: each planned item's prediction for the position after it
-        (argmax at early stages; at the last stage the token to commit, greedy or sampled); items
+        (a guess at early stages; at the last stage the token to commit, greedy or sampled); items
         planned with predict=False may be left out."""
         for seq in self.sequences.values():
             if not seq.done:
