@@ -169,7 +169,7 @@ class TickExecutor:
         for i, item in enumerate(items):
             sampling = self._sampling[item.seq_id]
             # a guess of a sampled sequence is the draw the last stage will make at that position, with the
-            # same random number, from the early distribution: it agrees whenever the two are close
+            # same random numbers, from the early distribution: it agrees whenever the two are close
             predictions[(item.seq_id, item.start)] = (int(greedy[i]) if sampling.greedy else
                                                       choose_token(logits[i], sampling, item.start + item.length))
         return predictions

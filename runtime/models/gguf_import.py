@@ -1,9 +1,9 @@
 """`speed import gguf`: a pretrained Llama-family model from a GGUF file, as a bundle whose stages are
 contiguous ranges of its layers (distinct weights: speculation overlaps stages on different nodes).
 
-Weights are dequantized to float32 with PyPI `gguf` (`--weights f32`), or kept in the file's own 4- and 8-bit
-blocks where ONNX Runtime's MatMulNBits can hold them (`--weights q4|q8`, see gguf_blocks.py), the rest
-quantized from their values; the tokenizer (GPT-2-style byte-level BPE) and the chat template are rebuilt
+Weights are dequantized to float32 with PyPI `gguf` (`--weights f32`), or, with `--weights q4`, the layers'
+Q4_0 and Q4_1 matrices keep the file's own blocks as MatMulNBits weights (see gguf_blocks.py) and the other
+layer matrices are quantized from their values; the tokenizer (GPT-2-style byte-level BPE) and the chat template are rebuilt
 from the file's metadata. GGUF stores the query and key rows of every
 head permuted for llama.cpp's interleaved rotary form; they are permuted back here so the model's
 rotate-half form applies unchanged.
@@ -191,12 +191,12 @@ def _keep_4bit_blocks(tensors: list[Weight], out_dir: Path, stage_graphs: list[s
     digests = [weight_digest(w.values.T) for w in layer_matrices]  # the graphs hold weights as (in, out)
     known = {digest: blocks for digest, w in zip(digests, layer_matrices)
              if (blocks := nbits_weight(w.kind, w.stored)) is not None}
-    settings = Quantization("int4")
+    used: set[bytes] = set()
     for graph in stage_graphs:
         progress(f"writing {graph} with the file's 4-bit blocks ...")
-        quantize_graph(out_dir / graph, out_dir / graph, settings, known)
-    kept = [w for digest, w in zip(digests, layer_matrices) if digest in known]
-    again = sorted(w.gguf_name for digest, w in zip(digests, layer_matrices) if digest not in known)
+        used |= quantize_graph(out_dir / graph, out_dir / graph, Quantization("int4"), known)
+    kept = [w for digest, w in zip(digests, layer_matrices) if digest in used]
+    again = sorted(w.gguf_name for digest, w in zip(digests, layer_matrices) if digest not in used)
     float32 = sorted(w.gguf_name for w in tensors if w.values.ndim == 2 and not w.parameter.startswith("layers."))
     kinds = ", ".join(sorted({w.kind for w in kept})) or "none"
     progress(f"kept the file's own blocks of {len(kept)} of {len(layer_matrices)} layer matrices ({kinds})"
