@@ -108,7 +108,8 @@ class StageHost:
         reply = pb.StepResults(tick=batch.tick)
         for item in plan.items:
             key = (item.seq_id, item.start)
-            out = reply.results.add(seq_id=item.seq_id, start=item.start, prediction=result.predictions.get(key, -1))
+            out = reply.results.add(seq_id=item.seq_id, start=item.start, prediction=result.predictions.get(key, -1),
+                                    confidence=result.confidence.get(key, 0.0))
             if key in result.handoff:
                 out.hidden.CopyFrom(pack(result.handoff[key]))
         return reply

@@ -31,6 +31,15 @@ Key = tuple[int, int]  # (sequence, start position) names an item across ticks
 class TickResult(NamedTuple):
     predictions: dict[Key, int]  # each item's prediction for the position after it
     handoff: dict[Key, np.ndarray]  # (length, d) hidden states whose next stage is hosted elsewhere
+    confidence: dict[Key, float]  # an early stage's probability of its guess, for the confidence gate
+
+
+def guess_probability(logits: np.ndarray, token: int, temperature: float) -> float:
+    """The probability a stage gives its guess: the top probability for greedy decoding, the drawn
+    token's under the tempered distribution for sampling."""
+    scaled = logits.astype(np.float64) / (temperature or 1.0)
+    top = scaled.max()
+    return float(np.exp(scaled[token] - top) / np.exp(scaled - top).sum())
 
 
 class TickExecutor:
@@ -107,7 +116,7 @@ class TickExecutor:
         for seq_id in plan.finished:
             self.close(seq_id)
         if not plan.items:
-            return TickResult({}, {})
+            return TickResult({}, {}, {})
         last_hidden: dict[Item, np.ndarray] = {}
         hidden_after: dict[Key, np.ndarray] = {}
         for group in self._groups:
@@ -122,7 +131,8 @@ class TickExecutor:
                 self._hidden[key] = hidden_after[key]
             elif not item.final_token:
                 handoff[key] = hidden_after[key]
-        return TickResult(self._predict(plan.items, last_hidden), handoff)
+        predictions, confidence = self._predict(plan.items, last_hidden)
+        return TickResult(predictions, handoff, confidence)
 
     def _input_of(self, item: Item, hidden_in: Mapping[Key, np.ndarray]) -> np.ndarray:
         key = (item.seq_id, item.start)
@@ -159,17 +169,21 @@ class TickExecutor:
         down, up = adapter
         return hidden + (hidden @ down) @ up
 
-    def _predict(self, items: list[Item], last_hidden: dict[Item, np.ndarray]) -> dict[Key, int]:
-        """Predictions of the items that want one; the classifier does not run when none does."""
+    def _predict(self, items: list[Item], last_hidden: dict[Item, np.ndarray]
+                 ) -> tuple[dict[Key, int], dict[Key, float]]:
+        """Predictions of the items that want one, and the guesses' probabilities; the classifier does
+        not run when no item wants a prediction."""
         items = [item for item in items if item.predict]
         if not items:
-            return {}
+            return {}, {}
         logits, greedy = self.model.classify(np.stack([self._head_input(item, last_hidden[item]) for item in items]))
-        predictions = {}
+        predictions, confidence = {}, {}
         for i, item in enumerate(items):
-            sampling = self._sampling[item.seq_id]
+            key, sampling = (item.seq_id, item.start), self._sampling[item.seq_id]
             # a guess of a sampled sequence is the draw the last stage will make at that position, with the
             # same random numbers, from the early distribution: it agrees whenever the two are close
-            predictions[(item.seq_id, item.start)] = (int(greedy[i]) if sampling.greedy else
-                                                      choose_token(logits[i], sampling, item.start + item.length))
-        return predictions
+            predictions[key] = (int(greedy[i]) if sampling.greedy else
+                                choose_token(logits[i], sampling, item.start + item.length))
+            if not item.final_token:
+                confidence[key] = guess_probability(logits[i], predictions[key], sampling.temperature)
+        return predictions, confidence

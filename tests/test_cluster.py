@@ -42,6 +42,19 @@ def test_the_cluster_gives_the_reference_tokens_greedy_and_sampled(cluster, refe
                 assert result.stats.committed == len(result.token_ids)
 
 
+def test_a_confidence_gate_holds_guesses_back_and_keeps_the_text(cluster, reference):
+    """The nodes report each guess's probability; the coordinator's gate holds the unsure ones back."""
+    held = {}
+    with Client(cluster.endpoint) as client:
+        for threshold in (0.3, 0.9):
+            for sampling in [GREEDY, SAMPLED[0]]:
+                result = generate_on(client, PROMPTS[0], sampling, speculative=True, guess_threshold=threshold)
+                assert result.token_ids == reference(PROMPTS[0], sampling), (threshold, sampling)
+                held[threshold, sampling.temperature] = result.stats.held_guesses
+    for temperature in (0.0, SAMPLED[0].temperature):
+        assert 0 < held[0.3, temperature] < held[0.9, temperature]
+
+
 def test_four_concurrent_clients_share_ticks_and_each_gets_its_own_text(cluster, reference):
     def one(index: int) -> list[int]:
         with Client(cluster.endpoint) as client:

@@ -78,7 +78,7 @@ def test_defaults_are_applied(tmp_path):
 def test_every_setting_is_read(tmp_path):
     def edit(data):
         data["coordinator"].update(step_timeout_s=0.5, heartbeat_interval_s=2)
-        data["speculation"] = {"enabled": False, "prefill_chunk": 16}
+        data["speculation"] = {"enabled": False, "prefill_chunk": 16, "guess_threshold": 0.25}
         data["nodes"][0].update(device="cuda", cpu_fallback=True, threads=0, max_sequences=2, idle_timeout_s=30,
                                 emulated_link_ms=5)
         data["nodes"][1]["stages"] = [1, 2]
@@ -86,7 +86,7 @@ def test_every_setting_is_read(tmp_path):
 
     spec = load_cluster(cluster_with(tmp_path, edit))
     assert spec.coordinator == CoordinatorSpec("127.0.0.1:50050", step_timeout_s=0.5, heartbeat_interval_s=2.0)
-    assert spec.speculation == SpeculationSpec(enabled=False, prefill_chunk=16)
+    assert spec.speculation == SpeculationSpec(enabled=False, prefill_chunk=16, guess_threshold=0.25)
     assert spec.nodes[0] == NodeSpec("edge-1", "127.0.0.1:50051", (0,), device="cuda", cpu_fallback=True, threads=0,
                                      max_sequences=2, idle_timeout_s=30.0, emulated_link_ms=5.0)
     assert isinstance(spec.nodes[0].idle_timeout_s, float)
@@ -248,6 +248,10 @@ def set_node_key(index: int, key: str, value):
     (lambda d: d["coordinator"].update(step_timeout_s=-3), "coordinator.step_timeout_s: expected a number > 0, got -3"),
     (lambda d: d.update(speculation={"prefill_chunk": 0}), "speculation.prefill_chunk: expected a whole number >= 1, got 0"),
     (lambda d: d.update(speculation={"enabled": 1}), "speculation.enabled: expected true or false, got 1"),
+    (lambda d: d.update(speculation={"guess_threshold": 1.5}),
+     "speculation.guess_threshold: expected a probability from 0 to 1, got 1.5"),
+    (lambda d: d.update(speculation={"guess_threshold": "high"}),
+     "speculation.guess_threshold: expected a number >= 0, got 'high'"),
 ])
 def test_a_wrong_value_names_its_key_path_and_what_is_expected(tmp_path, edit, expected):
     path = cluster_with(tmp_path, edit)

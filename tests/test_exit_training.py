@@ -48,6 +48,7 @@ def test_the_adapters_are_written_into_the_bundle_with_their_report(adapted):
     down, up = bundle.exit_adapters()[0]
     assert down.shape == (bundle.config.d_model, 8) and up.shape == (8, bundle.config.d_model)
     assert up.any()  # trained away from the identity it starts at
+    assert len(bundle.guess_thresholds) == 2  # the gate is chosen again for the new exits
 
 
 def test_guesses_change_and_the_text_does_not(adapted):

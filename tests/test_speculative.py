@@ -97,7 +97,8 @@ def test_reference_speculate_prints_stats():
     out = json.loads(result.stdout)
     plain = json.loads(run_speed("reference", "--json", "--max-new-tokens", "16", "ROMEO:").stdout)
     assert out["token_ids"] == plain["token_ids"]
-    assert set(out["stats"]) == {"ticks", "committed", "flips_per_boundary", "flushed_steps", "mean_in_flight"}
+    assert set(out["stats"]) == {"ticks", "committed", "flips_per_boundary", "flushed_steps", "mean_in_flight",
+                                 "held_guesses"}
     assert len(out["stats"]["flips_per_boundary"]) == 2
 
 

@@ -2,6 +2,7 @@
 
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,11 +17,12 @@ class SyntheticRun:
     The oracle's greedy stream is fixed per sequence. A stage's prediction for position p is the
     oracle's token when everything it attended to is the oracle's, with early stages wrong whenever
     `wrong(seq, p, stage)` says so; with any wrong input it predicts garbage. Caches hold the input
-    token written at each position, so a flushed write that is not rolled back shows up.
+    token written at each position, so a flushed write that is not rolled back shows up. `confidence`
+    gives each prediction's probability for the confidence gate (None: every guess is sure).
     """
 
-    def __init__(self, scheduler, streams, wrong):
-        self.scheduler, self.streams, self.wrong = scheduler, streams, wrong
+    def __init__(self, scheduler, streams, wrong, confidence=None):
+        self.scheduler, self.streams, self.wrong, self.confidence = scheduler, streams, wrong, confidence
         self.caches = {}  # (seq, stage) -> tokens written at positions 0..len-1
         self.carried = {}  # (seq, start) -> the item's input tokens, travelling with its hidden state
 
@@ -29,7 +31,7 @@ class SyntheticRun:
         for cut in plan.truncations:
             cache = self.caches.setdefault((cut.seq_id, cut.stage), [])
             del cache[cut.length :]
-        predictions, carried = {}, {}
+        predictions, confidence, carried = {}, {}, {}
         for item in plan.items:
             tokens = list(item.tokens) if item.tokens is not None else self.carried[(item.seq_id, item.start)]
             cache = self.caches.setdefault((item.seq_id, item.stage), [])
@@ -38,8 +40,10 @@ class SyntheticRun:
             carried[(item.seq_id, item.start)] = tokens
             if item.predict:  # like the executors: no classifier for a prediction nobody reads
                 predictions[(item.seq_id, item.start)] = self.predict(item.seq_id, item.stage, cache)
+                if self.confidence is not None:
+                    confidence[(item.seq_id, item.start)] = self.confidence(item.seq_id, len(cache) - 1, item.stage)
         self.carried = carried
-        self.scheduler.apply(predictions)
+        self.scheduler.apply(predictions, confidence)
         return plan
 
     def predict(self, seq_id, stage, context):
@@ -59,6 +63,16 @@ def oracle_stream(seed, prompt_len, length, eos_at=None):
     if eos_at is not None and eos_at < length:
         stream[prompt_len + eos_at] = EOS
     return stream
+
+
+def drawn_confidence(data):
+    """confidence(seq, position, stage) for SyntheticRun, drawn once per key like drawn_flips."""
+    drawn = {}
+
+    def confidence(seq_id, position, stage):
+        return drawn.setdefault((seq_id, position, stage), data.draw(st.sampled_from([0.1, 0.4, 0.7, 1.0])))
+
+    return confidence
 
 
 def drawn_flips(data, flip_rate):
@@ -85,16 +99,19 @@ def drawn_flips(data, flip_rate):
     flip_rate=st.sampled_from([0.0, 0.2, 0.6, 1.0]),
     eos_at=st.one_of(st.none(), st.integers(0, 30)),
     speculate=st.booleans(),
+    gate=st.sampled_from([None, 0.3, 0.5, 0.9]),
 )
 def test_committed_stream_equals_the_oracle_and_flushes_roll_back(data, n_stages, n_seqs, prompt_len, max_new, chunk,
-                                                                   flip_rate, eos_at, speculate):
+                                                                   flip_rate, eos_at, speculate, gate):
+    """gate: every early stage's threshold, the guesses' probabilities drawn at random (None: no gate)."""
     wrong = drawn_flips(data, flip_rate)
     scheduler = SpeedScheduler(n_stages, prefill_chunk=chunk)
     streams = {s: oracle_stream(s, prompt_len, max_new, eos_at) for s in range(n_seqs)}
+    thresholds = (gate,) * (n_stages - 1) if gate is not None else ()
     for s in range(n_seqs):
         scheduler.add(s, streams[s][:prompt_len], max_new_tokens=max_new, context_length=1000, eos_id=EOS,
-                      speculate=speculate)
-    run = SyntheticRun(scheduler, streams, wrong)
+                      speculate=speculate, guess_thresholds=thresholds)
+    run = SyntheticRun(scheduler, streams, wrong, drawn_confidence(data) if gate is not None else None)
     for _ in range(10_000):
         if not scheduler.active:
             break
@@ -211,6 +228,37 @@ def test_without_speculation_one_token_is_in_flight():
         assert len(run.run_tick().items) <= 1
     assert scheduler.sequences[0].generated == stream[2:10]
     assert scheduler.sequences[0].stats.ticks == 3 * 8
+
+
+def test_a_gate_that_holds_every_guess_decodes_like_sequential():
+    scheduler = SpeedScheduler(3)
+    stream = oracle_stream(2, 2, 8)
+    scheduler.add(0, stream[:2], max_new_tokens=8, context_length=100, guess_thresholds=(0.5, 0.5))
+    run = SyntheticRun(scheduler, {0: stream}, lambda *_: False, confidence=lambda *_: 0.4)
+    while scheduler.active:
+        assert len(run.run_tick().items) <= 1
+    seq = scheduler.sequences[0]
+    assert seq.generated == stream[2:10]
+    assert seq.stats.ticks == 3 * 8 and seq.stats.flushed_steps == 0
+    assert seq.stats.held_guesses == 2 * 7  # two per item that has a successor: the prompt and 6 tokens
+
+
+def test_a_later_stage_sends_the_guess_an_earlier_one_was_unsure_of():
+    """Stage 0 unsure, stage 1 sure: each token enters one tick after its predecessor left stage 1."""
+    scheduler = SpeedScheduler(3)
+    stream = oracle_stream(5, 2, 12)
+    scheduler.add(0, stream[:2], max_new_tokens=12, context_length=100, guess_thresholds=(0.5, 0.5))
+    run = SyntheticRun(scheduler, {0: stream}, lambda *_: False, confidence=lambda seq, pos, stage: 0.9 * stage)
+    while scheduler.active:
+        assert len(run.run_tick().items) <= 2
+    seq = scheduler.sequences[0]
+    assert seq.generated == stream[2:14]
+    assert seq.stats.ticks == 2 * 12 + 1 and seq.stats.held_guesses == 11 and seq.stats.flushed_steps == 0
+
+
+def test_a_threshold_for_each_early_stage_is_required():
+    with pytest.raises(ValueError, match="one value per early stage"):
+        SpeedScheduler(3).add(0, [1], max_new_tokens=2, context_length=10, guess_thresholds=(0.5,))
 
 
 def test_a_stop_condition_ends_the_sequence_at_that_token():

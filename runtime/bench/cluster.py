@@ -1,23 +1,23 @@
 """`speed bench FILE`: sequential against speculative decoding through a cluster started here.
 
-Runs alternate between single-process plain decoding (the reference), the cluster in sequential mode
-and the cluster in speculative mode (and, when the bundle has exit adapters, speculative mode guessing
-without them), on the same prompts, and medians are reported. EOS is ignored so every run decodes the
-same number of tokens. --emulate-link-ms adds an EMULATED one-way latency to every step message
-between the coordinator and each node (no real network is slowed).
+Runs alternate between single-process plain decoding (the reference), the cluster in sequential mode,
+the cluster in speculative mode sending every guess, and, when the bundle has exit adapters, guessing
+without them, and when a confidence gate is set, behind the gate, on the same prompts; medians are
+reported. EOS is ignored so every run decodes the same number of tokens. --emulate-link-ms adds an
+EMULATED one-way latency to every step message between the coordinator and each node (no real network
+is slowed).
 """
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
-
-import numpy as np
 
 from deploy.launcher import LocalCluster
 from runtime.bench.local import LOCAL_PROMPTS, sampled
+from runtime.bench.tally import ModeTally, describe_speculation
 from runtime.client import Client
 from runtime.core.bundle import load_bundle
+from runtime.core.generation import guess_thresholds
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
@@ -32,36 +32,36 @@ CHAT_PROMPTS = (
 
 
 def bench_cluster(cluster_path: Path, *, new_tokens: int = 128, repeats: int = 3,
-                  emulated_link_ms: float | None = None, sampling: SamplingParams = GREEDY) -> dict:
+                  emulated_link_ms: float | None = None, sampling: SamplingParams = GREEDY,
+                  guess_threshold: float | None = None) -> dict:
+    """guess_threshold: the gate of the gated mode; None: the cluster file's, else the bundle's (no gated
+    mode when neither has one)."""
     cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms)
     bundle = load_bundle(cluster.spec.bundle)
     model = open_stage_model(bundle, threads=1)
     tokenizer = bundle.tokenizer()
     chat = bool(bundle.chat_template)
     prompts = CHAT_PROMPTS if chat else LOCAL_PROMPTS
-    modes = {"sequential": {"speculative": False}, "speculative": {"speculative": True}}
+    modes = {"sequential": {"speculative": False}, "speculative": {"speculative": True, "guess_threshold": 0.0}}
     if bundle.exit_adapters():
-        modes["speculative_plain_guesses"] = {"speculative": True, "plain_guesses": True}
-    rates: dict[str, list[float]] = {"reference": [], **{mode: [] for mode in modes}}
-    ticks = {mode: 0 for mode in modes}
-    committed = {mode: 0 for mode in modes}
-    flips = {mode: np.zeros(bundle.config.n_stages - 1) for mode in modes}
+        modes["speculative_plain_guesses"] = {"speculative": True, "plain_guesses": True, "guess_threshold": 0.0}
+    thresholds = guess_thresholds((guess_threshold, cluster.spec.speculation.guess_threshold), bundle.guess_thresholds,
+                                  bundle.config.n_stages)
+    if thresholds:
+        modes["gated"] = {"speculative": True, "guess_threshold": guess_threshold}
+    tallies = {mode: ModeTally() for mode in ("reference", *modes)}
     with cluster, Client(cluster.endpoint, credentials=cluster.credentials()) as client:
         client.generate(prompts[0], max_new_tokens=8, chat=chat).result()  # warm-up
         for _ in range(repeats):
             for prompt in prompts:
                 ids = tokenizer.encode(bundle.prompt_text(prompt, chat=chat)).ids
-                rates["reference"].append(generate_plain(model, ids, max_new_tokens=new_tokens, eos_id=-1,
-                                                         sampling=sampling).tokens_per_s)
+                tallies["reference"].add(generate_plain(model, ids, max_new_tokens=new_tokens, eos_id=-1,
+                                                        sampling=sampling).tokens_per_s)
                 for mode, options in modes.items():
                     result = client.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True, chat=chat,
                                              temperature=sampling.temperature, seed=sampling.seed, **options).result()
-                    rates[mode].append(result.tokens_per_s)
-                    ticks[mode] += result.stats.ticks
-                    committed[mode] += result.stats.committed
-                    flips[mode] += result.stats.flips_per_boundary
-    median = {mode: statistics.median(r) for mode, r in rates.items()}
-    runs = repeats * len(prompts)
+                    tallies[mode].add(result.tokens_per_s, result.stats if options["speculative"] else None)
+    median = {mode: tally.median for mode, tally in tallies.items()}
     report = {
         "cluster": cluster.spec.name,
         "bundle": bundle.manifest["name"],
@@ -70,19 +70,19 @@ def bench_cluster(cluster_path: Path, *, new_tokens: int = 128, repeats: int = 3
                              for node in cluster.spec.nodes},
         "temperature": sampling.temperature,
         "new_tokens": new_tokens,
-        "runs": runs,
+        "runs": repeats * len(prompts),
         "reference_tokens_per_s": round(median["reference"], 1),
         **{f"{mode}_tokens_per_s": round(median[mode], 1) for mode in modes},
         "speedup": round(median["speculative"] / median["sequential"], 2),
         "sequential_over_reference": round(median["sequential"] / median["reference"], 2),
-        "flips_per_boundary": [round(p, 4) for p in flips["speculative"] / runs],
-        "ticks_per_token": round(ticks["speculative"] / committed["speculative"], 3),
+        **tallies["speculative"].speculation(),
     }
-    if "speculative_plain_guesses" in modes:
-        plain = "speculative_plain_guesses"
-        report["speedup_plain_guesses"] = round(median[plain] / median["sequential"], 2)
-        report["flips_per_boundary_plain_guesses"] = [round(p, 4) for p in flips[plain] / runs]
-        report["ticks_per_token_plain_guesses"] = round(ticks[plain] / committed[plain], 3)
+    for mode, suffix in (("speculative_plain_guesses", "plain_guesses"), ("gated", "gated")):
+        if mode in modes:
+            report[f"speedup_{suffix}"] = round(median[mode] / median["sequential"], 2)
+            report[suffix] = tallies[mode].speculation()
+    if "gated" in modes:
+        report["gated"]["guess_thresholds"] = list(thresholds)
     return report
 
 
@@ -96,12 +96,14 @@ def format_cluster(report: dict) -> str:
         f"  cluster sequential     {report['sequential_tokens_per_s']:8.1f} tokens/s   "
         f"{report['sequential_over_reference']:.2f}x the single process",
         f"  cluster speculative    {report['speculative_tokens_per_s']:8.1f} tokens/s   speedup {report['speedup']:.2f}x; "
-        f"flips per boundary {'  '.join(f'{p:.1%}' for p in report['flips_per_boundary'])}; "
-        f"ticks per token {report['ticks_per_token']}",
+        + describe_speculation(report),
     ]
-    if "speedup_plain_guesses" in report:
-        flips = "  ".join(f"{p:.1%}" for p in report["flips_per_boundary_plain_guesses"])
+    if "plain_guesses" in report:
         lines.append(f"  without exit adapters  {report['speculative_plain_guesses_tokens_per_s']:8.1f} tokens/s   "
-                     f"speedup {report['speedup_plain_guesses']:.2f}x; flips per boundary {flips}; "
-                     f"ticks per token {report['ticks_per_token_plain_guesses']}")
+                     f"speedup {report['speedup_plain_guesses']:.2f}x; " + describe_speculation(report["plain_guesses"]))
+    if "gated" in report:
+        thresholds = " ".join(f"{t:g}" for t in report["gated"]["guess_thresholds"])
+        lines.append(f"  gated speculative      {report['gated_tokens_per_s']:8.1f} tokens/s   "
+                     f"speedup {report['speedup_gated']:.2f}x; {describe_speculation(report['gated'])} "
+                     f"(thresholds {thresholds})")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ import numpy as np
 
 from nodes.kv_cache import KVCache
 from nodes.stage_model import StageModel
+from runtime.bench.tally import ModeTally, describe_speculation
 from runtime.core.bundle import Bundle
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.local.backends import open_stage_model
@@ -101,31 +102,30 @@ def pass_cost_us(model: StageModel, rows: int, capacity: int, repeats: int = 200
 
 
 def bench_local(bundle: Bundle, *, new_tokens: int = 128, repeats: int = 3, threads: int = 1,
-                sampling: SamplingParams = GREEDY) -> dict:
-    """Sequential against speculative decoding of the same prompts, one sequence at a time."""
+                sampling: SamplingParams = GREEDY, guess_thresholds: tuple[float, ...] = ()) -> dict:
+    """Sequential against speculative decoding of the same prompts, one sequence at a time; with
+    guess_thresholds, also speculative decoding behind that confidence gate."""
     model = open_stage_model(bundle, backend="onnx", threads=threads)
     tokenizer = bundle.tokenizer()
     prompts = [tokenizer.encode(p).ids for p in LOCAL_PROMPTS]
     G = bundle.config.n_stages
-    rates: dict[str, list[float]] = {"sequential": [], "speculative": []}
-    ticks = committed = 0
-    flips = np.zeros(G - 1)
+    gates = {"speculative": (), **({"gated": tuple(guess_thresholds)} if guess_thresholds else {})}
+    tallies = {mode: ModeTally() for mode in ("sequential", *gates)}
     generate_speculative(model, [prompts[0]], max_new_tokens=4, eos_id=-1)  # warm-up
     for _ in range(repeats):
         for prompt in prompts:
-            rates["sequential"].append(generate_plain(model, prompt, max_new_tokens=new_tokens, eos_id=-1,
-                                                      sampling=sampling).tokens_per_s)
-            (spec,) = generate_speculative(model, [prompt], max_new_tokens=new_tokens, eos_id=-1, sampling=sampling)
-            rates["speculative"].append(spec.tokens_per_s)
-            ticks += spec.stats.ticks
-            committed += spec.stats.committed
-            flips += spec.stats.flips_per_boundary
-    flip_rates = flips / (repeats * len(prompts))
-    predicted_steps = 1 + sum((s + 1) * p for s, p in enumerate(flip_rates))
+            tallies["sequential"].add(generate_plain(model, prompt, max_new_tokens=new_tokens, eos_id=-1,
+                                                     sampling=sampling).tokens_per_s)
+            for mode, thresholds in gates.items():
+                (spec,) = generate_speculative(model, [prompt], max_new_tokens=new_tokens, eos_id=-1,
+                                               sampling=sampling, guess_thresholds=thresholds)
+                tallies[mode].add(spec.tokens_per_s, spec.stats)
+    speculation = tallies["speculative"].speculation()
+    predicted_steps = 1 + sum((s + 1) * p for s, p in enumerate(speculation["flips_per_boundary"]))
     capacity = max(len(p) for p in prompts) + new_tokens
     one_row, all_rows = pass_cost_us(model, 1, capacity), pass_cost_us(model, G, capacity)
-    sequential, speculative = statistics.median(rates["sequential"]), statistics.median(rates["speculative"])
-    return {
+    sequential, speculative = tallies["sequential"].median, tallies["speculative"].median
+    report = {
         "bundle": bundle.manifest["name"],
         "temperature": sampling.temperature,
         "new_tokens": new_tokens,
@@ -133,11 +133,16 @@ def bench_local(bundle: Bundle, *, new_tokens: int = 128, repeats: int = 3, thre
         "sequential_tokens_per_s": round(sequential, 1),
         "speculative_tokens_per_s": round(speculative, 1),
         "speedup": round(speculative / sequential, 2),
-        "flips_per_boundary": [round(p, 4) for p in flip_rates],
-        "steps_per_token": {"measured": round(ticks / committed, 3), "cost_model": round(predicted_steps, 3)},
+        **speculation,
+        "steps_per_token": {"measured": speculation["ticks_per_token"], "cost_model": round(predicted_steps, 3)},
         "pass_cost_us": {"1_token": round(one_row), f"{G}_tokens": round(all_rows), "ratio": round(all_rows / one_row, 2)},
         "predicted_speedup": round(G * one_row / (predicted_steps * all_rows), 2),
     }
+    if "gated" in gates:
+        gated = tallies["gated"].median
+        report["gated"] = {"guess_thresholds": list(gates["gated"]), "tokens_per_s": round(gated, 1),
+                           "speedup": round(gated / sequential, 2), **tallies["gated"].speculation()}
+    return report
 
 
 def sampled(temperature: float) -> str:
@@ -146,13 +151,19 @@ def sampled(temperature: float) -> str:
 
 def format_local(report: dict) -> str:
     steps, cost = report["steps_per_token"], report["pass_cost_us"]
-    flips = "  ".join(f"{p:.1%}" for p in report["flips_per_boundary"])
-    return "\n".join([
+    lines = [
         f"sequential vs speculative decoding of {report['bundle']}, {report['new_tokens']} new tokens, "
         f"{sampled(report['temperature'])}, median of {report['runs']} alternating runs",
         f"  sequential  {report['sequential_tokens_per_s']:8.1f} tokens/s",
-        f"  speculative {report['speculative_tokens_per_s']:8.1f} tokens/s   speedup {report['speedup']:.2f}x",
-        f"  flips per boundary {flips}; passes per token {steps['measured']} measured, {steps['cost_model']} cost model",
-        "  one stage pass: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in cost.items())
-        + f" -> predicted speedup {report['predicted_speedup']:.2f}x",
-    ])
+        f"  speculative {report['speculative_tokens_per_s']:8.1f} tokens/s   speedup {report['speedup']:.2f}x; "
+        + describe_speculation(report),
+    ]
+    if "gated" in report:
+        gated = report["gated"]
+        thresholds = " ".join(f"{t:g}" for t in gated["guess_thresholds"])
+        lines.append(f"  gated       {gated['tokens_per_s']:8.1f} tokens/s   speedup {gated['speedup']:.2f}x; "
+                     f"{describe_speculation(gated)} (thresholds {thresholds})")
+    lines += [f"  passes per token {steps['measured']} measured, {steps['cost_model']} by the cost model; one stage "
+              "pass: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in cost.items())
+              + f" -> predicted speedup {report['predicted_speedup']:.2f}x"]
+    return "\n".join(lines)

@@ -81,13 +81,19 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_int, default=0, help=f"with the position, fixes every random draw (0 to {SEED_MAX})")
 
 
+def add_gate_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guess-threshold", type=number(0, 1, zero="0 = send every guess"), metavar="P",
+                   help="send a speculative guess only when its stage gives it at least this probability "
+                        "(default: the cluster's, else the bundle's own; same text either way)")
+
+
 def options_from(args: argparse.Namespace, *, speculative: bool | None):
     """The GenerationOptions that `speed reference` and `speed generate` share."""
     from runtime.core.generation import GenerationOptions
 
     return GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()), speculative=speculative,
-                             chat=args.chat, plain_guesses=args.plain_guesses)
+                             chat=args.chat, plain_guesses=args.plain_guesses, guess_threshold=args.guess_threshold)
 
 
 def add_credential_flags(p: argparse.ArgumentParser) -> None:

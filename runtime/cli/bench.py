@@ -35,6 +35,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=whole(1, 1000), default=3)
     p.add_argument("--temperature", type=number(0, 100, zero="0 = greedy"), default=0.0,
                    help="with --reference, --local or FILE: sample at this temperature (seed 0) instead of greedy")
+    p.add_argument("--guess-threshold", type=number(0, 1, above=True), metavar="P",
+                   help="with --local or FILE: also run speculation behind this confidence gate (default: the "
+                        "cluster file's, else the bundle's from `speed calibrate`)")
     add_threads_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_bench)
@@ -43,6 +46,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from runtime.bench.local import bench_local, bench_reference, format_local
     from runtime.core.bundle import load_bundle
+    from runtime.core.generation import guess_thresholds
 
     if args.requests is not None and args.clients is None:
         raise SpeedError("--requests needs --clients")
@@ -68,9 +72,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise SpeedError("choose one of a cluster FILE (through a local cluster), --reference (plain decoding: onnx "
                          "vs torch, short vs long context), --local (sequential vs speculative in one process) and "
                          "--agreement SOURCE (greedy tokens against another bundle)")
+    if args.guess_threshold is not None and not args.local:
+        raise SpeedError("--guess-threshold applies to --local and a cluster FILE's speculative runs")
     if args.local:
-        report = bench_local(load_bundle(args.bundle), new_tokens=args.new_tokens or 128, repeats=args.repeats,
-                             threads=args.threads, sampling=bench_sampling(args))
+        bundle = load_bundle(args.bundle)
+        thresholds = guess_thresholds((args.guess_threshold,), bundle.guess_thresholds, bundle.config.n_stages)
+        report = bench_local(bundle, new_tokens=args.new_tokens or 128, repeats=args.repeats, threads=args.threads,
+                             sampling=bench_sampling(args), guess_thresholds=thresholds)
         print(json.dumps(report) if args.json else format_local(report))
         return
     report = bench_reference(load_bundle(args.bundle), new_tokens=args.new_tokens or 64, repeats=args.repeats,
@@ -110,6 +118,8 @@ def bench_sampling(args: argparse.Namespace):
 def cmd_bench_cluster(args: argparse.Namespace) -> None:
     from runtime.bench.cluster import bench_cluster, format_cluster
 
+    if (args.clients is not None or args.chaos is not None) and args.guess_threshold is not None:
+        raise SpeedError("--guess-threshold applies to --local and a cluster FILE's speculative runs")
     if args.clients is not None:
         cmd_bench_load(args)
         return
@@ -117,7 +127,8 @@ def cmd_bench_cluster(args: argparse.Namespace) -> None:
         cmd_bench_chaos(args)
         return
     report = bench_cluster(args.cluster_file, new_tokens=args.new_tokens or 128, repeats=args.repeats,
-                           emulated_link_ms=args.emulate_link_ms, sampling=bench_sampling(args))
+                           emulated_link_ms=args.emulate_link_ms, sampling=bench_sampling(args),
+                           guess_threshold=args.guess_threshold)
     print(json.dumps(report) if args.json else format_cluster(report))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from runtime.cli.arguments import (
     add_credential_flags,
+    add_gate_flag,
     add_sampling_flags,
     add_threads_flag,
     credentials_of,
@@ -31,6 +32,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="PROMPT is a user's message: apply the bundle's chat template")
     p.add_argument("--plain-guesses", action="store_true",
                    help="with --speculate: guess without the bundle's exit adapters (same text)")
+    add_gate_flag(p)
     p.add_argument("--stop", action="append", metavar="TEXT",
                    help="end at the token that completes TEXT, which the printed text leaves out (repeatable)")
     add_sampling_flags(p)
@@ -45,6 +47,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--no-speculation", action="store_true", help="sequential decoding (same text, slower)")
     p.add_argument("--chat", action="store_true", help="PROMPT is a user's message: apply the model's chat template")
     p.add_argument("--plain-guesses", action="store_true", help="guess without the bundle's exit adapters (same text)")
+    add_gate_flag(p)
     p.add_argument("--stop", action="append", metavar="TEXT", help="end at the token that completes TEXT (repeatable)")
     add_sampling_flags(p)
     p.add_argument("--timeout", type=number(0, 86400, above=True), default=600.0, metavar="S",

@@ -6,7 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from runtime.cli.arguments import OneLineErrorParser, configure_logging, learning_rate, seed_int, thread_count, whole
+from runtime.cli.arguments import (
+    OneLineErrorParser,
+    configure_logging,
+    learning_rate,
+    number,
+    seed_int,
+    thread_count,
+    whole,
+)
 from runtime.core.cluster_file import MAX_THREADS
 
 
@@ -78,6 +86,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed_int, default=0)
     p.set_defaults(run=cmd_train_exit)
 
+    p = commands.add_parser("calibrate", help="choose the confidence gate of a bundle's guesses from held-out text")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle directory, updated in place")
+    p.add_argument("--windows", type=whole(1, 100_000), default=24, help="held-out windows (default 24)")
+    p.add_argument("--window", type=whole(2, 65536), default=128, help="tokens per window (default 128)")
+    p.add_argument("--min-precision", type=number(0, 1, above=True), default=0.5, metavar="P",
+                   help="send guesses only where at least this share agrees with the final prediction (default 0.5)")
+    p.set_defaults(run=cmd_calibrate)
+
 
 def cmd_train(args: argparse.Namespace) -> None:
     from runtime.core.config import ModelConfig
@@ -129,6 +145,17 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     out = quantize_bundle(args.bundle, args.out_dir, settings, force=args.force,
                           progress=lambda line: print(line, file=sys.stderr))
     print(f"wrote bundle {out}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from runtime.models.guess_gate import Calibration, calibrate
+
+    report = calibrate(args.bundle, Calibration(windows=args.windows, window=args.window,
+                                                min_precision=args.min_precision),
+                       progress=lambda line: print(line, file=sys.stderr))
+    thresholds = "  ".join(f"{stage['threshold']:.3f}" for stage in report["stages"])
+    print(f"guess thresholds per early stage {thresholds} written into {args.bundle} "
+          f"({report['positions']} held-out positions)")
 
 
 def cmd_train_exit(args: argparse.Namespace) -> None:

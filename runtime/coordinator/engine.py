@@ -56,6 +56,7 @@ class Request:
     prompt_ids: list[int]
     options: GenerationOptions
     speculative: bool  # the options' choice, or the cluster's where they leave it open
+    guess_thresholds: tuple[float, ...]  # the confidence gate per early stage: the options', cluster's or bundle's
     stop: StopStrings
     text: TextStream
     generated: list[int] = field(default_factory=list)  # tokens the client already has (a resumed request)
@@ -176,6 +177,7 @@ class Engine:
             seq_id = (self.incarnation & 0xFFFF_FFFF) << 32 | next(self._ids)  # never reused by a later coordinator
             self.scheduler.add(seq_id, request.prompt_ids, max_new_tokens=request.options.max_new_tokens,
                                context_length=self.config.context_length, speculate=request.speculative,
+                               guess_thresholds=request.guess_thresholds,
                                eos_id=None if request.options.ignore_eos else self.eos_id, should_stop=request.stop or None,
                                generated=request.generated)
             request.admitted, request.admitted_at = True, time.perf_counter()
@@ -217,14 +219,15 @@ class Engine:
             self._fail_tick([f for f in failures if not isinstance(f, NodeLost)][0])
             return
         self.metrics.tick()
-        predictions, self._handoff = {}, {}
+        predictions, confidence, self._handoff = {}, {}, {}
         for reply in replies:
             for result in reply.results:
+                key = (result.seq_id, result.start)
                 if result.prediction >= 0:
-                    predictions[(result.seq_id, result.start)] = result.prediction
+                    predictions[key], confidence[key] = result.prediction, result.confidence
                 if result.HasField("hidden"):
-                    self._handoff[(result.seq_id, result.start)] = result.hidden
-        self.scheduler.apply(predictions)
+                    self._handoff[key] = result.hidden
+        self.scheduler.apply(predictions, confidence)
         self._emit()
 
     async def _step(self, name: str, batch: pb.StepBatch) -> pb.StepResults:

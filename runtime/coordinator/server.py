@@ -25,6 +25,7 @@ from runtime.coordinator.tokens import TOKENS_FILE, TokenFile
 from runtime.core.bundle import Bundle, load_bundle
 from runtime.core.cluster_file import ClusterSpec, load_cluster, parse_address, same_address
 from runtime.core.errors import SpeedError
+from runtime.core.generation import guess_thresholds
 from runtime.core.limits import check_request
 from runtime.core.node_state import NodeState
 from runtime.core.placement import stages_of
@@ -108,8 +109,10 @@ class Cluster:
         generated = self._continuation(request.continuation, generation.max_new_tokens)
         text = TextStream(self.tokenizer, stop)
         text.emitted = min(max(request.continuation.text_chars, 0), len(text.text(generated)))
+        thresholds = guess_thresholds((generation.guess_threshold, self.spec.speculation.guess_threshold),
+                                      self.bundle.guess_thresholds, self.bundle.config.n_stages)
         return Request(prompt_ids=prompt_ids, options=generation, speculative=speculative, stop=stop, text=text,
-                       generated=generated)
+                       generated=generated, guess_thresholds=thresholds)
 
     def _continuation(self, continuation: pb.Continuation, max_new_tokens: int) -> list[int]:
         vocab = self.bundle.config.vocab_size

@@ -157,6 +157,12 @@ class Bundle:
         table = np.memmap(self.path / spec["file"], dtype="<f4", mode="r", shape=(len(stages), 2, d * r))
         return {stage: (table[i, 0].reshape(d, r), table[i, 1].reshape(r, d)) for i, stage in enumerate(stages)}
 
+    @property
+    def guess_thresholds(self) -> tuple[float, ...]:
+        """Per early stage, the probability its guess needs to enter the pipeline, as `speed calibrate`
+        chose it from held-out text; () when the bundle has none (every guess is sent)."""
+        return tuple((self.manifest.get("guess_gate") or {}).get("thresholds", ()))
+
     def tokenizer(self):
         from tokenizers import Tokenizer
 

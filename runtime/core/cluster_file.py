@@ -13,6 +13,8 @@ A cluster file is YAML (see deploy/local.yaml):
     speculation:                     # optional
       enabled: true                  # false = sequential decoding
       prefill_chunk: 64              # >= 1
+      guess_threshold: 0.5           # 0 to 1: a guess enters the pipeline only at this probability (0 = always);
+                                     # absent = the bundle's own thresholds (`speed calibrate`), if it has them
     nodes:                           # required, one entry per node process
       - name: edge-1                 # required: letters, digits, '-', '_', '.'; unique
         address: 127.0.0.1:50051     # required host:port, unique across the nodes and the coordinator
@@ -70,6 +72,7 @@ class CoordinatorSpec:
 class SpeculationSpec:
     enabled: bool = True
     prefill_chunk: int = 64
+    guess_threshold: float | None = None  # the confidence gate for every stage; None = the bundle's thresholds
 
 
 @dataclass(frozen=True)
@@ -320,6 +323,13 @@ def _number(value: Any, key: _Key, *, minimum: float, inclusive: bool) -> float:
     return float(value)
 
 
+def _probability(value: Any, key: _Key) -> float:
+    number = _number(value, key, minimum=0, inclusive=True)
+    if number > 1:
+        raise key.error(f"expected a probability from 0 to 1, got {_shown(value)}")
+    return number
+
+
 def _flag(value: Any, key: _Key) -> bool:
     if not isinstance(value, bool):
         raise key.error(f"expected true or false, got {_shown(value)}")
@@ -396,6 +406,7 @@ def _speculation(value: Any, key: _Key) -> SpeculationSpec:
     return SpeculationSpec(**_fields(value, key, {
         "enabled": _flag,
         "prefill_chunk": partial(_whole, minimum=1),
+        "guess_threshold": _probability,
     }, required={}))
 
 

@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from runtime.core.errors import SpeedError
 from runtime.core.sampling import SamplingParams
 from runtime.core.stopping import StopReason
 
@@ -32,9 +33,13 @@ class GenerationOptions:
     ignore_eos: bool = False  # decode max_new_tokens whatever the model says (for benchmarks)
     chat: bool = False  # the prompt is a user's message, rendered with the bundle's chat template
     plain_guesses: bool = False  # guess through the plain head even when the bundle has exit adapters
+    guess_threshold: float | None = None  # the confidence gate: None = the cluster's or bundle's, 0 = off
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))  # a list is fine to give; keep it immutable
+        if self.guess_threshold is not None and not 0 <= self.guess_threshold <= 1:
+            raise SpeedError(f"guess threshold must be a probability from 0 (send every guess) to 1, "
+                             f"got {self.guess_threshold}")
 
     @property
     def sampling(self) -> SamplingParams:
@@ -43,6 +48,15 @@ class GenerationOptions:
 
     def replace(self, **changes) -> GenerationOptions:
         return dataclasses.replace(self, **changes)
+
+
+def guess_thresholds(settings: tuple[float | None, ...], bundle: tuple[float, ...], n_stages: int) -> tuple[float, ...]:
+    """Per early stage, the probability a guess needs to enter the pipeline: the first setting given
+    (a request's, then a cluster's) for every stage, else the bundle's own; () sends every guess."""
+    setting = next((s for s in settings if s is not None), None)
+    if setting is None:
+        return tuple(bundle)
+    return (setting,) * (n_stages - 1) if setting > 0 else ()
 
 
 @dataclass(frozen=True)
@@ -54,13 +68,15 @@ class SpeculationStats:
     flips_per_boundary: tuple[float, ...] = ()
     flushed_steps: int = 0  # stage-steps of flushed items: work thrown away
     mean_in_flight: float = 0.0
+    held_guesses: int = 0  # guesses the confidence gate kept out of flight
 
     @classmethod
     def of(cls, seq: Sequence) -> SpeculationStats:
         stats = seq.stats
         return cls(ticks=stats.ticks, committed=len(seq.generated),
                    flips_per_boundary=tuple(round(rate, 4) for rate in stats.flip_rates),
-                   flushed_steps=stats.flushed_steps, mean_in_flight=round(stats.mean_in_flight, 3))
+                   flushed_steps=stats.flushed_steps, mean_in_flight=round(stats.mean_in_flight, 3),
+                   held_guesses=stats.held_guesses)
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "flips_per_boundary": list(self.flips_per_boundary)}
@@ -68,7 +84,7 @@ class SpeculationStats:
     def describe(self) -> str:
         flips = " ".join(f"{rate:.1%}" for rate in self.flips_per_boundary)
         return (f"{self.ticks} ticks, flips per boundary {flips}, {self.flushed_steps} flushed steps, "
-                f"{self.mean_in_flight:.2f} in flight")
+                f"{self.mean_in_flight:.2f} in flight, {self.held_guesses} guesses held back")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,10 @@ item; the corrected prediction re-enters stage 0 as the successor at the next ti
 prediction is the guess that enters stage 0 next. An item leaving the last stage commits its
 prediction, so the committed text is exactly what plain decoding gives.
 
+A confidence gate holds a guess back when the stage that made it was unsure (its probability below the
+sequence's threshold for that boundary): the successor then waits for a later stage's confident guess or
+for the committed token, as without speculation. Only timing changes, never the text.
+
 An item is a run of consecutive positions of one sequence at one stage: prompt chunks (prefill) and
 single decode tokens move through the same pipeline, so the first decode token enters stage 0 one tick
 after stage 0 has seen the prompt's last position. No I/O and no tensors here: the executor keeps each
@@ -18,7 +22,7 @@ before it (and a sampled draw on its seed and position), decoding then goes on w
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from runtime.core.stopping import StopReason
@@ -58,6 +62,7 @@ class SequenceStats:
     flushed_steps: int = 0  # stage-steps of flushed items: work thrown away
     flips: list[int] = field(default_factory=list)  # per stage boundary
     checks: list[int] = field(default_factory=list)  # predictions compared at each boundary
+    held_guesses: int = 0  # guesses the confidence gate kept out of flight
 
     @property
     def flip_rates(self) -> list[float]:
@@ -88,6 +93,7 @@ class Sequence:
     max_new_tokens: int
     last_position: int  # highest position an item may occupy (bounded by max new tokens and the context)
     speculate: bool
+    guess_thresholds: tuple[float, ...]  # per early stage: a guess below it stays out of flight (0: always sent)
     eos_id: int | None
     should_stop: Callable[[list[int]], bool] | None  # given the generated tokens, e.g. a stop string
     prefill: list[int] = field(default_factory=list)  # fed before decoding: the prompt (+ committed tokens after a rewind)
@@ -113,15 +119,19 @@ class SpeedScheduler:
         self._finished: list[int] = []
 
     def add(self, seq_id: int, prompt: list[int], *, max_new_tokens: int, context_length: int, speculate: bool = True,
-            eos_id: int | None = None, should_stop: Callable[[list[int]], bool] | None = None,
-            generated: list[int] | None = None) -> Sequence:
-        """generated: tokens already committed (a resumed request); decoding continues after them."""
+            guess_thresholds: tuple[float, ...] = (), eos_id: int | None = None,
+            should_stop: Callable[[list[int]], bool] | None = None, generated: list[int] | None = None) -> Sequence:
+        """generated: tokens already committed (a resumed request); decoding continues after them.
+        guess_thresholds: per early stage, the confidence a guess needs to be sent; () sends every guess."""
         if seq_id in self.sequences:
             raise ValueError(f"sequence {seq_id} already exists")
         if not prompt or len(prompt) >= context_length or max_new_tokens < 1:
             raise ValueError("the prompt must be non-empty and shorter than the context, max_new_tokens >= 1")
+        if guess_thresholds and len(guess_thresholds) != self.n_stages - 1:
+            raise ValueError(f"guess_thresholds needs one value per early stage ({self.n_stages - 1})")
         seq = Sequence(
-            seq_id=seq_id, prompt=list(prompt), max_new_tokens=max_new_tokens, speculate=speculate, eos_id=eos_id,
+            seq_id=seq_id, prompt=list(prompt), max_new_tokens=max_new_tokens, speculate=speculate,
+            guess_thresholds=tuple(guess_thresholds), eos_id=eos_id,
             should_stop=should_stop, last_position=min(context_length, len(prompt) + max_new_tokens - 1) - 1,
             generated=list(generated or []),
         )
@@ -179,15 +189,18 @@ class SpeedScheduler:
         self._truncations, self._finished = [], []
         return plan
 
-    def apply(self, predictions: dict[tuple[int, int], int]) -> None:
+    def apply(self, predictions: Mapping[tuple[int, int], int],
+              confidence: Mapping[tuple[int, int], float] | None = None) -> None:
         """predictions[(seq_id, start)]: each planned item's prediction for the position after it
         (a guess at early stages; at the last stage the token to commit, greedy or sampled); items
-        planned with predict=False may be left out."""
+        planned with predict=False may be left out. confidence[(seq_id, start)]: the probability the
+        stage gave its guess, read by the gate; a guess without one counts as sure."""
         for seq in self.sequences.values():
             if not seq.done:
-                self._apply_sequence(seq, predictions)
+                self._apply_sequence(seq, predictions, confidence or {})
 
-    def _apply_sequence(self, seq: Sequence, predictions: dict[tuple[int, int], int]) -> None:
+    def _apply_sequence(self, seq: Sequence, predictions: Mapping[tuple[int, int], int],
+                        confidence: Mapping[tuple[int, int], float]) -> None:
         last = self.n_stages - 1
         for index, f in enumerate(seq.flights):
             stage = f.next_stage
@@ -209,7 +222,7 @@ class SpeedScheduler:
                 self._drop_after(seq, index)
                 successor = None
             if successor is None:
-                if self._may_enter(seq, f):
+                if self._may_enter(seq, f) and self._sure(seq, stage, confidence.get((seq.seq_id, f.start), 1.0)):
                     seq.flights.append(_Flight(f.end, 1, 0, (prediction,)))
                 break
         seq.flights = [f for f in seq.flights if f.next_stage <= last]
@@ -237,6 +250,13 @@ class SpeedScheduler:
         if seq.done or f.end > seq.last_position:
             return False
         return seq.speculate or f.next_stage == self.n_stages
+
+    def _sure(self, seq: Sequence, stage: int, confidence: float) -> bool:
+        """Whether the gate lets a guess made after `stage` into flight; a committed token always enters."""
+        if stage == self.n_stages - 1 or not seq.guess_thresholds or confidence >= seq.guess_thresholds[stage]:
+            return True
+        seq.stats.held_guesses += 1
+        return False
 
     def _drop_after(self, seq: Sequence, index: int) -> None:
         """Flush every flight younger than flights[index] and roll back its KV writes.

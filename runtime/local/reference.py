@@ -6,7 +6,7 @@ from pathlib import Path
 
 from runtime.core.bundle import load_bundle
 from runtime.core.errors import SpeedError
-from runtime.core.generation import GenerationOptions, GenerationResult
+from runtime.core.generation import GenerationOptions, GenerationResult, guess_thresholds
 from runtime.core.limits import check_request
 from runtime.core.stopping import StopStrings
 from runtime.local.backends import open_stage_model
@@ -33,7 +33,9 @@ def run_reference(prompt: str, options: GenerationOptions | None = None, *, bund
     decoding = {"max_new_tokens": options.max_new_tokens, "eos_id": -1 if options.ignore_eos else bundle.eos_token_id,
                 "sampling": sampling, "should_stop": stop_strings or None}
     if options.speculative:
-        (generation,) = generate_speculative(model, [prompt_ids], plain_guesses=options.plain_guesses, **decoding)
+        thresholds = guess_thresholds((options.guess_threshold,), bundle.guess_thresholds, bundle.config.n_stages)
+        (generation,) = generate_speculative(model, [prompt_ids], plain_guesses=options.plain_guesses,
+                                             guess_thresholds=thresholds, **decoding)
     else:
         generation = generate_plain(model, prompt_ids, **decoding)
     return GenerationResult(

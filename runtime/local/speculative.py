@@ -17,9 +17,10 @@ from runtime.local.plain import Generation
 def generate_speculative(model: StageModel, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int,
                          sampling: SamplingParams = GREEDY, speculate: bool = True, prefill_chunk: int = 64,
                          should_stop: Callable[[list[int]], bool] | None = None,
-                         plain_guesses: bool = False) -> list[Generation]:
+                         plain_guesses: bool = False, guess_thresholds: tuple[float, ...] = ()) -> list[Generation]:
     """Decode several prompts together, their items sharing ticks; one Generation per prompt.
-    plain_guesses: guess through the plain head even when the model has exit adapters (same text)."""
+    plain_guesses: guess through the plain head even when the model has exit adapters (same text).
+    guess_thresholds: per early stage, the probability a guess needs to be sent (the gate; same text)."""
     cfg = model.config
     for prompt in prompts:
         check_request(prompt, cfg, max_new_tokens)
@@ -29,13 +30,14 @@ def generate_speculative(model: StageModel, prompts: list[list[int]], *, max_new
     for seq_id, prompt in enumerate(prompts):
         executor.open(seq_id, sampling, plain_guesses=plain_guesses)
         scheduler.add(seq_id, prompt, max_new_tokens=max_new_tokens, context_length=cfg.context_length,
-                      speculate=speculate, eos_id=eos_id, should_stop=should_stop)
+                      speculate=speculate, guess_thresholds=guess_thresholds, eos_id=eos_id, should_stop=should_stop)
 
     started = time.perf_counter()
     first_token_at: dict[int, float] = {}
     finished_at: dict[int, float] = {}
     while scheduler.active:
-        scheduler.apply(executor.run(scheduler.plan()).predictions)
+        result = executor.run(scheduler.plan())
+        scheduler.apply(result.predictions, result.confidence)
         now = time.perf_counter()
         for seq_id, seq in scheduler.sequences.items():
             if seq_id not in first_token_at and (seq.generated or seq.done):

@@ -26,6 +26,7 @@ from runtime.core.bundle import Bundle, load_bundle, update_bundle
 from runtime.core.errors import SpeedError
 from runtime.models.corpus import load_python_sources, load_shakespeare
 from runtime.models.decoder import SpeedDecoder
+from runtime.models.guess_gate import Calibration, calibrate
 from runtime.models.torch_backend import model_from_bundle
 
 
@@ -140,6 +141,7 @@ def train_exits(bundle_path: Path, cfg: ExitTraining, *, progress: Callable[[str
               "flip_rate_per_boundary_before": before, "flip_rate_per_boundary_after": after,
               "train_time_s": round(time.perf_counter() - started, 1)}
     write_adapters(bundle, adapters, report)
+    calibrate(bundle_path, Calibration(), progress=progress)  # the gate's thresholds depend on the exits
     return report
 
 

@@ -17,6 +17,8 @@ def request_to_wire(prompt: str, options: GenerationOptions) -> pb.GenerateReque
                              seed=options.seed))
     if options.speculative is not None:
         request.speculative = options.speculative
+    if options.guess_threshold is not None:
+        request.guess_threshold = options.guess_threshold
     return request
 
 
@@ -27,7 +29,8 @@ def options_from_wire(request: pb.GenerateRequest) -> GenerationOptions:
         max_new_tokens=request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, temperature=sampling.temperature,
         top_k=sampling.top_k, top_p=top_p_of(sampling), seed=sampling.seed, stop=tuple(request.stop),
         speculative=request.speculative if request.HasField("speculative") else None,
-        ignore_eos=request.ignore_eos, chat=request.chat, plain_guesses=request.plain_guesses)
+        ignore_eos=request.ignore_eos, chat=request.chat, plain_guesses=request.plain_guesses,
+        guess_threshold=request.guess_threshold if request.HasField("guess_threshold") else None)
 
 
 def result_to_wire(result: GenerationResult) -> pb.Finished:
@@ -38,7 +41,8 @@ def result_to_wire(result: GenerationResult) -> pb.Finished:
         tokens_per_s=result.tokens_per_s, speculative=result.speculative, provider=result.provider,
         backend=result.backend,
         stats=pb.Stats(ticks=stats.ticks, committed=stats.committed, flips_per_boundary=stats.flips_per_boundary,
-                       flushed_steps=stats.flushed_steps, mean_in_flight=stats.mean_in_flight))
+                       flushed_steps=stats.flushed_steps, mean_in_flight=stats.mean_in_flight,
+                       held_guesses=stats.held_guesses))
 
 
 def result_from_wire(finished: pb.Finished) -> GenerationResult:
@@ -50,4 +54,4 @@ def result_from_wire(finished: pb.Finished) -> GenerationResult:
         provider=finished.provider,
         stats=SpeculationStats(ticks=stats.ticks, committed=stats.committed,
                                flips_per_boundary=tuple(stats.flips_per_boundary), flushed_steps=stats.flushed_steps,
-                               mean_in_flight=stats.mean_in_flight))
+                               mean_in_flight=stats.mean_in_flight, held_guesses=stats.held_guesses))

@@ -29,21 +29,23 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("ticks", "committed", "flips_per_boundary", "flushed_steps", "mean_in_flight")
+    __slots__ = ("ticks", "committed", "flips_per_boundary", "flushed_steps", "mean_in_flight", "held_guesses")
     TICKS_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     FLIPS_PER_BOUNDARY_FIELD_NUMBER: _ClassVar[int]
     FLUSHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     MEAN_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    HELD_GUESSES_FIELD_NUMBER: _ClassVar[int]
     ticks: int
     committed: int
     flips_per_boundary: _containers.RepeatedScalarFieldContainer[float]
     flushed_steps: int
     mean_in_flight: float
-    def __init__(self, ticks: _Optional[int] = ..., committed: _Optional[int] = ..., flips_per_boundary: _Optional[_Iterable[float]] = ..., flushed_steps: _Optional[int] = ..., mean_in_flight: _Optional[float] = ...) -> None: ...
+    held_guesses: int
+    def __init__(self, ticks: _Optional[int] = ..., committed: _Optional[int] = ..., flips_per_boundary: _Optional[_Iterable[float]] = ..., flushed_steps: _Optional[int] = ..., mean_in_flight: _Optional[float] = ..., held_guesses: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "max_new_tokens", "sampling", "speculative", "stop", "ignore_eos", "chat", "plain_guesses", "continuation")
+    __slots__ = ("prompt", "max_new_tokens", "sampling", "speculative", "stop", "ignore_eos", "chat", "plain_guesses", "continuation", "guess_threshold")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +55,7 @@ class GenerateRequest(_message.Message):
     CHAT_FIELD_NUMBER: _ClassVar[int]
     PLAIN_GUESSES_FIELD_NUMBER: _ClassVar[int]
     CONTINUATION_FIELD_NUMBER: _ClassVar[int]
+    GUESS_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     max_new_tokens: int
     sampling: Sampling
@@ -62,7 +65,8 @@ class GenerateRequest(_message.Message):
     chat: bool
     plain_guesses: bool
     continuation: Continuation
-    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., speculative: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., chat: _Optional[bool] = ..., plain_guesses: _Optional[bool] = ..., continuation: _Optional[_Union[Continuation, _Mapping]] = ...) -> None: ...
+    guess_threshold: float
+    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., speculative: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., chat: _Optional[bool] = ..., plain_guesses: _Optional[bool] = ..., continuation: _Optional[_Union[Continuation, _Mapping]] = ..., guess_threshold: _Optional[float] = ...) -> None: ...
 
 class Continuation(_message.Message):
     __slots__ = ("token_ids", "text_chars")
@@ -259,16 +263,18 @@ class StepBatch(_message.Message):
     def __init__(self, tick: _Optional[int] = ..., closes: _Optional[_Iterable[int]] = ..., opens: _Optional[_Iterable[_Union[OpenSequence, _Mapping]]] = ..., truncations: _Optional[_Iterable[_Union[Truncation, _Mapping]]] = ..., items: _Optional[_Iterable[_Union[StepItem, _Mapping]]] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("seq_id", "start", "prediction", "hidden")
+    __slots__ = ("seq_id", "start", "prediction", "hidden", "confidence")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     start: int
     prediction: int
     hidden: Tensor
-    def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., prediction: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    confidence: float
+    def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., prediction: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., confidence: _Optional[float] = ...) -> None: ...
 
 class StepResults(_message.Message):
     __slots__ = ("tick", "results")

@@ -1,0 +1,118 @@
+"""`speed calibrate BUNDLE`: the confidence gate's thresholds, chosen from held-out text.
+
+A speculative guess that turns out wrong costs stage passes that are then thrown away; one held back
+costs the ticks its successor waits. The gate sends a guess only when the stage that made it gives it at
+least its threshold of probability. For each early stage this reads, over held-out windows, each guess's
+probability and whether the model's final prediction agreed, and picks the lowest threshold above which
+guesses agree at least `min_precision` of the time in every probability bin: a guess there is more often
+right than wrong, so sending it is expected to save more than it wastes. The thresholds go into the
+manifest, where nodes and the coordinator read them as every request's default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.core.bundle import Bundle, load_bundle, update_bundle
+from runtime.core.errors import SpeedError
+from runtime.models.decoder import SpeedDecoder
+from runtime.models.torch_backend import model_from_bundle
+
+BINS = 20  # probability bins of equal counts
+
+
+@dataclass(frozen=True)
+class Calibration:
+    windows: int = 24
+    window: int = 128  # tokens per window
+    min_precision: float = 0.5  # a bin's guesses must agree at least this often to be sent
+
+    def __post_init__(self) -> None:
+        if self.windows < 1 or self.window < 2:
+            raise SpeedError("--windows must be at least 1 and --window at least 2")
+        if not 0 < self.min_precision < 1:
+            raise SpeedError(f"--min-precision must be between 0 and 1, got {self.min_precision}")
+
+
+def held_out_windows(bundle: Bundle, count: int, window: int) -> torch.Tensor:
+    """(count, window) token ids spread evenly over the works no shipped model was trained on."""
+    from runtime.models.corpus import load_shakespeare
+
+    ids = bundle.tokenizer().encode("\n".join(load_shakespeare().held_out)).ids
+    if len(ids) < window + count:
+        raise SpeedError("the held-out text is shorter than the windows asked for; give a smaller --window")
+    step = (len(ids) - window) // count
+    return torch.tensor([ids[i * step : i * step + window] for i in range(count)])
+
+
+@torch.no_grad()
+def guess_outcomes(model: SpeedDecoder, bundle: Bundle, windows: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per early stage, every held-out position's guess probability and whether the final prediction
+    agreed; the guess reads the head through the stage's exit adapter as nodes do."""
+    adapters = {stage: (torch.from_numpy(np.array(a)), torch.from_numpy(np.array(b)))
+                for stage, (a, b) in bundle.exit_adapters().items()}
+    outcomes: list[tuple[list, list]] = [([], []) for _ in range(model.cfg.n_stages - 1)]
+    for batch in windows.split(4):
+        hidden = model.stage_hiddens(batch)
+        final = model.classify(hidden[-1]).argmax(-1).flatten()
+        for stage, h in enumerate(hidden[:-1]):
+            if stage in adapters:
+                down, up = adapters[stage]
+                h = h + (h @ down) @ up
+            probabilities = torch.softmax(model.classify(h).float(), -1).flatten(0, 1)
+            confidence, guess = probabilities.max(-1)
+            outcomes[stage][0].append(confidence.numpy())
+            outcomes[stage][1].append((guess == final).numpy())
+    return [(np.concatenate(c), np.concatenate(a)) for c, a in outcomes]
+
+
+def choose_threshold(confidence: np.ndarray, agreed: np.ndarray, min_precision: float) -> float:
+    """The lowest probability from which every bin of guesses (equal counts, highest first) agrees at
+    least min_precision of the time; 0 when all do (the gate never holds back), 1 when the top bin does not."""
+    order = np.argsort(-confidence, kind="stable")
+    threshold = 1.0
+    for chunk in np.array_split(order, min(BINS, len(order))):
+        if agreed[chunk].mean() < min_precision:
+            break
+        threshold = float(confidence[chunk].min())
+    else:
+        return 0.0
+    return round(threshold, 4)
+
+
+def gate_report(confidence: np.ndarray, agreed: np.ndarray, threshold: float) -> dict:
+    sent = confidence >= threshold
+    return {"threshold": threshold, "agreement": round(float(agreed.mean()), 4),
+            "sent": round(float(sent.mean()), 4),
+            "agreement_sent": round(float(agreed[sent].mean()), 4) if sent.any() else None,
+            "agreement_held": round(float(agreed[~sent].mean()), 4) if (~sent).any() else None}
+
+
+def describe_stage(s: dict) -> str:
+    sent = f"sends {s['sent']:.1%} of them"
+    sent += f" (agree {s['agreement_sent']:.1%})" if s["agreement_sent"] is not None else ""
+    held = f", holds back the rest (agree {s['agreement_held']:.1%})" if s["agreement_held"] is not None else ""
+    return (f"guesses agree with the final prediction {s['agreement']:.1%} of the time; "
+            f"threshold {s['threshold']:.3f} {sent}{held}")
+
+
+def calibrate(bundle_path: Path, cfg: Calibration, *, progress: Callable[[str], None] = print) -> dict:
+    bundle = load_bundle(bundle_path)
+    if bundle.config.n_stages < 2:
+        raise SpeedError(f"bundle {bundle_path} has one stage: it makes no guesses to gate")
+    model = model_from_bundle(bundle)
+    outcomes = guess_outcomes(model, bundle, held_out_windows(bundle, cfg.windows, cfg.window))
+    stages = []
+    for stage, (confidence, agreed) in enumerate(outcomes):
+        stages.append(gate_report(confidence, agreed, choose_threshold(confidence, agreed, cfg.min_precision)))
+        progress(f"stage {stage}: " + describe_stage(stages[-1]))
+    report = {"positions": int(len(outcomes[0][0])), "min_precision": cfg.min_precision,
+              "exit_adapters": bool(bundle.exit_adapters()), "stages": stages}
+    update_bundle(bundle, {}, removed=[], guess_gate={"thresholds": [s["threshold"] for s in stages],
+                                                      "report": report})
+    return report
