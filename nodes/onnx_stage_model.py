@@ -13,6 +13,10 @@ from nodes.stage_model import StageOutput
 from runtime.core.bundle import Bundle
 
 
+def stage_outputs(layers: int) -> list[str]:
+    return ["hidden_out", *(f"new_key_{l}" for l in range(layers)), *(f"new_value_{l}" for l in range(layers))]
+
+
 class OnnxStageModel:
     """One session per distinct stage graph: stages that share weights share a session. Only the graphs
     of `stages` are loaded (default all), so a node holds in memory just what it may run."""
@@ -35,10 +39,12 @@ class OnnxStageModel:
         self._head = session(bundle.head_graph)
         self.provider = self._head.get_providers()[0]
         self._embedding = bundle.embedding()
-        self.exit_adapters = bundle.exit_adapters()
+        self.exit_maps = bundle.exit_maps()
+        self._exit_sessions = {stage: session(path) for stage, path in bundle.exit_layer_graphs().items()
+                               if stage in self.stages}
+        self.exit_layer_stages = frozenset(self._exit_sessions)
         self._layers = [len(self.config.stage_layers(s)) for s in range(self.config.n_stages)]
-        self._outputs = [["hidden_out", *(f"new_key_{l}" for l in range(L)), *(f"new_value_{l}" for l in range(L))]
-                         for L in self._layers]
+        self._outputs = [stage_outputs(L) for L in self._layers]
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         """(B, T) int64 -> (B, T, d) float32."""
@@ -56,6 +62,11 @@ class OnnxStageModel:
         L = self._layers[stage]
         out = self._stage_sessions[stage].run(self._outputs[stage], {"hidden": hidden, **cache.feeds(rows, L)})
         return StageOutput(out[0], out[1 : 1 + L], out[1 + L :])
+
+    def run_exit_layer(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> StageOutput:
+        """The stage's one-layer exit: a stage graph of one layer over its own cache (one layer per row)."""
+        hidden_out, key, value = self._exit_sessions[stage].run(stage_outputs(1), {"hidden": hidden, **cache.feeds(rows, 1)})
+        return StageOutput(hidden_out, [key], [value])
 
     def _run_beside_a_neighbour(self, stage: int, hidden: np.ndarray, cache: KVCache, row: int) -> StageOutput:
         """Run one token as one of two rows, the other a neighbouring cache row whose result is dropped

@@ -8,6 +8,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from nodes.kv_cache import KVCache
+from runtime.core.bundle import ExitMap
 from runtime.core.config import ModelConfig
 
 
@@ -22,12 +23,15 @@ class StageModel(Protocol):
 
     config: ModelConfig
     provider: str
-    exit_adapters: dict[int, tuple[np.ndarray, np.ndarray]]  # early stage -> (A, B): guesses read h + (h @ A) @ B
+    exit_maps: dict[int, ExitMap]  # early stage -> its low-rank or affine exit, which guesses read the head through
+    exit_layer_stages: frozenset[int]  # early stages with a one-layer exit (run_exit_layer)
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray: ...  # (B, T) int64 -> (B, T, d)
 
     def graph_of(self, stage: int) -> int: ...
 
     def run_stage(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> StageOutput: ...
+
+    def run_exit_layer(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> StageOutput: ...
 
     def classify(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...  # (N, d) -> logits, tokens

@@ -4,23 +4,24 @@ An executor hosts some of the model's stages (all of them in one process, a few 
 Cache rows are grouped by stage graph and laid out slot-major inside a group, row = group offset +
 slot * stages in group + stage index, so one sequence's stages are neighbours and a call passes only
 the contiguous span of rows its items use, as zero-copy views. Rows inside the span with no item ride
-along with zero input and their outputs are dropped. Items of different lengths (prompt chunks next to
-decode tokens) run in separate calls rather than padded together: padding would not change the
+along with zero input and their outputs are dropped. Items of different lengths (prompt chunks next
+to decode tokens) run in separate calls rather than padded together: padding would not change the
 mathematics but would change floating-point summation order, and a row must compute the same bits
-whatever else shares its tick, or sampled text could depend on the batch. The shared classifier then
-runs once over every item.
+whatever else shares its tick, or sampled text could depend on the batch. A stage with a one-layer
+exit keeps an exit cache row per sequence too, written by every position that passes the stage and
+cut with the stage's row. The shared classifier then runs once over every item.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from itertools import groupby
 from typing import NamedTuple
 
 import numpy as np
 
 from nodes.kv_cache import KVCache
-from nodes.stage_model import StageModel
+from nodes.stage_model import StageModel, StageOutput
 from runtime.core.errors import SpeedError
 from runtime.core.sampling import GREEDY, SamplingParams, choose_token
 from runtime.core.scheduler import Item, TickPlan
@@ -57,9 +58,11 @@ class TickExecutor:
                 self._group_of[stage] = (offset, len(group), index)
             offset += slots * len(group)
         self.cache = KVCache(self.cfg, rows=offset, capacity=capacity)
+        self._exit_stages = [stage for stage in self.stages if stage in model.exit_layer_stages]
+        self.exit_cache = KVCache(self.cfg, rows=slots * len(self._exit_stages), capacity=capacity, layers=1)
         self._slot_of: dict[int, int] = {}
         self._sampling: dict[int, SamplingParams] = {}
-        self._plain_guesses: set[int] = set()  # sequences whose guesses skip the exit adapters
+        self._plain_guesses: set[int] = set()  # sequences whose guesses skip the exits
         self._hidden: dict[Key, np.ndarray] = {}  # hidden state after an item's stage, for the next hosted stage
 
     @property
@@ -72,31 +75,46 @@ class TickExecutor:
     def open(self, seq_id: int, sampling: SamplingParams = GREEDY, capacity: int | None = None, *,
              plain_guesses: bool = False) -> None:
         """Give a sequence a slot; its caches grow to `capacity` positions if they hold fewer.
-        plain_guesses: early stages guess through the plain head even when the model has exit adapters."""
+        plain_guesses: early stages guess through the plain head even when the model has exits."""
         free = sorted(set(range(self.slots)) - set(self._slot_of.values()))
         if not free:
             raise SpeedError(f"all {self.slots} sequence slots are in use")
         if capacity is not None and (capacity > self.cache.capacity or not self._slot_of):
-            self.cache.resize(max(capacity, 1))
+            self._resize(max(capacity, 1))
         self._slot_of[seq_id] = free[0]
         self._sampling[seq_id] = sampling
         if plain_guesses:
             self._plain_guesses.add(seq_id)
         for stage in self.stages:
-            self.cache.truncate(self.row(seq_id, stage), 0)
+            self._truncate(seq_id, stage, 0)
 
     def close(self, seq_id: int) -> None:
         """Free a sequence's slot; the last one to go gives the caches' memory back (the next open
         allocates them again anyway), so an idle node holds no more than it did at start."""
         if self._slot_of.pop(seq_id, None) is not None and not self._slot_of and self.cache.capacity > 1:
-            self.cache.resize(1)
+            self._resize(1)
             self._hidden = {}
         self._sampling.pop(seq_id, None)
         self._plain_guesses.discard(seq_id)
 
+    def _resize(self, capacity: int) -> None:
+        self.cache.resize(capacity)
+        self.exit_cache.resize(capacity)
+
     def row(self, seq_id: int, stage: int) -> int:
         offset, size, index = self._group_of[stage]
         return offset + self._slot_of[seq_id] * size + index
+
+    def exit_row(self, seq_id: int, stage: int) -> int:
+        return self._slot_of[seq_id] * len(self._exit_stages) + self._exit_stages.index(stage)
+
+    def _truncate(self, seq_id: int, stage: int, length: int) -> None:
+        """Cut the stage's cache row, and its exit's, to at most `length` positions."""
+        rows = [(self.cache, self.row(seq_id, stage))]
+        if stage in self._exit_stages:
+            rows.append((self.exit_cache, self.exit_row(seq_id, stage)))
+        for cache, row in rows:
+            cache.truncate(row, min(length, int(cache.lengths[row])))
 
     def cache_length(self, seq_id: int, stage: int) -> int:
         return int(self.cache.lengths[self.row(seq_id, stage)])
@@ -111,8 +129,7 @@ class TickExecutor:
         input from hidden_in; otherwise from its tokens (stage 0) or from this executor's last tick."""
         for cut in plan.truncations:
             if cut.seq_id in self._slot_of:
-                row = self.row(cut.seq_id, cut.stage)
-                self.cache.truncate(row, min(cut.length, int(self.cache.lengths[row])))
+                self._truncate(cut.seq_id, cut.stage, cut.length)
         for seq_id in plan.finished:
             self.close(seq_id)
         if not plan.items:
@@ -131,6 +148,7 @@ class TickExecutor:
                 self._hidden[key] = hidden_after[key]
             elif not item.final_token:
                 handoff[key] = hidden_after[key]
+        last_hidden |= self._run_exits(plan.items, hidden_after)
         predictions, confidence = self._predict(plan.items, last_hidden)
         return TickResult(predictions, handoff, confidence)
 
@@ -145,29 +163,58 @@ class TickExecutor:
     def _run_call(self, stage: int, items: list[Item], hidden_in: Mapping[Key, np.ndarray], last_hidden: dict,
                   hidden_after: dict) -> None:
         """One graph call for items of equal length on stages that share the graph of `stage`."""
-        item_rows = [self.row(item.seq_id, item.stage) for item in items]
+        outputs = self._call(items, [self.row(item.seq_id, item.stage) for item in items],
+                             [self._input_of(item, hidden_in) for item in items], self.cache,
+                             lambda hidden, rows: self.model.run_stage(stage, hidden, self.cache, rows))
+        for item, out in zip(items, outputs):
+            hidden_after[(item.seq_id, item.start)] = out
+            last_hidden[item] = out[-1]
+
+    def _call(self, items: list[Item], item_rows: list[int], inputs: list[np.ndarray], cache: KVCache,
+              run: Callable[[np.ndarray, slice], StageOutput]) -> list[np.ndarray]:
+        """One call over the span of rows the items use: their new cache entries are appended and each
+        item's hidden states (length, d) returned."""
         rows = slice(min(item_rows), max(item_rows) + 1)
-        width = items[0].length
-        hidden = np.zeros((rows.stop - rows.start, width, self.cfg.d_model), dtype=np.float32)  # (B, T, d)
-        for item, row in zip(items, item_rows):
-            if self.cache.lengths[row] != item.start:
-                raise SpeedError(f"sequence {item.seq_id} stage {item.stage}: cache holds {self.cache.lengths[row]} "
+        hidden = np.zeros((rows.stop - rows.start, items[0].length, self.cfg.d_model), dtype=np.float32)  # (B, T, d)
+        for item, row, x in zip(items, item_rows, inputs):
+            if cache.lengths[row] != item.start:
+                raise SpeedError(f"sequence {item.seq_id} stage {item.stage}: cache holds {cache.lengths[row]} "
                                  f"positions but the item starts at {item.start}")
-            hidden[row - rows.start] = self._input_of(item, hidden_in)
-        out = self.model.run_stage(stage, hidden, self.cache, rows)
+            hidden[row - rows.start] = x
+        out = run(hidden, rows)
+        outputs = []
         for item, row in zip(items, item_rows):
             r = row - rows.start
-            self.cache.append(row, [k[r] for k in out.new_keys], [v[r] for v in out.new_values], item.length)
-            hidden_after[(item.seq_id, item.start)] = out.hidden[r]
-            last_hidden[item] = out.hidden[r, -1]
+            cache.append(row, [k[r] for k in out.new_keys], [v[r] for v in out.new_values], item.length)
+            outputs.append(out.hidden[r])
+        return outputs
+
+    def _guesses_through_exit(self, item: Item) -> bool:
+        return item.predict and not item.final_token and item.seq_id not in self._plain_guesses
+
+    def _run_exits(self, items: list[Item], hidden_after: Mapping[Key, np.ndarray]) -> dict[Item, np.ndarray]:
+        """Every position of a guessing item passes its stage's one-layer exit (whose cache needs them all);
+        returns what the last position's guess reads, per item."""
+        reads = {}
+        for stage in self._exit_stages:
+            at_stage = sorted((item for item in items if item.stage == stage and self._guesses_through_exit(item)),
+                              key=lambda item: item.length)
+            for _, same_length in groupby(at_stage, key=lambda item: item.length):
+                group = list(same_length)
+                outputs = self._call(group, [self.exit_row(item.seq_id, stage) for item in group],
+                                     [hidden_after[(item.seq_id, item.start)] for item in group], self.exit_cache,
+                                     lambda hidden, rows, s=stage: self.model.run_exit_layer(s, hidden, self.exit_cache,
+                                                                                            rows))
+                reads |= {item: out[-1] for item, out in zip(group, outputs)}
+        return reads
 
     def _head_input(self, item: Item, hidden: np.ndarray) -> np.ndarray:
-        """A guess reads the head through its stage's exit adapter; a committed token never does."""
-        adapter = self.model.exit_adapters.get(item.stage)
-        if adapter is None or item.final_token or item.seq_id in self._plain_guesses:
+        """A guess reads the head through its stage's exit map, if any; a committed token never does
+        (a one-layer exit's output is already in `hidden`)."""
+        exit_map = self.model.exit_maps.get(item.stage)
+        if exit_map is None or not self._guesses_through_exit(item):
             return hidden
-        down, up = adapter
-        return hidden + (hidden @ down) @ up
+        return exit_map.apply(hidden)
 
     def _predict(self, items: list[Item], last_hidden: dict[Item, np.ndarray]
                  ) -> tuple[dict[Key, int], dict[Key, float]]:

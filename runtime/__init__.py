@@ -6,7 +6,7 @@ Layers, top to bottom; a layer imports only the layers below it (tests/test_laye
     runtime.bench        benchmarks: one process, a local cluster, load and chaos
     deploy               operating a cluster: `speed up`/`down`, certificates (and the example YAML files)
     runtime.coordinator  the coordinator process      | runtime.client  the SDK | runtime.local  one process
-    runtime.models       model tools on torch: training, export, GGUF import, exit adapters
+    runtime.models       model tools on torch: training, export, GGUF import, exits, the gate
     nodes                the node daemon: stages on ONNX Runtime, their KV caches, the tick executor
     runtime.wire         what travels between processes: protobuf, conversions, channel options, TLS
     runtime.core         the shared vocabulary, free of I/O but files: the SPEED scheduler, sampling, stopping,

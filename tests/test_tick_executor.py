@@ -6,7 +6,7 @@ import pytest
 from nodes.kv_cache import KVCache
 from nodes.onnx_stage_model import OnnxStageModel
 from nodes.tick_executor import TickExecutor
-from runtime.core.bundle import load_bundle
+from runtime.core.bundle import ExitMap, load_bundle
 from runtime.core.errors import SpeedError
 from runtime.core.scheduler import Item, TickPlan, Truncate
 from runtime.local.speculative import generate_speculative
@@ -85,24 +85,23 @@ def test_a_cache_keeps_its_entries_when_it_grows(tiny_bundle):
     assert cache.lengths.tolist() == [3, 4]
 
 
-# --- exit adapters: what an early stage's guess reads --------------------------------------------------
+# --- exit maps: what an early stage's guess reads --------------------------------------------------
 
 ADAPTER_RANK = 4
 
 
-def random_adapters(cfg, seed: int = 0) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Exit adapters (A (d, r), B (r, d)) after every early stage, as `speed train-exit` writes them, but random:
-    large enough that h + (h @ A) @ B is far from h."""
+def random_adapters(cfg, seed: int = 0) -> dict[int, ExitMap]:
+    """Low-rank exits (A (d, r), B (r, d)) after every early stage, as `speed train-exit --kind low-rank` writes
+    them, but random: large enough that h + (h @ A) @ B is far from h."""
     rng = np.random.default_rng(seed)
     d = cfg.d_model
-    return {stage: ((rng.standard_normal((d, ADAPTER_RANK)) / np.sqrt(d)).astype(np.float32),
-                    rng.standard_normal((ADAPTER_RANK, d)).astype(np.float32))
+    return {stage: ExitMap((rng.standard_normal((d, ADAPTER_RANK)) / np.sqrt(d)).astype(np.float32),
+                           rng.standard_normal((ADAPTER_RANK, d)).astype(np.float32), None)
             for stage in range(cfg.n_stages - 1)}
 
 
-def adapted(hidden: np.ndarray, adapter: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    down, up = adapter
-    return hidden + (hidden @ down) @ up
+def adapted(hidden: np.ndarray, adapter: ExitMap) -> np.ndarray:
+    return hidden + (hidden @ adapter.down) @ adapter.up
 
 
 class HeadLog:
@@ -129,16 +128,16 @@ class HeadLog:
 
 @pytest.fixture
 def demo_with_adapters():
-    """The shipped demo model given random exit adapters (a bundle has trained ones only after `speed train-exit`)."""
+    """The shipped demo model given random low-rank exits (a bundle has trained ones only after `speed train-exit`)."""
     model = OnnxStageModel(load_bundle(), threads=1)
-    model.exit_adapters = random_adapters(model.config)
+    model.exit_maps = random_adapters(model.config)
     return model
 
 
 def test_an_early_guess_reads_the_head_through_its_adapter_unless_the_sequence_asked_for_plain_guesses(
         demo_with_adapters):
     model = demo_with_adapters
-    adapters, last = model.exit_adapters, model.config.n_stages - 1
+    adapters, last = model.exit_maps, model.config.n_stages - 1
     log = HeadLog(model)
     executor = TickExecutor(model, slots=2, capacity=16)
     executor.open(0)
@@ -161,8 +160,8 @@ def test_an_early_guess_reads_the_head_through_its_adapter_unless_the_sequence_a
         np.testing.assert_allclose(head_input[1], plain[1], rtol=0, atol=0, err_msg=f"stage {stage}: plain guesses")
 
 
-def head_reads(log: HeadLog, adapters: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[str, int]:
-    """How many hidden states the head read as a stage gave them, and how many through an exit adapter."""
+def head_reads(log: HeadLog, adapters: dict[int, ExitMap]) -> dict[str, int]:
+    """How many hidden states the head read as a stage gave them, and how many through an exit map."""
     counts = {"plain": 0, "adapted": 0}
     for outputs, head_input in log.calls:
         for row in head_input:
@@ -183,7 +182,7 @@ def test_speculative_decoding_guesses_through_the_adapters_and_plain_guesses_tur
     for plain_guesses in (False, True):
         log.calls.clear()
         [generation] = generate_speculative(model, [prompt], max_new_tokens=12, eos_id=-1, plain_guesses=plain_guesses)
-        reads[plain_guesses], tokens[plain_guesses] = head_reads(log, model.exit_adapters), generation.token_ids
+        reads[plain_guesses], tokens[plain_guesses] = head_reads(log, model.exit_maps), generation.token_ids
     assert reads[False]["adapted"] > 0 and reads[False]["plain"] > 0  # guesses adapted, committed tokens not
     assert reads[True] == {"plain": reads[True]["plain"], "adapted": 0}
     assert tokens[False] == tokens[True]  # guesses change, the text does not

@@ -1,7 +1,7 @@
 """`speed bench FILE`: sequential against speculative decoding through a cluster started here.
 
 Runs alternate between single-process plain decoding (the reference), the cluster in sequential mode,
-the cluster in speculative mode sending every guess, and, when the bundle has exit adapters, guessing
+the cluster in speculative mode sending every guess, and, when the bundle has exits, guessing
 without them, and when a confidence gate is set, behind the gate, on the same prompts; medians are
 reported. EOS is ignored so every run decodes the same number of tokens. --emulate-link-ms adds an
 EMULATED one-way latency to every step message between the coordinator and each node (no real network
@@ -43,7 +43,7 @@ def bench_cluster(cluster_path: Path, *, new_tokens: int = 128, repeats: int = 3
     chat = bool(bundle.chat_template)
     prompts = CHAT_PROMPTS if chat else LOCAL_PROMPTS
     modes = {"sequential": {"speculative": False}, "speculative": {"speculative": True, "guess_threshold": 0.0}}
-    if bundle.exit_adapters():
+    if bundle.exits:
         modes["speculative_plain_guesses"] = {"speculative": True, "plain_guesses": True, "guess_threshold": 0.0}
     thresholds = guess_thresholds((guess_threshold, cluster.spec.speculation.guess_threshold), bundle.guess_thresholds,
                                   bundle.config.n_stages)
@@ -99,7 +99,7 @@ def format_cluster(report: dict) -> str:
         + describe_speculation(report),
     ]
     if "plain_guesses" in report:
-        lines.append(f"  without exit adapters  {report['speculative_plain_guesses_tokens_per_s']:8.1f} tokens/s   "
+        lines.append(f"  without exits          {report['speculative_plain_guesses_tokens_per_s']:8.1f} tokens/s   "
                      f"speedup {report['speedup_plain_guesses']:.2f}x; " + describe_speculation(report["plain_guesses"]))
     if "gated" in report:
         thresholds = " ".join(f"{t:g}" for t in report["gated"]["guess_thresholds"])

@@ -31,7 +31,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--speculate", action="store_true", help="decode with SPEED's speculative pipeline (same tokens)")
     p.add_argument("--chat", action="store_true", help="PROMPT is a user's message: apply the bundle's chat template")
     p.add_argument("--plain-guesses", action="store_true",
-                   help="with --speculate: guess without the bundle's exit adapters (same text)")
+                   help="with --speculate: guess without the bundle's exits (same text)")
     add_gate_flag(p)
     p.add_argument("--stop", action="append", metavar="TEXT",
                    help="end at the token that completes TEXT, which the printed text leaves out (repeatable)")
@@ -46,7 +46,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=token_count, default=64)
     p.add_argument("--no-speculation", action="store_true", help="sequential decoding (same text, slower)")
     p.add_argument("--chat", action="store_true", help="PROMPT is a user's message: apply the model's chat template")
-    p.add_argument("--plain-guesses", action="store_true", help="guess without the bundle's exit adapters (same text)")
+    p.add_argument("--plain-guesses", action="store_true", help="guess without the bundle's exits (same text)")
     add_gate_flag(p)
     p.add_argument("--stop", action="append", metavar="TEXT", help="end at the token that completes TEXT (repeatable)")
     add_sampling_flags(p)

@@ -16,6 +16,7 @@ from runtime.cli.arguments import (
     whole,
 )
 from runtime.core.cluster_file import MAX_THREADS
+from runtime.core.config import EXIT_KINDS
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -76,11 +77,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.set_defaults(run=cmd_quantize)
 
-    p = commands.add_parser("train-exit", help="train exit adapters that improve a bundle's early guesses")
+    p = commands.add_parser("train-exit", help="train exits that improve a bundle's early guesses")
     p.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle directory, updated in place")
-    p.add_argument("--steps", type=whole(1, 10_000_000), default=600)
-    p.add_argument("--rank", type=whole(1, 65536), default=256, help="rank of each low-rank adapter")
-    p.add_argument("--lr", type=learning_rate, default=3e-3, help="learning rate, in (0, 1]")
+    p.add_argument("--kind", choices=EXIT_KINDS, default="layer",
+                   help="layer: one decoder layer with its own cache (default); low-rank: h + (h A) B; affine: h W + b")
+    p.add_argument("--steps", type=whole(1, 10_000_000), default=600, help="training steps per early stage")
+    p.add_argument("--rank", type=whole(1, 65536), default=256, help="rank of each low-rank exit")
+    p.add_argument("--lr", type=learning_rate, default=1e-3, help="learning rate, in (0, 1]")
     p.add_argument("--train-windows", type=whole(1, 1_000_000), default=128, help="128-token windows of training text")
     p.add_argument("--held-out-windows", type=whole(1, 1_000_000), default=24, help="windows of held-out text")
     p.add_argument("--seed", type=seed_int, default=0)
@@ -161,10 +164,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 def cmd_train_exit(args: argparse.Namespace) -> None:
     from runtime.models.exit_training import ExitTraining, train_exits
 
-    cfg = ExitTraining(steps=args.steps, rank=args.rank, lr=args.lr, train_windows=args.train_windows,
+    cfg = ExitTraining(kind=args.kind, steps=args.steps, rank=args.rank, lr=args.lr, train_windows=args.train_windows,
                        held_out_windows=args.held_out_windows, seed=args.seed)
     report = train_exits(args.bundle, cfg, progress=lambda line: print(line, file=sys.stderr))
     before = "  ".join(f"{x:.1%}" for x in report["flip_rate_per_boundary_before"])
     after = "  ".join(f"{x:.1%}" for x in report["flip_rate_per_boundary_after"])
-    print(f"exit adapters (rank {cfg.rank}) written into {args.bundle} in {report['train_time_s']} s; held-out flip "
-          f"rate per boundary {before} -> {after}")
+    print(f"{cfg.kind} exits written into {args.bundle} in {report['train_time_s']} s; held-out flip rate per "
+          f"boundary {before} -> {after}")

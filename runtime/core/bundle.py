@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -78,6 +78,20 @@ class Int8Rows:
         return self.values[token_ids].astype(np.float32) * self.scales[token_ids][..., None]
 
 
+class ExitMap(NamedTuple):
+    """A per-position exit: a guess reads the head at h + (h @ down) @ up (low-rank) or at
+    h + h @ down + bias (affine)."""
+
+    down: np.ndarray
+    up: np.ndarray | None
+    bias: np.ndarray | None
+
+    def apply(self, hidden: np.ndarray) -> np.ndarray:
+        if self.up is not None:
+            return hidden + (hidden @ self.down) @ self.up
+        return hidden + hidden @ self.down + self.bias
+
+
 @dataclass(frozen=True)
 class Bundle:
     path: Path
@@ -136,26 +150,47 @@ class Bundle:
                                  "the file was changed or corrupted, re-export or re-copy the bundle")
 
     def files_for(self, stages: Iterable[int]) -> set[str]:
-        """The files a node running `stages` reads: their graphs, the head, the embedding, exit adapters."""
+        """The files a node running `stages` reads: their graphs, the head, the embedding, their exits."""
         embedding = self.manifest["embedding"]
         names = {self.stage_graphs[stage].name for stage in stages} | {self.head_graph.name, embedding["file"]}
         names |= {embedding["row_scales"]} if "row_scales" in embedding else set()
-        adapters = self.manifest.get("exit_adapters")
-        return names | ({adapters["file"]} if adapters else set())
+        layers = self.exit_layer_graphs()
+        maps = set(self.exit_files()) if not layers else set()
+        return names | maps | {layers[stage].name for stage in stages if stage in layers}
 
     @property
     def quantized(self) -> bool:
         return "quantization" in self.manifest
 
-    def exit_adapters(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """Per early stage, the low-rank exit adapter (A (d, r), B (r, d)): a guess after that stage reads
-        the head at h + (h @ A) @ B. Empty when the bundle has none."""
-        spec = self.manifest.get("exit_adapters")
-        if not spec:
+    @property
+    def exits(self) -> dict[str, Any]:
+        """The manifest's exits (`speed train-exit`): kind, stages, files and report; {} when none."""
+        return self.manifest.get("exits") or {}
+
+    def exit_files(self) -> list[str]:
+        return list(self.exits.get("files", []))
+
+    def exit_maps(self) -> dict[int, ExitMap]:
+        """Per early stage, its low-rank or affine exit; empty when the bundle has none (or layer exits)."""
+        spec, d = self.exits, self.config.d_model
+        kind = spec.get("kind")
+        if kind not in ("low-rank", "affine"):
             return {}
-        d, r, stages = self.config.d_model, spec["rank"], spec["stages"]
-        table = np.memmap(self.path / spec["file"], dtype="<f4", mode="r", shape=(len(stages), 2, d * r))
-        return {stage: (table[i, 0].reshape(d, r), table[i, 1].reshape(r, d)) for i, stage in enumerate(stages)}
+        first, second = ((d, spec["rank"]), (spec["rank"], d)) if kind == "low-rank" else ((d, d), (d,))
+        n1, n2 = int(np.prod(first)), int(np.prod(second))
+        table = np.memmap(self.path / spec["files"][0], dtype="<f4", mode="r", shape=(len(spec["stages"]), n1 + n2))
+        maps = {}
+        for i, stage in enumerate(spec["stages"]):
+            a, b = table[i, :n1].reshape(first), table[i, n1:].reshape(second)
+            maps[stage] = ExitMap(a, b, None) if kind == "low-rank" else ExitMap(a, None, b)
+        return maps
+
+    def exit_layer_graphs(self) -> dict[int, Path]:
+        """Per early stage, the graph of its one-layer exit; empty when the bundle has none."""
+        spec = self.exits
+        if spec.get("kind") != "layer":
+            return {}
+        return {stage: self.path / name for stage, name in zip(spec["stages"], spec["files"])}
 
     @property
     def guess_thresholds(self) -> tuple[float, ...]:

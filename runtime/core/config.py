@@ -8,6 +8,8 @@ from typing import Any
 
 from runtime.core.errors import SpeedError
 
+EXIT_KINDS = ("layer", "low-rank", "affine")  # the early exits `speed train-exit --kind` trains
+
 
 @dataclass(frozen=True)
 class ModelConfig:

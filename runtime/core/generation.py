@@ -32,7 +32,7 @@ class GenerationOptions:
     speculative: bool | None = None  # None: the cluster's setting (single process: off)
     ignore_eos: bool = False  # decode max_new_tokens whatever the model says (for benchmarks)
     chat: bool = False  # the prompt is a user's message, rendered with the bundle's chat template
-    plain_guesses: bool = False  # guess through the plain head even when the bundle has exit adapters
+    plain_guesses: bool = False  # guess through the plain head even when the bundle has exits
     guess_threshold: float | None = None  # the confidence gate: None = the cluster's or bundle's, 0 = off
 
     def __post_init__(self) -> None:

@@ -19,7 +19,7 @@ def generate_speculative(model: StageModel, prompts: list[list[int]], *, max_new
                          should_stop: Callable[[list[int]], bool] | None = None,
                          plain_guesses: bool = False, guess_thresholds: tuple[float, ...] = ()) -> list[Generation]:
     """Decode several prompts together, their items sharing ticks; one Generation per prompt.
-    plain_guesses: guess through the plain head even when the model has exit adapters (same text).
+    plain_guesses: guess through the plain head even when the model has exits (same text).
     guess_thresholds: per early stage, the probability a guess needs to be sent (the gate; same text)."""
     cfg = model.config
     for prompt in prompts:

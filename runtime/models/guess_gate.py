@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nodes.kv_cache import KVCache
+from nodes.onnx_stage_model import OnnxStageModel
 from runtime.core.bundle import Bundle, load_bundle, update_bundle
 from runtime.core.errors import SpeedError
 from runtime.models.decoder import SpeedDecoder
@@ -50,20 +52,36 @@ def held_out_windows(bundle: Bundle, count: int, window: int) -> torch.Tensor:
     return torch.tensor([ids[i * step : i * step + window] for i in range(count)])
 
 
+class ExitReads:
+    """What early stages' guesses read the head at, computed as nodes compute it: through the bundle's
+    exit maps, or its one-layer exit graphs on ONNX Runtime over a window from position 0."""
+
+    def __init__(self, bundle: Bundle):
+        self.maps, layers = bundle.exit_maps(), bundle.exit_layer_graphs()
+        self.layers = OnnxStageModel(bundle, stages=list(layers), threads=0) if layers else None
+        self.config = bundle.config
+
+    def __call__(self, stage: int, hidden: np.ndarray) -> np.ndarray:
+        """hidden (windows, T, d) after `stage` -> (windows, T, d)."""
+        if stage in self.maps:
+            return self.maps[stage].apply(hidden)
+        if self.layers is not None and stage in self.layers.exit_layer_stages:
+            cache = KVCache(self.config, rows=len(hidden), capacity=hidden.shape[1], layers=1)
+            return self.layers.run_exit_layer(stage, np.ascontiguousarray(hidden), cache, slice(0, len(hidden))).hidden
+        return hidden
+
+
 @torch.no_grad()
 def guess_outcomes(model: SpeedDecoder, bundle: Bundle, windows: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per early stage, every held-out position's guess probability and whether the final prediction
-    agreed; the guess reads the head through the stage's exit adapter as nodes do."""
-    adapters = {stage: (torch.from_numpy(np.array(a)), torch.from_numpy(np.array(b)))
-                for stage, (a, b) in bundle.exit_adapters().items()}
+    agreed; the guess reads the head through the stage's exit as nodes do."""
+    reads = ExitReads(bundle)
     outcomes: list[tuple[list, list]] = [([], []) for _ in range(model.cfg.n_stages - 1)]
     for batch in windows.split(4):
         hidden = model.stage_hiddens(batch)
         final = model.classify(hidden[-1]).argmax(-1).flatten()
         for stage, h in enumerate(hidden[:-1]):
-            if stage in adapters:
-                down, up = adapters[stage]
-                h = h + (h @ down) @ up
+            h = torch.from_numpy(reads(stage, h.numpy()))
             probabilities = torch.softmax(model.classify(h).float(), -1).flatten(0, 1)
             confidence, guess = probabilities.max(-1)
             outcomes[stage][0].append(confidence.numpy())
@@ -112,7 +130,7 @@ def calibrate(bundle_path: Path, cfg: Calibration, *, progress: Callable[[str], 
         stages.append(gate_report(confidence, agreed, choose_threshold(confidence, agreed, cfg.min_precision)))
         progress(f"stage {stage}: " + describe_stage(stages[-1]))
     report = {"positions": int(len(outcomes[0][0])), "min_precision": cfg.min_precision,
-              "exit_adapters": bool(bundle.exit_adapters()), "stages": stages}
+              "exits": bundle.exits.get("kind"), "stages": stages}
     update_bundle(bundle, {}, removed=[], guess_gate={"thresholds": [s["threshold"] for s in stages],
                                                       "report": report})
     return report

@@ -188,7 +188,7 @@ def _write_int8_rows(table: np.ndarray, out_dir: Path) -> None:
 
 
 def _carry_other_files(bundle: Bundle, out_dir: Path, *, skip: set[str]) -> list[str]:
-    """Tokenizer, exit adapters, reports: copied as they are."""
+    """Tokenizer, exits, reports: copied as they are."""
     carried = []
     for name in bundle.manifest["files"]:
         if name not in skip:

@@ -42,7 +42,8 @@ class TorchStageModel:
         self.config = bundle.config
         self._graph_ids = bundle.graph_ids
         self.model = model_from_bundle(bundle)
-        self.exit_adapters = bundle.exit_adapters()
+        self.exit_maps = bundle.exit_maps()
+        self.exit_layer_stages: frozenset[int] = frozenset()  # one-layer exits run on ONNX Runtime only
 
     @torch.no_grad()
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
