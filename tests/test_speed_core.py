@@ -99,15 +99,17 @@ def drawn_flips(data, flip_rate):
     flip_rate=st.sampled_from([0.0, 0.2, 0.6, 1.0]),
     eos_at=st.one_of(st.none(), st.integers(0, 30)),
     speculate=st.booleans(),
-    gate=st.sampled_from([None, 0.3, 0.5, 0.9]),
+    gate=st.sampled_from([None, 0.3, 0.5, 0.9, 1.0, "mixed"]),
 )
 def test_committed_stream_equals_the_oracle_and_flushes_roll_back(data, n_stages, n_seqs, prompt_len, max_new, chunk,
                                                                    flip_rate, eos_at, speculate, gate):
-    """gate: every early stage's threshold, the guesses' probabilities drawn at random (None: no gate)."""
+    """gate: every early stage's threshold, the guesses' probabilities drawn at random (None: no gate;
+    1.0: the stage never guesses; mixed: stages alternate between never and 0.5)."""
     wrong = drawn_flips(data, flip_rate)
     scheduler = SpeedScheduler(n_stages, prefill_chunk=chunk)
     streams = {s: oracle_stream(s, prompt_len, max_new, eos_at) for s in range(n_seqs)}
-    thresholds = (gate,) * (n_stages - 1) if gate is not None else ()
+    thresholds = {None: (), "mixed": tuple(1.0 if s % 2 else 0.5 for s in range(n_stages - 1))}.get(
+        gate, (gate,) * (n_stages - 1))
     for s in range(n_seqs):
         scheduler.add(s, streams[s][:prompt_len], max_new_tokens=max_new, context_length=1000, eos_id=EOS,
                       speculate=speculate, guess_thresholds=thresholds)
@@ -254,6 +256,20 @@ def test_a_later_stage_sends_the_guess_an_earlier_one_was_unsure_of():
     seq = scheduler.sequences[0]
     assert seq.generated == stream[2:14]
     assert seq.stats.ticks == 2 * 12 + 1 and seq.stats.held_guesses == 11 and seq.stats.flushed_steps == 0
+
+
+def test_a_stage_whose_gate_holds_everything_asks_for_no_prediction():
+    """Threshold 1 at stage 0: its items need no classifier; stage 1 guesses and the text is unchanged."""
+    scheduler = SpeedScheduler(3)
+    stream = oracle_stream(6, 2, 10)
+    scheduler.add(0, stream[:2], max_new_tokens=10, context_length=100, guess_thresholds=(1.0, 0.0))
+    run = SyntheticRun(scheduler, {0: stream}, lambda *_: False, confidence=lambda *_: 0.5)
+    while scheduler.active:
+        plan = run.run_tick()
+        assert all(item.predict == (item.stage > 0) for item in plan.items)
+    seq = scheduler.sequences[0]
+    assert seq.generated == stream[2:12] and seq.stats.ticks == 2 * 10 + 1 and seq.stats.held_guesses == 0
+    assert seq.stats.checks[0] == 0 and seq.stats.checks[1] > 0  # stage 0 made no guess to compare
 
 
 def test_a_threshold_for_each_early_stage_is_required():

@@ -82,7 +82,8 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_gate_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--guess-threshold", type=number(0, 1, zero="0 = send every guess"), metavar="P",
+    p.add_argument("--guess-threshold", type=number(0, 1, zero="0 = send every guess, 1 = make none"),
+                   metavar="P",
                    help="send a speculative guess only when its stage gives it at least this probability "
                         "(default: the cluster's, else the bundle's own; same text either way)")
 

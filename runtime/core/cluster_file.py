@@ -13,7 +13,8 @@ A cluster file is YAML (see deploy/local.yaml):
     speculation:                     # optional
       enabled: true                  # false = sequential decoding
       prefill_chunk: 64              # >= 1
-      guess_threshold: 0.5           # 0 to 1: a guess enters the pipeline only at this probability (0 = always);
+      guess_threshold: 0.5           # 0 to 1: a guess enters the pipeline only at this probability (0 = always,
+                                     # 1 = early stages make no guesses and skip the classifier);
                                      # absent = the bundle's own thresholds (`speed calibrate`), if it has them
     nodes:                           # required, one entry per node process
       - name: edge-1                 # required: letters, digits, '-', '_', '.'; unique

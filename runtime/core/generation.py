@@ -38,7 +38,7 @@ class GenerationOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))  # a list is fine to give; keep it immutable
         if self.guess_threshold is not None and not 0 <= self.guess_threshold <= 1:
-            raise SpeedError(f"guess threshold must be a probability from 0 (send every guess) to 1, "
+            raise SpeedError(f"guess threshold must be a probability from 0 (send every guess) to 1 (make none), "
                              f"got {self.guess_threshold}")
 
     @property

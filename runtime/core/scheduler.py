@@ -80,6 +80,7 @@ class _Flight:
     next_stage: int
     tokens: tuple[int, ...]
     prediction: int | None = None  # newest prediction for position start + length
+    predicted_at: int = -1  # the stage that made it
 
     @property
     def end(self) -> int:
@@ -184,7 +185,7 @@ class SpeedScheduler:
             for f in seq.flights:
                 final = f.next_stage == self.n_stages - 1
                 items.append(Item(seq.seq_id, f.start, f.length, f.next_stage, f.tokens if f.next_stage == 0 else None,
-                                  final_token=final, predict=final or seq.speculate))
+                                  final_token=final, predict=final or self._guesses(seq, f.next_stage)))
         plan = TickPlan(self._truncations, items, self._finished)
         self._truncations, self._finished = [], []
         return plan
@@ -208,12 +209,12 @@ class SpeedScheduler:
             if f.end < len(seq.prefill):
                 continue  # a prefill chunk whose successor is the prefill itself: nothing to check
             prediction = predictions.get((seq.seq_id, f.start))
-            if prediction is None:  # without speculation only the last stage's prediction matters
-                break
-            if f.prediction is not None and stage > 0:
+            if prediction is None:  # a stage that makes no guess: the next one checks and guesses
+                continue
+            if f.prediction is not None and f.predicted_at == stage - 1:
                 seq.stats.checks[stage - 1] += 1
                 seq.stats.flips[stage - 1] += prediction != f.prediction
-            f.prediction = prediction
+            f.prediction, f.predicted_at = prediction, stage
             if stage == last and self._commit(seq, prediction):
                 self._drop_after(seq, index)
                 break
@@ -250,6 +251,12 @@ class SpeedScheduler:
         if seq.done or f.end > seq.last_position:
             return False
         return seq.speculate or f.next_stage == self.n_stages
+
+    @staticmethod
+    def _guesses(seq: Sequence, stage: int) -> bool:
+        """Whether an early stage guesses at all: with speculation, unless its gate holds every guess
+        (threshold 1), in which case nobody reads its prediction and the classifier need not run."""
+        return seq.speculate and not (seq.guess_thresholds and seq.guess_thresholds[stage] >= 1)
 
     def _sure(self, seq: Sequence, stage: int, confidence: float) -> bool:
         """Whether the gate lets a guess made after `stage` into flight; a committed token always enters."""
