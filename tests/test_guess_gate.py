@@ -47,14 +47,16 @@ def test_every_gate_keeps_the_sequential_text_and_a_higher_one_holds_more_back(s
     model = open_stage_model(bundle, threads=1)
     prompts = [bundle.tokenizer().encode(p).ids for p in PROMPTS]
     kwargs = {"max_new_tokens": 48, "eos_id": -1, "sampling": sampling}
-    sequential = [g.token_ids for g in generate_speculative(model, prompts, speculate=False, **kwargs)]
-    held = []
-    for threshold in (0.0, 0.2, 0.6, 1.0):
+    sequential = generate_speculative(model, prompts, speculate=False, **kwargs)
+    held, ticks = [], []
+    for threshold in (0.0, 0.2, 0.6, 0.95, 1.0):
         thresholds = (threshold,) * (bundle.config.n_stages - 1) if threshold else ()
         runs = generate_speculative(model, prompts, guess_thresholds=thresholds, **kwargs)
-        assert [g.token_ids for g in runs] == sequential, threshold
+        assert [g.token_ids for g in runs] == [g.token_ids for g in sequential], threshold
         held.append(sum(g.stats.held_guesses for g in runs))
+        ticks.append(sum(g.stats.ticks for g in runs))
     assert held[0] == 0 and held[0] < held[1] < held[2] < held[3]
+    assert held[4] == 0 and ticks[4] == sum(g.stats.ticks for g in sequential)  # threshold 1: no guess at all
 
 
 def test_reference_takes_the_bundles_gate_and_an_override(calibrated):
