@@ -5,12 +5,21 @@ costs the ticks its successor waits. The gate sends a guess only when the stage 
 least its threshold of probability. For each early stage this reads, over held-out windows, each guess's
 probability and whether the model's final prediction agreed, and picks the lowest threshold above which
 guesses agree at least `min_precision` of the time in every probability bin: a guess there is more often
-right than wrong, so sending it is expected to save more than it wastes. The thresholds go into the
-manifest, where nodes and the coordinator read them as every request's default.
+right than wrong, so sending it is expected to save more than it wastes (a right guess after stage s
+saves its token G-1-s stage passes of waiting, a wrong one wastes about as many).
+
+Guessing at all has a price: the classifier runs for every item of the stage, to know the guess and
+its probability. So the stage guesses only where the passes its sent guesses are expected to save,
+sent x (2 x agreement - 1) x (G-1-s) x the stage's time, exceed one classifier call, both timed here
+on one thread; otherwise its threshold is 1 and it makes no guess. (Link latency, which a right guess
+also saves on a cluster, is left out: the choice errs towards not guessing.) The thresholds go into
+the manifest, where nodes and the coordinator read them as every request's default.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +121,9 @@ def gate_report(confidence: np.ndarray, agreed: np.ndarray, threshold: float) ->
 
 
 def describe_stage(s: dict) -> str:
+    if s.get("not_worth_a_classifier_call"):
+        return (f"guesses agree with the final prediction {s['agreement']:.1%} of the time; the passes they would "
+                "save do not pay for a classifier call per item: threshold 1, no guesses")
     sent = f"sends {s['sent']:.1%} of them"
     sent += f" (agree {s['agreement_sent']:.1%})" if s["agreement_sent"] is not None else ""
     held = f", holds back the rest (agree {s['agreement_held']:.1%})" if s["agreement_held"] is not None else ""
@@ -119,18 +131,56 @@ def describe_stage(s: dict) -> str:
             f"threshold {s['threshold']:.3f} {sent}{held}")
 
 
+def median_ms(call: Callable[[], object], repeats: int = 30) -> float:
+    call()  # first-call allocations
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def pass_costs_ms(bundle: Bundle, window: int) -> tuple[list[float], float]:
+    """One row, one new token, on one thread: each early stage's pass at a `window`-entry cache, and a
+    classifier call."""
+    G, d = bundle.config.n_stages, bundle.config.d_model
+    model = OnnxStageModel(bundle, stages=range(G - 1), threads=1)
+    cache = KVCache(bundle.config, rows=1, capacity=window)
+    cache.lengths[:] = window - 1
+    hidden = np.random.default_rng(0).standard_normal((1, 1, d)).astype(np.float32)
+    stages = [median_ms(lambda s=s: model.run_stage(s, hidden, cache, slice(0, 1))) for s in range(G - 1)]
+    return stages, median_ms(lambda: model.classify(hidden[0]))
+
+
+def worth_guessing(stage: dict, stage_index: int, n_stages: int, stage_ms: float, head_ms: float) -> bool:
+    """Whether the passes the stage's sent guesses save outweigh a classifier call per item."""
+    if stage["agreement_sent"] is None:
+        return False
+    saved = stage["sent"] * (2 * stage["agreement_sent"] - 1) * (n_stages - 1 - stage_index) * stage_ms
+    return saved > head_ms
+
+
 def calibrate(bundle_path: Path, cfg: Calibration, *, progress: Callable[[str], None] = print) -> dict:
     bundle = load_bundle(bundle_path)
-    if bundle.config.n_stages < 2:
+    G = bundle.config.n_stages
+    if G < 2:
         raise SpeedError(f"bundle {bundle_path} has one stage: it makes no guesses to gate")
     model = model_from_bundle(bundle)
     outcomes = guess_outcomes(model, bundle, held_out_windows(bundle, cfg.windows, cfg.window))
+    stage_ms, head_ms = pass_costs_ms(bundle, cfg.window)
+    progress(f"one row on one thread: early stage passes {', '.join(f'{ms:.2f}' for ms in stage_ms)} ms, "
+             f"a classifier call {head_ms:.2f} ms")
     stages = []
     for stage, (confidence, agreed) in enumerate(outcomes):
-        stages.append(gate_report(confidence, agreed, choose_threshold(confidence, agreed, cfg.min_precision)))
+        report = gate_report(confidence, agreed, choose_threshold(confidence, agreed, cfg.min_precision))
+        if report["threshold"] < 1 and not worth_guessing(report, stage, G, stage_ms[stage], head_ms):
+            report = gate_report(confidence, agreed, 1.0) | {"not_worth_a_classifier_call": True}
+        stages.append(report)
         progress(f"stage {stage}: " + describe_stage(stages[-1]))
     report = {"positions": int(len(outcomes[0][0])), "min_precision": cfg.min_precision,
-              "exits": bundle.exits.get("kind"), "stages": stages}
+              "exits": bundle.exits.get("kind"), "stage_pass_ms": [round(ms, 3) for ms in stage_ms],
+              "classifier_ms": round(head_ms, 3), "stages": stages}
     update_bundle(bundle, {}, removed=[], guess_gate={"thresholds": [s["threshold"] for s in stages],
                                                       "report": report})
     return report
