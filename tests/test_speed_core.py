@@ -232,43 +232,40 @@ def test_without_speculation_one_token_is_in_flight():
     assert scheduler.sequences[0].stats.ticks == 3 * 8
 
 
-def test_a_gate_that_holds_every_guess_decodes_like_sequential():
+def gated_decoding(seed, max_new, thresholds, confidence):
+    """One sequence of a 3-stage pipeline behind a gate, every guess right: the sequence, once its text is
+    checked, and the plan of each tick."""
     scheduler = SpeedScheduler(3)
-    stream = oracle_stream(2, 2, 8)
-    scheduler.add(0, stream[:2], max_new_tokens=8, context_length=100, guess_thresholds=(0.5, 0.5))
-    run = SyntheticRun(scheduler, {0: stream}, lambda *_: False, confidence=lambda *_: 0.4)
+    stream = oracle_stream(seed, 2, max_new)
+    scheduler.add(0, stream[:2], max_new_tokens=max_new, context_length=100, guess_thresholds=thresholds)
+    run = SyntheticRun(scheduler, {0: stream}, lambda *_: False, confidence=confidence)
+    plans = []
     while scheduler.active:
-        assert len(run.run_tick().items) <= 1
+        plans.append(run.run_tick())
     seq = scheduler.sequences[0]
-    assert seq.generated == stream[2:10]
-    assert seq.stats.ticks == 3 * 8 and seq.stats.flushed_steps == 0
+    assert seq.generated == stream[2 : 2 + max_new] and seq.stats.flushed_steps == 0
+    return seq, plans
+
+
+def test_a_gate_that_holds_every_guess_decodes_like_sequential():
+    seq, plans = gated_decoding(2, 8, (0.5, 0.5), lambda *_: 0.4)
+    assert all(len(plan.items) <= 1 for plan in plans)
+    assert seq.stats.ticks == 3 * 8
     assert seq.stats.held_guesses == 2 * 7  # two per item that has a successor: the prompt and 6 tokens
 
 
 def test_a_later_stage_sends_the_guess_an_earlier_one_was_unsure_of():
     """Stage 0 unsure, stage 1 sure: each token enters one tick after its predecessor left stage 1."""
-    scheduler = SpeedScheduler(3)
-    stream = oracle_stream(5, 2, 12)
-    scheduler.add(0, stream[:2], max_new_tokens=12, context_length=100, guess_thresholds=(0.5, 0.5))
-    run = SyntheticRun(scheduler, {0: stream}, lambda *_: False, confidence=lambda seq, pos, stage: 0.9 * stage)
-    while scheduler.active:
-        assert len(run.run_tick().items) <= 2
-    seq = scheduler.sequences[0]
-    assert seq.generated == stream[2:14]
-    assert seq.stats.ticks == 2 * 12 + 1 and seq.stats.held_guesses == 11 and seq.stats.flushed_steps == 0
+    seq, plans = gated_decoding(5, 12, (0.5, 0.5), lambda seq_id, position, stage: 0.9 * stage)
+    assert all(len(plan.items) <= 2 for plan in plans)
+    assert seq.stats.ticks == 2 * 12 + 1 and seq.stats.held_guesses == 11
 
 
 def test_a_stage_whose_gate_holds_everything_asks_for_no_prediction():
     """Threshold 1 at stage 0: its items need no classifier; stage 1 guesses and the text is unchanged."""
-    scheduler = SpeedScheduler(3)
-    stream = oracle_stream(6, 2, 10)
-    scheduler.add(0, stream[:2], max_new_tokens=10, context_length=100, guess_thresholds=(1.0, 0.0))
-    run = SyntheticRun(scheduler, {0: stream}, lambda *_: False, confidence=lambda *_: 0.5)
-    while scheduler.active:
-        plan = run.run_tick()
-        assert all(item.predict == (item.stage > 0) for item in plan.items)
-    seq = scheduler.sequences[0]
-    assert seq.generated == stream[2:12] and seq.stats.ticks == 2 * 10 + 1 and seq.stats.held_guesses == 0
+    seq, plans = gated_decoding(6, 10, (1.0, 0.0), lambda *_: 0.5)
+    assert all(item.predict == (item.stage > 0) for plan in plans for item in plan.items)
+    assert seq.stats.ticks == 2 * 10 + 1 and seq.stats.held_guesses == 0
     assert seq.stats.checks[0] == 0 and seq.stats.checks[1] > 0  # stage 0 made no guess to compare
 
 
