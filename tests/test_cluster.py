@@ -113,7 +113,8 @@ def test_speed_generate_prints_the_reference_json_keys(cluster):
     reference_json = json.loads(reference.stdout)
     assert set(reference_json) <= set(cluster_json)
     assert cluster_json["token_ids"] == reference_json["token_ids"]
-    assert set(cluster_json["stats"]) == {"ticks", "committed", "flips_per_boundary", "flushed_steps", "mean_in_flight"}
+    assert set(cluster_json["stats"]) == {"ticks", "committed", "flips_per_boundary", "flushed_steps", "mean_in_flight",
+                                          "held_guesses"}
 
 
 def test_a_client_that_goes_away_has_its_caches_freed_on_every_node(cluster):

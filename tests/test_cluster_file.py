@@ -185,8 +185,8 @@ def test_an_unknown_key_without_a_close_match_gets_no_suggestion(tmp_path):
     ("coordinator", "step_timeout", "coordinator: unknown key 'step_timeout'; expected one of address, "
                                     "heartbeat_interval_s, max_queue, metrics_port, step_timeout_s "
                                     "(did you mean 'step_timeout_s'?)"),
-    ("speculation", "enable", "speculation: unknown key 'enable'; expected one of enabled, prefill_chunk "
-                              "(did you mean 'enabled'?)"),
+    ("speculation", "enable", "speculation: unknown key 'enable'; expected one of enabled, guess_threshold, "
+                              "prefill_chunk (did you mean 'enabled'?)"),
 ])
 def test_unknown_keys_in_sections(tmp_path, section, key, expected):
     path = cluster_with(tmp_path, lambda data: data.setdefault(section, {}).update({key: 1}))

@@ -28,15 +28,18 @@ from runtime.wire import speed_pb2 as pb
 from tests.conftest import assert_one_line_error, run_speed, write_cluster
 from tests.support import ports_free
 
-HEADER = {"cluster": "c", "bundle": "demo-4x3", "nodes": 2}
+HEADER = {"cluster": "c", "bundle": "demo-4x3", "nodes": 2, "temperature": 0.0}
 
 
 def test_clients_reports_rates_latency_errors_and_memory_of_every_process_as_json(tmp_path, state_dir):
+    """Sampled requests, as --temperature asks."""
     path = write_cluster(tmp_path)
-    result = run_speed("bench", str(path), "--clients", "3", "--requests", "1", "--new-tokens", "8", "--json")
+    result = run_speed("bench", str(path), "--clients", "3", "--requests", "1", "--new-tokens", "8", "--temperature",
+                       "0.8", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report) == {"cluster", "bundle", "nodes", "clients", "requests_per_client", "new_tokens",
+    assert report["temperature"] == 0.8
+    assert set(report) == {"cluster", "bundle", "nodes", "temperature", "clients", "requests_per_client", "new_tokens",
                            "one_client_tokens_per_s", "clients_tokens_per_s", "scaling", "latency_p50_s",
                            "latency_p99_s", "requests", "errors", "first_error", "rss_mb"}
     assert (report["clients"], report["requests_per_client"], report["new_tokens"]) == (3, 1, 8)

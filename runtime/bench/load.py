@@ -27,7 +27,7 @@ import numpy as np
 
 from deploy.launcher import LocalCluster
 from runtime.bench.cluster import CHAT_PROMPTS
-from runtime.bench.local import LOCAL_PROMPTS
+from runtime.bench.local import LOCAL_PROMPTS, sampled
 from runtime.client import Client, ClientError, GenerationStream
 from runtime.core.bundle import Bundle, load_bundle
 from runtime.core.errors import SpeedError
@@ -51,21 +51,23 @@ class Workload:
     prompts: tuple[str, ...]
     chat: bool
     new_tokens: int
+    sampling: SamplingParams = GREEDY  # unless a request asks otherwise
 
     def prompt(self, index: int) -> str:
         return self.prompts[index % len(self.prompts)]
 
-    def generate(self, client: Client, index: int, sampling: SamplingParams = GREEDY,
+    def generate(self, client: Client, index: int, sampling: SamplingParams | None = None,
                  new_tokens: int | None = None) -> GenerationStream:
+        sampling = sampling or self.sampling
         return client.generate(self.prompt(index), max_new_tokens=new_tokens or self.new_tokens,
                                temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                                seed=sampling.seed, ignore_eos=True, chat=self.chat, timeout_s=REQUEST_TIMEOUT_S)
 
 
-def workload_of(bundle: Bundle, new_tokens: int) -> Workload:
+def workload_of(bundle: Bundle, new_tokens: int, sampling: SamplingParams = GREEDY) -> Workload:
     """The prompts `speed bench FILE` uses: user messages when the bundle has a chat template."""
     chat = bool(bundle.chat_template)
-    return Workload(CHAT_PROMPTS if chat else LOCAL_PROMPTS, chat, new_tokens)
+    return Workload(CHAT_PROMPTS if chat else LOCAL_PROMPTS, chat, new_tokens, sampling)
 
 
 def describe(cluster: LocalCluster, bundle: Bundle) -> dict:
@@ -181,10 +183,10 @@ def run_clients(cluster: LocalCluster, workload: Workload, clients: int, request
 
 
 def bench_load(cluster_path: Path, *, clients: int, requests: int = 3, new_tokens: int = 48,
-               emulated_link_ms: float | None = None) -> dict:
+               emulated_link_ms: float | None = None, sampling: SamplingParams = GREEDY) -> dict:
     cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms)
     bundle = load_bundle(cluster.spec.bundle)
-    workload = workload_of(bundle, new_tokens)
+    workload = workload_of(bundle, new_tokens, sampling)
     with cluster:
         run_clients(cluster, workload, clients, 1, new_tokens=WARM_UP_TOKENS)  # warm-up, as concurrent
         pids = {name: process.pid for name, process in cluster.processes.items()}
@@ -196,7 +198,8 @@ def bench_load(cluster_path: Path, *, clients: int, requests: int = 3, new_token
         after = rss_of(pids)
     memory = {name: {"before": before[name], "peak": max(sampler.peak[name], after[name]), "after": after[name]}
               for name in pids}
-    return load_report(describe(cluster, bundle), clients, requests, new_tokens, (one, one_s), (many, many_s), memory)
+    header = describe(cluster, bundle) | {"temperature": sampling.temperature}
+    return load_report(header, clients, requests, new_tokens, (one, one_s), (many, many_s), memory)
 
 
 def load_report(header: dict, clients: int, requests: int, new_tokens: int, one: tuple[Tally, float],
@@ -226,7 +229,7 @@ def format_load(report: dict) -> str:
                else f"p50 {report['latency_p50_s']:.3f} s  p99 {report['latency_p99_s']:.3f} s")
     lines = [
         f"cluster {report['cluster']} ({report['bundle']}, {report['nodes']} nodes): {report['requests_per_client']} "
-        f"request(s) of {report['new_tokens']} new tokens per client, greedy, EOS ignored",
+        f"request(s) of {report['new_tokens']} new tokens per client, {sampled(report['temperature'])}, EOS ignored",
         f"  {'1 client':12}{report['one_client_tokens_per_s']:8.1f} tokens/s",
         f"  {str(report['clients']) + ' clients':12}{report['clients_tokens_per_s']:8.1f} tokens/s   {scaling} one client; "
         f"latency per request {latency}",

@@ -34,7 +34,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                    help="tokens per run (default 64 reference, 128 local and FILE, 48 --clients and --chaos)")
     p.add_argument("--repeats", type=whole(1, 1000), default=3)
     p.add_argument("--temperature", type=number(0, 100, zero="0 = greedy"), default=0.0,
-                   help="with --reference, --local or FILE: sample at this temperature (seed 0) instead of greedy")
+                   help="with --reference, --local, FILE or --clients: sample at this temperature (seed 0), not greedy")
     p.add_argument("--guess-threshold", type=number(0, 1, above=True), metavar="P",
                    help="with --local or FILE: also run speculation behind this confidence gate (default: the "
                         "cluster file's, else the bundle's from `speed calibrate`)")
@@ -60,9 +60,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for flag, value in [("--clients", args.clients), ("--chaos", args.chaos), ("--emulate-link-ms", args.emulate_link_ms)]:
         if value is not None:
             raise SpeedError(f"{flag} needs a cluster FILE")
-    if args.temperature and (args.agreement is not None or args.clients is not None or args.chaos is not None):
-        raise SpeedError("--temperature applies to --reference, --local and a cluster FILE's sequential against "
-                         "speculative runs (--agreement compares greedy tokens; --chaos samples every other trial)")
+    if args.temperature and (args.agreement is not None or args.chaos is not None):
+        raise SpeedError("--temperature applies to --reference, --local, a cluster FILE and --clients (--agreement "
+                         "compares greedy tokens; --chaos samples every other trial)")
     if args.agreement is not None:
         if args.reference or args.local:
             raise SpeedError("give one of --agreement, --reference and --local")
@@ -136,7 +136,8 @@ def cmd_bench_load(args: argparse.Namespace) -> None:
     from runtime.bench.load import bench_load, format_load
 
     report = bench_load(args.cluster_file, clients=args.clients, requests=args.requests or 3,
-                        new_tokens=args.new_tokens or 48, emulated_link_ms=args.emulate_link_ms)
+                        new_tokens=args.new_tokens or 48, emulated_link_ms=args.emulate_link_ms,
+                        sampling=bench_sampling(args))
     print(json.dumps(report) if args.json else format_load(report))
 
 
