@@ -6,11 +6,12 @@ from dataclasses import replace
 import pytest
 import torch
 
+from runtime.core.bundle import load_bundle
 from runtime.core.errors import SpeedError
 from runtime.models import train as training
 from runtime.models.checkpoint import load_checkpoint
 from runtime.models.train import TrainConfig, choose_precision, train
-from tests.conftest import TINY, TINY_TRAINING
+from tests.conftest import TINY, TINY_TRAINING, assert_one_line_error, run_speed
 
 
 def test_a_few_steps_lower_the_held_out_loss(tmp_path):
@@ -70,3 +71,29 @@ def test_the_report_and_the_checkpoint_name_the_precision_auto_chose(monkeypatch
     assert report["precision"] == report["train_config"]["precision"] == "fp32"
     assert json.loads((tmp_path / "run" / "report.json").read_text())["precision"] == "fp32"
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["train_config"]["precision"] == "fp32"
+
+
+def test_a_run_can_start_from_a_bundle_and_records_it(tiny_bundle, tmp_path):
+    """From the bundle's weights the held-out loss starts where the bundle is, far below a fresh model's."""
+    cfg = replace(TINY_TRAINING, steps=1, lr=1e-6, warmup=1)
+    fresh = train(tmp_path / "fresh", TINY, cfg, resume=False)
+    started = train(tmp_path / "started", TINY, cfg, resume=False, init=tiny_bundle)
+    assert started["held_out"]["loss_per_stage"][-1] < fresh["held_out"]["loss_per_stage"][-1] - 0.5
+    assert started["initialized_from"]["bundle"] == load_bundle(tiny_bundle).manifest["name"]
+    resumed = train(tmp_path / "started", TINY, replace(cfg, steps=2), resume=True)
+    assert resumed["initialized_from"] == started["initialized_from"]
+
+
+def test_the_agreement_loss_is_the_early_stages_divergence_from_the_last_and_moves_only_them():
+    last = torch.randn(2, 5, 7)
+    same = [last.clone().requires_grad_(True) for _ in range(2)] + [last.clone().requires_grad_(True)]
+    assert training.agreement_loss(same).item() == pytest.approx(0.0, abs=1e-6)
+    stages = [torch.randn(2, 5, 7, requires_grad=True) for _ in range(2)] + [last.clone().requires_grad_(True)]
+    loss = training.agreement_loss(stages)
+    loss.backward()
+    assert loss.item() > 0 and stages[0].grad.abs().sum() > 0 and stages[2].grad is None  # the last is the target
+
+
+def test_resume_and_init_together_are_refused_in_one_line(tiny_bundle, tmp_path):
+    assert_one_line_error(run_speed("train", "--out", str(tmp_path), "--resume", "--init", str(tiny_bundle)),
+                          "--resume", "--init")

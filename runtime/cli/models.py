@@ -23,6 +23,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("train", help="train a weight-shared decoder on the offline corpus")
     p.add_argument("--out", type=Path, required=True, help="directory for checkpoint.pt and report.json")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--init", type=Path, metavar="BUNDLE",
+                   help="start from a float32 bundle's weights and tokenizer (its architecture replaces the flags)")
+    p.add_argument("--agreement-weight", type=number(0, 1000), default=0.0, metavar="W",
+                   help="add W x the early stages' KL divergence from the last stage: fewer flips (default 0)")
     p.add_argument("--layers", type=whole(1, 1024), default=4, help="N_d: distinct layers per stage (default 4)")
     p.add_argument("--stages", type=whole(1, 1024), default=3, help="G: stages sharing those layers (default 3)")
     p.add_argument("--d-model", type=whole(1, 65536), default=256)
@@ -100,6 +104,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from runtime.core.config import ModelConfig
+    from runtime.core.errors import SpeedError
     from runtime.models.train import TrainConfig, train
 
     model_cfg = ModelConfig(
@@ -108,9 +113,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
     cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
-        precision=args.precision, threads=args.threads,
+        precision=args.precision, threads=args.threads, agreement_weight=args.agreement_weight,
     )
-    report = train(args.out, model_cfg, cfg, resume=args.resume)
+    if args.resume and args.init is not None:
+        raise SpeedError("give --resume (continue OUT's run) or --init BUNDLE (start a new one from it), not both")
+    report = train(args.out, model_cfg, cfg, resume=args.resume, init=args.init)
     held_out = report["held_out"]
     print(f"trained {report['model']} ({report['parameters'] / 1e6:.2f}M parameters) for {cfg.steps} steps, "
           f"{report['tokens_seen']} tokens, in {report['train_time_s'] / 60:.1f} min")

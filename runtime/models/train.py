@@ -2,6 +2,10 @@
 
 Seeded and resumable: the checkpoint holds the model, the optimizer, the step and the state of the
 random stream that picks training windows, so a resumed run continues exactly where it stopped.
+A run may start from a bundle's weights and tokenizer (`--init BUNDLE`), e.g. to continue the shipped
+demo model with `--agreement-weight`: that adds, per early stage, the KL divergence from the last
+stage's distribution (held fixed) to the stage's own, pulling early predictions towards the final one
+so that fewer guesses flip.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
@@ -45,6 +50,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps
     threads: int = 0  # torch threads; 0 = all cores
     eval_windows: int = 0  # held-out windows of seq_len tokens in the final report; 0 = all of them
+    agreement_weight: float = 0.0  # weight of the early stages' KL divergence from the last stage
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "checkpoint_every"):
@@ -54,6 +60,8 @@ class TrainConfig:
             raise SpeedError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.lr <= 0:
             raise SpeedError(f"--lr must be positive, got {self.lr}")
+        if not self.agreement_weight >= 0:
+            raise SpeedError(f"--agreement-weight must be 0 or more, got {self.agreement_weight}")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -132,17 +140,42 @@ def evaluate(model: SpeedDecoder, tokens: np.ndarray, seq_len: int, max_windows:
     }
 
 
-def train(out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, *, resume: bool) -> dict:
+def agreement_loss(stage_logits: list[torch.Tensor]) -> torch.Tensor:
+    """Per token, the sum over early stages of KL(last stage || stage), the last stage held fixed."""
+    target = F.log_softmax(stage_logits[-1].detach().float(), -1).flatten(0, 1)
+    return sum(F.kl_div(F.log_softmax(logits.float(), -1).flatten(0, 1), target, log_target=True,
+                        reduction="batchmean") for logits in stage_logits[:-1])
+
+
+def start_from_bundle(path: Path) -> tuple[SpeedDecoder, Tokenizer, dict]:
+    """A float32 bundle's torch model (trainable), tokenizer, and name and hash for the record."""
+    from runtime.core.bundle import load_bundle
+    from runtime.models.torch_backend import model_from_bundle
+
+    bundle = load_bundle(path)
+    if bundle.quantized:
+        raise SpeedError(f"bundle {path} is quantized; start from the float32 bundle it was made from")
+    origin = {"bundle": bundle.manifest["name"], "sha256": bundle.sha256}
+    return model_from_bundle(bundle).train().requires_grad_(True), bundle.tokenizer(), origin
+
+
+def train(out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, *, resume: bool, init: Path | None = None) -> dict:
+    """init: start from this bundle's weights and tokenizer (its model config replaces model_cfg)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / "checkpoint.pt"
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     corpus = load_shakespeare()
-
+    start, origin = None, None  # origin: the bundle a run started from
     if resume:
         state = load_checkpoint(checkpoint_path)
         model_cfg, cfg = state["model_config"], TrainConfig(**{**state["train_config"], "steps": cfg.steps})
         tokenizer = Tokenizer.from_str(state["tokenizer"])
+        origin = state.get("initialized_from")
+    elif init is not None:
+        torch.manual_seed(cfg.seed)
+        start, tokenizer, origin = start_from_bundle(init)
+        model_cfg, state = start.cfg, None
     else:
         torch.manual_seed(cfg.seed)
         tokenizer = train_tokenizer(corpus.train, model_cfg.vocab_size)
@@ -156,7 +189,7 @@ def train(out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, *, resume: bo
     train_tokens = encode_works(tokenizer, corpus.train)
     held_out_tokens = encode_works(tokenizer, corpus.held_out)
 
-    model = SpeedDecoder(model_cfg)
+    model = start or SpeedDecoder(model_cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     step, elapsed = 0, 0.0
@@ -176,6 +209,7 @@ def train(out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, *, resume: bo
             "step": step,
             "elapsed_s": elapsed,
             "tokenizer": tokenizer.to_str(),
+            "initialized_from": origin,
         })
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext()
@@ -188,7 +222,10 @@ def train(out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, *, resume: bo
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
         with autocast:
-            loss, stage_losses = speed_loss(model(batch[:, :-1]), batch[:, 1:])
+            stage_logits = model(batch[:, :-1])
+            loss, stage_losses = speed_loss(stage_logits, batch[:, 1:])
+            if cfg.agreement_weight:
+                loss = loss + cfg.agreement_weight * agreement_loss(stage_logits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -212,6 +249,7 @@ def train(out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, *, resume: bo
         "train_tokens_in_corpus": int(len(train_tokens)),
         "tokens_seen": step * tokens_per_step,
         "train_time_s": round(elapsed, 1),
+        "initialized_from": origin,
         "held_out": evaluate(model, held_out_tokens, cfg.seq_len, cfg.eval_windows or None),
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
