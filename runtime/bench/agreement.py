@@ -14,6 +14,7 @@ from nodes.stage_model import StageModel
 from runtime.core.bundle import Bundle
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
+from runtime.models.corpus import held_out_windows, load_shakespeare
 
 PROMPTS = 20
 LOSS_WINDOWS, LOSS_WINDOW_TOKENS = 8, 128
@@ -33,21 +34,10 @@ def held_out_prompts(bundle: Bundle) -> list[str]:
     """Chat questions for a chat model; otherwise line openings from the works the demo model never saw."""
     if bundle.chat_template:
         return [bundle.prompt_text(question, chat=True) for question in CHAT_PROMPTS[:PROMPTS]]
-    from runtime.models.corpus import load_shakespeare
-
     lines = [line.strip() for work in load_shakespeare().held_out for line in work.splitlines()]
     lines = [line for line in lines if len(line) > 40]
     step = len(lines) // PROMPTS
     return [lines[i * step][:60] for i in range(PROMPTS)]
-
-
-def held_out_windows(tokenizer) -> list[list[int]]:
-    """Token windows spread evenly over the works no demo model was trained on."""
-    from runtime.models.corpus import load_shakespeare
-
-    ids = tokenizer.encode("\n".join(load_shakespeare().held_out)).ids
-    step = (len(ids) - LOSS_WINDOW_TOKENS) // LOSS_WINDOWS
-    return [ids[i * step : i * step + LOSS_WINDOW_TOKENS] for i in range(LOSS_WINDOWS)]
 
 
 def held_out_loss(model: StageModel, windows: list[list[int]]) -> float:
@@ -77,7 +67,7 @@ def bench_agreement(bundle: Bundle, source: Bundle, *, new_tokens: int = 64, thr
         same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), new_tokens)
         agreeing.append(same)
         identical += same == new_tokens
-    windows = held_out_windows(tokenizer)
+    windows = held_out_windows(tokenizer, LOSS_WINDOWS, LOSS_WINDOW_TOKENS)
     loss = {name: round(held_out_loss(model, windows), 4) for name, model in models.items()}
     return {
         "bundle": bundle.manifest["name"],

@@ -54,3 +54,12 @@ def load_python_sources(every: int = 5) -> Corpus:
         raise SpeedError(f"no Python sources found in {directory}")
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
     return Corpus(train=[t for i, t in enumerate(texts) if i % every], held_out=texts[::every], source=str(directory))
+
+
+def held_out_windows(tokenizer, count: int, window: int) -> list[list[int]]:
+    """`count` windows of `window` token ids spread evenly over the held-out works."""
+    ids = tokenizer.encode("\n".join(load_shakespeare().held_out)).ids
+    if len(ids) < window + count:
+        raise SpeedError("the held-out text is shorter than the windows asked for; give a smaller --window")
+    step = (len(ids) - window) // count
+    return [ids[i * step : i * step + window] for i in range(count)]

@@ -31,6 +31,7 @@ from nodes.kv_cache import KVCache
 from nodes.onnx_stage_model import OnnxStageModel
 from runtime.core.bundle import Bundle, load_bundle, update_bundle
 from runtime.core.errors import SpeedError
+from runtime.models.corpus import held_out_windows
 from runtime.models.decoder import SpeedDecoder
 from runtime.models.torch_backend import model_from_bundle
 
@@ -48,17 +49,6 @@ class Calibration:
             raise SpeedError("--windows must be at least 1 and --window at least 2")
         if not 0 < self.min_precision < 1:
             raise SpeedError(f"--min-precision must be between 0 and 1, got {self.min_precision}")
-
-
-def held_out_windows(bundle: Bundle, count: int, window: int) -> torch.Tensor:
-    """(count, window) token ids spread evenly over the works no shipped model was trained on."""
-    from runtime.models.corpus import load_shakespeare
-
-    ids = bundle.tokenizer().encode("\n".join(load_shakespeare().held_out)).ids
-    if len(ids) < window + count:
-        raise SpeedError("the held-out text is shorter than the windows asked for; give a smaller --window")
-    step = (len(ids) - window) // count
-    return torch.tensor([ids[i * step : i * step + window] for i in range(count)])
 
 
 class ExitReads:
@@ -167,7 +157,8 @@ def calibrate(bundle_path: Path, cfg: Calibration, *, progress: Callable[[str], 
     if G < 2:
         raise SpeedError(f"bundle {bundle_path} has one stage: it makes no guesses to gate")
     model = model_from_bundle(bundle)
-    outcomes = guess_outcomes(model, bundle, held_out_windows(bundle, cfg.windows, cfg.window))
+    windows = torch.tensor(held_out_windows(bundle.tokenizer(), cfg.windows, cfg.window))
+    outcomes = guess_outcomes(model, bundle, windows)
     stage_ms, head_ms = pass_costs_ms(bundle, cfg.window)
     progress(f"one row on one thread: early stage passes {', '.join(f'{ms:.2f}' for ms in stage_ms)} ms, "
              f"a classifier call {head_ms:.2f} ms")
