@@ -1,0 +1,79 @@
+"""The ring's per-node state machines, driven by a simulation with random flips, link delays and
+compute times: the committed text is always sequential decoding's."""
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runtime.core.ring import Commit, Correction, Hop, RingNode
+from tests.ring_simulation import Simulation, reference_decode
+
+
+def layouts(n_stages: int):
+    """Every way to spread the stages over nodes, a node hosting any non-empty set of them."""
+    return st.lists(st.integers(0, n_stages - 1), min_size=n_stages, max_size=n_stages).map(
+        lambda owners: [tuple(s for s in range(n_stages) if owners[s] == o) for o in sorted(set(owners))])
+
+
+@st.composite
+def simulations(draw):
+    n_stages = draw(st.integers(1, 4))
+    return dict(
+        n_stages=n_stages, hosting=draw(layouts(n_stages)), window=draw(st.integers(0, 8)),
+        flip=draw(st.lists(st.sampled_from([0.0, 0.1, 0.5, 1.0]), min_size=n_stages, max_size=n_stages)),
+        thresholds=tuple(draw(st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=n_stages - 1,
+                                       max_size=n_stages - 1))),
+        prefill_chunk=draw(st.integers(1, 5)), seed=draw(st.integers(0, 2**32 - 1)),
+        sequences=draw(st.lists(st.tuples(st.integers(1, 9), st.integers(1, 12)), min_size=1, max_size=3)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(simulations())
+def test_committed_text_is_sequential_decoding(case):
+    rng = random.Random(case["seed"])
+    sim = Simulation(case["n_stages"], case["hosting"], case["window"], case["flip"], case["thresholds"], rng,
+                     prefill_chunk=case["prefill_chunk"])
+    expected = {}
+    for seq_id, (prompt_length, new_tokens) in enumerate(case["sequences"]):
+        prompt = [rng.randrange(1000) for _ in range(prompt_length)]
+        expected[seq_id] = reference_decode(case["n_stages"], prompt, new_tokens)
+        sim.open(seq_id, prompt, new_tokens)
+    sim.run()
+    assert sim.committed == expected
+
+
+def test_a_wrong_guess_is_corrected_by_the_next_stage_and_its_timeline_dropped():
+    head, second = RingNode((0,), 3), RingNode((1,), 3)
+    for node in (head, second):
+        node.open(7, [5, 6], last_position=10, window=4)
+    [prefill] = head.take_runs()
+    head.ran(prefill, prediction=40, confidence=0.9)  # stage 0 guesses 40 at position 2
+    assert head.drain() == [Hop(7, 0, 1, 0, (5, 6), 2)]
+    [guess] = head.take_runs()
+    assert (guess.start, guess.tokens) == (2, (40,))
+    second.receive(Hop(7, 0, 1, 0, (5, 6), 2))
+    [run] = second.take_runs()
+    second.ran(run, prediction=41, confidence=0.9)  # stage 1 predicts 41 at position 2
+    second.receive(Hop(7, 0, 1, 2, (40,), 2))
+    second.receive(Hop(7, 0, 1, 3, (12,), 2))
+    assert second.take_runs() == []  # both hops of the wrong timeline dropped
+    assert second.drain()[-1] == Correction(7, 0, 2, 41, 1)
+    head.ran(guess, prediction=12, confidence=0.9)
+    head.drain()
+    head.receive(Correction(7, 0, 2, 41, 1))
+    head.receive(Correction(7, 0, 2, 43, 2))  # about the same position of the old timeline: stale
+    [fixed] = head.take_runs()
+    assert (fixed.gen, fixed.start, fixed.tokens) == (1, 2, (41,))
+
+
+def test_sequential_decoding_waits_for_each_commit():
+    head = RingNode((0,), 2)
+    head.open(1, [3], last_position=5, window=0)
+    [prefill] = head.take_runs()
+    head.ran(prefill, prediction=None)
+    head.drain()
+    assert head.take_runs() == []
+    head.receive(Commit(1, 1, 9))
+    [run] = head.take_runs()
+    assert (run.start, run.tokens, run.predict) == (1, (9,), False)
