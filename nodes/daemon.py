@@ -28,7 +28,7 @@ from runtime.core.errors import SpeedError
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
-from runtime.wire.security import COORDINATOR, check_exposure, node_identity
+from runtime.wire.security import COORDINATOR, check_exposure, expect_name, node_common_name, node_identity
 
 log = logging.getLogger("speed.node")
 
@@ -71,7 +71,7 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
 
     def info() -> pb.NodeInfo:
         return pb.NodeInfo(name=node.name, stages=node.stages, bundle_sha256=bundle.sha256, provider=model.provider,
-                           threads=node.threads, device=node.device, open_sequences=host.open_sequences,
+                           threads=node.threads, device=node.device, open_sequences=service.open_sequences,
                            max_sequences=node.max_sequences, emulated_link_ms=node.emulated_link_ms,
                            standby_stages=[s for s in host.hostable if s not in node.stages], hosting=host.stages,
                            incarnation=host.incarnation)
@@ -82,8 +82,15 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
     identity = node_identity(spec.security, node.name) if spec.security else None
     if check_exposure(spec, node.address, f"node {node.name}"):
         log.warning("serving %s WITHOUT TLS, as the cluster file allows (insecure: true)", node.address)
+    def open_peer_channel(name: str, address: str) -> grpc.Channel:
+        if identity is None:
+            return grpc.insecure_channel(address, options=options.CHANNEL)
+        return grpc.secure_channel(address, identity.channel(),
+                                   options=options.CHANNEL + expect_name(node_common_name(name)))
+
     service = NodeService(host, info, metrics=metrics, emulated_link_ms=node.emulated_link_ms,
-                          only_caller=COORDINATOR if identity else None)
+                          only_caller=COORDINATOR if identity else None, prefill_chunk=spec.speculation.prefill_chunk,
+                          open_peer_channel=open_peer_channel)
     health_service = health.HealthServicer()
     for service_name in ("", SERVICE_NAME):
         health_service.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -36,6 +36,20 @@ class StepRefused(SpeedError):
         self.code = code
 
 
+def check_open(o: pb.OpenSequence, context_length: int) -> tuple[SamplingParams, int, bool]:
+    """An open's sampling, capacity and plain_guesses, or StepRefused naming what is wrong."""
+    if not 1 <= o.capacity <= context_length:
+        raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"sequence {o.seq_id}: capacity must be 1 to "
+                          f"{context_length} positions (the model's context), got {o.capacity}")
+    if not o.sampling.temperature <= MAX_TEMPERATURE:  # also NaN and infinity
+        raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"sequence {o.seq_id}: temperature must be 0 (greedy) "
+                          f"to {MAX_TEMPERATURE:g}, got {o.sampling.temperature}")
+    try:
+        return sampling_from_wire(o.sampling), o.capacity, o.plain_guesses
+    except SpeedError as exc:
+        raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"sequence {o.seq_id}: {exc}") from None
+
+
 class StageHost:
     def __init__(self, model: StageModel, *, name: str, stages: tuple[int, ...], max_sequences: int,
                  idle_timeout_s: float, hostable: Iterable[int] = (), clock: Callable[[], float] = time.monotonic):
@@ -159,16 +173,7 @@ class StageHost:
         for o in opens:
             if self.executor.is_open(o.seq_id) or o.seq_id in checked:
                 raise StepRefused(grpc.StatusCode.ALREADY_EXISTS, f"sequence {o.seq_id} is already open on node {self.name}")
-            if not 1 <= o.capacity <= self.cfg.context_length:
-                raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"sequence {o.seq_id}: capacity must be 1 to "
-                                  f"{self.cfg.context_length} positions (the model's context), got {o.capacity}")
-            if not o.sampling.temperature <= MAX_TEMPERATURE:  # also NaN and infinity
-                raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"sequence {o.seq_id}: temperature must be 0 (greedy) "
-                                  f"to {MAX_TEMPERATURE:g}, got {o.sampling.temperature}")
-            try:
-                checked[o.seq_id] = (sampling_from_wire(o.sampling), o.capacity, o.plain_guesses)
-            except SpeedError as exc:
-                raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, f"sequence {o.seq_id}: {exc}") from None
+            checked[o.seq_id] = check_open(o, self.cfg.context_length)
         if len(self.executor.open_sequences) + len(checked) > self.max_sequences:
             raise StepRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"node {self.name} holds at most {self.max_sequences} "
                               "sequences at once; close one first or raise max_sequences in the cluster file")

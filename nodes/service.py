@@ -1,4 +1,6 @@
-"""The Node gRPC service: step messages in, results out, one at a time per node."""
+"""The Node gRPC service: step messages in, results out, one at a time per node (the lockstep data path);
+or, once assigned a placement, the ring data path's streams to and from the coordinator and the other
+nodes, run by a RingWorker."""
 
 from __future__ import annotations
 
@@ -12,10 +14,14 @@ import grpc
 from nodes.freed_memory import FreedMemory
 from nodes.host import StageHost, StepRefused
 from nodes.node_metrics import NodeMetrics
+from nodes.peer_links import PeerLinks
+from nodes.ring_worker import RingWorker
+from runtime.core.errors import SpeedError
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
-from runtime.wire.security import caller
+from runtime.wire.ring import messages_from_wire
+from runtime.wire.security import caller, node_common_name
 
 log = logging.getLogger("speed.node")
 
@@ -27,9 +33,17 @@ def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) 
 
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, host: StageHost, info: Callable[[], pb.NodeInfo], *, metrics: NodeMetrics,
-                 emulated_link_ms: float = 0.0, only_caller: str | None = None):
-        """only_caller: the one certificate name allowed to call (the coordinator's), in a secure cluster."""
+                 emulated_link_ms: float = 0.0, only_caller: str | None = None, prefill_chunk: int = 64,
+                 open_peer_channel: Callable[[str, str], grpc.Channel] | None = None):
+        """only_caller: the one certificate name allowed to call (the coordinator's), in a secure cluster;
+        open_peer_channel(name, address): a channel to another node, for the ring data path."""
         self.host = host
+        self.prefill_chunk = prefill_chunk
+        self._open_peer_channel = open_peer_channel or (lambda name, address: grpc.insecure_channel(
+            address, options=options.CHANNEL))
+        self._ring: RingWorker | None = None
+        self._ring_stamp = (0, 0)  # (incarnation, epoch) the ring worker serves
+        self._ring_peers: set[str] = set()  # certificate names of the nodes allowed to forward to it
         self.only_caller = only_caller
         self.metrics = metrics
         metrics.set_max_sequences(host.max_sequences)
@@ -56,15 +70,41 @@ class NodeService(pb_grpc.NodeServicer):
                 self.host.assign(request.incarnation, request.stages)
             except StepRefused as exc:
                 _refuse(context, exc.code, str(exc))
+            self._start_ring(request)
             self.metrics.set_hosting(len(self.host.stages))
             self.metrics.set_sequences(0)
             self._owner = context.peer()
         log.info("serving coordinator incarnation %d with stages %s", request.incarnation, list(self.host.stages))
         return self._info()
 
+    def _start_ring(self, request: pb.AssignRequest) -> None:
+        """With a placement, the stages run on the ring data path from now on; without, on lockstep steps."""
+        if self._ring is not None:
+            self._ring.stop()
+            self._ring = None
+        if not request.placement:
+            return
+        placement = {place.stage: place.node for place in request.placement}
+        addresses = {place.node: place.address for place in request.placement if place.node != self.host.name}
+        links = PeerLinks(addresses, self._open_peer_channel, delay_s=self._link_delay_s,
+                          incarnation=request.incarnation, epoch=request.epoch)
+        self._ring = RingWorker(self.host.model, name=self.host.name, stages=self.host.stages, placement=placement,
+                                links=links, max_sequences=self.host.max_sequences, prefill_chunk=self.prefill_chunk,
+                                delay_s=self._link_delay_s, metrics=self.metrics)
+        self._ring_stamp = (request.incarnation, request.epoch)
+        self._ring_peers = {node_common_name(name) for name in addresses}
+
+    @property
+    def open_sequences(self) -> int:
+        ring = self._ring
+        return ring.open_sequences if ring is not None else self.host.open_sequences
+
     def adopt(self, incarnation: int) -> None:
         """The coordinator announced its incarnation at registration."""
         with self._lock:
+            if incarnation > self.host.incarnation and self._ring is not None:
+                self._ring.stop()
+                self._ring = None
             self.host.adopt(incarnation)
             self.metrics.set_hosting(len(self.host.stages))
             self.metrics.set_sequences(self.host.open_sequences)
@@ -97,6 +137,43 @@ class NodeService(pb_grpc.NodeServicer):
                 _refuse(context, *refusal)
             self._emulate_link()
             yield results
+
+    def Ring(self, requests: Iterator[pb.RingControl], context: grpc.ServicerContext) -> Iterator[pb.RingEvents]:
+        self._admit(context)
+        ring, stamp = self._ring, self._ring_stamp
+        if ring is None or context.peer() != self._owner:
+            _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, f"node {self.host.name} runs the ring data path "
+                    "only for the coordinator that assigned it a placement")
+
+        def read() -> None:
+            for control in requests:
+                if (control.incarnation, control.epoch) == stamp:
+                    ring.control(control)
+
+        threading.Thread(target=read, daemon=True, name="ring-control").start()
+        for batch in ring.events.batches():
+            events = pb.RingEvents()
+            for event in batch:
+                {pb.RingCommit: events.commits, pb.RingSequenceStats: events.closed,
+                 pb.RingFailure: events.failed}[type(event)].append(event)
+            yield events
+
+    def Forward(self, requests: Iterator[pb.Forwarded], context: grpc.ServicerContext) -> pb.ForwardReply:
+        if self.only_caller is not None and caller(context) not in self._ring_peers:
+            _refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"node {self.host.name} takes forwarded states only "
+                    f"from the nodes of its placement, not {caller(context) or 'a caller without a certificate'}")
+        cfg = self.host.cfg
+        for message in requests:
+            ring = self._ring
+            if ring is None or (message.incarnation, message.epoch) != self._ring_stamp:
+                continue  # from before the last assignment: what it carries is void
+            try:
+                ring.deliver(messages_from_wire(message, d_model=cfg.d_model, vocab_size=cfg.vocab_size,
+                                                context_length=cfg.context_length))
+            except SpeedError as exc:
+                self.metrics.refused(grpc.StatusCode.INVALID_ARGUMENT.name)
+                _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.ForwardReply()
 
     def _emulate_link(self) -> None:
         """EMULATION for benchmarks: the one-way latency of a slow link, paid by each step message."""

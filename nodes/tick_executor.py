@@ -44,8 +44,13 @@ def guess_probability(logits: np.ndarray, token: int, temperature: float) -> flo
 
 
 class TickExecutor:
-    def __init__(self, model: StageModel, *, slots: int, capacity: int, stages: Iterable[int] | None = None):
+    def __init__(self, model: StageModel, *, slots: int, capacity: int, stages: Iterable[int] | None = None,
+                 hand_over_locally: bool = True):
+        """hand_over_locally: an item's hidden state stays here for the next hosted stage's next run (a
+        tick); False hands every hidden state out and takes every input in (the ring decides when the
+        next stage runs)."""
         self.model = model
+        self.hand_over_locally = hand_over_locally
         self.cfg = model.config
         self.slots = slots
         self.stages = sorted(stages) if stages is not None else list(range(self.cfg.n_stages))
@@ -144,7 +149,7 @@ class TickExecutor:
         handoff = {}
         for item in plan.items:
             key = (item.seq_id, item.start)
-            if item.stage + 1 in self._group_of:
+            if self.hand_over_locally and item.stage + 1 in self._group_of:
                 self._hidden[key] = hidden_after[key]
             elif not item.final_token:
                 handoff[key] = hidden_after[key]
@@ -156,7 +161,7 @@ class TickExecutor:
         key = (item.seq_id, item.start)
         if item.tokens is not None:
             return self.model.embed(np.asarray(item.tokens, dtype=np.int64))
-        if item.stage - 1 in self._group_of:
+        if self.hand_over_locally and item.stage - 1 in self._group_of:
             return self._hidden[key]
         return hidden_in[key]
 

@@ -60,7 +60,6 @@ class SimNode:
     name: str
     core: RingNode
     caches: dict = field(default_factory=dict)  # (seq, stage) -> [(lineage hash, token)]
-    hidden_in: dict = field(default_factory=dict)  # (seq, gen, stage, start) -> hidden states of a hop
     busy: bool = False
 
 
@@ -102,16 +101,14 @@ class Simulation:
         self._link_free[(src, dst)] = arrives
         self._at(arrives, deliver)
 
-    def _deliver(self, node: SimNode, message, hidden=None) -> None:
-        if isinstance(message, Hop) and message.seq_id in node.core.sequences:
-            node.hidden_in[(message.seq_id, message.gen, message.stage, message.start)] = hidden
+    def _deliver(self, node: SimNode, message) -> None:
         node.core.receive(message)
         self._kick(node)
 
-    def _route(self, node: SimNode, message, hidden=None) -> None:
+    def _route(self, node: SimNode, message) -> None:
         if isinstance(message, Hop):
             dst = self.node_of[message.stage]
-            self._send(node.name, dst.name, lambda: self._deliver(dst, message, hidden))
+            self._send(node.name, dst.name, lambda: self._deliver(dst, message))
         elif isinstance(message, Correction):
             dst = self.node_of[0]
             self._send(node.name, dst.name, lambda: self._deliver(dst, message))
@@ -171,7 +168,7 @@ class Simulation:
             if run.stage == 0:
                 inputs = [embed(t) for t in run.tokens]
             else:
-                inputs = node.hidden_in.pop((run.seq_id, run.gen, run.stage, run.start))
+                inputs = run.payload
             cache = node.caches.setdefault((run.seq_id, run.stage), [])
             assert len(cache) >= run.start, f"stage {run.stage} run at {run.start} with {len(cache)} cached: a gap"
             del cache[run.start:]
@@ -189,9 +186,9 @@ class Simulation:
                 if draw.random() < self.flip[run.stage]:
                     prediction = (prediction + 1 + draw.randrange(VOCAB - 1)) % VOCAB
                 confidence = draw.random()
-            node.core.ran(run, prediction, confidence)
+            node.core.ran(run, prediction, confidence, outputs)
             for message in node.core.drain():
-                self._route(node, message, outputs if isinstance(message, Hop) else None)
+                self._route(node, message)
         node.busy = False
         self._kick(node)
 

@@ -1,15 +1,15 @@
-"""The coordinator's decoding loop: the SPEED core driving one remote executor per node.
+"""The coordinator's decoding loop: admission, placement and failover, whatever data path carries the
+work (`lockstep`: the SPEED scheduler's ticks through the coordinator; `ring`: nodes forwarding to each
+other).
 
-Every tick sends each node ONE message with all of its items (plus the closes, opens and cache
-truncations waiting for it) and waits for every answer; hidden states that must move to another node's
-stage ride in the next tick's message. Requests join the next tick while sequence slots are free and
-wait in a bounded first-come-first-served queue otherwise, so concurrent clients share ticks and
-ONNX Runtime calls and no node is ever asked to hold more sequences than it can.
+Requests join while sequence slots are free and wait in a bounded first-come-first-served queue
+otherwise, so concurrent clients share the nodes' ONNX Runtime calls and no node is ever asked to hold
+more sequences than it can.
 
-Between ticks the engine keeps the placement (which node runs which stage) true to the nodes that
+Between rounds the engine keeps the placement (which node runs which stage) true to the nodes that
 serve: a lost node's stages move to nodes that can run them, a node that comes back takes its own
-stages again, and every active sequence is rewound and replayed onto the new placement, which gives
-the same text as an uninterrupted run.
+stages again, and every active sequence is replayed onto the new placement from its prompt and
+committed tokens, which gives the same text as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -18,91 +18,51 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from collections import deque
 
 import grpc
 
+from runtime.coordinator.cluster_view import ClusterView
+from runtime.coordinator.lockstep import LockstepPath
 from runtime.coordinator.metrics import CoordinatorMetrics
-from runtime.coordinator.remote_node import NodeFailure, NodeLost, RemoteNode
+from runtime.coordinator.remote_node import NodeFailure, RemoteNode
+from runtime.coordinator.requests import QueueFull, Request, RequestFailed
+from runtime.coordinator.ring_path import RingPath
 from runtime.core.config import ModelConfig
-from runtime.core.generation import GenerationOptions, GenerationResult, SpeculationStats, steady_rate
-from runtime.core.limits import cache_capacity
+from runtime.core.generation import GenerationResult, SpeculationStats, steady_rate
 from runtime.core.node_state import NodeState
 from runtime.core.placement import place, stages_of
-from runtime.core.scheduler import SpeedScheduler, TickPlan
-from runtime.core.stopping import StopStrings
-from runtime.core.text_stream import TextStream
 from runtime.wire import speed_pb2 as pb
 from runtime.wire.generation import result_to_wire
-from runtime.wire.sampling import sampling_to_wire
 
 log = logging.getLogger("speed.coordinator")
 NODE_BACKEND = "onnx"  # what nodes run: the bundle's ONNX graphs with ONNX Runtime
 
 
-@dataclass(frozen=True)
-class RequestFailed:
-    code: grpc.StatusCode
-    message: str
-
-
-class QueueFull(Exception):
-    """No sequence slot is free and the queue is full: the request is refused, not queued."""
-
-
-@dataclass
-class Request:
-    prompt_ids: list[int]
-    options: GenerationOptions
-    speculative: bool  # the options' choice, or the cluster's where they leave it open
-    guess_thresholds: tuple[float, ...]  # the confidence gate per early stage: the options', cluster's or bundle's
-    stop: StopStrings
-    text: TextStream
-    generated: list[int] = field(default_factory=list)  # tokens the client already has (a resumed request)
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # GenerateEvent, then Finished or RequestFailed
-    cancelled: bool = False  # the client went away, or its deadline passed
-    admitted: bool = False
-    sent_tokens: int = 0
-    admitted_at: float = 0.0
-    first_token_at: float | None = None
-
-
-@dataclass
-class _Control:
-    """What waits for a node's next message."""
-
-    closes: list[int] = field(default_factory=list)
-    opens: list[pb.OpenSequence] = field(default_factory=list)
-    truncations: list[pb.Truncation] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.opens or self.truncations or self.closes)
-
-    def batch(self, tick: int, incarnation: int) -> pb.StepBatch:
-        return pb.StepBatch(tick=tick, incarnation=incarnation, closes=self.closes, opens=self.opens,
-                            truncations=self.truncations)
-
-
 class Engine:
     def __init__(self, nodes: list[RemoteNode], *, config: ModelConfig, eos_id: int, prefill_chunk: int,
-                 max_queue: int, incarnation: int, metrics: CoordinatorMetrics):
+                 max_queue: int, incarnation: int, metrics: CoordinatorMetrics, data_path: str = "lockstep",
+                 stall_timeout_s: float = 10.0):
         self.nodes = {node.name: node for node in nodes}
         self.home = {node.name: node.spec.stages for node in nodes}
-        self.placement: dict[int, str] = {}  # stage -> the node running it; empty while a stage has none
+        self.view = ClusterView(config=config, nodes=self.nodes, metrics=metrics, incarnation=incarnation,
+                                eos_id=eos_id)
         self.config = config
-        self.eos_id = eos_id
         self.max_queue = max_queue
         self.incarnation = incarnation
         self.metrics = metrics
-        self.scheduler = SpeedScheduler(config.n_stages, prefill_chunk=prefill_chunk)
+        self.data_path = data_path
+        self.path = (RingPath(self.view, stall_timeout_s=stall_timeout_s) if data_path == "ring"
+                     else LockstepPath(self.view, prefill_chunk=prefill_chunk))
         self._pending: deque[Request] = deque()
         self._active: dict[int, Request] = {}
-        self._control: dict[str, _Control] = defaultdict(_Control)
-        self._handoff: dict[tuple[int, int], pb.Tensor] = {}  # hidden states for the next tick's stages
         self._ids = itertools.count(1)
-        self._ticks = itertools.count(1)
         self._wake = asyncio.Event()
+
+    @property
+    def placement(self) -> dict[int, str]:
+        """stage -> the node running it; empty while a stage has none."""
+        return self.view.placement
 
     # --- what the service and status see ---------------------------------------------------------
 
@@ -160,9 +120,9 @@ class Engine:
             self._admit()
             self._report()
             if self._active:
-                await self._tick()
+                await self._advance()
             else:
-                await self._flush_control()
+                await self.path.idle()
                 if not self._pending or not self.serving:
                     await self._wake.wait()
 
@@ -175,25 +135,12 @@ class Engine:
                 request.events.put_nowait(RequestFailed(grpc.StatusCode.UNAVAILABLE, self._unservable()))
                 continue
             seq_id = (self.incarnation & 0xFFFF_FFFF) << 32 | next(self._ids)  # never reused by a later coordinator
-            self.scheduler.add(seq_id, request.prompt_ids, max_new_tokens=request.options.max_new_tokens,
-                               context_length=self.config.context_length, speculate=request.speculative,
-                               guess_thresholds=request.guess_thresholds,
-                               eos_id=None if request.options.ignore_eos else self.eos_id, should_stop=request.stop or None,
-                               generated=request.generated)
+            seq = self.path.add(seq_id, request)
             request.admitted, request.admitted_at = True, time.perf_counter()
             request.sent_tokens = len(request.generated)
             self._active[seq_id] = request
-            self._open(seq_id, request)
-            if self.scheduler.sequences[seq_id].done:  # a resumed request whose end was lost on the way
+            if seq.done:  # a resumed request whose end was lost on the way
                 self._emit()
-
-    def _open(self, seq_id: int, request: Request) -> None:
-        """Open the sequence on every node of the placement, in its next message."""
-        capacity = cache_capacity(self.config, len(request.prompt_ids), request.options.max_new_tokens)
-        for name in set(self.placement.values()):
-            self._control[name].opens.append(
-                pb.OpenSequence(seq_id=seq_id, sampling=sampling_to_wire(request.options.sampling), capacity=capacity,
-                                plain_guesses=request.options.plain_guesses))
 
     def _unservable(self) -> str:
         placement = self._placement_now()
@@ -202,68 +149,16 @@ class Engine:
         return (f"no serving node can run stage {stage}: {node.describe()} is {node.state} and no other node holds "
                 "that stage's graph; start the node (it registers by itself) and retry")
 
-    async def _tick(self) -> None:
-        plan = self.scheduler.plan()
-        batches = self._batches(plan)
-        names = list(batches)
-        replies = await asyncio.gather(*(self._step(name, batches[name]) for name in names), return_exceptions=True)
-        failures = [reply for reply in replies if isinstance(reply, BaseException)]
-        if failures:
-            if all(isinstance(failure, NodeLost) for failure in failures):
-                for name, reply in zip(names, replies):
-                    if isinstance(reply, NodeLost):
-                        log.warning("%s", reply)
-                        self.nodes[name].doubt_sequences()  # also when it still serves: reassigned either way
-                self._handoff.clear()  # the next reconcile assigns the stages again and replays every sequence
-                return
-            self._fail_tick([f for f in failures if not isinstance(f, NodeLost)][0])
+    async def _advance(self) -> None:
+        try:
+            failed = await self.path.advance(self._wake)
+        except NodeFailure as failure:
+            self._fail_all(failure)
             return
-        self.metrics.tick()
-        predictions, confidence, self._handoff = {}, {}, {}
-        for reply in replies:
-            for result in reply.results:
-                key = (result.seq_id, result.start)
-                if result.prediction >= 0:
-                    predictions[key], confidence[key] = result.prediction, result.confidence
-                if result.HasField("hidden"):
-                    self._handoff[key] = result.hidden
-        self.scheduler.apply(predictions, confidence)
+        for seq_id, message in failed:
+            if seq_id in self._active:
+                self._fail(seq_id, RequestFailed(grpc.StatusCode.INTERNAL, message))
         self._emit()
-
-    async def _step(self, name: str, batch: pb.StepBatch) -> pb.StepResults:
-        started = time.perf_counter()
-        reply = await self.nodes[name].step(batch)
-        self.metrics.step_seconds(name, time.perf_counter() - started)
-        return reply
-
-    def _batches(self, plan: TickPlan) -> dict[str, pb.StepBatch]:
-        """One message per node that has items this tick, carrying what waits for it."""
-        for cut in plan.truncations:
-            self._control[self.placement[cut.stage]].truncations.append(
-                pb.Truncation(seq_id=cut.seq_id, stage=cut.stage, length=cut.length))
-        tick = next(self._ticks)
-        batches: dict[str, pb.StepBatch] = {}
-        for item in plan.items:
-            name = self.placement[item.stage]
-            if name not in batches:
-                batches[name] = self._control.pop(name, _Control()).batch(tick, self.incarnation)
-            step = batches[name].items.add(seq_id=item.seq_id, start=item.start, length=item.length, stage=item.stage,
-                                           skip_prediction=not item.predict)
-            if item.tokens is not None:
-                step.tokens.extend(item.tokens)
-            elif self.placement[item.stage - 1] != name:
-                step.hidden.CopyFrom(self._handoff[(item.seq_id, item.start)])
-        return batches
-
-    async def _flush_control(self) -> None:
-        """With nothing to decode, deliver the waiting closes so nodes free their caches now."""
-        waiting = {name: control for name, control in self._control.items()
-                   if control and self.nodes[name].state == NodeState.SERVING and self.nodes[name].assigned is not None}
-        self._control.clear()
-        if waiting:
-            tick = next(self._ticks)
-            await asyncio.gather(*(self.nodes[name].step(control.batch(tick, self.incarnation))
-                                   for name, control in waiting.items()), return_exceptions=True)
 
     # --- placement and failover ------------------------------------------------------------------
 
@@ -278,14 +173,15 @@ class Engine:
             if len(placement) < self.config.n_stages:
                 self._lose_placement()
                 return
-            moves = await asyncio.gather(*(self.nodes[name].assign(self.incarnation, stages_of(placement, name))
+            extras = self.path.assignment(placement) if isinstance(self.path, RingPath) else {}
+            moves = await asyncio.gather(*(self.nodes[name].assign(self.incarnation, stages_of(placement, name), **extras)
                                            for name in serving), return_exceptions=True)
             if any(isinstance(result, BaseException) for result in moves):
                 for result in moves:
                     if isinstance(result, BaseException):
                         log.warning("%s", result)
                 continue  # a node failed on the way: place again without it
-            previous, self.placement = self.placement, placement
+            previous, self.view.placement = self.placement, placement
             self._replay(previous)
             return
 
@@ -300,25 +196,20 @@ class Engine:
     def _lose_placement(self) -> None:
         if self.placement:
             log.warning("the cluster cannot serve: %s", self._unservable())
-        self.placement = {}
-        self._control.clear()
-        self._handoff.clear()
+        self.view.placement = {}
+        self.path.forget()
         for seq_id in list(self._active):
             self._fail(seq_id, RequestFailed(grpc.StatusCode.UNAVAILABLE, self._unservable()))
 
     def _replay(self, previous: dict[int, str]) -> None:
         """Every active sequence starts again on the new placement from its prompt and committed tokens."""
-        self._control.clear()
-        self._handoff.clear()
-        for seq_id, request in self._active.items():
-            self.scheduler.rewind(seq_id)
-            self._open(seq_id, request)
+        self.path.replay(self._active)
         if not previous:
             return
         moved = {stage: (previous.get(stage), name) for stage, name in self.placement.items()
                  if previous.get(stage) != name}
         lost = sorted({old for old, _ in moved.values() if old and self.nodes[old].state != NodeState.SERVING})
-        tokens = sum(len(self.scheduler.sequences[s].prefill) for s in self._active)
+        tokens = sum(len(self.path.sequence(s).prefill) for s in self._active)
         what = ", ".join(f"stage {stage} {old} -> {new}" for stage, (old, new) in sorted(moved.items()))
         event = f"failover (lost {', '.join(lost)})" if lost else "stages back home (a node registered)"
         log.log(logging.WARNING if lost or self._active else logging.INFO, "%s: %s; replaying %d sequence(s) (%d tokens)%s",
@@ -333,7 +224,7 @@ class Engine:
     def _emit(self) -> None:
         now = time.perf_counter()
         for seq_id, request in list(self._active.items()):
-            seq = self.scheduler.sequences[seq_id]
+            seq = self.path.sequence(seq_id)
             new = seq.generated[request.sent_tokens :]
             if request.first_token_at is None and (new or seq.done):
                 request.first_token_at = now
@@ -343,18 +234,19 @@ class Engine:
             text = request.text.delta(seq.generated, final=seq.done)
             if new or text:
                 request.events.put_nowait(pb.GenerateEvent(tokens=pb.TokenChunk(token_ids=new, text=text)))
-                request.sent_tokens = len(seq.generated)
-            if seq.done:
+                request.sent_tokens, request.last_token_at = len(seq.generated), now
+            if seq.done and self.path.settled(seq_id):
                 self._finish(seq_id, request, now)
 
     def _finish(self, seq_id: int, request: Request, now: float) -> None:
-        seq = self.scheduler.sequences[seq_id]
+        seq = self.path.sequence(seq_id)
         for boundary, (flips, checks) in enumerate(zip(seq.stats.flips, seq.stats.checks)):
             self.metrics.flips(boundary, flips, checks)
         result = GenerationResult(
             text=request.text.text(seq.generated), token_ids=seq.generated, stop_reason=seq.stop_reason,
             prompt_tokens=len(seq.prompt), time_to_first_token_ms=(request.first_token_at - request.admitted_at) * 1000,
-            tokens_per_s=steady_rate(len(seq.generated) - len(request.generated), now - request.first_token_at),
+            tokens_per_s=steady_rate(len(seq.generated) - len(request.generated),
+                                     (request.last_token_at or now) - request.first_token_at),
             speculative=seq.speculate, backend=NODE_BACKEND, provider=self._providers(), stats=SpeculationStats.of(seq))
         request.events.put_nowait(pb.GenerateEvent(finished=result_to_wire(result)))
         self._end(seq_id)
@@ -365,9 +257,7 @@ class Engine:
     def _end(self, seq_id: int) -> None:
         """Forget a sequence here and free its caches on every node of the placement."""
         del self._active[seq_id]
-        self.scheduler.remove(seq_id)
-        for name in set(self.placement.values()):
-            self._control[name].closes.append(seq_id)
+        self.path.end(seq_id)
 
     def _fail(self, seq_id: int, failure: RequestFailed) -> None:
         self._active[seq_id].events.put_nowait(failure)
@@ -379,15 +269,12 @@ class Engine:
                 self._end(seq_id)
         self._pending = deque(request for request in self._pending if not request.cancelled)
 
-    def _fail_tick(self, failure: BaseException) -> None:
-        """A node refused a step, or a bug: the tick's requests fail and every node starts clean."""
-        if not isinstance(failure, NodeFailure):
-            log.error("a step failed unexpectedly", exc_info=failure)
-            failure = NodeFailure(f"internal error: {failure!r}")
+    def _fail_all(self, failure: NodeFailure) -> None:
+        """A node refused a step, or a bug: the active requests fail and every node starts clean."""
         log.warning("%s (%d request(s) stopped)", failure, len(self._active))
         for seq_id in list(self._active):
             self._fail(seq_id, RequestFailed(failure.code, str(failure)))
-        self._handoff.clear()
+        self.path.forget()
         for node in self.nodes.values():
             node.assigned = None  # the next reconcile assigns every node again, which frees everything
 

@@ -85,16 +85,19 @@ class RemoteNode:
         if self.on_state_change is not None:
             await self.on_state_change()
 
-    async def assign(self, incarnation: int, stages: list[int]) -> None:
-        """Tell the node which stages it runs for this coordinator; it frees every sequence it held."""
+    async def assign(self, incarnation: int, stages: list[int], *, placement: list[pb.StagePlace] = (),
+                     epoch: int = 0) -> None:
+        """Tell the node which stages it runs for this coordinator; it frees every sequence it held. With a
+        placement (where every stage runs), its stages run on the ring data path."""
         stream = self._stream
         if stream is None:
             raise NodeLost(f"{self.describe()} is {self.state}")
         try:
             info = await pb_grpc.NodeStub(self._channel).Assign(
-                pb.AssignRequest(incarnation=incarnation, stages=stages), timeout=self.step_timeout_s)
+                pb.AssignRequest(incarnation=incarnation, stages=stages, placement=placement, epoch=epoch),
+                timeout=self.step_timeout_s)
         except grpc.aio.AioRpcError as exc:  # whatever the reason, it cannot run stages for us now
-            raise await self._lost(stream, f"did not take stages {stages} ({exc.code().name}: {exc.details()})") from None
+            raise await self.lost(stream, f"did not take stages {stages} ({exc.code().name}: {exc.details()})") from None
         if self._stream is stream:
             self.assigned, self.held = tuple(stages), info.open_sequences
 
@@ -111,19 +114,26 @@ class RemoteNode:
         try:
             return await asyncio.wait_for(self._exchange(stream, batch), self.step_timeout_s)
         except asyncio.InvalidStateError:  # the stream had already ended: the node is gone
-            raise await self._lost(stream, "closed its step stream") from None
+            raise await self.lost(stream, "closed its step stream") from None
         except asyncio.TimeoutError:
-            raise await self._lost(stream, f"did not answer a step within {self.step_timeout_s:g} s") from None
+            raise await self.lost(stream, f"did not answer a step within {self.step_timeout_s:g} s") from None
         except grpc.aio.AioRpcError as exc:
             if not options.sent_by(exc, "node"):  # the connection broke, whatever gRPC calls it
-                raise await self._lost(stream, f"stopped answering ({exc.code().name})") from None
+                raise await self.lost(stream, f"stopped answering ({exc.code().name})") from None
             # the node refused a step: a coordinator bug, not a dead node; a new stream serves the next requests
             if self._stream is stream:
                 self._stream = pb_grpc.NodeStub(self._channel).Steps()
             raise NodeFailure(f"{self.describe()} refused a step: {exc.details()}", grpc.StatusCode.INTERNAL) from None
 
-    async def _lost(self, stream, what: str) -> NodeLost:
-        """Mark the node down, unless it has registered again since this stream was opened."""
+    def ring(self):
+        """A new Ring stream (the ring data path's control and events) to a node assigned a placement."""
+        if self._channel is None or self.assigned is None:
+            raise NodeLost(f"{self.describe()} is {self.state if self._channel is None else 'not assigned its stages yet'}")
+        return self._stream, pb_grpc.NodeStub(self._channel).Ring()
+
+    async def lost(self, stream, what: str) -> NodeLost:
+        """Mark the node down, unless it has registered again since `stream` (its step stream, as ring()
+        also gives it) was opened."""
         if self._stream is stream:
             await self.disconnect()
         return NodeLost(f"{self.describe()} {what}")

@@ -18,9 +18,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from runtime.coordinator.engine import Engine, QueueFull, Request, RequestFailed
+from runtime.coordinator.engine import Engine
 from runtime.coordinator.metrics import CoordinatorMetrics
 from runtime.coordinator.remote_node import RemoteNode
+from runtime.coordinator.requests import QueueFull, Request, RequestFailed
 from runtime.coordinator.tokens import TOKENS_FILE, TokenFile
 from runtime.core.bundle import Bundle, load_bundle
 from runtime.core.cluster_file import ClusterSpec, load_cluster, parse_address, same_address
@@ -62,7 +63,8 @@ class Cluster:
                       for node in spec.nodes]
         self.engine = Engine(self.nodes, config=bundle.config, eos_id=bundle.eos_token_id,
                              prefill_chunk=spec.speculation.prefill_chunk, max_queue=spec.coordinator.max_queue,
-                             incarnation=time.time_ns(), metrics=self.metrics)
+                             incarnation=time.time_ns(), metrics=self.metrics, data_path=spec.data_path,
+                             stall_timeout_s=spec.coordinator.step_timeout_s * (bundle.config.n_stages + 1))
 
     @property
     def serving(self) -> bool:
@@ -111,8 +113,9 @@ class Cluster:
         text.emitted = min(max(request.continuation.text_chars, 0), len(text.text(generated)))
         thresholds = guess_thresholds((generation.guess_threshold, self.spec.speculation.guess_threshold),
                                       self.bundle.guess_thresholds, self.bundle.config.n_stages)
+        window = self.spec.speculation.window if generation.window is None else generation.window
         return Request(prompt_ids=prompt_ids, options=generation, speculative=speculative, stop=stop, text=text,
-                       generated=generated, guess_thresholds=thresholds)
+                       generated=generated, guess_thresholds=thresholds, window=window)
 
     def _continuation(self, continuation: pb.Continuation, max_new_tokens: int) -> list[int]:
         vocab = self.bundle.config.vocab_size

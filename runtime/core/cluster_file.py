@@ -10,9 +10,13 @@ A cluster file is YAML (see deploy/local.yaml):
       heartbeat_interval_s: 1.0      # > 0
       max_queue: 64                  # >= 0: requests that may wait for a free sequence slot; more are refused
       metrics_port: 9150             # optional: serve Prometheus metrics over HTTP on this port of the address's host
+    data_path: lockstep              # lockstep: every tick is a round trip through the coordinator;
+                                     # ring: nodes hand hidden states to the next node and stage 0 runs ahead
     speculation:                     # optional
       enabled: true                  # false = sequential decoding
       prefill_chunk: 64              # >= 1
+      window: 4                      # 0 to 64, the ring data path: positions stage 0 runs ahead of the
+                                     # committed ones on its own guesses
       guess_threshold: 0.5           # 0 to 1: a guess enters the pipeline only at this probability (0 = always,
                                      # 1 = early stages make no guesses and skip the classifier);
                                      # absent = the bundle's own thresholds (`speed calibrate`), if it has them
@@ -52,8 +56,10 @@ from typing import Any
 import yaml
 
 from runtime.core.errors import SpeedError
+from runtime.core.generation import MAX_WINDOW
 
 DEVICES = ("cpu", "cuda")
+DATA_PATHS = ("lockstep", "ring")
 NODE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 ADDRESS_HINT = "host:port, e.g. 127.0.0.1:50051"
 MAX_THREADS = 256  # intra-op threads of a node (and of `speed reference`, `bench`, `train`); more only slow it down
@@ -74,6 +80,7 @@ class SpeculationSpec:
     enabled: bool = True
     prefill_chunk: int = 64
     guess_threshold: float | None = None  # the confidence gate for every stage; None = the bundle's thresholds
+    window: int = 4  # the ring data path: positions stage 0 runs ahead of the committed ones
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,7 @@ class ClusterSpec:
     coordinator: CoordinatorSpec
     speculation: SpeculationSpec
     nodes: tuple[NodeSpec, ...]
+    data_path: str = "lockstep"  # one of DATA_PATHS
     source: str = dataclasses.field(default="", compare=False)  # the file as the user named it, for messages
     security: SecuritySpec | None = None  # None: plain connections (loopback only unless insecure)
     insecure: bool = False  # plain connections allowed on other addresses than loopback
@@ -225,6 +233,7 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         "bundle": partial(_bundle, base=base),
         "coordinator": _coordinator,
         "speculation": _speculation,
+        "data_path": partial(_string, choices=DATA_PATHS),
         "nodes": _nodes,
         "security": partial(_security, base=base),
         "insecure": _flag,
@@ -236,7 +245,8 @@ def load_cluster(path: str | Path) -> ClusterSpec:
     _check_addresses_unique(fields["coordinator"], fields["nodes"], top)
     return ClusterSpec(name=fields["cluster"], path=path.resolve(), bundle=fields.get("bundle"),
                        coordinator=fields["coordinator"], speculation=fields.get("speculation", SpeculationSpec()),
-                       nodes=fields["nodes"], source=shown, security=fields.get("security"),
+                       nodes=fields["nodes"], data_path=fields.get("data_path", "lockstep"), source=shown,
+                       security=fields.get("security"),
                        insecure=fields.get("insecure", False))
 
 
@@ -408,6 +418,7 @@ def _speculation(value: Any, key: _Key) -> SpeculationSpec:
         "enabled": _flag,
         "prefill_chunk": partial(_whole, minimum=1),
         "guess_threshold": _probability,
+        "window": partial(_whole, minimum=0, maximum=MAX_WINDOW, zero="more only multiplies the work a flip throws away"),
     }, required={}))
 
 

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 DEFAULT_MAX_NEW_TOKENS = 64
 
 
+MAX_WINDOW = 64  # positions stage 0 may run ahead on the ring; more only multiplies the work a flip throws away
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     """What a request asks of decoding besides its prompt: the same object for the client SDK, the
@@ -34,12 +37,16 @@ class GenerationOptions:
     chat: bool = False  # the prompt is a user's message, rendered with the bundle's chat template
     plain_guesses: bool = False  # guess through the plain head even when the bundle has exits
     guess_threshold: float | None = None  # the confidence gate: None = the cluster's or bundle's, 0 = off
+    window: int | None = None  # the ring data path: positions stage 0 runs ahead; None = the cluster's
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))  # a list is fine to give; keep it immutable
         if self.guess_threshold is not None and not 0 <= self.guess_threshold <= 1:
             raise SpeedError(f"guess threshold must be a probability from 0 (send every guess) to 1 (make none), "
                              f"got {self.guess_threshold}")
+        if self.window is not None and not 0 <= self.window <= MAX_WINDOW:
+            raise SpeedError(f"the window must be 0 to {MAX_WINDOW} positions ahead of the committed ones, "
+                             f"got {self.window}")
 
     @property
     def sampling(self) -> SamplingParams:

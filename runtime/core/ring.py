@@ -45,6 +45,7 @@ class Hop:
     start: int
     tokens: tuple[int, ...]  # the input token of each position
     committed: int  # positions before this one were final when stage 0 ran them: nobody second-guesses them
+    payload: object = field(default=None, compare=False, repr=False)  # the shell's: the hidden states
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class Run:
     predict: bool  # whether anything reads the prediction for the position after the run
     final: bool  # the last stage: the prediction is the token to commit
     committed: int  # as the hop that brought it: positions before this are final
+    payload: object = field(default=None, compare=False, repr=False)  # the hop's, for the shell
 
     @property
     def end(self) -> int:
@@ -125,6 +127,7 @@ class _Head:
     emitted: int = 0  # positions handed to stage 0 in this generation's timeline
     busy: bool = False  # a stage 0 run is out
     forks: list[tuple[int, int]] = field(default_factory=list)  # (generation, position it forked at)
+    counts: StageCounts = field(default_factory=StageCounts)  # stage 0's
     held_guesses: int = 0
     corrections: int = 0  # applied
     stale_corrections: int = 0
@@ -171,6 +174,14 @@ class RingNode:
 
     def close(self, seq_id: int) -> None:
         self.sequences.pop(seq_id, None)
+
+    def counts(self, seq_id: int) -> tuple[dict[int, StageCounts], int]:
+        """Per hosted stage what it ran, checked and dropped, and the guesses stage 0 held back."""
+        seq = self.sequences[seq_id]
+        counts = {index: stage.counts for index, stage in seq.stages.items()}
+        if seq.head is None:
+            return counts, 0
+        return {0: seq.head.counts, **counts}, seq.head.held_guesses
 
     def drain(self) -> list[Message]:
         out, self.outbox = self.outbox, []
@@ -250,6 +261,8 @@ class RingNode:
         if start < head.committed:  # known tokens (the prefill) go in chunks
             end = min(head.committed, len(head.tokens), start + self.prefill_chunk, head.last_position + 1)
         head.emitted, head.busy = end, True
+        head.counts.runs += 1
+        head.counts.positions += end - start
         last = self.n_stages == 1
         return Run(seq_id, head.gen, 0, start, tuple(head.tokens[start:end]),
                    predict=last or head.window > 0 and head.threshold < 1, final=last, committed=head.committed)
@@ -283,12 +296,13 @@ class RingNode:
             stage.counts.runs += 1
             stage.counts.positions += len(hop.tokens)
             return Run(seq_id, hop.gen, index, hop.start, hop.tokens, predict=stage.predict,
-                       final=index == self.n_stages - 1, committed=hop.committed)
+                       final=index == self.n_stages - 1, committed=hop.committed, payload=hop.payload)
         return None
 
-    def ran(self, run: Run, prediction: int | None = None, confidence: float = 1.0) -> None:
+    def ran(self, run: Run, prediction: int | None = None, confidence: float = 1.0, payload: object = None) -> None:
         """A run handed out by take_runs is done: its prediction for position run.end (None when it
-        predicts nothing) and, at an early stage, the probability it gave it."""
+        predicts nothing), at an early stage the probability it gave it, and what its hop to the next
+        stage carries (the hidden states)."""
         seq = self.sequences.get(run.seq_id)
         if seq is None:
             return  # closed meanwhile
@@ -309,7 +323,7 @@ class RingNode:
         if run.final:
             self._commit_run(seq, run, prediction)
         else:
-            self.outbox.append(Hop(run.seq_id, run.gen, run.stage + 1, run.start, run.tokens, run.committed))
+            self.outbox.append(Hop(run.seq_id, run.gen, run.stage + 1, run.start, run.tokens, run.committed, payload))
         if run.stage == 0 and not run.final:
             self._guess(seq.head, run, prediction, confidence)
 

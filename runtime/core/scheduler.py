@@ -108,6 +108,52 @@ class Sequence:
     def done(self) -> bool:
         return self.stop_reason is not None
 
+    def commit(self, token: int) -> bool:
+        """Append a final token; True when the sequence ends with it."""
+        if token == self.eos_id:
+            self.stop_reason = StopReason.EOS
+            return True
+        self.generated.append(token)
+        if self.should_stop is not None and self.should_stop(self.generated):
+            self.stop_reason = StopReason.STOP
+        elif len(self.generated) == self.max_new_tokens:
+            self.stop_reason = StopReason.LENGTH
+        return self.done
+
+    def end_if_complete(self) -> bool:
+        """Whether a resumed sequence's committed tokens already end it (the end was lost on the way)."""
+        if self.should_stop is not None and self.should_stop(self.generated):
+            self.stop_reason = StopReason.STOP
+        elif len(self.generated) >= self.max_new_tokens:
+            self.stop_reason = StopReason.LENGTH
+        elif len(self.prefill) > self.last_position + 1:
+            self.stop_reason = StopReason.CONTEXT
+        return self.done
+
+
+def new_sequence(seq_id: int, prompt: list[int], *, n_stages: int, max_new_tokens: int, context_length: int,
+                 speculate: bool = True, guess_thresholds: tuple[float, ...] = (), eos_id: int | None = None,
+                 should_stop: Callable[[list[int]], bool] | None = None,
+                 generated: list[int] | None = None) -> Sequence:
+    """generated: tokens already committed (a resumed request); decoding continues after them.
+    guess_thresholds: per early stage, the confidence a guess needs to be sent; () sends every guess."""
+    if not prompt or len(prompt) >= context_length or max_new_tokens < 1:
+        raise ValueError("the prompt must be non-empty and shorter than the context, max_new_tokens >= 1")
+    if guess_thresholds and len(guess_thresholds) != n_stages - 1:
+        raise ValueError(f"guess_thresholds needs one value per early stage ({n_stages - 1})")
+    seq = Sequence(
+        seq_id=seq_id, prompt=list(prompt), max_new_tokens=max_new_tokens, speculate=speculate,
+        guess_thresholds=tuple(guess_thresholds), eos_id=eos_id,
+        should_stop=should_stop, last_position=min(context_length, len(prompt) + max_new_tokens - 1) - 1,
+        generated=list(generated or []),
+    )
+    seq.prefill = seq.prompt + seq.generated
+    seq.stats.flips = [0] * (n_stages - 1)
+    seq.stats.checks = [0] * (n_stages - 1)
+    if seq.generated:
+        seq.end_if_complete()
+    return seq
+
 
 class SpeedScheduler:
     def __init__(self, n_stages: int, *, prefill_chunk: int = 64):
@@ -119,43 +165,16 @@ class SpeedScheduler:
         self._truncations: list[Truncate] = []
         self._finished: list[int] = []
 
-    def add(self, seq_id: int, prompt: list[int], *, max_new_tokens: int, context_length: int, speculate: bool = True,
-            guess_thresholds: tuple[float, ...] = (), eos_id: int | None = None,
-            should_stop: Callable[[list[int]], bool] | None = None, generated: list[int] | None = None) -> Sequence:
-        """generated: tokens already committed (a resumed request); decoding continues after them.
-        guess_thresholds: per early stage, the confidence a guess needs to be sent; () sends every guess."""
+    def add(self, seq_id: int, prompt: list[int], **options) -> Sequence:
+        """options: those of new_sequence."""
         if seq_id in self.sequences:
             raise ValueError(f"sequence {seq_id} already exists")
-        if not prompt or len(prompt) >= context_length or max_new_tokens < 1:
-            raise ValueError("the prompt must be non-empty and shorter than the context, max_new_tokens >= 1")
-        if guess_thresholds and len(guess_thresholds) != self.n_stages - 1:
-            raise ValueError(f"guess_thresholds needs one value per early stage ({self.n_stages - 1})")
-        seq = Sequence(
-            seq_id=seq_id, prompt=list(prompt), max_new_tokens=max_new_tokens, speculate=speculate,
-            guess_thresholds=tuple(guess_thresholds), eos_id=eos_id,
-            should_stop=should_stop, last_position=min(context_length, len(prompt) + max_new_tokens - 1) - 1,
-            generated=list(generated or []),
-        )
-        seq.prefill = seq.prompt + seq.generated
-        seq.stats.flips = [0] * (self.n_stages - 1)
-        seq.stats.checks = [0] * (self.n_stages - 1)
-        self.sequences[seq_id] = seq
-        if seq.generated:
-            self._end_if_complete(seq)
-        if not seq.done:
-            self._enter_prompt_chunk(seq)
-        return seq
-
-    def _end_if_complete(self, seq: Sequence) -> None:
-        """A resumed sequence whose committed tokens already end it (the end was lost on the way)."""
-        if seq.should_stop is not None and seq.should_stop(seq.generated):
-            seq.stop_reason = StopReason.STOP
-        elif len(seq.generated) >= seq.max_new_tokens:
-            seq.stop_reason = StopReason.LENGTH
-        elif len(seq.prefill) > seq.last_position + 1:
-            seq.stop_reason = StopReason.CONTEXT
+        seq = self.sequences[seq_id] = new_sequence(seq_id, prompt, n_stages=self.n_stages, **options)
         if seq.done:
             self._finished.append(seq.seq_id)
+        else:
+            self._enter_prompt_chunk(seq)
+        return seq
 
     def rewind(self, seq_id: int) -> None:
         """Forget every cache entry and in-flight item of a sequence: all stages start again at position 0
@@ -215,7 +234,7 @@ class SpeedScheduler:
                 seq.stats.checks[stage - 1] += 1
                 seq.stats.flips[stage - 1] += prediction != f.prediction
             f.prediction, f.predicted_at = prediction, stage
-            if stage == last and self._commit(seq, prediction):
+            if stage == last and seq.commit(prediction):
                 self._drop_after(seq, index)
                 break
             successor = seq.flights[index + 1] if index + 1 < len(seq.flights) else None
@@ -233,18 +252,6 @@ class SpeedScheduler:
                 seq.stop_reason = StopReason.CONTEXT
         if seq.done:
             self._finished.append(seq.seq_id)
-
-    def _commit(self, seq: Sequence, token: int) -> bool:
-        """Append a final token; True when the sequence ends with it."""
-        if token == seq.eos_id:
-            seq.stop_reason = StopReason.EOS
-            return True
-        seq.generated.append(token)
-        if seq.should_stop is not None and seq.should_stop(seq.generated):
-            seq.stop_reason = StopReason.STOP
-        elif len(seq.generated) == seq.max_new_tokens:
-            seq.stop_reason = StopReason.LENGTH
-        return seq.done
 
     def _may_enter(self, seq: Sequence, f: _Flight) -> bool:
         """Whether the successor of `f` may start now: a guess needs speculation, or `f` must be final."""

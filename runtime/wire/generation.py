@@ -19,6 +19,8 @@ def request_to_wire(prompt: str, options: GenerationOptions) -> pb.GenerateReque
         request.speculative = options.speculative
     if options.guess_threshold is not None:
         request.guess_threshold = options.guess_threshold
+    if options.window is not None:
+        request.window = options.window
     return request
 
 
@@ -30,7 +32,8 @@ def options_from_wire(request: pb.GenerateRequest) -> GenerationOptions:
         top_k=sampling.top_k, top_p=top_p_of(sampling), seed=sampling.seed, stop=tuple(request.stop),
         speculative=request.speculative if request.HasField("speculative") else None,
         ignore_eos=request.ignore_eos, chat=request.chat, plain_guesses=request.plain_guesses,
-        guess_threshold=request.guess_threshold if request.HasField("guess_threshold") else None)
+        guess_threshold=request.guess_threshold if request.HasField("guess_threshold") else None,
+        window=request.window if request.HasField("window") else None)
 
 
 def result_to_wire(result: GenerationResult) -> pb.Finished:

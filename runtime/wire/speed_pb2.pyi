@@ -45,7 +45,7 @@ class Stats(_message.Message):
     def __init__(self, ticks: _Optional[int] = ..., committed: _Optional[int] = ..., flips_per_boundary: _Optional[_Iterable[float]] = ..., flushed_steps: _Optional[int] = ..., mean_in_flight: _Optional[float] = ..., held_guesses: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "max_new_tokens", "sampling", "speculative", "stop", "ignore_eos", "chat", "plain_guesses", "continuation", "guess_threshold")
+    __slots__ = ("prompt", "max_new_tokens", "sampling", "speculative", "stop", "ignore_eos", "chat", "plain_guesses", "continuation", "guess_threshold", "window")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class GenerateRequest(_message.Message):
     PLAIN_GUESSES_FIELD_NUMBER: _ClassVar[int]
     CONTINUATION_FIELD_NUMBER: _ClassVar[int]
     GUESS_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     max_new_tokens: int
     sampling: Sampling
@@ -66,7 +67,8 @@ class GenerateRequest(_message.Message):
     plain_guesses: bool
     continuation: Continuation
     guess_threshold: float
-    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., speculative: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., chat: _Optional[bool] = ..., plain_guesses: _Optional[bool] = ..., continuation: _Optional[_Union[Continuation, _Mapping]] = ..., guess_threshold: _Optional[float] = ...) -> None: ...
+    window: int
+    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., speculative: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., chat: _Optional[bool] = ..., plain_guesses: _Optional[bool] = ..., continuation: _Optional[_Union[Continuation, _Mapping]] = ..., guess_threshold: _Optional[float] = ..., window: _Optional[int] = ...) -> None: ...
 
 class Continuation(_message.Message):
     __slots__ = ("token_ids", "text_chars")
@@ -167,12 +169,156 @@ class ClusterStatusReply(_message.Message):
     def __init__(self, cluster: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., serving: _Optional[bool] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., active_requests: _Optional[int] = ..., speculation: _Optional[bool] = ..., queued_requests: _Optional[int] = ..., max_queue: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
-    __slots__ = ("incarnation", "stages")
+    __slots__ = ("incarnation", "stages", "placement", "epoch")
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     incarnation: int
     stages: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, incarnation: _Optional[int] = ..., stages: _Optional[_Iterable[int]] = ...) -> None: ...
+    placement: _containers.RepeatedCompositeFieldContainer[StagePlace]
+    epoch: int
+    def __init__(self, incarnation: _Optional[int] = ..., stages: _Optional[_Iterable[int]] = ..., placement: _Optional[_Iterable[_Union[StagePlace, _Mapping]]] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class StagePlace(_message.Message):
+    __slots__ = ("stage", "node", "address")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    node: str
+    address: str
+    def __init__(self, stage: _Optional[int] = ..., node: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class RingOpen(_message.Message):
+    __slots__ = ("sequence", "prefill", "last_position", "window", "guess_thresholds")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    LAST_POSITION_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    GUESS_THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    sequence: OpenSequence
+    prefill: _containers.RepeatedScalarFieldContainer[int]
+    last_position: int
+    window: int
+    guess_thresholds: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, sequence: _Optional[_Union[OpenSequence, _Mapping]] = ..., prefill: _Optional[_Iterable[int]] = ..., last_position: _Optional[int] = ..., window: _Optional[int] = ..., guess_thresholds: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class RingFailure(_message.Message):
+    __slots__ = ("seq_id", "message")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    seq_id: int
+    message: str
+    def __init__(self, seq_id: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class RingControl(_message.Message):
+    __slots__ = ("incarnation", "epoch", "closes", "opens")
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CLOSES_FIELD_NUMBER: _ClassVar[int]
+    OPENS_FIELD_NUMBER: _ClassVar[int]
+    incarnation: int
+    epoch: int
+    closes: _containers.RepeatedScalarFieldContainer[int]
+    opens: _containers.RepeatedCompositeFieldContainer[RingOpen]
+    def __init__(self, incarnation: _Optional[int] = ..., epoch: _Optional[int] = ..., closes: _Optional[_Iterable[int]] = ..., opens: _Optional[_Iterable[_Union[RingOpen, _Mapping]]] = ...) -> None: ...
+
+class RingHop(_message.Message):
+    __slots__ = ("seq_id", "gen", "stage", "start", "tokens", "committed", "hidden")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    GEN_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    seq_id: int
+    gen: int
+    stage: int
+    start: int
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    committed: int
+    hidden: Tensor
+    def __init__(self, seq_id: _Optional[int] = ..., gen: _Optional[int] = ..., stage: _Optional[int] = ..., start: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., committed: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class RingCorrection(_message.Message):
+    __slots__ = ("seq_id", "gen", "position", "token", "found_at")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    GEN_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FOUND_AT_FIELD_NUMBER: _ClassVar[int]
+    seq_id: int
+    gen: int
+    position: int
+    token: int
+    found_at: int
+    def __init__(self, seq_id: _Optional[int] = ..., gen: _Optional[int] = ..., position: _Optional[int] = ..., token: _Optional[int] = ..., found_at: _Optional[int] = ...) -> None: ...
+
+class RingCommit(_message.Message):
+    __slots__ = ("seq_id", "position", "token")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    seq_id: int
+    position: int
+    token: int
+    def __init__(self, seq_id: _Optional[int] = ..., position: _Optional[int] = ..., token: _Optional[int] = ...) -> None: ...
+
+class Forwarded(_message.Message):
+    __slots__ = ("incarnation", "epoch", "hops", "corrections", "commits")
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
+    CORRECTIONS_FIELD_NUMBER: _ClassVar[int]
+    COMMITS_FIELD_NUMBER: _ClassVar[int]
+    incarnation: int
+    epoch: int
+    hops: _containers.RepeatedCompositeFieldContainer[RingHop]
+    corrections: _containers.RepeatedCompositeFieldContainer[RingCorrection]
+    commits: _containers.RepeatedCompositeFieldContainer[RingCommit]
+    def __init__(self, incarnation: _Optional[int] = ..., epoch: _Optional[int] = ..., hops: _Optional[_Iterable[_Union[RingHop, _Mapping]]] = ..., corrections: _Optional[_Iterable[_Union[RingCorrection, _Mapping]]] = ..., commits: _Optional[_Iterable[_Union[RingCommit, _Mapping]]] = ...) -> None: ...
+
+class ForwardReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RingStageStats(_message.Message):
+    __slots__ = ("stage", "runs", "checks", "flips", "dropped", "positions")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
+    FLIPS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    runs: int
+    checks: int
+    flips: int
+    dropped: int
+    positions: int
+    def __init__(self, stage: _Optional[int] = ..., runs: _Optional[int] = ..., checks: _Optional[int] = ..., flips: _Optional[int] = ..., dropped: _Optional[int] = ..., positions: _Optional[int] = ...) -> None: ...
+
+class RingEvents(_message.Message):
+    __slots__ = ("commits", "closed", "failed")
+    COMMITS_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    commits: _containers.RepeatedCompositeFieldContainer[RingCommit]
+    closed: _containers.RepeatedCompositeFieldContainer[RingSequenceStats]
+    failed: _containers.RepeatedCompositeFieldContainer[RingFailure]
+    def __init__(self, commits: _Optional[_Iterable[_Union[RingCommit, _Mapping]]] = ..., closed: _Optional[_Iterable[_Union[RingSequenceStats, _Mapping]]] = ..., failed: _Optional[_Iterable[_Union[RingFailure, _Mapping]]] = ...) -> None: ...
+
+class RingSequenceStats(_message.Message):
+    __slots__ = ("seq_id", "stages", "held_guesses")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    HELD_GUESSES_FIELD_NUMBER: _ClassVar[int]
+    seq_id: int
+    stages: _containers.RepeatedCompositeFieldContainer[RingStageStats]
+    held_guesses: int
+    def __init__(self, seq_id: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[RingStageStats, _Mapping]]] = ..., held_guesses: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()

@@ -173,6 +173,16 @@ class NodeStub:
                 request_serializer=speed_dot_v1_dot_speed__pb2.AssignRequest.SerializeToString,
                 response_deserializer=speed_dot_v1_dot_speed__pb2.NodeInfo.FromString,
                 _registered_method=True)
+        self.Ring = channel.stream_stream(
+                '/speed.v1.Node/Ring',
+                request_serializer=speed_dot_v1_dot_speed__pb2.RingControl.SerializeToString,
+                response_deserializer=speed_dot_v1_dot_speed__pb2.RingEvents.FromString,
+                _registered_method=True)
+        self.Forward = channel.stream_unary(
+                '/speed.v1.Node/Forward',
+                request_serializer=speed_dot_v1_dot_speed__pb2.Forwarded.SerializeToString,
+                response_deserializer=speed_dot_v1_dot_speed__pb2.ForwardReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -200,6 +210,22 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Ring(self, request_iterator, context):
+        """The ring data path: the coordinator opens and closes sequences; the node hosting the last stage
+        streams back the committed tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Forward(self, request_iterator, context):
+        """The ring data path between nodes: hidden states for the next stage, corrections and commits for
+        the node hosting stage 0. The caller must be a node of the same cluster.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +243,16 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Assign,
                     request_deserializer=speed_dot_v1_dot_speed__pb2.AssignRequest.FromString,
                     response_serializer=speed_dot_v1_dot_speed__pb2.NodeInfo.SerializeToString,
+            ),
+            'Ring': grpc.stream_stream_rpc_method_handler(
+                    servicer.Ring,
+                    request_deserializer=speed_dot_v1_dot_speed__pb2.RingControl.FromString,
+                    response_serializer=speed_dot_v1_dot_speed__pb2.RingEvents.SerializeToString,
+            ),
+            'Forward': grpc.stream_unary_rpc_method_handler(
+                    servicer.Forward,
+                    request_deserializer=speed_dot_v1_dot_speed__pb2.Forwarded.FromString,
+                    response_serializer=speed_dot_v1_dot_speed__pb2.ForwardReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,6 +338,60 @@ class Node:
             '/speed.v1.Node/Assign',
             speed_dot_v1_dot_speed__pb2.AssignRequest.SerializeToString,
             speed_dot_v1_dot_speed__pb2.NodeInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ring(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/speed.v1.Node/Ring',
+            speed_dot_v1_dot_speed__pb2.RingControl.SerializeToString,
+            speed_dot_v1_dot_speed__pb2.RingEvents.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forward(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/speed.v1.Node/Forward',
+            speed_dot_v1_dot_speed__pb2.Forwarded.SerializeToString,
+            speed_dot_v1_dot_speed__pb2.ForwardReply.FromString,
             options,
             channel_credentials,
             insecure,

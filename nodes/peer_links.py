@@ -1,0 +1,69 @@
+"""A node's outgoing links to the other nodes of the ring: one Forward stream per peer, opened on first
+use, each behind its own delay line (EMULATION of a slow link when the node has a latency set).
+
+A broken link logs once and is opened again by the next message; what was in flight on it is lost,
+which the coordinator notices as a sequence that stops committing and replays."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import grpc
+
+from nodes.delay_line import DelayLine
+from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.ring import forwarded
+
+log = logging.getLogger("speed.node")
+
+
+class PeerLink:
+    def __init__(self, peer: str, channel: grpc.Channel, *, delay_s: float, incarnation: int, epoch: int):
+        self.peer = peer
+        self.broken = False
+        self._channel = channel
+        self._line = DelayLine(delay_s)
+        self._stamp = dict(incarnation=incarnation, epoch=epoch)
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"link-to-{peer}")
+        self._thread.start()
+
+    def send(self, message) -> None:
+        self._line.put(message)
+
+    def close(self) -> None:
+        self._line.close()
+
+    def _run(self) -> None:
+        stub = pb_grpc.NodeStub(self._channel)
+        try:
+            stub.Forward(forwarded(batch, **self._stamp) for batch in self._line.batches())
+        except grpc.RpcError as exc:
+            log.warning("the link to node %s broke (%s); it is opened again for the next message", self.peer,
+                        exc.code().name if hasattr(exc, "code") else exc)
+        finally:
+            self.broken = True
+            self._channel.close()
+
+
+class PeerLinks:
+    def __init__(self, addresses: dict[str, str], open_channel: Callable[[str, str], grpc.Channel], *, delay_s: float,
+                 incarnation: int, epoch: int):
+        """addresses: node name -> address of every other node of the placement; open_channel(name, address)."""
+        self._addresses = addresses
+        self._open_channel = open_channel
+        self._delay_s = delay_s
+        self._incarnation, self._epoch = incarnation, epoch
+        self._links: dict[str, PeerLink] = {}
+
+    def send(self, peer: str, message) -> None:
+        link = self._links.get(peer)
+        if link is None or link.broken:
+            link = self._links[peer] = PeerLink(peer, self._open_channel(peer, self._addresses[peer]), delay_s=self._delay_s,
+                                                incarnation=self._incarnation, epoch=self._epoch)
+        link.send(message)
+
+    def close(self) -> None:
+        for link in self._links.values():
+            link.close()

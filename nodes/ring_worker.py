@@ -1,0 +1,178 @@
+"""The ring data path on one node: a thread that feeds what arrives (the coordinator's opens and closes,
+the other nodes' hops, corrections and commits) to the node's ring state machine, runs the runs it hands
+out in one ONNX Runtime call per batch, and sends what comes out to the next node, the node of stage 0
+or the coordinator. The state machine decides what runs; this shell only moves tensors and bytes.
+
+EMULATION: with a link latency set, everything the node sends waits in a delay line for that long, and
+so does what the coordinator sends it; the node itself never sleeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from nodes.delay_line import DelayLine
+from nodes.host import StepRefused, check_open
+from nodes.node_metrics import NodeMetrics
+from nodes.peer_links import PeerLinks
+from nodes.stage_model import StageModel
+from nodes.tick_executor import TickExecutor
+from runtime.core.generation import MAX_WINDOW
+from runtime.core.ring import Commit, Hop, RingError, RingNode, Run
+from runtime.core.scheduler import Item, TickPlan, Truncate
+from runtime.wire import speed_pb2 as pb
+from runtime.wire.ring import commit_to_wire
+
+log = logging.getLogger("speed.node")
+
+
+class RingWorker:
+    def __init__(self, model: StageModel, *, name: str, stages: tuple[int, ...], placement: dict[int, str],
+                 links: PeerLinks, max_sequences: int, prefill_chunk: int, delay_s: float, metrics: NodeMetrics):
+        """placement: stage -> the name of the node running it, this one included."""
+        self.name = name
+        self.cfg = model.config
+        self.placement = placement
+        self.links = links
+        self.max_sequences = max_sequences
+        self.metrics = metrics
+        self.core = RingNode(stages, self.cfg.n_stages, prefill_chunk=prefill_chunk)
+        self.executor = TickExecutor(model, slots=max_sequences, capacity=1, stages=stages, hand_over_locally=False)
+        self.events = DelayLine(delay_s)  # to the coordinator: commits, closed sequences' counts, failures
+        self._arrivals = DelayLine(delay_s)  # from the coordinator
+        self._inbox: queue.Queue = queue.Queue()
+        self._deferred: list[Run] = []
+        for target, what in ((self._loop, "ring"), (self._pump_arrivals, "ring-arrivals")):
+            threading.Thread(target=target, daemon=True, name=f"{what}-{name}").start()
+
+    # --- called from the gRPC handlers' threads --------------------------------------------------
+
+    def control(self, message: pb.RingControl) -> None:
+        self._arrivals.put(message)
+
+    def deliver(self, messages: list) -> None:
+        self._inbox.put(("messages", messages))
+
+    def stop(self) -> None:
+        self._inbox.put(("stop", None))
+        self._arrivals.close()
+        self.events.close()
+        self.links.close()
+
+    @property
+    def open_sequences(self) -> int:
+        return len(self.core.sequences)
+
+    # --- the worker thread -----------------------------------------------------------------------
+
+    def _pump_arrivals(self) -> None:
+        for batch in self._arrivals.batches():
+            for message in batch:
+                self._inbox.put(("control", message))
+
+    def _loop(self) -> None:
+        working = False  # the last pass ran something: look for more before waiting
+        while True:
+            try:
+                events = [self._inbox.get(block=not working)]
+            except queue.Empty:
+                events = []
+            while not self._inbox.empty():
+                events.append(self._inbox.get_nowait())
+            for kind, payload in events:
+                if kind == "stop":
+                    return
+                if kind == "control":
+                    self._apply_control(payload)
+                else:
+                    self._receive(payload)
+            runs = self._deferred + self.core.take_runs()
+            self._route()  # corrections found while taking hops
+            working = bool(runs)
+            if runs:
+                self._execute(runs)
+                self._route()
+
+    def _apply_control(self, control: pb.RingControl) -> None:
+        for seq_id in control.closes:
+            self._close(seq_id, report=True)
+        for o in control.opens:
+            try:
+                self._open(o)
+            except (StepRefused, RingError) as exc:
+                self.events.put(pb.RingFailure(seq_id=o.sequence.seq_id, message=str(exc)))
+
+    def _open(self, o: pb.RingOpen) -> None:
+        seq_id = o.sequence.seq_id
+        if seq_id in self.core.sequences:
+            raise RingError(f"sequence {seq_id} is already open on node {self.name}")
+        if len(self.core.sequences) >= self.max_sequences:
+            raise RingError(f"node {self.name} holds at most {self.max_sequences} sequences at once")
+        sampling, capacity, plain_guesses = check_open(o.sequence, self.cfg.context_length)
+        if not 0 < len(o.prefill) <= o.last_position + 1 <= capacity:
+            raise RingError(f"sequence {seq_id}: needs a prefill of 1 to {capacity} tokens and a last position "
+                            "inside the capacity")
+        if not all(0 <= t < self.cfg.vocab_size for t in o.prefill) or not 0 <= o.window <= MAX_WINDOW:
+            raise RingError(f"sequence {seq_id}: token ids must be in 0..{self.cfg.vocab_size - 1} and the window "
+                            f"0 to {MAX_WINDOW}")
+        self.core.open(seq_id, list(o.prefill), last_position=o.last_position, window=o.window,
+                       guess_thresholds=tuple(o.guess_thresholds))
+        self.executor.open(seq_id, sampling, capacity, plain_guesses=plain_guesses)
+
+    def _close(self, seq_id: int, *, report: bool) -> None:
+        if seq_id not in self.core.sequences:
+            return
+        if report:
+            counts, held = self.core.counts(seq_id)
+            self.events.put(pb.RingSequenceStats(seq_id=seq_id, held_guesses=held, stages=[
+                pb.RingStageStats(stage=stage, runs=c.runs, checks=c.checks, flips=c.flips, dropped=c.dropped,
+                                  positions=c.positions)
+                for stage, c in sorted(counts.items())]))
+        self.core.close(seq_id)
+        self.executor.close(seq_id)
+        self._deferred = [run for run in self._deferred if run.seq_id != seq_id]
+
+    def _receive(self, messages: list) -> None:
+        for message in messages:
+            try:
+                self.core.receive(message)
+            except RingError as exc:
+                log.warning("dropped a message the ring cannot take: %s", exc)
+
+    def _route(self) -> None:
+        for message in self.core.drain():
+            if isinstance(message, Commit):
+                self.events.put(commit_to_wire(message))
+            target = self.placement[message.stage if isinstance(message, Hop) else 0]
+            if target == self.name:
+                self.core.receive(message)
+            else:
+                self.links.send(target, message)
+
+    def _execute(self, runs: list[Run]) -> None:
+        """One batch: at most one run per (sequence, start), the others wait for the next batch."""
+        batch, self._deferred, keys = [], [], set()
+        for run in runs:
+            key = (run.seq_id, run.start)
+            (self._deferred if key in keys else batch).append(run)
+            keys.add(key)
+        plan = TickPlan([Truncate(run.seq_id, run.stage, run.start) for run in batch],
+                        [Item(run.seq_id, run.start, len(run.tokens), run.stage, run.tokens if run.stage == 0 else None,
+                              final_token=run.final, predict=run.predict) for run in batch], [])
+        hidden_in = {(run.seq_id, run.start): run.payload for run in batch if run.stage > 0}
+        started = time.perf_counter()
+        try:
+            result = self.executor.run(plan, hidden_in)
+        except Exception as exc:  # a bug: these sequences fail, the node keeps serving the others
+            log.exception("a ring batch failed")
+            for seq_id in {run.seq_id for run in batch}:
+                self.events.put(pb.RingFailure(seq_id=seq_id, message=f"node {self.name} failed to run it: {exc!r}"))
+                self._close(seq_id, report=False)
+            return
+        self.metrics.step(time.perf_counter() - started)
+        for run in batch:
+            key = (run.seq_id, run.start)
+            self.core.ran(run, result.predictions.get(key), result.confidence.get(key, 1.0), result.handoff.get(key))
