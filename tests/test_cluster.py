@@ -25,9 +25,10 @@ from tests.conftest import assert_one_line_error, generate_on, in_threads, run_s
 SAMPLED = [SamplingParams(temperature=0.8, top_k=40, seed=7), SamplingParams(temperature=1.0, top_p=0.9, seed=123)]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with running_cluster(tmp_path_factory.mktemp("cluster")) as running:
+@pytest.fixture(scope="module", params=["lockstep", "ring"])
+def cluster(request, tmp_path_factory):
+    """The same behaviour whichever way the work travels: every tick through the coordinator, or node to node."""
+    with running_cluster(tmp_path_factory.mktemp("cluster"), extra_top_keys=f"data_path: {request.param}\n") as running:
         yield running
 
 

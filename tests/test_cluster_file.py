@@ -78,7 +78,8 @@ def test_defaults_are_applied(tmp_path):
 def test_every_setting_is_read(tmp_path):
     def edit(data):
         data["coordinator"].update(step_timeout_s=0.5, heartbeat_interval_s=2)
-        data["speculation"] = {"enabled": False, "prefill_chunk": 16, "guess_threshold": 0.25}
+        data["speculation"] = {"enabled": False, "prefill_chunk": 16, "guess_threshold": 0.25, "window": 8}
+        data["data_path"] = "ring"
         data["nodes"][0].update(device="cuda", cpu_fallback=True, threads=0, max_sequences=2, idle_timeout_s=30,
                                 emulated_link_ms=5)
         data["nodes"][1]["stages"] = [1, 2]
@@ -86,7 +87,8 @@ def test_every_setting_is_read(tmp_path):
 
     spec = load_cluster(cluster_with(tmp_path, edit))
     assert spec.coordinator == CoordinatorSpec("127.0.0.1:50050", step_timeout_s=0.5, heartbeat_interval_s=2.0)
-    assert spec.speculation == SpeculationSpec(enabled=False, prefill_chunk=16, guess_threshold=0.25)
+    assert spec.speculation == SpeculationSpec(enabled=False, prefill_chunk=16, guess_threshold=0.25, window=8)
+    assert spec.data_path == "ring"
     assert spec.nodes[0] == NodeSpec("edge-1", "127.0.0.1:50051", (0,), device="cuda", cpu_fallback=True, threads=0,
                                      max_sequences=2, idle_timeout_s=30.0, emulated_link_ms=5.0)
     assert isinstance(spec.nodes[0].idle_timeout_s, float)
@@ -176,7 +178,7 @@ def test_an_unknown_node_key_is_named_with_a_suggestion(tmp_path):
 def test_an_unknown_key_without_a_close_match_gets_no_suggestion(tmp_path):
     path = cluster_with(tmp_path, lambda data: data.update(zzz=1))
     with pytest.raises(SpeedError, match=re.escape(f"{path}: unknown key 'zzz'; expected one of bundle, cluster, "
-                                                   "coordinator, insecure, nodes, security, speculation")) as caught:
+                                                   "coordinator, data_path, insecure, nodes, security, speculation")) as caught:
         load_cluster(str(path))
     assert "did you mean" not in str(caught.value)
 
@@ -186,7 +188,7 @@ def test_an_unknown_key_without_a_close_match_gets_no_suggestion(tmp_path):
                                     "heartbeat_interval_s, max_queue, metrics_port, step_timeout_s "
                                     "(did you mean 'step_timeout_s'?)"),
     ("speculation", "enable", "speculation: unknown key 'enable'; expected one of enabled, guess_threshold, "
-                              "prefill_chunk (did you mean 'enabled'?)"),
+                              "prefill_chunk, window (did you mean 'enabled'?)"),
 ])
 def test_unknown_keys_in_sections(tmp_path, section, key, expected):
     path = cluster_with(tmp_path, lambda data: data.setdefault(section, {}).update({key: 1}))
@@ -252,6 +254,10 @@ def set_node_key(index: int, key: str, value):
      "speculation.guess_threshold: expected a probability from 0 to 1, got 1.5"),
     (lambda d: d.update(speculation={"guess_threshold": "high"}),
      "speculation.guess_threshold: expected a number >= 0, got 'high'"),
+    (lambda d: d.update(speculation={"window": 65}),
+     "speculation.window: expected a whole number >= 0 and at most 64 (more only multiplies the work a flip "
+     "throws away), got 65"),
+    (lambda d: d.update(data_path="star"), "data_path: expected one of lockstep, ring, got 'star'"),
 ])
 def test_a_wrong_value_names_its_key_path_and_what_is_expected(tmp_path, edit, expected):
     path = cluster_with(tmp_path, edit)
