@@ -56,10 +56,12 @@ def check_ports_free(spec: ClusterSpec) -> None:
 class LocalCluster:
     """The processes of one cluster file; a context manager that stops them all on exit."""
 
-    def __init__(self, cluster_path: Path, *, emulated_link_ms: float | None = None):
+    def __init__(self, cluster_path: Path, *, emulated_link_ms: float | None = None, data_path: str | None = None):
+        """emulated_link_ms, data_path: override the file's."""
         self.path = Path(cluster_path)
         self.spec = load_cluster(cluster_path)
         self.emulated_link_ms = emulated_link_ms
+        self.data_path = data_path
         self.logs = state_dir(self.spec) / "logs"
         self.processes: dict[str, subprocess.Popen] = {}  # "coordinator" and node names
 
@@ -70,7 +72,8 @@ class LocalCluster:
     def command(self, name: str) -> list[str]:
         base = [sys.executable, "-m", "runtime.cli"]
         if name == "coordinator":
-            return [*base, "coordinator", "--cluster", str(self.spec.path)]
+            return [*base, "coordinator", "--cluster", str(self.spec.path),
+                    *(["--data-path", self.data_path] if self.data_path else [])]
         command = [*base, "node", "--cluster", str(self.spec.path), "--name", name]
         if self.emulated_link_ms is not None:
             command += ["--emulate-link-ms", str(self.emulated_link_ms)]
@@ -195,8 +198,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def up(cluster_path: Path, *, detach: bool, emulated_link_ms: float | None = None) -> None:
-    cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms)
+def up(cluster_path: Path, *, detach: bool, emulated_link_ms: float | None = None, data_path: str | None = None) -> None:
+    cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms, data_path=data_path)
     record = state_dir(cluster.spec) / PROCESSES_FILE
     if record.exists() and any(_alive(pid) for pid in json.loads(record.read_text()).values()):
         raise SpeedError(f"cluster {cluster.spec.name} is already up; stop it with `speed down {cluster_path}`")

@@ -88,13 +88,22 @@ def add_gate_flag(p: argparse.ArgumentParser) -> None:
                         "(default: the cluster's, else the bundle's own; same text either way)")
 
 
+def add_window_flag(p: argparse.ArgumentParser) -> None:
+    from runtime.core.generation import MAX_WINDOW
+
+    p.add_argument("--window", type=whole(0, MAX_WINDOW), metavar="N",
+                   help="on a ring cluster: positions the first stage runs ahead of the committed ones on its own "
+                        "guesses (default: the cluster file's; same text either way)")
+
+
 def options_from(args: argparse.Namespace, *, speculative: bool | None):
     """The GenerationOptions that `speed reference` and `speed generate` share."""
     from runtime.core.generation import GenerationOptions
 
     return GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()), speculative=speculative,
-                             chat=args.chat, plain_guesses=args.plain_guesses, guess_threshold=args.guess_threshold)
+                             chat=args.chat, plain_guesses=args.plain_guesses, guess_threshold=args.guess_threshold,
+                             window=getattr(args, "window", None))  # `speed reference` runs no ring
 
 
 def add_credential_flags(p: argparse.ArgumentParser) -> None:

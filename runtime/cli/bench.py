@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from runtime.cli.arguments import add_threads_flag, link_ms, number, seed_int, token_count, whole
+from runtime.cli.arguments import add_threads_flag, add_window_flag, link_ms, number, seed_int, token_count, whole
 from runtime.core.errors import SpeedError
 
 
@@ -17,6 +17,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         "(or --clients, --chaos)")
     p.add_argument("--emulate-link-ms", type=link_ms, metavar="MS",
                    help="with FILE: EMULATED one-way latency of every node's link, 0 to 60000 (overrides the file)")
+    p.add_argument("--data-paths", type=latencies, metavar="MS,...",
+                   help="with FILE: both data paths (lockstep, ring), sequential and speculative, at each of these "
+                        "EMULATED one-way link latencies, e.g. 0,5,20")
+    add_window_flag(p)
     p.add_argument("--reference", action="store_true", help="plain decoding: onnx vs torch, context 32 vs 512")
     p.add_argument("--local", action="store_true", help="sequential vs speculative decoding in one process")
     p.add_argument("--agreement", type=Path, metavar="SOURCE",
@@ -57,7 +61,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise SpeedError("give either a cluster FILE or one of --reference and --local, not both")
         cmd_bench_cluster(args)
         return
-    for flag, value in [("--clients", args.clients), ("--chaos", args.chaos), ("--emulate-link-ms", args.emulate_link_ms)]:
+    for flag, value in [("--clients", args.clients), ("--chaos", args.chaos), ("--emulate-link-ms", args.emulate_link_ms),
+                        ("--data-paths", args.data_paths), ("--window", args.window)]:
         if value is not None:
             raise SpeedError(f"{flag} needs a cluster FILE")
     if args.temperature and (args.agreement is not None or args.chaos is not None):
@@ -115,21 +120,47 @@ def bench_sampling(args: argparse.Namespace):
     return SamplingParams(temperature=args.temperature)
 
 
+def latencies(text: str) -> tuple[float, ...]:
+    """"0,5,20" -> (0.0, 5.0, 20.0), each a valid EMULATED link latency."""
+    try:
+        return tuple(link_ms(part) for part in text.split(","))
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"give latencies in ms separated by commas, e.g. 0,5,20 ({exc})") from None
+
+
 def cmd_bench_cluster(args: argparse.Namespace) -> None:
     from runtime.bench.cluster import bench_cluster, format_cluster
 
     if (args.clients is not None or args.chaos is not None) and args.guess_threshold is not None:
         raise SpeedError("--guess-threshold applies to --local and a cluster FILE's speculative runs")
+    if (args.clients is not None or args.chaos is not None) and args.data_paths is not None:
+        raise SpeedError("--data-paths is a benchmark of its own; drop --clients and --chaos")
     if args.clients is not None:
         cmd_bench_load(args)
         return
     if args.chaos is not None:
         cmd_bench_chaos(args)
         return
+    if args.data_paths is not None:
+        cmd_bench_data_paths(args)
+        return
+    if args.window is not None:
+        raise SpeedError("--window applies to --data-paths (set speculation.window in the cluster file otherwise)")
     report = bench_cluster(args.cluster_file, new_tokens=args.new_tokens or 128, repeats=args.repeats,
                            emulated_link_ms=args.emulate_link_ms, sampling=bench_sampling(args),
                            guess_threshold=args.guess_threshold)
     print(json.dumps(report) if args.json else format_cluster(report))
+
+
+def cmd_bench_data_paths(args: argparse.Namespace) -> None:
+    from runtime.bench.data_paths import bench_data_paths, format_data_paths
+
+    if args.emulate_link_ms is not None or args.guess_threshold is not None:
+        raise SpeedError("--data-paths sets the link latencies itself and sends every guess; drop --emulate-link-ms "
+                         "and --guess-threshold")
+    report = bench_data_paths(args.cluster_file, link_ms=args.data_paths, new_tokens=args.new_tokens or 64,
+                              repeats=args.repeats, sampling=bench_sampling(args), window=args.window)
+    print(json.dumps(report) if args.json else format_data_paths(report))
 
 
 def cmd_bench_load(args: argparse.Namespace) -> None:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from runtime.cli.arguments import add_credential_flags, configure_logging, credentials_of, link_ms
+from runtime.core.cluster_file import DATA_PATHS
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -14,6 +15,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--detach", action="store_true", help="leave it running in the background; stop with speed down")
     p.add_argument("--emulate-link-ms", type=link_ms, metavar="MS",
                    help="EMULATED one-way latency of every node's link, 0 to 60000, for benchmarks (overrides the file)")
+    p.add_argument("--data-path", choices=DATA_PATHS, help="how the work travels (overrides the file's data_path)")
     p.set_defaults(run=cmd_up)
 
     p = commands.add_parser("down", help="stop a cluster started with speed up, detached or in the foreground")
@@ -27,6 +29,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     p = commands.add_parser("coordinator", help="run a cluster's coordinator alone (each device runs speed node)")
     p.add_argument("--cluster", type=Path, required=True, metavar="FILE")
+    p.add_argument("--data-path", choices=DATA_PATHS, help="how the work travels (overrides the file's data_path)")
     p.set_defaults(run=cmd_coordinator)
 
     p = commands.add_parser("node", help="run one node daemon of a cluster (on its edge device)")
@@ -40,7 +43,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def cmd_up(args: argparse.Namespace) -> None:
     from deploy.launcher import up
 
-    up(args.cluster_file, detach=args.detach, emulated_link_ms=args.emulate_link_ms)
+    up(args.cluster_file, detach=args.detach, emulated_link_ms=args.emulate_link_ms, data_path=args.data_path)
 
 
 def cmd_down(args: argparse.Namespace) -> None:
@@ -68,7 +71,7 @@ def cmd_coordinator(args: argparse.Namespace) -> None:
     from runtime.coordinator.server import run_coordinator
 
     configure_logging()
-    run_coordinator(args.cluster)
+    run_coordinator(args.cluster, data_path=args.data_path)
 
 
 def cmd_node(args: argparse.Namespace) -> None:

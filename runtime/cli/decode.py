@@ -12,6 +12,7 @@ from runtime.cli.arguments import (
     add_gate_flag,
     add_sampling_flags,
     add_threads_flag,
+    add_window_flag,
     credentials_of,
     number,
     options_from,
@@ -48,6 +49,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="PROMPT is a user's message: apply the model's chat template")
     p.add_argument("--plain-guesses", action="store_true", help="guess without the bundle's exits (same text)")
     add_gate_flag(p)
+    add_window_flag(p)
     p.add_argument("--stop", action="append", metavar="TEXT", help="end at the token that completes TEXT (repeatable)")
     add_sampling_flags(p)
     p.add_argument("--timeout", type=number(0, 86400, above=True), default=600.0, metavar="S",

@@ -10,6 +10,7 @@ stage has a serving node to run it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
@@ -307,8 +308,11 @@ class RegistryService(pb_grpc.RegistryServicer):
         return pb.HeartbeatReply(known=True)
 
 
-def run_coordinator(cluster_path: Path) -> None:
+def run_coordinator(cluster_path: Path, *, data_path: str | None = None) -> None:
+    """data_path: overrides the cluster file's."""
     spec = load_cluster(cluster_path)
+    if data_path is not None:
+        spec = dataclasses.replace(spec, data_path=data_path)
     bundle = load_bundle(spec.bundle, verify=False)
     bundle.verify([bundle.manifest["tokenizer"]])  # all a coordinator reads of it
     spec.check_stages(bundle.config.n_stages)
