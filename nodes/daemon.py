@@ -123,6 +123,7 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
             log.info("freed sequence %d after %g s without a step", seq_id, node.idle_timeout_s)
 
     registration.stopping.set()
+    service.stop_ring()  # ends its streams, which would otherwise hold the server past its grace period
     health_service.enter_graceful_shutdown()
     server.stop(grace=STOP_GRACE_S).wait()
     log.info("node %s stopped", node.name)

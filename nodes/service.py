@@ -77,11 +77,15 @@ class NodeService(pb_grpc.NodeServicer):
         log.info("serving coordinator incarnation %d with stages %s", request.incarnation, list(self.host.stages))
         return self._info()
 
-    def _start_ring(self, request: pb.AssignRequest) -> None:
-        """With a placement, the stages run on the ring data path from now on; without, on lockstep steps."""
-        if self._ring is not None:
+    def stop_ring(self, worker: RingWorker | None = None) -> None:
+        """Stop the ring worker (only if it is still `worker`, when given): its streams end, its sequences go."""
+        if self._ring is not None and worker in (None, self._ring):
             self._ring.stop()
             self._ring = None
+
+    def _start_ring(self, request: pb.AssignRequest) -> None:
+        """With a placement, the stages run on the ring data path from now on; without, on lockstep steps."""
+        self.stop_ring()
         if not request.placement:
             return
         placement = {place.stage: place.node for place in request.placement}
@@ -102,9 +106,8 @@ class NodeService(pb_grpc.NodeServicer):
     def adopt(self, incarnation: int) -> None:
         """The coordinator announced its incarnation at registration."""
         with self._lock:
-            if incarnation > self.host.incarnation and self._ring is not None:
-                self._ring.stop()
-                self._ring = None
+            if incarnation > self.host.incarnation:
+                self.stop_ring()
             self.host.adopt(incarnation)
             self.metrics.set_hosting(len(self.host.stages))
             self.metrics.set_sequences(self.host.open_sequences)
@@ -146,11 +149,15 @@ class NodeService(pb_grpc.NodeServicer):
                     "only for the coordinator that assigned it a placement")
 
         def read() -> None:
-            for control in requests:
-                if (control.incarnation, control.epoch) == stamp:
-                    ring.control(control)
+            try:
+                for control in requests:
+                    if (control.incarnation, control.epoch) == stamp:
+                        ring.control(control)
+            except grpc.RpcError:
+                pass  # the coordinator went away: the stream's end below stops the worker
 
         threading.Thread(target=read, daemon=True, name="ring-control").start()
+        context.add_callback(lambda: self.stop_ring(ring))  # the coordinator went away: nobody reads its commits
         for batch in ring.events.batches():
             events = pb.RingEvents()
             for event in batch:

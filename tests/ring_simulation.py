@@ -124,10 +124,14 @@ class Simulation:
         self.committed[seq_id] = []
         self.wanted[seq_id] = new_tokens
         last_position = len(prompt) + new_tokens - 2
-        for node in self.nodes:
+
+        def open_on(node: SimNode) -> None:
             node.core.open(seq_id, prompt, last_position=last_position, window=self.window,
                            guess_thresholds=self.thresholds)
             self._kick(node)
+
+        for node in self.nodes:  # each open travels its own link: a node may hear from another one first
+            self._send("coordinator", node.name, lambda n=node: open_on(n))
 
     def _coordinator_commit(self, commit: Commit) -> None:
         if commit.seq_id in self.closed:

@@ -217,7 +217,10 @@ class RingPath:
     def _check_progress(self) -> None:
         decoding = any(not seq.done for seq in self.ledger.sequences.values())
         if decoding and time.monotonic() - self._last_progress > self.stall_timeout_s:
-            log.warning("no token committed for %g s on the ring: every sequence is replayed", self.stall_timeout_s)
+            waiting = ", ".join(f"{seq.seq_id} at position {len(seq.prompt) + len(seq.generated)}"
+                                for seq in self.ledger.sequences.values() if not seq.done)
+            log.warning("no token committed for %g s on the ring (waiting: %s): every sequence is replayed",
+                        self.stall_timeout_s, waiting)
             self._doubt_all()
             self._last_progress = time.monotonic()
 

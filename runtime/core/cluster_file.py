@@ -15,7 +15,7 @@ A cluster file is YAML (see deploy/local.yaml):
     speculation:                     # optional
       enabled: true                  # false = sequential decoding
       prefill_chunk: 64              # >= 1
-      window: 4                      # 0 to 64, the ring data path: positions stage 0 runs ahead of the
+      window: 8                      # 0 to 64, the ring data path: positions stage 0 runs ahead of the
                                      # committed ones on its own guesses
       guess_threshold: 0.5           # 0 to 1: a guess enters the pipeline only at this probability (0 = always,
                                      # 1 = early stages make no guesses and skip the classifier);
@@ -80,7 +80,7 @@ class SpeculationSpec:
     enabled: bool = True
     prefill_chunk: int = 64
     guess_threshold: float | None = None  # the confidence gate for every stage; None = the bundle's thresholds
-    window: int = 4  # the ring data path: positions stage 0 runs ahead of the committed ones
+    window: int = 8  # the ring data path: positions stage 0 runs ahead of the committed ones
 
 
 @dataclass(frozen=True)

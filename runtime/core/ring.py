@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 KEPT_PREDICTIONS = 64  # a stage's predictions kept for checking hops of a later generation (forks are recent)
+MAX_EARLY = 1024  # messages kept for sequences whose open has not arrived yet (it travels on another link)
 
 
 class RingError(Exception):
@@ -148,6 +149,11 @@ class RingNode:
         self.prefill_chunk = prefill_chunk
         self.sequences: dict[int, _Sequence] = {}
         self.outbox: list[Message] = []
+        # The coordinator opens a sequence on every node at once, but a node may hear from the node before
+        # it first: what comes for a sequence newer than any opened here waits for its open. (Sequence ids
+        # grow with admission, so an unknown id at or below the newest opened one was closed already.)
+        self._newest_opened = -1
+        self._early: dict[int, list[Message]] = {}
 
     def open(self, seq_id: int, prefill: list[int], *, last_position: int, window: int = 0,
              guess_thresholds: tuple[float, ...] = ()) -> None:
@@ -171,6 +177,10 @@ class RingNode:
             head = _Head(tokens=list(prefill), committed=len(prefill), window=window if last else 0,
                          threshold=thresholds[0] if last else 1.0, last_position=last_position)
         self.sequences[seq_id] = _Sequence(stages=stages, head=head)
+        self._newest_opened = max(self._newest_opened, seq_id)
+        for message in self._early.pop(seq_id, []):
+            self.receive(message)
+        self._early = {early: kept for early, kept in self._early.items() if early > self._newest_opened}
 
     def close(self, seq_id: int) -> None:
         self.sequences.pop(seq_id, None)
@@ -190,9 +200,12 @@ class RingNode:
     # --- messages in ---------------------------------------------------------------------------
 
     def receive(self, message: Message) -> None:
-        """A message for this node; one for a sequence it does not hold (closed already) is dropped."""
+        """A message for this node; one for a sequence it does not hold is kept until the sequence opens
+        when it is newer than any opened here (at most MAX_EARLY such messages), else dropped (closed)."""
         seq = self.sequences.get(message.seq_id)
         if seq is None:
+            if message.seq_id > self._newest_opened and sum(map(len, self._early.values())) < MAX_EARLY:
+                self._early.setdefault(message.seq_id, []).append(message)
             return
         if isinstance(message, Hop):
             if message.stage not in seq.stages:

@@ -1,0 +1,142 @@
+"""The ring data path on real `speed node` processes, with this test in the coordinator's place: it assigns
+a placement, opens sequences on each node's Ring stream and reads the committed tokens, while the nodes
+forward hidden states, corrections and commits to each other over real gRPC."""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+import numpy as np
+import pytest
+
+from runtime.core.bundle import load_bundle
+from runtime.core.cluster_file import load_cluster
+from runtime.core.sampling import GREEDY, SamplingParams
+from runtime.wire import speed_pb2 as pb
+from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.sampling import sampling_to_wire
+from runtime.wire.tensor import pack
+from tests.conftest import CLUSTER_NEW_TOKENS, CLUSTER_PROMPTS, write_cluster
+from tests.support import REFUSAL_CODES, assert_a_sentence, running_nodes
+
+INCARNATION = 7
+SEQ_IDS = itertools.count(1)
+
+
+class Coordinator:
+    """What the coordinator does on the ring: one channel per node for Assign and the Ring stream."""
+
+    def __init__(self, spec, epoch: int):
+        self.epoch = epoch
+        self.channels = {n.name: grpc.insecure_channel(n.address) for n in spec.nodes}
+        self.stubs = {name: pb_grpc.NodeStub(channel) for name, channel in self.channels.items()}
+        placement = [pb.StagePlace(stage=stage, node=n.name, address=n.address) for n in spec.nodes for stage in n.stages]
+        for n in spec.nodes:
+            self.stubs[n.name].Assign(pb.AssignRequest(incarnation=INCARNATION, stages=n.stages, placement=placement,
+                                                       epoch=epoch), timeout=10)
+        self.controls = {name: queue.SimpleQueue() for name in self.stubs}
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.calls = [self.stubs[name].Ring(iter(self.controls[name].get, None)) for name in self.stubs]
+        for call in self.calls:
+            threading.Thread(target=self._read, args=(call,), daemon=True).start()
+
+    def _read(self, call) -> None:
+        try:
+            for events in call:
+                self.events.put(events)
+        except grpc.RpcError:
+            pass
+
+    def send(self, **fields) -> None:
+        for control in self.controls.values():
+            control.put(pb.RingControl(incarnation=INCARNATION, epoch=self.epoch, **fields))
+
+    def decode(self, prompt_ids: list[int], sampling: SamplingParams, new_tokens: int, window: int) -> list[int]:
+        seq_id = next(SEQ_IDS)
+        opened = pb.RingOpen(sequence=pb.OpenSequence(seq_id=seq_id, sampling=sampling_to_wire(sampling),
+                                                      capacity=len(prompt_ids) + new_tokens),
+                             prefill=prompt_ids, last_position=len(prompt_ids) + new_tokens - 2, window=window)
+        self.send(opens=[opened])
+        tokens, deadline = {}, time.monotonic() + 60
+        while len(tokens) < new_tokens and time.monotonic() < deadline:
+            events = self.events.get(timeout=60)
+            assert not events.failed, events.failed[0].message
+            tokens |= {c.position: c.token for c in events.commits if c.seq_id == seq_id}
+        self.send(closes=[seq_id])
+        ordered = [tokens[p] for p in sorted(tokens)]
+        eos = load_bundle().eos_token_id  # nodes know no end: the coordinator cuts the text there
+        return ordered[:ordered.index(eos)] if eos in ordered else ordered
+
+    def close(self) -> None:
+        for control in self.controls.values():
+            control.put(None)
+        for call in self.calls:
+            call.cancel()
+        for channel in self.channels.values():
+            channel.close()
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    path = write_cluster(tmp_path_factory.mktemp("ring-node"), stages=[[0], [1, 2]])
+    with running_nodes(path, "edge-1", "edge-2"):
+        yield load_cluster(path)
+
+
+@contextmanager
+def coordinator(spec, epoch: int) -> Iterator[Coordinator]:
+    driver = Coordinator(spec, epoch)
+    try:
+        yield driver
+    finally:
+        driver.close()
+
+
+@pytest.mark.parametrize("window", [0, 1, 8], ids=["sequential", "window-1", "window-8"])
+def test_nodes_forwarding_to_each_other_commit_the_reference_tokens(spec, reference, window):
+    tokenizer = load_bundle().tokenizer()
+    with coordinator(spec, epoch=window + 1) as driver:
+        for prompt in CLUSTER_PROMPTS[:2]:
+            for sampling in (GREEDY, SamplingParams(temperature=0.8, top_k=40, seed=7)):
+                ids = tokenizer.encode(prompt).ids
+                assert driver.decode(ids, sampling, CLUSTER_NEW_TOKENS, window) == reference(prompt, sampling)
+
+
+def test_a_forwarded_state_of_the_wrong_shape_is_refused_with_a_sentence(spec):
+    with coordinator(spec, epoch=20):
+        stub = pb_grpc.NodeStub(grpc.insecure_channel(spec.node("edge-2").address))
+        bad = pb.Forwarded(incarnation=INCARNATION, epoch=20, hops=[pb.RingHop(
+            seq_id=1, gen=0, stage=1, start=0, tokens=[1, 2], hidden=pack(np.zeros((3, 7), np.float32)))])
+        with pytest.raises(grpc.RpcError) as refusal:
+            stub.Forward(iter([bad]), timeout=10)
+        assert refusal.value.code() in REFUSAL_CODES
+        assert_a_sentence(refusal.value)
+        assert "hidden state must have shape" in refusal.value.details()
+
+
+def test_messages_of_another_placement_are_dropped_and_decoding_goes_on(spec, reference):
+    tokenizer = load_bundle().tokenizer()
+    with coordinator(spec, epoch=30) as driver:
+        stub = pb_grpc.NodeStub(grpc.insecure_channel(spec.node("edge-2").address))
+        stale = pb.Forwarded(incarnation=INCARNATION, epoch=29, commits=[pb.RingCommit(seq_id=1, position=0, token=5)],
+                             hops=[pb.RingHop(seq_id=1, gen=0, stage=1, start=0, tokens=[1],
+                                              hidden=pack(np.zeros((1, 256), np.float32)))])
+        stub.Forward(iter([stale]), timeout=10)
+        prompt = CLUSTER_PROMPTS[3]
+        assert driver.decode(tokenizer.encode(prompt).ids, GREEDY, 16, 4) == reference(prompt, GREEDY)[:16]
+
+
+def test_a_ring_stream_without_an_assigned_placement_is_refused(spec):
+    with grpc.insecure_channel(spec.node("edge-1").address) as channel:
+        stub = pb_grpc.NodeStub(channel)
+        stub.Assign(pb.AssignRequest(incarnation=INCARNATION, stages=[0]), timeout=10)  # the lockstep path
+        with pytest.raises(grpc.RpcError) as refusal:
+            next(stub.Ring(iter([]), timeout=10))
+        assert refusal.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert_a_sentence(refusal.value)
