@@ -60,6 +60,10 @@ def test_clients_reports_rates_latency_errors_and_memory_of_every_process_as_jso
     (["deploy/local.yaml", "--clients", "2", "--chaos", "2"], ["--chaos", "not allowed with", "--clients"]),
     (["deploy/local.yaml", "--requests", "2"], ["--requests needs --clients"]),
     (["deploy/local.yaml", "--clients", "2", "--seed", "1"], ["--seed needs --chaos"]),
+    (["--data-paths", "0,5"], ["--data-paths needs a cluster FILE"]),
+    (["deploy/local.yaml", "--data-paths", "0,fast"], ["--data-paths", "give latencies in ms separated by commas"]),
+    (["deploy/local.yaml", "--data-paths", "5", "--emulate-link-ms", "5"], ["--data-paths sets the link latencies"]),
+    (["deploy/local.yaml", "--window", "4"], ["--window applies to --data-paths"]),
 ])
 def test_argument_mistakes_get_one_line(args, fragments):
     assert_one_line_error(run_speed("bench", *args, timeout=60), *fragments)

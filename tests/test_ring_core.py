@@ -25,7 +25,7 @@ def simulations(draw):
         thresholds=tuple(draw(st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=n_stages - 1,
                                        max_size=n_stages - 1))),
         prefill_chunk=draw(st.integers(1, 5)), seed=draw(st.integers(0, 2**32 - 1)),
-        sequences=draw(st.lists(st.tuples(st.integers(1, 9), st.integers(1, 12)), min_size=1, max_size=3)))
+        sequences=draw(st.lists(st.tuples(st.integers(1, 9), st.integers(1, 30)), min_size=1, max_size=6)))
 
 
 @settings(max_examples=300, deadline=None)

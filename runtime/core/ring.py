@@ -243,10 +243,12 @@ class RingNode:
 
     @staticmethod
     def _fork(head: _Head, position: int, token: int) -> None:
+        """A new generation from `position` on, with `token` there; committed tokens after it are final
+        and stay (a fork below them sends them again), guesses after it go."""
         head.gen += 1
         head.forks = [(gen, at) for gen, at in head.forks if at >= head.committed] + [(head.gen, position)]
-        del head.tokens[position:]
-        head.tokens.append(token)
+        del head.tokens[max(position + 1, head.committed):]
+        head.tokens[position] = token
         head.emitted = min(head.emitted, position)
 
     # --- runs ----------------------------------------------------------------------------------
