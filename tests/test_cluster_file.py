@@ -177,8 +177,9 @@ def test_an_unknown_node_key_is_named_with_a_suggestion(tmp_path):
 
 def test_an_unknown_key_without_a_close_match_gets_no_suggestion(tmp_path):
     path = cluster_with(tmp_path, lambda data: data.update(zzz=1))
-    with pytest.raises(SpeedError, match=re.escape(f"{path}: unknown key 'zzz'; expected one of bundle, cluster, "
-                                                   "coordinator, data_path, insecure, nodes, security, speculation")) as caught:
+    expected = (f"{path}: unknown key 'zzz'; expected one of bundle, cluster, coordinator, data_path, insecure, "
+                "nodes, security, speculation")
+    with pytest.raises(SpeedError, match=re.escape(expected)) as caught:
         load_cluster(str(path))
     assert "did you mean" not in str(caught.value)
 

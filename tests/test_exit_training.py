@@ -121,16 +121,18 @@ def test_a_layer_exit_runs_for_guesses_only_and_its_cache_rolls_back_with_the_st
     assert calls == []
 
 
-def test_training_another_kind_replaces_the_exits_and_leaves_no_stale_file(trained, tmp_path):
+def test_training_another_kind_replaces_the_exits_and_leaves_no_stale_file(imported, tmp_path):
+    """Layer exits (a graph per stage) replaced by maps (one file), and the other way round."""
     bundle_dir = tmp_path / "again"
-    shutil.copytree(trained, bundle_dir)
-    old = load_bundle(bundle_dir).exit_files()
-    kind = "affine" if load_bundle(bundle_dir).exits["kind"] != "affine" else "layer"
-    assert run_speed("train-exit", str(bundle_dir), "--kind", kind, *SMALL, "--seed", "1").returncode == 0
-    new = load_bundle(bundle_dir).exit_files()
-    assert load_bundle(bundle_dir).exits["kind"] == kind
-    assert not set(new) & set(old) and not any((bundle_dir / name).exists() for name in old)
-    assert sorted(p.name for p in bundle_dir.glob("exit_*")) == sorted(new)
+    shutil.copytree(imported, bundle_dir)
+    assert run_speed("train-exit", str(bundle_dir), "--kind", "layer", *SMALL).returncode == 0
+    for kind in ("affine", "layer"):
+        old = load_bundle(bundle_dir).exit_files()
+        assert run_speed("train-exit", str(bundle_dir), "--kind", kind, *SMALL, "--seed", "1").returncode == 0
+        new = load_bundle(bundle_dir).exit_files()
+        assert load_bundle(bundle_dir).exits["kind"] == kind
+        assert not set(new) & set(old) and not any((bundle_dir / name).exists() for name in old)
+        assert sorted(p.name for p in bundle_dir.glob("exit_*")) == sorted(new)
 
 
 def test_a_cluster_gives_the_same_text_with_and_without_the_exits(trained, tmp_path, state_dir):

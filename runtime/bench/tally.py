@@ -49,5 +49,6 @@ class ModeTally:
 
 def describe_speculation(figures: dict) -> str:
     flips = "  ".join(f"{p:.1%}" for p in figures["flips_per_boundary"])
-    return (f"flips per boundary {flips}; per token {figures['ticks_per_token']} ticks, "
-            f"{figures['wasted_passes_per_token']} wasted passes, {figures['held_guesses_per_token']} guesses held")
+    ticks = f"{figures['ticks_per_token']} ticks, " if figures["ticks_per_token"] else ""  # the ring has no ticks
+    return (f"flips per boundary {flips}; per token {ticks}{figures['wasted_passes_per_token']} wasted passes, "
+            f"{figures['held_guesses_per_token']} guesses held")
