@@ -28,7 +28,7 @@ from runtime.core.errors import SpeedError
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
-from runtime.wire.security import COORDINATOR, check_exposure, expect_name, node_common_name, node_identity
+from runtime.wire.security import COORDINATOR, check_exposure, expect_name, node_identity
 
 log = logging.getLogger("speed.node")
 
@@ -85,8 +85,7 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
     def open_peer_channel(name: str, address: str) -> grpc.Channel:
         if identity is None:
             return grpc.insecure_channel(address, options=options.CHANNEL)
-        return grpc.secure_channel(address, identity.channel(),
-                                   options=options.CHANNEL + expect_name(node_common_name(name)))
+        return grpc.secure_channel(address, identity.channel(), options=options.CHANNEL + expect_name(name))
 
     service = NodeService(host, info, metrics=metrics, emulated_link_ms=node.emulated_link_ms,
                           only_caller=COORDINATOR if identity else None, prefill_chunk=spec.speculation.prefill_chunk,

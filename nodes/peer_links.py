@@ -1,13 +1,15 @@
 """A node's outgoing links to the other nodes of the ring: one Forward stream per peer, opened on first
 use, each behind its own delay line (EMULATION of a slow link when the node has a latency set).
 
-A broken link logs once and is opened again by the next message; what was in flight on it is lost,
-which the coordinator notices as a sequence that stops committing and replays."""
+A broken link logs once and is opened again by the first message after RETRY_S; what was in flight on
+it, and what is sent meanwhile, is lost, which the coordinator notices as a sequence that stops
+committing and replays."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -17,12 +19,13 @@ from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.ring import forwarded
 
 log = logging.getLogger("speed.node")
+RETRY_S = 1.0  # a broken link is not dialled again sooner: a peer that is down would cost a dial per message
 
 
 class PeerLink:
     def __init__(self, peer: str, channel: grpc.Channel, *, delay_s: float, incarnation: int, epoch: int):
         self.peer = peer
-        self.broken = False
+        self.broken_at: float | None = None
         self._channel = channel
         self._line = DelayLine(delay_s)
         self._stamp = dict(incarnation=incarnation, epoch=epoch)
@@ -43,7 +46,7 @@ class PeerLink:
             log.warning("the link to node %s broke (%s); it is opened again for the next message", self.peer,
                         exc.code().name if hasattr(exc, "code") else exc)
         finally:
-            self.broken = True
+            self.broken_at = time.monotonic()
             self._channel.close()
 
 
@@ -59,7 +62,9 @@ class PeerLinks:
 
     def send(self, peer: str, message) -> None:
         link = self._links.get(peer)
-        if link is None or link.broken:
+        if link is not None and link.broken_at is not None and time.monotonic() - link.broken_at < RETRY_S:
+            return
+        if link is None or link.broken_at is not None:
             link = self._links[peer] = PeerLink(peer, self._open_channel(peer, self._addresses[peer]), delay_s=self._delay_s,
                                                 incarnation=self._incarnation, epoch=self._epoch)
         link.send(message)

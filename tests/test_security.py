@@ -212,3 +212,20 @@ def test_in_a_plain_cluster_too_only_the_coordinator_s_connection_may_step_a_nod
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
         received += [token for chunk in chunks for token in chunk.token_ids]
         assert received == stream.result().token_ids == reference(PROMPTS[3], max_new_tokens=48)
+
+
+def test_on_the_ring_nodes_forward_to_each_other_over_tls_and_refuse_other_callers(tmp_path, reference):
+    """Node to node, each end shows its certificate; the client's certificate may not forward states."""
+    with running_cluster(tmp_path, extra_top_keys=secured() + "data_path: ring\n", make_certs=True) as cluster:
+        certs = certs_of(cluster)
+        with Client(cluster.endpoint, ca=certs / "ca.pem", token=token_of(cluster)) as client:
+            for sampling in (GREEDY, SAMPLED):
+                assert generate_on(client, PROMPTS[1], sampling).token_ids == reference(PROMPTS[1], sampling)
+        credentials = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes(), (certs / "client.key").read_bytes(),
+                                                   (certs / "client.pem").read_bytes())
+        node = load_cluster(cluster.path).node("edge-2")
+        with grpc.secure_channel(node.address, credentials, options=[("grpc.ssl_target_name_override", "edge-2")]) as ch:
+            with pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.NodeStub(ch).Forward(iter([pb.Forwarded()]), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "takes forwarded states only from the nodes of its placement, not speed client" in refused.value.details()
