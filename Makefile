@@ -30,3 +30,4 @@ bench: setup
 	$(VENV)/bin/speed bench --local
 	$(VENV)/bin/speed bench deploy/local.yaml
 	$(VENV)/bin/speed bench deploy/local.yaml --emulate-link-ms 5
+	$(VENV)/bin/speed bench deploy/local.yaml --data-paths 0,5,20

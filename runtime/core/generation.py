@@ -90,8 +90,10 @@ class SpeculationStats:
 
     def describe(self) -> str:
         flips = " ".join(f"{rate:.1%}" for rate in self.flips_per_boundary)
-        return (f"{self.ticks} ticks, flips per boundary {flips}, {self.flushed_steps} flushed steps, "
-                f"{self.mean_in_flight:.2f} in flight, {self.held_guesses} guesses held back")
+        ticks = f"{self.ticks} ticks, " if self.ticks else ""  # the ring data path has no ticks
+        in_flight = f", {self.mean_in_flight:.2f} in flight" if self.ticks else ""
+        return (f"{ticks}flips per boundary {flips}, {self.flushed_steps} flushed steps{in_flight}, "
+                f"{self.held_guesses} guesses held back")
 
 
 @dataclass(frozen=True)
