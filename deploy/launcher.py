@@ -24,6 +24,7 @@ from runtime.core.bundle import load_bundle
 from runtime.core.cluster_file import ClusterSpec, listen_addresses, load_cluster, parse_address
 from runtime.core.errors import SpeedError
 from runtime.core.node_state import NodeState
+from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.security import operator_credentials
@@ -89,7 +90,7 @@ class LocalCluster:
                 self.command(name), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
-    def start(self, ready_timeout_s: float = READY_TIMEOUT_S) -> None:
+    def start(self, ready_timeout_s: float = READY_TIMEOUT_S, progress: Progress = NO_PROGRESS) -> None:
         """Start every process and wait until the coordinator reports SERVING (every node registered)."""
         bundle = load_bundle(self.spec.bundle)  # a bad bundle fails here, once, before any process starts
         self.spec.check_stages(bundle.config.n_stages)  # and so does a stage given to two nodes, or to none
@@ -100,23 +101,27 @@ class LocalCluster:
             self.start_process("coordinator")
             for node in self.spec.nodes:
                 self.start_process(node.name)
-            self.wait_ready(ready_timeout_s)
+            self.wait_ready(ready_timeout_s, progress)
         except BaseException:
             self.stop()
             raise
 
-    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S, progress: Progress = NO_PROGRESS) -> None:
         """Until every node of the file has registered and runs its own stages (not just until the cluster
         can serve, which one node of a weight-shared bundle already can)."""
         deadline = time.monotonic() + timeout_s
-        with self.channel() as channel:
+        counted = 0  # nodes reported as registered so far
+        with self.channel() as channel, progress.task("nodes registered", total=len(self.spec.nodes)):
             coordinator = pb_grpc.CoordinatorStub(channel)
             while True:
                 self.check_alive()
                 try:
                     status = coordinator.ClusterStatus(pb.ClusterStatusRequest(), timeout=1.0)
-                    if all(node.state == NodeState.SERVING and tuple(node.hosting) == tuple(node.stages)
-                           for node in status.nodes):
+                    ready = sum(node.state == NodeState.SERVING and tuple(node.hosting) == tuple(node.stages)
+                                for node in status.nodes)
+                    progress.advance(ready - counted)
+                    counted = ready
+                    if ready == len(status.nodes):
                         return
                 except grpc.RpcError:
                     pass  # not listening yet
@@ -198,12 +203,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def up(cluster_path: Path, *, detach: bool, emulated_link_ms: float | None = None, data_path: str | None = None) -> None:
+def up(cluster_path: Path, *, detach: bool, emulated_link_ms: float | None = None, data_path: str | None = None,
+       progress: Progress = NO_PROGRESS) -> None:
+    """progress: the wait for the nodes to register."""
     cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms, data_path=data_path)
     record = state_dir(cluster.spec) / PROCESSES_FILE
     if record.exists() and any(_alive(pid) for pid in json.loads(record.read_text()).values()):
         raise SpeedError(f"cluster {cluster.spec.name} is already up; stop it with `speed down {cluster_path}`")
-    cluster.start()
+    cluster.start(progress=progress)
     record.write_text(json.dumps({name: p.pid for name, p in cluster.processes.items()}))  # for `speed down`
     print(f"cluster {cluster.spec.name} is serving: coordinator at {cluster.endpoint} "
           f"({len(cluster.spec.nodes)} nodes); logs in {cluster.logs}")

@@ -109,7 +109,7 @@ def test_a_download_with_the_wrong_hash_is_discarded(monkeypatch, tmp_path):
 
 @needs_model
 def test_an_interrupted_extraction_leaves_nothing(monkeypatch, tmp_path):
-    def interrupted(src, out):
+    def interrupted(src, out, progress):
         out.write(src.read(1 << 20))
         raise KeyboardInterrupt
 

@@ -12,6 +12,7 @@ import numpy as np
 from nodes.kv_cache import KVCache
 from nodes.stage_model import StageModel
 from runtime.core.bundle import Bundle
+from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
 from runtime.models.corpus import held_out_windows, load_shakespeare
@@ -32,7 +33,7 @@ CHAT_PROMPTS = (
 
 def held_out_prompts(bundle: Bundle) -> list[str]:
     """Chat questions for a chat model; otherwise line openings from the works the demo model never saw."""
-    if bundle.chat_template:
+    if bundle.answers_questions:
         return [bundle.prompt_text(question, chat=True) for question in CHAT_PROMPTS[:PROMPTS]]
     lines = [line.strip() for work in load_shakespeare().held_out for line in work.splitlines()]
     lines = [line for line in lines if len(line) > 40]
@@ -56,17 +57,20 @@ def held_out_loss(model: StageModel, windows: list[list[int]]) -> float:
     return total / count
 
 
-def bench_agreement(bundle: Bundle, source: Bundle, *, new_tokens: int = 64, threads: int = 1) -> dict:
+def bench_agreement(bundle: Bundle, source: Bundle, *, new_tokens: int = 64, threads: int = 1,
+                    progress: Progress = NO_PROGRESS) -> dict:
     tokenizer = source.tokenizer()
     prompts = [tokenizer.encode(text).ids for text in held_out_prompts(source)]
     models = {"bundle": open_stage_model(bundle, threads=threads), "source": open_stage_model(source, threads=threads)}
     agreeing, identical = [], 0
-    for prompt in prompts:
-        ours, theirs = (generate_plain(model, prompt, max_new_tokens=new_tokens, eos_id=-1).token_ids
-                        for model in models.values())
-        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), new_tokens)
-        agreeing.append(same)
-        identical += same == new_tokens
+    with progress.task("prompts compared", total=len(prompts)):
+        for prompt in prompts:
+            ours, theirs = (generate_plain(model, prompt, max_new_tokens=new_tokens, eos_id=-1).token_ids
+                            for model in models.values())
+            same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), new_tokens)
+            agreeing.append(same)
+            identical += same == new_tokens
+            progress.advance()
     windows = held_out_windows(tokenizer, LOSS_WINDOWS, LOSS_WINDOW_TOKENS)
     loss = {name: round(held_out_loss(model, windows), 4) for name, model in models.items()}
     return {

@@ -18,11 +18,12 @@ from runtime.bench.tally import ModeTally, describe_speculation
 from runtime.client import Client
 from runtime.core.bundle import load_bundle
 from runtime.core.generation import guess_thresholds
+from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
 
-# user messages for models with a chat template
+# user messages for instruction-tuned chat models (Bundle.answers_questions)
 CHAT_PROMPTS = (
     "What is the capital of France?",
     "Write a short poem about the sea.",
@@ -33,14 +34,14 @@ CHAT_PROMPTS = (
 
 def bench_cluster(cluster_path: Path, *, new_tokens: int = 128, repeats: int = 3,
                   emulated_link_ms: float | None = None, sampling: SamplingParams = GREEDY,
-                  guess_threshold: float | None = None) -> dict:
+                  guess_threshold: float | None = None, progress: Progress = NO_PROGRESS) -> dict:
     """guess_threshold: the gate of the gated mode; None: the cluster file's, else the bundle's (no gated
     mode when neither has one)."""
     cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms)
     bundle = load_bundle(cluster.spec.bundle)
     model = open_stage_model(bundle, threads=1)
     tokenizer = bundle.tokenizer()
-    chat = bool(bundle.chat_template)
+    chat = bundle.answers_questions
     prompts = CHAT_PROMPTS if chat else LOCAL_PROMPTS
     modes = {"sequential": {"speculative": False}, "speculative": {"speculative": True, "guess_threshold": 0.0}}
     if bundle.exits:
@@ -50,17 +51,20 @@ def bench_cluster(cluster_path: Path, *, new_tokens: int = 128, repeats: int = 3
     if thresholds:
         modes["gated"] = {"speculative": True, "guess_threshold": guess_threshold}
     tallies = {mode: ModeTally() for mode in ("reference", *modes)}
-    with cluster, Client(cluster.endpoint, credentials=cluster.credentials()) as client:
+    with (cluster, Client(cluster.endpoint, credentials=cluster.credentials()) as client,
+          progress.task("runs", total=repeats * len(prompts) * len(tallies))):
         client.generate(prompts[0], max_new_tokens=8, chat=chat).result()  # warm-up
         for _ in range(repeats):
             for prompt in prompts:
                 ids = tokenizer.encode(bundle.prompt_text(prompt, chat=chat)).ids
                 tallies["reference"].add(generate_plain(model, ids, max_new_tokens=new_tokens, eos_id=-1,
                                                         sampling=sampling).tokens_per_s)
+                progress.advance()
                 for mode, options in modes.items():
                     result = client.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True, chat=chat,
                                              temperature=sampling.temperature, seed=sampling.seed, **options).result()
                     tallies[mode].add(result.tokens_per_s, result.stats if options["speculative"] else None)
+                    progress.advance()
     median = {mode: tally.median for mode, tally in tallies.items()}
     report = {
         "cluster": cluster.spec.name,

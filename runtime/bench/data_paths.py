@@ -18,49 +18,55 @@ from runtime.bench.tally import ModeTally, describe_speculation
 from runtime.client import Client
 from runtime.core.bundle import load_bundle
 from runtime.core.cluster_file import DATA_PATHS, load_cluster
+from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
 
 
 def bench_data_paths(cluster_path: Path, *, link_ms: tuple[float, ...] = (0.0, 5.0, 20.0), new_tokens: int = 64,
-                     repeats: int = 1, sampling: SamplingParams = GREEDY, window: int | None = None) -> dict:
+                     repeats: int = 1, sampling: SamplingParams = GREEDY, window: int | None = None,
+                     progress: Progress = NO_PROGRESS) -> dict:
     """window: positions stage 0 runs ahead on the ring (default: the cluster file's)."""
     spec = load_cluster(cluster_path)
     bundle = load_bundle(spec.bundle)
     model = open_stage_model(bundle, threads=1)
     tokenizer = bundle.tokenizer()
-    chat = bool(bundle.chat_template)
+    chat = bundle.answers_questions
     prompts = CHAT_PROMPTS if chat else LOCAL_PROMPTS
     options = dict(max_new_tokens=new_tokens, ignore_eos=True, chat=chat, temperature=sampling.temperature,
                    seed=sampling.seed, guess_threshold=0.0)
     rows = []
-    for ms in link_ms:
-        reference = ModeTally()
-        row = {"emulated_link_ms": ms}
-        for path in DATA_PATHS:
-            tallies = {"sequential": ModeTally(), "speculative": ModeTally()}
-            cluster = LocalCluster(cluster_path, emulated_link_ms=ms, data_path=path)
-            with cluster, Client(cluster.endpoint, credentials=cluster.credentials()) as client:
-                client.generate(prompts[0], max_new_tokens=8, chat=chat).result()  # warm-up
-                for _ in range(repeats):
-                    for prompt in prompts:
-                        ids = tokenizer.encode(bundle.prompt_text(prompt, chat=chat)).ids
-                        reference.add(generate_plain(model, ids, max_new_tokens=new_tokens, eos_id=-1,
-                                                     sampling=sampling).tokens_per_s)
-                        for mode, tally in tallies.items():
-                            speculative = mode == "speculative"
-                            result = client.generate(prompt, speculative=speculative, window=window, **options).result()
-                            tally.add(result.tokens_per_s, result.stats if speculative else None)
-            row[path] = {"sequential_tokens_per_s": round(tallies["sequential"].median, 1),
-                         "speculative_tokens_per_s": round(tallies["speculative"].median, 1),
-                         **tallies["speculative"].speculation()}
-        row["single_process_tokens_per_s"] = round(reference.median, 1)
-        row["ring_over_lockstep_speculative"] = round(
-            row["ring"]["speculative_tokens_per_s"] / row["lockstep"]["speculative_tokens_per_s"], 2)
-        row["ring_speculative_over_single_process"] = round(
-            row["ring"]["speculative_tokens_per_s"] / row["single_process_tokens_per_s"], 2)
-        rows.append(row)
+    runs = len(link_ms) * len(DATA_PATHS) * repeats * len(prompts) * 3  # single process, sequential, speculative
+    with progress.task("runs", total=runs):
+        for ms in link_ms:
+            reference = ModeTally()
+            row = {"emulated_link_ms": ms}
+            for path in DATA_PATHS:
+                tallies = {"sequential": ModeTally(), "speculative": ModeTally()}
+                cluster = LocalCluster(cluster_path, emulated_link_ms=ms, data_path=path)
+                with cluster, Client(cluster.endpoint, credentials=cluster.credentials()) as client:
+                    client.generate(prompts[0], max_new_tokens=8, chat=chat).result()  # warm-up
+                    for _ in range(repeats):
+                        for prompt in prompts:
+                            ids = tokenizer.encode(bundle.prompt_text(prompt, chat=chat)).ids
+                            reference.add(generate_plain(model, ids, max_new_tokens=new_tokens, eos_id=-1,
+                                                         sampling=sampling).tokens_per_s)
+                            progress.advance()
+                            for mode, tally in tallies.items():
+                                speculative = mode == "speculative"
+                                result = client.generate(prompt, speculative=speculative, window=window, **options).result()
+                                tally.add(result.tokens_per_s, result.stats if speculative else None)
+                                progress.advance()
+                row[path] = {"sequential_tokens_per_s": round(tallies["sequential"].median, 1),
+                             "speculative_tokens_per_s": round(tallies["speculative"].median, 1),
+                             **tallies["speculative"].speculation()}
+            row["single_process_tokens_per_s"] = round(reference.median, 1)
+            row["ring_over_lockstep_speculative"] = round(
+                row["ring"]["speculative_tokens_per_s"] / row["lockstep"]["speculative_tokens_per_s"], 2)
+            row["ring_speculative_over_single_process"] = round(
+                row["ring"]["speculative_tokens_per_s"] / row["single_process_tokens_per_s"], 2)
+            rows.append(row)
     return {"cluster": spec.name, "bundle": bundle.manifest["name"], "nodes": len(spec.nodes),
             "window": spec.speculation.window if window is None else window, "temperature": sampling.temperature,
             "new_tokens": new_tokens, "runs": repeats * len(prompts), "rows": rows}

@@ -17,6 +17,7 @@ from nodes.kv_cache import KVCache
 from nodes.stage_model import StageModel
 from runtime.bench.tally import ModeTally, describe_speculation
 from runtime.core.bundle import Bundle
+from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
@@ -41,7 +42,7 @@ def plain_rate(model: StageModel, prompt: list[int], new_tokens: int, sampling: 
 
 
 def alternate(cases: dict[str, tuple[StageModel, list[int]]], new_tokens: int, repeats: int,
-              sampling: SamplingParams = GREEDY) -> dict[str, float]:
+              sampling: SamplingParams = GREEDY, progress: Progress = NO_PROGRESS) -> dict[str, float]:
     """Median tokens/s of each case, its runs interleaved with the others'."""
     runs: dict[str, list[float]] = {name: [] for name in cases}
     for model, prompt in cases.values():  # warm-up: first-call allocations and thread start-up
@@ -49,23 +50,26 @@ def alternate(cases: dict[str, tuple[StageModel, list[int]]], new_tokens: int, r
     for _ in range(repeats):
         for name, (model, prompt) in cases.items():
             runs[name].append(plain_rate(model, prompt, new_tokens, sampling))
+            progress.advance()
     return {name: statistics.median(r) for name, r in runs.items()}
 
 
 def bench_reference(bundle: Bundle, *, new_tokens: int = 64, repeats: int = 3, threads: int = 1,
-                    sampling: SamplingParams = GREEDY) -> dict:
+                    sampling: SamplingParams = GREEDY, progress: Progress = NO_PROGRESS) -> dict:
     """A quantized bundle has no torch twin: its torch figures are None."""
     onnx_model = open_stage_model(bundle, backend="onnx", threads=threads)
     short, long = prompt_of(bundle, 32), prompt_of(bundle, 512)
     cases = {"onnx": (onnx_model, short)}
     if not bundle.quantized:
         cases["torch"] = (open_stage_model(bundle, backend="torch", threads=threads), short)
-    rates = alternate(cases, new_tokens, repeats, sampling)
-    rates |= alternate({"context_32": (onnx_model, short), "context_512": (onnx_model, long)}, new_tokens, repeats,
-                       sampling)
-    by_threads = {count: onnx_model if count == threads else open_stage_model(bundle, threads=count) for count in (1, 2)}
-    rates |= alternate({f"threads_{count}": (model, short) for count, model in by_threads.items()}, new_tokens, repeats,
-                       sampling)
+    with progress.task("runs", total=repeats * (len(cases) + 2 + 2)):  # backends, then 2 contexts, then 2 thread counts
+        rates = alternate(cases, new_tokens, repeats, sampling, progress)
+        rates |= alternate({"context_32": (onnx_model, short), "context_512": (onnx_model, long)}, new_tokens, repeats,
+                           sampling, progress)
+        by_threads = {count: onnx_model if count == threads else open_stage_model(bundle, threads=count)
+                      for count in (1, 2)}
+        rates |= alternate({f"threads_{count}": (model, short) for count, model in by_threads.items()}, new_tokens,
+                           repeats, sampling, progress)
     return {
         "bundle": bundle.manifest["name"],
         "bundle_bytes": sum(meta["bytes"] for meta in bundle.manifest["files"].values()),
@@ -102,7 +106,8 @@ def pass_cost_us(model: StageModel, rows: int, capacity: int, repeats: int = 200
 
 
 def bench_local(bundle: Bundle, *, new_tokens: int = 128, repeats: int = 3, threads: int = 1,
-                sampling: SamplingParams = GREEDY, guess_thresholds: tuple[float, ...] = ()) -> dict:
+                sampling: SamplingParams = GREEDY, guess_thresholds: tuple[float, ...] = (),
+                progress: Progress = NO_PROGRESS) -> dict:
     """Sequential against speculative decoding of the same prompts, one sequence at a time; with
     guess_thresholds, also speculative decoding behind that confidence gate."""
     model = open_stage_model(bundle, backend="onnx", threads=threads)
@@ -112,14 +117,17 @@ def bench_local(bundle: Bundle, *, new_tokens: int = 128, repeats: int = 3, thre
     gates = {"speculative": (), **({"gated": tuple(guess_thresholds)} if guess_thresholds else {})}
     tallies = {mode: ModeTally() for mode in ("sequential", *gates)}
     generate_speculative(model, [prompts[0]], max_new_tokens=4, eos_id=-1)  # warm-up
-    for _ in range(repeats):
-        for prompt in prompts:
-            tallies["sequential"].add(generate_plain(model, prompt, max_new_tokens=new_tokens, eos_id=-1,
-                                                     sampling=sampling).tokens_per_s)
-            for mode, thresholds in gates.items():
-                (spec,) = generate_speculative(model, [prompt], max_new_tokens=new_tokens, eos_id=-1,
-                                               sampling=sampling, guess_thresholds=thresholds)
-                tallies[mode].add(spec.tokens_per_s, spec.stats)
+    with progress.task("runs", total=repeats * len(prompts) * len(tallies)):
+        for _ in range(repeats):
+            for prompt in prompts:
+                tallies["sequential"].add(generate_plain(model, prompt, max_new_tokens=new_tokens, eos_id=-1,
+                                                         sampling=sampling).tokens_per_s)
+                progress.advance()
+                for mode, thresholds in gates.items():
+                    (spec,) = generate_speculative(model, [prompt], max_new_tokens=new_tokens, eos_id=-1,
+                                                   sampling=sampling, guess_thresholds=thresholds)
+                    tallies[mode].add(spec.tokens_per_s, spec.stats)
+                    progress.advance()
     speculation = tallies["speculative"].speculation()
     predicted_steps = 1 + sum((s + 1) * p for s, p in enumerate(speculation["flips_per_boundary"]))
     capacity = max(len(p) for p in prompts) + new_tokens

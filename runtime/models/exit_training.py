@@ -23,7 +23,6 @@ import copy
 import hashlib
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from runtime.core.bundle import Bundle, load_bundle, update_bundle
 from runtime.core.config import EXIT_KINDS
 from runtime.core.errors import SpeedError
+from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.models.corpus import load_python_sources, load_shakespeare
 from runtime.models.decoder import SpeedDecoder, apply_rotary, rotary_tables
 from runtime.models.guess_gate import Calibration, calibrate
@@ -147,23 +147,26 @@ def flip_rates(model: SpeedDecoder, held_out: list[torch.Tensor], exits: list[to
 
 
 def distill(model: SpeedDecoder, exit_module: torch.nn.Module, hidden: torch.Tensor, final: torch.Tensor,
-            cfg: ExitTraining, rng: np.random.Generator, progress: Callable[[str], None], stage: int) -> None:
+            cfg: ExitTraining, rng: np.random.Generator, progress: Progress, stage: int) -> None:
     """Train one exit: KL(final distribution || the exit's) over random windows of the training text."""
     optimizer = torch.optim.Adam(exit_module.parameters(), lr=cfg.lr)
-    for step in range(cfg.steps):
-        idx = torch.from_numpy(rng.integers(0, len(hidden), size=cfg.windows_per_step))
-        with torch.no_grad():
-            teacher = F.log_softmax(model.classify(final[idx]), -1)
-        student = F.log_softmax(model.classify(exit_module(hidden[idx])), -1)
-        loss = F.kl_div(student, teacher, log_target=True, reduction="sum") / teacher[..., 0].numel()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if (step + 1) % max(1, cfg.steps // 5) == 0:
-            progress(f"stage {stage} step {step + 1}/{cfg.steps}  KL {loss.item():.3f}")
+    with progress.task(f"stage {stage} exit: steps", total=cfg.steps):
+        for step in range(cfg.steps):
+            idx = torch.from_numpy(rng.integers(0, len(hidden), size=cfg.windows_per_step))
+            with torch.no_grad():
+                teacher = F.log_softmax(model.classify(final[idx]), -1)
+            student = F.log_softmax(model.classify(exit_module(hidden[idx])), -1)
+            loss = F.kl_div(student, teacher, log_target=True, reduction="sum") / teacher[..., 0].numel()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            kl = f"KL {loss.item():.3f}"
+            progress.advance(status=kl)
+            if (step + 1) % max(1, cfg.steps // 5) == 0:  # for logs, which get no bar
+                progress.note(f"stage {stage} step {step + 1}/{cfg.steps}  {kl}")
 
 
-def train_exits(bundle_path: Path, cfg: ExitTraining, *, progress: Callable[[str], None] = print) -> dict:
+def train_exits(bundle_path: Path, cfg: ExitTraining, *, progress: Progress = NO_PROGRESS) -> dict:
     bundle = load_bundle(bundle_path)
     G = bundle.config.n_stages
     if G < 2:
@@ -175,8 +178,8 @@ def train_exits(bundle_path: Path, cfg: ExitTraining, *, progress: Callable[[str
     shakespeare, python = load_shakespeare(), load_python_sources()
     half, held_half = cfg.train_windows // 2, cfg.held_out_windows // 2
     started = time.perf_counter()
-    progress(f"running the frozen model over {cfg.train_windows + cfg.held_out_windows} windows of {cfg.window} "
-             "tokens ...")
+    progress.note(f"running the frozen model over {cfg.train_windows + cfg.held_out_windows} windows of {cfg.window} "
+                  "tokens ...")
     train = stage_features(model, torch.cat([
         windows_of(bundle, shakespeare.train, half, cfg.window, rng),
         windows_of(bundle, python.train, cfg.train_windows - half, cfg.window, rng)]))
@@ -184,13 +187,13 @@ def train_exits(bundle_path: Path, cfg: ExitTraining, *, progress: Callable[[str
         windows_of(bundle, shakespeare.held_out, held_half, cfg.window, rng),
         windows_of(bundle, python.held_out, cfg.held_out_windows - held_half, cfg.window, rng)]))
     before = flip_rates(model, held_out, None)
-    progress(f"held-out flip rate per boundary before: {'  '.join(f'{x:.1%}' for x in before)}")
+    progress.note(f"held-out flip rate per boundary before: {'  '.join(f'{x:.1%}' for x in before)}")
     exits = []
     for stage in range(G - 1):
         exits.append(make_exit(cfg.kind, model, cfg.rank))
         distill(model, exits[-1], train[stage], train[-1], cfg, rng, progress, stage)
     after = flip_rates(model, held_out, exits)
-    progress(f"held-out flip rate per boundary after:  {'  '.join(f'{x:.1%}' for x in after)}")
+    progress.note(f"held-out flip rate per boundary after:  {'  '.join(f'{x:.1%}' for x in after)}")
     report = {"kind": cfg.kind, "steps": cfg.steps, "train_tokens": train[0].shape[0] * train[0].shape[1],
               "held_out_tokens": held_out[0].shape[0] * held_out[0].shape[1],
               "flip_rate_per_boundary_before": before, "flip_rate_per_boundary_after": after,

@@ -32,8 +32,10 @@ from torch import nn
 
 from runtime.core.bundle import EMBEDDING_FILE, HEAD_FILE, STAGE_FILE, TOKENIZER_FILE, TRAINING_REPORT_FILE, write_manifest
 from runtime.core.config import ModelConfig
+from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.core.staging import check_directory_free, staged_directory
 from runtime.models.checkpoint import load_checkpoint
+from runtime.models.corpus import PLAY_CHAT_TEMPLATE
 from runtime.models.decoder import SpeedDecoder
 from runtime.models.tokenizer import eos_id
 
@@ -97,11 +99,12 @@ def stage_graph_files(cfg: ModelConfig) -> list[str]:
     return [f"stage_{s}.onnx" for s in range(cfg.n_stages)]
 
 
-def export_stages(model: SpeedDecoder, out_dir: Path) -> list[str]:
+def export_stages(model: SpeedDecoder, out_dir: Path, progress: Progress = NO_PROGRESS) -> list[str]:
     files = stage_graph_files(model.cfg)
     for stage, file in enumerate(files):
         if not (out_dir / file).exists():
             export_stage(model, stage, out_dir / file)
+            progress.advance()
     return files
 
 
@@ -154,10 +157,12 @@ def share_embedding_weight(head_path: Path, embedding: np.ndarray, out_dir: Path
     onnx.save(head, str(head_path))
 
 
-def write_model(model: SpeedDecoder, out_dir: Path) -> list[str]:
+def write_model(model: SpeedDecoder, out_dir: Path, progress: Progress = NO_PROGRESS) -> list[str]:
     """Stage graphs, head graph and embedding of a torch model; returns each stage's graph file."""
-    stage_files = export_stages(model, out_dir)
-    export_head(model, out_dir / HEAD_FILE)
+    with progress.task("graphs exported", total=len(set(stage_graph_files(model.cfg))) + 1):  # the head's too
+        stage_files = export_stages(model, out_dir, progress)
+        export_head(model, out_dir / HEAD_FILE)
+        progress.advance()
     share_embedding_weight(out_dir / HEAD_FILE, model.embedding.weight.detach().numpy(), out_dir)
     return stage_files
 
@@ -186,5 +191,6 @@ def export_bundle(checkpoint: Path, out_dir: Path, *, name: str | None = None, f
             stage_graphs=stage_files,
             eos_token_id=eos_id(tokenizer),
             trained_steps=state["step"],
+            chat_template=PLAY_CHAT_TEMPLATE,
         )
     return out_dir

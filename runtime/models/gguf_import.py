@@ -21,6 +21,7 @@ import torch
 from runtime.core.bundle import TOKENIZER_FILE, sha256_of, write_manifest
 from runtime.core.config import ModelConfig
 from runtime.core.errors import SpeedError
+from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.core.staging import check_directory_free, staged_directory
 from runtime.models.decoder import SpeedDecoder
 from runtime.models.export import write_model
@@ -153,23 +154,28 @@ def unpermute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def import_gguf(path: Path, out_dir: Path, *, stages: int, weights: str = DEFAULT_WEIGHTS, name: str | None = None,
-                force: bool = False, progress=print) -> Path:
+                force: bool = False, progress: Progress = NO_PROGRESS) -> Path:
     """The GGUF file at `path` as a bundle: float32, or 4-bit layers keeping the file's own blocks."""
     if weights not in IMPORT_WEIGHTS:
         raise SpeedError(f"--weights must be one of {', '.join(IMPORT_WEIGHTS)}, got {weights!r}")
     check_directory_free(out_dir, force=force)
     model_file = GGUFModel(Path(path))
     cfg = model_file.config(stages)
-    tensors = list(model_file.weights(cfg))  # every tensor read: a bad one fails before any output
+    count = sum(cfg.n_distinct_layers if "{i}" in pattern else 1 for pattern in TENSOR_NAMES)
+    tensors = []  # every tensor read first: a bad one fails before any output
+    with progress.task("tensors read", total=count):
+        for weight in model_file.weights(cfg):
+            tensors.append(weight)
+            progress.advance()
     model = SpeedDecoder(cfg)
     model.load_state_dict({w.parameter: torch.from_numpy(np.array(w.values)) for w in tensors})  # writable copies
     model.eval()
     split = " + ".join(str(len(cfg.stage_layers(s))) for s in range(stages))
-    progress(f"{model_file.value('general.name', path.stem)}: {cfg.n_distinct_layers} layers as {stages} stage(s) of "
-             f"{split} layers, d={cfg.d_model}, vocabulary {cfg.vocab_size}")
+    progress.note(f"{model_file.value('general.name', path.stem)}: {cfg.n_distinct_layers} layers as {stages} stage(s) "
+                  f"of {split} layers, d={cfg.d_model}, vocabulary {cfg.vocab_size}")
     with staged_directory(out_dir, force=force) as staging:
-        progress("exporting the stage graphs to ONNX ...")
-        stage_files = write_model(model, staging)
+        progress.note("exporting the stage graphs to ONNX ...")
+        stage_files = write_model(model, staging, progress)
         kept = {} if weights == "f32" else _keep_4bit_blocks(tensors, staging, sorted(set(stage_files)), progress)
         model_file.tokenizer().save(str(staging / TOKENIZER_FILE))
         write_manifest(
@@ -183,7 +189,7 @@ def import_gguf(path: Path, out_dir: Path, *, stages: int, weights: str = DEFAUL
     return out_dir
 
 
-def _keep_4bit_blocks(tensors: list[Weight], out_dir: Path, stage_graphs: list[str], progress) -> dict:
+def _keep_4bit_blocks(tensors: list[Weight], out_dir: Path, stage_graphs: list[str], progress: Progress) -> dict:
     """Rewrite the stage graphs with the file's own 4-bit blocks, every other layer matrix quantized to int4
     from its values; the embedding and tied head stay float32 (int4 heads garbled SmolLM2's answers).
     Returns the manifest entries that record it."""
@@ -192,16 +198,18 @@ def _keep_4bit_blocks(tensors: list[Weight], out_dir: Path, stage_graphs: list[s
     known = {digest: blocks for digest, w in zip(digests, layer_matrices)
              if (blocks := nbits_weight(w.kind, w.stored)) is not None}
     used: set[bytes] = set()
-    for graph in stage_graphs:
-        progress(f"writing {graph} with the file's 4-bit blocks ...")
-        used |= quantize_graph(out_dir / graph, out_dir / graph, Quantization("int4"), known)
+    with progress.task("stage graphs given 4-bit blocks", total=len(stage_graphs)):
+        for graph in stage_graphs:
+            progress.note(f"writing {graph} with the file's 4-bit blocks ...")
+            used |= quantize_graph(out_dir / graph, out_dir / graph, Quantization("int4"), known)
+            progress.advance()
     kept = [w for digest, w in zip(digests, layer_matrices) if digest in used]
     again = sorted(w.gguf_name for digest, w in zip(digests, layer_matrices) if digest not in used)
     float32 = sorted(w.gguf_name for w in tensors if w.values.ndim == 2 and not w.parameter.startswith("layers."))
     kinds = ", ".join(sorted({w.kind for w in kept})) or "none"
-    progress(f"kept the file's own blocks of {len(kept)} of {len(layer_matrices)} layer matrices ({kinds})"
-             + (f"; quantized to int4 from their values: {', '.join(again)}" if again else "")
-             + f"; float32: {', '.join(float32)}")
+    progress.note(f"kept the file's own blocks of {len(kept)} of {len(layer_matrices)} layer matrices ({kinds})"
+                  + (f"; quantized to int4 from their values: {', '.join(again)}" if again else "")
+                  + f"; float32: {', '.join(float32)}")
     return {"dtype": "int4 layer weights (MatMulNBits) from the GGUF file's own blocks; float32 embedding, head, "
                      "activations and caches",
             "quantization": {"weights": "int4", "block_size": BLOCK, "accuracy_level": ACCURACY_LEVEL,

@@ -31,6 +31,7 @@ from nodes.kv_cache import KVCache
 from nodes.onnx_stage_model import OnnxStageModel
 from runtime.core.bundle import Bundle, load_bundle, update_bundle
 from runtime.core.errors import SpeedError
+from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.models.corpus import held_out_windows
 from runtime.models.decoder import SpeedDecoder
 from runtime.models.torch_backend import model_from_bundle
@@ -151,7 +152,7 @@ def worth_guessing(stage: dict, stage_index: int, n_stages: int, stage_ms: float
     return saved > head_ms
 
 
-def calibrate(bundle_path: Path, cfg: Calibration, *, progress: Callable[[str], None] = print) -> dict:
+def calibrate(bundle_path: Path, cfg: Calibration, *, progress: Progress = NO_PROGRESS) -> dict:
     bundle = load_bundle(bundle_path)
     G = bundle.config.n_stages
     if G < 2:
@@ -160,15 +161,15 @@ def calibrate(bundle_path: Path, cfg: Calibration, *, progress: Callable[[str], 
     windows = torch.tensor(held_out_windows(bundle.tokenizer(), cfg.windows, cfg.window))
     outcomes = guess_outcomes(model, bundle, windows)
     stage_ms, head_ms = pass_costs_ms(bundle, cfg.window)
-    progress(f"one row on one thread: early stage passes {', '.join(f'{ms:.2f}' for ms in stage_ms)} ms, "
-             f"a classifier call {head_ms:.2f} ms")
+    progress.note(f"one row on one thread: early stage passes {', '.join(f'{ms:.2f}' for ms in stage_ms)} ms, "
+                  f"a classifier call {head_ms:.2f} ms")
     stages = []
     for stage, (confidence, agreed) in enumerate(outcomes):
         report = gate_report(confidence, agreed, choose_threshold(confidence, agreed, cfg.min_precision))
         if report["threshold"] < 1 and not worth_guessing(report, stage, G, stage_ms[stage], head_ms):
             report = gate_report(confidence, agreed, 1.0) | {"not_worth_a_classifier_call": True}
         stages.append(report)
-        progress(f"stage {stage}: " + describe_stage(stages[-1]))
+        progress.note(f"stage {stage}: " + describe_stage(stages[-1]))
     report = {"positions": int(len(outcomes[0][0])), "min_precision": cfg.min_precision,
               "exits": bundle.exits.get("kind"), "stage_pass_ms": [round(ms, 3) for ms in stage_ms],
               "classifier_ms": round(head_ms, 3), "stages": stages}

@@ -18,7 +18,6 @@ import hashlib
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from runtime.core.bundle import EMBEDDING_Q8_FILE, EMBEDDING_SCALES_FILE, Bundle, load_bundle, write_manifest
 from runtime.core.errors import SpeedError
+from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.core.staging import check_directory_free, staged_directory
 from runtime.models.gguf_blocks import BLOCK, NBitsWeight
 
@@ -55,20 +55,22 @@ class Quantization:
 
 
 def quantize_bundle(source: Path, out_dir: Path, settings: Quantization, *, force: bool = False,
-                    progress: Callable[[str], None] = lambda line: None) -> Path:
+                    progress: Progress = NO_PROGRESS) -> Path:
     """Write the quantized copy of the bundle at `source` to `out_dir`, completely or not at all."""
     check_directory_free(out_dir, force=force)
     bundle = load_bundle(source)
     if settings.weights == "int8":
-        progress(INT8_ON_CPU)
+        progress.note(INT8_ON_CPU)
     if "quantization" in bundle.manifest:
         raise SpeedError(f"bundle {source} is quantized already; quantize its float32 source instead")
     with staged_directory(out_dir, force=force) as staging:
         graphs = sorted({path.name for path in bundle.stage_graphs}) + [bundle.head_graph.name]
-        for name in graphs:
-            progress(f"quantizing {name} to {settings.weights} ...")
-            quantize_graph(bundle.path / name, staging / name, settings)
-        progress("storing the embedding table as int8 rows ...")
+        with progress.task("graphs quantized", total=len(graphs)):
+            for name in graphs:
+                progress.note(f"quantizing {name} to {settings.weights} ...")
+                quantize_graph(bundle.path / name, staging / name, settings)
+                progress.advance()
+        progress.note("storing the embedding table as int8 rows ...")
         _write_int8_rows(bundle.embedding(), staging)
         carried = _carry_other_files(bundle, staging, skip={*graphs, bundle.manifest["embedding"]["file"]})
         extra = {key: value for key, value in bundle.manifest.items() if key not in _DERIVED_KEYS}

