@@ -41,11 +41,14 @@ def test_clients_reports_rates_latency_errors_and_memory_of_every_process_as_jso
     assert report["temperature"] == 0.8
     assert set(report) == {"cluster", "bundle", "nodes", "temperature", "clients", "requests_per_client", "new_tokens",
                            "one_client_tokens_per_s", "clients_tokens_per_s", "scaling", "latency_p50_s",
-                           "latency_p99_s", "requests", "errors", "first_error", "rss_mb"}
+                           "latency_p90_s", "latency_p99_s", "first_token_p50_s", "first_token_p90_s",
+                           "first_token_p99_s", "requests", "errors", "first_error", "rss_mb"}
     assert (report["clients"], report["requests_per_client"], report["new_tokens"]) == (3, 1, 8)
     assert report["errors"] == 0 and report["first_error"] is None and report["requests"] == 1 + 3
     assert report["one_client_tokens_per_s"] > 0 and report["clients_tokens_per_s"] > 0 and report["scaling"] > 0
-    assert 0 < report["latency_p50_s"] <= report["latency_p99_s"]
+    assert 0 < report["latency_p50_s"] <= report["latency_p90_s"] <= report["latency_p99_s"]
+    assert 0 < report["first_token_p50_s"] <= report["first_token_p90_s"] <= report["first_token_p99_s"]
+    assert report["first_token_p50_s"] <= report["latency_p50_s"]
     assert set(report["rss_mb"]) == {"coordinator", "edge-1", "edge-2", "edge-3"}
     for rss in report["rss_mb"].values():
         assert 0 < rss["before"] <= rss["peak"] and 0 < rss["after"] <= rss["peak"]
@@ -85,21 +88,25 @@ def test_vm_rss_is_read_in_mb_and_zero_for_a_gone_process():
 
 def test_load_report_counts_errors_of_both_phases_and_formats_them():
     one = (Tally(latencies_s=[1.0], tokens=48), 1.0)
-    many = (Tally(latencies_s=[1.0, 2.0, 4.0], tokens=144, errors=["Unavailable: node down"]), 2.0)
+    many = (Tally(latencies_s=[1.0, 2.0, 4.0], first_token_s=[0.1, 0.2, 0.3], tokens=144,
+                  errors=["Unavailable: node down"]), 2.0)
     memory = {"coordinator": {"before": 80.04, "peak": 90.0, "after": 85.0}}
     report = load_report(HEADER, 4, 1, 48, one, many, memory)
     assert (report["one_client_tokens_per_s"], report["clients_tokens_per_s"], report["scaling"]) == (48.0, 72.0, 1.5)
     assert (report["latency_p50_s"], report["requests"], report["errors"]) == (2.0, 5, 1)
+    assert (report["latency_p90_s"], report["first_token_p50_s"]) == (3.6, 0.2)
     assert report["first_error"] == "Unavailable: node down"
     assert report["rss_mb"]["coordinator"]["before"] == 80.0
     text = format_load(report)
     assert "4 clients" in text and "1.50x one client" in text and "errors 1 of 5 requests; first: Unavailable" in text
+    assert "p90 3.600 s" in text and "to the first token p50 0.200 s  p90 0.280 s" in text
     assert "coordinator" in text.splitlines()[-1] and "90.0" in text.splitlines()[-1]
 
 
 def test_a_load_where_every_request_failed_reports_no_rate_ratio_or_latency():
     report = load_report(HEADER, 2, 1, 8, (Tally(errors=["e1"]), 1.0), (Tally(errors=["e2", "e3"]), 1.0), {})
     assert (report["scaling"], report["latency_p50_s"], report["errors"], report["first_error"]) == (None, None, 3, "e1")
+    assert report["first_token_p99_s"] is None
     assert "- one client" in format_load(report)
 
 

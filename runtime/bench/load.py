@@ -32,6 +32,7 @@ from runtime.client import Client, ClientError, GenerationStream
 from runtime.core.bundle import Bundle, load_bundle
 from runtime.core.errors import SpeedError
 from runtime.core.node_state import NodeState
+from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
@@ -40,6 +41,7 @@ from runtime.wire import speed_pb2 as pb
 REQUEST_TIMEOUT_S = 300.0
 RSS_INTERVAL_S = 0.1
 SETTLE_S = 1.0  # after the last request, before memory is read again
+LATENCY_PERCENTILES = (50, 90, 99)  # of the concurrent clients' requests, whole and to the first chunk
 RECOVERY_TIMEOUT_S = 120.0  # for a restarted node to register again
 POLL_S = 0.2
 WARM_UP_TOKENS = 8
@@ -65,8 +67,8 @@ class Workload:
 
 
 def workload_of(bundle: Bundle, new_tokens: int, sampling: SamplingParams = GREEDY) -> Workload:
-    """The prompts `speed bench FILE` uses: user messages when the bundle has a chat template."""
-    chat = bool(bundle.chat_template)
+    """The prompts `speed bench FILE` uses: user messages for an instruction-tuned chat model."""
+    chat = bundle.answers_questions
     return Workload(CHAT_PROMPTS if chat else LOCAL_PROMPTS, chat, new_tokens, sampling)
 
 
@@ -136,9 +138,11 @@ class PeakRss:
 
 @dataclass
 class Tally:
-    """What a set of requests gave: the latency of each completed one, tokens generated, error sentences."""
+    """What a set of requests gave: the latency of each completed one and of its first chunk of tokens, tokens
+    generated, error sentences."""
 
     latencies_s: list[float] = field(default_factory=list)
+    first_token_s: list[float] = field(default_factory=list)
     tokens: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -151,39 +155,49 @@ class Tally:
         total = cls()
         for tally in tallies:
             total.latencies_s += tally.latencies_s
+            total.first_token_s += tally.first_token_s
             total.tokens += tally.tokens
             total.errors += tally.errors
         return total
 
 
-def run_client(cluster: LocalCluster, workload: Workload, first: int, count: int, new_tokens: int | None = None) -> Tally:
+def run_client(cluster: LocalCluster, workload: Workload, first: int, count: int, new_tokens: int | None = None,
+               progress: Progress = NO_PROGRESS) -> Tally:
     """One client doing `count` requests in turn, prompts cycled from index `first`."""
     tally = Tally()
     with Client(cluster.endpoint, credentials=cluster.credentials()) as client:
         for index in range(first, first + count):
-            started = time.perf_counter()
+            started, first_chunk = time.perf_counter(), None
             try:
-                result = workload.generate(client, index, new_tokens=new_tokens).result()
+                stream = workload.generate(client, index, new_tokens=new_tokens)
+                for _ in stream:
+                    if first_chunk is None:
+                        first_chunk = time.perf_counter()
+                result = stream.result()
             except ClientError as exc:
                 tally.errors.append(f"{type(exc).__name__}: {exc}")
-                continue
-            tally.latencies_s.append(time.perf_counter() - started)
-            tally.tokens += len(result.token_ids)
+            else:
+                tally.latencies_s.append(time.perf_counter() - started)
+                if first_chunk is not None:
+                    tally.first_token_s.append(first_chunk - started)
+                tally.tokens += len(result.token_ids)
+            progress.advance()
     return tally
 
 
 def run_clients(cluster: LocalCluster, workload: Workload, clients: int, requests: int,
-                new_tokens: int | None = None) -> tuple[Tally, float]:
+                new_tokens: int | None = None, progress: Progress = NO_PROGRESS) -> tuple[Tally, float]:
     """`clients` concurrent clients (one thread and one Client each); the merged tally and the wall time."""
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients, thread_name_prefix="bench-client") as pool:
-        tallies = list(pool.map(lambda c: run_client(cluster, workload, c * requests, requests, new_tokens),
+        tallies = list(pool.map(lambda c: run_client(cluster, workload, c * requests, requests, new_tokens, progress),
                                 range(clients)))
     return Tally.merged(tallies), time.perf_counter() - started
 
 
 def bench_load(cluster_path: Path, *, clients: int, requests: int = 3, new_tokens: int = 48,
-               emulated_link_ms: float | None = None, sampling: SamplingParams = GREEDY) -> dict:
+               emulated_link_ms: float | None = None, sampling: SamplingParams = GREEDY,
+               progress: Progress = NO_PROGRESS) -> dict:
     cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms)
     bundle = load_bundle(cluster.spec.bundle)
     workload = workload_of(bundle, new_tokens, sampling)
@@ -191,9 +205,9 @@ def bench_load(cluster_path: Path, *, clients: int, requests: int = 3, new_token
         run_clients(cluster, workload, clients, 1, new_tokens=WARM_UP_TOKENS)  # warm-up, as concurrent
         pids = {name: process.pid for name, process in cluster.processes.items()}
         before = rss_of(pids)
-        with PeakRss(pids) as sampler:
-            one, one_s = run_clients(cluster, workload, 1, requests)
-            many, many_s = run_clients(cluster, workload, clients, requests)
+        with PeakRss(pids) as sampler, progress.task("requests", total=requests + clients * requests):
+            one, one_s = run_clients(cluster, workload, 1, requests, progress=progress)
+            many, many_s = run_clients(cluster, workload, clients, requests, progress=progress)
         time.sleep(SETTLE_S)
         after = rss_of(pids)
     memory = {name: {"before": before[name], "peak": max(sampler.peak[name], after[name]), "after": after[name]}
@@ -214,8 +228,9 @@ def load_report(header: dict, clients: int, requests: int, new_tokens: int, one:
         "one_client_tokens_per_s": round(one_rate, 1),
         "clients_tokens_per_s": round(many_rate, 1),
         "scaling": round(many_rate / one_rate, 2) if one_rate else None,
-        "latency_p50_s": rounded(percentile(many[0].latencies_s, 50), 3),
-        "latency_p99_s": rounded(percentile(many[0].latencies_s, 99), 3),
+        **{f"{what}_p{q}_s": rounded(percentile(values, q), 3)
+           for what, values in (("latency", many[0].latencies_s), ("first_token", many[0].first_token_s))
+           for q in LATENCY_PERCENTILES},
         "requests": one[0].requests + many[0].requests,
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
@@ -225,14 +240,17 @@ def load_report(header: dict, clients: int, requests: int, new_tokens: int, one:
 
 def format_load(report: dict) -> str:
     scaling = "-" if report["scaling"] is None else f"{report['scaling']:.2f}x"
-    latency = ("-" if report["latency_p50_s"] is None
-               else f"p50 {report['latency_p50_s']:.3f} s  p99 {report['latency_p99_s']:.3f} s")
+    def latency(what: str) -> str:
+        if report[f"{what}_p50_s"] is None:
+            return "-"
+        return "  ".join(f"p{q} {report[f'{what}_p{q}_s']:.3f} s" for q in LATENCY_PERCENTILES)
+
     lines = [
         f"cluster {report['cluster']} ({report['bundle']}, {report['nodes']} nodes): {report['requests_per_client']} "
         f"request(s) of {report['new_tokens']} new tokens per client, {sampled(report['temperature'])}, EOS ignored",
         f"  {'1 client':12}{report['one_client_tokens_per_s']:8.1f} tokens/s",
         f"  {str(report['clients']) + ' clients':12}{report['clients_tokens_per_s']:8.1f} tokens/s   {scaling} one client; "
-        f"latency per request {latency}",
+        f"latency per request {latency('latency')}; to the first token {latency('first_token')}",
         f"  errors {report['errors']} of {report['requests']} requests"
         + (f"; first: {report['first_error']}" if report["first_error"] else ""),
         f"  resident memory (MB) {'before':>9} {'peak':>9} {'after':>9}",
@@ -348,15 +366,19 @@ def reference_of(bundle: Bundle, workload: Workload) -> Callable[[int, SamplingP
 
 
 def bench_chaos(cluster_path: Path, *, trials: int, new_tokens: int = 48, seed: int = 0,
-                emulated_link_ms: float | None = None) -> dict:
+                emulated_link_ms: float | None = None, progress: Progress = NO_PROGRESS) -> dict:
     cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms)
     bundle = load_bundle(cluster.spec.bundle)
     workload = workload_of(bundle, new_tokens)
     reference = reference_of(bundle, workload)
     rng = random.Random(seed)
-    with cluster, Client(cluster.endpoint, credentials=cluster.credentials()) as client:
+    results = []
+    with (cluster, Client(cluster.endpoint, credentials=cluster.credentials()) as client,
+          progress.task("trials", total=trials)):
         workload.generate(client, 0, new_tokens=WARM_UP_TOKENS).result()
-        results = [chaos_trial(cluster, client, workload, reference, rng, index) for index in range(trials)]
+        for index in range(trials):
+            results.append(chaos_trial(cluster, client, workload, reference, rng, index))
+            progress.advance()
     return chaos_report(describe(cluster, bundle), new_tokens, seed, results)
 
 

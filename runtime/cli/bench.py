@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from runtime.cli.arguments import add_threads_flag, add_window_flag, link_ms, number, seed_int, token_count, whole
+from runtime.cli.progress import stderr_progress
 from runtime.core.errors import SpeedError
 
 
@@ -44,6 +46,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         "cluster file's, else the bundle's from `speed calibrate`)")
     add_threads_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", type=plot_path, metavar="FILE",
+                   help="also draw what the run measured into FILE (.png, .svg or .pdf; needs the plot extra)")
+    p.add_argument("--plot-from", type=Path, metavar="RESULT",
+                   help="with --plot: draw a saved --json report instead of running a benchmark")
     p.set_defaults(run=cmd_bench)
 
 
@@ -52,6 +58,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from runtime.core.bundle import load_bundle
     from runtime.core.generation import guess_thresholds
 
+    if args.plot is not None:
+        from runtime.bench.plot import require_matplotlib
+
+        require_matplotlib()  # before any benchmark runs
+    if args.plot_from is not None:
+        cmd_plot_from(args)
+        return
     if args.requests is not None and args.clients is None:
         raise SpeedError("--requests needs --clients")
     if args.seed is not None and args.chaos is None:
@@ -83,13 +96,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bundle = load_bundle(args.bundle)
         thresholds = guess_thresholds((args.guess_threshold,), bundle.guess_thresholds, bundle.config.n_stages)
         report = bench_local(bundle, new_tokens=args.new_tokens or 128, repeats=args.repeats, threads=args.threads,
-                             sampling=bench_sampling(args), guess_thresholds=thresholds)
+                             sampling=bench_sampling(args), guess_thresholds=thresholds,
+                             progress=stderr_progress(json_output=args.json))
         print(json.dumps(report) if args.json else format_local(report))
+        draw(args, report)
         return
     report = bench_reference(load_bundle(args.bundle), new_tokens=args.new_tokens or 64, repeats=args.repeats,
-                             threads=args.threads, sampling=bench_sampling(args))
+                             threads=args.threads, sampling=bench_sampling(args),
+                             progress=stderr_progress(json_output=args.json))
     if args.json:
         print(json.dumps(report))
+        draw(args, report)
         return
     rates = report["tokens_per_s"]
     print(f"plain greedy decoding of {report['bundle']} ({report['bundle_bytes'] / 1e6:.1f} MB), "
@@ -101,6 +118,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"  onnx at 32 tokens of context {rates['context_32']:8.1f}   at 512 {rates['context_512']:8.1f}   "
           f"ratio {report['context_512_over_32']:.2f}")
     print(f"  onnx with 1 thread {rates['threads_1']:8.1f}   with 2 threads {rates['threads_2']:8.1f}")
+    draw(args, report)
 
 
 def cmd_bench_agreement(args: argparse.Namespace) -> None:
@@ -110,8 +128,42 @@ def cmd_bench_agreement(args: argparse.Namespace) -> None:
     if args.bundle is None:
         raise SpeedError("--agreement SOURCE needs --bundle, the bundle to compare with SOURCE")
     report = bench_agreement(load_bundle(args.bundle), load_bundle(args.agreement), new_tokens=args.new_tokens or 64,
-                             threads=args.threads)
+                             threads=args.threads, progress=stderr_progress(json_output=args.json))
     print(json.dumps(report) if args.json else format_agreement(report))
+    draw(args, report)
+
+
+def plot_path(text: str) -> Path:
+    """An argparse type: a figure file that can be written (.png, .svg or .pdf in a folder that exists)."""
+    from runtime.bench.plot import check_plot_path
+
+    path = Path(text)
+    try:
+        check_plot_path(path)
+    except SpeedError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return path
+
+
+def draw(args: argparse.Namespace, report: dict) -> None:
+    """--plot: the figure of a report, once the report is printed (a note on stderr keeps --json output one object)."""
+    if args.plot is None:
+        return
+    from runtime.bench.plot import plot_bench
+
+    plot_bench(report, args.plot)
+    print(f"wrote figure {args.plot}", file=sys.stderr if args.json else sys.stdout)
+
+
+def cmd_plot_from(args: argparse.Namespace) -> None:
+    from runtime.bench.plot import read_report
+
+    if args.plot is None:
+        raise SpeedError("--plot-from needs --plot FILE, the figure to draw")
+    if args.cluster_file is not None or args.reference or args.local or args.agreement is not None:
+        raise SpeedError("--plot-from draws a saved report without running a benchmark; drop the cluster FILE, "
+                         "--reference, --local and --agreement")
+    draw(args, read_report(args.plot_from))
 
 
 def bench_sampling(args: argparse.Namespace):
@@ -148,8 +200,9 @@ def cmd_bench_cluster(args: argparse.Namespace) -> None:
         raise SpeedError("--window applies to --data-paths (set speculation.window in the cluster file otherwise)")
     report = bench_cluster(args.cluster_file, new_tokens=args.new_tokens or 128, repeats=args.repeats,
                            emulated_link_ms=args.emulate_link_ms, sampling=bench_sampling(args),
-                           guess_threshold=args.guess_threshold)
+                           guess_threshold=args.guess_threshold, progress=stderr_progress(json_output=args.json))
     print(json.dumps(report) if args.json else format_cluster(report))
+    draw(args, report)
 
 
 def cmd_bench_data_paths(args: argparse.Namespace) -> None:
@@ -159,8 +212,10 @@ def cmd_bench_data_paths(args: argparse.Namespace) -> None:
         raise SpeedError("--data-paths sets the link latencies itself and sends every guess; drop --emulate-link-ms "
                          "and --guess-threshold")
     report = bench_data_paths(args.cluster_file, link_ms=args.data_paths, new_tokens=args.new_tokens or 64,
-                              repeats=args.repeats, sampling=bench_sampling(args), window=args.window)
+                              repeats=args.repeats, sampling=bench_sampling(args), window=args.window,
+                              progress=stderr_progress(json_output=args.json))
     print(json.dumps(report) if args.json else format_data_paths(report))
+    draw(args, report)
 
 
 def cmd_bench_load(args: argparse.Namespace) -> None:
@@ -168,13 +223,15 @@ def cmd_bench_load(args: argparse.Namespace) -> None:
 
     report = bench_load(args.cluster_file, clients=args.clients, requests=args.requests or 3,
                         new_tokens=args.new_tokens or 48, emulated_link_ms=args.emulate_link_ms,
-                        sampling=bench_sampling(args))
+                        sampling=bench_sampling(args), progress=stderr_progress(json_output=args.json))
     print(json.dumps(report) if args.json else format_load(report))
+    draw(args, report)
 
 
 def cmd_bench_chaos(args: argparse.Namespace) -> None:
     from runtime.bench.load import bench_chaos, format_chaos
 
     report = bench_chaos(args.cluster_file, trials=args.chaos, new_tokens=args.new_tokens or 48, seed=args.seed or 0,
-                         emulated_link_ms=args.emulate_link_ms)
+                         emulated_link_ms=args.emulate_link_ms, progress=stderr_progress(json_output=args.json))
     print(json.dumps(report) if args.json else format_chaos(report))
+    draw(args, report)
