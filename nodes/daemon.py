@@ -115,7 +115,8 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
         stop.set()
 
     registration = Registration(spec.coordinator.address, node.address, info, on_registered=service.adopt,
-                                on_refused=refused, credentials=identity.channel() if identity else None)
+                                on_refused=refused, recent=metrics.recent,
+                                credentials=identity.channel() if identity else None)
     registration.start()
     while not stop.wait(timeout=min(node.idle_timeout_s, 5.0)):
         for seq_id in service.expire_idle():

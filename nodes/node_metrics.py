@@ -1,4 +1,5 @@
-"""Prometheus metrics of one node process: sequences held, stages hosted, step compute time and refused steps.
+"""Prometheus metrics of one node process: sequences held, stages hosted, step compute time and refused steps;
+and the same step times over the last seconds, with the positions they processed, for its heartbeats.
 
 Each instance owns its registry (no node label: a process runs one node), so tests can run several in one process.
 Imports no torch, like the rest of `nodes`.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from runtime.core.recent_rate import RecentRate
 from runtime.wire.metrics_http import LATENCY_BUCKETS, serve_registry
 
 
@@ -24,6 +26,7 @@ class NodeMetrics:
                                registry=r)
         self._refused = Counter("speed_node_refused_steps", "Step messages refused, by gRPC status name.", ["code"],
                                 registry=r)
+        self.recent = RecentRate()  # what its heartbeats report: step_ms and positions_per_s
 
     def set_sequences(self, n: int) -> None:
         self._sequences.set(n)
@@ -34,9 +37,12 @@ class NodeMetrics:
     def set_hosting(self, stages: int) -> None:
         self._hosting.set(stages)
 
-    def step(self, seconds: float) -> None:
+    def step(self, seconds: float, positions: int) -> None:
+        """A batch (a step message, or a batch of ring runs) took `seconds` over `positions` positions."""
         self._steps.inc()
         self._step.observe(seconds)
+        if positions:
+            self.recent.add(positions, seconds)
 
     def refused(self, code: str) -> None:
         self._refused.labels(code).inc()

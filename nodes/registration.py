@@ -2,6 +2,8 @@
 
 The coordinator may start after the node or restart at any time; the node keeps retrying with
 backoff and registers again when a heartbeat finds itself forgotten, so nodes never need a restart.
+Each heartbeat carries the sequences the node holds and its recent load (mean batch time, positions
+per second), which `speed status` shows.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 
 import grpc
 
+from runtime.core.recent_rate import RecentRate
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
@@ -25,13 +28,14 @@ MAX_BACKOFF_S = 5.0
 class Registration(threading.Thread):
     def __init__(self, coordinator_address: str, address: str, info: Callable[[], pb.NodeInfo],
                  *, on_registered: Callable[[int], None], on_refused: Callable[[str], None],
-                 credentials: grpc.ChannelCredentials | None = None):
+                 recent: RecentRate | None = None, credentials: grpc.ChannelCredentials | None = None):
         super().__init__(name="registration", daemon=True)
         self.coordinator_address = coordinator_address
         self.address = address
         self.info = info
         self.on_registered = on_registered  # with the coordinator's incarnation
         self.on_refused = on_refused  # the coordinator will never accept this node: a person must act
+        self.recent = recent if recent is not None else RecentRate()  # the node's batches, for its heartbeats
         self.credentials = credentials  # TLS with the node's certificate, in a secure cluster
         self.stopping = threading.Event()
         self.registered = threading.Event()
@@ -55,9 +59,7 @@ class Registration(threading.Thread):
                         log.info("registered with the coordinator of cluster %s at %s", reply.cluster,
                                  self.coordinator_address)
                     else:
-                        info = self.info()
-                        beat = registry.Heartbeat(pb.HeartbeatRequest(name=info.name, open_sequences=info.open_sequences),
-                                                  timeout=CALL_TIMEOUT_S)
+                        beat = registry.Heartbeat(self.heartbeat(), timeout=CALL_TIMEOUT_S)
                         if not beat.known:
                             self.registered.clear()
                             continue
@@ -74,3 +76,8 @@ class Registration(threading.Thread):
                         reported_down = True
                     self.stopping.wait(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    def heartbeat(self) -> pb.HeartbeatRequest:
+        info, load = self.info(), self.recent.read()
+        return pb.HeartbeatRequest(name=info.name, open_sequences=info.open_sequences, step_ms=load.step_ms,
+                                   positions_per_s=load.positions_per_s)

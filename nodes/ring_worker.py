@@ -172,7 +172,7 @@ class RingWorker:
                 self.events.put(pb.RingFailure(seq_id=seq_id, message=f"node {self.name} failed to run it: {exc!r}"))
                 self._close(seq_id, report=False)
             return
-        self.metrics.step(time.perf_counter() - started)
+        self.metrics.step(time.perf_counter() - started, sum(len(run.tokens) for run in batch))
         for run in batch:
             key = (run.seq_id, run.start)
             self.core.ran(run, result.predictions.get(key), result.confidence.get(key, 1.0), result.handoff.get(key))

@@ -132,7 +132,7 @@ class NodeService(pb_grpc.NodeServicer):
                 finally:
                     self.metrics.set_sequences(self.host.open_sequences)
                 if refusal is None:
-                    self.metrics.step(time.perf_counter() - started)
+                    self.metrics.step(time.perf_counter() - started, sum(item.length for item in batch.items))
             if refusal is not None:
                 self.metrics.refused(refusal[0].name)
                 batch = None  # nothing holds the refused message or what its checks decoded any more

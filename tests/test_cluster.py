@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
 
 import grpc
@@ -21,6 +24,7 @@ from runtime.wire import speed_pb2_grpc as pb_grpc
 from tests.conftest import CLUSTER_NEW_TOKENS as NEW_TOKENS
 from tests.conftest import CLUSTER_PROMPTS as PROMPTS
 from tests.conftest import assert_one_line_error, generate_on, in_threads, run_speed, running_cluster, write_cluster
+from tests.terminal import Terminal, read_until
 
 SAMPLED = [SamplingParams(temperature=0.8, top_k=40, seed=7), SamplingParams(temperature=1.0, top_p=0.9, seed=123)]
 
@@ -135,13 +139,52 @@ def test_a_client_that_goes_away_has_its_caches_freed_on_every_node(cluster):
             assert pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=5).open_sequences == 0, node.name
 
 
-def test_speed_status_lists_every_node_serving(cluster):
-    result = run_speed("status", "--coordinator", cluster.endpoint)
+STATUS_COLUMNS = ["node", "address", "state", "stages", "sequences", "step ms", "tokens/s", "heartbeat", "provider"]
+
+
+def busy_status(cluster, *args: str) -> subprocess.CompletedProcess:
+    """`speed status ARGS` right after a generation, once every node's heartbeat (every 0.5 s in these
+    clusters) reports the batches it ran: the nodes' window holds them for 10 s."""
+    with Client(cluster.endpoint) as client:
+        generate_on(client, PROMPTS[0], max_new_tokens=8)
+        deadline = time.monotonic() + 10
+        while not all(n.step_ms > 0 and n.positions_per_s > 0 for n in client.status().nodes):
+            assert time.monotonic() < deadline, client.status()
+            time.sleep(0.1)
+    result = run_speed("status", "--coordinator", cluster.endpoint, *args)
     assert result.returncode == 0, result.stderr
-    assert "serving" in result.stdout.splitlines()[0]
+    return result
+
+
+def test_speed_status_lists_every_node_serving(cluster):
+    lines = busy_status(cluster).stdout.splitlines()
+    assert lines[0].startswith("cluster test-") and ": serving," in lines[0]
+    assert "\x1b" not in "".join(lines)  # piped: plain text, no ANSI codes
+    assert re.split(r"\s{2,}", lines[1].strip()) == STATUS_COLUMNS
+    rows = {row[0]: dict(zip(STATUS_COLUMNS, row)) for row in (re.split(r"\s{2,}", line.strip()) for line in lines[3:])}
+    assert sorted(rows) == ["edge-1", "edge-2", "edge-3"]
     for name, stage in [("edge-1", 0), ("edge-2", 1), ("edge-3", 2)]:
-        line = next(line for line in result.stdout.splitlines() if name in line)
-        assert f"stages [{stage}]" in line and "serving" in line and "CPUExecutionProvider" in line
+        row = rows[name]
+        assert (row["state"], row["stages"], row["provider"]) == ("serving", str(stage), "CPU"), row
+        assert float(row["step ms"]) > 0 and float(row["tokens/s"]) > 0, row
+        assert row["heartbeat"].endswith(" s ago") and row["sequences"].endswith("/8"), row
+
+
+def test_speed_status_json_is_one_object_with_each_nodes_load(cluster):
+    status = json.loads(busy_status(cluster, "--json").stdout)
+    assert status["serving"] is True and status["active_requests"] == 0
+    for node in status["nodes"]:
+        assert node["state"] == "serving" and node["step_ms"] > 0 and node["positions_per_s"] > 0, node
+
+
+def test_speed_status_watch_refreshes_on_a_terminal_until_ctrl_c(cluster):
+    with Terminal("status", "--coordinator", cluster.endpoint, "--watch", "--interval", "0.2",
+                  term="xterm-256color") as watch:
+        shown = watch.read_until(lambda out: out.count("tokens/s") >= 2, 60)
+        assert shown.count("tokens/s") >= 2 and "edge-3" in shown, shown
+        watch.ctrl_c()
+        assert watch.wait() == 0, watch.shown
+    assert "Traceback" not in watch.shown and "interrupted" not in watch.shown, watch.shown
 
 
 def test_speed_generate_without_a_cluster_says_so_in_one_line():
@@ -168,10 +211,27 @@ def test_a_node_killed_mid_generation_is_replaced_and_the_text_is_unchanged(clus
 
 
 def test_a_restarted_coordinator_serves_again_without_restarting_the_nodes(cluster, reference):
+    """... and `speed status --watch` says so while it is gone, then shows the new one."""
     nodes_before = {name: p.pid for name, p in cluster.processes.items() if name != "coordinator"}
-    cluster.stop_process("coordinator")
-    cluster.start_process("coordinator")
-    cluster.wait_ready(60)
+    watch = subprocess.Popen([sys.executable, "-m", "runtime.cli", "status", "--coordinator", cluster.endpoint,
+                              "--watch", "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        assert ": serving," in read_until(watch.stdout.fileno(), lambda out: ": serving," in out, 60)
+        cluster.stop_process("coordinator")
+        gone = read_until(watch.stdout.fileno(), lambda out: "cannot reach the coordinator" in out, 30)
+        cluster.start_process("coordinator")
+        cluster.wait_ready(60)
+        back = read_until(watch.stdout.fileno(), lambda out: ": serving," in out, 30)
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(timeout=30) == 0
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+        watch.stdout.close()
+    assert f"cannot reach the coordinator {cluster.endpoint} since " in gone, gone
+    assert ": serving," in back and "Traceback" not in gone + back, back
     assert {name: p.pid for name, p in cluster.processes.items() if name != "coordinator"} == nodes_before
     with Client(cluster.endpoint) as client:
         assert generate_on(client, PROMPTS[3], speculative=True).token_ids == reference(PROMPTS[3])

@@ -80,8 +80,8 @@ def test_node_metrics_are_scraped():
     metrics.set_sequences(2)
     metrics.set_max_sequences(8)
     metrics.set_hosting(stages=3)
-    metrics.step(0.004)
-    metrics.step(0.02)
+    metrics.step(0.004, positions=3)
+    metrics.step(0.02, positions=0)  # a step message of opens and closes only: not in the recent load
     metrics.refused("INVALID_ARGUMENT")
     port = free_port()
     metrics.serve("127.0.0.1", port)
@@ -99,6 +99,7 @@ def test_node_metrics_are_scraped():
         'speed_node_refused_steps_total{code="INVALID_ARGUMENT"} 1.0',
     )
     assert "speed_coordinator_" not in text
+    assert metrics.recent.read().step_ms == pytest.approx(4.0)
 
 
 def test_instances_do_not_share_a_registry():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from runtime.cli.arguments import add_credential_flags, configure_logging, credentials_of, link_ms
+from runtime.cli.arguments import add_credential_flags, configure_logging, credentials_of, link_ms, number
 from runtime.core.cluster_file import DATA_PATHS
 
 
@@ -22,8 +22,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("cluster_file", type=Path, metavar="FILE")
     p.set_defaults(run=cmd_down)
 
-    p = commands.add_parser("status", help="show a running cluster's nodes")
+    p = commands.add_parser("status", help="show a running cluster's nodes: a table, --watch to refresh it, or --json")
     p.add_argument("--coordinator", default="127.0.0.1:50050", metavar="HOST:PORT")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--watch", action="store_true", help="refresh the table every --interval seconds until Ctrl-C")
+    shown.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    p.add_argument("--interval", type=number(0.1, 3600), default=1.0, metavar="S",
+                   help="seconds between refreshes with --watch, 0.1 to 3600 (default 1)")
     add_credential_flags(p)
     p.set_defaults(run=cmd_status)
 
@@ -42,8 +47,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def cmd_up(args: argparse.Namespace) -> None:
     from deploy.launcher import up
+    from runtime.cli.progress import stderr_progress
 
-    up(args.cluster_file, detach=args.detach, emulated_link_ms=args.emulate_link_ms, data_path=args.data_path)
+    up(args.cluster_file, detach=args.detach, emulated_link_ms=args.emulate_link_ms, data_path=args.data_path,
+       progress=stderr_progress())
 
 
 def cmd_down(args: argparse.Namespace) -> None:
@@ -53,18 +60,12 @@ def cmd_down(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    from runtime.client import Client
+    from runtime.cli.status_view import show_status, watch_status
 
-    with Client(args.coordinator, **credentials_of(args)) as client:
-        status = client.status()
-    print(f"cluster {status.cluster}: {'serving' if status.serving else 'NOT serving'}, "
-          f"{status.active_requests} active request(s), {status.queued_requests} queued (at most {status.max_queue}), "
-          f"bundle {status.bundle_sha256[:12]}")
-    for node in status.nodes:
-        beat = f"{node.last_heartbeat_s:.1f} s ago" if node.last_heartbeat_s >= 0 else "never"
-        running = "" if list(node.hosting) == list(node.stages) else f" running {list(node.hosting)}"
-        print(f"  {node.name:12} {node.address:22} stages {list(node.stages)!s:10} {node.state:8} "
-              f"sequences {node.sequences}/{node.max_sequences:<3} {node.provider or '-':24} heartbeat {beat}{running}")
+    if args.watch:
+        watch_status(args.coordinator, credentials_of(args), interval_s=args.interval)
+    else:
+        show_status(args.coordinator, credentials_of(args), as_json=args.json)
 
 
 def cmd_coordinator(args: argparse.Namespace) -> None:

@@ -42,6 +42,8 @@ class RemoteNode:
         self.last_heartbeat: float | None = None
         self.assigned: tuple[int, ...] | None = None  # the stages it was told to run on this connection
         self.held = 0  # sequences it reported holding at its last heartbeat
+        self.step_ms = 0.0  # its mean batch time over the last seconds, at its last heartbeat
+        self.positions_per_s = 0.0  # positions its batches processed per second, at its last heartbeat
         self._channel: grpc.aio.Channel | None = None
         self._stream = None
 
@@ -74,6 +76,7 @@ class RemoteNode:
     async def disconnect(self, state: NodeState = NodeState.DOWN) -> None:
         self.state = state
         self.assigned = None
+        self.step_ms = self.positions_per_s = 0.0
         stream, channel, self._stream, self._channel = self._stream, self._channel, None, None
         if stream is not None:
             stream.cancel()
