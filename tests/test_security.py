@@ -3,7 +3,10 @@ TLS and tokens (or client certificates) for clients, and nothing served in the c
 
 from __future__ import annotations
 
+import ssl
 import stat
+import urllib.error
+import urllib.request
 from concurrent import futures
 from pathlib import Path
 
@@ -31,8 +34,25 @@ def secured(client_auth: str = "token") -> str:
 def secure(tmp_path_factory):
     """A three-node cluster with a security section, its certificates made by init_certs."""
     directory = tmp_path_factory.mktemp("secure")
-    with running_cluster(directory, extra_top_keys=secured(), make_certs=True) as cluster:
+    with running_cluster(directory, extra_top_keys=secured(), make_certs=True, extra_coordinator_keys=http_api()) as cluster:
         yield cluster
+
+
+def http_api() -> str:
+    return f"  http_address: 127.0.0.1:{free_port()}\n"
+
+
+def openai_client(cluster, api_key: str = "unused", *, certificate: bool = False):
+    """The official client for the cluster's HTTP API over TLS, trusting the cluster's authority; certificate:
+    it presents the client certificate of `speed certs init`."""
+    import openai
+
+    certs = certs_of(cluster)
+    context = ssl.create_default_context(cafile=certs / "ca.pem")
+    if certificate:
+        context.load_cert_chain(certs / "client.pem", certs / "client.key")
+    return openai.OpenAI(base_url=f"https://{cluster.spec.coordinator.http_address}/v1", api_key=api_key,
+                         max_retries=0, timeout=60, http_client=openai.DefaultHttpxClient(verify=context))
 
 
 def certs_of(cluster) -> Path:
@@ -77,6 +97,25 @@ def test_generate_and_status_need_a_valid_token(secure, token):
             client.generate("Hello", max_new_tokens=4).result()
         with pytest.raises(Unauthenticated, match="needs a valid bearer token"):
             client.status()
+
+
+def test_the_http_api_speaks_tls_and_needs_a_valid_token(secure, reference):
+    import openai
+
+    with openai_client(secure, token_of(secure)) as api:
+        answer = api.completions.create(model="", prompt=PROMPTS[0], max_tokens=8, temperature=0)
+        assert answer.model_extra["speed"]["token_ids"] == reference(PROMPTS[0], max_new_tokens=8)
+    with openai_client(secure, "not-a-token") as api, pytest.raises(openai.AuthenticationError) as refused:
+        api.models.list()
+    assert refused.value.status_code == 401 and "needs a valid bearer token" in refused.value.message
+    no_header = urllib.request.Request(f"https://{secure.spec.coordinator.http_address}/v1/models")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(no_header, context=ssl.create_default_context(cafile=certs_of(secure) / "ca.pem"))
+    assert refused.value.code == 401
+    plain = openai.OpenAI(base_url=f"http://{secure.spec.coordinator.http_address}/v1", api_key=token_of(secure),
+                          max_retries=0, timeout=10)
+    with plain, pytest.raises(openai.APIConnectionError):
+        plain.models.list()
 
 
 def test_a_plain_client_cannot_talk_to_a_secure_coordinator(secure):
@@ -168,8 +207,16 @@ def test_a_node_serves_only_the_coordinator_s_certificate(secure, certificate):
 
 
 def test_client_certificates_when_the_cluster_asks_for_them(tmp_path, reference):
-    with running_cluster(tmp_path, extra_top_keys=secured("certificate"), make_certs=True) as cluster:
+    import openai
+
+    with running_cluster(tmp_path, extra_top_keys=secured("certificate"), make_certs=True,
+                         extra_coordinator_keys=http_api()) as cluster:
         certs = certs_of(cluster)
+        with openai_client(cluster, certificate=True) as api:
+            answer = api.completions.create(model="", prompt=PROMPTS[2], max_tokens=8, temperature=0)
+            assert answer.model_extra["speed"]["token_ids"] == reference(PROMPTS[2], max_new_tokens=8)
+        with openai_client(cluster, token_of(cluster)) as api, pytest.raises(openai.APIConnectionError):
+            api.models.list()  # no certificate: the TLS handshake fails
         with Client(cluster.endpoint, ca=certs / "ca.pem", cert=certs / "client.pem", key=certs / "client.key") as client:
             assert generate_on(client, PROMPTS[2], max_new_tokens=8).token_ids == reference(PROMPTS[2], max_new_tokens=8)
         with Client(cluster.endpoint, ca=certs / "ca.pem", token=token_of(cluster)) as client:

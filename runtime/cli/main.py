@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from runtime.cli import bench, cluster, decode, models, security
+from runtime.cli import bench, chat, cluster, decode, models, security
 from runtime.cli.arguments import OneLineErrorParser
 from runtime.core.errors import SpeedError
 
@@ -13,12 +13,23 @@ from runtime.core.errors import SpeedError
 def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(prog="speed", description="SPEED: speculative pipelined decoding runtime")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineErrorParser)
-    for family in (models, decode, cluster, bench, security):
+    for family in (models, decode, chat, cluster, bench, security):
         family.add_commands(commands)
     return parser
 
 
-TRAINING_MODULES = {"torch", "onnx", "onnxscript", "tqdm", "gguf"}  # the `train` extra, which nodes do without
+TRAINING_MODULES = {"torch", "onnx", "onnxscript", "gguf"}  # the `train` extra, which nodes do without
+PLOT_MODULES = {"matplotlib"}  # the `plot` extra: only `speed bench --plot` draws
+
+
+def missing_extra(module: str | None) -> str | None:
+    """The sentence saying what to install when a module of an optional extra is missing; None for any other."""
+    if module in TRAINING_MODULES:
+        return (f"this command needs {module}, part of the training extra; install it with: "
+                "pip install -e '.[train]' -c constraints.txt")
+    if module in PLOT_MODULES:
+        return f"--plot needs {module}, the plot extra; install it with: pip install -e '.[plot]'"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,10 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"speed {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as exc:
-        if exc.name not in TRAINING_MODULES:
+        if (sentence := missing_extra(exc.name)) is None:
             raise
-        print(f"speed {args.command}: error: this command needs {exc.name}, part of the training extra; "
-              "install it with: pip install -e '.[train]' -c constraints.txt", file=sys.stderr)
+        print(f"speed {args.command}: error: {sentence}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"speed {args.command}: interrupted", file=sys.stderr)

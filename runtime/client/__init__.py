@@ -14,9 +14,10 @@ torch, a node or the coordinator, so an application installs and loads little.
 from runtime.client.client import AsyncClient, Client
 from runtime.client.errors import Busy, ClientError, DeadlineExceeded, InvalidRequest, Unauthenticated, Unavailable
 from runtime.client.streams import AsyncGenerationStream, Chunk, GenerationStream
+from runtime.core.chat import ChatMessage
 from runtime.core.generation import GenerationOptions, GenerationResult, SpeculationStats
 from runtime.core.stopping import StopReason
 
-__all__ = ["AsyncClient", "AsyncGenerationStream", "Busy", "Chunk", "Client", "ClientError", "DeadlineExceeded",
-           "GenerationOptions", "GenerationResult", "GenerationStream", "InvalidRequest", "SpeculationStats",
-           "StopReason", "Unauthenticated", "Unavailable"]
+__all__ = ["AsyncClient", "AsyncGenerationStream", "Busy", "ChatMessage", "Chunk", "Client", "ClientError",
+           "DeadlineExceeded", "GenerationOptions", "GenerationResult", "GenerationStream", "InvalidRequest",
+           "SpeculationStats", "StopReason", "Unauthenticated", "Unavailable"]

@@ -10,6 +10,7 @@ after the tokens it already has; the text is the same as an uninterrupted run's.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -17,6 +18,7 @@ import grpc
 from runtime.client.credentials import credentials_from, open_channel
 from runtime.client.errors import client_error
 from runtime.client.streams import AsyncGenerationStream, GenerationStream, starter
+from runtime.core.chat import ChatMessage
 from runtime.core.generation import GenerationOptions
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
@@ -44,6 +46,14 @@ class Client:
         `options`; resume rides out a lost coordinator or a cluster that cannot serve for a while,
         within timeout_s."""
         request = request_to_wire(prompt, (options or GenerationOptions()).replace(**fields))
+        return GenerationStream(starter(self._stub, request), address=self.address, timeout_s=timeout_s,
+                                resume=resume)
+
+    def chat(self, messages: Sequence[ChatMessage | Mapping[str, str]], options: GenerationOptions | None = None, *,
+             timeout_s: float = GENERATE_TIMEOUT_S, resume: bool = False, **fields) -> GenerationStream:
+        """The assistant's next answer to a conversation ([{"role": "user", "content": "Hi"}, ...]), which the
+        coordinator renders with the model's chat template; otherwise as generate()."""
+        request = request_to_wire("", (options or GenerationOptions()).replace(**fields), conversation(messages))
         return GenerationStream(starter(self._stub, request), address=self.address, timeout_s=timeout_s,
                                 resume=resume)
 
@@ -78,6 +88,13 @@ class AsyncClient:
         return AsyncGenerationStream(starter(self._stub, request), address=self.address, timeout_s=timeout_s,
                                      resume=resume)
 
+    def chat(self, messages: Sequence[ChatMessage | Mapping[str, str]], options: GenerationOptions | None = None, *,
+             timeout_s: float = GENERATE_TIMEOUT_S, resume: bool = False, **fields) -> AsyncGenerationStream:
+        """As Client.chat."""
+        request = request_to_wire("", (options or GenerationOptions()).replace(**fields), conversation(messages))
+        return AsyncGenerationStream(starter(self._stub, request), address=self.address, timeout_s=timeout_s,
+                                     resume=resume)
+
     async def status(self, *, timeout_s: float = STATUS_TIMEOUT_S) -> pb.ClusterStatusReply:
         try:
             return await self._stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=timeout_s)
@@ -92,3 +109,8 @@ class AsyncClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+def conversation(messages: Sequence[ChatMessage | Mapping[str, str]]) -> list[ChatMessage]:
+    """ChatMessages from ChatMessages or {"role": ..., "content": ...} mappings."""
+    return [m if isinstance(m, ChatMessage) else ChatMessage(m["role"], m["content"]) for m in messages]

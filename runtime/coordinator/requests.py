@@ -12,10 +12,12 @@ from runtime.core.stopping import StopStrings
 from runtime.core.text_stream import TextStream
 
 
-@dataclass(frozen=True)
-class RequestFailed:
-    code: grpc.StatusCode
-    message: str
+class RequestFailed(Exception):
+    """The request cannot be finished: the last event of its queue, raised to whoever serves it."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
 class QueueFull(Exception):

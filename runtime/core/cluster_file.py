@@ -10,6 +10,7 @@ A cluster file is YAML (see deploy/local.yaml):
       heartbeat_interval_s: 1.0      # > 0
       max_queue: 64                  # >= 0: requests that may wait for a free sequence slot; more are refused
       metrics_port: 9150             # optional: serve Prometheus metrics over HTTP on this port of the address's host
+      http_address: 127.0.0.1:8000   # optional: serve the OpenAI-compatible HTTP API here (off when absent)
     data_path: lockstep              # lockstep: every tick is a round trip through the coordinator;
                                      # ring: nodes hand hidden states to the next node and stage 0 runs ahead
     speculation:                     # optional
@@ -73,6 +74,7 @@ class CoordinatorSpec:
     heartbeat_interval_s: float = 1.0
     max_queue: int = 64  # requests waiting for a sequence slot; more get RESOURCE_EXHAUSTED
     metrics_port: int | None = None  # Prometheus metrics over HTTP; None = off
+    http_address: str | None = None  # the OpenAI-compatible HTTP API; None = off
 
 
 @dataclass(frozen=True)
@@ -401,6 +403,7 @@ def _coordinator(value: Any, key: _Key) -> CoordinatorSpec:
         "heartbeat_interval_s": _positive,
         "max_queue": partial(_whole, minimum=0),
         "metrics_port": _port,
+        "http_address": _address,
     }, required={"address": "host:port, e.g. 127.0.0.1:50050"}))
 
 
@@ -495,6 +498,8 @@ def _listeners(coordinator: CoordinatorSpec, nodes: tuple[NodeSpec, ...]) -> lis
     if coordinator.metrics_port is not None:
         found.append(("the coordinator's metrics", _metrics_address(coordinator.address, coordinator.metrics_port),
                       "coordinator.metrics_port"))
+    if coordinator.http_address is not None:
+        found.append(("the coordinator's HTTP API", coordinator.http_address, "coordinator.http_address"))
     for i, node in enumerate(nodes):
         found.append((node.name, node.address, f"nodes[{i}].address"))
         if node.metrics_port is not None:

@@ -3,15 +3,20 @@ GenerationResult to and from their protobuf messages, in one place for the clien
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from runtime.core.chat import ChatMessage
 from runtime.core.generation import DEFAULT_MAX_NEW_TOKENS, GenerationOptions, GenerationResult, SpeculationStats
 from runtime.core.stopping import StopReason
 from runtime.wire import speed_pb2 as pb
 from runtime.wire.sampling import top_p_of
 
 
-def request_to_wire(prompt: str, options: GenerationOptions) -> pb.GenerateRequest:
+def request_to_wire(prompt: str, options: GenerationOptions, messages: Sequence[ChatMessage] = ()) -> pb.GenerateRequest:
+    """messages: a conversation instead of the prompt (then prompt is "")."""
     request = pb.GenerateRequest(
-        prompt=prompt, max_new_tokens=options.max_new_tokens, stop=list(options.stop), ignore_eos=options.ignore_eos,
+        prompt=prompt, messages=[pb.ChatMessage(role=m.role, content=m.content) for m in messages],
+        max_new_tokens=options.max_new_tokens, stop=list(options.stop), ignore_eos=options.ignore_eos,
         chat=options.chat, plain_guesses=options.plain_guesses,
         sampling=pb.Sampling(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
                              seed=options.seed))
@@ -34,6 +39,10 @@ def options_from_wire(request: pb.GenerateRequest) -> GenerationOptions:
         ignore_eos=request.ignore_eos, chat=request.chat, plain_guesses=request.plain_guesses,
         guess_threshold=request.guess_threshold if request.HasField("guess_threshold") else None,
         window=request.window if request.HasField("window") else None)
+
+
+def conversation_from_wire(request: pb.GenerateRequest) -> list[ChatMessage]:
+    return [ChatMessage(m.role, m.content) for m in request.messages]
 
 
 def result_to_wire(result: GenerationResult) -> pb.Finished:

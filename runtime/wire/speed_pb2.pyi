@@ -45,7 +45,7 @@ class Stats(_message.Message):
     def __init__(self, ticks: _Optional[int] = ..., committed: _Optional[int] = ..., flips_per_boundary: _Optional[_Iterable[float]] = ..., flushed_steps: _Optional[int] = ..., mean_in_flight: _Optional[float] = ..., held_guesses: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "max_new_tokens", "sampling", "speculative", "stop", "ignore_eos", "chat", "plain_guesses", "continuation", "guess_threshold", "window")
+    __slots__ = ("prompt", "max_new_tokens", "sampling", "speculative", "stop", "ignore_eos", "chat", "plain_guesses", "continuation", "guess_threshold", "window", "messages")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class GenerateRequest(_message.Message):
     CONTINUATION_FIELD_NUMBER: _ClassVar[int]
     GUESS_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     max_new_tokens: int
     sampling: Sampling
@@ -68,7 +69,16 @@ class GenerateRequest(_message.Message):
     continuation: Continuation
     guess_threshold: float
     window: int
-    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., speculative: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., chat: _Optional[bool] = ..., plain_guesses: _Optional[bool] = ..., continuation: _Optional[_Union[Continuation, _Mapping]] = ..., guess_threshold: _Optional[float] = ..., window: _Optional[int] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., speculative: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., chat: _Optional[bool] = ..., plain_guesses: _Optional[bool] = ..., continuation: _Optional[_Union[Continuation, _Mapping]] = ..., guess_threshold: _Optional[float] = ..., window: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class Continuation(_message.Message):
     __slots__ = ("token_ids", "text_chars")
@@ -123,7 +133,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("name", "address", "stages", "state", "provider", "threads", "last_heartbeat_s", "hosting", "sequences", "max_sequences")
+    __slots__ = ("name", "address", "stages", "state", "provider", "threads", "last_heartbeat_s", "hosting", "sequences", "max_sequences", "step_ms", "positions_per_s")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +144,8 @@ class NodeStatus(_message.Message):
     HOSTING_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    STEP_MS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_PER_S_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     stages: _containers.RepeatedScalarFieldContainer[int]
@@ -144,7 +156,9 @@ class NodeStatus(_message.Message):
     hosting: _containers.RepeatedScalarFieldContainer[int]
     sequences: int
     max_sequences: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., state: _Optional[str] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., hosting: _Optional[_Iterable[int]] = ..., sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ...) -> None: ...
+    step_ms: float
+    positions_per_s: float
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., state: _Optional[str] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., hosting: _Optional[_Iterable[int]] = ..., sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., step_ms: _Optional[float] = ..., positions_per_s: _Optional[float] = ...) -> None: ...
 
 class ClusterStatusReply(_message.Message):
     __slots__ = ("cluster", "bundle_sha256", "serving", "nodes", "active_requests", "speculation", "queued_requests", "max_queue", "incarnation")
@@ -449,12 +463,16 @@ class RegisterReply(_message.Message):
     def __init__(self, cluster: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("name", "open_sequences")
+    __slots__ = ("name", "open_sequences", "step_ms", "positions_per_s")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OPEN_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    STEP_MS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_PER_S_FIELD_NUMBER: _ClassVar[int]
     name: str
     open_sequences: int
-    def __init__(self, name: _Optional[str] = ..., open_sequences: _Optional[int] = ...) -> None: ...
+    step_ms: float
+    positions_per_s: float
+    def __init__(self, name: _Optional[str] = ..., open_sequences: _Optional[int] = ..., step_ms: _Optional[float] = ..., positions_per_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("known",)

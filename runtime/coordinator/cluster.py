@@ -1,0 +1,258 @@
+"""The coordinator's state: the cluster file, the bundle's identity, the nodes and the engine, and what
+both front doors (the gRPC service and the OpenAI-compatible HTTP API) ask of them: a request checked,
+served, and the cluster's status.
+
+Nodes register themselves (and again after a restart of either side); the coordinator checks that a
+node is the one the cluster file names, hosts the stages it says and serves the same bundle, then
+opens its step stream. Each run of the coordinator is an incarnation (its start time in nanoseconds):
+nodes learn it at registration and free whatever an older one left. Health is SERVING while every
+stage has a serving node to run it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+
+from runtime.coordinator.engine import Engine
+from runtime.coordinator.metrics import CoordinatorMetrics
+from runtime.coordinator.remote_node import RemoteNode
+from runtime.coordinator.requests import QueueFull, Request, RequestFailed
+from runtime.coordinator.tokens import TOKENS_FILE, TokenFile
+from runtime.core.bundle import Bundle
+from runtime.core.cluster_file import ClusterSpec, same_address
+from runtime.core.errors import SpeedError
+from runtime.core.generation import guess_thresholds
+from runtime.core.limits import check_request
+from runtime.core.node_state import NodeState
+from runtime.core.placement import stages_of
+from runtime.core.stopping import StopStrings
+from runtime.core.text_stream import TextStream
+from runtime.wire import options
+from runtime.wire import speed_pb2 as pb
+from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.generation import conversation_from_wire, options_from_wire
+from runtime.wire.security import Identity, expect_name
+
+log = logging.getLogger("speed.coordinator")
+
+SERVICE_NAME = "speed.v1.Coordinator"
+MISSED_HEARTBEATS = 3  # a node silent this many intervals is down
+DIAL_BACK_TIMEOUT_S = 2.0  # to check a registering node at the address it gave
+
+
+class Cluster:
+    """The coordinator's state: the cluster file, the bundle's identity, the nodes and the engine."""
+
+    def __init__(self, spec: ClusterSpec, bundle: Bundle):
+        self.spec = spec
+        self.bundle = bundle
+        self.tokenizer = bundle.tokenizer()
+        self.health = health.aio.HealthServicer()
+        self.metrics = CoordinatorMetrics()
+        security = spec.security
+        self.identity = Identity.load(security, "coordinator") if security else None
+        self.tokens = TokenFile(security.certs / TOKENS_FILE) if security and security.client_auth == "token" else None
+        self.nodes = [RemoteNode(node, step_timeout_s=spec.coordinator.step_timeout_s, on_state_change=self.node_changed)
+                      for node in spec.nodes]
+        self.engine = Engine(self.nodes, config=bundle.config, eos_id=bundle.eos_token_id,
+                             prefill_chunk=spec.speculation.prefill_chunk, max_queue=spec.coordinator.max_queue,
+                             incarnation=time.time_ns(), metrics=self.metrics, data_path=spec.data_path,
+                             stall_timeout_s=spec.coordinator.step_timeout_s * (bundle.config.n_stages + 1))
+
+    @property
+    def serving(self) -> bool:
+        return self.engine.can_serve
+
+    async def node_changed(self) -> None:
+        self.engine.wake()
+        await self.update_health()
+
+    async def update_health(self) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if self.serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service_name in ("", SERVICE_NAME):
+            await self.health.set(service_name, status)
+
+    def bearer_known(self, authorization: str) -> bool:
+        """Whether an Authorization value ("Bearer TOKEN") holds a token of the cluster's tokens file; a
+        refusal counts in the metrics."""
+        scheme, _, token = str(authorization).partition(" ")
+        known = scheme.lower() == "bearer" and self.tokens is not None and self.tokens.owner(token.strip()) is not None
+        if not known:
+            self.metrics.request_ended("unauthenticated")
+        return known
+
+    def prepare(self, request: pb.GenerateRequest) -> Request:
+        """A client's request, checked; SpeedError with a sentence (counted as invalid) when it cannot be served."""
+        try:
+            return self._checked(request)
+        except SpeedError:
+            self.metrics.request_ended("invalid")
+            raise
+
+    def _checked(self, request: pb.GenerateRequest) -> Request:
+        """The request as the engine takes it.
+
+        Sizes are checked before anything is tokenized or decoded, so a hostile request costs little: a
+        prompt of more characters than 16 per position of the context (at least 64 KiB) cannot fit it,
+        and stop strings are short (a stop string is checked against the decoded tail at every token)."""
+        max_prompt_chars = max(64 * 1024, 16 * self.bundle.config.context_length)
+        max_stop_strings, max_stop_chars, max_temperature = 16, 256, 100.0  # as `speed generate` allows
+        prompt, messages = request.prompt, conversation_from_wire(request)
+        if messages and prompt:
+            raise SpeedError("send either a prompt or a conversation of messages, not both")
+        if not prompt and not messages:
+            raise SpeedError("the prompt is empty; give some text for the model to continue")
+        length = len(prompt) + sum(len(m.content) for m in messages)
+        if length > max_prompt_chars:
+            raise SpeedError(f"the prompt has {length} characters; at most {max_prompt_chars} are accepted, "
+                             f"more than the model's context of {self.bundle.config.context_length} tokens holds")
+        generation = options_from_wire(request)
+        if generation.max_new_tokens < 1:
+            raise SpeedError(f"max_new_tokens must be at least 1, got {generation.max_new_tokens}")
+        if not generation.temperature <= max_temperature:  # also NaN and infinity
+            raise SpeedError(f"temperature must be 0 (greedy) to {max_temperature:g}, got {generation.temperature}")
+        generation.sampling  # noqa: B018 (raises with a sentence when a setting is out of range)
+        if len(generation.stop) > max_stop_strings:
+            raise SpeedError(f"give at most {max_stop_strings} stop strings, got {len(generation.stop)}")
+        longest = max((len(s) for s in generation.stop), default=0)
+        if longest > max_stop_chars:
+            raise SpeedError(f"a stop string may have at most {max_stop_chars} characters, got one of {longest}")
+        bundle = self.bundle
+        shown = bundle.conversation_text(messages) if messages else bundle.prompt_text(prompt, chat=generation.chat)
+        prompt_ids = self.tokenizer.encode(shown).ids
+        check_request(prompt_ids, self.bundle.config, generation.max_new_tokens)
+        stop = StopStrings(self.tokenizer, list(generation.stop))
+        speculative = self.spec.speculation.enabled if generation.speculative is None else generation.speculative
+        generated = self._continuation(request.continuation, generation.max_new_tokens)
+        text = TextStream(self.tokenizer, stop)
+        text.emitted = min(max(request.continuation.text_chars, 0), len(text.text(generated)))
+        thresholds = guess_thresholds((generation.guess_threshold, self.spec.speculation.guess_threshold),
+                                      self.bundle.guess_thresholds, self.bundle.config.n_stages)
+        window = self.spec.speculation.window if generation.window is None else generation.window
+        return Request(prompt_ids=prompt_ids, options=generation, speculative=speculative, stop=stop, text=text,
+                       generated=generated, guess_thresholds=thresholds, window=window)
+
+    async def serve(self, request: Request, *, deadline: float | None = None) -> AsyncIterator[pb.GenerateEvent]:
+        """Submit a prepared request and yield its events up to the one that finishes it. Raises QueueFull when
+        it cannot wait, RequestFailed when it cannot be finished, asyncio.TimeoutError past the deadline (the
+        event loop's clock); a caller that stops listening cancels it, which frees its caches on every node."""
+        engine, loop = self.engine, asyncio.get_running_loop()
+        try:
+            engine.submit(request)
+        except QueueFull:
+            self.metrics.request_ended("rejected")
+            raise
+        outcome = "cancelled"  # unless it ends otherwise: the caller went away
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(request.events.get(),
+                                                   None if deadline is None else max(deadline - loop.time(), 0))
+                except asyncio.TimeoutError:
+                    outcome = "deadline_exceeded"
+                    raise
+                if isinstance(event, RequestFailed):
+                    outcome = "failed"
+                    raise event
+                if event.HasField("finished"):
+                    outcome = "completed"
+                yield event
+                if outcome == "completed":
+                    return
+        finally:
+            self.metrics.request_ended(outcome)
+            if outcome in ("cancelled", "deadline_exceeded"):
+                engine.cancel(request)
+
+    def _continuation(self, continuation: pb.Continuation, max_new_tokens: int) -> list[int]:
+        vocab = self.bundle.config.vocab_size
+        limit = min(max_new_tokens, self.bundle.config.context_length)  # counted before any id is read
+        tokens = list(continuation.token_ids) if len(continuation.token_ids) <= limit else None
+        if tokens is None or not all(0 <= token < vocab for token in tokens):
+            raise SpeedError(f"the continuation must hold at most {limit} token ids (max_new_tokens, within the "
+                             f"model's context), each in 0..{vocab - 1}: the tokens this request already received")
+        return tokens
+
+    def open_node_channel(self, name: str, address: str) -> grpc.aio.Channel:
+        """A channel to a node that, in a secure cluster, only the node's own certificate can answer."""
+        if self.identity is None:
+            return grpc.aio.insecure_channel(address, options=options.CHANNEL)
+        return grpc.aio.secure_channel(address, self.identity.channel(), options=options.CHANNEL + expect_name(name))
+
+    async def register(self, request: pb.RegisterRequest) -> RemoteNode:
+        """Accept a node by what it answers when dialled back at the address it gave, never by the request's
+        own claims: in a secure cluster only the holder of the node's certificate can answer."""
+        node = next((n for n in self.nodes if n.name == request.info.name), None)
+        if node is None:
+            raise SpeedError(f"cluster file {self.spec.source or self.spec.path} has no node named "
+                             f"{request.info.name!r}; its nodes are {', '.join(n.name for n in self.nodes)}")
+        if not same_address(request.address, node.spec.address):  # never dial an address a caller chose
+            raise SpeedError(f"node {node.name} registered with address {request.address!r} but the cluster file gives "
+                             f"it {node.spec.address}; start the node with the same cluster file")
+        channel = self.open_node_channel(node.name, request.address)
+        try:
+            info = await pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=DIAL_BACK_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            await channel.close()
+            raise Unverified(f"node {node.name} could not be reached as itself at {request.address} "
+                             f"({exc.code().name}: {exc.details()})") from None
+        try:
+            self._check_node(node, info)
+        except SpeedError:
+            await channel.close()
+            raise
+        serving_us = node.state == NodeState.SERVING and info.incarnation == self.engine.incarnation
+        if serving_us and node.address == request.address:
+            await channel.close()  # it is serving us already: nothing to do (a repeated registration)
+            return node
+        await node.connect(info, request.address, channel)
+        log.info("%s registered: stages %s, %s, %d thread(s)", node.describe(), list(info.stages), info.provider,
+                 info.threads)
+        return node
+
+    def _check_node(self, node: RemoteNode, info: pb.NodeInfo) -> None:
+        where = f"cluster file {self.spec.source or self.spec.path}"
+        if info.name != node.name:
+            raise SpeedError(f"the node at that address is {info.name!r}, not {node.name}")
+        if tuple(info.stages) != node.spec.stages:
+            raise SpeedError(f"node {info.name} hosts stages {list(info.stages)} but {where} gives it "
+                             f"{list(node.spec.stages)}; start the node with the same cluster file")
+        if info.bundle_sha256 != self.bundle.sha256:
+            raise SpeedError(f"node {info.name} serves bundle {info.bundle_sha256[:12]} but the cluster's is "
+                             f"{self.bundle.sha256[:12]}; give every device the same bundle")
+
+    async def watch_heartbeats(self) -> None:
+        interval = self.spec.coordinator.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for node in self.nodes:
+                if node.state == NodeState.SERVING and now - node.last_heartbeat > MISSED_HEARTBEATS * interval + 1:
+                    log.warning("%s missed %d heartbeats; marking it down", node.describe(), MISSED_HEARTBEATS)
+                    await node.disconnect(NodeState.DOWN)
+
+    def status(self) -> pb.ClusterStatusReply:
+        now = time.monotonic()
+        engine = self.engine
+        reply = pb.ClusterStatusReply(cluster=self.spec.name, bundle_sha256=self.bundle.sha256, serving=self.serving,
+                                      active_requests=engine.active_requests, queued_requests=engine.queued_requests,
+                                      max_queue=engine.max_queue, speculation=self.spec.speculation.enabled,
+                                      incarnation=engine.incarnation)
+        for node in self.nodes:
+            reply.nodes.add(name=node.name, address=node.address, stages=node.spec.stages, state=node.state,
+                            provider=node.info.provider if node.info else "", threads=node.spec.threads,
+                            last_heartbeat_s=now - node.last_heartbeat if node.last_heartbeat else -1.0,
+                            hosting=stages_of(engine.placement, node.name), sequences=node.held,
+                            max_sequences=node.max_sequences, step_ms=node.step_ms,
+                            positions_per_s=node.positions_per_s)
+        return reply
+
+
+class Unverified(SpeedError):
+    """A registration that could not be checked now (the node did not answer as itself): it may retry."""

@@ -1,0 +1,372 @@
+"""The OpenAI-compatible HTTP API of the coordinator: POST /v1/completions, POST /v1/chat/completions (as
+server-sent events with "stream": true) and GET /v1/models, served by FastAPI in the coordinator's own
+event loop.
+
+A request becomes the same GenerateRequest the gRPC service takes, so it is checked by the same rules,
+admitted by the same engine and counted in the same metrics; the text is the text `speed generate`
+gives. Extra fields carry SPEED's own options (speculative, guess_threshold, window, top_k) and every
+answer carries SPEED's statistics under "speed". Errors take OpenAI's shape, {"error": {"message",
+"type", "param", "code"}}: 400 for a bad parameter, 401 without a valid token, 429 when the queue is
+full, 503 when the cluster cannot serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import uvicorn
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from runtime.coordinator.cluster import Cluster
+from runtime.coordinator.requests import QueueFull, Request, RequestFailed
+from runtime.core.chat import ChatMessage
+from runtime.core.cluster_file import parse_address
+from runtime.core.errors import SpeedError
+from runtime.core.generation import MAX_WINDOW, GenerationOptions
+from runtime.wire import speed_pb2 as pb
+from runtime.wire.generation import request_to_wire, result_from_wire
+
+SEED_MAX = 2**63 - 1
+STOP_GRACE_S = 2.0  # answers in progress may finish within this when the coordinator stops
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; a chat answer may fill the context
+FINISH_REASON = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
+HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+               grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504}
+ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+              429: "rate_limit_error", 503: "service_unavailable"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": ERROR_TYPE.get(self.status, "server_error"),
+                          "param": self.param, "code": None}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """The fields both endpoints take: OpenAI's, then SPEED's own (which never change the text)."""
+
+    model_config = ConfigDict(extra="ignore")  # clients send many fields this server has no use for
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = 1
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    top_k: int = Field(0, ge=0)
+    speculative: bool | None = None
+    guess_threshold: float | None = Field(None, ge=0, le=1)
+    window: int | None = Field(None, ge=0, le=MAX_WINDOW)
+
+    def check_supported(self) -> None:
+        if self.n != 1:
+            raise ApiError(400, f"n must be 1, got {self.n}: this server makes one choice per request", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise ApiError(400, f"{name} is not supported; leave it 0 (the text is exactly the model's)", param=name)
+        if self.logit_bias:
+            raise ApiError(400, "logit_bias is not supported; leave it out", param="logit_bias")
+
+    def options(self, max_tokens: int | None) -> tuple[GenerationOptions, int]:
+        """The request's GenerationOptions and its seed (a fresh one when none is given, as OpenAI's API
+        samples differently each time; the answer reports it so the text can be had again)."""
+        seed = self.seed if self.seed is not None else secrets.randbelow(SEED_MAX)
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return GenerationOptions(max_new_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k,
+                                 top_p=self.top_p, seed=seed, stop=stop, speculative=self.speculative,
+                                 guess_threshold=self.guess_threshold, window=self.window), seed
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+    logprobs: int | None = None
+    echo: bool = False
+
+
+class ChatTurn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+    def message(self) -> ChatMessage:
+        """Content given as parts ([{"type": "text", "text": ...}]) joins its text parts; others are refused."""
+        if isinstance(self.content, list):
+            kinds = {part.get("type") for part in self.content} - {"text"}
+            if kinds:
+                raise ApiError(400, f"message content parts of type {', '.join(sorted(map(str, kinds)))} are not "
+                                    "supported; send text", param="messages")
+            return ChatMessage(self.role, "".join(str(part.get("text", "")) for part in self.content))
+        return ChatMessage(self.role, self.content or "")
+
+
+class ChatRequest(Sampling):
+    messages: list[ChatTurn]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+
+
+class Answer:
+    """One request's answer in OpenAI's shapes: the whole body, or the chunks of a stream."""
+
+    def __init__(self, model: str, *, chat: bool, seed: int):
+        self.model, self.chat, self.seed = model, chat, seed
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _envelope(self, kind: str, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def whole(self, finished: pb.Finished) -> dict:
+        text, reason = finished.text, FINISH_REASON[finished.stop_reason]
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                   "logprobs": None} if self.chat else
+                  {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
+        return {**self._envelope("chat.completion" if self.chat else "text_completion", [choice]),
+                "usage": self.usage(finished), "speed": self.statistics(finished)}
+
+    def chunk(self, text: str = "", *, finish_reason: str | None = None, first: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            return self._envelope("chat.completion.chunk", [choice])
+        return self._envelope("text_completion", [{"index": 0, "text": text, "finish_reason": finish_reason,
+                                                   "logprobs": None}])
+
+    def last(self, finished: pb.Finished, *, include_usage: bool) -> list[dict]:
+        """The chunk that ends the choice (with SPEED's statistics), then the usage chunk when asked for."""
+        closing = {**self.chunk(finish_reason=FINISH_REASON[finished.stop_reason]), "speed": self.statistics(finished)}
+        if not include_usage:
+            return [closing]
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return [closing, {**self._envelope(kind, []), "usage": self.usage(finished)}]
+
+    @staticmethod
+    def usage(finished: pb.Finished) -> dict:
+        generated = len(finished.token_ids)
+        return {"prompt_tokens": finished.prompt_tokens, "completion_tokens": generated,
+                "total_tokens": finished.prompt_tokens + generated}
+
+    def statistics(self, finished: pb.Finished) -> dict:
+        statistics = result_from_wire(finished).to_json()
+        del statistics["text"]
+        return {**statistics, "seed": self.seed}
+
+
+def openai_app(cluster: Cluster) -> FastAPI:
+    app = FastAPI(title=f"SPEED cluster {cluster.spec.name}", docs_url=None, redoc_url=None)
+    model_name = cluster.bundle.manifest["name"]
+
+    @app.exception_handler(ApiError)
+    async def api_error(_, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"] if part != "body") or None
+        if first["type"] == "json_invalid":
+            param, message = None, "the request body is not valid JSON; send a JSON object of the request's fields"
+        elif param is None:
+            message = f"the request body must be a JSON object of the request's fields ({first['msg']})"
+        else:
+            message = f"{param}: {first['msg']}"
+        return JSONResponse(ApiError(400, message, param=param).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, exc: HTTPException) -> JSONResponse:
+        message = "no such endpoint; this server offers /v1/completions, /v1/chat/completions and /v1/models" \
+            if exc.status_code == 404 else str(exc.detail)
+        return JSONResponse(ApiError(exc.status_code, message).body(), status_code=exc.status_code)
+
+    def authorize(http_request: HttpRequest) -> None:
+        if cluster.tokens is not None and not cluster.bearer_known(http_request.headers.get("authorization", "")):
+            raise ApiError(401, f"cluster {cluster.spec.name} needs a valid bearer token (Authorization: Bearer "
+                                "TOKEN); ask its operator for one (speed tokens add NAME)")
+
+    def check_model(body: Sampling) -> None:
+        if body.model and body.model != model_name:
+            raise ApiError(404, f"model {body.model!r} is not served here; this cluster serves {model_name!r}",
+                           param="model")
+
+    def prepare(body: Sampling, *, prompt: str = "", messages: tuple[ChatMessage, ...] = (),
+                max_tokens: int) -> tuple[Request, Answer]:
+        body.check_supported()
+        options, seed = body.options(max_tokens)
+        try:
+            prepared = cluster.prepare(request_to_wire(prompt, options, messages))
+        except SpeedError as exc:
+            raise ApiError(400, str(exc)) from None
+        return prepared, Answer(model_name, chat=bool(messages), seed=seed)
+
+    async def answer(prepared: Request, reply: Answer, http_request: HttpRequest,
+                     include_usage: bool, stream: bool) -> Response:
+        events = cluster.serve(prepared)
+        if not stream:
+            finished = await _until_disconnected(_finished(events), http_request)
+            return JSONResponse(reply.whole(finished)) if finished else Response(status_code=499)
+        try:
+            first = await anext(events)  # an answer the cluster cannot start gets its status, not a broken stream
+        except (QueueFull, RequestFailed) as exc:
+            raise _api_error(exc) from None
+        return StreamingResponse(_server_sent(reply, first, events, include_usage), media_type="text/event-stream")
+
+    @app.get("/v1/models")
+    async def models(http_request: HttpRequest) -> dict:
+        authorize(http_request)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": f"speed cluster {cluster.spec.name}"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http_request: HttpRequest) -> Response:
+        authorize(http_request)
+        check_model(body)
+        if body.logprobs is not None or body.echo:
+            raise ApiError(400, "logprobs and echo are not supported; leave them out", param="logprobs")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise ApiError(400, f"prompt must be one text, got a list of {len(prompts)}; send one request per prompt",
+                           param="prompt")
+        prepared, reply = prepare(body, prompt=prompts[0], max_tokens=body.max_tokens or COMPLETION_MAX_TOKENS)
+        return await answer(prepared, reply, http_request, _include_usage(body), body.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, http_request: HttpRequest) -> Response:
+        authorize(http_request)
+        check_model(body)
+        if body.logprobs:
+            raise ApiError(400, "logprobs are not supported; leave them out", param="logprobs")
+        limit = body.max_completion_tokens or body.max_tokens or cluster.bundle.config.context_length
+        prepared, reply = prepare(body, messages=tuple(turn.message() for turn in body.messages), max_tokens=limit)
+        return await answer(prepared, reply, http_request, _include_usage(body), body.stream)
+
+    return app
+
+
+def _include_usage(body: Sampling) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+def _api_error(exc: QueueFull | RequestFailed) -> ApiError:
+    if isinstance(exc, QueueFull):
+        return ApiError(429, str(exc))
+    return ApiError(HTTP_STATUS.get(exc.code, 500), exc.message)
+
+
+async def _finished(events: AsyncIterator[pb.GenerateEvent]) -> pb.Finished:
+    async with contextlib.aclosing(events):
+        try:
+            async for event in events:
+                if event.HasField("finished"):
+                    return event.finished
+        except (QueueFull, RequestFailed) as exc:
+            raise _api_error(exc) from None
+    raise AssertionError("a request's events end with Finished or RequestFailed")
+
+
+async def _until_disconnected(answering, http_request: HttpRequest):
+    """The answer, or None when the client goes away first (which cancels the request, freeing its caches)."""
+    task = asyncio.ensure_future(answering)
+    watch = asyncio.ensure_future(_disconnect(http_request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    return task.result() if not task.cancelled() else None
+
+
+async def _disconnect(http_request: HttpRequest) -> None:
+    while (await http_request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _server_sent(reply: Answer, first: pb.GenerateEvent, events: AsyncIterator[pb.GenerateEvent],
+                       include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per piece of text, the closing chunk, [DONE]; a failure after the stream
+    began is an error event, as OpenAI sends one."""
+    if reply.chat:
+        yield _event(reply.chunk(first=True))  # the assistant's role comes first, as OpenAI streams it
+    async with contextlib.aclosing(events):
+        event = first
+        try:
+            while True:
+                if event.HasField("finished"):
+                    for chunk in reply.last(event.finished, include_usage=include_usage):
+                        yield _event(chunk)
+                    break
+                if event.tokens.text:
+                    yield _event(reply.chunk(event.tokens.text))
+                event = await anext(events)
+        except (QueueFull, RequestFailed) as exc:
+            yield _event(_api_error(exc).body())
+    yield "data: [DONE]\n\n"
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the coordinator's event loop, which has signal handlers of its own to stop it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def http_server(cluster: Cluster) -> tuple[EmbeddedServer, socket.socket]:
+    """The API's server and its listening socket, bound now so that a taken port is a sentence, not a crash
+    inside uvicorn. A secure cluster's API speaks TLS with the coordinator's certificate and, where clients
+    prove themselves with certificates, asks for one of the cluster's authority."""
+    address = cluster.spec.coordinator.http_address
+    host, port = parse_address(address)
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise SpeedError(f"the OpenAI-compatible API cannot listen on {address} ({exc.strerror}); stop what holds "
+                         "the port or change coordinator.http_address in the cluster file") from None
+    tls = {}
+    security = cluster.spec.security
+    if security is not None:
+        tls = {"ssl_certfile": security.certs / "coordinator.pem", "ssl_keyfile": security.certs / "coordinator.key",
+               "ssl_ca_certs": security.certs / "ca.pem",
+               "ssl_cert_reqs": ssl.CERT_REQUIRED if cluster.tokens is None else ssl.CERT_NONE}
+    config = uvicorn.Config(openai_app(cluster), log_config=None, access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=STOP_GRACE_S, **tls)
+    return EmbeddedServer(config), listener
