@@ -51,7 +51,7 @@ def fails(path: Path, message: str) -> None:
 def test_the_shipped_local_cluster_loads_and_covers_the_demo_stages():
     spec = load_cluster(LOCAL)
     assert spec.name == "local-demo" and spec.bundle is None and spec.path == LOCAL
-    assert spec.coordinator == CoordinatorSpec(address="127.0.0.1:50050")
+    assert spec.coordinator == CoordinatorSpec(address="127.0.0.1:50050", http_address="127.0.0.1:50080")
     assert [node.name for node in spec.nodes] == ["edge-1", "edge-2", "edge-3"]
     assert [node.stages for node in spec.nodes] == [(0,), (1,), (2,)]
     assert [node.address for node in spec.nodes] == ["127.0.0.1:50051", "127.0.0.1:50052", "127.0.0.1:50053"]
@@ -77,7 +77,7 @@ def test_defaults_are_applied(tmp_path):
 
 def test_every_setting_is_read(tmp_path):
     def edit(data):
-        data["coordinator"].update(step_timeout_s=0.5, heartbeat_interval_s=2)
+        data["coordinator"].update(step_timeout_s=0.5, heartbeat_interval_s=2, http_address="[::1]:8000")
         data["speculation"] = {"enabled": False, "prefill_chunk": 16, "guess_threshold": 0.25, "window": 8}
         data["data_path"] = "ring"
         data["nodes"][0].update(device="cuda", cpu_fallback=True, threads=0, max_sequences=2, idle_timeout_s=30,
@@ -86,7 +86,8 @@ def test_every_setting_is_read(tmp_path):
         del data["nodes"][2]
 
     spec = load_cluster(cluster_with(tmp_path, edit))
-    assert spec.coordinator == CoordinatorSpec("127.0.0.1:50050", step_timeout_s=0.5, heartbeat_interval_s=2.0)
+    assert spec.coordinator == CoordinatorSpec("127.0.0.1:50050", step_timeout_s=0.5, heartbeat_interval_s=2.0,
+                                               http_address="[::1]:8000")
     assert spec.speculation == SpeculationSpec(enabled=False, prefill_chunk=16, guess_threshold=0.25, window=8)
     assert spec.data_path == "ring"
     assert spec.nodes[0] == NodeSpec("edge-1", "127.0.0.1:50051", (0,), device="cuda", cpu_fallback=True, threads=0,
@@ -186,7 +187,7 @@ def test_an_unknown_key_without_a_close_match_gets_no_suggestion(tmp_path):
 
 @pytest.mark.parametrize("section, key, expected", [
     ("coordinator", "step_timeout", "coordinator: unknown key 'step_timeout'; expected one of address, "
-                                    "heartbeat_interval_s, max_queue, metrics_port, step_timeout_s "
+                                    "heartbeat_interval_s, http_address, max_queue, metrics_port, step_timeout_s "
                                     "(did you mean 'step_timeout_s'?)"),
     ("speculation", "enable", "speculation: unknown key 'enable'; expected one of enabled, guess_threshold, "
                               "prefill_chunk, window (did you mean 'enabled'?)"),
@@ -354,6 +355,11 @@ def test_a_metrics_port_may_not_take_another_process_address(tmp_path):
     path = cluster_with(tmp_path, set_node_key(1, "metrics_port", 50051))
     fails(path, f"{path}: nodes[1].metrics_port: 127.0.0.1:50051 is already used by edge-1; give every node, the "
                 "coordinator and each metrics port its own address")
+
+
+def test_the_http_api_may_not_take_another_process_address(tmp_path):
+    path = cluster_with(tmp_path, lambda data: data["coordinator"].update(http_address="127.0.0.1:50052"))
+    fails(path, f"{path}: nodes[1].address: 127.0.0.1:50052 is already used by the coordinator's HTTP API")
 
 
 def test_a_standby_node_hosts_no_stage_and_may_name_stages_to_take_over(tmp_path):

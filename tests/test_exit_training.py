@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,15 +45,29 @@ def imported(tiny_bundle, tmp_path_factory):
     return bundle
 
 
+@pytest.fixture(scope="module")
+def with_exits(imported, tmp_path_factory):
+    """with_exits(kind): the imported bundle given exits of that kind, trained once per kind for the module
+    (tests read these bundles; one that changes a bundle trains a copy)."""
+    bundles = {}
+
+    def train(kind: str) -> Path:
+        if kind not in bundles:
+            bundle = tmp_path_factory.mktemp(kind) / "bundle"
+            shutil.copytree(imported, bundle)
+            result = run_speed("train-exit", str(bundle), "--kind", kind, *SMALL)
+            assert result.returncode == 0, result.stderr
+            assert "held-out flip rate per boundary" in result.stdout
+            bundles[kind] = bundle
+        return bundles[kind]
+
+    return train
+
+
 @pytest.fixture(scope="module", params=EXIT_KINDS)
-def trained(request, imported, tmp_path_factory):
+def trained(request, with_exits):
     """The imported bundle given exits of one kind."""
-    bundle = tmp_path_factory.mktemp(request.param) / "bundle"
-    shutil.copytree(imported, bundle)
-    result = run_speed("train-exit", str(bundle), "--kind", request.param, *SMALL)
-    assert result.returncode == 0, result.stderr
-    assert "held-out flip rate per boundary" in result.stdout
-    return bundle
+    return with_exits(request.param)
 
 
 def test_the_exits_are_written_into_the_bundle_with_their_report(trained):
@@ -85,13 +100,10 @@ def test_guesses_change_and_the_text_does_not(trained):
         assert [g.stats.flips_per_boundary for g in with_exits] != [g.stats.flips_per_boundary for g in plain_runs]
 
 
-def test_a_layer_exit_runs_for_guesses_only_and_its_cache_rolls_back_with_the_stage(imported, tmp_path):
+def test_a_layer_exit_runs_for_guesses_only_and_its_cache_rolls_back_with_the_stage(with_exits):
     """After speculative decoding with flushes, each exit cache holds exactly what the exit computes over
     the committed text from position 0: no entry of a flushed guess survives."""
-    bundle_dir = tmp_path / "layer"
-    shutil.copytree(imported, bundle_dir)
-    assert run_speed("train-exit", str(bundle_dir), "--kind", "layer", *SMALL).returncode == 0
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(with_exits("layer"))
     model = open_stage_model(bundle)
     calls = []
     run_exit_layer = model.run_exit_layer
@@ -121,11 +133,10 @@ def test_a_layer_exit_runs_for_guesses_only_and_its_cache_rolls_back_with_the_st
     assert calls == []
 
 
-def test_training_another_kind_replaces_the_exits_and_leaves_no_stale_file(imported, tmp_path):
+def test_training_another_kind_replaces_the_exits_and_leaves_no_stale_file(with_exits, tmp_path):
     """Layer exits (a graph per stage) replaced by maps (one file), and the other way round."""
     bundle_dir = tmp_path / "again"
-    shutil.copytree(imported, bundle_dir)
-    assert run_speed("train-exit", str(bundle_dir), "--kind", "layer", *SMALL).returncode == 0
+    shutil.copytree(with_exits("layer"), bundle_dir)
     for kind in ("affine", "layer"):
         old = load_bundle(bundle_dir).exit_files()
         assert run_speed("train-exit", str(bundle_dir), "--kind", kind, *SMALL, "--seed", "1").returncode == 0

@@ -18,6 +18,7 @@ and head.onnx reads its tied LM-head weight from that same file.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import onnx
 import onnxscript
 import torch
+from onnx import numpy_helper
 from onnx.defs import OpSchema
 from onnx.external_data_helper import set_external_data
 from torch import nn
@@ -41,6 +43,7 @@ from runtime.models.tokenizer import eos_id
 
 OPSET = 20
 EMBEDDING_WEIGHT = "model.embedding.weight"  # initializer names are the torch parameter names
+LAYER_WEIGHT = re.compile(r"model\.layers\.(\d+)\.")
 
 # ONNX Runtime's own operator, declared here because the onnx package does not know its domain
 _FUSED_ROTARY = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "RotaryEmbedding", OpSchema(
@@ -100,12 +103,43 @@ def stage_graph_files(cfg: ModelConfig) -> list[str]:
 
 
 def export_stages(model: SpeedDecoder, out_dir: Path, progress: Progress = NO_PROGRESS) -> list[str]:
+    """Tracing takes most of an export (about a minute a stage of SmolLM2-135M), so a stage with as many
+    layers as one already traced gets that graph with its own weights instead of a trace of its own."""
     files = stage_graph_files(model.cfg)
+    traced: dict[int, int] = {}  # layers in a stage -> the stage traced with that many
     for stage, file in enumerate(files):
+        layers = len(model.cfg.stage_layers(stage))
         if not (out_dir / file).exists():
-            export_stage(model, stage, out_dir / file)
+            if layers in traced:
+                rebind_stage(model, out_dir / files[traced[layers]], traced[layers], stage, out_dir / file)
+            else:
+                export_stage(model, stage, out_dir / file)
             progress.advance()
+        traced.setdefault(layers, stage)
     return files
+
+
+def rebind_stage(model: SpeedDecoder, traced_path: Path, traced_stage: int, stage: int, path: Path) -> None:
+    """The graph of `traced_stage` computing `stage`: the same operations, on the layers `stage` runs, whose
+    weights it reads under their own names (model.layers.<i>...)."""
+    cfg = model.cfg
+    shift = cfg.stage_layers(stage).start - cfg.stage_layers(traced_stage).start
+    weights = model.state_dict()
+    graph = onnx.load(str(traced_path))
+    renamed = {}
+    for tensor in graph.graph.initializer:
+        layer = LAYER_WEIGHT.match(tensor.name)
+        if layer is None:
+            continue  # not a layer's: the same in every stage
+        name = f"model.layers.{int(layer[1]) + shift}.{tensor.name[layer.end():]}"
+        renamed[tensor.name] = tensor.name = name
+        weight = weights.get(name.removeprefix("model."))
+        if weight is not None:  # else a constant the trace lifted (the rotary tables): the same in every stage
+            assert tuple(tensor.dims) == tuple(weight.shape), name
+            tensor.CopyFrom(numpy_helper.from_array(weight.detach().numpy(), name))
+    for node in graph.graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+    onnx.save(graph, str(path))
 
 
 def export_stage(model: SpeedDecoder, stage: int, path: Path) -> None:
