@@ -70,3 +70,27 @@ def test_stage_graphs_rotate_with_onnx_runtimes_fused_kernel(tiny_bundle):
     fused = [n for n in graph.node if (n.domain, n.op_type) == ("com.microsoft", "RotaryEmbedding")]
     assert len(fused) == 2 * layers
     assert not [n for n in graph.node if n.op_type in ("Cos", "Sin")]
+
+
+def test_a_stage_given_another_stage_s_graph_is_the_graph_its_own_trace_gives(tmp_path):
+    """Stages of one size share a trace: the second gets the first's graph with its own weights, which must be
+    what tracing it would have written, operation for operation and weight for weight."""
+    import torch
+    from onnx import numpy_helper
+
+    from runtime.core.config import ModelConfig
+    from runtime.models.decoder import SpeedDecoder
+    from runtime.models.export import export_stage, rebind_stage
+
+    torch.manual_seed(0)
+    model = SpeedDecoder(ModelConfig(vocab_size=64, d_model=32, n_heads=2, n_kv_heads=1, ffn_hidden=64,
+                                     n_distinct_layers=2, n_stages=2, context_length=32, shared_layers=False))
+    export_stage(model, 0, tmp_path / "stage_0.onnx")
+    export_stage(model, 1, tmp_path / "traced.onnx")
+    rebind_stage(model, tmp_path / "stage_0.onnx", 0, 1, tmp_path / "rebound.onnx")
+    traced, rebound = (onnx.load(str(tmp_path / name)).graph for name in ("traced.onnx", "rebound.onnx"))
+    assert [(n.op_type, list(n.input)) for n in rebound.node] == [(n.op_type, list(n.input)) for n in traced.node]
+    weights = {t.name: numpy_helper.to_array(t) for t in traced.initializer}
+    assert {t.name for t in rebound.initializer} == set(weights) and any("layers.1." in name for name in weights)
+    for tensor in rebound.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor), weights[tensor.name])
