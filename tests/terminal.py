@@ -32,6 +32,12 @@ def read_until(fd: int, done: Callable[[str], bool], timeout_s: float) -> str:
     return out.decode(errors="replace")
 
 
+def with_ctrl_c() -> None:
+    """A child's preexec_fn: SIGINT back to its default, so Python turns it into KeyboardInterrupt. A job a shell
+    starts in the background (a CI run, say) inherits SIGINT ignored, and so would every child it starts."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Terminal:
     """`python -m runtime.cli ARGS` with a pseudo-terminal as its stdin, stdout and stderr (160 columns);
     term: $TERM ("dumb": no colours or cursor moves, for reading text; "xterm-256color" to see them)."""
@@ -41,7 +47,7 @@ class Terminal:
         fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # rows, columns
         self.process = subprocess.Popen([sys.executable, "-m", "runtime.cli", *args], stdin=child_end,
                                         stdout=child_end, stderr=child_end, start_new_session=True,
-                                        env={**os.environ, "PYTHONWARNINGS": "ignore", "TERM": term})
+                                        preexec_fn=with_ctrl_c, env={**os.environ, "PYTHONWARNINGS": "ignore", "TERM": term})
         os.close(child_end)
         self.shown = ""  # everything it wrote so far, line ends as "\n"
 

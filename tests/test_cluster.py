@@ -24,7 +24,7 @@ from runtime.wire import speed_pb2_grpc as pb_grpc
 from tests.conftest import CLUSTER_NEW_TOKENS as NEW_TOKENS
 from tests.conftest import CLUSTER_PROMPTS as PROMPTS
 from tests.conftest import assert_one_line_error, generate_on, in_threads, run_speed, running_cluster, write_cluster
-from tests.terminal import Terminal, read_until
+from tests.terminal import Terminal, read_until, with_ctrl_c
 
 SAMPLED = [SamplingParams(temperature=0.8, top_k=40, seed=7), SamplingParams(temperature=1.0, top_p=0.9, seed=123)]
 
@@ -215,7 +215,7 @@ def test_a_restarted_coordinator_serves_again_without_restarting_the_nodes(clust
     nodes_before = {name: p.pid for name, p in cluster.processes.items() if name != "coordinator"}
     watch = subprocess.Popen([sys.executable, "-m", "runtime.cli", "status", "--coordinator", cluster.endpoint,
                               "--watch", "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                             env={**os.environ, "PYTHONWARNINGS": "ignore"}, preexec_fn=with_ctrl_c)
     try:
         assert ": serving," in read_until(watch.stdout.fileno(), lambda out: ": serving," in out, 60)
         cluster.stop_process("coordinator")
