@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from nodes.cpu_profile import CpuProfile
 from nodes.host import StageHost
 from nodes.node_metrics import NodeMetrics
 from nodes.onnx_stage_model import OnnxStageModel
@@ -54,6 +56,14 @@ def open_model(bundle: Bundle, node: NodeSpec) -> OnnxStageModel:
         return OnnxStageModel(bundle, device="cpu", threads=node.threads, stages=stages)
 
 
+def profile_to_wire(profile: CpuProfile) -> pb.NodeProfile:
+    seconds = profile.seconds
+    return pb.NodeProfile(process_cpu_s=time.process_time(), worker_cpu_s=seconds["worker_cpu"], stage_s=seconds["stage"],
+                          stage_calls=profile.stage_calls, stage_positions=profile.stage_positions,
+                          exit_s=seconds["exit"], guess_s=seconds["guess"], commit_s=seconds["commit"],
+                          serialize_s=seconds["serialize"])
+
+
 def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = None) -> None:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -74,7 +84,7 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
                            threads=node.threads, device=node.device, open_sequences=service.open_sequences,
                            max_sequences=node.max_sequences, emulated_link_ms=node.emulated_link_ms,
                            standby_stages=[s for s in host.hostable if s not in node.stages], hosting=host.stages,
-                           incarnation=host.incarnation)
+                           incarnation=host.incarnation, profile=profile_to_wire(host.profile))
 
     metrics = NodeMetrics(node.name)
     if node.metrics_port is not None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Collection, Iterable
 import grpc
 import numpy as np
 
+from nodes.cpu_profile import CpuProfile
 from nodes.stage_model import StageModel
 from nodes.tick_executor import TickExecutor
 from runtime.core.errors import SpeedError
@@ -64,6 +65,7 @@ class StageHost:
         self.idle_timeout_s = idle_timeout_s
         self.incarnation = 0  # of the coordinator it serves; 0 before any
         self._clock = clock
+        self.profile = CpuProfile()  # every executor it makes counts here, and so does the ring worker
         self._host(self.home)
 
     def _host(self, stages: Iterable[int]) -> None:
@@ -71,7 +73,8 @@ class StageHost:
         self.stages = tuple(sorted(stages))
         self.max_items = self.max_sequences * max(len(self.stages), 1)  # one per (sequence, stage)
         self.max_truncations = TRUNCATIONS_PER_ROW * self.max_items
-        self.executor = TickExecutor(self.model, slots=self.max_sequences, capacity=1, stages=self.stages)
+        self.executor = TickExecutor(self.model, slots=self.max_sequences, capacity=1, stages=self.stages,
+                                     profile=self.profile)
         self._last_used: dict[int, float] = {}
         self._capacity: dict[int, int] = {}  # positions each open sequence may use
 
@@ -119,13 +122,14 @@ class StageHost:
         for seq_id in {*opens, *(t.seq_id for t in plan.truncations), *(i.seq_id for i in plan.items)}:
             self._last_used[seq_id] = now
         result = self.executor.run(plan, hidden_in)
-        reply = pb.StepResults(tick=batch.tick)
-        for item in plan.items:
-            key = (item.seq_id, item.start)
-            out = reply.results.add(seq_id=item.seq_id, start=item.start, prediction=result.predictions.get(key, -1),
-                                    confidence=result.confidence.get(key, 0.0))
-            if key in result.handoff:
-                out.hidden.CopyFrom(pack(result.handoff[key]))
+        with self.profile.timed("serialize"):
+            reply = pb.StepResults(tick=batch.tick)
+            for item in plan.items:
+                key = (item.seq_id, item.start)
+                out = reply.results.add(seq_id=item.seq_id, start=item.start, prediction=result.predictions.get(key, -1),
+                                        confidence=result.confidence.get(key, 0.0))
+                if key in result.handoff:
+                    out.hidden.CopyFrom(pack(result.handoff[key]))
         return reply
 
     def close(self, seq_id: int) -> None:
@@ -226,8 +230,10 @@ class StageHost:
                                       f"{i.stage - 1} of these {i.length} positions last step")
             else:
                 try:
-                    hidden_in[(i.seq_id, i.start)] = unpack(i.hidden, dtype="float32", shape=(i.length, self.cfg.d_model),
-                                                            what=f"{where}: the hidden state", finite=True)
+                    with self.profile.timed("serialize"):
+                        hidden_in[(i.seq_id, i.start)] = unpack(i.hidden, dtype="float32",
+                                                                shape=(i.length, self.cfg.d_model),
+                                                                what=f"{where}: the hidden state", finite=True)
                 except SpeedError as exc:
                     raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             lengths[(i.seq_id, i.stage)] = i.start + i.length

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import grpc
 
+from nodes.cpu_profile import CpuProfile
 from nodes.delay_line import DelayLine
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.ring import forwarded
@@ -23,8 +24,10 @@ RETRY_S = 1.0  # a broken link is not dialled again sooner: a peer that is down 
 
 
 class PeerLink:
-    def __init__(self, peer: str, channel: grpc.Channel, *, delay_s: float, incarnation: int, epoch: int):
+    def __init__(self, peer: str, channel: grpc.Channel, *, delay_s: float, incarnation: int, epoch: int,
+                 profile: CpuProfile):
         self.peer = peer
+        self._profile = profile
         self.broken_at: float | None = None
         self._channel = channel
         self._line = DelayLine(delay_s)
@@ -41,7 +44,7 @@ class PeerLink:
     def _run(self) -> None:
         stub = pb_grpc.NodeStub(self._channel)
         try:
-            stub.Forward(forwarded(batch, **self._stamp) for batch in self._line.batches())
+            stub.Forward(self._messages())
         except grpc.RpcError as exc:
             log.warning("the link to node %s broke (%s); it is opened again for the next message", self.peer,
                         exc.code().name if hasattr(exc, "code") else exc)
@@ -49,15 +52,22 @@ class PeerLink:
             self.broken_at = time.monotonic()
             self._channel.close()
 
+    def _messages(self):
+        for batch in self._line.batches():
+            with self._profile.timed("serialize"):
+                message = forwarded(batch, **self._stamp)
+            yield message
+
 
 class PeerLinks:
     def __init__(self, addresses: dict[str, str], open_channel: Callable[[str, str], grpc.Channel], *, delay_s: float,
-                 incarnation: int, epoch: int):
+                 incarnation: int, epoch: int, profile: CpuProfile):
         """addresses: node name -> address of every other node of the placement; open_channel(name, address)."""
         self._addresses = addresses
         self._open_channel = open_channel
         self._delay_s = delay_s
         self._incarnation, self._epoch = incarnation, epoch
+        self._profile = profile
         self._links: dict[str, PeerLink] = {}
 
     def send(self, peer: str, message) -> None:
@@ -66,7 +76,7 @@ class PeerLinks:
             return
         if link is None or link.broken_at is not None:
             link = self._links[peer] = PeerLink(peer, self._open_channel(peer, self._addresses[peer]), delay_s=self._delay_s,
-                                                incarnation=self._incarnation, epoch=self._epoch)
+                                                incarnation=self._incarnation, epoch=self._epoch, profile=self._profile)
         link.send(message)
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 
+from nodes.cpu_profile import CpuProfile
 from nodes.delay_line import DelayLine
 from nodes.host import StepRefused, check_open
 from nodes.node_metrics import NodeMetrics
@@ -31,7 +32,8 @@ log = logging.getLogger("speed.node")
 
 class RingWorker:
     def __init__(self, model: StageModel, *, name: str, stages: tuple[int, ...], placement: dict[int, str],
-                 links: PeerLinks, max_sequences: int, prefill_chunk: int, delay_s: float, metrics: NodeMetrics):
+                 links: PeerLinks, max_sequences: int, prefill_chunk: int, delay_s: float, metrics: NodeMetrics,
+                 profile: CpuProfile):
         """placement: stage -> the name of the node running it, this one included."""
         self.name = name
         self.cfg = model.config
@@ -40,7 +42,9 @@ class RingWorker:
         self.max_sequences = max_sequences
         self.metrics = metrics
         self.core = RingNode(stages, self.cfg.n_stages, prefill_chunk=prefill_chunk)
-        self.executor = TickExecutor(model, slots=max_sequences, capacity=1, stages=stages, hand_over_locally=False)
+        self.profile = profile
+        self.executor = TickExecutor(model, slots=max_sequences, capacity=1, stages=stages, hand_over_locally=False,
+                                     profile=profile)
         self.events = DelayLine(delay_s)  # to the coordinator: commits, closed sequences' counts, failures
         self._arrivals = DelayLine(delay_s)  # from the coordinator
         self._inbox: queue.Queue = queue.Queue()
@@ -82,19 +86,24 @@ class RingWorker:
                 events = []
             while not self._inbox.empty():
                 events.append(self._inbox.get_nowait())
-            for kind, payload in events:
-                if kind == "stop":
-                    return
-                if kind == "control":
-                    self._apply_control(payload)
-                else:
-                    self._receive(payload)
-            runs = self._deferred + self.core.take_runs()
-            self._route()  # corrections found while taking hops
-            working = bool(runs)
-            if runs:
-                self._execute(runs)
-                self._route()
+            if any(kind == "stop" for kind, _ in events):
+                return
+            with self.profile.timed("worker_cpu"):
+                working = self._work(events)
+
+    def _work(self, events: list) -> bool:
+        """Apply what arrived, run what can run, send what comes out; whether anything ran."""
+        for kind, payload in events:
+            if kind == "control":
+                self._apply_control(payload)
+            else:
+                self._receive(payload)
+        runs = self._deferred + self.core.take_runs()
+        self._route()  # corrections found while taking hops
+        if runs:
+            self._execute(runs)
+            self._route()
+        return bool(runs)
 
     def _apply_control(self, control: pb.RingControl) -> None:
         for seq_id in control.closes:

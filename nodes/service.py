@@ -91,10 +91,10 @@ class NodeService(pb_grpc.NodeServicer):
         placement = {place.stage: place.node for place in request.placement}
         addresses = {place.node: place.address for place in request.placement if place.node != self.host.name}
         links = PeerLinks(addresses, self._open_peer_channel, delay_s=self._link_delay_s,
-                          incarnation=request.incarnation, epoch=request.epoch)
+                          incarnation=request.incarnation, epoch=request.epoch, profile=self.host.profile)
         self._ring = RingWorker(self.host.model, name=self.host.name, stages=self.host.stages, placement=placement,
                                 links=links, max_sequences=self.host.max_sequences, prefill_chunk=self.prefill_chunk,
-                                delay_s=self._link_delay_s, metrics=self.metrics)
+                                delay_s=self._link_delay_s, metrics=self.metrics, profile=self.host.profile)
         self._ring_stamp = (request.incarnation, request.epoch)
         self._ring_peers = {node_common_name(name) for name in addresses}
 
@@ -120,7 +120,7 @@ class NodeService(pb_grpc.NodeServicer):
                         "on the connection of the coordinator that assigned its stages")
             self._emulate_link()
             refusal = None
-            with self._lock:
+            with self._lock, self.host.profile.worker():
                 started = time.perf_counter()
                 try:
                     results = self.host.step(batch)
@@ -175,8 +175,10 @@ class NodeService(pb_grpc.NodeServicer):
             if ring is None or (message.incarnation, message.epoch) != self._ring_stamp:
                 continue  # from before the last assignment: what it carries is void
             try:
-                ring.deliver(messages_from_wire(message, d_model=cfg.d_model, vocab_size=cfg.vocab_size,
-                                                context_length=cfg.context_length))
+                with self.host.profile.timed("serialize"):
+                    messages = messages_from_wire(message, d_model=cfg.d_model, vocab_size=cfg.vocab_size,
+                                                  context_length=cfg.context_length)
+                ring.deliver(messages)
             except SpeedError as exc:
                 self.metrics.refused(grpc.StatusCode.INVALID_ARGUMENT.name)
                 _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))

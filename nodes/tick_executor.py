@@ -14,12 +14,14 @@ cut with the stage's row. The shared classifier then runs once over every item.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from itertools import groupby
 from typing import NamedTuple
 
 import numpy as np
 
+from nodes.cpu_profile import CpuProfile
 from nodes.kv_cache import KVCache
 from nodes.stage_model import StageModel, StageOutput
 from runtime.core.errors import SpeedError
@@ -45,11 +47,12 @@ def guess_probability(logits: np.ndarray, token: int, temperature: float) -> flo
 
 class TickExecutor:
     def __init__(self, model: StageModel, *, slots: int, capacity: int, stages: Iterable[int] | None = None,
-                 hand_over_locally: bool = True):
+                 hand_over_locally: bool = True, profile: CpuProfile | None = None):
         """hand_over_locally: an item's hidden state stays here for the next hosted stage's next run (a
         tick); False hands every hidden state out and takes every input in (the ring decides when the
-        next stage runs)."""
+        next stage runs). profile: where the time of stage, exit and classifier calls is counted."""
         self.model = model
+        self.profile = profile or CpuProfile()
         self.hand_over_locally = hand_over_locally
         self.cfg = model.config
         self.slots = slots
@@ -168,9 +171,14 @@ class TickExecutor:
     def _run_call(self, stage: int, items: list[Item], hidden_in: Mapping[Key, np.ndarray], last_hidden: dict,
                   hidden_after: dict) -> None:
         """One graph call for items of equal length on stages that share the graph of `stage`."""
+        def run(hidden: np.ndarray, rows: slice) -> StageOutput:
+            started = time.thread_time()
+            out = self.model.run_stage(stage, hidden, self.cache, rows)
+            self.profile.stage_call(time.thread_time() - started, len(items) * items[0].length)
+            return out
+
         outputs = self._call(items, [self.row(item.seq_id, item.stage) for item in items],
-                             [self._input_of(item, hidden_in) for item in items], self.cache,
-                             lambda hidden, rows: self.model.run_stage(stage, hidden, self.cache, rows))
+                             [self._input_of(item, hidden_in) for item in items], self.cache, run)
         for item, out in zip(items, outputs):
             hidden_after[(item.seq_id, item.start)] = out
             last_hidden[item] = out[-1]
@@ -201,6 +209,9 @@ class TickExecutor:
         """Every position of a guessing item passes its stage's one-layer exit (whose cache needs them all);
         returns what the last position's guess reads, per item."""
         reads = {}
+        if not self._exit_stages:
+            return reads
+        started = time.thread_time()
         for stage in self._exit_stages:
             at_stage = sorted((item for item in items if item.stage == stage and self._guesses_through_exit(item)),
                               key=lambda item: item.length)
@@ -211,6 +222,7 @@ class TickExecutor:
                                      lambda hidden, rows, s=stage: self.model.run_exit_layer(s, hidden, self.exit_cache,
                                                                                             rows))
                 reads |= {item: out[-1] for item, out in zip(group, outputs)}
+        self.profile.add("exit", time.thread_time() - started)
         return reads
 
     def _head_input(self, item: Item, hidden: np.ndarray) -> np.ndarray:
@@ -228,6 +240,7 @@ class TickExecutor:
         items = [item for item in items if item.predict]
         if not items:
             return {}, {}
+        started = time.thread_time()
         logits, greedy = self.model.classify(np.stack([self._head_input(item, last_hidden[item]) for item in items]))
         predictions, confidence = {}, {}
         for i, item in enumerate(items):
@@ -238,4 +251,8 @@ class TickExecutor:
                                 choose_token(logits[i], sampling, item.start + item.length))
             if not item.final_token:
                 confidence[key] = guess_probability(logits[i], predictions[key], sampling.temperature)
+        # one call classifies guesses and committed tokens together: its time is shared out by rows
+        seconds, final = time.thread_time() - started, sum(item.final_token for item in items)
+        self.profile.add("commit", seconds * final / len(items))
+        self.profile.add("guess", seconds * (len(items) - final) / len(items))
         return predictions, confidence

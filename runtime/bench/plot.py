@@ -27,6 +27,7 @@ TITLE_WIDTH = 0.95  # the widest a title line may be, as a fraction of the figur
 
 # kind -> the key only its reports have, tried in this order
 KINDS = {
+    "cpu": "cases",
     "data_paths": "rows",
     "chaos": "results",
     "load": "clients_tokens_per_s",
@@ -405,7 +406,45 @@ def title_agreement(report: dict) -> str:
             f"x {report['new_tokens']} tokens (dotted: all of them), and held-out loss")
 
 
+def case_label(case: dict) -> str:
+    sampling = "greedy" if not case["temperature"] else f"T={case['temperature']:g}"
+    return f"{case['data_path']}\n{sampling}\n{case['mode'][:4]}."
+
+
+def draw_cpu(fig, report: dict) -> None:
+    """The ratios of every case, then where its busiest node's CPU per token goes, part on part."""
+    cases = report["cases"]
+    ratios, parts = panels(fig, 2)
+    fig.set_size_inches(max(PANEL_SIZE[0], 0.9 * len(cases)) * 2, PANEL_SIZE[1] * 1.2)
+    labels = [case_label(case) for case in cases]
+    grouped_bars(ratios, labels, {"total ratio": [case["total_ratio"] for case in cases],
+                                  "node ratio": [case["node_ratio"] for case in cases]}, "x the single process's CPU", 2)
+    ratios.axhline(1.0, color="#7f7f7f", linewidth=0.8)
+    ratios.set_title("CPU per committed token against one process (1 = its share)", fontsize=10)
+    bottoms = [0.0] * len(cases)
+    for i, part in enumerate(report_parts(cases)):
+        values = [case["breakdown_ms"][case["busiest_node"]].get(part, 0.0) for case in cases]
+        parts.bar(range(len(cases)), values, bottom=bottoms, label=part, color=f"C{i}")
+        bottoms = [b + v for b, v in zip(bottoms, values)]
+    parts.set_xticks(range(len(cases)), labels, fontsize=8)
+    parts.set_ylabel("ms of CPU per committed token")
+    parts.set_title("the busiest node: where its CPU goes", fontsize=10)
+    parts.margins(y=0.1)
+    parts.legend(fontsize=7)
+
+
+def report_parts(cases: list[dict]) -> list[str]:
+    return list(dict.fromkeys(part for case in cases for part in case["breakdown_ms"][case["busiest_node"]]))
+
+
+def title_cpu(report: dict) -> str:
+    short, long = report["new_tokens"]
+    return (f"{cluster_name(report)}: CPU per committed token, {report['prompts']} prompts decoded to {short} and "
+            f"{long} tokens, ring window {report['window']}")
+
+
 DRAWERS = {
+    "cpu": (draw_cpu, title_cpu),
     "reference": (draw_reference, title_reference),
     "local": (draw_local, title_local),
     "cluster": (draw_cluster, title_cluster),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from runtime.cli.arguments import add_threads_flag, add_window_flag, link_ms, number, seed_int, token_count, whole
 from runtime.cli.progress import stderr_progress
+from runtime.core.cluster_file import DATA_PATHS as DATA_PATH_NAMES
 from runtime.core.errors import SpeedError
 
 
@@ -22,6 +23,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--data-paths", type=latencies, metavar="MS,...",
                    help="with FILE: both data paths (lockstep, ring), sequential and speculative, at each of these "
                         "EMULATED one-way link latencies, e.g. 0,5,20")
+    p.add_argument("--cpu", type=data_path_list, nargs="?", const=DATA_PATH_NAMES, metavar="PATHS",
+                   help="with FILE: CPU time per committed token of the coordinator and of each node against one "
+                        "process, where each node's goes, greedy and sampled, sequential and speculative, on these "
+                        "data paths (default lockstep,ring)")
     add_window_flag(p)
     p.add_argument("--reference", action="store_true", help="plain decoding: onnx vs torch, context 32 vs 512")
     p.add_argument("--local", action="store_true", help="sequential vs speculative decoding in one process")
@@ -39,8 +44,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=token_count,
                    help="tokens per run (default 64 reference, 128 local and FILE, 48 --clients and --chaos)")
     p.add_argument("--repeats", type=whole(1, 1000), default=3)
-    p.add_argument("--temperature", type=number(0, 100, zero="0 = greedy"), default=0.0,
-                   help="with --reference, --local, FILE or --clients: sample at this temperature (seed 0), not greedy")
+    p.add_argument("--temperature", type=number(0, 100, zero="0 = greedy"),
+                   help="with --reference, --local, FILE, --clients or --cpu: sample at this temperature (seed 0), not "
+                        "greedy (--cpu: only at this one; by default greedy and 0.8)")
     p.add_argument("--guess-threshold", type=number(0, 1, above=True), metavar="P",
                    help="with --local or FILE: also run speculation behind this confidence gate (default: the "
                         "cluster file's, else the bundle's from `speed calibrate`)")
@@ -75,7 +81,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         cmd_bench_cluster(args)
         return
     for flag, value in [("--clients", args.clients), ("--chaos", args.chaos), ("--emulate-link-ms", args.emulate_link_ms),
-                        ("--data-paths", args.data_paths), ("--window", args.window)]:
+                        ("--data-paths", args.data_paths), ("--window", args.window), ("--cpu", args.cpu)]:
         if value is not None:
             raise SpeedError(f"{flag} needs a cluster FILE")
     if args.temperature and (args.agreement is not None or args.chaos is not None):
@@ -169,7 +175,7 @@ def cmd_plot_from(args: argparse.Namespace) -> None:
 def bench_sampling(args: argparse.Namespace):
     from runtime.core.sampling import SamplingParams
 
-    return SamplingParams(temperature=args.temperature)
+    return SamplingParams(temperature=args.temperature or 0.0)
 
 
 def latencies(text: str) -> tuple[float, ...]:
@@ -187,6 +193,9 @@ def cmd_bench_cluster(args: argparse.Namespace) -> None:
         raise SpeedError("--guess-threshold applies to --local and a cluster FILE's speculative runs")
     if (args.clients is not None or args.chaos is not None) and args.data_paths is not None:
         raise SpeedError("--data-paths is a benchmark of its own; drop --clients and --chaos")
+    if args.cpu is not None:
+        cmd_bench_cpu(args)
+        return
     if args.clients is not None:
         cmd_bench_load(args)
         return
@@ -216,6 +225,31 @@ def cmd_bench_data_paths(args: argparse.Namespace) -> None:
                               progress=stderr_progress(json_output=args.json))
     print(json.dumps(report) if args.json else format_data_paths(report))
     draw(args, report)
+
+
+def cmd_bench_cpu(args: argparse.Namespace) -> None:
+    from runtime.bench.cpu import SAMPLED_TEMPERATURE, bench_cpu, format_cpu
+
+    for flag, value in [("--clients", args.clients), ("--chaos", args.chaos), ("--data-paths", args.data_paths),
+                        ("--emulate-link-ms", args.emulate_link_ms), ("--guess-threshold", args.guess_threshold)]:
+        if value is not None:
+            raise SpeedError(f"--cpu is a benchmark of its own at the file's link latency, sending every guess; drop {flag}")
+    temperatures = (0.0, SAMPLED_TEMPERATURE) if args.temperature is None else (args.temperature,)
+    report = bench_cpu(args.cluster_file, data_paths=args.cpu, temperatures=temperatures,
+                       new_tokens=args.new_tokens or 128, repeats=args.repeats, window=args.window,
+                       progress=stderr_progress(json_output=args.json))
+    print(json.dumps(report) if args.json else format_cpu(report))
+    draw(args, report)
+
+
+def data_path_list(text: str) -> tuple[str, ...]:
+    """"ring" or "lockstep,ring" -> the data paths named, each once."""
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",")))
+    unknown = [name for name in names if name not in DATA_PATH_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"give data paths separated by commas, from {', '.join(DATA_PATH_NAMES)}; "
+                                         f"got {text!r}")
+    return names
 
 
 def cmd_bench_load(args: argparse.Namespace) -> None:

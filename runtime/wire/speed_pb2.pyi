@@ -339,7 +339,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "stages", "bundle_sha256", "provider", "threads", "device", "open_sequences", "max_sequences", "emulated_link_ms", "standby_stages", "hosting", "incarnation")
+    __slots__ = ("name", "stages", "bundle_sha256", "provider", "threads", "device", "open_sequences", "max_sequences", "emulated_link_ms", "standby_stages", "hosting", "incarnation", "profile")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -352,6 +352,7 @@ class NodeInfo(_message.Message):
     STANDBY_STAGES_FIELD_NUMBER: _ClassVar[int]
     HOSTING_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     name: str
     stages: _containers.RepeatedScalarFieldContainer[int]
     bundle_sha256: str
@@ -364,7 +365,30 @@ class NodeInfo(_message.Message):
     standby_stages: _containers.RepeatedScalarFieldContainer[int]
     hosting: _containers.RepeatedScalarFieldContainer[int]
     incarnation: int
-    def __init__(self, name: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., bundle_sha256: _Optional[str] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., device: _Optional[str] = ..., open_sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., emulated_link_ms: _Optional[float] = ..., standby_stages: _Optional[_Iterable[int]] = ..., hosting: _Optional[_Iterable[int]] = ..., incarnation: _Optional[int] = ...) -> None: ...
+    profile: NodeProfile
+    def __init__(self, name: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., bundle_sha256: _Optional[str] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., device: _Optional[str] = ..., open_sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., emulated_link_ms: _Optional[float] = ..., standby_stages: _Optional[_Iterable[int]] = ..., hosting: _Optional[_Iterable[int]] = ..., incarnation: _Optional[int] = ..., profile: _Optional[_Union[NodeProfile, _Mapping]] = ...) -> None: ...
+
+class NodeProfile(_message.Message):
+    __slots__ = ("process_cpu_s", "worker_cpu_s", "stage_s", "stage_calls", "stage_positions", "exit_s", "guess_s", "commit_s", "serialize_s")
+    PROCESS_CPU_S_FIELD_NUMBER: _ClassVar[int]
+    WORKER_CPU_S_FIELD_NUMBER: _ClassVar[int]
+    STAGE_S_FIELD_NUMBER: _ClassVar[int]
+    STAGE_CALLS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    EXIT_S_FIELD_NUMBER: _ClassVar[int]
+    GUESS_S_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_S_FIELD_NUMBER: _ClassVar[int]
+    SERIALIZE_S_FIELD_NUMBER: _ClassVar[int]
+    process_cpu_s: float
+    worker_cpu_s: float
+    stage_s: float
+    stage_calls: int
+    stage_positions: int
+    exit_s: float
+    guess_s: float
+    commit_s: float
+    serialize_s: float
+    def __init__(self, process_cpu_s: _Optional[float] = ..., worker_cpu_s: _Optional[float] = ..., stage_s: _Optional[float] = ..., stage_calls: _Optional[int] = ..., stage_positions: _Optional[int] = ..., exit_s: _Optional[float] = ..., guess_s: _Optional[float] = ..., commit_s: _Optional[float] = ..., serialize_s: _Optional[float] = ...) -> None: ...
 
 class OpenSequence(_message.Message):
     __slots__ = ("seq_id", "sampling", "capacity", "plain_guesses")
