@@ -23,6 +23,7 @@ from nodes.stage_model import StageModel
 from nodes.tick_executor import TickExecutor
 from runtime.core.generation import MAX_WINDOW
 from runtime.core.ring import Commit, Hop, RingError, RingNode, Run
+from runtime.core.run_ahead import RunAheadPrice
 from runtime.core.scheduler import Item, TickPlan, Truncate
 from runtime.wire import speed_pb2 as pb
 from runtime.wire.ring import commit_to_wire
@@ -49,6 +50,8 @@ class RingWorker:
         self._arrivals = DelayLine(delay_s)  # from the coordinator
         self._inbox: queue.Queue = queue.Queue()
         self._deferred: list[Run] = []
+        self._price = RunAheadPrice()  # what the head's run-ahead costs and saves, measured
+        self._ran_at: dict[tuple[int, int], float] = {}  # (sequence, position to commit) -> when stage 0 ran it
         for target, what in ((self._loop, "ring"), (self._pump_arrivals, "ring-arrivals")):
             threading.Thread(target=target, daemon=True, name=f"{what}-{name}").start()
 
@@ -142,14 +145,23 @@ class RingWorker:
                 for stage, c in sorted(counts.items())]))
         self.core.close(seq_id)
         self.executor.close(seq_id)
+        self._ran_at = {key: at for key, at in self._ran_at.items() if key[0] != seq_id}
         self._deferred = [run for run in self._deferred if run.seq_id != seq_id]
 
     def _receive(self, messages: list) -> None:
         for message in messages:
             try:
-                self.core.receive(message)
+                self._take(message)
             except RingError as exc:
                 log.warning("dropped a message the ring cannot take: %s", exc)
+
+    def _take(self, message) -> None:
+        if isinstance(message, Commit):
+            ran_at = self._ran_at.pop((message.seq_id, message.position), None)
+            if ran_at is not None:
+                self._price.waited(time.perf_counter() - ran_at)
+                self.core.run_ahead = self._price.threshold
+        self.core.receive(message)
 
     def _route(self) -> None:
         for message in self.core.drain():
@@ -157,7 +169,7 @@ class RingWorker:
                 self.events.put(commit_to_wire(message))
             target = self.placement[message.stage if isinstance(message, Hop) else 0]
             if target == self.name:
-                self.core.receive(message)
+                self._take(message)
             else:
                 self.links.send(target, message)
 
@@ -181,7 +193,12 @@ class RingWorker:
                 self.events.put(pb.RingFailure(seq_id=seq_id, message=f"node {self.name} failed to run it: {exc!r}"))
                 self._close(seq_id, report=False)
             return
-        self.metrics.step(time.perf_counter() - started, sum(len(run.tokens) for run in batch))
+        finished = time.perf_counter()
+        self.metrics.step(finished - started, sum(len(run.tokens) for run in batch))
+        heads = [run for run in batch if run.stage == 0 and not run.final]
+        if heads:
+            self._price.ran(finished - started)
+            self._ran_at |= {(run.seq_id, run.end): finished for run in heads}
         for run in batch:
             key = (run.seq_id, run.start)
             self.core.ran(run, result.predictions.get(key), result.confidence.get(key, 1.0), result.handoff.get(key))

@@ -74,13 +74,15 @@ class Simulation:
     link_ms: tuple[float, float] = (0.5, 5.0)
     compute_ms: tuple[float, float] = (0.2, 2.0)
     prefill_chunk: int = 4
+    run_ahead: float = 0.0  # how sure the head must be of its guesses in flight to run on them
     now: float = 0.0
     committed: dict = field(default_factory=dict)  # seq -> generated tokens, as the coordinator saw them
     wanted: dict = field(default_factory=dict)  # seq -> new tokens
     closed: set = field(default_factory=set)
 
     def __post_init__(self):
-        self.nodes = [SimNode(f"n{i}", RingNode(stages, self.n_stages, prefill_chunk=self.prefill_chunk))
+        self.nodes = [SimNode(f"n{i}", RingNode(stages, self.n_stages, prefill_chunk=self.prefill_chunk,
+                                                       run_ahead=self.run_ahead))
                       for i, stages in enumerate(self.hosting)]
         self.node_of = {stage: node for node in self.nodes for stage in node.core.stages}
         self._events: list = []

@@ -3,10 +3,12 @@ compute times: the committed text is always sequential decoding's."""
 
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.core.ring import Commit, Correction, Hop, RingNode
+from runtime.core.run_ahead import RunAheadPrice
 from tests.ring_simulation import Simulation, reference_decode
 
 
@@ -24,7 +26,8 @@ def simulations(draw):
         flip=draw(st.lists(st.sampled_from([0.0, 0.1, 0.5, 1.0]), min_size=n_stages, max_size=n_stages)),
         thresholds=tuple(draw(st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=n_stages - 1,
                                        max_size=n_stages - 1))),
-        prefill_chunk=draw(st.integers(1, 5)), seed=draw(st.integers(0, 2**32 - 1)),
+        prefill_chunk=draw(st.integers(1, 5)), run_ahead=draw(st.sampled_from([0.0, 0.3, 0.9, 1.0])),
+        seed=draw(st.integers(0, 2**32 - 1)),
         sequences=draw(st.lists(st.tuples(st.integers(1, 9), st.integers(1, 30)), min_size=1, max_size=6)))
 
 
@@ -33,7 +36,7 @@ def simulations(draw):
 def test_committed_text_is_sequential_decoding(case):
     rng = random.Random(case["seed"])
     sim = Simulation(case["n_stages"], case["hosting"], case["window"], case["flip"], case["thresholds"], rng,
-                     prefill_chunk=case["prefill_chunk"])
+                     prefill_chunk=case["prefill_chunk"], run_ahead=case["run_ahead"])
     expected = {}
     for seq_id, (prompt_length, new_tokens) in enumerate(case["sequences"]):
         prompt = [rng.randrange(1000) for _ in range(prompt_length)]
@@ -77,3 +80,30 @@ def test_sequential_decoding_waits_for_each_commit():
     head.receive(Commit(1, 1, 9))
     [run] = head.take_runs()
     assert (run.start, run.tokens, run.predict) == (1, (9,), False)
+
+
+def test_the_head_stops_running_ahead_after_an_unsure_guess_until_it_is_committed():
+    head = RingNode((0,), 3, run_ahead=0.5)
+    head.open(1, [3], last_position=20, window=8)
+    [prefill] = head.take_runs()
+    head.ran(prefill, prediction=10, confidence=0.3)  # the guess at position 1: the first always runs
+    [first] = head.take_runs()
+    head.ran(first, prediction=11, confidence=0.9)  # position 2 would build on the unsure guess: wait
+    assert head.take_runs() == []
+    head.receive(Commit(1, 1, 10))  # the unsure guess was right
+    [second] = head.take_runs()
+    assert (second.start, second.tokens) == (2, (11,))
+    head.ran(second, prediction=12, confidence=0.9)  # sure: runs on
+    [third] = head.take_runs()
+    assert (third.start, third.tokens) == (3, (12,))
+
+
+def test_a_run_ahead_pays_when_the_commit_it_saves_waiting_for_outlasts_the_pass_it_may_waste():
+    price = RunAheadPrice()
+    assert price.threshold == 0.0  # nothing measured yet: always run
+    price.ran(0.001)
+    price.waited(0.003)
+    assert price.threshold == pytest.approx(0.25)  # fast links: a chain must be right a quarter of the time
+    for _ in range(100):
+        price.waited(0.099)
+    assert price.threshold == pytest.approx(0.01, abs=1e-3)  # slow links: nearly every chain runs

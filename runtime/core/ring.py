@@ -4,7 +4,12 @@ stage runs ahead on its own guesses, and mispredictions are settled between node
 The node hosting stage 0 (the head) owns each sequence's timeline: the prefill (prompt and tokens
 committed before), then one token per position, guessed or committed. It runs stage 0 position after
 position and feeds its own guess for the next position straight back in, up to `window` positions
-beyond the last committed one (0: wait for every committed token, which is sequential decoding). Each
+beyond the last committed one (0: wait for every committed token, which is sequential decoding), and
+only while it is sure enough of them: it pauses after a guess it gives less than `run_ahead` of
+probability, until that position is committed or corrected, since a wrong guess throws away every pass
+run after it. (The shell sets run_ahead from what it measures: running on a guess is worth its pass
+when the wait it is expected to save, the time a commit takes to come back, outweighs the pass it is
+expected to waste.) Each
 stage hands its positions to the next stage as a `Hop`. A stage that predicts a position (every stage
 of a speculating sequence, unless its gate makes no guesses) checks the token each hop brings against
 its own prediction for it; on a difference it sends the head a `Correction` and drops the rest of that
@@ -128,6 +133,7 @@ class _Head:
     emitted: int = 0  # positions handed to stage 0 in this generation's timeline
     busy: bool = False  # a stage 0 run is out
     forks: list[tuple[int, int]] = field(default_factory=list)  # (generation, position it forked at)
+    sure: dict[int, float] = field(default_factory=dict)  # guessed position -> stage 0's probability of its guess
     counts: StageCounts = field(default_factory=StageCounts)  # stage 0's
     held_guesses: int = 0
     corrections: int = 0  # applied
@@ -141,12 +147,16 @@ class _Sequence:
 
 
 class RingNode:
-    def __init__(self, stages: tuple[int, ...], n_stages: int, *, prefill_chunk: int = 64):
-        if not stages or any(not 0 <= s < n_stages for s in stages) or prefill_chunk < 1:
-            raise ValueError("a ring node hosts at least one of the model's stages; prefill_chunk >= 1")
+    def __init__(self, stages: tuple[int, ...], n_stages: int, *, prefill_chunk: int = 64, run_ahead: float = 0.0):
+        """run_ahead: stage 0 runs on no guess it gives less probability than this until the guess is
+        committed or corrected (0: always up to the window); the shell may change it."""
+        if not stages or any(not 0 <= s < n_stages for s in stages) or prefill_chunk < 1 or not 0 <= run_ahead <= 1:
+            raise ValueError("a ring node hosts at least one of the model's stages; prefill_chunk >= 1; "
+                             "0 <= run_ahead <= 1")
         self.stages = tuple(sorted(set(stages)))
         self.n_stages = n_stages
         self.prefill_chunk = prefill_chunk
+        self.run_ahead = run_ahead
         self.sequences: dict[int, _Sequence] = {}
         self.outbox: list[Message] = []
         # The coordinator opens a sequence on every node at once, but a node may hear from the node before
@@ -225,6 +235,7 @@ class RingNode:
             raise RingError(f"sequence {commit.seq_id}: a commit at position {commit.position} while "
                             f"{head.committed} positions are final and {len(head.tokens)} known")
         head.committed += 1
+        head.sure.pop(commit.position, None)
         if commit.position == len(head.tokens):
             head.tokens.append(commit.token)  # the guess was held back, or never made
         elif head.tokens[commit.position] != commit.token:
@@ -249,6 +260,7 @@ class RingNode:
         head.forks = [(gen, at) for gen, at in head.forks if at >= head.committed] + [(head.gen, position)]
         del head.tokens[max(position + 1, head.committed):]
         head.tokens[position] = token
+        head.sure = {p: sure for p, sure in head.sure.items() if p < position}  # a later stage's token is not a guess
         head.emitted = min(head.emitted, position)
 
     # --- runs ----------------------------------------------------------------------------------
@@ -272,6 +284,8 @@ class RingNode:
         start = head.emitted
         if start >= len(head.tokens) or start >= head.committed + head.window or start > head.last_position:
             return None
+        if start > head.committed and not self._likely(head, start):
+            return None
         end = start + 1
         if start < head.committed:  # known tokens (the prefill) go in chunks
             end = min(head.committed, len(head.tokens), start + self.prefill_chunk, head.last_position + 1)
@@ -281,6 +295,10 @@ class RingNode:
         last = self.n_stages == 1
         return Run(seq_id, head.gen, 0, start, tuple(head.tokens[start:end]),
                    predict=last or head.window > 0 and head.threshold < 1, final=last, committed=head.committed)
+
+    def _likely(self, head: _Head, position: int) -> bool:
+        """Whether every guess in flight up to `position` has at least the run_ahead probability."""
+        return all(head.sure.get(p, 1.0) >= self.run_ahead for p in range(head.committed, position + 1))
 
     def _stage_run(self, seq_id: int, seq: _Sequence, index: int, stage: _Stage) -> Run | None:
         while stage.inbox:
@@ -361,5 +379,6 @@ class RingNode:
             return
         if confidence >= head.threshold:
             head.tokens.append(prediction)
+            head.sure[run.end] = confidence
         else:
             head.held_guesses += 1
