@@ -38,6 +38,9 @@ class OnnxStageModel:
         self._stage_sessions = {stage: sessions[graphs[stage]] for stage in self.stages}
         self._head = session(bundle.head_graph)
         self.provider = self._head.get_providers()[0]
+        guess_head = bundle.guess_head_graph
+        self._guess_head = session(guess_head) if guess_head is not None else self._head
+        self.guess_vocabulary = bundle.guess_vocabulary()
         self._embedding = bundle.embedding()
         self.exit_maps = bundle.exit_maps()
         self._exit_sessions = {stage: session(path) for stage, path in bundle.exit_layer_graphs().items()
@@ -78,8 +81,16 @@ class OnnxStageModel:
 
     def classify(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """hidden (N, d) -> logits (N, V), greedy tokens (N,)."""
+        return self._classify(self._head, hidden)
+
+    def classify_guesses(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """hidden (N, d) -> logits (N, K) over guess_vocabulary (all V tokens when it is None), greedy
+        indices into it (N,)."""
+        return self._classify(self._guess_head, hidden)
+
+    def _classify(self, head, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._never_one_row and len(hidden) == 1:
-            logits, tokens = self._head.run(None, {"hidden": np.concatenate([hidden, hidden])})
+            logits, tokens = head.run(None, {"hidden": np.concatenate([hidden, hidden])})
             return logits[:1], tokens[:1]
-        logits, tokens = self._head.run(None, {"hidden": hidden})
+        logits, tokens = head.run(None, {"hidden": hidden})
         return logits, tokens

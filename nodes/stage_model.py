@@ -25,6 +25,7 @@ class StageModel(Protocol):
     provider: str
     exit_maps: dict[int, ExitMap]  # early stage -> its low-rank or affine exit, which guesses read the head through
     exit_layer_stages: frozenset[int]  # early stages with a one-layer exit (run_exit_layer)
+    guess_vocabulary: np.ndarray | None  # (K,) token ids that classify_guesses scores; None: all of them
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray: ...  # (B, T) int64 -> (B, T, d)
 
@@ -35,3 +36,6 @@ class StageModel(Protocol):
     def run_exit_layer(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> StageOutput: ...
 
     def classify(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...  # (N, d) -> logits, tokens
+
+    # (N, d) -> logits over guess_vocabulary, greedy indices into it: a cheaper head for guesses
+    def classify_guesses(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...

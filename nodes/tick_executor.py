@@ -236,23 +236,38 @@ class TickExecutor:
     def _predict(self, items: list[Item], last_hidden: dict[Item, np.ndarray]
                  ) -> tuple[dict[Key, int], dict[Key, float]]:
         """Predictions of the items that want one, and the guesses' probabilities; the classifier does
-        not run when no item wants a prediction."""
+        not run when no item wants a prediction. With a guess head, guesses are scored by it alone."""
         items = [item for item in items if item.predict]
         if not items:
             return {}, {}
-        started = time.thread_time()
-        logits, greedy = self.model.classify(np.stack([self._head_input(item, last_hidden[item]) for item in items]))
+        vocabulary = self.model.guess_vocabulary
+        if vocabulary is None:  # one call classifies guesses and committed tokens together
+            groups = [(items, self.model.classify, None)]
+        else:
+            groups = [([item for item in items if item.final_token], self.model.classify, None),
+                      ([item for item in items if not item.final_token], self.model.classify_guesses, vocabulary)]
         predictions, confidence = {}, {}
+        for group, classify, token_ids in groups:
+            if group:
+                self._classify(group, classify, token_ids, last_hidden, predictions, confidence)
+        return predictions, confidence
+
+    def _classify(self, items: list[Item], classify: Callable, token_ids: np.ndarray | None,
+                  last_hidden: dict[Item, np.ndarray], predictions: dict, confidence: dict) -> None:
+        """One classifier call over the items; token_ids: the tokens its logits score (None: all)."""
+        started = time.thread_time()
+        logits, greedy = classify(np.stack([self._head_input(item, last_hidden[item]) for item in items]))
         for i, item in enumerate(items):
             key, sampling = (item.seq_id, item.start), self._sampling[item.seq_id]
             # a guess of a sampled sequence is the draw the last stage will make at that position, with the
             # same random numbers, from the early distribution: it agrees whenever the two are close
-            predictions[key] = (int(greedy[i]) if sampling.greedy else
-                                choose_token(logits[i], sampling, item.start + item.length))
+            index = (int(greedy[i]) if sampling.greedy else
+                     choose_token(logits[i], sampling, item.start + item.length, token_ids=token_ids,
+                                  vocab_size=self.cfg.vocab_size))
+            predictions[key] = index if token_ids is None else int(token_ids[index])
             if not item.final_token:
-                confidence[key] = guess_probability(logits[i], predictions[key], sampling.temperature)
-        # one call classifies guesses and committed tokens together: its time is shared out by rows
+                confidence[key] = guess_probability(logits[i], index, sampling.temperature)
+        # the call's time is shared out by rows between guesses and committed tokens
         seconds, final = time.thread_time() - started, sum(item.final_token for item in items)
         self.profile.add("commit", seconds * final / len(items))
         self.profile.add("guess", seconds * (len(items) - final) / len(items))
-        return predictions, confidence

@@ -13,8 +13,8 @@ from runtime.core.bundle import load_bundle
 from runtime.core.sampling import SamplingParams
 from runtime.local.backends import open_stage_model
 from runtime.local.speculative import generate_speculative
-from runtime.models.guess_gate import choose_threshold
-from tests.conftest import assert_one_line_error, run_speed
+from runtime.models.guess_gate import choose_threshold, frequent_tokens
+from tests.conftest import CLUSTER_PROMPTS, assert_one_line_error, generate_on, run_speed, running_cluster
 
 PROMPTS = ["ROMEO. But soft, what light", "Enter a Messenger.", "KING HENRY. Once more unto the breach"]
 
@@ -84,3 +84,61 @@ def test_the_threshold_is_where_guesses_stop_agreeing_often_enough():
     assert choose_threshold(confidence, agreed, 0.5) == pytest.approx(0.4, abs=0.06)
     assert choose_threshold(confidence, np.ones(1000, bool), 0.5) == 0.0  # all agree: never hold back
     assert choose_threshold(confidence, np.zeros(1000, bool), 0.5) == 1.0  # none do: hold every guess
+
+
+@pytest.fixture(scope="module")
+def guess_head_bundle(tmp_path_factory):
+    """A copy of the demo bundle calibrated with a guess head over a quarter of its vocabulary, twice (the
+    second calibration finds the same head and keeps its files)."""
+    bundle = tmp_path_factory.mktemp("guess-head") / "demo"
+    shutil.copytree(load_bundle().path, bundle)
+    for _ in range(2):
+        result = run_speed("calibrate", str(bundle), "--windows", "4", "--guess-vocabulary", "0.25")
+        assert result.returncode == 0, result.stderr
+        assert "guesses score the 1024 most frequent tokens" in result.stdout
+    return bundle
+
+
+def test_a_guess_head_scores_the_most_frequent_tokens_and_is_cheaper(guess_head_bundle):
+    bundle = load_bundle(guess_head_bundle)  # every file, the guess head's too, matches its hash
+    vocabulary = bundle.guess_vocabulary()
+    assert len(vocabulary) == bundle.manifest["guess_head"]["size"] == bundle.config.vocab_size // 4
+    assert (np.diff(vocabulary) > 0).all() and 0 <= vocabulary[0] and vocabulary[-1] < bundle.config.vocab_size
+    assert {bundle.manifest["guess_head"]["graph"], bundle.manifest["guess_head"]["tokens"]} <= bundle.files_for([1])
+    report = bundle.manifest["guess_gate"]["report"]
+    assert report["guess_vocabulary"] == 1024 and all("agreement_full_head" in stage for stage in report["stages"])
+    model = open_stage_model(bundle, threads=1)
+    hidden = np.random.default_rng(0).standard_normal((3, bundle.config.d_model)).astype(np.float32)
+    logits, index = model.classify_guesses(hidden)
+    assert logits.shape == (3, 1024) and (index == logits.argmax(-1)).all()
+    full, _ = model.classify(hidden)
+    assert np.allclose(logits, full[:, vocabulary], atol=1e-4)  # the same scores, for fewer tokens
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.8, top_k=40, seed=5)],
+                         ids=["greedy", "sampled"])
+def test_guesses_from_a_guess_head_keep_the_sequential_text(guess_head_bundle, sampling):
+    bundle = load_bundle(guess_head_bundle)
+    model = open_stage_model(bundle, threads=1)
+    prompts = [bundle.tokenizer().encode(p).ids for p in PROMPTS]
+    kwargs = {"max_new_tokens": 48, "eos_id": -1, "sampling": sampling}
+    sequential = generate_speculative(model, prompts, speculate=False, **kwargs)
+    speculative = generate_speculative(model, prompts, **kwargs)
+    assert [g.token_ids for g in speculative] == [g.token_ids for g in sequential]
+    assert sum(g.stats.ticks for g in speculative) < sum(g.stats.ticks for g in sequential)  # guesses were right often
+
+
+def test_frequent_tokens_rank_by_count_then_id():
+    assert frequent_tokens([5, 5, 5, 2, 2, 9], vocab_size=10, share=0.3).tolist() == [2, 5, 9]
+    assert frequent_tokens([5, 5, 5, 2, 2, 9], vocab_size=10, share=0.5).tolist() == [0, 1, 2, 5, 9]  # unseen by id
+
+
+def test_a_ring_cluster_guessing_with_a_guess_head_gives_the_reference_text(guess_head_bundle, reference, tmp_path):
+    from runtime.client import Client
+
+    with running_cluster(tmp_path, bundle=guess_head_bundle, extra_top_keys="data_path: ring\n") as cluster, \
+            Client(cluster.endpoint) as client:
+        for prompt in CLUSTER_PROMPTS:
+            for sampling in (SamplingParams(), SamplingParams(temperature=0.8, seed=3)):
+                result = generate_on(client, prompt, sampling, guess_threshold=0.0)
+                assert result.token_ids == reference(prompt, sampling), (prompt, sampling)

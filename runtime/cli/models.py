@@ -99,6 +99,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=whole(2, 65536), default=128, help="tokens per window (default 128)")
     p.add_argument("--min-precision", type=number(0, 1, above=True), default=0.5, metavar="P",
                    help="send guesses only where at least this share agrees with the final prediction (default 0.5)")
+    p.add_argument("--guess-vocabulary", type=number(0, 1, above=True), metavar="SHARE",
+                   help="guesses score only this share of the vocabulary, its most frequent tokens in held-out text "
+                        "(1 = every token, no guess head; default 0.25 where the classifier costs at least a quarter "
+                        "of a stage pass, else 1)")
     p.set_defaults(run=cmd_calibrate)
 
 
@@ -160,10 +164,13 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from runtime.models.guess_gate import Calibration, calibrate
 
     report = calibrate(args.bundle, Calibration(windows=args.windows, window=args.window,
-                                                min_precision=args.min_precision),
+                                                min_precision=args.min_precision, guess_vocabulary=args.guess_vocabulary),
                        progress=stderr_progress())
     thresholds = "  ".join(f"{stage['threshold']:.3f}" for stage in report["stages"])
-    print(f"guess thresholds per early stage {thresholds} written into {args.bundle} "
+    vocabulary = report["guess_vocabulary"]
+    scored = (f"guesses score the {vocabulary} most frequent tokens" if vocabulary < report["vocab_size"]
+              else "guesses score every token")
+    print(f"guess thresholds per early stage {thresholds} ({scored}) written into {args.bundle} "
           f"({report['positions']} held-out positions)")
 
 

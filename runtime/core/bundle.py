@@ -114,6 +114,17 @@ class Bundle:
     def head_graph(self) -> Path:
         return self.path / self.manifest["head"]
 
+    @property
+    def guess_head_graph(self) -> Path | None:
+        """The classifier over the guess vocabulary only (`speed calibrate`); None: guesses use the head."""
+        spec = self.manifest.get("guess_head")
+        return self.path / spec["graph"] if spec else None
+
+    def guess_vocabulary(self) -> np.ndarray | None:
+        """(K,) int64, ascending: the token ids the guess head scores, its index i meaning token ids[i]."""
+        spec = self.manifest.get("guess_head")
+        return np.fromfile(self.path / spec["tokens"], dtype="<i8") if spec else None
+
     def file_sha256(self, path: Path) -> str:
         """The verified hash of one of the bundle's files."""
         return self.manifest["files"][path.name]["sha256"]
@@ -161,10 +172,13 @@ class Bundle:
                                  "the file was changed or corrupted, re-export or re-copy the bundle")
 
     def files_for(self, stages: Iterable[int]) -> set[str]:
-        """The files a node running `stages` reads: their graphs, the head, the embedding, their exits."""
+        """The files a node running `stages` reads: their graphs, the head (and the guess head), the embedding,
+        their exits."""
         embedding = self.manifest["embedding"]
         names = {self.stage_graphs[stage].name for stage in stages} | {self.head_graph.name, embedding["file"]}
         names |= {embedding["row_scales"]} if "row_scales" in embedding else set()
+        guess_head = self.manifest.get("guess_head")
+        names |= {guess_head["graph"], guess_head["tokens"]} if guess_head else set()
         layers = self.exit_layer_graphs()
         maps = set(self.exit_files()) if not layers else set()
         return names | maps | {layers[stage].name for stage in stages if stage in layers}

@@ -41,11 +41,14 @@ def gumbel_noise(seed: int, position: int, size: int) -> np.ndarray:
     return np.random.default_rng([seed & (2**63 - 1), position]).gumbel(size=size)
 
 
-def choose_token(logits: np.ndarray, params: SamplingParams, position: int) -> int:
+def choose_token(logits: np.ndarray, params: SamplingParams, position: int, *, token_ids: np.ndarray | None = None,
+                 vocab_size: int | None = None) -> int:
     """logits (V,) -> the token for `position`: argmax when greedy, else a draw from the filtered
     distribution by the Gumbel-max trick (argmax of scaled logits plus per-token noise). The noise depends
     only on (seed, position), so two close distributions drawn at one position usually give one token:
-    a speculative guess drawn from an early stage agrees with the last stage's draw that often."""
+    a speculative guess drawn from an early stage agrees with the last stage's draw that often.
+    token_ids (K,) of a vocabulary of vocab_size: logits (K,) score only these tokens (a guess head's),
+    each with the noise it has in the full draw; the index into token_ids is returned."""
     if params.greedy:
         return int(np.argmax(logits))
     scaled = logits.astype(np.float64) / params.temperature
@@ -60,5 +63,6 @@ def choose_token(logits: np.ndarray, params: SamplingParams, position: int) -> i
         nucleus = np.zeros_like(keep)
         nucleus[order[mass_before < params.top_p]] = True
         keep &= nucleus
-    perturbed = np.where(keep, scaled + gumbel_noise(params.seed, position, scaled.size), -np.inf)
+    noise = gumbel_noise(params.seed, position, vocab_size or scaled.size)
+    perturbed = np.where(keep, scaled + (noise if token_ids is None else noise[token_ids]), -np.inf)
     return int(np.argmax(perturbed))

@@ -63,9 +63,14 @@ def load_python_sources(every: int = 5) -> Corpus:
     return Corpus(train=[t for i, t in enumerate(texts) if i % every], held_out=texts[::every], source=str(directory))
 
 
+def held_out_ids(tokenizer) -> list[int]:
+    """Every token id of the held-out works."""
+    return tokenizer.encode("\n".join(load_shakespeare().held_out)).ids
+
+
 def held_out_windows(tokenizer, count: int, window: int) -> list[list[int]]:
     """`count` windows of `window` token ids spread evenly over the held-out works."""
-    ids = tokenizer.encode("\n".join(load_shakespeare().held_out)).ids
+    ids = held_out_ids(tokenizer)
     if len(ids) < window + count:
         raise SpeedError("the held-out text is shorter than the windows asked for; give a smaller --window")
     step = (len(ids) - window) // count

@@ -6,6 +6,7 @@ Graphs (B rows, T new tokens, C cache capacity, L layers per stage; all float32)
               cache_key_{l} (B, Hkv, hd, C), cache_value_{l} (B, Hkv, C, hd)
            -> hidden_out (B, T, d), new_key_{l} (B, Hkv, hd, T), new_value_{l} (B, Hkv, T, hd)
   head.onnx   hidden (N, d) -> logits (N, V), token (N,) int64 (greedy argmax)
+  guess head  hidden (N, d) -> logits (N, K), index (N,) int64: the head over K of the V tokens (`speed calibrate`)
 The caller owns the caches: it passes them whole (no copy) and writes the new entries at
 cache_length itself. The rotary embedding of the queries and keys is ONNX Runtime's fused
 com.microsoft RotaryEmbedding (one operator instead of eight); its cos and sin tables cover the
@@ -84,6 +85,20 @@ class HeadGraph(nn.Module):
 
     def forward(self, hidden):
         logits = self.model.classify(hidden)
+        return logits, logits.argmax(-1)
+
+
+class GuessHeadGraph(nn.Module):
+    """The classifier restricted to some tokens (their rows of the tied head), for guesses: the argmax is
+    an index into `token_ids`."""
+
+    def __init__(self, model: SpeedDecoder, token_ids: np.ndarray):
+        super().__init__()
+        self.final_norm = model.final_norm
+        self.register_buffer("rows", model.embedding.weight.detach()[torch.from_numpy(token_ids)].clone())  # (K, d)
+
+    def forward(self, hidden):
+        logits = self.final_norm(hidden) @ self.rows.T  # (N, K)
         return logits, logits.argmax(-1)
 
 
@@ -166,6 +181,11 @@ def export_stage(model: SpeedDecoder, stage: int, path: Path) -> None:
 def export_head(model: SpeedDecoder, path: Path) -> None:
     _export(HeadGraph(model), (torch.randn(3, model.cfg.d_model),), path,
             ({0: torch.export.Dim("rows")},), ["hidden"], ["logits", "token"])
+
+
+def export_guess_head(model: SpeedDecoder, token_ids: np.ndarray, path: Path) -> None:
+    _export(GuessHeadGraph(model, token_ids), (torch.randn(3, model.cfg.d_model),), path,
+            ({0: torch.export.Dim("rows")},), ["hidden"], ["logits", "index"])
 
 
 def _export(module, args, path, dynamic_shapes, input_names, output_names) -> None:

@@ -44,6 +44,7 @@ class TorchStageModel:
         self.model = model_from_bundle(bundle)
         self.exit_maps = bundle.exit_maps()
         self.exit_layer_stages: frozenset[int] = frozenset()  # one-layer exits run on ONNX Runtime only
+        self.guess_vocabulary = None  # guesses score every token, as the parity checks compare the full head
 
     @torch.no_grad()
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
@@ -69,3 +70,6 @@ class TorchStageModel:
     def classify(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits = self.model.classify(torch.from_numpy(hidden))
         return logits.numpy(), logits.argmax(-1).numpy()
+
+    def classify_guesses(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.classify(hidden)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from runtime.core.errors import SpeedError
 from runtime.core.ring import Commit, Correction, Hop
 from runtime.wire import speed_pb2 as pb
@@ -49,7 +47,7 @@ def messages_from_wire(message: pb.Forwarded, *, d_model: int, vocab_size: int, 
         _tokens(h.tokens, vocab_size, where)
         hidden = unpack(h.hidden, dtype="float32", shape=(len(h.tokens), d_model), what=f"{where}: the hidden state",
                         finite=True)
-        out.append(Hop(h.seq_id, h.gen, h.stage, h.start, tuple(h.tokens), h.committed, np.array(hidden)))
+        out.append(Hop(h.seq_id, h.gen, h.stage, h.start, tuple(h.tokens), h.committed, hidden))  # a read-only view
     for c in message.corrections:
         _tokens([c.token], vocab_size, f"a correction of sequence {c.seq_id}")
         out.append(Correction(c.seq_id, c.gen, c.position, c.token, c.found_at))
