@@ -95,6 +95,22 @@ def test_chat_prompts_are_rendered_with_the_model_s_template(imported):
     assert json.loads(result.stdout)["prompt_tokens"] == len(tokenizer.encode(rendered).ids)
 
 
+def test_stages_of_the_sizes_asked_for_decode_like_the_even_split(source, imported, tmp_path):
+    out = tmp_path / "uneven"
+    result = run_speed("import", "gguf", str(source[0]), str(out), "--stage-layers", "1,3,1")
+    assert result.returncode == 0, result.stderr
+    assert "5 layers as 3 stage(s) of 1 + 3 + 1 layers" in result.stderr
+    uneven, even = load_bundle(out), load_bundle(imported)
+    assert [s["layers"] for s in uneven.manifest["stages"]] == [[0], [1, 2, 3], [4]]
+    prompt = uneven.tokenizer().encode(PROMPTS[0]).ids
+    expected = generate_plain(open_stage_model(even), prompt, max_new_tokens=16, eos_id=-1).token_ids
+    (speculative,) = generate_speculative(open_stage_model(uneven), [prompt], max_new_tokens=16, eos_id=-1)
+    assert speculative.token_ids == expected
+    assert_one_line_error(run_speed("import", "gguf", str(source[0]), str(tmp_path / "bad"), "--stage-layers", "2,2"),
+                          "--stage-layers 2,2", "add up to 4 layers", "has 5")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_cluster_serves_the_imported_model_like_the_reference(imported, tmp_path, state_dir):
     bundle = load_bundle(imported)
     model = open_stage_model(bundle)

@@ -49,8 +49,9 @@ PARTS = ("stage passes kept", "stage passes thrown away", "exits", "guess classi
 
 def bench_cpu(cluster_path: Path, *, data_paths: tuple[str, ...] = DATA_PATHS,
               temperatures: tuple[float, ...] = (0.0, SAMPLED_TEMPERATURE), new_tokens: int = 128, repeats: int = 1,
-              window: int | None = None, progress: Progress = NO_PROGRESS) -> dict:
-    """window: positions stage 0 runs ahead on the ring (default: the cluster file's)."""
+              window: int | None = None, guess_threshold: float | None = None, progress: Progress = NO_PROGRESS) -> dict:
+    """window: positions stage 0 runs ahead on the ring (default: the cluster file's); guess_threshold: the
+    confidence gate of the speculative runs (default: the cluster file's, else the bundle's, else none)."""
     spec = load_cluster(cluster_path)
     if spec.security is not None:
         raise SpeedError(f"{cluster_path} is a secure cluster, whose nodes answer Info only to their coordinator; "
@@ -80,7 +81,8 @@ def bench_cpu(cluster_path: Path, *, data_paths: tuple[str, ...] = DATA_PATHS,
                     single = report["single_process"][str(temperature)]
                     for mode in MODES:
                         generate = dict(chat=chat, ignore_eos=True, temperature=temperature, seed=0,
-                                        speculative=mode == "speculative", guess_threshold=0.0, window=window)
+                                        speculative=mode == "speculative", guess_threshold=guess_threshold,
+                                        window=window)
                         case = measure_case(cluster, client, prompts, lengths, repeats, generate, progress)
                         report["cases"].append({"data_path": path, "temperature": temperature, "mode": mode,
                                                 **figures(case, single, len(spec.nodes))})

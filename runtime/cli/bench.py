@@ -48,7 +48,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                    help="with --reference, --local, FILE, --clients or --cpu: sample at this temperature (seed 0), not "
                         "greedy (--cpu: only at this one; by default greedy and 0.8)")
     p.add_argument("--guess-threshold", type=number(0, 1, above=True), metavar="P",
-                   help="with --local or FILE: also run speculation behind this confidence gate (default: the "
+                   help="with --local, FILE or --cpu: (also) run speculation behind this confidence gate (default: the "
                         "cluster file's, else the bundle's from `speed calibrate`)")
     add_threads_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -231,13 +231,13 @@ def cmd_bench_cpu(args: argparse.Namespace) -> None:
     from runtime.bench.cpu import SAMPLED_TEMPERATURE, bench_cpu, format_cpu
 
     for flag, value in [("--clients", args.clients), ("--chaos", args.chaos), ("--data-paths", args.data_paths),
-                        ("--emulate-link-ms", args.emulate_link_ms), ("--guess-threshold", args.guess_threshold)]:
+                        ("--emulate-link-ms", args.emulate_link_ms)]:
         if value is not None:
-            raise SpeedError(f"--cpu is a benchmark of its own at the file's link latency, sending every guess; drop {flag}")
+            raise SpeedError(f"--cpu is a benchmark of its own at the file's link latencies; drop {flag}")
     temperatures = (0.0, SAMPLED_TEMPERATURE) if args.temperature is None else (args.temperature,)
     report = bench_cpu(args.cluster_file, data_paths=args.cpu, temperatures=temperatures,
                        new_tokens=args.new_tokens or 128, repeats=args.repeats, window=args.window,
-                       progress=stderr_progress(json_output=args.json))
+                       guess_threshold=args.guess_threshold, progress=stderr_progress(json_output=args.json))
     print(json.dumps(report) if args.json else format_cpu(report))
     draw(args, report)
 

@@ -65,7 +65,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     q = formats.add_parser("gguf", help="a Llama-family GGUF file; stages are contiguous layer ranges")
     q.add_argument("file", type=Path, metavar="FILE")
     q.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="bundle directory to create")
-    q.add_argument("--stages", type=whole(1, 1024), required=True, help="pipeline stages, 1 to the layer count")
+    stages = q.add_mutually_exclusive_group(required=True)
+    stages.add_argument("--stages", type=whole(1, 1024), help="pipeline stages, 1 to the layer count, as even as they go")
+    stages.add_argument("--stage-layers", type=layer_counts, metavar="N,N,...",
+                        help="layers of each stage, first to last, e.g. 11,12,7 (fewer on the last stage, which also "
+                             "runs the classifier)")
     q.add_argument("--weights", choices=["f32", "q4"], default="f32",
                    help="float32, or 4-bit layers keeping the file's own Q4_0 / Q4_1 blocks (default f32)")
     q.add_argument("--name", help="bundle name (default: the file's name)")
@@ -147,9 +151,19 @@ def cmd_models_pull(args: argparse.Namespace) -> None:
 def cmd_import_gguf(args: argparse.Namespace) -> None:
     from runtime.models.gguf_import import import_gguf
 
-    out = import_gguf(args.file, args.out_dir, stages=args.stages, weights=args.weights, name=args.name, force=args.force,
+    stages = args.stage_layers if args.stage_layers is not None else args.stages
+    out = import_gguf(args.file, args.out_dir, stages=stages, weights=args.weights, name=args.name, force=args.force,
                       progress=stderr_progress())
     print(f"wrote bundle {out}")
+
+
+def layer_counts(text: str) -> tuple[int, ...]:
+    """"11,12,7" -> (11, 12, 7): layers per stage, each at least 1."""
+    try:
+        return tuple(whole(1, 1024)(part) for part in text.split(","))
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"give each stage's layer count separated by commas, e.g. 11,12,7 "
+                                         f"({exc})") from None
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:

@@ -24,9 +24,14 @@ class ModelConfig:
     rope_base: float = 10000.0  # rotary position base frequency
     norm_eps: float = 1e-5  # RMSNorm epsilon
     shared_layers: bool = True  # False: a pretrained model whose stages are ranges of distinct layers
+    # not shared: layers per stage, first to last (e.g. fewer on the last, which also runs the classifier);
+    # empty: as even as they go
+    stage_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
+            if field.name == "stage_sizes":
+                continue
             value = getattr(self, field.name)
             if field.type == "bool":
                 if not isinstance(value, bool):
@@ -40,12 +45,27 @@ class ModelConfig:
         if not self.shared_layers and self.n_stages > self.n_distinct_layers:
             raise SpeedError(f"model config: {self.n_stages} stages need at least as many layers, the model has "
                              f"{self.n_distinct_layers}; choose 1 to {self.n_distinct_layers} stages")
+        self._check_stage_sizes()
         if self.d_model % self.n_heads:
             raise SpeedError(f"model config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise SpeedError(f"model config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
             raise SpeedError(f"model config: head size {self.head_dim} must be even for rotary positions")
+
+    def _check_stage_sizes(self) -> None:
+        sizes = self.stage_sizes
+        if not sizes:
+            return
+        if not isinstance(sizes, tuple) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+            raise SpeedError(f"model config stage_sizes: expected a list of layer counts of at least 1, got {sizes!r}")
+        if self.shared_layers:
+            raise SpeedError("model config stage_sizes: stages that share their layers all run every one of them; "
+                             "give stage sizes only to a model whose stages are ranges of distinct layers")
+        if len(sizes) != self.n_stages or sum(sizes) != self.n_distinct_layers:
+            raise SpeedError(f"model config stage_sizes: {len(sizes)} stage(s) of {sum(sizes)} layers in all, but the "
+                             f"model has {self.n_stages} stages and {self.n_distinct_layers} layers; give one size per "
+                             "stage, adding up to the layers")
 
     @property
     def head_dim(self) -> int:
@@ -59,10 +79,13 @@ class ModelConfig:
         return f"{self.n_distinct_layers}L-{self.n_stages}S"
 
     def stage_layers(self, stage: int) -> range:
-        """The layers stage `stage` runs: all N_d when shared, else its contiguous range (the first
-        `layers % stages` stages take one layer more)."""
+        """The layers stage `stage` runs: all N_d when shared, else its contiguous range (stage_sizes, or
+        as even as they go: the first `layers % stages` stages take one layer more)."""
         if self.shared_layers:
             return range(self.n_distinct_layers)
+        if self.stage_sizes:
+            start = sum(self.stage_sizes[:stage])
+            return range(start, start + self.stage_sizes[stage])
         size, extra = divmod(self.n_distinct_layers, self.n_stages)
         start = stage * size + min(stage, extra)
         return range(start, start + size + (stage < extra))
@@ -73,7 +96,12 @@ class ModelConfig:
         return max(len(self.stage_layers(s)) for s in range(self.n_stages))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not self.stage_sizes:
+            del data["stage_sizes"]  # the even split, as manifests written before stage sizes say it
+        else:
+            data["stage_sizes"] = list(self.stage_sizes)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, where: str = "model config") -> ModelConfig:
@@ -83,4 +111,5 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise SpeedError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(known))}")
-        return cls(**data)
+        sizes = data.get("stage_sizes", ())
+        return cls(**{**data, "stage_sizes": tuple(sizes) if isinstance(sizes, list) else sizes})

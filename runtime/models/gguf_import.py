@@ -80,8 +80,14 @@ class GGUFModel:
     def arch(self, key: str, default=None):
         return self.value(f"{self.architecture}.{key}", default)
 
-    def config(self, n_stages: int) -> ModelConfig:
+    def config(self, stages: int | tuple[int, ...]) -> ModelConfig:
+        """stages: their count (layers split as evenly as they go), or each one's layer count."""
         layers = self.arch("block_count")
+        sizes = stages if isinstance(stages, tuple) else ()
+        n_stages = len(sizes) if sizes else stages
+        if sizes and sum(sizes) != layers:
+            raise SpeedError(f"--stage-layers {','.join(map(str, sizes))}: they add up to {sum(sizes)} layers, the model "
+                             f"has {layers}; give counts that add up to {layers}")
         if not 1 <= n_stages <= layers:
             raise SpeedError(f"--stages {n_stages}: the model has {layers} layers; choose 1 to {layers}")
         d_model, n_heads = self.arch("embedding_length"), self.arch("attention.head_count")
@@ -92,7 +98,7 @@ class GGUFModel:
             n_kv_heads=self.arch("attention.head_count_kv", n_heads), ffn_hidden=self.arch("feed_forward_length"),
             n_distinct_layers=layers, n_stages=n_stages, context_length=self.arch("context_length"),
             rope_base=float(self.arch("rope.freq_base", 10000.0)),
-            norm_eps=float(self.arch("attention.layer_norm_rms_epsilon")), shared_layers=False)
+            norm_eps=float(self.arch("attention.layer_norm_rms_epsilon")), shared_layers=False, stage_sizes=sizes)
 
     def weights(self, cfg: ModelConfig) -> Iterator[Weight]:
         """Every tensor the decoder needs, dequantized and as stored, in the decoder's row order."""
@@ -153,9 +159,10 @@ def unpermute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def import_gguf(path: Path, out_dir: Path, *, stages: int, weights: str = DEFAULT_WEIGHTS, name: str | None = None,
-                force: bool = False, progress: Progress = NO_PROGRESS) -> Path:
-    """The GGUF file at `path` as a bundle: float32, or 4-bit layers keeping the file's own blocks."""
+def import_gguf(path: Path, out_dir: Path, *, stages: int | tuple[int, ...], weights: str = DEFAULT_WEIGHTS,
+                name: str | None = None, force: bool = False, progress: Progress = NO_PROGRESS) -> Path:
+    """The GGUF file at `path` as a bundle: float32, or 4-bit layers keeping the file's own blocks. stages:
+    their count, or each one's layer count."""
     if weights not in IMPORT_WEIGHTS:
         raise SpeedError(f"--weights must be one of {', '.join(IMPORT_WEIGHTS)}, got {weights!r}")
     check_directory_free(out_dir, force=force)
@@ -170,9 +177,9 @@ def import_gguf(path: Path, out_dir: Path, *, stages: int, weights: str = DEFAUL
     model = SpeedDecoder(cfg)
     model.load_state_dict({w.parameter: torch.from_numpy(np.array(w.values)) for w in tensors})  # writable copies
     model.eval()
-    split = " + ".join(str(len(cfg.stage_layers(s))) for s in range(stages))
-    progress.note(f"{model_file.value('general.name', path.stem)}: {cfg.n_distinct_layers} layers as {stages} stage(s) "
-                  f"of {split} layers, d={cfg.d_model}, vocabulary {cfg.vocab_size}")
+    split = " + ".join(str(len(cfg.stage_layers(s))) for s in range(cfg.n_stages))
+    progress.note(f"{model_file.value('general.name', path.stem)}: {cfg.n_distinct_layers} layers as {cfg.n_stages} "
+                  f"stage(s) of {split} layers, d={cfg.d_model}, vocabulary {cfg.vocab_size}")
     with staged_directory(out_dir, force=force) as staging:
         progress.note("exporting the stage graphs to ONNX ...")
         stage_files = write_model(model, staging, progress)
