@@ -46,11 +46,11 @@ def test_ratios_compare_the_busiest_node_and_all_processes_with_the_single_proce
 
 def test_cpu_reports_every_process_and_where_each_node_spends_per_token(tmp_path, state_dir):
     path = write_cluster(tmp_path)
-    result = run_speed("bench", str(path), "--cpu", "ring", "--temperature", "0", "--new-tokens", "24", "--repeats", "1",
+    result = run_speed("bench", str(path), "--cpu", "ring", "--temperature", "0", "--new-tokens", "32", "--repeats", "1",
                        "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["new_tokens"] == [6, 24] and report["nodes"] == 3
+    assert report["new_tokens"] == [8, 32] and report["nodes"] == 3
     assert report["single_process"]["0.0"]["cpu_ms_per_token"] > 0
     assert [(case["data_path"], case["temperature"], case["mode"]) for case in report["cases"]] == [
         ("ring", 0.0, "sequential"), ("ring", 0.0, "speculative")]
