@@ -102,7 +102,31 @@ def agreement_report() -> dict:
             "held_out_loss": {"bundle": 3.0412, "source": 2.9876, "windows": 8, "tokens_per_window": 128}}
 
 
+def cpu_report() -> dict:
+    """What `speed bench FILE --cpu` returns, from its own arithmetic over made-up measurements."""
+    from runtime.bench.cpu import figures
+
+    def case(path: str, mode: str, temperature: float, busiest_ms: float) -> dict:
+        per_token = {"coordinator": 0.5e-3, "edge-1": busiest_ms / 1e3, "edge-2": 1.2e-3}
+        for name, cpu in (("edge-1", busiest_ms / 1e3), ("edge-2", 1.2e-3)):
+            per_token |= {(name, "process_cpu_s"): cpu, (name, "worker_cpu_s"): cpu * 0.7, (name, "stage_s"): cpu * 0.4,
+                          (name, "stage_calls"): 1.3, (name, "stage_positions"): 1.3, (name, "exit_s"): 0.0,
+                          (name, "guess_s"): cpu * 0.1, (name, "commit_s"): 0.0, (name, "serialize_s"): cpu * 0.05}
+        measured = {"per_token": per_token, "nodes": ["edge-1", "edge-2"], "hosting": {"edge-1": 1, "edge-2": 1},
+                    "tokens_per_s": 250.0}
+        return {"data_path": path, "temperature": temperature, "mode": mode,
+                **figures(measured, {"cpu_ms_per_token": 1.5, "tokens_per_s": 600.0}, node_count=2)}
+
+    return {"cluster": "local", "bundle": "demo-4x3", "nodes": 2, "window": 8, "new_tokens": [32, 128], "prompts": 4,
+            "repeats": 1, "single_process": {"0.0": {"cpu_ms_per_token": 1.5, "tokens_per_s": 600.0}},
+            "stage_call_alone_ms": 0.4,
+            "cases": [case(path, mode, 0.0, ms) for path, mode, ms in
+                      (("lockstep", "sequential", 1.6), ("lockstep", "speculative", 1.9), ("ring", "sequential", 1.7),
+                       ("ring", "speculative", 1.8))]}
+
+
 REPORTS = {
+    "cpu": cpu_report,
     "reference": reference_report,
     "local": local_report,
     "cluster": cluster_report,
