@@ -47,25 +47,31 @@ class RingWorker:
         self.executor = TickExecutor(model, slots=max_sequences, capacity=1, stages=stages, hand_over_locally=False,
                                      profile=profile)
         self.events = DelayLine(delay_s)  # to the coordinator: commits, closed sequences' counts, failures
-        self._arrivals = DelayLine(delay_s)  # from the coordinator
+        # from the coordinator: straight into the inbox, unless a latency is emulated
+        self._arrivals = DelayLine(delay_s) if delay_s else None
         self._inbox: queue.Queue = queue.Queue()
         self._deferred: list[Run] = []
         self._price = RunAheadPrice()  # what the head's run-ahead costs and saves, measured
         self._ran_at: dict[tuple[int, int], float] = {}  # (sequence, position to commit) -> when stage 0 ran it
-        for target, what in ((self._loop, "ring"), (self._pump_arrivals, "ring-arrivals")):
-            threading.Thread(target=target, daemon=True, name=f"{what}-{name}").start()
+        threading.Thread(target=self._loop, daemon=True, name=f"ring-{name}").start()
+        if self._arrivals is not None:
+            threading.Thread(target=self._pump_arrivals, daemon=True, name=f"ring-arrivals-{name}").start()
 
     # --- called from the gRPC handlers' threads --------------------------------------------------
 
     def control(self, message: pb.RingControl) -> None:
-        self._arrivals.put(message)
+        if self._arrivals is None:
+            self._inbox.put(("control", message))
+        else:
+            self._arrivals.put(message)
 
     def deliver(self, messages: list) -> None:
         self._inbox.put(("messages", messages))
 
     def stop(self) -> None:
         self._inbox.put(("stop", None))
-        self._arrivals.close()
+        if self._arrivals is not None:
+            self._arrivals.close()
         self.events.close()
         self.links.close()
 
