@@ -51,7 +51,7 @@ def test_cpu_reports_every_process_and_where_each_node_spends_per_token(tmp_path
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["new_tokens"] == [8, 32] and report["nodes"] == 3
-    assert report["single_process"]["0.0"]["cpu_ms_per_token"] > 0
+    assert report["single_process"]["0.0"]["cpu_ms_per_token"] > 0 and report["stage_call_one_process_ms"] > 0
     assert [(case["data_path"], case["temperature"], case["mode"]) for case in report["cases"]] == [
         ("ring", 0.0, "sequential"), ("ring", 0.0, "speculative")]
     for case in report["cases"]:

@@ -119,7 +119,7 @@ def cpu_report() -> dict:
 
     return {"cluster": "local", "bundle": "demo-4x3", "nodes": 2, "window": 8, "new_tokens": [32, 128], "prompts": 4,
             "repeats": 1, "single_process": {"0.0": {"cpu_ms_per_token": 1.5, "tokens_per_s": 600.0}},
-            "stage_call_alone_ms": 0.4,
+            "stage_call_one_process_ms": 0.4,
             "cases": [case(path, mode, 0.0, ms) for path, mode, ms in
                       (("lockstep", "sequential", 1.6), ("lockstep", "speculative", 1.9), ("ring", "sequential", 1.7),
                        ("ring", "speculative", 1.8))]}
