@@ -2,7 +2,10 @@
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,16 @@ def test_reference_prints_json_with_the_generated_tokens(tiny_bundle):
     assert len(out["token_ids"]) <= 8 and out["token_ids"]
     assert isinstance(out["text"], str) and out["tokens_per_s"] >= 0
     assert out["backend"] == "onnx" and out["provider"] == "CPUExecutionProvider"
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(tiny_bundle):
+    """`speed reference --json ... | head -c 0`: the pipe is closed before anything is written."""
+    process = subprocess.Popen([sys.executable, "-m", "runtime.cli", "reference", "--bundle", str(tiny_bundle),
+                                "--max-new-tokens", "4", "--json", "ROMEO:"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    process.stdout.close()
+    _, err = process.communicate(timeout=300)
+    assert err == b"" and process.returncode == 141  # as a process that SIGPIPE ended
 
 
 def test_reference_backends_agree_from_the_command_line(tiny_bundle):

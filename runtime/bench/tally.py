@@ -1,5 +1,6 @@
 """What the speculative runs of a benchmark mode add up to: median speed and, per committed token,
-ticks, stage passes thrown away and guesses the confidence gate held back."""
+ticks (lockstep and one process; None on the ring, which has none), stage passes thrown away and guesses
+the confidence gate held back."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ class ModeTally:
         guesses held back."""
         committed = max(self.committed, 1)
         return {"flips_per_boundary": [round(float(p), 4) for p in self.flips / max(self.runs, 1)],
-                "ticks_per_token": round(self.ticks / committed, 3),
+                # the ring has no ticks: nothing measured, nothing reported
+                "ticks_per_token": round(self.ticks / committed, 3) if self.ticks else None,
                 "wasted_passes_per_token": round(self.flushed_steps / committed, 3),
                 "held_guesses_per_token": round(self.held_guesses / committed, 3)}
 

@@ -3,6 +3,8 @@ flags and calls one function."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 from runtime.cli import bench, chat, cluster, decode, models, security
@@ -32,6 +34,13 @@ def missing_extra(module: str | None) -> str | None:
     return None
 
 
+def closed_pipe() -> int:
+    """The reader of the output went away: stop quietly, as a process ended by SIGPIPE does."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter flushes stdout once more on its way out
+    return 128 + signal.SIGPIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     for position, argument in enumerate(argv, start=1):
@@ -43,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
+        sys.stdout.flush()  # a reader that went away (`| head`) is met here, not at the interpreter's exit
+    except BrokenPipeError:
+        return closed_pipe()
     except SpeedError as exc:
         print(f"speed {args.command}: error: {exc}", file=sys.stderr)
         return 1
