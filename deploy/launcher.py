@@ -40,6 +40,10 @@ def state_dir(spec: ClusterSpec) -> Path:
     return root / f"{spec.name}-{digest}"
 
 
+class StopAsked(SpeedError):
+    """`speed down` removed the record of a cluster that was still starting."""
+
+
 def check_ports_free(spec: ClusterSpec) -> None:
     """Refuse to start when an address is taken, before any process is started."""
     for owner, address in listen_addresses(spec):
@@ -57,13 +61,16 @@ def check_ports_free(spec: ClusterSpec) -> None:
 class LocalCluster:
     """The processes of one cluster file; a context manager that stops them all on exit."""
 
-    def __init__(self, cluster_path: Path, *, emulated_link_ms: float | None = None, data_path: str | None = None):
-        """emulated_link_ms, data_path: override the file's."""
+    def __init__(self, cluster_path: Path, *, emulated_link_ms: float | None = None, data_path: str | None = None,
+                 record: bool = False):
+        """emulated_link_ms, data_path: override the file's; record: keep the process ids in the state
+        directory from the first start on, for `speed down`."""
         self.path = Path(cluster_path)
         self.spec = load_cluster(cluster_path)
         self.emulated_link_ms = emulated_link_ms
         self.data_path = data_path
         self.logs = state_dir(self.spec) / "logs"
+        self.record = state_dir(self.spec) / PROCESSES_FILE if record else None
         self.processes: dict[str, subprocess.Popen] = {}  # "coordinator" and node names
 
     @property
@@ -84,11 +91,16 @@ class LocalCluster:
         return self.logs / f"{name}.log"
 
     def start_process(self, name: str) -> None:
+        self.check_not_stopped()
         self.logs.mkdir(parents=True, exist_ok=True)
         with self.log_of(name).open("ab") as log:
             self.processes[name] = subprocess.Popen(
                 self.command(name), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if self.record is not None:  # whole or not at all: `speed down` may read it at any moment
+            scratch = self.record.with_name(f".{PROCESSES_FILE}.tmp")
+            scratch.write_text(json.dumps({name: p.pid for name, p in self.processes.items()}))
+            scratch.replace(self.record)
 
     def start(self, ready_timeout_s: float = READY_TIMEOUT_S, progress: Progress = NO_PROGRESS) -> None:
         """Start every process and wait until the coordinator reports SERVING (every node registered)."""
@@ -114,6 +126,7 @@ class LocalCluster:
         with self.channel() as channel, progress.task("nodes registered", total=len(self.spec.nodes)):
             coordinator = pb_grpc.CoordinatorStub(channel)
             while True:
+                self.check_not_stopped()
                 self.check_alive()
                 try:
                     status = coordinator.ClusterStatus(pb.ClusterStatusRequest(), timeout=1.0)
@@ -140,9 +153,15 @@ class LocalCluster:
             return grpc.insecure_channel(self.endpoint)
         return grpc.secure_channel(self.endpoint, credentials)
 
+    def check_not_stopped(self) -> None:
+        """Raise StopAsked once `speed down` has removed the record of processes started here."""
+        if self.record is not None and self.processes and not self.record.exists():
+            raise StopAsked(f"cluster {self.spec.name} was stopped by `speed down`")
+
     def check_alive(self) -> None:
         for name, process in self.processes.items():
             if process.poll() is not None:
+                self.check_not_stopped()  # `speed down` stopped it
                 raise SpeedError(f"{name} exited (status {process.returncode}): {self.last_line(name)}")
 
     def last_line(self, name: str) -> str:
@@ -206,12 +225,18 @@ def _alive(pid: int) -> bool:
 def up(cluster_path: Path, *, detach: bool, emulated_link_ms: float | None = None, data_path: str | None = None,
        progress: Progress = NO_PROGRESS) -> None:
     """progress: the wait for the nodes to register."""
-    cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms, data_path=data_path)
-    record = state_dir(cluster.spec) / PROCESSES_FILE
+    cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms, data_path=data_path, record=True)
+    record = cluster.record
     if record.exists() and any(_alive(pid) for pid in json.loads(record.read_text()).values()):
         raise SpeedError(f"cluster {cluster.spec.name} is already up; stop it with `speed down {cluster_path}`")
-    cluster.start(progress=progress)
-    record.write_text(json.dumps({name: p.pid for name, p in cluster.processes.items()}))  # for `speed down`
+    try:
+        cluster.start(progress=progress)  # records each process as it starts
+    except StopAsked:
+        print(f"cluster {cluster.spec.name} stopped while it was starting")
+        return
+    except BaseException:
+        record.unlink(missing_ok=True)
+        raise
     print(f"cluster {cluster.spec.name} is serving: coordinator at {cluster.endpoint} "
           f"({len(cluster.spec.nodes)} nodes); logs in {cluster.logs}")
     security = cluster.spec.security

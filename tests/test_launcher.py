@@ -7,9 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
+from deploy.launcher import PROCESSES_FILE, state_dir
 from runtime.core.cluster_file import load_cluster, parse_address
 from tests.conftest import HAS_GPU, assert_one_line_error, run_speed, write_cluster
 from tests.support import ports_free
@@ -127,3 +129,25 @@ def test_a_cuda_node_allowed_to_fall_back_serves_on_cpu_and_the_file_can_turn_sp
         assert result["speculative"] is False  # the cluster file's default when the request does not say
     finally:
         run_speed("down", str(path))
+
+
+def test_speed_down_stops_a_cluster_that_is_still_starting(tmp_path):
+    """The record of processes is written as each one starts, so `speed down` finds them before the nodes serve."""
+    path = write_cluster(tmp_path)
+    up = subprocess.Popen([sys.executable, "-m", "runtime.cli", "up", str(path)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        record = state_dir(load_cluster(path)) / PROCESSES_FILE
+        deadline = time.monotonic() + 60
+        while not record.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert record.exists(), "speed up recorded no process"
+        down = run_speed("down", str(path))
+        assert down.returncode == 0 and "stopped" in down.stdout, down.stderr
+        out, err = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            run_speed("down", str(path))
+    assert up.returncode == 0 and "stopped while it was starting" in out and "Traceback" not in err, (out, err)
+    assert ports_free(path)
