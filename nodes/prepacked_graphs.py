@@ -6,6 +6,10 @@ heap of every process. Saved once to a file and memory-mapped, the pre-packed we
 in the page cache for every process of the machine: nodes sharing a machine then share the processor's
 caches too, and a session starts without re-packing. The copy is specific to this CPU and this ONNX
 Runtime version, so it is made where it runs, keyed by the graph's sha256, and never shipped.
+
+The cache holds at most $SPEED_GRAPH_CACHE_MB megabytes (DEFAULT_LIMIT_MB): after a new copy is made, the
+copies used least recently go until the rest fit (a process that has one mapped keeps reading it; the
+file goes when it lets go). `speed cache` lists and clears it.
 """
 
 from __future__ import annotations
@@ -15,12 +19,38 @@ import os
 import platform
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
 
+from runtime.core.errors import SpeedError
+
 GRAPH_FILE = "graph.onnx"
 DATA_FILE = "graph.data"
+DEFAULT_LIMIT_MB = 2048  # room for the copies of a few bundles; an edge board's disk is small
+LIMIT_VARIABLE = "SPEED_GRAPH_CACHE_MB"
+
+
+@dataclass(frozen=True)
+class CachedGraph:
+    path: Path  # the copy's directory
+    bytes: int
+    last_used: float  # seconds since the epoch
+
+
+def cache_limit_bytes() -> int:
+    text = os.environ.get(LIMIT_VARIABLE, "")
+    if not text:
+        return DEFAULT_LIMIT_MB * 2**20
+    try:
+        megabytes = int(text)
+    except ValueError:
+        megabytes = -1
+    if megabytes < 0:
+        raise SpeedError(f"${LIMIT_VARIABLE} must be a whole number of megabytes (0 keeps only the newest copy), "
+                         f"got {text!r}")
+    return megabytes * 2**20
 
 
 def cache_root() -> Path:
@@ -48,6 +78,7 @@ def prepacked_graph(path: Path, sha256: str) -> Path:
     root = cache_root()
     target = root / f"{sha256[:16]}-ort{ort.__version__}-{cpu_fingerprint()}"
     if (target / GRAPH_FILE).is_file():
+        os.utime(target)  # used now: the last to go when the cache is full
         return target / GRAPH_FILE
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".", dir=root))
@@ -67,4 +98,45 @@ def prepacked_graph(path: Path, sha256: str) -> Path:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    trim_cache(keep=target)
     return target / GRAPH_FILE
+
+
+def cached_graphs() -> list[CachedGraph]:
+    """The copies in the cache, least recently used first."""
+    root = cache_root()
+    if not root.is_dir():
+        return []
+    entries = []
+    for directory in root.iterdir():
+        if directory.name.startswith(".") or not directory.is_dir():
+            continue  # a copy still being made
+        try:
+            size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+            entries.append(CachedGraph(directory, size, directory.stat().st_mtime))
+        except OSError:
+            continue  # removed meanwhile
+    return sorted(entries, key=lambda entry: entry.last_used)
+
+
+def trim_cache(keep: Path | None = None) -> list[CachedGraph]:
+    """Remove the least recently used copies (never `keep`) until the cache fits its limit; returns them."""
+    entries = cached_graphs()
+    excess = sum(entry.bytes for entry in entries) - cache_limit_bytes()
+    removed = []
+    for entry in entries:
+        if excess <= 0:
+            break
+        if entry.path != keep:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            excess -= entry.bytes
+            removed.append(entry)
+    return removed
+
+
+def clear_cache() -> list[CachedGraph]:
+    """Remove every copy; the next session of each graph makes its own again."""
+    entries = cached_graphs()
+    for entry in entries:
+        shutil.rmtree(entry.path, ignore_errors=True)
+    return entries

@@ -2,13 +2,17 @@
 original graph computes."""
 
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 
+from nodes import prepacked_graphs
 from nodes.kv_cache import KVCache
 from nodes.onnx_session import create_session
 from nodes.onnx_stage_model import OnnxStageModel
-from nodes.prepacked_graphs import prepacked_graph
+from nodes.prepacked_graphs import cached_graphs, prepacked_graph
 from runtime.core.bundle import load_bundle
 
 
@@ -44,3 +48,35 @@ def test_without_a_writable_cache_the_original_graph_is_loaded(tiny_bundle, tmp_
         model = OnnxStageModel(load_bundle(tiny_bundle), threads=1)
     assert "loading the graph itself" in caplog.text
     assert model.classify(np.zeros((1, model.config.d_model), np.float32))[1].shape == (1,)
+
+
+def test_the_cache_keeps_to_its_limit_dropping_the_least_recently_used(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEED_GRAPH_CACHE", str(tmp_path / "graphs"))
+    bundle = load_bundle(tiny_bundle)
+    (path,) = set(bundle.stage_graphs)
+    first = prepacked_graph(path, "a" * 64)  # the same graph under three keys: three copies of one size
+    size = sum(f.stat().st_size for f in first.parent.iterdir())
+    monkeypatch.setattr(prepacked_graphs, "cache_limit_bytes", lambda: 2 * size + size // 2)  # room for two
+    second = prepacked_graph(path, "b" * 64)
+    os.utime(first.parent, (1, 1))  # the first was used long ago ...
+    prepacked_graph(path, "b" * 64)  # ... and the second just now
+    third = prepacked_graph(path, "c" * 64)
+    assert {entry.path for entry in cached_graphs()} == {second.parent, third.parent}
+
+
+def test_speed_cache_lists_and_clears_the_copies(tiny_bundle, tmp_path):
+    env = {**os.environ, "SPEED_GRAPH_CACHE": str(tmp_path / "graphs"), "PYTHONWARNINGS": "ignore"}
+    bundle = load_bundle(tiny_bundle)
+    (path,) = set(bundle.stage_graphs)
+    os.environ["SPEED_GRAPH_CACHE"] = env["SPEED_GRAPH_CACHE"]
+    try:
+        copy = prepacked_graph(path, bundle.file_sha256(path))
+    finally:
+        del os.environ["SPEED_GRAPH_CACHE"]
+    speed = [sys.executable, "-m", "runtime.cli", "cache"]
+    listed = subprocess.run(speed, capture_output=True, text=True, env=env)
+    assert listed.returncode == 0 and "1 copy" in listed.stdout and copy.parent.name in listed.stdout
+    cleared = subprocess.run([*speed, "--clear"], capture_output=True, text=True, env=env)
+    assert cleared.returncode == 0 and "removed 1 copy" in cleared.stdout and not copy.parent.exists()
+    bad = subprocess.run(speed, capture_output=True, text=True, env={**env, "SPEED_GRAPH_CACHE_MB": "lots"})
+    assert bad.returncode == 1 and bad.stderr.strip().endswith("got 'lots'") and "Traceback" not in bad.stderr

@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from runtime.cli import bench, chat, cluster, decode, models, security
+from runtime.cli import bench, cache, chat, cluster, decode, models, security
 from runtime.cli.arguments import OneLineErrorParser
 from runtime.core.errors import SpeedError
 
@@ -15,7 +15,7 @@ from runtime.core.errors import SpeedError
 def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(prog="speed", description="SPEED: speculative pipelined decoding runtime")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineErrorParser)
-    for family in (models, decode, chat, cluster, bench, security):
+    for family in (models, decode, chat, cluster, bench, security, cache):
         family.add_commands(commands)
     return parser
 
