@@ -64,15 +64,12 @@ def test_the_cache_keeps_to_its_limit_dropping_the_least_recently_used(tiny_bund
     assert {entry.path for entry in cached_graphs()} == {second.parent, third.parent}
 
 
-def test_speed_cache_lists_and_clears_the_copies(tiny_bundle, tmp_path):
-    env = {**os.environ, "SPEED_GRAPH_CACHE": str(tmp_path / "graphs"), "PYTHONWARNINGS": "ignore"}
+def test_speed_cache_lists_and_clears_the_copies(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEED_GRAPH_CACHE", str(tmp_path / "graphs"))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     bundle = load_bundle(tiny_bundle)
     (path,) = set(bundle.stage_graphs)
-    os.environ["SPEED_GRAPH_CACHE"] = env["SPEED_GRAPH_CACHE"]
-    try:
-        copy = prepacked_graph(path, bundle.file_sha256(path))
-    finally:
-        del os.environ["SPEED_GRAPH_CACHE"]
+    copy = prepacked_graph(path, bundle.file_sha256(path))
     speed = [sys.executable, "-m", "runtime.cli", "cache"]
     listed = subprocess.run(speed, capture_output=True, text=True, env=env)
     assert listed.returncode == 0 and "1 copy" in listed.stdout and copy.parent.name in listed.stdout
