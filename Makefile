@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= ROMEO: But soft, what light
 
-.PHONY: setup demo test bench lint
+.PHONY: setup demo test test-fast bench lint
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check runtime nodes deploy tests
 	$(VENV)/bin/pytest
+
+# the pure cores, simulations, parsers and checks, in seconds: after every edit (make test before a commit)
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not cluster and not training and not decoding and not needs_model"
 
 bench: setup
 	$(VENV)/bin/speed bench --reference

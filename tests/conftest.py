@@ -193,3 +193,20 @@ def generate_on(client, prompt: str, sampling: SamplingParams = GREEDY, *, max_n
     """The whole result of one request through a client, with the sampling of `sampling`."""
     return client.generate(prompt, max_new_tokens=max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
                            top_p=sampling.top_p, seed=sampling.seed, **options).result()
+
+
+# --- tiers: `make test-fast` runs what carries neither slow marker ----------------------------------------
+
+TRAINING_FIXTURES = {"tiny_checkpoint"}  # a model trained and exported first
+CLUSTER_FIXTURES = {"state_dir", "serving_cluster"}  # processes started on loopback
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Mark each test by what it needs: `training` when a model is trained for it, `cluster` when it starts
+    processes (by fixture here; modules whose tests start them directly say so with pytestmark)."""
+    for item in items:
+        needs = set(getattr(item, "fixturenames", ()))
+        if needs & TRAINING_FIXTURES:
+            item.add_marker(pytest.mark.training)
+        if needs & CLUSTER_FIXTURES:
+            item.add_marker(pytest.mark.cluster)

@@ -17,6 +17,8 @@ from runtime.local.reference import LocalDecoder
 from tests.conftest import assert_one_line_error, run_speed
 from tests.terminal import Terminal
 
+pytestmark = pytest.mark.cluster  # its tests start real processes on loopback
+
 NEW_TOKENS = 20
 PROMPT = "\n> "  # the prompt after an answer (or the help line)
 FIRST, SECOND = "Who art thou?", "And whence comest thou?"

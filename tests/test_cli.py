@@ -13,6 +13,8 @@ import pytest
 from runtime.cli.main import build_parser
 from tests.conftest import assert_one_line_error, run_speed
 
+pytestmark = pytest.mark.cluster  # its tests start real processes on loopback
+
 
 def test_reference_prints_json_with_the_generated_tokens(tiny_bundle):
     result = run_speed("reference", "--bundle", str(tiny_bundle), "--max-new-tokens", "8", "--json", "ROMEO:")

@@ -26,6 +26,8 @@ from tests.conftest import CLUSTER_PROMPTS as PROMPTS
 from tests.conftest import assert_one_line_error, generate_on, in_threads, run_speed, running_cluster, write_cluster
 from tests.terminal import Terminal, read_until, with_ctrl_c
 
+pytestmark = pytest.mark.cluster  # its tests start real processes on loopback
+
 SAMPLED = [SamplingParams(temperature=0.8, top_k=40, seed=7), SamplingParams(temperature=1.0, top_p=0.9, seed=123)]
 
 

@@ -8,6 +8,8 @@ from runtime.core.bundle import DEFAULT_BUNDLE, load_bundle
 from runtime.local.backends import open_stage_model
 from tests.support import assert_backends_agree
 
+pytestmark = pytest.mark.decoding  # the shipped model decoded by ONNX Runtime and torch
+
 MAX_BUNDLE_BYTES = 25 * 1024 * 1024
 
 

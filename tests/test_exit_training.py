@@ -28,6 +28,8 @@ from runtime.models.torch_backend import model_from_bundle
 from tests.conftest import assert_one_line_error, run_speed, write_cluster
 from tests.gguf_writer import source_config, write_gguf
 
+pytestmark = pytest.mark.training  # its tests train, export, quantize or calibrate a model
+
 PROMPTS = ["To be, or not to be", "Enter a Messenger.", "def main():", "O Romeo, Romeo!"]
 SMALL = ["--steps", "60", "--lr", "0.01", "--rank", "8", "--train-windows", "8", "--held-out-windows", "4"]
 

@@ -12,6 +12,8 @@ from runtime.core.bundle import load_bundle
 from runtime.models.torch_backend import TorchStageModel
 from tests.support import assert_backends_agree
 
+pytestmark = pytest.mark.training  # its tests train, export, quantize or calibrate a model
+
 
 @pytest.fixture(scope="module")
 def models(tiny_bundle):

@@ -36,6 +36,8 @@ from tests.support import (
     steps,
 )
 
+pytestmark = pytest.mark.cluster  # its tests start real processes on loopback
+
 DEMO = demo_bundle()
 VOCAB, CONTEXT, D = DEMO.config.vocab_size, DEMO.config.context_length, DEMO.config.d_model
 MEMORY_BOUND_MB = 30  # each node's resident memory after the fuzzing, above what it was before

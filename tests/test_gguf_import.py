@@ -27,6 +27,8 @@ from runtime.models.torch_backend import model_from_bundle
 from tests.conftest import assert_one_line_error, run_speed, write_cluster
 from tests.gguf_writer import TYPES, source_config, write_gguf
 
+pytestmark = pytest.mark.training  # its tests train, export, quantize or calibrate a model
+
 PROMPTS = ["To be, or not to be", "Enter a Messenger.", "My lord, 12 ships", "O Romeo, Romeo!"]
 # a file whose every layer matrix is in 4-bit blocks, as llama.cpp's Q4_0 and Q4_1 files are
 FOUR_BIT = {**{part: GGMLQuantizationType.Q4_1 for part in ("attn_q", "attn_k", "attn_v", "ffn_up", "ffn_down")},

@@ -16,6 +16,8 @@ from runtime.local.speculative import generate_speculative
 from runtime.models.guess_gate import choose_threshold, frequent_tokens
 from tests.conftest import CLUSTER_PROMPTS, assert_one_line_error, generate_on, run_speed, running_cluster
 
+pytestmark = pytest.mark.training  # its tests train, export, quantize or calibrate a model
+
 PROMPTS = ["ROMEO. But soft, what light", "Enter a Messenger.", "KING HENRY. Once more unto the breach"]
 
 

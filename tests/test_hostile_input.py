@@ -26,6 +26,8 @@ from runtime.wire.tensor import pack
 from tests.conftest import CLUSTER_PROMPTS, generate_on, running_cluster, write_cluster
 from tests.support import assert_a_sentence, decode_on_nodes, resident_mb, running_nodes
 
+pytestmark = pytest.mark.cluster  # its tests start real processes on loopback
+
 DEMO = load_bundle()
 D = DEMO.config.d_model
 SEQ_IDS = itertools.count(5000)

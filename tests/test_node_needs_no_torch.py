@@ -3,6 +3,10 @@
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.cluster  # its tests run the speed command and export in processes of their own
+
 PROGRAM = """
 import sys
 sys.modules["torch"] = None  # any import of torch now fails

@@ -16,6 +16,8 @@ from runtime.core.generation import GenerationOptions
 from runtime.local.reference import LocalDecoder
 from tests.conftest import CLUSTER_PROMPTS, assert_one_line_error, free_port, run_speed, write_cluster
 
+pytestmark = pytest.mark.cluster  # its tests start real processes on loopback
+
 NEW_TOKENS = 24
 CONVERSATION = [ChatMessage("system", "A scene in Verona."), ChatMessage("user", "Who art thou?"),
                 ChatMessage("assistant", "A gentleman of Padua."), ChatMessage("user", "And whence comest thou?")]

@@ -10,8 +10,12 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from runtime.core.bundle import DEFAULT_BUNDLE
 from tests.conftest import run_speed, write_cluster
+
+pytestmark = pytest.mark.cluster  # its tests run the speed command in a terminal of its own
 
 # a terminal rich draws on, whatever the environment running the tests says
 TERMINAL = {"TERM": "xterm-256color", "COLUMNS": "120", "PYTHONWARNINGS": "ignore"}

@@ -20,6 +20,8 @@ from runtime.local.speculative import generate_speculative
 from runtime.models.quantize import Quantization, quantize_bundle
 from tests.conftest import CLUSTER_PROMPTS, assert_one_line_error, generate_on, run_speed, running_cluster
 
+pytestmark = pytest.mark.training  # its tests train, export, quantize or calibrate a model
+
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.95, seed=3)
 # prompts of different lengths (some equal, so their prefills share a call) decoded together
 PROMPTS = ["ROMEO: But soft, what light", "To be, or not to be", "KING LEAR:", "Friends, Romans, countrymen"]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.cluster  # its tests start real processes on loopback
+
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"^```(python|bash)\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)
 BLOCK_TIMEOUT_S = 120

@@ -25,6 +25,8 @@ from runtime.wire.tensor import pack
 from tests.conftest import CLUSTER_NEW_TOKENS, CLUSTER_PROMPTS, write_cluster
 from tests.support import REFUSAL_CODES, assert_a_sentence, running_nodes
 
+pytestmark = pytest.mark.cluster  # its tests start real processes on loopback
+
 INCARNATION = 7
 SEQ_IDS = itertools.count(1)
 

@@ -23,6 +23,8 @@ from runtime.wire import speed_pb2_grpc as pb_grpc
 from tests.conftest import CLUSTER_PROMPTS as PROMPTS
 from tests.conftest import assert_one_line_error, free_port, generate_on, run_speed, running_cluster
 
+pytestmark = pytest.mark.cluster  # its tests start real processes on loopback
+
 SAMPLED = SamplingParams(temperature=0.8, top_k=40, seed=7)
 
 

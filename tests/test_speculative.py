@@ -12,6 +12,8 @@ from runtime.local.speculative import generate_speculative
 from runtime.models.corpus import load_shakespeare
 from tests.conftest import assert_one_line_error, run_speed
 
+pytestmark = pytest.mark.decoding  # decodes many prompts with the shipped model
+
 
 def held_out_prompts(count: int) -> list[str]:
     """Distinct lines of the held-out works: text the model has never been trained on."""

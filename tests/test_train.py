@@ -13,6 +13,8 @@ from runtime.models.checkpoint import load_checkpoint
 from runtime.models.train import TrainConfig, choose_precision, train
 from tests.conftest import TINY, TINY_TRAINING, assert_one_line_error, run_speed
 
+pytestmark = pytest.mark.training  # its tests train, export, quantize or calibrate a model
+
 
 def test_a_few_steps_lower_the_held_out_loss(tmp_path):
     untrained = train(tmp_path / "zero", TINY, replace(TINY_TRAINING, steps=1), resume=False)
