@@ -17,11 +17,10 @@ class FreedMemory:
     A message is parsed in whichever of gRPC's threads received it. By default glibc raises its mmap
     threshold to the size of any large block freed (up to 32 MB, the trim threshold to twice that), so
     later buffers of big messages are carved out of the receiving thread's heap and stay resident once
-    freed; malloc_trim does not shrink the top of those heaps. Measured on the demo model, 30 malformed
-    step messages (up to 60 MB each) to one node, resident memory for good after them: +205 MB before
-    any bound (575 MB at the peak), +49 to +84 MB with the node's count bounds and malloc_trim, -1 to
-    +3 MB with fixed thresholds as well. malloc_trim takes 10-60 ms, so it runs once per burst of
-    refusals, on a timer, not once per message. The thresholds are set for the whole process (a node's)."""
+    freed; malloc_trim does not shrink the top of those heaps, so the thresholds are fixed as well (what
+    each step saved is in docs/performance.md). malloc_trim takes tens of milliseconds, so it runs once
+    per burst of refusals, on a timer, not once per message. The thresholds are set for the whole
+    process (a node's)."""
 
     def __init__(self, delay_s: float = TRIM_DELAY_S):
         self._delay_s = delay_s

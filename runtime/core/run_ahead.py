@@ -6,10 +6,10 @@ away. It is worth running when c x lag >= (1 - c) x pass, that is from c = pass 
 fast links the lag is a few passes and unsure guesses wait; on slow links the lag is long and nearly
 every guess runs. Both times are measured as they come and smoothed.
 
-c is the probability the stage gives its guess, which is not how often such guesses turn out right: the
-demo model's early stages give theirs 0.25 on average and agree with the last stage 72% of the time, so
-the head pauses more than the break-even would have it, trading a little speed on slow links for far
-fewer passes thrown away (both measured in docs/performance.md).
+c is the probability the stage gives its guess, which is not how often such guesses turn out right (the
+demo model's guesses agree with the last stage far more often than their probabilities say), so the head
+pauses sooner than the break-even would have it: a little speed lost on slow links for far fewer passes
+thrown away (both measured in docs/performance.md).
 """
 
 from __future__ import annotations

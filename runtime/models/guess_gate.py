@@ -20,9 +20,9 @@ the classifier costs at least a quarter of a stage pass (a large vocabulary), th
 guess head, the classifier over the tokens most frequent in the held-out text only (a quarter of the
 vocabulary by default; frequency-ranked drafting, FR-Spec 2025, cuts a draft head's cost by about 75% at
 little loss of acceptance). Guesses, their probabilities and the classifier call above are then those
-of the guess head, and the report gives the agreement of the full head beside it. (On the demo model,
-whose classifier costs a sixth of a pass, a guess head made the cluster slower: its probabilities over
-fewer tokens are higher than the full head's, so stage 0 ran ahead on more wrong guesses.)
+of the guess head, and the report gives the agreement of the full head beside it. Where the classifier
+is cheap a guess head does not pay: its probabilities, over fewer tokens, are higher than the full
+head's, so stage 0 runs ahead on more wrong guesses than the calls it saves are worth.
 """
 
 from __future__ import annotations
