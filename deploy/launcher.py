@@ -27,7 +27,7 @@ from runtime.core.node_state import NodeState
 from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
-from runtime.wire.security import operator_credentials
+from runtime.wire.security import open_channel, operator_credentials
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
@@ -148,10 +148,7 @@ class LocalCluster:
         return operator_credentials(self.spec.security) if self.spec.security is not None else None
 
     def channel(self) -> grpc.Channel:
-        credentials = self.credentials()
-        if credentials is None:
-            return grpc.insecure_channel(self.endpoint)
-        return grpc.secure_channel(self.endpoint, credentials)
+        return open_channel(self.endpoint, self.credentials())
 
     def check_not_stopped(self) -> None:
         """Raise StopAsked once `speed down` has removed the record of processes started here."""

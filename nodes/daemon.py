@@ -30,7 +30,7 @@ from runtime.core.errors import SpeedError
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
-from runtime.wire.security import COORDINATOR, check_exposure, expect_name, node_identity
+from runtime.wire.security import COORDINATOR, check_exposure, node_identity, open_channel
 
 log = logging.getLogger("speed.node")
 
@@ -93,9 +93,7 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
     if check_exposure(spec, node.address, f"node {node.name}"):
         log.warning("serving %s WITHOUT TLS, as the cluster file allows (insecure: true)", node.address)
     def open_peer_channel(name: str, address: str) -> grpc.Channel:
-        if identity is None:
-            return grpc.insecure_channel(address, options=options.CHANNEL)
-        return grpc.secure_channel(address, identity.channel(), options=options.CHANNEL + expect_name(name))
+        return open_channel(address, identity.channel() if identity else None, server_name=name)
 
     service = NodeService(host, info, metrics=metrics, emulated_link_ms=node.emulated_link_ms,
                           only_caller=COORDINATOR if identity else None, prefill_chunk=spec.speculation.prefill_chunk,

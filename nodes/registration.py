@@ -15,9 +15,9 @@ from collections.abc import Callable
 import grpc
 
 from runtime.core.recent_rate import RecentRate
-from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.security import open_channel
 
 log = logging.getLogger("speed.node")
 
@@ -41,11 +41,7 @@ class Registration(threading.Thread):
         self.registered = threading.Event()
 
     def run(self) -> None:
-        if self.credentials is None:
-            channel = grpc.insecure_channel(self.coordinator_address, options=options.CHANNEL)
-        else:
-            channel = grpc.secure_channel(self.coordinator_address, self.credentials, options=options.CHANNEL)
-        with channel:
+        with open_channel(self.coordinator_address, self.credentials) as channel:
             registry = pb_grpc.RegistryStub(channel)
             backoff, interval, reported_down = 0.2, 1.0, False
             while not self.stopping.is_set():

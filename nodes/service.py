@@ -21,7 +21,7 @@ from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.ring import messages_from_wire
-from runtime.wire.security import caller, node_common_name
+from runtime.wire.security import caller, node_common_name, open_channel
 
 log = logging.getLogger("speed.node")
 
@@ -39,8 +39,7 @@ class NodeService(pb_grpc.NodeServicer):
         open_peer_channel(name, address): a channel to another node, for the ring data path."""
         self.host = host
         self.prefill_chunk = prefill_chunk
-        self._open_peer_channel = open_peer_channel or (lambda name, address: grpc.insecure_channel(
-            address, options=options.CHANNEL))
+        self._open_peer_channel = open_peer_channel or (lambda name, address: open_channel(address))
         self._ring: RingWorker | None = None
         self._ring_stamp = (0, 0)  # (incarnation, epoch) the ring worker serves
         self._ring_peers: set[str] = set()  # certificate names of the nodes allowed to forward to it

@@ -20,7 +20,6 @@ import statistics
 import time
 from pathlib import Path
 
-import grpc
 import psutil
 
 from deploy.launcher import LocalCluster
@@ -34,9 +33,9 @@ from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.core.sampling import SamplingParams
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
-from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.security import open_channel
 
 SAMPLED_TEMPERATURE = 0.8
 MODES = ("sequential", "speculative")
@@ -173,7 +172,7 @@ def snapshot(processes: dict[str, psutil.Process], nodes: dict[str, str]) -> dic
 def node_infos(nodes: dict[str, str]) -> dict[str, pb.NodeInfo]:
     infos = {}
     for name, address in nodes.items():
-        with grpc.insecure_channel(address, options=options.CHANNEL) as channel:
+        with open_channel(address) as channel:
             infos[name] = pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=5.0)
     return infos
 

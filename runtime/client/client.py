@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-from runtime.client.credentials import credentials_from, open_channel
+from runtime.client.credentials import credentials_from
 from runtime.client.errors import client_error
 from runtime.client.streams import AsyncGenerationStream, GenerationStream, starter
 from runtime.core.chat import ChatMessage
@@ -23,6 +23,7 @@ from runtime.core.generation import GenerationOptions
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.generation import request_to_wire
+from runtime.wire.security import open_channel
 
 GENERATE_TIMEOUT_S = 600.0
 STATUS_TIMEOUT_S = 10.0
@@ -78,7 +79,7 @@ class AsyncClient:
                  cert: str | Path | None = None, key: str | Path | None = None,
                  credentials: grpc.ChannelCredentials | None = None):
         self.address = address
-        self._channel = open_channel(address, credentials or credentials_from(ca, token, cert, key), grpc.aio)
+        self._channel = open_channel(address, credentials or credentials_from(ca, token, cert, key), aio=True)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
 
     def generate(self, prompt: str, options: GenerationOptions | None = None, *,

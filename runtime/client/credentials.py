@@ -9,7 +9,6 @@ from pathlib import Path
 import grpc
 
 from runtime.core.errors import SpeedError
-from runtime.wire import options
 from runtime.wire.security import client_credentials
 
 
@@ -37,7 +36,3 @@ def _file(path: str | Path, what: str) -> bytes:
         raise SpeedError(f"cannot read the {what} {path}: {exc.strerror}") from None
 
 
-def open_channel(address: str, credentials: grpc.ChannelCredentials | None, channel_module=grpc):
-    if credentials is None:
-        return channel_module.insecure_channel(address, options=options.CHANNEL)
-    return channel_module.secure_channel(address, credentials, options=options.CHANNEL)

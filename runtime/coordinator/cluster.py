@@ -33,11 +33,10 @@ from runtime.core.node_state import NodeState
 from runtime.core.placement import stages_of
 from runtime.core.stopping import StopStrings
 from runtime.core.text_stream import TextStream
-from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.generation import conversation_from_wire, options_from_wire
-from runtime.wire.security import Identity, expect_name
+from runtime.wire.security import Identity, open_channel
 
 log = logging.getLogger("speed.coordinator")
 
@@ -181,9 +180,7 @@ class Cluster:
 
     def open_node_channel(self, name: str, address: str) -> grpc.aio.Channel:
         """A channel to a node that, in a secure cluster, only the node's own certificate can answer."""
-        if self.identity is None:
-            return grpc.aio.insecure_channel(address, options=options.CHANNEL)
-        return grpc.aio.secure_channel(address, self.identity.channel(), options=options.CHANNEL + expect_name(name))
+        return open_channel(address, self.identity.channel() if self.identity else None, server_name=name, aio=True)
 
     async def register(self, request: pb.RegisterRequest) -> RemoteNode:
         """Accept a node by what it answers when dialled back at the address it gave, never by the request's

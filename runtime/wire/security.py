@@ -19,6 +19,7 @@ import grpc
 
 from runtime.core.cluster_file import ClusterSpec, SecuritySpec, parse_address
 from runtime.core.errors import SpeedError
+from runtime.wire.options import CHANNEL
 
 COORDINATOR = "speed coordinator"
 CLIENT = "speed client"
@@ -59,6 +60,16 @@ class Identity:
 
 def node_identity(security: SecuritySpec, name: str) -> Identity:
     return Identity.load(security, f"node.{name}")
+
+
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None, *, server_name: str | None = None,
+                 aio: bool = False):
+    """A channel with every channel's options: plain without credentials, TLS with them; server_name: the
+    name the server's certificate must hold, when it is not the dialled host; aio: a grpc.aio channel."""
+    channels = grpc.aio if aio else grpc
+    if credentials is None:
+        return channels.insecure_channel(address, options=CHANNEL)
+    return channels.secure_channel(address, credentials, options=CHANNEL + (expect_name(server_name) if server_name else []))
 
 
 def expect_name(name: str) -> list[tuple[str, str]]:
