@@ -18,6 +18,7 @@ from nodes.cpu_profile import CpuProfile
 from nodes.stage_model import StageModel
 from nodes.tick_executor import TickExecutor
 from runtime.core.errors import SpeedError
+from runtime.core.limits import MAX_TEMPERATURE
 from runtime.core.sampling import SamplingParams
 from runtime.core.scheduler import Item, TickPlan, Truncate
 from runtime.wire import speed_pb2 as pb
@@ -28,7 +29,6 @@ from runtime.wire.tensor import pack, unpack
 # counts come from the repeated fields' lengths, so a refused message costs no more than its own bytes.
 CLOSES_PER_SLOT = 64  # closes in one message, per sequence slot: the sequences that ended since the last one
 TRUNCATIONS_PER_ROW = 16  # truncations in one message, per (sequence slot, hosted stage)
-MAX_TEMPERATURE = 100.0  # as `speed generate --temperature` allows
 
 
 class StepRefused(SpeedError):

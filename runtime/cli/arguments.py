@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable
 
 from runtime.core.cluster_file import MAX_THREADS
+from runtime.core.limits import MAX_TEMPERATURE
 
 # --- argument types: every number on the command line is checked against a range -----------------------------
 
@@ -72,8 +73,8 @@ def add_threads_flag(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=number(0, 100, zero="0 = greedy"), default=0.0,
-                   help="0 = greedy (default); > 0 samples, at most 100")
+    p.add_argument("--temperature", type=number(0, MAX_TEMPERATURE, zero="0 = greedy"), default=0.0,
+                   help=f"0 = greedy (default); > 0 samples, at most {MAX_TEMPERATURE:g}")
     p.add_argument("--top-k", type=whole(0, MAX_TOKENS, zero="0 = all"), default=0,
                    help="sample among the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=number(0, 1, above=True), default=1.0,

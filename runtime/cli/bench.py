@@ -11,6 +11,7 @@ from runtime.cli.arguments import add_threads_flag, add_window_flag, link_ms, nu
 from runtime.cli.progress import stderr_progress
 from runtime.core.cluster_file import DATA_PATHS as DATA_PATH_NAMES
 from runtime.core.errors import SpeedError
+from runtime.core.limits import MAX_TEMPERATURE
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -44,7 +45,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=token_count,
                    help="tokens per run (default 64 reference, 128 local and FILE, 48 --clients and --chaos)")
     p.add_argument("--repeats", type=whole(1, 1000), default=3)
-    p.add_argument("--temperature", type=number(0, 100, zero="0 = greedy"),
+    p.add_argument("--temperature", type=number(0, MAX_TEMPERATURE, zero="0 = greedy"),
                    help="with --reference, --local, FILE, --clients or --cpu: sample at this temperature (seed 0), not "
                         "greedy (--cpu: only at this one; by default greedy and 0.8)")
     p.add_argument("--guess-threshold", type=number(0, 1, above=True), metavar="P",

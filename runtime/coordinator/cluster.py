@@ -28,7 +28,7 @@ from runtime.core.bundle import Bundle
 from runtime.core.cluster_file import ClusterSpec, same_address
 from runtime.core.errors import SpeedError
 from runtime.core.generation import guess_thresholds
-from runtime.core.limits import check_request
+from runtime.core.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, check_request, max_prompt_chars
 from runtime.core.node_state import NodeState
 from runtime.core.placement import stages_of
 from runtime.core.stopping import StopStrings
@@ -97,31 +97,29 @@ class Cluster:
     def _checked(self, request: pb.GenerateRequest) -> Request:
         """The request as the engine takes it.
 
-        Sizes are checked before anything is tokenized or decoded, so a hostile request costs little: a
-        prompt of more characters than 16 per position of the context (at least 64 KiB) cannot fit it,
-        and stop strings are short (a stop string is checked against the decoded tail at every token)."""
-        max_prompt_chars = max(64 * 1024, 16 * self.bundle.config.context_length)
-        max_stop_strings, max_stop_chars, max_temperature = 16, 256, 100.0  # as `speed generate` allows
+        Sizes are checked before anything is tokenized or decoded (runtime/core/limits.py), so a hostile
+        request costs little."""
+        longest_prompt = max_prompt_chars(self.bundle.config)
         prompt, messages = request.prompt, conversation_from_wire(request)
         if messages and prompt:
             raise SpeedError("send either a prompt or a conversation of messages, not both")
         if not prompt and not messages:
             raise SpeedError("the prompt is empty; give some text for the model to continue")
         length = len(prompt) + sum(len(m.content) for m in messages)
-        if length > max_prompt_chars:
-            raise SpeedError(f"the prompt has {length} characters; at most {max_prompt_chars} are accepted, "
+        if length > longest_prompt:
+            raise SpeedError(f"the prompt has {length} characters; at most {longest_prompt} are accepted, "
                              f"more than the model's context of {self.bundle.config.context_length} tokens holds")
         generation = options_from_wire(request)
         if generation.max_new_tokens < 1:
             raise SpeedError(f"max_new_tokens must be at least 1, got {generation.max_new_tokens}")
-        if not generation.temperature <= max_temperature:  # also NaN and infinity
-            raise SpeedError(f"temperature must be 0 (greedy) to {max_temperature:g}, got {generation.temperature}")
+        if not generation.temperature <= MAX_TEMPERATURE:  # also NaN and infinity
+            raise SpeedError(f"temperature must be 0 (greedy) to {MAX_TEMPERATURE:g}, got {generation.temperature}")
         generation.sampling  # noqa: B018 (raises with a sentence when a setting is out of range)
-        if len(generation.stop) > max_stop_strings:
-            raise SpeedError(f"give at most {max_stop_strings} stop strings, got {len(generation.stop)}")
+        if len(generation.stop) > MAX_STOP_STRINGS:
+            raise SpeedError(f"give at most {MAX_STOP_STRINGS} stop strings, got {len(generation.stop)}")
         longest = max((len(s) for s in generation.stop), default=0)
-        if longest > max_stop_chars:
-            raise SpeedError(f"a stop string may have at most {max_stop_chars} characters, got one of {longest}")
+        if longest > MAX_STOP_CHARS:
+            raise SpeedError(f"a stop string may have at most {MAX_STOP_CHARS} characters, got one of {longest}")
         bundle = self.bundle
         shown = bundle.conversation_text(messages) if messages else bundle.prompt_text(prompt, chat=generation.chat)
         prompt_ids = self.tokenizer.encode(shown).ids

@@ -5,6 +5,16 @@ from __future__ import annotations
 from runtime.core.config import ModelConfig
 from runtime.core.errors import SpeedError
 
+MAX_TEMPERATURE = 100.0  # sampling temperature; 0 decodes greedily
+MAX_STOP_STRINGS = 16  # per request
+MAX_STOP_CHARS = 256  # per stop string: each is looked for in the decoded tail at every token
+
+
+def max_prompt_chars(cfg: ModelConfig) -> int:
+    """Characters a prompt may have before it is tokenized: more than 16 per position of the context (at
+    least 64 KiB) cannot fit it, so a hostile prompt is refused before it costs a tokenizer's time."""
+    return max(64 * 1024, 16 * cfg.context_length)
+
 
 def check_request(prompt_ids: list[int], cfg: ModelConfig, max_new_tokens: int) -> None:
     if not prompt_ids:
