@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from runtime.coordinator.data_path import data_path_for
 from runtime.coordinator.engine import Engine
 from runtime.coordinator.metrics import CoordinatorMetrics
 from runtime.coordinator.remote_node import RemoteNode
@@ -59,10 +60,11 @@ class Cluster:
         self.tokens = TokenFile(security.certs / TOKENS_FILE) if security and security.client_auth == "token" else None
         self.nodes = [RemoteNode(node, step_timeout_s=spec.coordinator.step_timeout_s, on_state_change=self.node_changed)
                       for node in spec.nodes]
+        data_path = data_path_for(spec.data_path, prefill_chunk=spec.speculation.prefill_chunk,
+                                  stall_timeout_s=spec.coordinator.step_timeout_s * (bundle.config.n_stages + 1))
         self.engine = Engine(self.nodes, config=bundle.config, eos_id=bundle.eos_token_id,
-                             prefill_chunk=spec.speculation.prefill_chunk, max_queue=spec.coordinator.max_queue,
-                             incarnation=time.time_ns(), metrics=self.metrics, data_path=spec.data_path,
-                             stall_timeout_s=spec.coordinator.step_timeout_s * (bundle.config.n_stages + 1))
+                             max_queue=spec.coordinator.max_queue, incarnation=time.time_ns(), metrics=self.metrics,
+                             data_path=data_path)
 
     @property
     def serving(self) -> bool:

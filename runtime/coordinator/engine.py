@@ -19,15 +19,15 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 import grpc
 
 from runtime.coordinator.cluster_view import ClusterView
-from runtime.coordinator.lockstep import LockstepPath
+from runtime.coordinator.data_path import DataPath
 from runtime.coordinator.metrics import CoordinatorMetrics
 from runtime.coordinator.remote_node import NodeFailure, RemoteNode
 from runtime.coordinator.requests import QueueFull, Request, RequestFailed
-from runtime.coordinator.ring_path import RingPath
 from runtime.core.config import ModelConfig
 from runtime.core.generation import GenerationResult, SpeculationStats, steady_rate
 from runtime.core.node_state import NodeState
@@ -40,9 +40,9 @@ NODE_BACKEND = "onnx"  # what nodes run: the bundle's ONNX graphs with ONNX Runt
 
 
 class Engine:
-    def __init__(self, nodes: list[RemoteNode], *, config: ModelConfig, eos_id: int, prefill_chunk: int,
-                 max_queue: int, incarnation: int, metrics: CoordinatorMetrics, data_path: str = "lockstep",
-                 stall_timeout_s: float = 10.0):
+    def __init__(self, nodes: list[RemoteNode], *, config: ModelConfig, eos_id: int, max_queue: int, incarnation: int,
+                 metrics: CoordinatorMetrics, data_path: Callable[[ClusterView], DataPath]):
+        """data_path: makes the data path that carries the work, given this engine's view of the cluster."""
         self.nodes = {node.name: node for node in nodes}
         self.home = {node.name: node.spec.stages for node in nodes}
         self.view = ClusterView(config=config, nodes=self.nodes, metrics=metrics, incarnation=incarnation,
@@ -51,9 +51,7 @@ class Engine:
         self.max_queue = max_queue
         self.incarnation = incarnation
         self.metrics = metrics
-        self.data_path = data_path
-        self.path = (RingPath(self.view, stall_timeout_s=stall_timeout_s) if data_path == "ring"
-                     else LockstepPath(self.view, prefill_chunk=prefill_chunk))
+        self.data_path = data_path(self.view)
         self._pending: deque[Request] = deque()
         self._active: dict[int, Request] = {}
         self._ids = itertools.count(1)
@@ -122,7 +120,7 @@ class Engine:
             if self._active:
                 await self._advance()
             else:
-                await self.path.idle()
+                await self.data_path.idle()
                 if not self._pending or not self.serving:
                     await self._wake.wait()
 
@@ -135,7 +133,7 @@ class Engine:
                 request.events.put_nowait(RequestFailed(grpc.StatusCode.UNAVAILABLE, self._unservable()))
                 continue
             seq_id = (self.incarnation & 0xFFFF_FFFF) << 32 | next(self._ids)  # never reused by a later coordinator
-            seq = self.path.add(seq_id, request)
+            seq = self.data_path.add(seq_id, request)
             request.admitted, request.admitted_at = True, time.perf_counter()
             request.sent_tokens = len(request.generated)
             self._active[seq_id] = request
@@ -151,7 +149,7 @@ class Engine:
 
     async def _advance(self) -> None:
         try:
-            failed = await self.path.advance(self._wake)
+            failed = await self.data_path.advance(self._wake)
         except NodeFailure as failure:
             self._fail_all(failure)
             return
@@ -173,7 +171,7 @@ class Engine:
             if len(placement) < self.config.n_stages:
                 self._lose_placement()
                 return
-            extras = self.path.assignment(placement) if isinstance(self.path, RingPath) else {}
+            extras = self.data_path.assignment(placement)
             moves = await asyncio.gather(*(self.nodes[name].assign(self.incarnation, stages_of(placement, name), **extras)
                                            for name in serving), return_exceptions=True)
             if any(isinstance(result, BaseException) for result in moves):
@@ -197,19 +195,19 @@ class Engine:
         if self.placement:
             log.warning("the cluster cannot serve: %s", self._unservable())
         self.view.placement = {}
-        self.path.forget()
+        self.data_path.forget()
         for seq_id in list(self._active):
             self._fail(seq_id, RequestFailed(grpc.StatusCode.UNAVAILABLE, self._unservable()))
 
     def _replay(self, previous: dict[int, str]) -> None:
         """Every active sequence starts again on the new placement from its prompt and committed tokens."""
-        self.path.replay(self._active)
+        self.data_path.replay(self._active)
         if not previous:
             return
         moved = {stage: (previous.get(stage), name) for stage, name in self.placement.items()
                  if previous.get(stage) != name}
         lost = sorted({old for old, _ in moved.values() if old and self.nodes[old].state != NodeState.SERVING})
-        tokens = sum(len(self.path.sequence(s).prefill) for s in self._active)
+        tokens = sum(len(self.data_path.sequence(s).prefill) for s in self._active)
         what = ", ".join(f"stage {stage} {old} -> {new}" for stage, (old, new) in sorted(moved.items()))
         event = f"failover (lost {', '.join(lost)})" if lost else "stages back home (a node registered)"
         log.log(logging.WARNING if lost or self._active else logging.INFO, "%s: %s; replaying %d sequence(s) (%d tokens)%s",
@@ -224,7 +222,7 @@ class Engine:
     def _emit(self) -> None:
         now = time.perf_counter()
         for seq_id, request in list(self._active.items()):
-            seq = self.path.sequence(seq_id)
+            seq = self.data_path.sequence(seq_id)
             new = seq.generated[request.sent_tokens :]
             if request.first_token_at is None and (new or seq.done):
                 request.first_token_at = now
@@ -235,11 +233,11 @@ class Engine:
             if new or text:
                 request.events.put_nowait(pb.GenerateEvent(tokens=pb.TokenChunk(token_ids=new, text=text)))
                 request.sent_tokens, request.last_token_at = len(seq.generated), now
-            if seq.done and self.path.settled(seq_id):
+            if seq.done and self.data_path.settled(seq_id):
                 self._finish(seq_id, request, now)
 
     def _finish(self, seq_id: int, request: Request, now: float) -> None:
-        seq = self.path.sequence(seq_id)
+        seq = self.data_path.sequence(seq_id)
         for boundary, (flips, checks) in enumerate(zip(seq.stats.flips, seq.stats.checks)):
             self.metrics.flips(boundary, flips, checks)
         result = GenerationResult(
@@ -257,7 +255,7 @@ class Engine:
     def _end(self, seq_id: int) -> None:
         """Forget a sequence here and free its caches on every node of the placement."""
         del self._active[seq_id]
-        self.path.end(seq_id)
+        self.data_path.end(seq_id)
 
     def _fail(self, seq_id: int, failure: RequestFailed) -> None:
         self._active[seq_id].events.put_nowait(failure)
@@ -274,7 +272,7 @@ class Engine:
         log.warning("%s (%d request(s) stopped)", failure, len(self._active))
         for seq_id in list(self._active):
             self._fail(seq_id, RequestFailed(failure.code, str(failure)))
-        self.path.forget()
+        self.data_path.forget()
         for node in self.nodes.values():
             node.assigned = None  # the next reconcile assigns every node again, which frees everything
 

@@ -66,6 +66,10 @@ class LockstepPath:
         for name in set(self.view.placement.values()):
             self._control[name].closes.append(seq_id)
 
+    def assignment(self, placement: dict[int, str]) -> dict:
+        """Nodes on lockstep need only their stages: each step message says what to run."""
+        return {}
+
     def replay(self, active: dict[int, Request]) -> None:
         self._control.clear()
         self._handoff.clear()

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2_grpc
 from runtime.coordinator.cluster import Cluster, Unverified
 from runtime.coordinator.requests import QueueFull, Request, RequestFailed
 from runtime.core.bundle import load_bundle
-from runtime.core.cluster_file import load_cluster, parse_address
+from runtime.core.cluster_file import DataPathKind, load_cluster, parse_address
 from runtime.core.errors import SpeedError
 from runtime.core.node_state import NodeState
 from runtime.wire import options
@@ -118,7 +118,7 @@ def run_coordinator(cluster_path: Path, *, data_path: str | None = None) -> None
     """data_path: overrides the cluster file's."""
     spec = load_cluster(cluster_path)
     if data_path is not None:
-        spec = dataclasses.replace(spec, data_path=data_path)
+        spec = dataclasses.replace(spec, data_path=DataPathKind(data_path))
     bundle = load_bundle(spec.bundle, verify=False)
     bundle.verify([bundle.manifest["tokenizer"]])  # all a coordinator reads of it
     spec.check_stages(bundle.config.n_stages)

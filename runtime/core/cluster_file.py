@@ -58,9 +58,18 @@ import yaml
 
 from runtime.core.errors import SpeedError
 from runtime.core.generation import MAX_WINDOW
+from runtime.core.text_enum import TextEnum
+
+
+class DataPathKind(TextEnum):
+    """How the work of a token travels between the nodes."""
+
+    LOCKSTEP = "lockstep"  # every tick a round trip through the coordinator
+    RING = "ring"  # node to node; stage 0 runs ahead on its guesses
+
 
 DEVICES = ("cpu", "cuda")
-DATA_PATHS = ("lockstep", "ring")
+DATA_PATHS = tuple(kind.value for kind in DataPathKind)
 NODE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 ADDRESS_HINT = "host:port, e.g. 127.0.0.1:50051"
 MAX_THREADS = 256  # intra-op threads of a node (and of `speed reference`, `bench`, `train`); more only slow it down
@@ -117,7 +126,7 @@ class ClusterSpec:
     coordinator: CoordinatorSpec
     speculation: SpeculationSpec
     nodes: tuple[NodeSpec, ...]
-    data_path: str = "lockstep"  # one of DATA_PATHS
+    data_path: DataPathKind = DataPathKind.LOCKSTEP
     source: str = dataclasses.field(default="", compare=False)  # the file as the user named it, for messages
     security: SecuritySpec | None = None  # None: plain connections (loopback only unless insecure)
     insecure: bool = False  # plain connections allowed on other addresses than loopback
@@ -235,7 +244,7 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         "bundle": partial(_bundle, base=base),
         "coordinator": _coordinator,
         "speculation": _speculation,
-        "data_path": partial(_string, choices=DATA_PATHS),
+        "data_path": lambda value, key: DataPathKind(_string(value, key, choices=DATA_PATHS)),
         "nodes": _nodes,
         "security": partial(_security, base=base),
         "insecure": _flag,
@@ -247,7 +256,7 @@ def load_cluster(path: str | Path) -> ClusterSpec:
     _check_addresses_unique(fields["coordinator"], fields["nodes"], top)
     return ClusterSpec(name=fields["cluster"], path=path.resolve(), bundle=fields.get("bundle"),
                        coordinator=fields["coordinator"], speculation=fields.get("speculation", SpeculationSpec()),
-                       nodes=fields["nodes"], data_path=fields.get("data_path", "lockstep"), source=shown,
+                       nodes=fields["nodes"], data_path=fields.get("data_path", DataPathKind.LOCKSTEP), source=shown,
                        security=fields.get("security"),
                        insecure=fields.get("insecure", False))
 
