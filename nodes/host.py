@@ -238,7 +238,7 @@ class StageHost:
                     raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             lengths[(i.seq_id, i.stage)] = i.start + i.length
             final = i.stage == last_stage
-            items.append(Item(i.seq_id, i.start, i.length, i.stage, tokens, final_token=final,
+            items.append(Item(i.seq_id, i.start, i.length, i.stage, tokens, final=final,
                               predict=final or not i.skip_prediction))
         return TickPlan(truncations, items, []), hidden_in
 

@@ -22,7 +22,7 @@ from nodes.peer_links import PeerLinks
 from nodes.stage_model import StageModel
 from nodes.tick_executor import TickExecutor
 from runtime.core.generation import MAX_WINDOW
-from runtime.core.ring import Commit, Hop, RingError, RingNode, Run
+from runtime.core.ring import Commit, Hop, RingError, RingMachine, Run
 from runtime.core.run_ahead import RunAheadPrice
 from runtime.core.scheduler import Item, TickPlan, Truncate
 from runtime.wire import speed_pb2 as pb
@@ -42,7 +42,7 @@ class RingWorker:
         self.links = links
         self.max_sequences = max_sequences
         self.metrics = metrics
-        self.core = RingNode(stages, self.cfg.n_stages, prefill_chunk=prefill_chunk)
+        self.core = RingMachine(stages, self.cfg.n_stages, prefill_chunk=prefill_chunk)
         self.profile = profile
         self.executor = TickExecutor(model, slots=max_sequences, capacity=1, stages=stages, hand_over_locally=False,
                                      profile=profile)
@@ -188,7 +188,7 @@ class RingWorker:
             keys.add(key)
         plan = TickPlan([Truncate(run.seq_id, run.stage, run.start) for run in batch],
                         [Item(run.seq_id, run.start, len(run.tokens), run.stage, run.tokens if run.stage == 0 else None,
-                              final_token=run.final, predict=run.predict) for run in batch], [])
+                              final=run.final, predict=run.predict) for run in batch], [])
         hidden_in = {(run.seq_id, run.start): run.payload for run in batch if run.stage > 0}
         started = time.perf_counter()
         try:

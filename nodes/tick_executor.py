@@ -154,7 +154,7 @@ class TickExecutor:
             key = (item.seq_id, item.start)
             if self.hand_over_locally and item.stage + 1 in self._group_of:
                 self._hidden[key] = hidden_after[key]
-            elif not item.final_token:
+            elif not item.final:
                 handoff[key] = hidden_after[key]
         last_hidden |= self._run_exits(plan.items, hidden_after)
         predictions, confidence = self._predict(plan.items, last_hidden)
@@ -203,7 +203,7 @@ class TickExecutor:
         return outputs
 
     def _guesses_through_exit(self, item: Item) -> bool:
-        return item.predict and not item.final_token and item.seq_id not in self._plain_guesses
+        return item.predict and not item.final and item.seq_id not in self._plain_guesses
 
     def _run_exits(self, items: list[Item], hidden_after: Mapping[Key, np.ndarray]) -> dict[Item, np.ndarray]:
         """Every position of a guessing item passes its stage's one-layer exit (whose cache needs them all);
@@ -244,8 +244,8 @@ class TickExecutor:
         if vocabulary is None:  # one call classifies guesses and committed tokens together
             groups = [(items, self.model.classify, None)]
         else:
-            groups = [([item for item in items if item.final_token], self.model.classify, None),
-                      ([item for item in items if not item.final_token], self.model.classify_guesses, vocabulary)]
+            groups = [([item for item in items if item.final], self.model.classify, None),
+                      ([item for item in items if not item.final], self.model.classify_guesses, vocabulary)]
         predictions, confidence = {}, {}
         for group, classify, token_ids in groups:
             if group:
@@ -265,9 +265,9 @@ class TickExecutor:
                      choose_token(logits[i], sampling, item.start + item.length, token_ids=token_ids,
                                   vocab_size=self.cfg.vocab_size))
             predictions[key] = index if token_ids is None else int(token_ids[index])
-            if not item.final_token:
+            if not item.final:
                 confidence[key] = guess_probability(logits[i], index, sampling.temperature)
         # the call's time is shared out by rows between guesses and committed tokens
-        seconds, final = time.thread_time() - started, sum(item.final_token for item in items)
+        seconds, final = time.thread_time() - started, sum(item.final for item in items)
         self.profile.add("commit", seconds * final / len(items))
         self.profile.add("guess", seconds * (len(items) - final) / len(items))

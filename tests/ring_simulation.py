@@ -1,4 +1,4 @@
-"""A discrete-event simulation of the ring data path: RingNode state machines on simulated nodes, joined
+"""A discrete-event simulation of the ring data path: RingMachine state machines on simulated nodes, joined
 by first-in first-out links with random delays, running a fake model whose hidden states are hashes
 of their whole lineage (every cache entry they were computed from). A stale or missing cache entry
 anywhere changes the last stage's prediction, so committed text equal to the reference decode means
@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, field
 from functools import cache
 
-from runtime.core.ring import Commit, Correction, Hop, RingNode, Run
+from runtime.core.ring import Commit, Correction, Hop, RingMachine, Run
 
 VOCAB = 1000
 
@@ -31,7 +31,7 @@ def stage_step(stage: int, previous: int | None, hidden_in: int) -> int:
     return mix("stage", stage, previous, hidden_in)
 
 
-def final_token(hidden: int) -> int:
+def final(hidden: int) -> int:
     return mix("head", hidden) % VOCAB
 
 
@@ -45,7 +45,7 @@ def reference_next(n_stages: int, tokens: tuple[int, ...]) -> int:
             previous = stage_step(stage, previous, h)
             out.append(previous)
         hidden = out
-    return final_token(hidden[-1])
+    return final(hidden[-1])
 
 
 def reference_decode(n_stages: int, prompt: list[int], new_tokens: int) -> list[int]:
@@ -58,7 +58,7 @@ def reference_decode(n_stages: int, prompt: list[int], new_tokens: int) -> list[
 @dataclass
 class SimNode:
     name: str
-    core: RingNode
+    core: RingMachine
     caches: dict = field(default_factory=dict)  # (seq, stage) -> [(lineage hash, token)]
     busy: bool = False
 
@@ -81,7 +81,7 @@ class Simulation:
     closed: set = field(default_factory=set)
 
     def __post_init__(self):
-        self.nodes = [SimNode(f"n{i}", RingNode(stages, self.n_stages, prefill_chunk=self.prefill_chunk,
+        self.nodes = [SimNode(f"n{i}", RingMachine(stages, self.n_stages, prefill_chunk=self.prefill_chunk,
                                                        run_ahead=self.run_ahead))
                       for i, stages in enumerate(self.hosting)]
         self.node_of = {stage: node for node in self.nodes for stage in node.core.stages}
@@ -185,7 +185,7 @@ class Simulation:
                 outputs.append(cache[-1][0])
             prediction, confidence = None, 1.0
             if run.final:
-                prediction = final_token(outputs[-1])
+                prediction = final(outputs[-1])
             elif run.predict:
                 prediction = reference_next(self.n_stages, tuple(t for _, t in cache))
                 draw = random.Random(mix("flip", run.stage, outputs[-1]))

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.core.ring import Commit, Correction, Hop, RingNode
+from runtime.core.ring import Commit, Correction, Hop, RingMachine
 from runtime.core.run_ahead import RunAheadPrice
 from tests.ring_simulation import Simulation, reference_decode
 
@@ -47,7 +47,7 @@ def test_committed_text_is_sequential_decoding(case):
 
 
 def test_a_wrong_guess_is_corrected_by_the_next_stage_and_its_timeline_dropped():
-    head, second = RingNode((0,), 3), RingNode((1,), 3)
+    head, second = RingMachine((0,), 3), RingMachine((1,), 3)
     for node in (head, second):
         node.open(7, [5, 6], last_position=10, window=4)
     [prefill] = head.take_runs()
@@ -71,7 +71,7 @@ def test_a_wrong_guess_is_corrected_by_the_next_stage_and_its_timeline_dropped()
 
 
 def test_sequential_decoding_waits_for_each_commit():
-    head = RingNode((0,), 2)
+    head = RingMachine((0,), 2)
     head.open(1, [3], last_position=5, window=0)
     [prefill] = head.take_runs()
     head.ran(prefill, prediction=None)
@@ -83,7 +83,7 @@ def test_sequential_decoding_waits_for_each_commit():
 
 
 def test_the_head_stops_running_ahead_after_an_unsure_guess_until_it_is_committed():
-    head = RingNode((0,), 3, run_ahead=0.5)
+    head = RingMachine((0,), 3, run_ahead=0.5)
     head.open(1, [3], last_position=20, window=8)
     [prefill] = head.take_runs()
     head.ran(prefill, prediction=10, confidence=0.3)  # the guess at position 1: the first always runs

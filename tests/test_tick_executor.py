@@ -20,7 +20,7 @@ def model(tiny_bundle):
 def test_an_item_that_does_not_start_at_its_cache_end_is_refused(model):
     executor = TickExecutor(model, slots=1, capacity=16)
     executor.open(7)
-    stray = Item(seq_id=7, start=3, length=1, stage=0, tokens=(5,), final_token=False)
+    stray = Item(seq_id=7, start=3, length=1, stage=0, tokens=(5,), final=False)
     with pytest.raises(SpeedError, match="cache holds 0 positions but the item starts at 3"):
         executor.run(TickPlan([], [stray], []))
 
@@ -29,7 +29,7 @@ def test_items_append_their_entries_and_truncations_roll_them_back(model):
     executor = TickExecutor(model, slots=2, capacity=16)
     executor.open(0)
     executor.open(1)
-    prompt = Item(seq_id=1, start=0, length=4, stage=0, tokens=(5, 6, 7, 8), final_token=False)
+    prompt = Item(seq_id=1, start=0, length=4, stage=0, tokens=(5, 6, 7, 8), final=False)
     result = executor.run(TickPlan([], [prompt], []))
     assert set(result.predictions) == {(1, 0)}
     row = 1 * 3 + 0  # slot-major: slot 1, stage 0
@@ -60,15 +60,15 @@ def test_a_node_hosting_later_stages_takes_hidden_states_in_and_hands_them_on(mo
     tokens = (5, 6, 7, 8)
     expected = {}
     for stage in range(cfg.n_stages):
-        item = Item(0, 0, len(tokens), stage, tokens if stage == 0 else None, final_token=stage == cfg.n_stages - 1)
+        item = Item(0, 0, len(tokens), stage, tokens if stage == 0 else None, final=stage == cfg.n_stages - 1)
         expected[stage] = whole.run(TickPlan([], [item], [])).predictions[(0, 0)]
-    item = Item(0, 0, len(tokens), 0, tokens, final_token=False)
+    item = Item(0, 0, len(tokens), 0, tokens, final=False)
     out = first.run(TickPlan([], [item], []))
     assert out.predictions[(0, 0)] == expected[0]
     handed = out.handoff
     assert handed[(0, 0)].shape == (len(tokens), cfg.d_model)
     for stage in range(1, cfg.n_stages):
-        item = Item(0, 0, len(tokens), stage, None, final_token=stage == cfg.n_stages - 1)
+        item = Item(0, 0, len(tokens), stage, None, final=stage == cfg.n_stages - 1)
         out = rest.run(TickPlan([], [item], []), hidden_in=handed)
         assert out.predictions[(0, 0)] == expected[stage]
         assert out.handoff == {}  # the next stage is hosted by the same executor, or there is none
@@ -144,7 +144,7 @@ def test_an_early_guess_reads_the_head_through_its_adapter_unless_the_sequence_a
     executor.open(1, plain_guesses=True)
     prompts = {0: (5, 6, 7, 8), 1: (9, 10, 11, 12)}
     for stage in range(last + 1):  # one stage a tick: each tick's head reads what that stage gave
-        items = [Item(seq_id, 0, 4, stage, tokens if stage == 0 else None, final_token=stage == last)
+        items = [Item(seq_id, 0, 4, stage, tokens if stage == 0 else None, final=stage == last)
                  for seq_id, tokens in prompts.items()]
         executor.run(TickPlan([], items, []))
         outputs, head_input = log.calls[-1]

@@ -135,7 +135,7 @@ class Cluster:
                                       self.bundle.guess_thresholds, self.bundle.config.n_stages)
         window = self.spec.speculation.window if generation.window is None else generation.window
         return Request(prompt_ids=prompt_ids, options=generation, speculative=speculative, stop=stop, text=text,
-                       generated=generated, guess_thresholds=thresholds, window=window)
+                       received=generated, guess_thresholds=thresholds, window=window)
 
     async def serve(self, request: Request, *, deadline: float | None = None) -> AsyncIterator[pb.GenerateEvent]:
         """Submit a prepared request and yield its events up to the one that finishes it. Raises QueueFull when

@@ -24,5 +24,5 @@ class ClusterView:
         return dict(max_new_tokens=request.options.max_new_tokens, context_length=self.config.context_length,
                     speculate=request.speculative, guess_thresholds=request.guess_thresholds,
                     eos_id=None if request.options.ignore_eos else self.eos_id, should_stop=request.stop or None,
-                    generated=request.generated)
+                    generated=request.received)
 

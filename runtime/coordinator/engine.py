@@ -135,7 +135,7 @@ class Engine:
             seq_id = (self.incarnation & 0xFFFF_FFFF) << 32 | next(self._ids)  # never reused by a later coordinator
             seq = self.data_path.add(seq_id, request)
             request.admitted, request.admitted_at = True, time.perf_counter()
-            request.sent_tokens = len(request.generated)
+            request.sent_tokens = len(request.received)
             self._active[seq_id] = request
             if seq.done:  # a resumed request whose end was lost on the way
                 self._emit()
@@ -243,7 +243,7 @@ class Engine:
         result = GenerationResult(
             text=request.text.text(seq.generated), token_ids=seq.generated, stop_reason=seq.stop_reason,
             prompt_tokens=len(seq.prompt), time_to_first_token_ms=(request.first_token_at - request.admitted_at) * 1000,
-            tokens_per_s=steady_rate(len(seq.generated) - len(request.generated),
+            tokens_per_s=steady_rate(len(seq.generated) - len(request.received),
                                      (request.last_token_at or now) - request.first_token_at),
             speculative=seq.speculate, backend=NODE_BACKEND, provider=self._providers(), stats=SpeculationStats.of(seq))
         request.events.put_nowait(pb.GenerateEvent(finished=result_to_wire(result)))

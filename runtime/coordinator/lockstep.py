@@ -104,7 +104,7 @@ class LockstepPath:
                 for name, reply in zip(names, replies):
                     if isinstance(reply, NodeLost):
                         log.warning("%s", reply)
-                        self.view.nodes[name].doubt_sequences()  # also when it still serves: reassigned either way
+                        self.view.nodes[name].reassign_later()  # also when it still serves: reassigned either way
                 return []
             failure = next(f for f in failures if not isinstance(f, NodeLost))
             raise failure if isinstance(failure, NodeFailure) else NodeFailure(f"internal error: {failure!r}")

@@ -104,7 +104,7 @@ class RemoteNode:
         if self._stream is stream:
             self.assigned, self.held = tuple(stages), info.open_sequences
 
-    def doubt_sequences(self) -> None:
+    def reassign_later(self) -> None:
         """A step was lost on the way, with whatever opens and closes it carried: what the node holds is no
         longer known, so its stages are assigned again (which frees them) before its next step."""
         self.assigned = None

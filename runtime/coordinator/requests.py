@@ -33,7 +33,7 @@ class Request:
     stop: StopStrings
     text: TextStream
     window: int = 0  # the ring data path: positions stage 0 runs ahead (the request's, else the cluster's)
-    generated: list[int] = field(default_factory=list)  # tokens the client already has (a resumed request)
+    received: list[int] = field(default_factory=list)  # tokens the client already has (a resumed request)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # GenerateEvent, then Finished or RequestFailed
     cancelled: bool = False  # the client went away, or its deadline passed
     admitted: bool = False

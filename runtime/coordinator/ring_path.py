@@ -68,7 +68,7 @@ class RingPath:
                 step_stream, call = node.ring()
             except NodeLost as exc:
                 log.warning("%s", exc)
-                node.doubt_sequences()
+                node.reassign_later()
                 continue
             self._streams[name] = (step_stream, call)
             self._readers.append(asyncio.ensure_future(self._read(self.epoch, name, call)))
@@ -226,7 +226,7 @@ class RingPath:
 
     def _doubt_all(self) -> None:
         for name in self._streams:
-            self.view.nodes[name].doubt_sequences()
+            self.view.nodes[name].reassign_later()
 
     async def _lose(self, name: str, step_stream, what: str) -> None:
         if step_stream is not None:

@@ -146,7 +146,7 @@ class _Sequence:
     head: _Head | None
 
 
-class RingNode:
+class RingMachine:
     def __init__(self, stages: tuple[int, ...], n_stages: int, *, prefill_chunk: int = 64, run_ahead: float = 0.0):
         """run_ahead: stage 0 runs on no guess it gives less probability than this until the guess is
         committed or corrected (0: always up to the window); the shell may change it."""

@@ -35,7 +35,7 @@ class Item:
     length: int  # positions [start, start + length)
     stage: int  # the stage it runs this tick
     tokens: tuple[int, ...] | None  # input tokens at stage 0; None later (the executor holds the hidden state)
-    final_token: bool  # True when its prediction after this stage commits a token (the last stage)
+    final: bool  # True when its prediction after this stage commits a token (the last stage)
     predict: bool = True  # False: nothing reads its prediction (an early stage without speculation)
 
 
@@ -204,7 +204,7 @@ class SpeedScheduler:
             for f in seq.flights:
                 final = f.next_stage == self.n_stages - 1
                 items.append(Item(seq.seq_id, f.start, f.length, f.next_stage, f.tokens if f.next_stage == 0 else None,
-                                  final_token=final, predict=final or self._guesses(seq, f.next_stage)))
+                                  final=final, predict=final or self._guesses(seq, f.next_stage)))
         plan = TickPlan(self._truncations, items, self._finished)
         self._truncations, self._finished = [], []
         return plan
