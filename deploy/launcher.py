@@ -27,6 +27,7 @@ from runtime.core.node_state import NodeState
 from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.enums import node_state_of
 from runtime.wire.security import open_channel, operator_credentials
 
 READY_TIMEOUT_S = 120.0
@@ -130,7 +131,7 @@ class LocalCluster:
                 self.check_alive()
                 try:
                     status = coordinator.ClusterStatus(pb.ClusterStatusRequest(), timeout=1.0)
-                    ready = sum(node.state == NodeState.SERVING and tuple(node.hosting) == tuple(node.stages)
+                    ready = sum(node_state_of(node) == NodeState.SERVING and tuple(node.hosting) == tuple(node.stages)
                                 for node in status.nodes)
                     progress.advance(ready - counted)
                     counted = ready

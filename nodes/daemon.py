@@ -18,15 +18,15 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from nodes.cpu_profile import CpuProfile
 from nodes.host import StageHost
 from nodes.node_metrics import NodeMetrics
-from nodes.onnx_stage_model import OnnxStageModel
 from nodes.registration import Registration
 from nodes.service import NodeService
 from runtime.core.bundle import Bundle, load_bundle
 from runtime.core.cluster_file import NodeSpec, load_cluster, parse_address
 from runtime.core.errors import SpeedError
+from runtime.executor.cpu_profile import CpuProfile
+from runtime.executor.onnx_stage_model import OnnxStageModel
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc

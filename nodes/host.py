@@ -14,13 +14,13 @@ from collections.abc import Callable, Collection, Iterable
 import grpc
 import numpy as np
 
-from nodes.cpu_profile import CpuProfile
-from nodes.stage_model import StageModel
-from nodes.tick_executor import TickExecutor
 from runtime.core.errors import SpeedError
 from runtime.core.limits import MAX_TEMPERATURE
 from runtime.core.sampling import SamplingParams
 from runtime.core.scheduler import Item, TickPlan, Truncate
+from runtime.executor.cpu_profile import CpuProfile
+from runtime.executor.stage_model import StageModel
+from runtime.executor.tick_executor import TickExecutor
 from runtime.wire import speed_pb2 as pb
 from runtime.wire.sampling import sampling_from_wire
 from runtime.wire.tensor import pack, unpack

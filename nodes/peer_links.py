@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import grpc
 
-from nodes.cpu_profile import CpuProfile
 from nodes.delay_line import DelayLine
+from runtime.executor.cpu_profile import CpuProfile
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.ring import forwarded
 

@@ -14,17 +14,17 @@ import queue
 import threading
 import time
 
-from nodes.cpu_profile import CpuProfile
 from nodes.delay_line import DelayLine
 from nodes.host import StepRefused, check_open
 from nodes.node_metrics import NodeMetrics
 from nodes.peer_links import PeerLinks
-from nodes.stage_model import StageModel
-from nodes.tick_executor import TickExecutor
 from runtime.core.generation import MAX_WINDOW
 from runtime.core.ring import Commit, Hop, RingError, RingMachine, Run
 from runtime.core.run_ahead import RunAheadPrice
 from runtime.core.scheduler import Item, TickPlan, Truncate
+from runtime.executor.cpu_profile import CpuProfile
+from runtime.executor.stage_model import StageModel
+from runtime.executor.tick_executor import TickExecutor
 from runtime.wire import speed_pb2 as pb
 from runtime.wire.ring import commit_to_wire
 

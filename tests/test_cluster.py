@@ -21,6 +21,7 @@ from runtime.core.cluster_file import load_cluster
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.enums import node_state_of
 from tests.conftest import CLUSTER_NEW_TOKENS as NEW_TOKENS
 from tests.conftest import CLUSTER_PROMPTS as PROMPTS
 from tests.conftest import assert_one_line_error, generate_on, in_threads, run_speed, running_cluster, write_cluster
@@ -203,7 +204,7 @@ def test_a_node_killed_mid_generation_is_replaced_and_the_text_is_unchanged(clus
         assert stream.result().token_ids == received == reference(PROMPTS[0])
         cluster.processes.pop("edge-2").wait()
         status = client.status()
-        assert status.serving and {n.name: n.state for n in status.nodes}["edge-2"] == "down"
+        assert status.serving and {n.name: node_state_of(n) for n in status.nodes}["edge-2"] == "down"
         assert {n.name: list(n.hosting) for n in status.nodes} == {"edge-1": [0, 1], "edge-2": [], "edge-3": [2]}
         assert generate_on(client, PROMPTS[1]).token_ids == reference(PROMPTS[1])  # two nodes serve on
 
@@ -252,7 +253,7 @@ def test_a_coordinator_whose_nodes_never_came_says_which_node_is_missing(tmp_pat
                 except Unavailable:
                     assert time.monotonic() < deadline
                     time.sleep(0.2)
-            assert not status.serving and {n.state for n in status.nodes} == {"waiting"}
+            assert not status.serving and {node_state_of(n) for n in status.nodes} == {"waiting"}
             with pytest.raises(Unavailable, match="node edge-1 .* is waiting"):
                 client.generate("Hello").result()
     finally:

@@ -15,10 +15,10 @@ from runtime.coordinator.requests import Request
 from runtime.coordinator.ring_path import RingPath
 from runtime.core.bundle import load_bundle
 from runtime.core.cluster_file import DataPathKind, load_cluster
-from runtime.core.generation import GenerationOptions
+from runtime.core.generation import GenerationOptions, GenerationResult
 from runtime.core.node_state import NodeState
 from runtime.core.ring_ledger import RingLedger
-from runtime.core.scheduler import Sequence
+from runtime.core.scheduler import SequenceState
 from runtime.core.stopping import StopStrings
 from runtime.core.text_stream import TextStream
 from runtime.wire import speed_pb2 as pb
@@ -47,10 +47,10 @@ class CountingPath:
     def forget(self) -> None:
         pass
 
-    def add(self, seq_id: int, request: Request) -> Sequence:
+    def add(self, seq_id: int, request: Request) -> SequenceState:
         return self.ledger.add(seq_id, request.prompt_ids, **self.view.sequence_options(request))
 
-    def sequence(self, seq_id: int) -> Sequence:
+    def sequence(self, seq_id: int) -> SequenceState:
         return self.ledger.sequences[seq_id]
 
     async def advance(self, wake: asyncio.Event) -> list[tuple[int, str]]:
@@ -98,16 +98,16 @@ def test_a_third_data_path_drives_the_engine_to_the_end_of_a_request(tmp_path):
     request = Request(PROMPT, GenerationOptions(max_new_tokens=5, ignore_eos=True), speculative=False,
                       guess_thresholds=(), stop=no_stop, text=TextStream(tokenizer, no_stop))
 
-    async def decode() -> tuple[list[int], pb.GenerationResult]:
+    async def decode() -> tuple[list[int], GenerationResult]:
         loop = asyncio.create_task(engine.run())
         engine.submit(request)
         streamed = []
         try:
             while True:
                 event = await asyncio.wait_for(request.events.get(), timeout=10)
-                if event.HasField("finished"):
-                    return streamed, event.finished
-                streamed += event.tokens.token_ids
+                if isinstance(event, GenerationResult):
+                    return streamed, event
+                streamed += event.token_ids
         finally:
             loop.cancel()
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from deploy.launcher import LocalCluster
-from nodes.kv_cache import KVCache
-from nodes.tick_executor import TickExecutor
 from runtime.client import Client
 from runtime.core.bundle import load_bundle
 from runtime.core.config import EXIT_KINDS
 from runtime.core.sampling import SamplingParams
 from runtime.core.scheduler import SpeedScheduler
+from runtime.executor.kv_cache import KVCache
+from runtime.executor.tick_executor import TickExecutor
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
 from runtime.local.speculative import generate_speculative

@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import pytest
 
-from nodes.kv_cache import KVCache
-from nodes.onnx_stage_model import OnnxStageModel
 from runtime.core.bundle import load_bundle
+from runtime.executor.kv_cache import KVCache
+from runtime.executor.onnx_stage_model import OnnxStageModel
 from runtime.models.torch_backend import TorchStageModel
 from tests.support import assert_backends_agree
 

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime.client import Client
+from runtime.core.stopping import StopReason
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
@@ -279,7 +280,7 @@ def test_fuzzed_step_messages_are_refused_with_a_sentence_and_harm_no_node(nodes
 
 
 REQUEST_TIMEOUT_S = 3.0  # a request that decodes to the end of the context may run out of it: allowed
-ENDS = {"eos", "length", "stop", "context"}
+ENDS = {pb.StopReason.Value(f"STOP_REASON_{reason.name}") for reason in StopReason}
 
 
 @st.composite

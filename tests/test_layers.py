@@ -28,8 +28,8 @@ print(" ".join(sorted({m.split(".")[0] for m in sys.modules})))
 
 
 @pytest.mark.parametrize("process, modules, absent", [
-    ("coordinator", ["runtime.coordinator.server"], {"onnxruntime", "onnx", "torch", "nodes"}),
-    ("client", ["runtime.client"], {"onnxruntime", "onnx", "torch", "nodes", "tokenizers"}),
+    ("coordinator", ["runtime.coordinator.server"], {"onnxruntime", "onnx", "torch", "nodes", "runtime.executor"}),
+    ("client", ["runtime.client"], {"onnxruntime", "onnx", "torch", "nodes", "runtime.executor", "tokenizers"}),
     ("node", ["nodes.daemon"], {"torch", "onnx"}),
 ])
 def test_a_process_loads_only_what_its_layer_needs(process, modules, absent):

@@ -23,8 +23,10 @@ from runtime.bench.load import (
     trial_sampling,
 )
 from runtime.client import Unavailable
+from runtime.core.node_state import NodeState
 from runtime.core.sampling import GREEDY
 from runtime.wire import speed_pb2 as pb
+from runtime.wire.enums import to_wire
 from tests.conftest import assert_one_line_error, run_speed, write_cluster
 from tests.support import ports_free
 
@@ -169,8 +171,9 @@ def status(*nodes: tuple[str, str, float], hosting: dict[str, list[int]] | None 
     """Nodes edge-1, edge-2, ... with stage 0, 1, ... each, hosting their own unless `hosting` says otherwise."""
     stages = {name: [i] for i, (name, _, _) in enumerate(nodes)}
     running = {**stages, **(hosting or {})}
-    return pb.ClusterStatusReply(nodes=[pb.NodeStatus(name=n, state=s, last_heartbeat_s=b, stages=stages[n],
-                                                      hosting=running[n]) for n, s, b in nodes])
+    return pb.ClusterStatusReply(nodes=[
+        pb.NodeStatus(name=n, state=to_wire(NodeState(s), pb.NodeState), last_heartbeat_s=b, stages=stages[n],
+                      hosting=running[n]) for n, s, b in nodes])
 
 
 def test_recovered_needs_every_node_serving_its_own_stages_and_the_restarted_one_heard_from_since_the_kill():

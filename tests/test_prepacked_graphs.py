@@ -8,12 +8,12 @@ import sys
 
 import numpy as np
 
-from nodes import prepacked_graphs
-from nodes.kv_cache import KVCache
-from nodes.onnx_session import create_session
-from nodes.onnx_stage_model import OnnxStageModel
-from nodes.prepacked_graphs import cached_graphs, prepacked_graph
 from runtime.core.bundle import load_bundle
+from runtime.executor import prepacked_graphs
+from runtime.executor.kv_cache import KVCache
+from runtime.executor.onnx_session import create_session
+from runtime.executor.onnx_stage_model import OnnxStageModel
+from runtime.executor.prepacked_graphs import cached_graphs, prepacked_graph
 
 
 def stage_outputs(session, cfg, rows=2, length=5, capacity=12):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from nodes.host import StageHost, StepRefused
-from nodes.onnx_stage_model import OnnxStageModel
 from runtime.core.bundle import load_bundle
+from runtime.executor.onnx_stage_model import OnnxStageModel
 from runtime.wire import speed_pb2 as pb
 from runtime.wire.tensor import pack
 

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from nodes.kv_cache import KVCache
-from nodes.onnx_stage_model import OnnxStageModel
-from nodes.tick_executor import TickExecutor
 from runtime.core.bundle import ExitMap, load_bundle
 from runtime.core.errors import SpeedError
 from runtime.core.scheduler import Item, TickPlan, Truncate
+from runtime.executor.kv_cache import KVCache
+from runtime.executor.onnx_stage_model import OnnxStageModel
+from runtime.executor.tick_executor import TickExecutor
 from runtime.local.speculative import generate_speculative
 
 

@@ -9,10 +9,10 @@ import statistics
 
 import numpy as np
 
-from nodes.kv_cache import KVCache
-from nodes.stage_model import StageModel
 from runtime.core.bundle import Bundle
 from runtime.core.progress import NO_PROGRESS, Progress
+from runtime.executor.kv_cache import KVCache
+from runtime.executor.stage_model import StageModel
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
 from runtime.models.corpus import held_out_windows, load_shakespeare

@@ -37,6 +37,7 @@ from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
 from runtime.wire import speed_pb2 as pb
+from runtime.wire.enums import node_state_of
 
 REQUEST_TIMEOUT_S = 300.0
 RSS_INTERVAL_S = 0.1
@@ -313,7 +314,7 @@ def recovered(status: pb.ClusterStatusReply, restarted: str, since_kill_s: float
     """Every node serving its own stages, the restarted one heard from since the kill (not a dead process still
     thought serving)."""
     node = next(n for n in status.nodes if n.name == restarted)
-    home = all(n.state == NodeState.SERVING and list(n.hosting) == list(n.stages) for n in status.nodes)
+    home = all(node_state_of(n) == NodeState.SERVING and list(n.hosting) == list(n.stages) for n in status.nodes)
     return home and 0 <= node.last_heartbeat_s < since_kill_s
 
 

@@ -13,12 +13,12 @@ import time
 
 import numpy as np
 
-from nodes.kv_cache import KVCache
-from nodes.stage_model import StageModel
 from runtime.bench.tally import ModeTally, describe_speculation
 from runtime.core.bundle import Bundle
 from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.core.sampling import GREEDY, SamplingParams
+from runtime.executor.kv_cache import KVCache
+from runtime.executor.stage_model import StageModel
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
 from runtime.local.speculative import generate_speculative

@@ -15,7 +15,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
-    from nodes.prepacked_graphs import LIMIT_VARIABLE, cache_limit_bytes, cache_root, cached_graphs, clear_cache
+    from runtime.executor.prepacked_graphs import LIMIT_VARIABLE, cache_limit_bytes, cache_root, cached_graphs, clear_cache
 
     root = cache_root()
     if args.clear:

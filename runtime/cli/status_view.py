@@ -18,6 +18,7 @@ from rich.text import Text
 from runtime.client import Client, DeadlineExceeded, Unavailable
 from runtime.core.node_state import NodeState
 from runtime.wire import speed_pb2 as pb
+from runtime.wire.enums import node_state_of
 
 PIPE_WIDTH = 160  # characters a line may take when stdout is not a terminal (a file, a pipe)
 WATCH_TIMEOUT_S = 3.0  # how long --watch waits for one answer before it says the coordinator is unreachable
@@ -32,8 +33,12 @@ def console_for_stdout() -> Console:
 
 
 def status_json(status: pb.ClusterStatusReply) -> str:
-    """The whole reply as one line of JSON, with the .proto's field names and every field present."""
-    return json.dumps(MessageToDict(status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
+    """The whole reply as one line of JSON, with the .proto's field names, every field present, and a node's
+    state in the words the table shows."""
+    reply = MessageToDict(status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    for node, fields in zip(status.nodes, reply.get("nodes", [])):
+        fields["state"] = str(node_state_of(node))
+    return json.dumps(reply)
 
 
 def cluster_line(status: pb.ClusterStatusReply) -> str:
@@ -50,9 +55,10 @@ def _stages(node: pb.NodeStatus) -> str:
 
 
 def node_row(node: pb.NodeStatus) -> list[Text | str]:
-    serving = node.state == NodeState.SERVING
+    state = node_state_of(node)
+    serving = state == NodeState.SERVING
     return [
-        node.name, node.address, Text(node.state, style=STATE_STYLES.get(node.state, "")), _stages(node),
+        node.name, node.address, Text(state, style=STATE_STYLES.get(state, "")), _stages(node),
         f"{node.sequences}/{node.max_sequences}",
         f"{node.step_ms:.1f}" if serving and node.step_ms > 0 else "-",
         f"{node.positions_per_s:.1f}" if serving else "-",

@@ -16,7 +16,7 @@ from runtime.coordinator.lockstep import LockstepPath
 from runtime.coordinator.requests import Request
 from runtime.coordinator.ring_path import RingPath
 from runtime.core.cluster_file import DataPathKind
-from runtime.core.scheduler import Sequence
+from runtime.core.scheduler import SequenceState
 
 
 class DataPath(Protocol):
@@ -30,10 +30,10 @@ class DataPath(Protocol):
     def forget(self) -> None:
         """The placement is gone: what was on the way is void."""
 
-    def add(self, seq_id: int, request: Request) -> Sequence:
-        """Start decoding an admitted request; its Sequence records what is committed."""
+    def add(self, seq_id: int, request: Request) -> SequenceState:
+        """Start decoding an admitted request; its SequenceState records what is committed."""
 
-    def sequence(self, seq_id: int) -> Sequence: ...
+    def sequence(self, seq_id: int) -> SequenceState: ...
 
     async def advance(self, wake: asyncio.Event) -> list[tuple[int, str]]:
         """Move the work on until something is committed or `wake` is set; the sequences that failed, with

@@ -21,19 +21,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-import grpc
-
 from runtime.coordinator.cluster_view import ClusterView
 from runtime.coordinator.data_path import DataPath
 from runtime.coordinator.metrics import CoordinatorMetrics
 from runtime.coordinator.remote_node import NodeFailure, RemoteNode
-from runtime.coordinator.requests import QueueFull, Request, RequestFailed
+from runtime.coordinator.requests import Request
 from runtime.core.config import ModelConfig
 from runtime.core.generation import GenerationResult, SpeculationStats, steady_rate
 from runtime.core.node_state import NodeState
 from runtime.core.placement import place, stages_of
-from runtime.wire import speed_pb2 as pb
-from runtime.wire.generation import result_to_wire
+from runtime.core.request import FailureKind, RequestFailed, TextChunk
 
 log = logging.getLogger("speed.coordinator")
 NODE_BACKEND = "onnx"  # what nodes run: the bundle's ONNX graphs with ONNX Runtime
@@ -94,9 +91,10 @@ class Engine:
         self._pending = deque(waiting for waiting in self._pending if not waiting.cancelled)
         free = self.capacity - len(self._active)
         if len(self._pending) - free >= self.max_queue:
-            raise QueueFull(f"every sequence slot is taken ({len(self._active)} decoding) and {len(self._pending)} "
-                            f"request(s) already wait, as many as coordinator.max_queue ({self.max_queue}) allows; "
-                            "retry later, or raise max_queue or the nodes' max_sequences in the cluster file")
+            raise RequestFailed(FailureKind.OVERLOADED,
+                                f"every sequence slot is taken ({len(self._active)} decoding) and {len(self._pending)} "
+                                f"request(s) already wait, as many as coordinator.max_queue ({self.max_queue}) "
+                                "allows; retry later, or raise max_queue or the nodes' max_sequences in the cluster file")
         self._pending.append(request)
         self._wake.set()
 
@@ -130,7 +128,7 @@ class Engine:
             if request.cancelled:
                 continue
             if not self.serving:
-                request.events.put_nowait(RequestFailed(grpc.StatusCode.UNAVAILABLE, self._unservable()))
+                request.events.put_nowait(RequestFailed(FailureKind.UNAVAILABLE, self._unservable()))
                 continue
             seq_id = (self.incarnation & 0xFFFF_FFFF) << 32 | next(self._ids)  # never reused by a later coordinator
             seq = self.data_path.add(seq_id, request)
@@ -155,7 +153,7 @@ class Engine:
             return
         for seq_id, message in failed:
             if seq_id in self._active:
-                self._fail(seq_id, RequestFailed(grpc.StatusCode.INTERNAL, message))
+                self._fail(seq_id, RequestFailed(FailureKind.INTERNAL, message))
         self._emit()
 
     # --- placement and failover ------------------------------------------------------------------
@@ -197,7 +195,7 @@ class Engine:
         self.view.placement = {}
         self.data_path.forget()
         for seq_id in list(self._active):
-            self._fail(seq_id, RequestFailed(grpc.StatusCode.UNAVAILABLE, self._unservable()))
+            self._fail(seq_id, RequestFailed(FailureKind.UNAVAILABLE, self._unservable()))
 
     def _replay(self, previous: dict[int, str]) -> None:
         """Every active sequence starts again on the new placement from its prompt and committed tokens."""
@@ -231,7 +229,7 @@ class Engine:
             self.metrics.tokens_committed(len(new))
             text = request.text.delta(seq.generated, final=seq.done)
             if new or text:
-                request.events.put_nowait(pb.GenerateEvent(tokens=pb.TokenChunk(token_ids=new, text=text)))
+                request.events.put_nowait(TextChunk(tuple(new), text))
                 request.sent_tokens, request.last_token_at = len(seq.generated), now
             if seq.done and self.data_path.settled(seq_id):
                 self._finish(seq_id, request, now)
@@ -246,7 +244,7 @@ class Engine:
             tokens_per_s=steady_rate(len(seq.generated) - len(request.received),
                                      (request.last_token_at or now) - request.first_token_at),
             speculative=seq.speculate, backend=NODE_BACKEND, provider=self._providers(), stats=SpeculationStats.of(seq))
-        request.events.put_nowait(pb.GenerateEvent(finished=result_to_wire(result)))
+        request.events.put_nowait(result)
         self._end(seq_id)
 
     def _providers(self) -> str:
@@ -271,7 +269,7 @@ class Engine:
         """A node refused a step, or a bug: the active requests fail and every node starts clean."""
         log.warning("%s (%d request(s) stopped)", failure, len(self._active))
         for seq_id in list(self._active):
-            self._fail(seq_id, RequestFailed(failure.code, str(failure)))
+            self._fail(seq_id, RequestFailed(failure.kind, str(failure)))
         self.data_path.forget()
         for node in self.nodes.values():
             node.assigned = None  # the next reconcile assigns every node again, which frees everything

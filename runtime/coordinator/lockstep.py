@@ -19,7 +19,7 @@ from runtime.coordinator.remote_node import NodeFailure, NodeLost
 from runtime.coordinator.requests import Request
 from runtime.core.limits import cache_capacity
 from runtime.core.node_state import NodeState
-from runtime.core.scheduler import Sequence, SpeedScheduler, TickPlan
+from runtime.core.scheduler import SequenceState, SpeedScheduler, TickPlan
 from runtime.wire import speed_pb2 as pb
 from runtime.wire.sampling import sampling_to_wire
 
@@ -50,10 +50,10 @@ class LockstepPath:
         self._handoff: dict[tuple[int, int], pb.Tensor] = {}  # hidden states for the next tick's stages
         self._ticks = itertools.count(1)
 
-    def sequence(self, seq_id: int) -> Sequence:
+    def sequence(self, seq_id: int) -> SequenceState:
         return self.scheduler.sequences[seq_id]
 
-    def add(self, seq_id: int, request: Request) -> Sequence:
+    def add(self, seq_id: int, request: Request) -> SequenceState:
         seq = self.scheduler.add(seq_id, request.prompt_ids, **self.view.sequence_options(request))
         self._open(seq_id, request)
         return seq

@@ -23,7 +23,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
@@ -32,21 +31,22 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from runtime.coordinator.cluster import Cluster
-from runtime.coordinator.requests import QueueFull, Request, RequestFailed
+from runtime.coordinator.coordinator import Coordinator
+from runtime.coordinator.requests import Request
 from runtime.core.chat import ChatMessage
 from runtime.core.cluster_file import parse_address
 from runtime.core.errors import SpeedError
-from runtime.core.generation import MAX_WINDOW, GenerationOptions
-from runtime.wire import speed_pb2 as pb
-from runtime.wire.generation import request_to_wire, result_from_wire
+from runtime.core.generation import MAX_WINDOW, GenerationOptions, GenerationResult
+from runtime.core.request import FailureKind, GenerationRequest, RequestEvent, RequestFailed, TextChunk
+from runtime.core.stopping import StopReason
 
 SEED_MAX = 2**63 - 1
 STOP_GRACE_S = 2.0  # answers in progress may finish within this when the coordinator stops
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; a chat answer may fill the context
-FINISH_REASON = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
-HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-               grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504}
+FINISH_REASON = {StopReason.EOS: "stop", StopReason.STOP: "stop", StopReason.LENGTH: "length",
+                 StopReason.CONTEXT: "length"}
+HTTP_STATUS = {FailureKind.INVALID: 400, FailureKind.OVERLOADED: 429, FailureKind.UNAVAILABLE: 503,
+               FailureKind.DEADLINE: 504, FailureKind.INTERNAL: 500}
 ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
               429: "rate_limit_error", 503: "service_unavailable"}
 
@@ -146,7 +146,7 @@ class Answer:
     def _envelope(self, kind: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    def whole(self, finished: pb.Finished) -> dict:
+    def whole(self, finished: GenerationResult) -> dict:
         text, reason = finished.text, FINISH_REASON[finished.stop_reason]
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
                    "logprobs": None} if self.chat else
@@ -162,7 +162,7 @@ class Answer:
         return self._envelope("text_completion", [{"index": 0, "text": text, "finish_reason": finish_reason,
                                                    "logprobs": None}])
 
-    def last(self, finished: pb.Finished, *, include_usage: bool) -> list[dict]:
+    def last(self, finished: GenerationResult, *, include_usage: bool) -> list[dict]:
         """The chunk that ends the choice (with SPEED's statistics), then the usage chunk when asked for."""
         closing = {**self.chunk(finish_reason=FINISH_REASON[finished.stop_reason]), "speed": self.statistics(finished)}
         if not include_usage:
@@ -171,20 +171,20 @@ class Answer:
         return [closing, {**self._envelope(kind, []), "usage": self.usage(finished)}]
 
     @staticmethod
-    def usage(finished: pb.Finished) -> dict:
+    def usage(finished: GenerationResult) -> dict:
         generated = len(finished.token_ids)
         return {"prompt_tokens": finished.prompt_tokens, "completion_tokens": generated,
                 "total_tokens": finished.prompt_tokens + generated}
 
-    def statistics(self, finished: pb.Finished) -> dict:
-        statistics = result_from_wire(finished).to_json()
+    def statistics(self, finished: GenerationResult) -> dict:
+        statistics = finished.to_json()
         del statistics["text"]
         return {**statistics, "seed": self.seed}
 
 
-def openai_app(cluster: Cluster) -> FastAPI:
-    app = FastAPI(title=f"SPEED cluster {cluster.spec.name}", docs_url=None, redoc_url=None)
-    model_name = cluster.bundle.manifest["name"]
+def openai_app(coordinator: Coordinator) -> FastAPI:
+    app = FastAPI(title=f"SPEED cluster {coordinator.spec.name}", docs_url=None, redoc_url=None)
+    model_name = coordinator.bundle.manifest["name"]
 
     @app.exception_handler(ApiError)
     async def api_error(_, exc: ApiError) -> JSONResponse:
@@ -209,8 +209,8 @@ def openai_app(cluster: Cluster) -> FastAPI:
         return JSONResponse(ApiError(exc.status_code, message).body(), status_code=exc.status_code)
 
     def authorize(http_request: HttpRequest) -> None:
-        if cluster.tokens is not None and not cluster.bearer_known(http_request.headers.get("authorization", "")):
-            raise ApiError(401, f"cluster {cluster.spec.name} needs a valid bearer token (Authorization: Bearer "
+        if coordinator.tokens is not None and not coordinator.bearer_known(http_request.headers.get("authorization", "")):
+            raise ApiError(401, f"cluster {coordinator.spec.name} needs a valid bearer token (Authorization: Bearer "
                                 "TOKEN); ask its operator for one (speed tokens add NAME)")
 
     def check_model(body: Sampling) -> None:
@@ -223,20 +223,20 @@ def openai_app(cluster: Cluster) -> FastAPI:
         body.check_supported()
         options, seed = body.options(max_tokens)
         try:
-            prepared = cluster.prepare(request_to_wire(prompt, options, messages))
-        except SpeedError as exc:
-            raise ApiError(400, str(exc)) from None
+            prepared = coordinator.prepare(GenerationRequest(prompt, messages, options))
+        except RequestFailed as exc:
+            raise _api_error(exc) from None
         return prepared, Answer(model_name, chat=bool(messages), seed=seed)
 
     async def answer(prepared: Request, reply: Answer, http_request: HttpRequest,
                      include_usage: bool, stream: bool) -> Response:
-        events = cluster.serve(prepared)
+        events = coordinator.serve(prepared)
         if not stream:
             finished = await _until_disconnected(_finished(events), http_request)
             return JSONResponse(reply.whole(finished)) if finished else Response(status_code=499)
         try:
             first = await anext(events)  # an answer the cluster cannot start gets its status, not a broken stream
-        except (QueueFull, RequestFailed) as exc:
+        except RequestFailed as exc:
             raise _api_error(exc) from None
         return StreamingResponse(_server_sent(reply, first, events, include_usage), media_type="text/event-stream")
 
@@ -244,7 +244,7 @@ def openai_app(cluster: Cluster) -> FastAPI:
     async def models(http_request: HttpRequest) -> dict:
         authorize(http_request)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": f"speed cluster {cluster.spec.name}"}]}
+                                            "owned_by": f"speed cluster {coordinator.spec.name}"}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http_request: HttpRequest) -> Response:
@@ -265,7 +265,7 @@ def openai_app(cluster: Cluster) -> FastAPI:
         check_model(body)
         if body.logprobs:
             raise ApiError(400, "logprobs are not supported; leave them out", param="logprobs")
-        limit = body.max_completion_tokens or body.max_tokens or cluster.bundle.config.context_length
+        limit = body.max_completion_tokens or body.max_tokens or coordinator.bundle.config.context_length
         prepared, reply = prepare(body, messages=tuple(turn.message() for turn in body.messages), max_tokens=limit)
         return await answer(prepared, reply, http_request, _include_usage(body), body.stream)
 
@@ -276,21 +276,19 @@ def _include_usage(body: Sampling) -> bool:
     return body.stream_options is not None and body.stream_options.include_usage
 
 
-def _api_error(exc: QueueFull | RequestFailed) -> ApiError:
-    if isinstance(exc, QueueFull):
-        return ApiError(429, str(exc))
-    return ApiError(HTTP_STATUS.get(exc.code, 500), exc.message)
+def _api_error(exc: RequestFailed) -> ApiError:
+    return ApiError(HTTP_STATUS[exc.kind], exc.message)
 
 
-async def _finished(events: AsyncIterator[pb.GenerateEvent]) -> pb.Finished:
+async def _finished(events: AsyncIterator[RequestEvent]) -> GenerationResult:
     async with contextlib.aclosing(events):
         try:
             async for event in events:
-                if event.HasField("finished"):
-                    return event.finished
-        except (QueueFull, RequestFailed) as exc:
+                if isinstance(event, GenerationResult):
+                    return event
+        except RequestFailed as exc:
             raise _api_error(exc) from None
-    raise AssertionError("a request's events end with Finished or RequestFailed")
+    raise AssertionError("a request's events end with its result or RequestFailed")
 
 
 async def _until_disconnected(answering, http_request: HttpRequest):
@@ -313,7 +311,7 @@ async def _disconnect(http_request: HttpRequest) -> None:
         pass
 
 
-async def _server_sent(reply: Answer, first: pb.GenerateEvent, events: AsyncIterator[pb.GenerateEvent],
+async def _server_sent(reply: Answer, first: RequestEvent, events: AsyncIterator[RequestEvent],
                        include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events: a chunk per piece of text, the closing chunk, [DONE]; a failure after the stream
     began is an error event, as OpenAI sends one."""
@@ -323,14 +321,14 @@ async def _server_sent(reply: Answer, first: pb.GenerateEvent, events: AsyncIter
         event = first
         try:
             while True:
-                if event.HasField("finished"):
-                    for chunk in reply.last(event.finished, include_usage=include_usage):
+                if not isinstance(event, TextChunk):
+                    for chunk in reply.last(event, include_usage=include_usage):
                         yield _event(chunk)
                     break
-                if event.tokens.text:
-                    yield _event(reply.chunk(event.tokens.text))
+                if event.text:
+                    yield _event(reply.chunk(event.text))
                 event = await anext(events)
-        except (QueueFull, RequestFailed) as exc:
+        except RequestFailed as exc:
             yield _event(_api_error(exc).body())
     yield "data: [DONE]\n\n"
 
@@ -347,11 +345,11 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
-def http_server(cluster: Cluster) -> tuple[EmbeddedServer, socket.socket]:
+def http_server(coordinator: Coordinator) -> tuple[EmbeddedServer, socket.socket]:
     """The API's server and its listening socket, bound now so that a taken port is a sentence, not a crash
     inside uvicorn. A secure cluster's API speaks TLS with the coordinator's certificate and, where clients
     prove themselves with certificates, asks for one of the cluster's authority."""
-    address = cluster.spec.coordinator.http_address
+    address = coordinator.spec.coordinator.http_address
     host, port = parse_address(address)
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -362,11 +360,11 @@ def http_server(cluster: Cluster) -> tuple[EmbeddedServer, socket.socket]:
         raise SpeedError(f"the OpenAI-compatible API cannot listen on {address} ({exc.strerror}); stop what holds "
                          "the port or change coordinator.http_address in the cluster file") from None
     tls = {}
-    security = cluster.spec.security
+    security = coordinator.spec.security
     if security is not None:
         tls = {"ssl_certfile": security.certs / "coordinator.pem", "ssl_keyfile": security.certs / "coordinator.key",
                "ssl_ca_certs": security.certs / "ca.pem",
-               "ssl_cert_reqs": ssl.CERT_REQUIRED if cluster.tokens is None else ssl.CERT_NONE}
-    config = uvicorn.Config(openai_app(cluster), log_config=None, access_log=False, lifespan="off",
+               "ssl_cert_reqs": ssl.CERT_REQUIRED if coordinator.tokens is None else ssl.CERT_NONE}
+    config = uvicorn.Config(openai_app(coordinator), log_config=None, access_log=False, lifespan="off",
                             timeout_graceful_shutdown=STOP_GRACE_S, **tls)
     return EmbeddedServer(config), listener

@@ -10,6 +10,7 @@ import grpc
 
 from runtime.core.cluster_file import NodeSpec
 from runtime.core.node_state import NodeState
+from runtime.core.request import FailureKind
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
@@ -18,16 +19,16 @@ from runtime.wire import speed_pb2_grpc as pb_grpc
 class NodeFailure(Exception):
     """A node refused a step: a coordinator bug, so the requests of that tick cannot go on."""
 
-    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INTERNAL):
+    def __init__(self, message: str, kind: FailureKind = FailureKind.INTERNAL):
         super().__init__(message)
-        self.code = code
+        self.kind = kind
 
 
 class NodeLost(NodeFailure):
     """A node stopped answering (or registered again): its stages move and the requests are replayed."""
 
     def __init__(self, message: str):
-        super().__init__(message, grpc.StatusCode.UNAVAILABLE)
+        super().__init__(message, FailureKind.UNAVAILABLE)
 
 
 class RemoteNode:

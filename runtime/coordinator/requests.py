@@ -5,23 +5,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-import grpc
-
 from runtime.core.generation import GenerationOptions
 from runtime.core.stopping import StopStrings
 from runtime.core.text_stream import TextStream
-
-
-class RequestFailed(Exception):
-    """The request cannot be finished: the last event of its queue, raised to whoever serves it."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-class QueueFull(Exception):
-    """No sequence slot is free and the queue is full: the request is refused, not queued."""
 
 
 @dataclass
@@ -34,7 +20,7 @@ class Request:
     text: TextStream
     window: int = 0  # the ring data path: positions stage 0 runs ahead (the request's, else the cluster's)
     received: list[int] = field(default_factory=list)  # tokens the client already has (a resumed request)
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # GenerateEvent, then Finished or RequestFailed
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # TextChunk..., then the result or RequestFailed
     cancelled: bool = False  # the client went away, or its deadline passed
     admitted: bool = False
     sent_tokens: int = 0

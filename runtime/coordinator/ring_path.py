@@ -24,7 +24,7 @@ from runtime.coordinator.requests import Request
 from runtime.core.limits import cache_capacity
 from runtime.core.ring import RingError
 from runtime.core.ring_ledger import RingLedger
-from runtime.core.scheduler import Sequence
+from runtime.core.scheduler import SequenceState
 from runtime.wire import speed_pb2 as pb
 from runtime.wire.sampling import sampling_to_wire
 
@@ -46,7 +46,7 @@ class RingPath:
         self._failed: list[tuple[int, str]] = []
         self._last_progress = time.monotonic()
 
-    def sequence(self, seq_id: int) -> Sequence:
+    def sequence(self, seq_id: int) -> SequenceState:
         return self.ledger.sequences[seq_id]
 
     # --- placement -------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ class RingPath:
 
     # --- sequences -------------------------------------------------------------------------------
 
-    def add(self, seq_id: int, request: Request) -> Sequence:
+    def add(self, seq_id: int, request: Request) -> SequenceState:
         if all(seq.done for seq in self.ledger.sequences.values()):
             self._last_progress = time.monotonic()  # the clock of a stall starts with the first sequence
         seq = self.ledger.add(seq_id, request.prompt_ids, **self.view.sequence_options(request))

@@ -15,21 +15,28 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from runtime.coordinator.cluster import Cluster, Unverified
-from runtime.coordinator.requests import QueueFull, Request, RequestFailed
+from runtime.coordinator.coordinator import Coordinator, Unverified
+from runtime.coordinator.requests import Request
 from runtime.core.bundle import load_bundle
 from runtime.core.cluster_file import DataPathKind, load_cluster, parse_address
 from runtime.core.errors import SpeedError
 from runtime.core.node_state import NodeState
+from runtime.core.request import FailureKind, RequestFailed
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.generation import event_to_wire, request_from_wire
 from runtime.wire.security import CLIENT, caller, check_exposure, node_common_name
 
 log = logging.getLogger("speed.coordinator")
 
 STOP_GRACE_S = 2.0
 DEADLINE_MARGIN_S = 0.05  # answer a little before the client's own deadline, so it gets our sentence
+STATUS_CODES = {FailureKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+                FailureKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                FailureKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+                FailureKind.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
+                FailureKind.INTERNAL: grpc.StatusCode.INTERNAL}
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
@@ -37,45 +44,46 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, cluster: Cluster):
-        self.cluster = cluster
+    def __init__(self, coordinator: Coordinator):
+        self.coordinator = coordinator
 
     async def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
         """In a secure cluster, a client presents a known bearer token or the cluster's client certificate."""
-        cluster = self.cluster
-        if cluster.identity is None:
+        coordinator = self.coordinator
+        if coordinator.identity is None:
             return
-        if cluster.tokens is None:
+        if coordinator.tokens is None:
             if caller(context) != CLIENT:
-                await _abort(context, grpc.StatusCode.UNAUTHENTICATED, f"cluster {cluster.spec.name} serves clients "
+                await _abort(context, grpc.StatusCode.UNAUTHENTICATED, f"cluster {coordinator.spec.name} serves clients "
                              "that present its client certificate (client.pem from speed certs init)")
             return
-        if not cluster.bearer_known(dict(context.invocation_metadata() or ()).get("authorization", "")):
-            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, f"cluster {cluster.spec.name} needs a valid bearer "
+        if not coordinator.bearer_known(dict(context.invocation_metadata() or ()).get("authorization", "")):
+            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, f"cluster {coordinator.spec.name} needs a valid bearer "
                          "token; ask its operator for one (speed tokens add NAME) and pass it with --token or SPEED_TOKEN")
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         await self._authenticate(context)
         try:
-            prepared = self.cluster.prepare(request)
-        except SpeedError as exc:
+            prepared = self.coordinator.prepare(request_from_wire(request))
+        except SpeedError as exc:  # an option out of range, found while reading the message
+            self.coordinator.metrics.request_ended("invalid")
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except RequestFailed as exc:
+            await _abort(context, STATUS_CODES[exc.kind], exc.message)
         allowed = context.time_remaining()  # None: the client set no deadline
         deadline = None if allowed is None else asyncio.get_running_loop().time() + allowed - DEADLINE_MARGIN_S
         try:
-            async with contextlib.aclosing(self.cluster.serve(prepared, deadline=deadline)) as events:
+            async with contextlib.aclosing(self.coordinator.serve(prepared, deadline=deadline)) as events:
                 async for event in events:
-                    yield event
-        except QueueFull as exc:
-            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                    yield event_to_wire(event)
         except asyncio.TimeoutError:
             await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, _late(prepared, allowed))
         except RequestFailed as exc:
-            await _abort(context, exc.code, exc.message)
+            await _abort(context, STATUS_CODES[exc.kind], exc.message)
 
     async def ClusterStatus(self, request: pb.ClusterStatusRequest, context) -> pb.ClusterStatusReply:
         await self._authenticate(context)
-        return self.cluster.status()
+        return self.coordinator.status()
 
 
 def _late(request: Request, allowed: float) -> str:
@@ -86,27 +94,27 @@ def _late(request: Request, allowed: float) -> str:
 
 
 class RegistryService(pb_grpc.RegistryServicer):
-    def __init__(self, cluster: Cluster):
-        self.cluster = cluster
+    def __init__(self, coordinator: Coordinator):
+        self.coordinator = coordinator
 
     async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.RegisterReply:
         try:
-            await self.cluster.register(request)
+            await self.coordinator.register(request)
         except Unverified as exc:
             log.warning("refused a registration from %s: %s", context.peer(), exc)
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except SpeedError as exc:
             log.error("refused a node: %s", exc)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        return pb.RegisterReply(cluster=self.cluster.spec.name,
-                                heartbeat_interval_s=self.cluster.spec.coordinator.heartbeat_interval_s,
-                                incarnation=self.cluster.engine.incarnation)
+        return pb.RegisterReply(cluster=self.coordinator.spec.name,
+                                heartbeat_interval_s=self.coordinator.spec.coordinator.heartbeat_interval_s,
+                                incarnation=self.coordinator.engine.incarnation)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
-        if self.cluster.tokens is None and self.cluster.identity is not None \
+        if self.coordinator.tokens is None and self.coordinator.identity is not None \
                 and caller(context) != node_common_name(request.name):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"only node {request.name}'s certificate may beat for it")
-        node = next((n for n in self.cluster.nodes if n.name == request.name), None)
+        node = next((n for n in self.coordinator.nodes if n.name == request.name), None)
         if node is None or node.state != NodeState.SERVING:
             return pb.HeartbeatReply(known=False)
         node.last_heartbeat, node.held = time.monotonic(), request.open_sequences
@@ -122,63 +130,64 @@ def run_coordinator(cluster_path: Path, *, data_path: str | None = None) -> None
     bundle = load_bundle(spec.bundle, verify=False)
     bundle.verify([bundle.manifest["tokenizer"]])  # all a coordinator reads of it
     spec.check_stages(bundle.config.n_stages)
-    cluster = Cluster(spec, bundle)
-    http = _openai_api(cluster) if spec.coordinator.http_address is not None else None
+    coordinator = Coordinator(spec, bundle)
+    http = _openai_api(coordinator) if spec.coordinator.http_address is not None else None
     if spec.coordinator.metrics_port is not None:
-        cluster.metrics.serve(parse_address(spec.coordinator.address)[0], spec.coordinator.metrics_port)
-    asyncio.run(_serve(cluster, http))
+        coordinator.metrics.serve(parse_address(spec.coordinator.address)[0], spec.coordinator.metrics_port)
+    asyncio.run(_serve(coordinator, http))
 
 
-def _openai_api(cluster: Cluster):
+def _openai_api(coordinator: Coordinator):
     """The HTTP API's server and bound socket; it needs the serve extra, which a coordinator without one does not."""
-    address = cluster.spec.coordinator.http_address
+    address = coordinator.spec.coordinator.http_address
     try:
         from runtime.coordinator.openai_api import http_server
     except ModuleNotFoundError as exc:
         raise SpeedError(f"coordinator.http_address needs {exc.name}, part of the serve extra; install it with: "
                          "pip install -e '.[serve]' -c constraints.txt, or remove http_address") from None
-    if check_exposure(cluster.spec, address, "the OpenAI-compatible API"):
+    if check_exposure(coordinator.spec, address, "the OpenAI-compatible API"):
         log.warning("serving the OpenAI-compatible API on %s WITHOUT TLS or authentication, as the cluster file "
                     "allows (insecure: true)", address)
-    return http_server(cluster)
+    return http_server(coordinator)
 
 
-async def _serve(cluster: Cluster, http) -> None:
+async def _serve(coordinator: Coordinator, http) -> None:
     """http: the OpenAI-compatible API's server and socket, or None."""
     server = grpc.aio.server(options=options.SERVER)
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(cluster), server)
-    pb_grpc.add_RegistryServicer_to_server(RegistryService(cluster), server)
-    health_pb2_grpc.add_HealthServicer_to_server(cluster.health, server)
-    await cluster.update_health()
-    address = cluster.spec.coordinator.address
-    if check_exposure(cluster.spec, address, "the coordinator"):
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator), server)
+    pb_grpc.add_RegistryServicer_to_server(RegistryService(coordinator), server)
+    health_pb2_grpc.add_HealthServicer_to_server(coordinator.health, server)
+    await coordinator.update_health()
+    address = coordinator.spec.coordinator.address
+    if check_exposure(coordinator.spec, address, "the coordinator"):
         log.warning("serving %s WITHOUT TLS or authentication, as the cluster file allows (insecure: true)", address)
     credentials = None
-    if cluster.identity is not None:
-        credentials = cluster.identity.server(require_client_certificate=cluster.tokens is None)
+    if coordinator.identity is not None:
+        credentials = coordinator.identity.server(require_client_certificate=coordinator.tokens is None)
     options.listen(server, address, credentials)
     await server.start()
     log.info("coordinator of cluster %s (incarnation %d) listening on %s; waiting for %d node(s) to register",
-             cluster.spec.name, cluster.engine.incarnation, cluster.spec.coordinator.address, len(cluster.nodes))
+             coordinator.spec.name, coordinator.engine.incarnation, coordinator.spec.coordinator.address,
+             len(coordinator.nodes))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    tasks = [asyncio.create_task(cluster.engine.run()), asyncio.create_task(cluster.watch_heartbeats())]
+    tasks = [asyncio.create_task(coordinator.engine.run()), asyncio.create_task(coordinator.watch_heartbeats())]
     if http is not None:
         http_server, listener = http
         tasks.append(asyncio.create_task(http_server.serve(sockets=[listener])))
-        log.info("OpenAI-compatible API on %s", cluster.spec.coordinator.http_address)
+        log.info("OpenAI-compatible API on %s", coordinator.spec.coordinator.http_address)
     stopped = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    await cluster.health.enter_graceful_shutdown()
+    await coordinator.health.enter_graceful_shutdown()
     if http is not None:
         http_server.should_exit = True
     await server.stop(grace=STOP_GRACE_S)
     for task in tasks:
         task.cancel()
-    for node in cluster.nodes:
+    for node in coordinator.nodes:
         await node.disconnect()
     for task in done - {stopped}:
         task.result()  # an engine crash is a bug: let it be seen

@@ -13,7 +13,7 @@ from runtime.core.sampling import SamplingParams
 from runtime.core.stopping import StopReason
 
 if TYPE_CHECKING:
-    from runtime.core.scheduler import Sequence
+    from runtime.core.scheduler import SequenceState
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -78,7 +78,7 @@ class SpeculationStats:
     held_guesses: int = 0  # guesses the confidence gate kept out of flight
 
     @classmethod
-    def of(cls, seq: Sequence) -> SpeculationStats:
+    def of(cls, seq: SequenceState) -> SpeculationStats:
         stats = seq.stats
         return cls(ticks=stats.ticks, committed=len(seq.generated),
                    flips_per_boundary=tuple(round(rate, 4) for rate in stats.flip_rates),

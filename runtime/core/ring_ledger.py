@@ -5,16 +5,16 @@ ledger applies the same end rules (end of sequence, stop strings, length, contex
 from __future__ import annotations
 
 from runtime.core.ring import RingError
-from runtime.core.scheduler import Sequence, new_sequence
+from runtime.core.scheduler import SequenceState, new_sequence
 from runtime.core.stopping import StopReason
 
 
 class RingLedger:
     def __init__(self, n_stages: int):
         self.n_stages = n_stages
-        self.sequences: dict[int, Sequence] = {}
+        self.sequences: dict[int, SequenceState] = {}
 
-    def add(self, seq_id: int, prompt: list[int], **options) -> Sequence:
+    def add(self, seq_id: int, prompt: list[int], **options) -> SequenceState:
         """options: those of new_sequence."""
         if seq_id in self.sequences:
             raise ValueError(f"sequence {seq_id} already exists")
@@ -41,6 +41,6 @@ class RingLedger:
         seq = self.sequences[seq_id]
         seq.prefill = seq.prompt + seq.generated
 
-    def remove(self, seq_id: int) -> Sequence:
+    def remove(self, seq_id: int) -> SequenceState:
         return self.sequences.pop(seq_id)
 

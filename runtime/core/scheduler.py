@@ -88,7 +88,7 @@ class _Flight:
 
 
 @dataclass
-class Sequence:
+class SequenceState:
     seq_id: int
     prompt: list[int]
     max_new_tokens: int
@@ -134,14 +134,14 @@ class Sequence:
 def new_sequence(seq_id: int, prompt: list[int], *, n_stages: int, max_new_tokens: int, context_length: int,
                  speculate: bool = True, guess_thresholds: tuple[float, ...] = (), eos_id: int | None = None,
                  should_stop: Callable[[list[int]], bool] | None = None,
-                 generated: list[int] | None = None) -> Sequence:
+                 generated: list[int] | None = None) -> SequenceState:
     """generated: tokens already committed (a resumed request); decoding continues after them.
     guess_thresholds: per early stage, the confidence a guess needs to be sent; () sends every guess."""
     if not prompt or len(prompt) >= context_length or max_new_tokens < 1:
         raise ValueError("the prompt must be non-empty and shorter than the context, max_new_tokens >= 1")
     if guess_thresholds and len(guess_thresholds) != n_stages - 1:
         raise ValueError(f"guess_thresholds needs one value per early stage ({n_stages - 1})")
-    seq = Sequence(
+    seq = SequenceState(
         seq_id=seq_id, prompt=list(prompt), max_new_tokens=max_new_tokens, speculate=speculate,
         guess_thresholds=tuple(guess_thresholds), eos_id=eos_id,
         should_stop=should_stop, last_position=min(context_length, len(prompt) + max_new_tokens - 1) - 1,
@@ -161,11 +161,11 @@ class SpeedScheduler:
             raise ValueError("n_stages and prefill_chunk must be at least 1")
         self.n_stages = n_stages
         self.prefill_chunk = prefill_chunk
-        self.sequences: dict[int, Sequence] = {}
+        self.sequences: dict[int, SequenceState] = {}
         self._truncations: list[Truncate] = []
         self._finished: list[int] = []
 
-    def add(self, seq_id: int, prompt: list[int], **options) -> Sequence:
+    def add(self, seq_id: int, prompt: list[int], **options) -> SequenceState:
         """options: those of new_sequence."""
         if seq_id in self.sequences:
             raise ValueError(f"sequence {seq_id} already exists")
@@ -219,7 +219,7 @@ class SpeedScheduler:
             if not seq.done:
                 self._apply_sequence(seq, predictions, confidence or {})
 
-    def _apply_sequence(self, seq: Sequence, predictions: Mapping[tuple[int, int], int],
+    def _apply_sequence(self, seq: SequenceState, predictions: Mapping[tuple[int, int], int],
                         confidence: Mapping[tuple[int, int], float]) -> None:
         last = self.n_stages - 1
         for index, f in enumerate(seq.flights):
@@ -253,26 +253,26 @@ class SpeedScheduler:
         if seq.done:
             self._finished.append(seq.seq_id)
 
-    def _may_enter(self, seq: Sequence, f: _Flight) -> bool:
+    def _may_enter(self, seq: SequenceState, f: _Flight) -> bool:
         """Whether the successor of `f` may start now: a guess needs speculation, or `f` must be final."""
         if seq.done or f.end > seq.last_position:
             return False
         return seq.speculate or f.next_stage == self.n_stages
 
     @staticmethod
-    def _guesses(seq: Sequence, stage: int) -> bool:
+    def _guesses(seq: SequenceState, stage: int) -> bool:
         """Whether an early stage guesses at all: with speculation, unless its gate holds every guess
         (threshold 1), in which case nobody reads its prediction and the classifier need not run."""
         return seq.speculate and not (seq.guess_thresholds and seq.guess_thresholds[stage] >= 1)
 
-    def _sure(self, seq: Sequence, stage: int, confidence: float) -> bool:
+    def _sure(self, seq: SequenceState, stage: int, confidence: float) -> bool:
         """Whether the gate lets a guess made after `stage` into flight; a committed token always enters."""
         if stage == self.n_stages - 1 or not seq.guess_thresholds or confidence >= seq.guess_thresholds[stage]:
             return True
         seq.stats.held_guesses += 1
         return False
 
-    def _drop_after(self, seq: Sequence, index: int) -> None:
+    def _drop_after(self, seq: SequenceState, index: int) -> None:
         """Flush every flight younger than flights[index] and roll back its KV writes.
 
         Younger flights have not been advanced yet this tick, but they ran: stage next_stage included.
@@ -285,7 +285,7 @@ class SpeedScheduler:
         seq.stats.flushed_steps += sum(f.next_stage + 1 for f in dropped)
         self._truncations.extend(Truncate(seq.seq_id, s, dropped[0].start) for s in range(passed))
 
-    def _enter_prompt_chunk(self, seq: Sequence) -> None:
+    def _enter_prompt_chunk(self, seq: SequenceState) -> None:
         """Feed the next prefill chunk to stage 0 when stage 0 is free."""
         if seq.next_prompt_position >= len(seq.prefill) or any(f.next_stage == 0 for f in seq.flights):
             return
@@ -294,7 +294,7 @@ class SpeedScheduler:
         seq.flights.append(_Flight(start, end - start, 0, tuple(seq.prefill[start:end])))
         seq.next_prompt_position = end
 
-    def remove(self, seq_id: int) -> Sequence:
+    def remove(self, seq_id: int) -> SequenceState:
         """Forget a sequence, with anything still pending for it: its caches are freed elsewhere."""
         self._truncations = [cut for cut in self._truncations if cut.seq_id != seq_id]
         self._finished = [finished for finished in self._finished if finished != seq_id]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from nodes.stage_model import StageModel
 from runtime.core.bundle import Bundle
 from runtime.core.errors import SpeedError
+from runtime.executor.stage_model import StageModel
 
 BACKENDS = ("onnx", "torch")
 
@@ -12,7 +12,7 @@ BACKENDS = ("onnx", "torch")
 def open_stage_model(bundle: Bundle, *, backend: str = "onnx", device: str = "cpu", threads: int = 1) -> StageModel:
     """threads: intra-op threads, shared by every session of the process; 0 = one per core."""
     if backend == "onnx":
-        from nodes.onnx_stage_model import OnnxStageModel
+        from runtime.executor.onnx_stage_model import OnnxStageModel
 
         return OnnxStageModel(bundle, device=device, threads=threads)
     if backend == "torch":

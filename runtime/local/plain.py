@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nodes.kv_cache import KVCache
-from nodes.stage_model import StageModel
 from runtime.core.generation import SpeculationStats, steady_rate
 from runtime.core.limits import cache_capacity, check_request
 from runtime.core.sampling import GREEDY, SamplingParams, choose_token
 from runtime.core.stopping import StopReason
+from runtime.executor.kv_cache import KVCache
+from runtime.executor.stage_model import StageModel
 
 
 @dataclass(frozen=True)

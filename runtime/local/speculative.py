@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from nodes.stage_model import StageModel
-from nodes.tick_executor import TickExecutor
 from runtime.core.generation import SpeculationStats
 from runtime.core.limits import cache_capacity, check_request
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.core.scheduler import SpeedScheduler
+from runtime.executor.stage_model import StageModel
+from runtime.executor.tick_executor import TickExecutor
 from runtime.local.plain import Generation
 
 

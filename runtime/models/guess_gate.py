@@ -37,12 +37,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nodes.kv_cache import KVCache
-from nodes.onnx_session import create_session
-from nodes.onnx_stage_model import OnnxStageModel
 from runtime.core.bundle import Bundle, load_bundle, sha256_of, update_bundle
 from runtime.core.errors import SpeedError
 from runtime.core.progress import NO_PROGRESS, Progress
+from runtime.executor.kv_cache import KVCache
+from runtime.executor.onnx_session import create_session
+from runtime.executor.onnx_stage_model import OnnxStageModel
 from runtime.models.corpus import held_out_ids, held_out_windows
 from runtime.models.decoder import SpeedDecoder
 from runtime.models.export import export_guess_head

@@ -7,9 +7,9 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from nodes.kv_cache import KVCache
-from nodes.stage_model import StageOutput
 from runtime.core.bundle import Bundle
+from runtime.executor.kv_cache import KVCache
+from runtime.executor.stage_model import StageOutput
 from runtime.models.decoder import SpeedDecoder
 
 PARAMETER_PREFIX = "model."  # the export wraps the decoder as `model`
@@ -32,7 +32,7 @@ def model_from_bundle(bundle: Bundle) -> SpeedDecoder:
 
 
 class TorchStageModel:
-    """The same interface as nodes.onnx_stage_model.OnnxStageModel, computed by torch eager."""
+    """The same interface as runtime.executor.onnx_stage_model.OnnxStageModel, computed by torch eager."""
 
     provider = "torch-cpu"
 

@@ -1,5 +1,6 @@
-"""Generation requests and results on the wire: GenerationOptions, SpeculationStats and
-GenerationResult to and from their protobuf messages, in one place for the client and the coordinator."""
+"""Generation requests and results on the wire: GenerationRequest, GenerationOptions, SpeculationStats,
+GenerationResult and a request's events to and from their protobuf messages, in one place for the client
+and the coordinator."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from collections.abc import Sequence
 
 from runtime.core.chat import ChatMessage
 from runtime.core.generation import DEFAULT_MAX_NEW_TOKENS, GenerationOptions, GenerationResult, SpeculationStats
+from runtime.core.request import GenerationRequest, RequestEvent, TextChunk
 from runtime.core.stopping import StopReason
 from runtime.wire import speed_pb2 as pb
+from runtime.wire.enums import from_wire, to_wire
 from runtime.wire.sampling import top_p_of
 
 
@@ -41,14 +44,24 @@ def options_from_wire(request: pb.GenerateRequest) -> GenerationOptions:
         window=request.window if request.HasField("window") else None)
 
 
-def conversation_from_wire(request: pb.GenerateRequest) -> list[ChatMessage]:
-    return [ChatMessage(m.role, m.content) for m in request.messages]
+def request_from_wire(request: pb.GenerateRequest) -> GenerationRequest:
+    """Raises SpeedError with a sentence when an option is out of range."""
+    return GenerationRequest(
+        prompt=request.prompt, messages=tuple(ChatMessage(m.role, m.content) for m in request.messages),
+        options=options_from_wire(request), received_tokens=tuple(request.continuation.token_ids),
+        received_chars=request.continuation.text_chars)
+
+
+def event_to_wire(event: RequestEvent) -> pb.GenerateEvent:
+    if isinstance(event, TextChunk):
+        return pb.GenerateEvent(tokens=pb.TokenChunk(token_ids=event.token_ids, text=event.text))
+    return pb.GenerateEvent(finished=result_to_wire(event))
 
 
 def result_to_wire(result: GenerationResult) -> pb.Finished:
     stats = result.stats
     return pb.Finished(
-        stop_reason=result.stop_reason, text=result.text, token_ids=result.token_ids,
+        stop_reason=to_wire(result.stop_reason, pb.StopReason), text=result.text, token_ids=result.token_ids,
         prompt_tokens=result.prompt_tokens, time_to_first_token_ms=result.time_to_first_token_ms,
         tokens_per_s=result.tokens_per_s, speculative=result.speculative, provider=result.provider,
         backend=result.backend,
@@ -60,7 +73,8 @@ def result_to_wire(result: GenerationResult) -> pb.Finished:
 def result_from_wire(finished: pb.Finished) -> GenerationResult:
     stats = finished.stats
     return GenerationResult(
-        text=finished.text, token_ids=list(finished.token_ids), stop_reason=StopReason(finished.stop_reason),
+        text=finished.text, token_ids=list(finished.token_ids),
+        stop_reason=from_wire(finished.stop_reason, pb.StopReason, StopReason),
         prompt_tokens=finished.prompt_tokens, time_to_first_token_ms=finished.time_to_first_token_ms,
         tokens_per_s=finished.tokens_per_s, speculative=finished.speculative, backend=finished.backend,
         provider=finished.provider,

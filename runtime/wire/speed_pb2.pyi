@@ -1,10 +1,35 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STOP_REASON_UNSPECIFIED: _ClassVar[StopReason]
+    STOP_REASON_EOS: _ClassVar[StopReason]
+    STOP_REASON_LENGTH: _ClassVar[StopReason]
+    STOP_REASON_STOP: _ClassVar[StopReason]
+    STOP_REASON_CONTEXT: _ClassVar[StopReason]
+
+class NodeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NODE_STATE_UNSPECIFIED: _ClassVar[NodeState]
+    NODE_STATE_WAITING: _ClassVar[NodeState]
+    NODE_STATE_SERVING: _ClassVar[NodeState]
+    NODE_STATE_DOWN: _ClassVar[NodeState]
+STOP_REASON_UNSPECIFIED: StopReason
+STOP_REASON_EOS: StopReason
+STOP_REASON_LENGTH: StopReason
+STOP_REASON_STOP: StopReason
+STOP_REASON_CONTEXT: StopReason
+NODE_STATE_UNSPECIFIED: NodeState
+NODE_STATE_WAITING: NodeState
+NODE_STATE_SERVING: NodeState
+NODE_STATE_DOWN: NodeState
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -108,7 +133,7 @@ class Finished(_message.Message):
     SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
-    stop_reason: str
+    stop_reason: StopReason
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     prompt_tokens: int
@@ -118,7 +143,7 @@ class Finished(_message.Message):
     speculative: bool
     provider: str
     backend: str
-    def __init__(self, stop_reason: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., speculative: _Optional[bool] = ..., provider: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+    def __init__(self, stop_reason: _Optional[_Union[StopReason, str]] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., speculative: _Optional[bool] = ..., provider: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("tokens", "finished")
@@ -149,7 +174,7 @@ class NodeStatus(_message.Message):
     name: str
     address: str
     stages: _containers.RepeatedScalarFieldContainer[int]
-    state: str
+    state: NodeState
     provider: str
     threads: int
     last_heartbeat_s: float
@@ -158,7 +183,7 @@ class NodeStatus(_message.Message):
     max_sequences: int
     step_ms: float
     positions_per_s: float
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., state: _Optional[str] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., hosting: _Optional[_Iterable[int]] = ..., sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., step_ms: _Optional[float] = ..., positions_per_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[NodeState, str]] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., hosting: _Optional[_Iterable[int]] = ..., sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., step_ms: _Optional[float] = ..., positions_per_s: _Optional[float] = ...) -> None: ...
 
 class ClusterStatusReply(_message.Message):
     __slots__ = ("cluster", "bundle_sha256", "serving", "nodes", "active_requests", "speculation", "queued_requests", "max_queue", "incarnation")

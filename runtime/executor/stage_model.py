@@ -1,4 +1,4 @@
-"""What decoders need of a model, whatever runs it: ONNX Runtime on a node (nodes.onnx_stage_model) or
+"""What decoders need of a model, whatever runs it: ONNX Runtime on a node (runtime.executor.onnx_stage_model) or
 torch eager in one process (runtime.models.torch_backend)."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from nodes.kv_cache import KVCache
 from runtime.core.bundle import ExitMap
 from runtime.core.config import ModelConfig
+from runtime.executor.kv_cache import KVCache
 
 
 class StageOutput(NamedTuple):

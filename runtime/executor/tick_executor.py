@@ -21,12 +21,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from nodes.cpu_profile import CpuProfile
-from nodes.kv_cache import KVCache
-from nodes.stage_model import StageModel, StageOutput
 from runtime.core.errors import SpeedError
 from runtime.core.sampling import GREEDY, SamplingParams, choose_token
 from runtime.core.scheduler import Item, TickPlan
+from runtime.executor.cpu_profile import CpuProfile
+from runtime.executor.kv_cache import KVCache
+from runtime.executor.stage_model import StageModel, StageOutput
 
 Key = tuple[int, int]  # (sequence, start position) names an item across ticks
 

@@ -1,6 +1,7 @@
-"""The coordinator's state: the cluster file, the bundle's identity, the nodes and the engine, and what
-both front doors (the gRPC service and the OpenAI-compatible HTTP API) ask of them: a request checked,
-served, and the cluster's status.
+"""The coordinator: the cluster file, the bundle's identity, the nodes and the engine, and what both front
+doors (the gRPC service and the OpenAI-compatible HTTP API) ask of them: a request checked, served, and
+the cluster's status. Requests come and go in the core's types (runtime/core/request.py); each door
+translates them to its own protocol.
 
 Nodes register themselves (and again after a restart of either side); the coordinator checks that a
 node is the one the cluster file names, hosts the stages it says and serves the same bundle, then
@@ -23,7 +24,7 @@ from runtime.coordinator.data_path import data_path_for
 from runtime.coordinator.engine import Engine
 from runtime.coordinator.metrics import CoordinatorMetrics
 from runtime.coordinator.remote_node import RemoteNode
-from runtime.coordinator.requests import QueueFull, Request, RequestFailed
+from runtime.coordinator.requests import Request
 from runtime.coordinator.tokens import TOKENS_FILE, TokenFile
 from runtime.core.bundle import Bundle
 from runtime.core.cluster_file import ClusterSpec, same_address
@@ -32,11 +33,12 @@ from runtime.core.generation import guess_thresholds
 from runtime.core.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, check_request, max_prompt_chars
 from runtime.core.node_state import NodeState
 from runtime.core.placement import stages_of
+from runtime.core.request import FailureKind, GenerationRequest, RequestEvent, RequestFailed, TextChunk
 from runtime.core.stopping import StopStrings
 from runtime.core.text_stream import TextStream
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
-from runtime.wire.generation import conversation_from_wire, options_from_wire
+from runtime.wire.enums import to_wire
 from runtime.wire.security import Identity, open_channel
 
 log = logging.getLogger("speed.coordinator")
@@ -46,8 +48,8 @@ MISSED_HEARTBEATS = 3  # a node silent this many intervals is down
 DIAL_BACK_TIMEOUT_S = 2.0  # to check a registering node at the address it gave
 
 
-class Cluster:
-    """The coordinator's state: the cluster file, the bundle's identity, the nodes and the engine."""
+class Coordinator:
+    """The cluster file, the bundle's identity, the nodes and the engine."""
 
     def __init__(self, spec: ClusterSpec, bundle: Bundle):
         self.spec = spec
@@ -88,21 +90,21 @@ class Cluster:
             self.metrics.request_ended("unauthenticated")
         return known
 
-    def prepare(self, request: pb.GenerateRequest) -> Request:
-        """A client's request, checked; SpeedError with a sentence (counted as invalid) when it cannot be served."""
+    def prepare(self, request: GenerationRequest) -> Request:
+        """A client's request, checked; RequestFailed (INVALID, counted) with a sentence when it cannot be served."""
         try:
             return self._checked(request)
-        except SpeedError:
+        except SpeedError as exc:
             self.metrics.request_ended("invalid")
-            raise
+            raise RequestFailed(FailureKind.INVALID, str(exc)) from None
 
-    def _checked(self, request: pb.GenerateRequest) -> Request:
+    def _checked(self, request: GenerationRequest) -> Request:
         """The request as the engine takes it.
 
         Sizes are checked before anything is tokenized or decoded (runtime/core/limits.py), so a hostile
         request costs little."""
         longest_prompt = max_prompt_chars(self.bundle.config)
-        prompt, messages = request.prompt, conversation_from_wire(request)
+        prompt, messages = request.prompt, request.messages
         if messages and prompt:
             raise SpeedError("send either a prompt or a conversation of messages, not both")
         if not prompt and not messages:
@@ -111,7 +113,7 @@ class Cluster:
         if length > longest_prompt:
             raise SpeedError(f"the prompt has {length} characters; at most {longest_prompt} are accepted, "
                              f"more than the model's context of {self.bundle.config.context_length} tokens holds")
-        generation = options_from_wire(request)
+        generation = request.options
         if generation.max_new_tokens < 1:
             raise SpeedError(f"max_new_tokens must be at least 1, got {generation.max_new_tokens}")
         if not generation.temperature <= MAX_TEMPERATURE:  # also NaN and infinity
@@ -128,23 +130,23 @@ class Cluster:
         check_request(prompt_ids, self.bundle.config, generation.max_new_tokens)
         stop = StopStrings(self.tokenizer, list(generation.stop))
         speculative = self.spec.speculation.enabled if generation.speculative is None else generation.speculative
-        generated = self._continuation(request.continuation, generation.max_new_tokens)
+        generated = self._continuation(request.received_tokens, generation.max_new_tokens)
         text = TextStream(self.tokenizer, stop)
-        text.emitted = min(max(request.continuation.text_chars, 0), len(text.text(generated)))
+        text.emitted = min(max(request.received_chars, 0), len(text.text(generated)))
         thresholds = guess_thresholds((generation.guess_threshold, self.spec.speculation.guess_threshold),
                                       self.bundle.guess_thresholds, self.bundle.config.n_stages)
         window = self.spec.speculation.window if generation.window is None else generation.window
         return Request(prompt_ids=prompt_ids, options=generation, speculative=speculative, stop=stop, text=text,
                        received=generated, guess_thresholds=thresholds, window=window)
 
-    async def serve(self, request: Request, *, deadline: float | None = None) -> AsyncIterator[pb.GenerateEvent]:
-        """Submit a prepared request and yield its events up to the one that finishes it. Raises QueueFull when
-        it cannot wait, RequestFailed when it cannot be finished, asyncio.TimeoutError past the deadline (the
-        event loop's clock); a caller that stops listening cancels it, which frees its caches on every node."""
+    async def serve(self, request: Request, *, deadline: float | None = None) -> AsyncIterator[RequestEvent]:
+        """Submit a prepared request and yield its text chunks, then its result. Raises RequestFailed when it
+        cannot wait (OVERLOADED) or be finished, asyncio.TimeoutError past the deadline (the event loop's
+        clock); a caller that stops listening cancels it, which frees its caches on every node."""
         engine, loop = self.engine, asyncio.get_running_loop()
         try:
             engine.submit(request)
-        except QueueFull:
+        except RequestFailed:
             self.metrics.request_ended("rejected")
             raise
         outcome = "cancelled"  # unless it ends otherwise: the caller went away
@@ -159,7 +161,7 @@ class Cluster:
                 if isinstance(event, RequestFailed):
                     outcome = "failed"
                     raise event
-                if event.HasField("finished"):
+                if not isinstance(event, TextChunk):
                     outcome = "completed"
                 yield event
                 if outcome == "completed":
@@ -169,10 +171,10 @@ class Cluster:
             if outcome in ("cancelled", "deadline_exceeded"):
                 engine.cancel(request)
 
-    def _continuation(self, continuation: pb.Continuation, max_new_tokens: int) -> list[int]:
+    def _continuation(self, received: tuple[int, ...], max_new_tokens: int) -> list[int]:
         vocab = self.bundle.config.vocab_size
         limit = min(max_new_tokens, self.bundle.config.context_length)  # counted before any id is read
-        tokens = list(continuation.token_ids) if len(continuation.token_ids) <= limit else None
+        tokens = list(received) if len(received) <= limit else None
         if tokens is None or not all(0 <= token < vocab for token in tokens):
             raise SpeedError(f"the continuation must hold at most {limit} token ids (max_new_tokens, within the "
                              f"model's context), each in 0..{vocab - 1}: the tokens this request already received")
@@ -242,7 +244,8 @@ class Cluster:
                                       max_queue=engine.max_queue, speculation=self.spec.speculation.enabled,
                                       incarnation=engine.incarnation)
         for node in self.nodes:
-            reply.nodes.add(name=node.name, address=node.address, stages=node.spec.stages, state=node.state,
+            reply.nodes.add(name=node.name, address=node.address, stages=node.spec.stages,
+                            state=to_wire(node.state, pb.NodeState),
                             provider=node.info.provider if node.info else "", threads=node.spec.threads,
                             last_heartbeat_s=now - node.last_heartbeat if node.last_heartbeat else -1.0,
                             hosting=stages_of(engine.placement, node.name), sequences=node.held,

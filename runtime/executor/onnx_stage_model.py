@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nodes.kv_cache import KVCache
-from nodes.onnx_session import create_session
-from nodes.stage_model import StageOutput
 from runtime.core.bundle import Bundle
+from runtime.executor.kv_cache import KVCache
+from runtime.executor.onnx_session import create_session
+from runtime.executor.stage_model import StageOutput
 
 
 def stage_outputs(layers: int) -> list[str]:

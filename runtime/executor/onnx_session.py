@@ -11,8 +11,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from nodes.prepacked_graphs import prepacked_graph
 from runtime.core.errors import SpeedError
+from runtime.executor.prepacked_graphs import prepacked_graph
 
 log = logging.getLogger("speed.node")
 
