@@ -63,9 +63,9 @@ class LocalCluster:
     """The processes of one cluster file; a context manager that stops them all on exit."""
 
     def __init__(self, cluster_path: Path, *, emulated_link_ms: float | None = None, data_path: str | None = None,
-                 record: bool = False):
+                 record: bool = False, progress: Progress = NO_PROGRESS):
         """emulated_link_ms, data_path: override the file's; record: keep the process ids in the state
-        directory from the first start on, for `speed down`."""
+        directory from the first start on, for `speed down`; progress: the start of `with LocalCluster(...)`."""
         self.path = Path(cluster_path)
         self.spec = load_cluster(cluster_path)
         self.emulated_link_ms = emulated_link_ms
@@ -73,6 +73,7 @@ class LocalCluster:
         self.logs = state_dir(self.spec) / "logs"
         self.record = state_dir(self.spec) / PROCESSES_FILE if record else None
         self.processes: dict[str, subprocess.Popen] = {}  # "coordinator" and node names
+        self.progress = progress
 
     @property
     def endpoint(self) -> str:
@@ -180,7 +181,9 @@ class LocalCluster:
             self.stop_process(name)
 
     def __enter__(self) -> LocalCluster:
-        self.start()
+        self.progress.note(f"starting cluster {self.spec.name}: {len(self.spec.nodes)} node(s) load the bundle and warm "
+                           "up (the first start on a machine also pre-packs every graph, which takes longer)")
+        self.start(progress=self.progress)
         return self
 
     def __exit__(self, *exc) -> None:

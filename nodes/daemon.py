@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from nodes.host import StageHost
 from nodes.node_metrics import NodeMetrics
 from nodes.registration import Registration
-from nodes.service import NodeService
+from nodes.service import NodeService, server_threads
 from runtime.core.bundle import Bundle, load_bundle
 from runtime.core.cluster_file import NodeSpec, load_cluster, parse_address
 from runtime.core.errors import SpeedError
@@ -103,7 +103,8 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
         health_service.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
     largest_step = options.step_message_bytes(d_model=bundle.config.d_model, max_positions=spec.speculation.prefill_chunk,
                                               max_items=node.max_sequences * len(host.hostable))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options.node_server(largest_step))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=server_threads(len(spec.nodes))),
+                         options=options.node_server(largest_step))
     pb_grpc.add_NodeServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     options.listen(server, node.address, identity.server(require_client_certificate=True) if identity else None)
@@ -134,6 +135,7 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
     service.stop_ring()  # ends its streams, which would otherwise hold the server past its grace period
     health_service.enter_graceful_shutdown()
     server.stop(grace=STOP_GRACE_S).wait()
+    service.worker.stop()
     log.info("node %s stopped", node.name)
     if refusal:
         raise SpeedError(f"the coordinator refused node {node.name}: {refusal[0]}")

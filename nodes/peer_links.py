@@ -1,5 +1,6 @@
 """A node's outgoing links to the other nodes of the ring: one Forward stream per peer, opened on first
-use, each behind its own delay line (EMULATION of a slow link when the node has a latency set).
+use and written by a thread of its own from a line of messages (a delay line only where a slow link is
+EMULATED).
 
 A broken link logs once and is opened again by the first message after RETRY_S; what was in flight on
 it, and what is sent meanwhile, is lost, which the coordinator notices as a sequence that stops
@@ -14,7 +15,7 @@ from collections.abc import Callable
 
 import grpc
 
-from nodes.delay_line import DelayLine
+from nodes.delay_line import line
 from runtime.executor.cpu_profile import CpuProfile
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.ring import forwarded
@@ -30,7 +31,7 @@ class PeerLink:
         self._profile = profile
         self.broken_at: float | None = None
         self._channel = channel
-        self._line = DelayLine(delay_s)
+        self._line = line(delay_s)
         self._stamp = dict(incarnation=incarnation, epoch=epoch)
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"link-to-{peer}")
         self._thread.start()

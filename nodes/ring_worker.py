@@ -1,7 +1,8 @@
-"""The ring data path on one node: a thread that feeds what arrives (the coordinator's opens and closes,
-the other nodes' hops, corrections and commits) to the node's ring state machine, runs the runs it hands
-out in one ONNX Runtime call per batch, and sends what comes out to the next node, the node of stage 0
-or the coordinator. The state machine decides what runs; this shell only moves tensors and bytes.
+"""The ring data path on one node: on the node's stage worker thread, it feeds what arrived (the
+coordinator's opens and closes, the other nodes' hops, corrections and commits) to the node's ring state
+machine, runs the runs it hands out in one ONNX Runtime call per batch, and sends what comes out to the
+next node, the node of stage 0 or the coordinator. The state machine decides what runs; this shell only
+moves tensors and bytes.
 
 EMULATION: with a link latency set, everything the node sends waits in a delay line for that long, and
 so does what the coordinator sends it; the node itself never sleeps.
@@ -10,14 +11,14 @@ so does what the coordinator sends it; the node itself never sleeps.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 
-from nodes.delay_line import DelayLine
+from nodes.delay_line import DelayLine, line
 from nodes.host import StepRefused, check_open
 from nodes.node_metrics import NodeMetrics
 from nodes.peer_links import PeerLinks
+from nodes.stage_worker import StageWorker
 from runtime.core.generation import MAX_WINDOW
 from runtime.core.ring import Commit, Hop, RingError, RingMachine, Run
 from runtime.core.run_ahead import RunAheadPrice
@@ -34,9 +35,11 @@ log = logging.getLogger("speed.node")
 class RingWorker:
     def __init__(self, model: StageModel, *, name: str, stages: tuple[int, ...], placement: dict[int, str],
                  links: PeerLinks, max_sequences: int, prefill_chunk: int, delay_s: float, metrics: NodeMetrics,
-                 profile: CpuProfile):
-        """placement: stage -> the name of the node running it, this one included."""
+                 profile: CpuProfile, worker: StageWorker):
+        """placement: stage -> the name of the node running it, this one included; worker: the node's stage
+        worker, which runs `work` with what arrived for this ring."""
         self.name = name
+        self.worker = worker
         self.cfg = model.config
         self.placement = placement
         self.links = links
@@ -46,14 +49,12 @@ class RingWorker:
         self.profile = profile
         self.executor = TickExecutor(model, slots=max_sequences, capacity=1, stages=stages, hand_over_locally=False,
                                      profile=profile)
-        self.events = DelayLine(delay_s)  # to the coordinator: commits, closed sequences' counts, failures
-        # from the coordinator: straight into the inbox, unless a latency is emulated
+        self.events = line(delay_s)  # to the coordinator: commits, closed sequences' counts, failures
+        # from the coordinator: straight to the worker, unless a latency is emulated
         self._arrivals = DelayLine(delay_s) if delay_s else None
-        self._inbox: queue.Queue = queue.Queue()
         self._deferred: list[Run] = []
         self._price = RunAheadPrice()  # what the head's run-ahead costs and saves, measured
         self._ran_at: dict[tuple[int, int], float] = {}  # (sequence, position to commit) -> when stage 0 ran it
-        threading.Thread(target=self._loop, daemon=True, name=f"ring-{name}").start()
         if self._arrivals is not None:
             threading.Thread(target=self._pump_arrivals, daemon=True, name=f"ring-arrivals-{name}").start()
 
@@ -61,15 +62,15 @@ class RingWorker:
 
     def control(self, message: pb.RingControl) -> None:
         if self._arrivals is None:
-            self._inbox.put(("control", message))
+            self.worker.arrive(self, "control", message)
         else:
             self._arrivals.put(message)
 
     def deliver(self, messages: list) -> None:
-        self._inbox.put(("messages", messages))
+        self.worker.arrive(self, "messages", messages)
 
     def stop(self) -> None:
-        self._inbox.put(("stop", None))
+        """Its streams end; what still arrives for it is dropped by the worker."""
         if self._arrivals is not None:
             self._arrivals.close()
         self.events.close()
@@ -79,29 +80,16 @@ class RingWorker:
     def open_sequences(self) -> int:
         return len(self.core.sequences)
 
-    # --- the worker thread -----------------------------------------------------------------------
-
     def _pump_arrivals(self) -> None:
         for batch in self._arrivals.batches():
             for message in batch:
-                self._inbox.put(("control", message))
+                self.worker.arrive(self, "control", message)
 
-    def _loop(self) -> None:
-        working = False  # the last pass ran something: look for more before waiting
-        while True:
-            try:
-                events = [self._inbox.get(block=not working)]
-            except queue.Empty:
-                events = []
-            while not self._inbox.empty():
-                events.append(self._inbox.get_nowait())
-            if any(kind == "stop" for kind, _ in events):
-                return
-            with self.profile.timed("worker_cpu"):
-                working = self._work(events)
+    # --- on the stage worker's thread ------------------------------------------------------------
 
-    def _work(self, events: list) -> bool:
-        """Apply what arrived, run what can run, send what comes out; whether anything ran."""
+    def work(self, events: list) -> bool:
+        """Apply what arrived, run what can run, send what comes out; whether anything ran (then the worker
+        calls again before it waits, as running may have made more runnable)."""
         for kind, payload in events:
             if kind == "control":
                 self._apply_control(payload)

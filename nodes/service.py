@@ -1,6 +1,14 @@
-"""The Node gRPC service: step messages in, results out, one at a time per node (the lockstep data path);
-or, once assigned a placement, the ring data path's streams to and from the coordinator and the other
-nodes, run by a RingWorker."""
+"""The Node gRPC service: step messages in, results out (the lockstep data path); or, once assigned a
+placement, the ring data path's streams to and from the coordinator and the other nodes, run by a
+RingWorker.
+
+How a node is concurrent, in three sentences. Every ONNX Runtime call and every change to the node's
+sequences runs on its one stage worker thread, fed by one inbox (nodes/stage_worker.py), so nothing else
+touches the model and no lock is needed. The handlers here only check, translate and enqueue, on a gRPC
+pool with a thread for every stream that can be open at once plus some for short calls (`server_threads`),
+so a stream never waits for a thread and Info always finds one. Each outgoing stream (a Forward to a peer,
+the Ring events to the coordinator) is written from a line by a thread of its own, the coordinator's Ring
+controls are read by one, and a delay line sits in a path only where a link latency is emulated."""
 
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ from nodes.host import StageHost, StepRefused
 from nodes.node_metrics import NodeMetrics
 from nodes.peer_links import PeerLinks
 from nodes.ring_worker import RingWorker
+from nodes.stage_worker import StageWorker
 from runtime.core.errors import SpeedError
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
@@ -24,6 +33,15 @@ from runtime.wire.ring import messages_from_wire
 from runtime.wire.security import caller, node_common_name, open_channel
 
 log = logging.getLogger("speed.node")
+SHORT_CALL_THREADS = 4  # Info, Assign and health checks, beside the streams
+
+
+def server_threads(n_nodes: int) -> int:
+    """The gRPC pool of a node of a cluster of n_nodes: a thread per stream that can be open at once (the
+    coordinator's Steps and Ring, a Forward from every other node), twice over for the streams of an
+    assignment that are still ending while the next one's open, plus the short calls."""
+    return 2 * (2 + n_nodes - 1) + SHORT_CALL_THREADS
+
 
 def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
     """End the call with a sentence the coordinator knows came from this node, not from a broken connection."""
@@ -48,7 +66,7 @@ class NodeService(pb_grpc.NodeServicer):
         metrics.set_max_sequences(host.max_sequences)
         metrics.set_hosting(len(host.stages))
         self._info = info
-        self._lock = threading.Lock()  # one ONNX Runtime call at a time; its own threads do the parallel work
+        self.worker = StageWorker(host.profile, name=host.name)
         self._link_delay_s = emulated_link_ms / 1000
         self._freed = FreedMemory()
         self._owner: str | None = None  # the connection (gRPC peer) of the coordinator that assigned the stages
@@ -64,27 +82,32 @@ class NodeService(pb_grpc.NodeServicer):
 
     def Assign(self, request: pb.AssignRequest, context: grpc.ServicerContext) -> pb.NodeInfo:
         self._admit(context)
-        with self._lock:
-            try:
-                self.host.assign(request.incarnation, request.stages)
-            except StepRefused as exc:
-                _refuse(context, exc.code, str(exc))
-            self._start_ring(request)
-            self.metrics.set_hosting(len(self.host.stages))
-            self.metrics.set_sequences(0)
-            self._owner = context.peer()
+        try:
+            self.worker.call(lambda: self._assign(request, context.peer()))
+        except StepRefused as exc:
+            _refuse(context, exc.code, str(exc))
         log.info("serving coordinator incarnation %d with stages %s", request.incarnation, list(self.host.stages))
         return self._info()
 
-    def stop_ring(self, worker: RingWorker | None = None) -> None:
-        """Stop the ring worker (only if it is still `worker`, when given): its streams end, its sequences go."""
-        if self._ring is not None and worker in (None, self._ring):
+    def _assign(self, request: pb.AssignRequest, owner: str) -> None:
+        self.host.assign(request.incarnation, request.stages)
+        self._start_ring(request)
+        self.metrics.set_hosting(len(self.host.stages))
+        self.metrics.set_sequences(0)
+        self._owner = owner
+
+    def stop_ring(self, ring: RingWorker | None = None) -> None:
+        """Stop the ring worker (only if it is still `ring`, when given): its streams end, its sequences go."""
+        self.worker.call(lambda: self._stop_ring(ring))
+
+    def _stop_ring(self, ring: RingWorker | None = None) -> None:
+        if self._ring is not None and ring in (None, self._ring):
             self._ring.stop()
-            self._ring = None
+            self._ring = self.worker.ring = None
 
     def _start_ring(self, request: pb.AssignRequest) -> None:
         """With a placement, the stages run on the ring data path from now on; without, on lockstep steps."""
-        self.stop_ring()
+        self._stop_ring()
         if not request.placement:
             return
         placement = {place.stage: place.node for place in request.placement}
@@ -93,7 +116,9 @@ class NodeService(pb_grpc.NodeServicer):
                           incarnation=request.incarnation, epoch=request.epoch, profile=self.host.profile)
         self._ring = RingWorker(self.host.model, name=self.host.name, stages=self.host.stages, placement=placement,
                                 links=links, max_sequences=self.host.max_sequences, prefill_chunk=self.prefill_chunk,
-                                delay_s=self._link_delay_s, metrics=self.metrics, profile=self.host.profile)
+                                delay_s=self._link_delay_s, metrics=self.metrics, profile=self.host.profile,
+                                worker=self.worker)
+        self.worker.ring = self._ring
         self._ring_stamp = (request.incarnation, request.epoch)
         self._ring_peers = {node_common_name(name) for name in addresses}
 
@@ -104,12 +129,14 @@ class NodeService(pb_grpc.NodeServicer):
 
     def adopt(self, incarnation: int) -> None:
         """The coordinator announced its incarnation at registration."""
-        with self._lock:
-            if incarnation > self.host.incarnation:
-                self.stop_ring()
-            self.host.adopt(incarnation)
-            self.metrics.set_hosting(len(self.host.stages))
-            self.metrics.set_sequences(self.host.open_sequences)
+        self.worker.call(lambda: self._adopt(incarnation))
+
+    def _adopt(self, incarnation: int) -> None:
+        if incarnation > self.host.incarnation:
+            self._stop_ring()
+        self.host.adopt(incarnation)
+        self.metrics.set_hosting(len(self.host.stages))
+        self.metrics.set_sequences(self.host.open_sequences)
 
     def Steps(self, requests: Iterator[pb.StepBatch], context: grpc.ServicerContext) -> Iterator[pb.StepResults]:
         self._admit(context)
@@ -119,19 +146,13 @@ class NodeService(pb_grpc.NodeServicer):
                         "on the connection of the coordinator that assigned its stages")
             self._emulate_link()
             refusal = None
-            with self._lock, self.host.profile.worker():
-                started = time.perf_counter()
-                try:
-                    results = self.host.step(batch)
-                except StepRefused as exc:
-                    refusal = exc.code, str(exc)
-                except Exception as exc:  # a bug: the caller gets a sentence, the node keeps serving others
-                    log.exception("a step failed")
-                    refusal = grpc.StatusCode.INTERNAL, f"node {self.host.name} failed to run a step: {exc!r}"
-                finally:
-                    self.metrics.set_sequences(self.host.open_sequences)
-                if refusal is None:
-                    self.metrics.step(time.perf_counter() - started, sum(item.length for item in batch.items))
+            try:
+                results = self.worker.call(lambda batch=batch: self._step(batch))
+            except StepRefused as exc:
+                refusal = exc.code, str(exc)
+            except Exception as exc:  # a bug: the caller gets a sentence, the node keeps serving others
+                log.exception("a step failed")
+                refusal = grpc.StatusCode.INTERNAL, f"node {self.host.name} failed to run a step: {exc!r}"
             if refusal is not None:
                 self.metrics.refused(refusal[0].name)
                 batch = None  # nothing holds the refused message or what its checks decoded any more
@@ -139,6 +160,15 @@ class NodeService(pb_grpc.NodeServicer):
                 _refuse(context, *refusal)
             self._emulate_link()
             yield results
+
+    def _step(self, batch: pb.StepBatch) -> pb.StepResults:
+        started = time.perf_counter()
+        try:
+            results = self.host.step(batch)
+        finally:
+            self.metrics.set_sequences(self.host.open_sequences)
+        self.metrics.step(time.perf_counter() - started, sum(item.length for item in batch.items))
+        return results
 
     def Ring(self, requests: Iterator[pb.RingControl], context: grpc.ServicerContext) -> Iterator[pb.RingEvents]:
         self._admit(context)
@@ -189,7 +219,9 @@ class NodeService(pb_grpc.NodeServicer):
             time.sleep(self._link_delay_s)
 
     def expire_idle(self) -> list[int]:
-        with self._lock:
+        def expire() -> list[int]:
             expired = self.host.expire_idle()
             self.metrics.set_sequences(self.host.open_sequences)
             return expired
+
+        return self.worker.call(expire)

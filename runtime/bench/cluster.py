@@ -37,7 +37,7 @@ def bench_cluster(cluster_path: Path, *, new_tokens: int = 128, repeats: int = 3
                   guess_threshold: float | None = None, progress: Progress = NO_PROGRESS) -> dict:
     """guess_threshold: the gate of the gated mode; None: the cluster file's, else the bundle's (no gated
     mode when neither has one)."""
-    cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms)
+    cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms, progress=progress)
     bundle = load_bundle(cluster.spec.bundle)
     model = open_stage_model(bundle, threads=1)
     tokenizer = bundle.tokenizer()

@@ -199,7 +199,7 @@ def run_clients(cluster: LocalCluster, workload: Workload, clients: int, request
 def bench_load(cluster_path: Path, *, clients: int, requests: int = 3, new_tokens: int = 48,
                emulated_link_ms: float | None = None, sampling: SamplingParams = GREEDY,
                progress: Progress = NO_PROGRESS) -> dict:
-    cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms)
+    cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms, progress=progress)
     bundle = load_bundle(cluster.spec.bundle)
     workload = workload_of(bundle, new_tokens, sampling)
     with cluster:
@@ -368,7 +368,7 @@ def reference_of(bundle: Bundle, workload: Workload) -> Callable[[int, SamplingP
 
 def bench_chaos(cluster_path: Path, *, trials: int, new_tokens: int = 48, seed: int = 0,
                 emulated_link_ms: float | None = None, progress: Progress = NO_PROGRESS) -> dict:
-    cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms)
+    cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms, progress=progress)
     bundle = load_bundle(cluster.spec.bundle)
     workload = workload_of(bundle, new_tokens)
     reference = reference_of(bundle, workload)
