@@ -86,12 +86,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if args.json:
             print(json.dumps(stream.result().to_json()))
             return
-        if not args.chat:
-            print(args.prompt, end="", flush=True)
+        echo = "" if args.chat else args.prompt  # printed with the first text, so a refused request printed nothing
         for chunk in stream:
-            print(chunk.text, end="", flush=True)
+            print(echo + chunk.text, end="", flush=True)
+            echo = ""
         result = stream.result()
-    print()
+    print(echo)
     mode = "speculative" if result.speculative else "sequential"
     print(f"[{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tokens/s, first token "
           f"{result.time_to_first_token_ms:.1f} ms, stop: {result.stop_reason}; {mode}: {result.stats.describe()}]",

@@ -16,9 +16,10 @@ from pathlib import Path
 import grpc
 
 from runtime.client.credentials import credentials_from
-from runtime.client.errors import client_error
+from runtime.client.errors import InvalidRequest, client_error
 from runtime.client.streams import AsyncGenerationStream, GenerationStream, starter
 from runtime.core.chat import ChatMessage
+from runtime.core.cluster_file import parse_address
 from runtime.core.generation import GenerationOptions
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
@@ -37,7 +38,7 @@ class Client:
                  cert: str | Path | None = None, key: str | Path | None = None,
                  credentials: grpc.ChannelCredentials | None = None):
         """credentials: ready-made TLS credentials instead of the files (e.g. LocalCluster.credentials())."""
-        self.address = address
+        self.address = checked_address(address)
         self._channel = open_channel(address, credentials or credentials_from(ca, token, cert, key))
         self._stub = pb_grpc.CoordinatorStub(self._channel)
 
@@ -78,7 +79,7 @@ class AsyncClient:
     def __init__(self, address: str, *, ca: str | Path | None = None, token: str | None = None,
                  cert: str | Path | None = None, key: str | Path | None = None,
                  credentials: grpc.ChannelCredentials | None = None):
-        self.address = address
+        self.address = checked_address(address)
         self._channel = open_channel(address, credentials or credentials_from(ca, token, cert, key), aio=True)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
 
@@ -110,6 +111,17 @@ class AsyncClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+def checked_address(address: str) -> str:
+    """The coordinator's address, when it is HOST:PORT; gRPC would take anything and fail only once a request is sent."""
+    try:
+        parse_address(address if isinstance(address, str) else "")
+    except ValueError:
+        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, (
+            f"the coordinator address {address!r} is not a valid HOST:PORT; give the host name or IP address and the "
+            "port it listens on, e.g. 127.0.0.1:50050, or [::1]:50050 for an IPv6 address")) from None
+    return address
 
 
 def conversation(messages: Sequence[ChatMessage | Mapping[str, str]]) -> list[ChatMessage]:

@@ -25,8 +25,35 @@ def credentials_from(ca: str | Path | None, token: str | None, cert: str | Path 
         return None
     if bool(cert) != bool(key):
         raise SpeedError("a client certificate needs its key too, and a key its certificate")
-    return client_credentials(_file(ca, "CA certificate"), token=token, cert=cert and _file(cert, "client certificate"),
-                              key=key and _file(key, "client key"))
+    return client_credentials(_certificates(ca, "CA certificate", "ca.pem"), token=token,
+                              cert=cert and _certificates(cert, "client certificate", "client.pem"),
+                              key=key and _private_key(key))
+
+
+def _certificates(path: str | Path, what: str, made_as: str) -> bytes:
+    """The file's bytes, when it holds PEM certificates; gRPC would log its own lines and then fail to connect."""
+    from cryptography import x509
+
+    data = _file(path, what)
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise SpeedError(f"the {what} {path} is not a PEM certificate (a -----BEGIN CERTIFICATE----- block, like the "
+                         f"{made_as} that `speed certs init` writes)") from None
+    return data
+
+
+def _private_key(path: str | Path) -> bytes:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    data = _file(path, "client key")
+    try:
+        load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # TypeError: the key is encrypted
+        raise SpeedError(f"the client key {path} is not a PEM private key without a passphrase (a -----BEGIN PRIVATE "
+                         "KEY----- block, like the client.key that `speed certs init` writes)") from None
+    return data
 
 
 def _file(path: str | Path, what: str) -> bytes:

@@ -46,6 +46,7 @@ _ERRORS = {
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: Unauthenticated,
 }
+UNRESOLVED = ("errors resolving", "dns resolution failed")  # how gRPC's resolvers say a host name found no address
 
 
 def from_coordinator(exc: grpc.RpcError) -> bool:
@@ -59,6 +60,9 @@ def client_error(exc: grpc.RpcError, address: str = "", timeout_s: float | None 
         if code == grpc.StatusCode.UNAVAILABLE and ("handshake" in message.lower() or "ssl" in message.lower()):
             message = (f"TLS with the coordinator {address} failed ({message}); check the CA certificate (--ca), and "
                        "give a client certificate (--cert, --key) where the cluster asks for one")
+        elif code == grpc.StatusCode.UNAVAILABLE and any(words in message.lower() for words in UNRESOLVED):
+            message = (f"cannot resolve the host of the coordinator address {address} ({message}); check the host name, "
+                       "or give the coordinator's IP address")
         elif code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in message.lower():
             message = (f"cannot reach the coordinator {address} ({message}); is the cluster up, and if it is a secure "
                        "one, were its CA (--ca) and, where it asks for one, a client certificate (--cert, --key) given?")

@@ -18,9 +18,8 @@ import numpy as np
 from runtime.core.chat import ChatMessage, chat_prompt
 from runtime.core.config import ModelConfig
 from runtime.core.errors import SpeedError
+from runtime.core.manifest import FORMAT, MANIFEST_FILE, REEXPORT, check_manifest
 
-FORMAT = "speed-bundle/1"
-MANIFEST_FILE = "manifest.json"
 STAGE_FILE = "stage.onnx"
 HEAD_FILE = "head.onnx"
 EMBEDDING_FILE = "embedding.bin"
@@ -168,8 +167,7 @@ class Bundle:
         """Check these files against their sha256 in the manifest, so nothing else is ever read."""
         for name in names:
             if sha256_of(self.path / name) != self.manifest["files"][name]["sha256"]:
-                raise SpeedError(f"bundle {self.path}: {name} does not match its sha256 in {MANIFEST_FILE}; "
-                                 "the file was changed or corrupted, re-export or re-copy the bundle")
+                raise _changed_file(self.path, name)
 
     def files_for(self, stages: Iterable[int]) -> set[str]:
         """The files a node running `stages` reads: their graphs, the head (and the guess head), the embedding,
@@ -256,17 +254,41 @@ def load_bundle(path: Path | None = None, *, verify: bool = True) -> Bundle:
         raise SpeedError(f"bundle {path} {problem}; pass a directory written by `speed export`")
     if not manifest_path.is_file():
         raise SpeedError(f"{path} is not a bundle: it has no {MANIFEST_FILE}; pass a directory written by `speed export`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SpeedError(f"bundle {path}: {MANIFEST_FILE} is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise SpeedError(f"bundle {path}: {MANIFEST_FILE} is not a '{FORMAT}' manifest")
-    for name in manifest["files"]:
-        if not (path / name).is_file():
-            raise SpeedError(f"bundle {path}: {name} is missing; copy the whole bundle directory")
-    config = ModelConfig.from_dict(manifest["model_config"], where=f"bundle {path}: model_config")
-    bundle = Bundle(path=path, manifest=manifest, config=config, sha256=sha256_of(manifest_path))
+    manifest, digest = _read_manifest(path)
+    config = check_manifest(manifest, path)
+    _check_files_present(path, manifest["files"])
+    bundle = Bundle(path=path, manifest=manifest, config=config, sha256=digest)
     if verify:
         bundle.verify(manifest["files"])
     return bundle
+
+
+def _read_manifest(path: Path) -> tuple[Any, str]:
+    """The parsed manifest.json of the bundle at `path`, and the sha256 of the bytes it was parsed from."""
+    try:
+        data = (path / MANIFEST_FILE).read_bytes()
+    except OSError as exc:
+        raise SpeedError(f"bundle {path}: cannot read {MANIFEST_FILE} ({exc.strerror}); check that it is readable") from None
+    try:
+        return json.loads(data.decode("utf-8")), hashlib.sha256(data).hexdigest()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        problem = f"is not valid JSON ({exc})"
+    except (ValueError, RecursionError):  # an integer of thousands of digits; arrays nested thousands deep
+        problem = "holds a number too long or values nested too deeply to read"
+    raise SpeedError(f"bundle {path}: {MANIFEST_FILE} {problem}; {REEXPORT}")
+
+
+def _check_files_present(path: Path, files: dict[str, dict]) -> None:
+    """Every listed file is there with the size the manifest gives it, which costs no hashing (Bundle.verify
+    hashes the content)."""
+    for name, meta in files.items():
+        file = path / name
+        if not file.is_file():
+            raise SpeedError(f"bundle {path}: {name} is missing; copy the whole bundle directory")
+        if (size := file.stat().st_size) != meta["bytes"]:
+            raise _changed_file(path, name, f" ({size} bytes where it lists {meta['bytes']})")
+
+
+def _changed_file(path: Path, name: str, detail: str = "") -> SpeedError:
+    return SpeedError(f"bundle {path}: {name} does not match its sha256 in {MANIFEST_FILE}{detail}; the file was changed "
+                      "or corrupted, re-export or re-copy the bundle")

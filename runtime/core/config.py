@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,8 @@ class ModelConfig:
             accepted = (int, float) if field.type == "float" else (int,)
             if isinstance(value, bool) or not isinstance(value, accepted):
                 raise SpeedError(f"model config {field.name}: expected {field.type}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SpeedError(f"model config {field.name}: expected a finite {field.type}, got {value}")
             if value <= 0:
                 raise SpeedError(f"model config {field.name}: must be positive, got {value}")
         if not self.shared_layers and self.n_stages > self.n_distinct_layers:
@@ -110,6 +113,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise SpeedError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(known))}")
+            shown = ", ".join(key if key.isprintable() else repr(key) for key in unknown)
+            raise SpeedError(f"{where}: unknown key(s) {shown}; known keys are {', '.join(sorted(known))}")
         sizes = data.get("stage_sizes", ())
         return cls(**{**data, "stage_sizes": tuple(sizes) if isinstance(sizes, list) else sizes})
