@@ -7,6 +7,7 @@ Everything a secure cluster needs, in one directory (keys and tokens readable by
     node.NAME.pem, node.NAME.key        each node: serves the coordinator, registers with it
     client.pem, client.key              a client certificate (for `client_auth: certificate`)
     client.token                        a client bearer token, whose salted hash is in tokens.txt
+    cluster.secret                      what the cluster's processes prove themselves with to each other
 
 A certificate names its process in its common name ("speed coordinator", "speed node edge-1",
 "speed client"), which is what the other side checks, and lists the host of the process's address
@@ -28,6 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from runtime.coordinator.tokens import TOKENS_FILE, add_token
 from runtime.core.cluster_file import ClusterSpec, parse_address
 from runtime.core.staging import staged_directory
+from runtime.wire.cluster_secret import SECRET_FILE, write_secret
 
 CA_DAYS = 3650
 CLIENT_NAME = "client"
@@ -117,6 +119,7 @@ def init_certs(out_dir: Path, spec: ClusterSpec, *, days: int = 365, force: bool
         token = add_token(staging / TOKENS_FILE, CLIENT_NAME)
         (staging / "client.token").touch(mode=0o600)
         (staging / "client.token").write_text(token + "\n")
+        write_secret(staging / SECRET_FILE)
         written = sorted(path.name for path in staging.iterdir())
     out_dir.chmod(0o700)
     return written

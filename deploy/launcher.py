@@ -8,7 +8,6 @@ order: nodes first, the coordinator last; `speed down` stops a cluster started e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -27,18 +26,13 @@ from runtime.core.node_state import NodeState
 from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.cluster_secret import SECRET_FILE, load_secret, secret_path, write_secret
 from runtime.wire.enums import node_state_of
 from runtime.wire.security import open_channel, operator_credentials
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
 PROCESSES_FILE = "processes.json"
-
-
-def state_dir(spec: ClusterSpec) -> Path:
-    root = Path(os.environ.get("SPEED_STATE_DIR") or Path.home() / ".local" / "state" / "speed")
-    digest = hashlib.sha1(str(spec.path).encode()).hexdigest()[:8]
-    return root / f"{spec.name}-{digest}"
 
 
 class StopAsked(SpeedError):
@@ -70,8 +64,8 @@ class LocalCluster:
         self.spec = load_cluster(cluster_path)
         self.emulated_link_ms = emulated_link_ms
         self.data_path = data_path
-        self.logs = state_dir(self.spec) / "logs"
-        self.record = state_dir(self.spec) / PROCESSES_FILE if record else None
+        self.logs = self.spec.state_dir / "logs"
+        self.record = self.spec.state_dir / PROCESSES_FILE if record else None
         self.processes: dict[str, subprocess.Popen] = {}  # "coordinator" and node names
         self.progress = progress
 
@@ -111,6 +105,10 @@ class LocalCluster:
         if self.spec.security is not None:
             operator_credentials(self.spec.security)  # and so do missing certificates
         check_ports_free(self.spec)
+        if secret_path(self.spec) == self.spec.state_dir / SECRET_FILE:
+            write_secret(secret_path(self.spec))  # a new one for each start; the file's or the certificates' stay
+        else:
+            load_secret(self.spec)  # a missing or unreadable one fails here, before any process starts
         try:
             self.start_process("coordinator")
             for node in self.spec.nodes:
@@ -269,7 +267,7 @@ def up(cluster_path: Path, *, detach: bool, emulated_link_ms: float | None = Non
 
 def down(cluster_path: Path) -> None:
     spec = load_cluster(cluster_path)
-    record = state_dir(spec) / PROCESSES_FILE
+    record = spec.state_dir / PROCESSES_FILE
     if not record.exists():
         print(f"cluster {spec.name} is not up (no processes recorded in {record.parent})")
         return

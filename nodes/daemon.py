@@ -30,6 +30,7 @@ from runtime.executor.onnx_stage_model import OnnxStageModel
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.cluster_secret import SecretCheck, load_secret
 from runtime.wire.security import COORDINATOR, check_exposure, node_identity, open_channel
 
 log = logging.getLogger("speed.node")
@@ -90,10 +91,11 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
     if node.metrics_port is not None:
         metrics.serve(parse_address(node.address)[0], node.metrics_port)
     identity = node_identity(spec.security, node.name) if spec.security else None
+    secret = load_secret(spec)
     if check_exposure(spec, node.address, f"node {node.name}"):
         log.warning("serving %s WITHOUT TLS, as the cluster file allows (insecure: true)", node.address)
     def open_peer_channel(name: str, address: str) -> grpc.Channel:
-        return open_channel(address, identity.channel() if identity else None, server_name=name)
+        return open_channel(address, identity.channel() if identity else None, server_name=name, secret=secret)
 
     service = NodeService(host, info, metrics=metrics, emulated_link_ms=node.emulated_link_ms,
                           only_caller=COORDINATOR if identity else None, prefill_chunk=spec.speculation.prefill_chunk,
@@ -104,7 +106,8 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
     largest_step = options.step_message_bytes(d_model=bundle.config.d_model, max_positions=spec.speculation.prefill_chunk,
                                               max_items=node.max_sequences * len(host.hostable))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=server_threads(len(spec.nodes))),
-                         options=options.node_server(largest_step))
+                         options=options.node_server(largest_step),
+                         interceptors=[SecretCheck(secret, f"node {node.name}")])
     pb_grpc.add_NodeServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     options.listen(server, node.address, identity.server(require_client_certificate=True) if identity else None)
@@ -125,7 +128,8 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
 
     registration = Registration(spec.coordinator.address, node.address, info, on_registered=service.adopt,
                                 on_refused=refused, recent=metrics.recent,
-                                credentials=identity.channel() if identity else None)
+                                credentials=identity.channel() if identity else None, secret=secret,
+                                assign_key=service.assign_key)
     registration.start()
     while not stop.wait(timeout=min(node.idle_timeout_s, 5.0)):
         for seq_id in service.expire_idle():

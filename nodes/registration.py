@@ -28,7 +28,10 @@ MAX_BACKOFF_S = 5.0
 class Registration(threading.Thread):
     def __init__(self, coordinator_address: str, address: str, info: Callable[[], pb.NodeInfo],
                  *, on_registered: Callable[[int], None], on_refused: Callable[[str], None],
-                 recent: RecentRate | None = None, credentials: grpc.ChannelCredentials | None = None):
+                 recent: RecentRate | None = None, credentials: grpc.ChannelCredentials | None = None,
+                 secret: str | None = None, assign_key: str = ""):
+        """secret: the cluster's, carried by every call; assign_key: given with every registration, so only
+        the coordinator registered with can assign the node's stages."""
         super().__init__(name="registration", daemon=True)
         self.coordinator_address = coordinator_address
         self.address = address
@@ -37,18 +40,20 @@ class Registration(threading.Thread):
         self.on_refused = on_refused  # the coordinator will never accept this node: a person must act
         self.recent = recent if recent is not None else RecentRate()  # the node's batches, for its heartbeats
         self.credentials = credentials  # TLS with the node's certificate, in a secure cluster
+        self.secret = secret
+        self.assign_key = assign_key
         self.stopping = threading.Event()
         self.registered = threading.Event()
 
     def run(self) -> None:
-        with open_channel(self.coordinator_address, self.credentials) as channel:
+        with open_channel(self.coordinator_address, self.credentials, secret=self.secret) as channel:
             registry = pb_grpc.RegistryStub(channel)
             backoff, interval, reported_down = 0.2, 1.0, False
             while not self.stopping.is_set():
                 try:
                     if not self.registered.is_set():
-                        reply = registry.Register(pb.RegisterRequest(info=self.info(), address=self.address),
-                                                  timeout=CALL_TIMEOUT_S)
+                        reply = registry.Register(pb.RegisterRequest(info=self.info(), address=self.address,
+                                                                     assign_key=self.assign_key), timeout=CALL_TIMEOUT_S)
                         interval = reply.heartbeat_interval_s or interval
                         self.on_registered(reply.incarnation)
                         self.registered.set()

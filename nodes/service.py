@@ -12,7 +12,9 @@ controls are read by one, and a delay line sits in a path only where a link late
 
 from __future__ import annotations
 
+import hmac
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -70,6 +72,7 @@ class NodeService(pb_grpc.NodeServicer):
         self._link_delay_s = emulated_link_ms / 1000
         self._freed = FreedMemory()
         self._owner: str | None = None  # the connection (gRPC peer) of the coordinator that assigned the stages
+        self.assign_key = secrets.token_hex(16)  # given only to the coordinator it registers with
 
     def _admit(self, context: grpc.ServicerContext) -> None:
         if self.only_caller is not None and caller(context) != self.only_caller:
@@ -82,6 +85,9 @@ class NodeService(pb_grpc.NodeServicer):
 
     def Assign(self, request: pb.AssignRequest, context: grpc.ServicerContext) -> pb.NodeInfo:
         self._admit(context)
+        if not hmac.compare_digest(request.assign_key.encode(), self.assign_key.encode()):
+            _refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"node {self.host.name} takes its stages only from the "
+                    "coordinator it registered with")
         try:
             self.worker.call(lambda: self._assign(request, context.peer()))
         except StepRefused as exc:
@@ -106,9 +112,10 @@ class NodeService(pb_grpc.NodeServicer):
             self._ring = self.worker.ring = None
 
     def _start_ring(self, request: pb.AssignRequest) -> None:
-        """With a placement, the stages run on the ring data path from now on; without, on lockstep steps."""
+        """With a placement, the stages run on the ring data path from now on; without, on lockstep steps. A
+        standby node given no stage runs nothing until an assignment gives it one."""
         self._stop_ring()
-        if not request.placement:
+        if not request.placement or not self.host.stages:
             return
         placement = {place.stage: place.node for place in request.placement}
         addresses = {place.node: place.address for place in request.placement if place.node != self.host.name}
@@ -200,17 +207,16 @@ class NodeService(pb_grpc.NodeServicer):
                     f"from the nodes of its placement, not {caller(context) or 'a caller without a certificate'}")
         cfg = self.host.cfg
         for message in requests:
-            ring = self._ring
-            if ring is None or (message.incarnation, message.epoch) != self._ring_stamp:
-                continue  # from before the last assignment: what it carries is void
-            try:
+            try:  # checked whatever its epoch, so that no answer tells which epoch is the live one
                 with self.host.profile.timed("serialize"):
                     messages = messages_from_wire(message, d_model=cfg.d_model, vocab_size=cfg.vocab_size,
                                                   context_length=cfg.context_length)
-                ring.deliver(messages)
             except SpeedError as exc:
                 self.metrics.refused(grpc.StatusCode.INVALID_ARGUMENT.name)
                 _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            ring = self._ring
+            if ring is not None and (message.incarnation, message.epoch) == self._ring_stamp:
+                ring.deliver(messages)  # else from before the last assignment: what it carries is void
         return pb.ForwardReply()
 
     def _emulate_link(self) -> None:

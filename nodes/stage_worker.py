@@ -48,7 +48,10 @@ class StageWorker:
                 self._inbox.put((done, function))
         if self._stopped:  # nothing runs stages any more: the caller may
             return function()
-        return done.result()
+        try:
+            return done.result()
+        finally:
+            del done  # else a raised exception's traceback keeps this frame, the future and the exception alive
 
     def arrive(self, ring: RingWork, kind: str, payload) -> None:
         """A ring arrival for `ring`; dropped if another ring (a later assignment) has replaced it by then."""
@@ -81,6 +84,7 @@ class StageWorker:
                 elif owner is self.ring:
                     arrivals.append(work)
             busy = self._ring_work(arrivals)
+            jobs = arrivals = owner = work = None  # hold no message while waiting: a refused one's memory goes back
 
     def _ring_work(self, arrivals: list) -> bool:
         if self.ring is None:

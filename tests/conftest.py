@@ -17,6 +17,7 @@ import pytest
 from runtime.core.config import ModelConfig
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.models.train import TrainConfig
+from runtime.wire.cluster_secret import write_secret
 
 HAS_GPU = shutil.which("nvidia-smi") is not None  # tests of the CUDA refusal cannot run where CUDA is real
 
@@ -78,9 +79,10 @@ def free_port() -> int:
 def write_cluster(directory: Path, *, bundle: Path | None = None, stages: list[list[int]] | None = None,
                   speculation: bool = True, extra_node_keys: str = "", extra_coordinator_keys: str = "",
                   metrics: bool = False, standby_stages: dict[int, list[int]] | None = None,
-                  extra_top_keys: str = "") -> Path:
+                  extra_top_keys: str = "", secret_file: bool = True) -> Path:
     """A cluster file on free loopback ports: one node per entry of `stages` (default one stage each of three);
-    metrics: every process serves Prometheus metrics on a port of its own; standby_stages: by node index."""
+    metrics: every process serves Prometheus metrics on a port of its own; standby_stages: by node index;
+    secret_file: the cluster's secret in a file beside it (else in the state directory, as by default)."""
     stages = stages if stages is not None else [[0], [1], [2]]
     standby = standby_stages or {}
 
@@ -92,8 +94,11 @@ def write_cluster(directory: Path, *, bundle: Path | None = None, stages: list[l
         f"{metrics_port('    ')}{f'    standby_stages: {standby[i]}{chr(10)}' if i in standby else ''}{extra_node_keys}"
         for i, s in enumerate(stages))
     path = directory / "cluster.yaml"
+    if secret_file:
+        write_secret(directory / "cluster.secret")
     path.write_text(
         f"cluster: test-{directory.name}\nbundle: {bundle if bundle is not None else 'null'}\n"
+        f"{'secret_file: cluster.secret' + chr(10) if secret_file else ''}"
         f"coordinator:\n  address: 127.0.0.1:{free_port()}\n  heartbeat_interval_s: 0.5\n"
         f"{metrics_port('  ')}{extra_coordinator_keys}"
         f"{extra_top_keys}speculation:\n  enabled: {str(speculation).lower()}\nnodes:\n{nodes}")

@@ -1,5 +1,6 @@
 """Helpers that several test modules share and that are no fixtures: standalone node processes driven over
-gRPC, what a refusal of bad input must look like, and checks of a cluster's ports and of two backends."""
+gRPC (registered with a stand-in for the coordinator's registry, so a test can assign their stages), what
+a refusal of bad input must look like, and checks of a cluster's ports and of two backends."""
 
 from __future__ import annotations
 
@@ -14,17 +15,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, settings
 
 from runtime.core.bundle import Bundle, load_bundle
 from runtime.core.cluster_file import load_cluster, parse_address
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.security import member_channel
 from tests.conftest import CLUSTER_NEW_TOKENS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,9 +87,29 @@ class NodeProcess:
     address: str
     process: subprocess.Popen
     log: Path  # the node's stderr
+    cluster: Path
+    assign_key: str = ""  # what it gave when it registered: an Assign needs it
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def channel(self) -> grpc.Channel:
+        return member_channel(load_cluster(self.cluster), self.address)
+
+
+class RegistryStandIn(pb_grpc.RegistryServicer):
+    """The coordinator's registry and nothing else: nodes register (incarnation 0, so they stay standalone)
+    and beat; the keys they give are kept for the tests that assign their stages."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, str] = {}
+
+    def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterReply:
+        self.keys[request.info.name] = request.assign_key
+        return pb.RegisterReply(cluster="stand-in", heartbeat_interval_s=1.0, incarnation=0)
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+        return pb.HeartbeatReply(known=request.name in self.keys)
 
 
 def start_node(cluster: Path, name: str) -> NodeProcess:
@@ -94,7 +118,7 @@ def start_node(cluster: Path, name: str) -> NodeProcess:
         process = subprocess.Popen([sys.executable, "-m", "runtime.cli", "node", "--cluster", str(cluster), "--name", name],
                                    stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
                                    env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    return NodeProcess(name, load_cluster(cluster).node(name).address, process, log)
+    return NodeProcess(name, load_cluster(cluster).node(name).address, process, log, cluster)
 
 
 def wait_serving(node: NodeProcess, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -125,16 +149,26 @@ def stop_node(node: NodeProcess) -> int:
 
 @contextlib.contextmanager
 def running_nodes(cluster: Path, *names: str) -> Iterator[dict[str, NodeProcess]]:
+    registry = RegistryStandIn()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_RegistryServicer_to_server(registry, server)
+    server.add_insecure_port(load_cluster(cluster).coordinator.address)
+    server.start()
     nodes = {}
     try:
         for name in names:  # started together, so they load the bundle in parallel
             nodes[name] = start_node(cluster, name)
         for node in nodes.values():
             wait_serving(node)
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while node.name not in registry.keys and time.monotonic() < deadline:
+                time.sleep(0.05)
+            node.assign_key = registry.keys[node.name]
         yield nodes
     finally:
         for node in nodes.values():
             stop_node(node)
+        server.stop(grace=None)
 
 
 class Steps:
@@ -172,6 +206,9 @@ def steps(stub: pb_grpc.NodeStub) -> Iterator[Steps]:
 
 # --- hostile input: how a refusal must look, and decoding on standalone nodes afterwards ----------------
 
+# how many examples each fuzz test runs: a few seconds' worth; SPEED_FUZZ_EXAMPLES=10000 for a long run by hand
+FUZZ = settings(max_examples=int(os.environ.get("SPEED_FUZZ_EXAMPLES", "150")), deadline=None, database=None,
+                print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 # what a refusal may be: never UNKNOWN or INTERNAL (a bug), nor UNAVAILABLE or CANCELLED (a process gone)
 REFUSAL_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
                  grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED}

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 
-import grpc
 import pytest
 
 from deploy.launcher import LocalCluster
@@ -22,6 +21,7 @@ from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.enums import node_state_of
+from runtime.wire.security import member_channel
 from tests.conftest import CLUSTER_NEW_TOKENS as NEW_TOKENS
 from tests.conftest import CLUSTER_PROMPTS as PROMPTS
 from tests.conftest import assert_one_line_error, generate_on, in_threads, run_speed, running_cluster, write_cluster
@@ -135,7 +135,7 @@ def test_a_client_that_goes_away_has_its_caches_freed_on_every_node(cluster):
             time.sleep(0.05)
         assert client.status().active_requests == 0
     for node in load_cluster(cluster.path).nodes:
-        with grpc.insecure_channel(node.address) as channel:
+        with member_channel(cluster.spec, node.address) as channel:
             while pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=5).open_sequences and \
                     time.monotonic() < deadline:
                 time.sleep(0.05)

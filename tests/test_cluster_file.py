@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runtime.core.cluster_file import ClusterSpec, CoordinatorSpec, NodeSpec, SpeculationSpec, load_cluster, parse_address
+from runtime.core.cluster_file import (
+    ClusterSpec,
+    CoordinatorSpec,
+    DataPathKind,
+    NodeSpec,
+    SpeculationSpec,
+    load_cluster,
+    parse_address,
+)
 from runtime.core.errors import SpeedError
 
 LOCAL = Path(__file__).resolve().parents[1] / "deploy" / "local.yaml"
@@ -72,6 +80,7 @@ def test_defaults_are_applied(tmp_path):
     assert spec.nodes[0] == NodeSpec(name="edge-1", address="127.0.0.1:50051", stages=(0,), device="cpu",
                                      cpu_fallback=False, threads=1, max_sequences=8, idle_timeout_s=300.0,
                                      emulated_link_ms=0.0)
+    assert spec.data_path is DataPathKind.RING
     assert spec.bundle is None and spec.path == (tmp_path / "cluster.yaml").resolve()
 
 
@@ -79,7 +88,7 @@ def test_every_setting_is_read(tmp_path):
     def edit(data):
         data["coordinator"].update(step_timeout_s=0.5, heartbeat_interval_s=2, http_address="[::1]:8000")
         data["speculation"] = {"enabled": False, "prefill_chunk": 16, "guess_threshold": 0.25, "window": 8}
-        data["data_path"] = "ring"
+        data["data_path"] = "lockstep"  # not the default
         data["nodes"][0].update(device="cuda", cpu_fallback=True, threads=0, max_sequences=2, idle_timeout_s=30,
                                 emulated_link_ms=5)
         data["nodes"][1]["stages"] = [1, 2]
@@ -89,7 +98,7 @@ def test_every_setting_is_read(tmp_path):
     assert spec.coordinator == CoordinatorSpec("127.0.0.1:50050", step_timeout_s=0.5, heartbeat_interval_s=2.0,
                                                http_address="[::1]:8000")
     assert spec.speculation == SpeculationSpec(enabled=False, prefill_chunk=16, guess_threshold=0.25, window=8)
-    assert spec.data_path == "ring"
+    assert spec.data_path is DataPathKind.LOCKSTEP
     assert spec.nodes[0] == NodeSpec("edge-1", "127.0.0.1:50051", (0,), device="cuda", cpu_fallback=True, threads=0,
                                      max_sequences=2, idle_timeout_s=30.0, emulated_link_ms=5.0)
     assert isinstance(spec.nodes[0].idle_timeout_s, float)
@@ -179,7 +188,7 @@ def test_an_unknown_node_key_is_named_with_a_suggestion(tmp_path):
 def test_an_unknown_key_without_a_close_match_gets_no_suggestion(tmp_path):
     path = cluster_with(tmp_path, lambda data: data.update(zzz=1))
     expected = (f"{path}: unknown key 'zzz'; expected one of bundle, cluster, coordinator, data_path, insecure, "
-                "nodes, security, speculation")
+                "nodes, secret_file, security, speculation")
     with pytest.raises(SpeedError, match=re.escape(expected)) as caught:
         load_cluster(str(path))
     assert "did you mean" not in str(caught.value)

@@ -11,7 +11,6 @@ import signal
 import time
 import urllib.request
 
-import grpc
 import pytest
 
 from runtime.client import Busy, Client, DeadlineExceeded, Unavailable
@@ -19,6 +18,7 @@ from runtime.core.cluster_file import load_cluster
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.security import member_channel
 from tests.conftest import CLUSTER_PROMPTS as PROMPTS
 from tests.conftest import generate_on, in_threads, running_cluster
 
@@ -33,11 +33,19 @@ def cluster(tmp_path_factory):
         yield running
 
 
+@pytest.fixture(scope="module")
+def lockstep_cluster(tmp_path_factory):
+    """On lockstep a node keeps a lost coordinator's sequences until its successor frees them; on the ring the
+    end of the coordinator's stream frees them at once."""
+    with running_cluster(tmp_path_factory.mktemp("lockstep"), extra_top_keys="data_path: lockstep\n") as running:
+        yield running
+
+
 def held_by_nodes(cluster) -> dict[str, int]:
     """Sequences each node really holds, asked of the node itself."""
     held = {}
     for node in load_cluster(cluster.path).nodes:
-        with grpc.insecure_channel(node.address) as channel:
+        with member_channel(cluster.spec, node.address) as channel:
             held[node.name] = pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=5).open_sequences
     return held
 
@@ -99,22 +107,23 @@ def test_a_node_killed_at_a_random_tick_is_replaced_and_the_request_keeps_its_te
     cluster.wait_ready(60)  # it registered again and runs its own stage
 
 
-def test_a_killed_coordinator_is_named_to_its_client_and_its_successor_frees_the_old_sequences(cluster, reference):
-    with Client(cluster.endpoint) as client:
+def test_a_killed_coordinator_is_named_to_its_client_and_its_successor_frees_the_old_sequences(lockstep_cluster,
+                                                                                               reference):
+    with Client(lockstep_cluster.endpoint) as client:
         stream = client.generate(PROMPTS[0], max_new_tokens=900, ignore_eos=True, timeout_s=120)
         chunks = iter(stream)
         next(chunks)
-        os.kill(cluster.processes["coordinator"].pid, signal.SIGKILL)
-        with pytest.raises(Unavailable, match=f"lost the coordinator {cluster.endpoint} during the request"):
+        os.kill(lockstep_cluster.processes["coordinator"].pid, signal.SIGKILL)
+        with pytest.raises(Unavailable, match=f"lost the coordinator {lockstep_cluster.endpoint} during the request"):
             for _ in chunks:
                 pass
-    cluster.processes.pop("coordinator").wait()
-    assert any(held_by_nodes(cluster).values())  # the dead coordinator's sequence is still there
-    cluster.start_process("coordinator")
-    cluster.wait_ready(60)
-    assert wait_until_nodes_hold_nothing(cluster) == {"edge-1": 0, "edge-2": 0, "edge-3": 0}
+    lockstep_cluster.processes.pop("coordinator").wait()
+    assert any(held_by_nodes(lockstep_cluster).values())  # the dead coordinator's sequence is still there
+    lockstep_cluster.start_process("coordinator")
+    lockstep_cluster.wait_ready(60)
+    assert wait_until_nodes_hold_nothing(lockstep_cluster) == {"edge-1": 0, "edge-2": 0, "edge-3": 0}
     def one(index: int) -> list[int]:
-        with Client(cluster.endpoint) as client:
+        with Client(lockstep_cluster.endpoint) as client:
             return generate_on(client, PROMPTS[index % 4], max_new_tokens=24).token_ids
 
     results, errors = in_threads(one, 12)
@@ -143,9 +152,10 @@ def test_a_resumed_request_survives_its_coordinator_with_the_same_text(cluster, 
 
 @pytest.fixture(scope="module")
 def small_cluster(tmp_path_factory):
-    """One sequence slot per node, a queue of one, and metrics on every process."""
+    """One sequence slot per node, a queue of one, and metrics on every process; lockstep, whose metrics time
+    every node's steps."""
     with running_cluster(tmp_path_factory.mktemp("small"), metrics=True, extra_node_keys="    max_sequences: 1\n",
-                         extra_coordinator_keys="  max_queue: 1\n") as running:
+                         extra_coordinator_keys="  max_queue: 1\n", extra_top_keys="data_path: lockstep\n") as running:
         yield running
 
 
@@ -197,8 +207,10 @@ def test_every_process_serves_prometheus_metrics(small_cluster):
         assert "speed_node_steps_total" in text and "speed_node_max_sequences 1.0" in text
 
 
-def test_a_standby_node_takes_a_lost_stage_and_hands_it_back(tmp_path, reference):
-    with running_cluster(tmp_path, stages=[[0], [1], [2], []]) as standby_cluster:
+@pytest.mark.parametrize("data_path", ["lockstep", "ring"])
+def test_a_standby_node_takes_a_lost_stage_and_hands_it_back(tmp_path, reference, data_path):
+    with running_cluster(tmp_path, stages=[[0], [1], [2], []],
+                         extra_top_keys=f"data_path: {data_path}\n") as standby_cluster:
         with Client(standby_cluster.endpoint) as client:
             assert [list(n.hosting) for n in client.status().nodes] == [[0], [1], [2], []]
             stream = client.generate(PROMPTS[2], max_new_tokens=48, timeout_s=120)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from runtime.client import Client
@@ -28,6 +28,7 @@ from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.tensor import pack
 from tests.conftest import CLUSTER_PROMPTS, generate_on, running_cluster, write_cluster
 from tests.support import (
+    FUZZ,
     REFUSAL_CODES,
     assert_a_sentence,
     decode_on_nodes,
@@ -42,8 +43,6 @@ pytestmark = pytest.mark.cluster  # its tests start real processes on loopback
 DEMO = demo_bundle()
 VOCAB, CONTEXT, D = DEMO.config.vocab_size, DEMO.config.context_length, DEMO.config.d_model
 MEMORY_BOUND_MB = 30  # each node's resident memory after the fuzzing, above what it was before
-FUZZ = settings(max_examples=150, deadline=None, database=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 POOL = [1, 2, 3, 2**64 - 1]  # sequence ids the messages of one example share, so they meet each other's
 NODE_STAGES = {"edge-1": (0,), "edge-2": (1, 2)}
 
@@ -233,7 +232,7 @@ def nodes(tmp_path_factory) -> Iterator[dict]:
 
 @pytest.fixture(scope="module")
 def stubs(nodes) -> Iterator[dict[str, pb_grpc.NodeStub]]:
-    channels = {name: grpc.insecure_channel(node.address, options=options.CHANNEL) for name, node in nodes.items()}
+    channels = {name: node.channel() for name, node in nodes.items()}
     yield {name: pb_grpc.NodeStub(channel) for name, channel in channels.items()}
     for channel in channels.values():
         channel.close()

@@ -69,7 +69,7 @@ def nodes(tmp_path_factory) -> Iterator[dict]:
 
 @pytest.fixture(scope="module")
 def channels(nodes) -> Iterator[dict[str, grpc.Channel]]:
-    opened = {name: grpc.insecure_channel(node.address, options=options.CHANNEL) for name, node in nodes.items()}
+    opened = {name: node.channel() for name, node in nodes.items()}
     yield opened
     for channel in opened.values():
         channel.close()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from deploy.launcher import PROCESSES_FILE, state_dir
+from deploy.launcher import PROCESSES_FILE
 from runtime.core.cluster_file import load_cluster, parse_address
 from tests.conftest import HAS_GPU, assert_one_line_error, run_speed, write_cluster
 from tests.support import ports_free
@@ -137,7 +137,7 @@ def test_speed_down_stops_a_cluster_that_is_still_starting(tmp_path):
     up = subprocess.Popen([sys.executable, "-m", "runtime.cli", "up", str(path)], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
     try:
-        record = state_dir(load_cluster(path)) / PROCESSES_FILE
+        record = load_cluster(path).state_dir / PROCESSES_FILE
         deadline = time.monotonic() + 60
         while not record.exists() and time.monotonic() < deadline:
             time.sleep(0.05)

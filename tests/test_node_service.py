@@ -42,7 +42,7 @@ def nodes(cluster) -> Iterator[dict[str, NodeProcess]]:
 
 @pytest.fixture(scope="module")
 def stubs(nodes) -> Iterator[dict[str, pb_grpc.NodeStub]]:
-    channels = {name: grpc.insecure_channel(node.address) for name, node in nodes.items()}
+    channels = {name: node.channel() for name, node in nodes.items()}
     yield {name: pb_grpc.NodeStub(channel) for name, channel in channels.items()}
     for channel in channels.values():
         channel.close()

@@ -13,6 +13,7 @@ import pytest
 
 from runtime.core.chat import ChatMessage
 from runtime.core.generation import GenerationOptions
+from runtime.core.limits import MAX_NEW_TOKENS, MAX_TOP_K
 from runtime.local.reference import LocalDecoder
 from tests.conftest import CLUSTER_PROMPTS, assert_one_line_error, free_port, run_speed, write_cluster
 
@@ -122,6 +123,49 @@ def test_a_bad_request_gets_openai_s_error_shape_with_a_sentence(serving_cluster
     assert fragment in error["message"] and error["type"] in ("invalid_request_error", "not_found_error")
 
 
+@pytest.mark.parametrize(("endpoint", "fields", "param", "accepted"), [
+    ("completions", {"max_tokens": 2**32}, "max_tokens", f"an integer from 1 to {MAX_NEW_TOKENS}"),
+    ("completions", {"max_tokens": True}, "max_tokens", "an integer from 1"),
+    ("completions", {"max_tokens": "1"}, "max_tokens", "an integer from 1"),
+    ("completions", {"max_tokens": 1.5}, "max_tokens", "an integer from 1"),
+    ("completions", {"top_k": 2**31}, "top_k", f"an integer from 0 (all tokens) to {MAX_TOP_K}"),
+    ("completions", {"top_k": 2**31, "stream": True}, "top_k", f"to {MAX_TOP_K}"),
+    ("completions", {"speculative": "yes"}, "speculative", "true, false or null"),
+    ("completions", {"stream": 1}, "stream", "true or false"),
+    ("completions", {"temperature": "0.5"}, "temperature", "a number from 0"),
+    ("completions", {"window": "1"}, "window", "an integer from 0"),
+    ("completions", {"prompt": "ROMEO.\ud800"}, "prompt", "UTF-8 text"),
+    ("completions", {"stop": "\ud800"}, "stop", "UTF-8 text"),
+    ("completions", {"stop": ["\n", "\udfff"]}, "stop", "UTF-8 text"),
+    ("chat/completions", {"max_completion_tokens": 2**32}, "max_completion_tokens", f"to {MAX_NEW_TOKENS}"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "Who art thou?\ud800"}]}, "messages.0.content",
+     "UTF-8 text"),
+    ("chat/completions", {"messages": [{"role": "\ud800", "content": "Who art thou?"}]}, "messages.0.role",
+     "UTF-8 text"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+     "messages.0.content.0.text", "UTF-8 text"),
+])
+def test_a_value_out_of_range_or_of_the_wrong_type_is_a_400_naming_the_field(serving_cluster, endpoint, fields, param,
+                                                                             accepted):
+    """Never a 500: numbers that would overflow the wire's int32 fields, strings that cannot be UTF-8 (a lone
+    surrogate) and values of the wrong type (no coercion of true, "1" or 1.5 to an integer) are refused at the door."""
+    body = {"prompt": "ROMEO.", "messages": [{"role": "user", "content": "Who art thou?"}], "max_tokens": 4, **fields}
+    code, answer = post(f"{serving_cluster.http_url}/v1/{endpoint}", body)
+    assert code == 400, answer
+    error = answer["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert error["message"].startswith(f"{param} must be ") and accepted in error["message"], error["message"]
+    assert "\n" not in error["message"]
+    code, answer = post(f"{serving_cluster.http_url}/v1/completions", {"prompt": "ROMEO.", "max_tokens": 2})
+    assert code == 200 and answer["usage"]["completion_tokens"] == 2  # the coordinator serves on
+
+
+def test_a_float_field_takes_a_json_integer(serving_cluster):
+    body = {"prompt": "ROMEO.", "max_tokens": 2, "temperature": 0, "top_p": 1, "guess_threshold": 1}
+    code, answer = post(f"{serving_cluster.http_url}/v1/completions", body)
+    assert code == 200, answer
+
+
 def test_a_chat_the_template_cannot_take_is_refused_with_a_sentence(serving_cluster):
     code, answer = post(f"{serving_cluster.http_url}/v1/chat/completions",
                         {"messages": [{"role": "narrator", "content": "Exeunt."}]})
@@ -130,7 +174,7 @@ def test_a_chat_the_template_cannot_take_is_refused_with_a_sentence(serving_clus
     assert code == 400 and answer["error"]["param"] == "messages"
 
 
-def test_a_body_that_is_not_json_and_an_unknown_path_get_a_sentence(serving_cluster):
+def test_a_body_that_is_not_json_an_unknown_path_and_a_wrong_method_get_a_sentence(serving_cluster):
     request = urllib.request.Request(f"{serving_cluster.http_url}/v1/completions", data=b"not json",
                                      headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -138,6 +182,8 @@ def test_a_body_that_is_not_json_and_an_unknown_path_get_a_sentence(serving_clus
     assert refused.value.code == 400 and "not valid JSON" in json.load(refused.value)["error"]["message"]
     code, answer = get(f"{serving_cluster.http_url}/v1/engines")
     assert code == 404 and "/v1/chat/completions" in answer["error"]["message"]
+    code, answer = get(f"{serving_cluster.http_url}/v1/completions")
+    assert code == 405 and answer["error"]["message"] == "/v1/completions does not take GET; send POST"
 
 
 def test_a_cluster_that_cannot_serve_answers_503(tmp_path, state_dir):

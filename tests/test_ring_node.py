@@ -23,7 +23,7 @@ from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.sampling import sampling_to_wire
 from runtime.wire.tensor import pack
 from tests.conftest import CLUSTER_NEW_TOKENS, CLUSTER_PROMPTS, write_cluster
-from tests.support import REFUSAL_CODES, assert_a_sentence, running_nodes
+from tests.support import REFUSAL_CODES, NodeProcess, assert_a_sentence, running_nodes
 
 pytestmark = pytest.mark.cluster  # its tests start real processes on loopback
 
@@ -34,14 +34,15 @@ SEQ_IDS = itertools.count(1)
 class Coordinator:
     """What the coordinator does on the ring: one channel per node for Assign and the Ring stream."""
 
-    def __init__(self, spec, epoch: int):
+    def __init__(self, nodes: dict[str, NodeProcess], epoch: int):
+        spec = load_cluster(nodes["edge-1"].cluster)
         self.epoch = epoch
-        self.channels = {n.name: grpc.insecure_channel(n.address) for n in spec.nodes}
+        self.channels = {n.name: nodes[n.name].channel() for n in spec.nodes}
         self.stubs = {name: pb_grpc.NodeStub(channel) for name, channel in self.channels.items()}
         placement = [pb.StagePlace(stage=stage, node=n.name, address=n.address) for n in spec.nodes for stage in n.stages]
         for n in spec.nodes:
             self.stubs[n.name].Assign(pb.AssignRequest(incarnation=INCARNATION, stages=n.stages, placement=placement,
-                                                       epoch=epoch), timeout=10)
+                                                       epoch=epoch, assign_key=nodes[n.name].assign_key), timeout=10)
         self.controls = {name: queue.SimpleQueue() for name in self.stubs}
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.calls = [self.stubs[name].Ring(iter(self.controls[name].get, None)) for name in self.stubs]
@@ -85,15 +86,15 @@ class Coordinator:
 
 
 @pytest.fixture(scope="module")
-def spec(tmp_path_factory):
+def nodes(tmp_path_factory) -> Iterator[dict[str, NodeProcess]]:
     path = write_cluster(tmp_path_factory.mktemp("ring-node"), stages=[[0], [1, 2]])
-    with running_nodes(path, "edge-1", "edge-2"):
-        yield load_cluster(path)
+    with running_nodes(path, "edge-1", "edge-2") as started:
+        yield started
 
 
 @contextmanager
-def coordinator(spec, epoch: int) -> Iterator[Coordinator]:
-    driver = Coordinator(spec, epoch)
+def coordinator(nodes: dict[str, NodeProcess], epoch: int) -> Iterator[Coordinator]:
+    driver = Coordinator(nodes, epoch)
     try:
         yield driver
     finally:
@@ -101,19 +102,21 @@ def coordinator(spec, epoch: int) -> Iterator[Coordinator]:
 
 
 @pytest.mark.parametrize("window", [0, 1, 8], ids=["sequential", "window-1", "window-8"])
-def test_nodes_forwarding_to_each_other_commit_the_reference_tokens(spec, reference, window):
+def test_nodes_forwarding_to_each_other_commit_the_reference_tokens(nodes, reference, window):
     tokenizer = load_bundle().tokenizer()
-    with coordinator(spec, epoch=window + 1) as driver:
+    with coordinator(nodes, epoch=window + 1) as driver:
         for prompt in CLUSTER_PROMPTS[:2]:
             for sampling in (GREEDY, SamplingParams(temperature=0.8, top_k=40, seed=7)):
                 ids = tokenizer.encode(prompt).ids
                 assert driver.decode(ids, sampling, CLUSTER_NEW_TOKENS, window) == reference(prompt, sampling)
 
 
-def test_a_forwarded_state_of_the_wrong_shape_is_refused_with_a_sentence(spec):
-    with coordinator(spec, epoch=20):
-        stub = pb_grpc.NodeStub(grpc.insecure_channel(spec.node("edge-2").address))
-        bad = pb.Forwarded(incarnation=INCARNATION, epoch=20, hops=[pb.RingHop(
+@pytest.mark.parametrize("epoch", [20, 19, 2**40], ids=["live", "stale", "never"])
+def test_a_forwarded_state_of_the_wrong_shape_is_refused_with_a_sentence_whatever_its_epoch(nodes, epoch):
+    """The same answer at every epoch: no refusal tells which epoch is the live one."""
+    with coordinator(nodes, epoch=20):
+        stub = pb_grpc.NodeStub(nodes["edge-2"].channel())
+        bad = pb.Forwarded(incarnation=INCARNATION, epoch=epoch, hops=[pb.RingHop(
             seq_id=1, gen=0, stage=1, start=0, tokens=[1, 2], hidden=pack(np.zeros((3, 7), np.float32)))])
         with pytest.raises(grpc.RpcError) as refusal:
             stub.Forward(iter([bad]), timeout=10)
@@ -122,10 +125,10 @@ def test_a_forwarded_state_of_the_wrong_shape_is_refused_with_a_sentence(spec):
         assert "hidden state must have shape" in refusal.value.details()
 
 
-def test_messages_of_another_placement_are_dropped_and_decoding_goes_on(spec, reference):
+def test_messages_of_another_placement_are_dropped_and_decoding_goes_on(nodes, reference):
     tokenizer = load_bundle().tokenizer()
-    with coordinator(spec, epoch=30) as driver:
-        stub = pb_grpc.NodeStub(grpc.insecure_channel(spec.node("edge-2").address))
+    with coordinator(nodes, epoch=30) as driver:
+        stub = pb_grpc.NodeStub(nodes["edge-2"].channel())
         stale = pb.Forwarded(incarnation=INCARNATION, epoch=29, commits=[pb.RingCommit(seq_id=1, position=0, token=5)],
                              hops=[pb.RingHop(seq_id=1, gen=0, stage=1, start=0, tokens=[1],
                                               hidden=pack(np.zeros((1, 256), np.float32)))])
@@ -134,10 +137,11 @@ def test_messages_of_another_placement_are_dropped_and_decoding_goes_on(spec, re
         assert driver.decode(tokenizer.encode(prompt).ids, GREEDY, 16, 4) == reference(prompt, GREEDY)[:16]
 
 
-def test_a_ring_stream_without_an_assigned_placement_is_refused(spec):
-    with grpc.insecure_channel(spec.node("edge-1").address) as channel:
+def test_a_ring_stream_without_an_assigned_placement_is_refused(nodes):
+    with nodes["edge-1"].channel() as channel:
         stub = pb_grpc.NodeStub(channel)
-        stub.Assign(pb.AssignRequest(incarnation=INCARNATION, stages=[0]), timeout=10)  # the lockstep path
+        stub.Assign(pb.AssignRequest(incarnation=INCARNATION, stages=[0], assign_key=nodes["edge-1"].assign_key),
+                    timeout=10)  # the lockstep path
         with pytest.raises(grpc.RpcError) as refusal:
             next(stub.Ring(iter([]), timeout=10))
         assert refusal.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -22,7 +22,7 @@ from runtime.local.plain import generate_plain
 from runtime.models.decoder import SpeedDecoder
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
-from runtime.wire.security import open_channel
+from runtime.wire.security import member_channel
 from tests.conftest import in_threads, run_speed, write_cluster
 from tests.gguf_writer import write_gguf
 
@@ -65,7 +65,7 @@ def test_ten_nodes_decode_the_reference_text_and_answer_info_while_they_stream(t
 
     def ask_info() -> None:
         """Info of every node, again and again while requests stream; the slowest answer of each."""
-        channels = {node.name: open_channel(node.address) for node in nodes}
+        channels = {node.name: member_channel(load_cluster(path), node.address) for node in nodes}
         try:
             streaming.wait(timeout=120)
             while not done.is_set():

@@ -51,6 +51,7 @@ def test_top_k_and_top_p_restrict_the_choice():
         ({"top_p": 0.0}, "top-p must be in"),
         ({"top_p": 1.5}, "top-p must be in"),
         ({"top_k": -1}, "top-k must be"),
+        ({"top_k": 2**31}, "top-k must be a whole number from 0"),  # the wire carries it as int32
         ({"seed": 1.5}, "seed must be an integer"),
     ],
 )

@@ -3,6 +3,7 @@ TLS and tokens (or client certificates) for clients, and nothing served in the c
 
 from __future__ import annotations
 
+import json
 import ssl
 import stat
 import urllib.error
@@ -20,6 +21,8 @@ from runtime.core.cluster_file import load_cluster
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.cluster_secret import load_secret
+from runtime.wire.security import member_channel, open_channel
 from tests.conftest import CLUSTER_PROMPTS as PROMPTS
 from tests.conftest import assert_one_line_error, free_port, generate_on, run_speed, running_cluster
 
@@ -120,6 +123,22 @@ def test_the_http_api_speaks_tls_and_needs_a_valid_token(secure, reference):
         plain.models.list()
 
 
+def test_every_path_of_the_http_api_needs_the_token_its_schema_too(secure):
+    """Without a token the API tells nothing: not its schema, not which field of a body is wrong."""
+    base = f"https://{secure.spec.coordinator.http_address}"
+    context = ssl.create_default_context(cafile=certs_of(secure) / "ca.pem")
+    json_body = {"Content-Type": "application/json"}
+    for request in (urllib.request.Request(f"{base}/openapi.json"),
+                    urllib.request.Request(f"{base}/v1/completions", data=b'{"max_tokens": "many"}', headers=json_body)):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, context=context, timeout=30)
+        assert refused.value.code == 401, request.full_url
+        assert "needs a valid bearer token" in json.load(refused.value)["error"]["message"]
+    with_token = urllib.request.Request(f"{base}/openapi.json", headers={"Authorization": f"Bearer {token_of(secure)}"})
+    with urllib.request.urlopen(with_token, context=context, timeout=30) as answer:
+        assert "/v1/chat/completions" in json.load(answer)["paths"]
+
+
 def test_a_plain_client_cannot_talk_to_a_secure_coordinator(secure):
     with Client(secure.endpoint) as client, pytest.raises(Unavailable):
         client.status(timeout_s=5)
@@ -148,11 +167,12 @@ class Impostor(pb_grpc.NodeServicer):
 
 
 def register_as_edge_3(cluster, address: str) -> grpc.RpcError:
-    """Registry.Register as edge-3 at `address`, over TLS; the refusal it gets."""
+    """Registry.Register as edge-3 at `address`, over TLS, by a caller that holds the cluster's secret (the
+    checks behind it); the refusal it gets."""
     certs = certs_of(cluster)
     info = pb.NodeInfo(name="edge-3", stages=[2], bundle_sha256=load_bundle().sha256)
     credentials = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes())
-    with grpc.secure_channel(cluster.endpoint, credentials) as channel:
+    with open_channel(cluster.endpoint, credentials, secret=load_secret(cluster.spec)) as channel:
         with pytest.raises(grpc.RpcError) as refused:
             pb_grpc.RegistryStub(channel).Register(pb.RegisterRequest(info=info, address=address), timeout=10)
     return refused.value
@@ -196,8 +216,7 @@ def test_a_node_serves_only_the_coordinator_s_certificate(secure, certificate):
     key, cert = ((certs / "client.key").read_bytes(), (certs / "client.pem").read_bytes()) if certificate == "client" \
         else (None, None)
     credentials = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes(), key, cert)
-    options = [("grpc.ssl_target_name_override", "edge-2")]
-    with grpc.secure_channel(node.address, credentials, options=options) as channel:
+    with open_channel(node.address, credentials, server_name="edge-2", secret=load_secret(secure.spec)) as channel:
         stream = pb_grpc.NodeStub(channel).Steps(iter([pb.StepBatch(closes=list(range(1, 200)))]), timeout=10)
         with pytest.raises(grpc.RpcError) as refused:
             list(stream)
@@ -254,7 +273,7 @@ def test_in_a_plain_cluster_too_only_the_coordinator_s_connection_may_step_a_nod
         chunks = iter(stream)
         received = list(next(chunks).token_ids)
         node = load_cluster(cluster.path).node("edge-2")
-        with grpc.insecure_channel(node.address) as channel:
+        with member_channel(cluster.spec, node.address) as channel:  # a process of the cluster, not its coordinator
             attack = pb_grpc.NodeStub(channel).Steps(iter([pb.StepBatch(closes=list(range(1, 200)))]), timeout=10)
             with pytest.raises(grpc.RpcError) as refused:
                 list(attack)
@@ -273,7 +292,7 @@ def test_on_the_ring_nodes_forward_to_each_other_over_tls_and_refuse_other_calle
         credentials = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes(), (certs / "client.key").read_bytes(),
                                                    (certs / "client.pem").read_bytes())
         node = load_cluster(cluster.path).node("edge-2")
-        with grpc.secure_channel(node.address, credentials, options=[("grpc.ssl_target_name_override", "edge-2")]) as ch:
+        with open_channel(node.address, credentials, server_name="edge-2", secret=load_secret(cluster.spec)) as ch:
             with pytest.raises(grpc.RpcError) as refused:
                 pb_grpc.NodeStub(ch).Forward(iter([pb.Forwarded()]), timeout=10)
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED

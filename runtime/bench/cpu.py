@@ -35,7 +35,7 @@ from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
-from runtime.wire.security import open_channel
+from runtime.wire.security import member_channel
 
 SAMPLED_TEMPERATURE = 0.8
 MODES = ("sequential", "speculative")
@@ -137,7 +137,7 @@ def measure_case(cluster: LocalCluster, client: Client, prompts: tuple[str, ...]
                  repeats: int, generate: dict, progress: Progress) -> dict:
     """Every process's CPU and every node's profile over the short runs and over the long runs."""
     processes = {name: psutil.Process(process.pid) for name, process in cluster.processes.items()}
-    nodes = {node.name: node.address for node in cluster.spec.nodes}
+    nodes = {node.name: pb_grpc.NodeStub(member_channel(cluster.spec, node.address)) for node in cluster.spec.nodes}
     spent = {length: {} for length in lengths}  # length -> what -> summed difference
     tokens = dict.fromkeys(lengths, 0)
     rates = []
@@ -160,7 +160,7 @@ def measure_case(cluster: LocalCluster, client: Client, prompts: tuple[str, ...]
             "nodes": list(nodes)}
 
 
-def snapshot(processes: dict[str, psutil.Process], nodes: dict[str, str]) -> dict[str | tuple[str, str], float]:
+def snapshot(processes: dict[str, psutil.Process], nodes: dict[str, pb_grpc.NodeStub]) -> dict[str | tuple[str, str], float]:
     """name -> CPU seconds of the process so far; (node, field) -> its profile's counter."""
     out: dict = {name: sum(process.cpu_times()[:2]) for name, process in processes.items()}
     for name, info in node_infos(nodes).items():
@@ -169,12 +169,8 @@ def snapshot(processes: dict[str, psutil.Process], nodes: dict[str, str]) -> dic
     return out
 
 
-def node_infos(nodes: dict[str, str]) -> dict[str, pb.NodeInfo]:
-    infos = {}
-    for name, address in nodes.items():
-        with open_channel(address) as channel:
-            infos[name] = pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=5.0)
-    return infos
+def node_infos(nodes: dict[str, pb_grpc.NodeStub]) -> dict[str, pb.NodeInfo]:
+    return {name: stub.Info(pb.InfoRequest(), timeout=5.0) for name, stub in nodes.items()}
 
 
 def figures(case: dict, single: dict, node_count: int) -> dict:

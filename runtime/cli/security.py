@@ -18,6 +18,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     q.add_argument("--days", type=whole(1, 36500), default=365, help="validity of the process certificates (default 365)")
     q.add_argument("--force", action="store_true", help="replace DIR if it exists")
     q.set_defaults(run=cmd_certs_init)
+    q = certs.add_parser("secret", help="a new cluster secret in FILE, for a cluster file's secret_file (copy it to "
+                                        "every machine of the cluster)")
+    q.add_argument("file", type=Path, metavar="FILE")
+    q.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    q.set_defaults(run=cmd_certs_secret)
 
     p = commands.add_parser("tokens", help="client bearer tokens of a secure cluster")
     tokens = p.add_subparsers(dest="tokens_command", required=True, metavar="COMMAND", parser_class=OneLineErrorParser)
@@ -37,6 +42,17 @@ def cmd_certs_init(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} files to {args.directory} (keys and tokens readable by you only): {', '.join(written)}")
     print(f"the client token is in {args.directory / 'client.token'}; more with: speed tokens add NAME --cluster "
           f"{args.cluster}")
+
+
+def cmd_certs_secret(args: argparse.Namespace) -> None:
+    from runtime.wire.cluster_secret import write_secret
+
+    if args.file.exists() and not args.force:
+        raise SpeedError(f"{args.file} already exists; pass --force to replace it (every process of the cluster "
+                         "then needs the new one)")
+    write_secret(args.file)
+    print(f"wrote a new cluster secret to {args.file} (readable by you only); name it as secret_file in the cluster "
+          "file and copy it to every machine of the cluster")
 
 
 def tokens_file(cluster: Path) -> Path:

@@ -38,6 +38,7 @@ from runtime.core.stopping import StopStrings
 from runtime.core.text_stream import TextStream
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.cluster_secret import load_secret
 from runtime.wire.enums import to_wire
 from runtime.wire.security import Identity, open_channel
 
@@ -60,6 +61,7 @@ class Coordinator:
         security = spec.security
         self.identity = Identity.load(security, "coordinator") if security else None
         self.tokens = TokenFile(security.certs / TOKENS_FILE) if security and security.client_auth == "token" else None
+        self.secret = load_secret(spec)
         self.nodes = [RemoteNode(node, step_timeout_s=spec.coordinator.step_timeout_s, on_state_change=self.node_changed)
                       for node in spec.nodes]
         data_path = data_path_for(spec.data_path, prefill_chunk=spec.speculation.prefill_chunk,
@@ -182,7 +184,8 @@ class Coordinator:
 
     def open_node_channel(self, name: str, address: str) -> grpc.aio.Channel:
         """A channel to a node that, in a secure cluster, only the node's own certificate can answer."""
-        return open_channel(address, self.identity.channel() if self.identity else None, server_name=name, aio=True)
+        return open_channel(address, self.identity.channel() if self.identity else None, server_name=name, aio=True,
+                            secret=self.secret)
 
     async def register(self, request: pb.RegisterRequest) -> RemoteNode:
         """Accept a node by what it answers when dialled back at the address it gave, never by the request's
@@ -210,7 +213,7 @@ class Coordinator:
         if serving_us and node.address == request.address:
             await channel.close()  # it is serving us already: nothing to do (a repeated registration)
             return node
-        await node.connect(info, request.address, channel)
+        await node.connect(info, request.address, channel, request.assign_key)
         log.info("%s registered: stages %s, %s, %d thread(s)", node.describe(), list(info.stages), info.provider,
                  info.threads)
         return node
@@ -241,8 +244,7 @@ class Coordinator:
         engine = self.engine
         reply = pb.ClusterStatusReply(cluster=self.spec.name, bundle_sha256=self.bundle.sha256, serving=self.serving,
                                       active_requests=engine.active_requests, queued_requests=engine.queued_requests,
-                                      max_queue=engine.max_queue, speculation=self.spec.speculation.enabled,
-                                      incarnation=engine.incarnation)
+                                      max_queue=engine.max_queue, speculation=self.spec.speculation.enabled)
         for node in self.nodes:
             reply.nodes.add(name=node.name, address=node.address, stages=node.spec.stages,
                             state=to_wire(node.state, pb.NodeState),

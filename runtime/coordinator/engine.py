@@ -15,8 +15,8 @@ committed tokens, which gives the same text as an uninterrupted run.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -51,8 +51,8 @@ class Engine:
         self.data_path = data_path(self.view)
         self._pending: deque[Request] = deque()
         self._active: dict[int, Request] = {}
-        self._ids = itertools.count(1)
         self._wake = asyncio.Event()
+        self._last_id = secrets.randbits(61)  # the last sequence id given
 
     @property
     def placement(self) -> dict[int, str]:
@@ -130,13 +130,19 @@ class Engine:
             if not self.serving:
                 request.events.put_nowait(RequestFailed(FailureKind.UNAVAILABLE, self._unservable()))
                 continue
-            seq_id = (self.incarnation & 0xFFFF_FFFF) << 32 | next(self._ids)  # never reused by a later coordinator
+            seq_id = self._new_sequence_id()
             seq = self.data_path.add(seq_id, request)
             request.admitted, request.admitted_at = True, time.perf_counter()
             request.sent_tokens = len(request.received)
             self._active[seq_id] = request
             if seq.done:  # a resumed request whose end was lost on the way
                 self._emit()
+
+    def _new_sequence_id(self) -> int:
+        """Growing with admission (the ring's nodes rely on it), from a random start by random steps, so that
+        no caller can predict one."""
+        self._last_id += 1 + secrets.randbelow(1 << 16)
+        return self._last_id
 
     def _unservable(self) -> str:
         placement = self._placement_now()

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API of the coordinator: POST /v1/completions, POST /v1/chat/completions (as
-server-sent events with "stream": true) and GET /v1/models, served by FastAPI in the coordinator's own
-event loop.
+server-sent events with "stream": true), GET /v1/models and its schema at GET /openapi.json, served by FastAPI
+in the coordinator's own event loop (the bodies it takes: openai_schema.py; its connections: http_protocol.py).
 
 A request becomes the same GenerateRequest the gRPC service takes, so it is checked by the same rules,
 admitted by the same engine and counted in the same metrics; the text is the text `speed generate`
@@ -15,124 +15,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 import socket
 import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from runtime.coordinator.coordinator import Coordinator
+from runtime.coordinator.http_protocol import HeaderDeadlineProtocol
+from runtime.coordinator.openai_schema import ApiError, ChatRequest, CompletionRequest, Sampling, invalid_body
 from runtime.coordinator.requests import Request
 from runtime.core.chat import ChatMessage
 from runtime.core.cluster_file import parse_address
 from runtime.core.errors import SpeedError
-from runtime.core.generation import MAX_WINDOW, GenerationOptions, GenerationResult
+from runtime.core.generation import GenerationResult
 from runtime.core.request import FailureKind, GenerationRequest, RequestEvent, RequestFailed, TextChunk
 from runtime.core.stopping import StopReason
 
-SEED_MAX = 2**63 - 1
 STOP_GRACE_S = 2.0  # answers in progress may finish within this when the coordinator stops
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; a chat answer may fill the context
 FINISH_REASON = {StopReason.EOS: "stop", StopReason.STOP: "stop", StopReason.LENGTH: "length",
                  StopReason.CONTEXT: "length"}
 HTTP_STATUS = {FailureKind.INVALID: 400, FailureKind.OVERLOADED: 429, FailureKind.UNAVAILABLE: 503,
                FailureKind.DEADLINE: 504, FailureKind.INTERNAL: 500}
-ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-              429: "rate_limit_error", 503: "service_unavailable"}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": ERROR_TYPE.get(self.status, "server_error"),
-                          "param": self.param, "code": None}}
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class Sampling(BaseModel):
-    """The fields both endpoints take: OpenAI's, then SPEED's own (which never change the text)."""
-
-    model_config = ConfigDict(extra="ignore")  # clients send many fields this server has no use for
-
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = 1
-    seed: int | None = Field(None, ge=0, le=SEED_MAX)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    top_k: int = Field(0, ge=0)
-    speculative: bool | None = None
-    guess_threshold: float | None = Field(None, ge=0, le=1)
-    window: int | None = Field(None, ge=0, le=MAX_WINDOW)
-
-    def check_supported(self) -> None:
-        if self.n != 1:
-            raise ApiError(400, f"n must be 1, got {self.n}: this server makes one choice per request", param="n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise ApiError(400, f"{name} is not supported; leave it 0 (the text is exactly the model's)", param=name)
-        if self.logit_bias:
-            raise ApiError(400, "logit_bias is not supported; leave it out", param="logit_bias")
-
-    def options(self, max_tokens: int | None) -> tuple[GenerationOptions, int]:
-        """The request's GenerationOptions and its seed (a fresh one when none is given, as OpenAI's API
-        samples differently each time; the answer reports it so the text can be had again)."""
-        seed = self.seed if self.seed is not None else secrets.randbelow(SEED_MAX)
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return GenerationOptions(max_new_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k,
-                                 top_p=self.top_p, seed=seed, stop=stop, speculative=self.speculative,
-                                 guess_threshold=self.guess_threshold, window=self.window), seed
-
-
-class CompletionRequest(Sampling):
-    prompt: str | list[str]
-    logprobs: int | None = None
-    echo: bool = False
-
-
-class ChatTurn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-
-    def message(self) -> ChatMessage:
-        """Content given as parts ([{"type": "text", "text": ...}]) joins its text parts; others are refused."""
-        if isinstance(self.content, list):
-            kinds = {part.get("type") for part in self.content} - {"text"}
-            if kinds:
-                raise ApiError(400, f"message content parts of type {', '.join(sorted(map(str, kinds)))} are not "
-                                    "supported; send text", param="messages")
-            return ChatMessage(self.role, "".join(str(part.get("text", "")) for part in self.content))
-        return ChatMessage(self.role, self.content or "")
-
-
-class ChatRequest(Sampling):
-    messages: list[ChatTurn]
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
 
 
 class Answer:
@@ -183,35 +95,28 @@ class Answer:
 
 
 def openai_app(coordinator: Coordinator) -> FastAPI:
-    app = FastAPI(title=f"SPEED cluster {coordinator.spec.name}", docs_url=None, redoc_url=None)
-    model_name = coordinator.bundle.manifest["name"]
-
-    @app.exception_handler(ApiError)
-    async def api_error(_, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        param = ".".join(str(part) for part in first["loc"] if part != "body") or None
-        if first["type"] == "json_invalid":
-            param, message = None, "the request body is not valid JSON; send a JSON object of the request's fields"
-        elif param is None:
-            message = f"the request body must be a JSON object of the request's fields ({first['msg']})"
-        else:
-            message = f"{param}: {first['msg']}"
-        return JSONResponse(ApiError(400, message, param=param).body(), status_code=400)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_, exc: HTTPException) -> JSONResponse:
-        message = "no such endpoint; this server offers /v1/completions, /v1/chat/completions and /v1/models" \
-            if exc.status_code == 404 else str(exc.detail)
-        return JSONResponse(ApiError(exc.status_code, message).body(), status_code=exc.status_code)
-
     def authorize(http_request: HttpRequest) -> None:
         if coordinator.tokens is not None and not coordinator.bearer_known(http_request.headers.get("authorization", "")):
             raise ApiError(401, f"cluster {coordinator.spec.name} needs a valid bearer token (Authorization: Bearer "
                                 "TOKEN); ask its operator for one (speed tokens add NAME)")
+
+    # Every endpoint, the schema too, needs the token, checked before a body's fields: a client without one
+    # learns nothing of the API, not even which field is wrong.
+    app = FastAPI(title=f"SPEED cluster {coordinator.spec.name}", docs_url=None, redoc_url=None, openapi_url=None,
+                  dependencies=[Depends(authorize)])
+    model_name = coordinator.bundle.manifest["name"]
+
+    @app.exception_handler(ApiError)
+    async def api_error(_, exc: ApiError) -> JSONResponse:
+        return _response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, exc: RequestValidationError) -> JSONResponse:
+        return _response(invalid_body(exc.errors()))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(http_request: HttpRequest, exc: HTTPException) -> JSONResponse:
+        return _response(ApiError(exc.status_code, _sentence(exc, http_request)))
 
     def check_model(body: Sampling) -> None:
         if body.model and body.model != model_name:
@@ -240,15 +145,17 @@ def openai_app(coordinator: Coordinator) -> FastAPI:
             raise _api_error(exc) from None
         return StreamingResponse(_server_sent(reply, first, events, include_usage), media_type="text/event-stream")
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def schema() -> dict:
+        return app.openapi()
+
     @app.get("/v1/models")
-    async def models(http_request: HttpRequest) -> dict:
-        authorize(http_request)
+    async def models() -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": f"speed cluster {coordinator.spec.name}"}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http_request: HttpRequest) -> Response:
-        authorize(http_request)
         check_model(body)
         if body.logprobs is not None or body.echo:
             raise ApiError(400, "logprobs and echo are not supported; leave them out", param="logprobs")
@@ -261,7 +168,6 @@ def openai_app(coordinator: Coordinator) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http_request: HttpRequest) -> Response:
-        authorize(http_request)
         check_model(body)
         if body.logprobs:
             raise ApiError(400, "logprobs are not supported; leave them out", param="logprobs")
@@ -270,6 +176,21 @@ def openai_app(coordinator: Coordinator) -> FastAPI:
         return await answer(prepared, reply, http_request, _include_usage(body), body.stream)
 
     return app
+
+
+def _response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def _sentence(exc: HTTPException, http_request: HttpRequest) -> str:
+    """What a request that reached no endpoint, or whose body could not be read, did wrong."""
+    if exc.status_code == 404:
+        return "no such endpoint; this server offers /v1/completions, /v1/chat/completions and /v1/models"
+    if exc.status_code == 405:
+        return f"{http_request.url.path} does not take {http_request.method}; send {exc.headers['Allow']}"
+    if exc.status_code == 400:  # FastAPI could not parse the body: nested too deep, a number too long, not UTF-8
+        return "the request body could not be read as JSON; send a JSON object of the request's fields"
+    return str(exc.detail)
 
 
 def _include_usage(body: Sampling) -> bool:
@@ -365,6 +286,6 @@ def http_server(coordinator: Coordinator) -> tuple[EmbeddedServer, socket.socket
         tls = {"ssl_certfile": security.certs / "coordinator.pem", "ssl_keyfile": security.certs / "coordinator.key",
                "ssl_ca_certs": security.certs / "ca.pem",
                "ssl_cert_reqs": ssl.CERT_REQUIRED if coordinator.tokens is None else ssl.CERT_NONE}
-    config = uvicorn.Config(openai_app(coordinator), log_config=None, access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=STOP_GRACE_S, **tls)
+    config = uvicorn.Config(openai_app(coordinator), http=HeaderDeadlineProtocol, log_config=None, access_log=False,
+                            lifespan="off", timeout_graceful_shutdown=STOP_GRACE_S, **tls)
     return EmbeddedServer(config), listener

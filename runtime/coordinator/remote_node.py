@@ -41,6 +41,7 @@ class RemoteNode:
         self.info: pb.NodeInfo | None = None
         self.address = spec.address
         self.last_heartbeat: float | None = None
+        self._assign_key = ""  # what the node gave at registration; it takes an Assign only with it
         self.assigned: tuple[int, ...] | None = None  # the stages it was told to run on this connection
         self.held = 0  # sequences it reported holding at its last heartbeat
         self.step_ms = 0.0  # its mean batch time over the last seconds, at its last heartbeat
@@ -64,10 +65,11 @@ class RemoteNode:
     def max_sequences(self) -> int:
         return self.info.max_sequences if self.info else self.spec.max_sequences
 
-    async def connect(self, info: pb.NodeInfo, address: str, channel: grpc.aio.Channel) -> None:
-        """Open a fresh step stream, on `channel`, to a node that has just registered."""
+    async def connect(self, info: pb.NodeInfo, address: str, channel: grpc.aio.Channel, assign_key: str) -> None:
+        """Open a fresh step stream, on `channel`, to a node that has just registered with `assign_key`."""
         await self.disconnect(NodeState.WAITING)
         self.info, self.address, self.held = info, address, info.open_sequences
+        self._assign_key = assign_key
         self._channel = channel
         self._stream = pb_grpc.NodeStub(self._channel).Steps()
         self.last_heartbeat = time.monotonic()
@@ -98,7 +100,8 @@ class RemoteNode:
             raise NodeLost(f"{self.describe()} is {self.state}")
         try:
             info = await pb_grpc.NodeStub(self._channel).Assign(
-                pb.AssignRequest(incarnation=incarnation, stages=stages, placement=placement, epoch=epoch),
+                pb.AssignRequest(incarnation=incarnation, stages=stages, placement=placement, epoch=epoch,
+                                 assign_key=self._assign_key),
                 timeout=self.step_timeout_s)
         except grpc.aio.AioRpcError as exc:  # whatever the reason, it cannot run stages for us now
             raise await self.lost(stream, f"did not take stages {stages} ({exc.code().name}: {exc.details()})") from None

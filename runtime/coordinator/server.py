@@ -25,12 +25,15 @@ from runtime.core.request import FailureKind, RequestFailed
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.cluster_secret import AsyncSecretCheck
 from runtime.wire.generation import event_to_wire, request_from_wire
 from runtime.wire.security import CLIENT, caller, check_exposure, node_common_name
 
 log = logging.getLogger("speed.coordinator")
 
 STOP_GRACE_S = 2.0
+MAX_STEP_MS = 3_600_000.0  # a heartbeat's batch time: an hour is already absurd
+MAX_POSITIONS_PER_S = 1e9
 DEADLINE_MARGIN_S = 0.05  # answer a little before the client's own deadline, so it gets our sentence
 STATUS_CODES = {FailureKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
                 FailureKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -117,9 +120,23 @@ class RegistryService(pb_grpc.RegistryServicer):
         node = next((n for n in self.coordinator.nodes if n.name == request.name), None)
         if node is None or node.state != NodeState.SERVING:
             return pb.HeartbeatReply(known=False)
+        problem = heartbeat_problem(request, node.max_sequences)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a heartbeat of node {node.name}: {problem}")
         node.last_heartbeat, node.held = time.monotonic(), request.open_sequences
         node.step_ms, node.positions_per_s = request.step_ms, request.positions_per_s
         return pb.HeartbeatReply(known=True)
+
+
+def heartbeat_problem(beat: pb.HeartbeatRequest, max_sequences: int) -> str:
+    """What is out of range in a heartbeat, "" when nothing: only values a node can report are stored and shown."""
+    if not 0 <= beat.open_sequences <= max_sequences:
+        return f"open_sequences must be 0 to {max_sequences} (its max_sequences), got {beat.open_sequences}"
+    for field, limit in (("step_ms", MAX_STEP_MS), ("positions_per_s", MAX_POSITIONS_PER_S)):
+        value = getattr(beat, field)
+        if not 0 <= value <= limit:  # also NaN
+            return f"{field} must be 0 to {limit:g}, got {value}"
+    return ""
 
 
 def run_coordinator(cluster_path: Path, *, data_path: str | None = None) -> None:
@@ -153,7 +170,8 @@ def _openai_api(coordinator: Coordinator):
 
 async def _serve(coordinator: Coordinator, http) -> None:
     """http: the OpenAI-compatible API's server and socket, or None."""
-    server = grpc.aio.server(options=options.SERVER)
+    server = grpc.aio.server(options=options.SERVER,
+                             interceptors=[AsyncSecretCheck(coordinator.secret, "the coordinator")])
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator), server)
     pb_grpc.add_RegistryServicer_to_server(RegistryService(coordinator), server)
     health_pb2_grpc.add_HealthServicer_to_server(coordinator.health, server)

@@ -11,8 +11,8 @@ A cluster file is YAML (see deploy/local.yaml):
       max_queue: 64                  # >= 0: requests that may wait for a free sequence slot; more are refused
       metrics_port: 9150             # optional: serve Prometheus metrics over HTTP on this port of the address's host
       http_address: 127.0.0.1:8000   # optional: serve the OpenAI-compatible HTTP API here (off when absent)
-    data_path: lockstep              # lockstep: every tick is a round trip through the coordinator;
-                                     # ring: nodes hand hidden states to the next node and stage 0 runs ahead
+    data_path: ring                  # ring (default): nodes hand hidden states to the next node and stage 0 runs
+                                     # ahead; lockstep: every tick is a round trip through the coordinator
     speculation:                     # optional
       enabled: true                  # false = sequential decoding
       prefill_chunk: 64              # >= 1
@@ -37,6 +37,8 @@ A cluster file is YAML (see deploy/local.yaml):
       certs: certs/local             # a directory written by `speed certs init DIR --cluster FILE`, relative to this file
       client_auth: token             # token (bearer tokens, `speed tokens add`) or certificate (client certificates)
     insecure: false                  # true: allow listening on an address other than loopback without security
+    secret_file: cluster.secret      # optional: the secret the cluster's processes prove themselves with, relative
+                                     # to this file (`speed certs secret FILE`); absent = made on this machine
 
 Every mistake raises SpeedError with one sentence naming the file, the key path and what is expected.
 """
@@ -45,8 +47,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import ipaddress
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,10 +130,17 @@ class ClusterSpec:
     coordinator: CoordinatorSpec
     speculation: SpeculationSpec
     nodes: tuple[NodeSpec, ...]
-    data_path: DataPathKind = DataPathKind.LOCKSTEP
+    data_path: DataPathKind = DataPathKind.RING
     source: str = dataclasses.field(default="", compare=False)  # the file as the user named it, for messages
     security: SecuritySpec | None = None  # None: plain connections (loopback only unless insecure)
     insecure: bool = False  # plain connections allowed on other addresses than loopback
+    secret_file: Path | None = None  # resolved; None: the certificates directory's, else the state directory's
+
+    @property
+    def state_dir(self) -> Path:
+        """Where this machine keeps the cluster's state: logs, process ids, its secret ($SPEED_STATE_DIR)."""
+        root = Path(os.environ.get("SPEED_STATE_DIR") or Path.home() / ".local" / "state" / "speed")
+        return root / f"{self.name}-{hashlib.sha1(str(self.path).encode()).hexdigest()[:8]}"
 
     @property
     def _file_name(self) -> str:
@@ -248,6 +259,7 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         "nodes": _nodes,
         "security": partial(_security, base=base),
         "insecure": _flag,
+        "secret_file": lambda value, key: (base / Path(_string(value, key)).expanduser()).resolve(),
     }, required={
         "cluster": "a name for this cluster, e.g. local-demo",
         "coordinator": "a mapping with the coordinator's address: host:port, e.g. 127.0.0.1:50050",
@@ -256,9 +268,9 @@ def load_cluster(path: str | Path) -> ClusterSpec:
     _check_addresses_unique(fields["coordinator"], fields["nodes"], top)
     return ClusterSpec(name=fields["cluster"], path=path.resolve(), bundle=fields.get("bundle"),
                        coordinator=fields["coordinator"], speculation=fields.get("speculation", SpeculationSpec()),
-                       nodes=fields["nodes"], data_path=fields.get("data_path", DataPathKind.LOCKSTEP), source=shown,
+                       nodes=fields["nodes"], data_path=fields.get("data_path", DataPathKind.RING), source=shown,
                        security=fields.get("security"),
-                       insecure=fields.get("insecure", False))
+                       insecure=fields.get("insecure", False), secret_file=fields.get("secret_file"))
 
 
 # --- key paths and errors ------------------------------------------------------------------------

@@ -6,6 +6,8 @@ from runtime.core.config import ModelConfig
 from runtime.core.errors import SpeedError
 
 MAX_TEMPERATURE = 100.0  # sampling temperature; 0 decodes greedily
+MAX_NEW_TOKENS = 2**31 - 1  # the wire's int32; the model's context ends an answer far sooner
+MAX_TOP_K = 2**31 - 1  # the wire's int32; more than the vocabulary keeps every token
 MAX_STOP_STRINGS = 16  # per request
 MAX_STOP_CHARS = 256  # per stop string: each is looked for in the decoded tail at every token
 

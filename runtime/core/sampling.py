@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.core.errors import SpeedError
+from runtime.core.limits import MAX_TOP_K
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,8 @@ class SamplingParams:
             raise SpeedError(f"seed must be an integer, got {self.seed!r}")
         if not self.temperature >= 0:
             raise SpeedError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise SpeedError(f"top-k must be a whole number, 0 (off) or more, got {self.top_k!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k <= MAX_TOP_K:
+            raise SpeedError(f"top-k must be a whole number from 0 (off) to {MAX_TOP_K}, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise SpeedError(f"top-p must be in (0, 1], got {self.top_p}")
 

@@ -19,6 +19,7 @@ import grpc
 
 from runtime.core.cluster_file import ClusterSpec, SecuritySpec, parse_address
 from runtime.core.errors import SpeedError
+from runtime.wire.cluster_secret import SecretCarrier, async_carriers, load_secret
 from runtime.wire.options import CHANNEL
 
 COORDINATOR = "speed coordinator"
@@ -63,13 +64,25 @@ def node_identity(security: SecuritySpec, name: str) -> Identity:
 
 
 def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None, *, server_name: str | None = None,
-                 aio: bool = False):
+                 aio: bool = False, secret: str | None = None):
     """A channel with every channel's options: plain without credentials, TLS with them; server_name: the
-    name the server's certificate must hold, when it is not the dialled host; aio: a grpc.aio channel."""
-    channels = grpc.aio if aio else grpc
-    if credentials is None:
-        return channels.insecure_channel(address, options=CHANNEL)
-    return channels.secure_channel(address, credentials, options=CHANNEL + (expect_name(server_name) if server_name else []))
+    name the server's certificate must hold, when it is not the dialled host; aio: a grpc.aio channel;
+    secret: the cluster's, carried by every call (a channel of the cluster's own processes)."""
+    options = CHANNEL + (expect_name(server_name) if credentials is not None and server_name else [])
+    if aio:
+        extra = {"interceptors": async_carriers(secret)} if secret else {}
+        if credentials is None:
+            return grpc.aio.insecure_channel(address, options=options, **extra)
+        return grpc.aio.secure_channel(address, credentials, options=options, **extra)
+    channel = grpc.insecure_channel(address, options=options) if credentials is None \
+        else grpc.secure_channel(address, credentials, options=options)
+    return grpc.intercept_channel(channel, SecretCarrier(secret)) if secret else channel
+
+
+def member_channel(spec: ClusterSpec, address: str) -> grpc.Channel:
+    """A channel to a process of a plain cluster as the cluster's own processes open it, carrying its secret
+    (for an operator's tools on the cluster's machine, e.g. reading a node's Info)."""
+    return open_channel(address, secret=load_secret(spec))
 
 
 def expect_name(name: str) -> list[tuple[str, str]]:

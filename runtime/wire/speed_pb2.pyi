@@ -186,7 +186,7 @@ class NodeStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[NodeState, str]] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., hosting: _Optional[_Iterable[int]] = ..., sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., step_ms: _Optional[float] = ..., positions_per_s: _Optional[float] = ...) -> None: ...
 
 class ClusterStatusReply(_message.Message):
-    __slots__ = ("cluster", "bundle_sha256", "serving", "nodes", "active_requests", "speculation", "queued_requests", "max_queue", "incarnation")
+    __slots__ = ("cluster", "bundle_sha256", "serving", "nodes", "active_requests", "speculation", "queued_requests", "max_queue")
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
@@ -195,7 +195,6 @@ class ClusterStatusReply(_message.Message):
     SPECULATION_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
-    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     cluster: str
     bundle_sha256: str
     serving: bool
@@ -204,20 +203,21 @@ class ClusterStatusReply(_message.Message):
     speculation: bool
     queued_requests: int
     max_queue: int
-    incarnation: int
-    def __init__(self, cluster: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., serving: _Optional[bool] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., active_requests: _Optional[int] = ..., speculation: _Optional[bool] = ..., queued_requests: _Optional[int] = ..., max_queue: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
+    def __init__(self, cluster: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., serving: _Optional[bool] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., active_requests: _Optional[int] = ..., speculation: _Optional[bool] = ..., queued_requests: _Optional[int] = ..., max_queue: _Optional[int] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
-    __slots__ = ("incarnation", "stages", "placement", "epoch")
+    __slots__ = ("incarnation", "stages", "placement", "epoch", "assign_key")
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ASSIGN_KEY_FIELD_NUMBER: _ClassVar[int]
     incarnation: int
     stages: _containers.RepeatedScalarFieldContainer[int]
     placement: _containers.RepeatedCompositeFieldContainer[StagePlace]
     epoch: int
-    def __init__(self, incarnation: _Optional[int] = ..., stages: _Optional[_Iterable[int]] = ..., placement: _Optional[_Iterable[_Union[StagePlace, _Mapping]]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    assign_key: str
+    def __init__(self, incarnation: _Optional[int] = ..., stages: _Optional[_Iterable[int]] = ..., placement: _Optional[_Iterable[_Union[StagePlace, _Mapping]]] = ..., epoch: _Optional[int] = ..., assign_key: _Optional[str] = ...) -> None: ...
 
 class StagePlace(_message.Message):
     __slots__ = ("stage", "node", "address")
@@ -494,12 +494,14 @@ class StepResults(_message.Message):
     def __init__(self, tick: _Optional[int] = ..., results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("info", "address")
+    __slots__ = ("info", "address", "assign_key")
     INFO_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ASSIGN_KEY_FIELD_NUMBER: _ClassVar[int]
     info: NodeInfo
     address: str
-    def __init__(self, info: _Optional[_Union[NodeInfo, _Mapping]] = ..., address: _Optional[str] = ...) -> None: ...
+    assign_key: str
+    def __init__(self, info: _Optional[_Union[NodeInfo, _Mapping]] = ..., address: _Optional[str] = ..., assign_key: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("cluster", "heartbeat_interval_s", "incarnation")
