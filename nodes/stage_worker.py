@@ -50,8 +50,8 @@ class StageWorker:
             return function()
         try:
             return done.result()
-        finally:
-            del done  # else a raised exception's traceback keeps this frame, the future and the exception alive
+        finally:  # a raised exception's traceback holds this frame: it must not keep the request alive
+            del done, function
 
     def arrive(self, ring: RingWork, kind: str, payload) -> None:
         """A ring arrival for `ring`; dropped if another ring (a later assignment) has replaced it by then."""
@@ -109,3 +109,5 @@ class StageWorker:
                 done.set_result(function())
         except BaseException as exc:  # the caller re-raises it on its own thread
             done.set_exception(exc)
+        finally:  # the exception's traceback holds this frame: let it keep neither the future nor the request
+            done = function = None
