@@ -38,7 +38,7 @@ from runtime.core.stopping import StopStrings
 from runtime.core.text_stream import TextStream
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
-from runtime.wire.cluster_secret import load_secret
+from runtime.wire.cluster_secret import load_secret, secret_metadata
 from runtime.wire.enums import to_wire
 from runtime.wire.security import Identity, open_channel
 
@@ -62,8 +62,8 @@ class Coordinator:
         self.identity = Identity.load(security, "coordinator") if security else None
         self.tokens = TokenFile(security.certs / TOKENS_FILE) if security and security.client_auth == "token" else None
         self.secret = load_secret(spec)
-        self.nodes = [RemoteNode(node, step_timeout_s=spec.coordinator.step_timeout_s, on_state_change=self.node_changed)
-                      for node in spec.nodes]
+        self.nodes = [RemoteNode(node, step_timeout_s=spec.coordinator.step_timeout_s, on_state_change=self.node_changed,
+                                 metadata=secret_metadata(self.secret)) for node in spec.nodes]
         data_path = data_path_for(spec.data_path, prefill_chunk=spec.speculation.prefill_chunk,
                                   stall_timeout_s=spec.coordinator.step_timeout_s * (bundle.config.n_stages + 1))
         self.engine = Engine(self.nodes, config=bundle.config, eos_id=bundle.eos_token_id,
@@ -184,8 +184,7 @@ class Coordinator:
 
     def open_node_channel(self, name: str, address: str) -> grpc.aio.Channel:
         """A channel to a node that, in a secure cluster, only the node's own certificate can answer."""
-        return open_channel(address, self.identity.channel() if self.identity else None, server_name=name, aio=True,
-                            secret=self.secret)
+        return open_channel(address, self.identity.channel() if self.identity else None, server_name=name, aio=True)
 
     async def register(self, request: pb.RegisterRequest) -> RemoteNode:
         """Accept a node by what it answers when dialled back at the address it gave, never by the request's
@@ -199,7 +198,8 @@ class Coordinator:
                              f"it {node.spec.address}; start the node with the same cluster file")
         channel = self.open_node_channel(node.name, request.address)
         try:
-            info = await pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=DIAL_BACK_TIMEOUT_S)
+            info = await pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=DIAL_BACK_TIMEOUT_S,
+                                                        metadata=secret_metadata(self.secret))
         except grpc.aio.AioRpcError as exc:
             await channel.close()
             raise Unverified(f"node {node.name} could not be reached as itself at {request.address} "

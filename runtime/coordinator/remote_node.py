@@ -33,8 +33,10 @@ class NodeLost(NodeFailure):
 
 class RemoteNode:
     def __init__(self, spec: NodeSpec, *, step_timeout_s: float,
-                 on_state_change: Callable[[], Awaitable[None]] | None = None):
+                 on_state_change: Callable[[], Awaitable[None]] | None = None, metadata: tuple = ()):
+        """metadata: what every call to the node carries (the cluster's secret)."""
         self.spec = spec
+        self._metadata = metadata
         self.step_timeout_s = step_timeout_s
         self.on_state_change = on_state_change  # e.g. to keep the health service true at once
         self.state = NodeState.WAITING
@@ -71,7 +73,7 @@ class RemoteNode:
         self.info, self.address, self.held = info, address, info.open_sequences
         self._assign_key = assign_key
         self._channel = channel
-        self._stream = pb_grpc.NodeStub(self._channel).Steps()
+        self._stream = pb_grpc.NodeStub(self._channel).Steps(metadata=self._metadata)
         self.last_heartbeat = time.monotonic()
         self.state = NodeState.SERVING
         await self._changed()
@@ -102,7 +104,7 @@ class RemoteNode:
             info = await pb_grpc.NodeStub(self._channel).Assign(
                 pb.AssignRequest(incarnation=incarnation, stages=stages, placement=placement, epoch=epoch,
                                  assign_key=self._assign_key),
-                timeout=self.step_timeout_s)
+                timeout=self.step_timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:  # whatever the reason, it cannot run stages for us now
             raise await self.lost(stream, f"did not take stages {stages} ({exc.code().name}: {exc.details()})") from None
         if self._stream is stream:
@@ -129,14 +131,14 @@ class RemoteNode:
                 raise await self.lost(stream, f"stopped answering ({exc.code().name})") from None
             # the node refused a step: a coordinator bug, not a dead node; a new stream serves the next requests
             if self._stream is stream:
-                self._stream = pb_grpc.NodeStub(self._channel).Steps()
-            raise NodeFailure(f"{self.describe()} refused a step: {exc.details()}", grpc.StatusCode.INTERNAL) from None
+                self._stream = pb_grpc.NodeStub(self._channel).Steps(metadata=self._metadata)
+            raise NodeFailure(f"{self.describe()} refused a step: {exc.details()}") from None
 
     def ring(self):
         """A new Ring stream (the ring data path's control and events) to a node assigned a placement."""
         if self._channel is None or self.assigned is None:
             raise NodeLost(f"{self.describe()} is {self.state if self._channel is None else 'not assigned its stages yet'}")
-        return self._stream, pb_grpc.NodeStub(self._channel).Ring()
+        return self._stream, pb_grpc.NodeStub(self._channel).Ring(metadata=self._metadata)
 
     async def lost(self, stream, what: str) -> NodeLost:
         """Mark the node down, unless it has registered again since `stream` (its step stream, as ring()

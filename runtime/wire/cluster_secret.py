@@ -102,22 +102,10 @@ class SecretCarrier(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInte
     intercept_stream_unary = intercept_stream_stream = _call
 
 
-_ASYNC_KINDS = {grpc.aio.UnaryUnaryClientInterceptor: "intercept_unary_unary",
-                grpc.aio.UnaryStreamClientInterceptor: "intercept_unary_stream",
-                grpc.aio.StreamUnaryClientInterceptor: "intercept_stream_unary",
-                grpc.aio.StreamStreamClientInterceptor: "intercept_stream_stream"}
-
-
-def async_carriers(secret: str) -> list:
-    """For a grpc.aio channel (interceptors=...): every call carries the secret. One interceptor per kind of
-    call, as a grpc.aio channel files each interceptor under one kind only."""
-
-    async def carry(self, continuation, details, request):
-        return await continuation(grpc.aio.ClientCallDetails(details.method, details.timeout,
-                                                             _with_secret(details, secret), details.credentials,
-                                                             details.wait_for_ready), request)
-
-    return [type(f"SecretCarrier{kind.__name__}", (kind,), {method: carry})() for kind, method in _ASYNC_KINDS.items()]
+def secret_metadata(secret: str) -> tuple[tuple[str, str], ...]:
+    """For the calls of a grpc.aio channel, given with each call (metadata=...): grpc.aio's interceptors of
+    streams would wrap every message of the coordinator's step and ring streams in Python."""
+    return ((METADATA_KEY, secret),)
 
 
 # --- the server's side: a call without it never reaches a handler ------------------------------------

@@ -19,7 +19,7 @@ import grpc
 
 from runtime.core.cluster_file import ClusterSpec, SecuritySpec, parse_address
 from runtime.core.errors import SpeedError
-from runtime.wire.cluster_secret import SecretCarrier, async_carriers, load_secret
+from runtime.wire.cluster_secret import SecretCarrier, load_secret
 from runtime.wire.options import CHANNEL
 
 COORDINATOR = "speed coordinator"
@@ -66,17 +66,14 @@ def node_identity(security: SecuritySpec, name: str) -> Identity:
 def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None, *, server_name: str | None = None,
                  aio: bool = False, secret: str | None = None):
     """A channel with every channel's options: plain without credentials, TLS with them; server_name: the
-    name the server's certificate must hold, when it is not the dialled host; aio: a grpc.aio channel;
-    secret: the cluster's, carried by every call (a channel of the cluster's own processes)."""
+    name the server's certificate must hold, when it is not the dialled host; aio: a grpc.aio channel (its
+    calls carry the cluster's secret with secret_metadata); secret: the cluster's, carried by every call of
+    a synchronous channel (one of the cluster's own processes)."""
     options = CHANNEL + (expect_name(server_name) if credentials is not None and server_name else [])
-    if aio:
-        extra = {"interceptors": async_carriers(secret)} if secret else {}
-        if credentials is None:
-            return grpc.aio.insecure_channel(address, options=options, **extra)
-        return grpc.aio.secure_channel(address, credentials, options=options, **extra)
-    channel = grpc.insecure_channel(address, options=options) if credentials is None \
-        else grpc.secure_channel(address, credentials, options=options)
-    return grpc.intercept_channel(channel, SecretCarrier(secret)) if secret else channel
+    channels = grpc.aio if aio else grpc
+    channel = channels.insecure_channel(address, options=options) if credentials is None \
+        else channels.secure_channel(address, credentials, options=options)
+    return grpc.intercept_channel(channel, SecretCarrier(secret)) if secret and not aio else channel
 
 
 def member_channel(spec: ClusterSpec, address: str) -> grpc.Channel:
