@@ -6,7 +6,7 @@ import pytest
 from runtime.core.bundle import ExitMap, load_bundle
 from runtime.core.errors import SpeedError
 from runtime.core.scheduler import Item, TickPlan, Truncate
-from runtime.executor.kv_cache import KVCache
+from runtime.executor.kv_cache import CAPACITY_TILE, KVCache
 from runtime.executor.onnx_stage_model import OnnxStageModel
 from runtime.executor.tick_executor import TickExecutor
 from runtime.local.speculative import generate_speculative
@@ -40,11 +40,13 @@ def test_items_append_their_entries_and_truncations_roll_them_back(model):
 
 def test_the_cache_refuses_to_grow_past_its_capacity(tiny_bundle):
     cfg = load_bundle(tiny_bundle).config
-    cache = KVCache(cfg, rows=1, capacity=2)
-    new_keys = [np.zeros((cfg.n_kv_heads, cfg.head_dim, 3), np.float32)] * cfg.n_distinct_layers
-    new_values = [np.zeros((cfg.n_kv_heads, 3, cfg.head_dim), np.float32)] * cfg.n_distinct_layers
-    with pytest.raises(SpeedError, match="needs 3 positions but its cache holds 2"):
-        cache.append(0, new_keys, new_values, 3)
+    cache = KVCache(cfg, rows=1, capacity=2)  # room for a whole tile of positions
+    assert cache.capacity == CAPACITY_TILE
+    more = CAPACITY_TILE + 1
+    new_keys = [np.zeros((cfg.n_kv_heads, cfg.head_dim, more), np.float32)] * cfg.n_distinct_layers
+    new_values = [np.zeros((cfg.n_kv_heads, more, cfg.head_dim), np.float32)] * cfg.n_distinct_layers
+    with pytest.raises(SpeedError, match=f"needs {more} positions but its cache holds {CAPACITY_TILE}"):
+        cache.append(0, new_keys, new_values, more)
     with pytest.raises(SpeedError, match="cannot truncate"):
         cache.truncate(0, 1)
 
@@ -79,9 +81,10 @@ def test_a_cache_keeps_its_entries_when_it_grows(tiny_bundle):
     cache = KVCache(cfg, rows=2, capacity=4)
     cache.keys[...] = 1.0
     cache.lengths[:] = [3, 4]
-    cache.resize(9)
-    assert cache.keys.shape[-1] == 9 and cache.values.shape[-2] == 9
-    assert (cache.keys[..., :4] == 1.0).all() and (cache.keys[..., 4:] == 0.0).all()
+    cache.resize(CAPACITY_TILE + 1)  # a whole number of tiles
+    grown = 2 * CAPACITY_TILE
+    assert cache.capacity == cache.keys.shape[-1] == cache.values.shape[-2] == grown
+    assert (cache.keys[..., :CAPACITY_TILE] == 1.0).all() and (cache.keys[..., CAPACITY_TILE:] == 0.0).all()
     assert cache.lengths.tolist() == [3, 4]
 
 

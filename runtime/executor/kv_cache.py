@@ -13,11 +13,22 @@ import numpy as np
 from runtime.core.config import ModelConfig
 from runtime.core.errors import SpeedError
 
+# Capacities are whole tiles: ONNX Runtime's attention reductions over the cache axis take a vector path
+# for whole groups of lanes and another for the remainder, so a capacity of 33 gives other bits than 32 or
+# 48 for the same row. With whole tiles a row's result is the same whatever cache it sits in (the masked
+# positions add exact zeros), which lossless speculation needs (tests/test_batch_invariance.py).
+CAPACITY_TILE = 16
+
+
+def tiled(capacity: int) -> int:
+    return -(-capacity // CAPACITY_TILE) * CAPACITY_TILE
+
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, *, rows: int, capacity: int, layers: int | None = None):
         """layers: per row, default the deepest stage's."""
         L, Hkv, hd = layers or cfg.max_stage_layers, cfg.n_kv_heads, cfg.head_dim
+        capacity = tiled(capacity)
         self.capacity = capacity
         self.lengths = np.zeros(rows, dtype=np.int64)  # valid entries per row
         self.keys = np.zeros((L, rows, Hkv, hd, capacity), dtype=np.float32)
@@ -49,7 +60,9 @@ class KVCache:
         self.lengths[row] = length
 
     def resize(self, capacity: int) -> None:
-        """Hold `capacity` positions per row, keeping every entry that fits (a copy: call it rarely)."""
+        """Hold `capacity` positions per row (a whole tile), keeping every entry that fits (a copy: call it
+        rarely)."""
+        capacity = tiled(capacity)
         keep = min(capacity, self.capacity)
         keys = np.zeros(self.keys.shape[:-1] + (capacity,), dtype=np.float32)
         values = np.zeros(self.values.shape[:3] + (capacity, self.values.shape[-1]), dtype=np.float32)

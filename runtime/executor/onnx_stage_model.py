@@ -60,9 +60,14 @@ class OnnxStageModel:
     def run_stage(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> StageOutput:
         """hidden (B, T, d) of the tokens after each row's cache length, B = rows of `rows`.
         Returns hidden (B, T, d) and per layer new keys (B, Hkv, hd, T) and values (B, Hkv, T, hd)."""
-        if self._never_one_row and hidden.shape[:2] == (1, 1) and len(cache.lengths) > 1:
-            return self._run_beside_a_neighbour(stage, hidden, cache, rows.start)
         L = self._layers[stage]
+        if self._never_one_row and hidden.shape[:2] == (1, 1):
+            if len(cache.lengths) > 1:
+                return self._run_beside_a_neighbour(stage, hidden, cache, rows.start)
+            feeds = {name: np.concatenate([array, array]) for name, array in cache.feeds(rows, L).items()}
+            out = self._stage_sessions[stage].run(self._outputs[stage], {"hidden": np.concatenate([hidden, hidden]),
+                                                                         **feeds})  # a cache of one row: twice
+            return StageOutput(out[0][:1], [k[:1] for k in out[1 : 1 + L]], [v[:1] for v in out[1 + L :]])
         out = self._stage_sessions[stage].run(self._outputs[stage], {"hidden": hidden, **cache.feeds(rows, L)})
         return StageOutput(out[0], out[1 : 1 + L], out[1 + L :])
 

@@ -25,7 +25,7 @@ from runtime.core.errors import SpeedError
 from runtime.core.sampling import GREEDY, SamplingParams, choose_token
 from runtime.core.scheduler import Item, TickPlan
 from runtime.executor.cpu_profile import CpuProfile
-from runtime.executor.kv_cache import KVCache
+from runtime.executor.kv_cache import CAPACITY_TILE, KVCache
 from runtime.executor.stage_model import StageModel, StageOutput
 
 Key = tuple[int, int]  # (sequence, start position) names an item across ticks
@@ -99,7 +99,7 @@ class TickExecutor:
     def close(self, seq_id: int) -> None:
         """Free a sequence's slot; the last one to go gives the caches' memory back (the next open
         allocates them again anyway), so an idle node holds no more than it did at start."""
-        if self._slot_of.pop(seq_id, None) is not None and not self._slot_of and self.cache.capacity > 1:
+        if self._slot_of.pop(seq_id, None) is not None and not self._slot_of and self.cache.capacity > CAPACITY_TILE:
             self._resize(1)
             self._hidden = {}
         self._sampling.pop(seq_id, None)

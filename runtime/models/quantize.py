@@ -34,6 +34,7 @@ WEIGHTS = {"int4": 4, "int8": 8}
 # this CPU, but it turned SmolLM2-135M's answers into noise, and its results depend on the shape of the call
 # (a request's cache size changed its sampled text), which lossless speculation cannot allow.
 ACCURACY_LEVEL = 1
+ACCURACY_LEVELS = (1, 4)  # 1: float32 arithmetic; 4: int8 activations (see docs/performance.md)
 INT8_ON_CPU = ("note: int8 weights decode slowly on CPUs (SmolLM2-135M: 1.4 tokens/s against 27 in float32 and 15 "
                 "in int4 on one x86 core; ONNX Runtime has no fast kernel for them with float32 arithmetic): "
                 "choose them for their accuracy, or for a GPU")
@@ -46,8 +47,12 @@ _DERIVED_KEYS = {"format", "name", "architecture", "model_config", "dtype", "voc
 class Quantization:
     weights: str = "int4"  # int4 or int8
     block_size: int = 32  # input channels per scale; a power of two, at least 16 (as llama.cpp's Q4_1: 32)
+    accuracy_level: int = ACCURACY_LEVEL  # MatMulNBits' arithmetic
 
     def __post_init__(self) -> None:
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise SpeedError(f"--accuracy-level must be one of {', '.join(map(str, ACCURACY_LEVELS))}, "
+                             f"got {self.accuracy_level}")
         if self.weights not in WEIGHTS:
             raise SpeedError(f"--weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -81,7 +86,7 @@ def quantize_bundle(source: Path, out_dir: Path, settings: Quantization, *, forc
             embedding={"file": EMBEDDING_Q8_FILE, "shape": [bundle.config.vocab_size, bundle.config.d_model],
                        "dtype": "int8", "row_scales": EMBEDDING_SCALES_FILE},
             quantization={"weights": settings.weights, "block_size": settings.block_size,
-                          "accuracy_level": ACCURACY_LEVEL, "symmetric": False,
+                          "accuracy_level": settings.accuracy_level, "symmetric": False,
                           "tool": f"onnxruntime {ort_version()} MatMulNBitsQuantizer",
                           "source": {"name": bundle.manifest["name"], "sha256": bundle.sha256},
                           "carried_unchanged": carried})
@@ -102,7 +107,7 @@ def quantize_graph(path: Path, out: Path, settings: Quantization, known: dict[by
         model = onnx.load(str(folded))
     used, offset_products = _write_known_weights(model, known or {})
     quantizer = MatMulNBitsQuantizer(model, bits=WEIGHTS[settings.weights], block_size=settings.block_size,
-                                     is_symmetric=False, accuracy_level=ACCURACY_LEVEL,
+                                     is_symmetric=False, accuracy_level=settings.accuracy_level,
                                      nodes_to_exclude=offset_products)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one line per MatMul otherwise
     quantizer.process()

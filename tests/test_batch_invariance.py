@@ -1,0 +1,74 @@
+"""Batch invariance: a row's results (hidden state, new keys and values, logits) are the same bits whatever
+other rows share its call, however many, and whatever its cache's capacity. Lossless speculation needs it:
+a speculative pass runs more rows than a sequential one, and a token must not depend on which it was in.
+
+For every kind of bundle: float32, int4 and int8 weights (MatMulNBits with float32 arithmetic), and int4
+with int8 activations (accuracy level 4). A row alone is the same row in a cache of its own with a second,
+idle row, as every cache of a multi-stage model has (a quantized model never runs a single row alone: ONNX
+Runtime computes one row with another kernel, see OnnxStageModel)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from runtime.core.bundle import DEFAULT_BUNDLE, load_bundle
+from runtime.executor.kv_cache import KVCache
+from runtime.executor.onnx_stage_model import OnnxStageModel
+from runtime.models.quantize import Quantization, quantize_bundle
+
+pytestmark = pytest.mark.training  # it quantizes the demo bundle
+
+KINDS = {"float32": None, "int4": Quantization("int4"), "int8": Quantization("int8"),
+         "int4-int8-activations": Quantization("int4", accuracy_level=4)}
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def model(request, tmp_path_factory) -> OnnxStageModel:
+    settings_ = KINDS[request.param]
+    path = DEFAULT_BUNDLE if settings_ is None else \
+        quantize_bundle(DEFAULT_BUNDLE, tmp_path_factory.mktemp("kinds") / request.param, settings_)
+    return OnnxStageModel(load_bundle(path), threads=1)
+
+
+calls = st.fixed_dictionaries({
+    "stage": st.integers(0, 2),
+    "tokens_per_row": st.integers(1, 4),
+    "cached": st.lists(st.integers(1, 24), min_size=1, max_size=6),  # positions each row holds already
+    "room": st.lists(st.integers(0, 40), min_size=7, max_size=7),  # capacity beyond what each cache needs
+    "seed": st.integers(0, 2**32 - 1),
+})
+
+
+def prefilled(model: OnnxStageModel, stage: int, rows: list[np.ndarray], capacity: int, *, idle_row: bool) -> KVCache:
+    """A cache whose row r holds the keys and values of stage `stage` over rows[r]'s hidden states."""
+    cache = KVCache(model.config, rows=len(rows) + idle_row, capacity=capacity)
+    for r, hidden in enumerate(rows):
+        out = model.run_stage(stage, hidden[None], KVCache(model.config, rows=2, capacity=len(hidden)), slice(0, 1))
+        cache.append(r, [k[0] for k in out.new_keys], [v[0] for v in out.new_values], len(hidden))
+    return cache
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(call=calls)
+def test_a_rows_results_do_not_depend_on_the_rows_beside_it_or_its_cache(model, call):
+    rng = np.random.default_rng(call["seed"])
+    d, stage, T = model.config.d_model, call["stage"], call["tokens_per_row"]
+    history = [rng.standard_normal((n, d)).astype(np.float32) for n in call["cached"]]
+    x = rng.standard_normal((len(history), T, d)).astype(np.float32)
+    room = call["room"]
+    together = prefilled(model, stage, history, max(call["cached"]) + T + room[-1], idle_row=False)
+    batch = model.run_stage(stage, x, together, slice(0, len(history)))
+    batch_logits, _ = model.classify(batch.hidden[:, -1])
+    for r, rows_history in enumerate(history):
+        alone = prefilled(model, stage, [rows_history], len(rows_history) + T + room[r], idle_row=True)
+        out = model.run_stage(stage, x[r : r + 1], alone, slice(0, 1))
+        logits, _ = model.classify(out.hidden[:, -1])
+        assert np.array_equal(out.hidden[0], batch.hidden[r]), f"row {r}: hidden state"
+        for layer, (k, v) in enumerate(zip(out.new_keys, out.new_values)):
+            assert np.array_equal(k[0], batch.new_keys[layer][r]) and np.array_equal(v[0], batch.new_values[layer][r]), \
+                f"row {r}: layer {layer}'s keys or values"
+        assert np.array_equal(logits[0], batch_logits[r]), f"row {r}: logits"
