@@ -82,6 +82,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", choices=["int4", "int8"], default="int4", help="bits per weight (default int4)")
     p.add_argument("--block-size", type=whole(16, 4096), default=32,
                    help="input channels per scale and zero point, a power of two (default 32, as GGUF's Q4_1)")
+    p.add_argument("--accuracy-level", type=int, choices=[1, 4], default=1,
+                   help="MatMulNBits' arithmetic: 1 float32 (default), 4 int8 activations (faster on CPUs; its "
+                        "accuracy on real models is still being measured, see docs/performance.md)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.set_defaults(run=cmd_quantize)
 
@@ -169,7 +172,7 @@ def layer_counts(text: str) -> tuple[int, ...]:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from runtime.models.quantize import Quantization, quantize_bundle
 
-    settings = Quantization(weights=args.weights, block_size=args.block_size)
+    settings = Quantization(weights=args.weights, block_size=args.block_size, accuracy_level=args.accuracy_level)
     out = quantize_bundle(args.bundle, args.out_dir, settings, force=args.force, progress=stderr_progress())
     print(f"wrote bundle {out}")
 
