@@ -82,7 +82,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", choices=["int4", "int8"], default="int4", help="bits per weight (default int4)")
     p.add_argument("--block-size", type=whole(16, 4096), default=32,
                    help="input channels per scale and zero point, a power of two (default 32, as GGUF's Q4_1)")
-    p.add_argument("--accuracy-level", type=int, choices=[1, 4], default=1,
+    p.add_argument("--accuracy-level", type=whole(1, 4), choices=[1, 4], default=1,
                    help="MatMulNBits' arithmetic: 1 float32 (default), 4 int8 activations (faster on CPUs; its "
                         "accuracy on real models is still being measured, see docs/performance.md)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
