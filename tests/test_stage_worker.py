@@ -86,7 +86,7 @@ def test_calls_queued_before_a_stop_finish_and_later_calls_run_on_their_caller()
         time.sleep(0.2)
         return "slow"
 
-    results, _ = {}, None
+    results: dict[str, str] = {}
     holder = threading.Thread(target=lambda: results.setdefault("slow", worker.call(slow)))
     holder.start()
     started.wait(timeout=5)

@@ -42,7 +42,7 @@ def write_secret(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".secret-")  # mode 0600
     with os.fdopen(fd, "w") as out:
-        out.write(secrets.token_hex(_HEX_CHARS // 2) + "\n")
+        out.write(_new_secret())
     os.replace(temporary, path)
 
 
@@ -71,7 +71,11 @@ def _make_once(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:
-        out.write(secrets.token_hex(_HEX_CHARS // 2) + "\n")
+        out.write(_new_secret())
+
+
+def _new_secret() -> str:
+    return secrets.token_hex(_HEX_CHARS // 2) + "\n"
 
 
 # --- the caller's side: every call of a channel carries it -----------------------------------------
