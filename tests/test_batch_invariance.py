@@ -4,8 +4,9 @@ a speculative pass runs more rows than a sequential one, and a token must not de
 
 For every kind of bundle: float32, int4 and int8 weights (MatMulNBits with float32 arithmetic), and int4
 with int8 activations (accuracy level 4). A row alone is the same row in a cache of its own with a second,
-idle row, as every cache of a multi-stage model has (a quantized model never runs a single row alone: ONNX
-Runtime computes one row with another kernel, see OnnxStageModel)."""
+idle row, as every cache of a multi-stage model has. With int8 activations a single position of that row
+is computed alone; at accuracy level 1 it is not (ONNX Runtime computes one row with another kernel there,
+see Bundle.one_row_computed_apart)."""
 
 from __future__ import annotations
 

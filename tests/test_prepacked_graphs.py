@@ -5,6 +5,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -13,7 +14,7 @@ from runtime.executor import prepacked_graphs
 from runtime.executor.kv_cache import KVCache
 from runtime.executor.onnx_session import create_session
 from runtime.executor.onnx_stage_model import OnnxStageModel
-from runtime.executor.prepacked_graphs import cached_graphs, prepacked_graph
+from runtime.executor.prepacked_graphs import DATA_FILE, cached_graphs, prepacked_graph, probe_feeds
 
 
 def stage_outputs(session, cfg, rows=2, length=5, capacity=12):
@@ -47,6 +48,48 @@ def test_without_a_writable_cache_the_original_graph_is_loaded(tiny_bundle, tmp_
     with caplog.at_level(logging.WARNING, logger="speed.node"):
         model = OnnxStageModel(load_bundle(tiny_bundle), threads=1)
     assert "loading the graph itself" in caplog.text
+    assert model.classify(np.zeros((1, model.config.d_model), np.float32))[1].shape == (1,)
+
+
+def saving_wrong_weights(monkeypatch, *, prepacked_only: bool) -> None:
+    """ONNX Runtime as it was for one int4 graph of SmolLM2 (MatMulNBits at accuracy level 4): the copy it saves
+    reads back wrong. Here its weights read back as zeros, in copies with pre-packed weights or in all."""
+    real = prepacked_graphs.ort.InferenceSession
+
+    def session(path, sess_options=None, **kwargs):
+        made = real(path, sess_options=sess_options, **kwargs)
+        saved = sess_options is not None and sess_options.optimized_model_filepath
+        if saved and (not prepacked_only or sess_options.get_session_config_entry(
+                "session.save_external_prepacked_constant_initializers") == "1"):
+            data = Path(sess_options.optimized_model_filepath).parent / DATA_FILE
+            data.write_bytes(bytes(data.stat().st_size))
+        return made
+
+    monkeypatch.setattr(prepacked_graphs.ort, "InferenceSession", session)
+
+
+def test_a_copy_whose_pre_packed_weights_read_back_wrong_is_saved_without_them(tiny_bundle, tmp_path, monkeypatch,
+                                                                               caplog):
+    monkeypatch.setenv("SPEED_GRAPH_CACHE", str(tmp_path / "graphs"))
+    bundle = load_bundle(tiny_bundle)
+    (path,) = set(bundle.stage_graphs)
+    saving_wrong_weights(monkeypatch, prepacked_only=True)
+    with caplog.at_level(logging.INFO, logger="speed.node"):
+        copy = prepacked_graph(path, bundle.file_sha256(path))
+    assert "saving it without pre-packed weights" in caplog.text
+    original = create_session(path, threads=1)
+    feeds = probe_feeds(original)
+    for a, b in zip(original.run(None, feeds), create_session(copy, threads=1).run(None, feeds)):
+        assert np.array_equal(a, b)
+
+
+def test_a_graph_no_copy_of_which_computes_the_same_bits_is_loaded_itself(tiny_bundle, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SPEED_GRAPH_CACHE", str(tmp_path / "graphs"))
+    saving_wrong_weights(monkeypatch, prepacked_only=False)
+    with caplog.at_level(logging.WARNING, logger="speed.node"):
+        model = OnnxStageModel(load_bundle(tiny_bundle), threads=1)
+    assert "copy of stage.onnx does not compute what the graph computes); loading the graph itself" in caplog.text
+    assert cached_graphs() == []
     assert model.classify(np.zeros((1, model.config.d_model), np.float32))[1].shape == (1,)
 
 

@@ -186,6 +186,13 @@ class Bundle:
         return "quantization" in self.manifest
 
     @property
+    def one_row_computed_apart(self) -> bool:
+        """ONNX Runtime's MatMulNBits with float32 arithmetic (accuracy level 1) computes a single row with
+        another kernel than several, whose sums differ in the last bits; with int8 activations (level 4) it
+        does not (tests/test_batch_invariance.py)."""
+        return self.quantized and self.manifest["quantization"].get("accuracy_level", 1) == 1
+
+    @property
     def exits(self) -> dict[str, Any]:
         """The manifest's exits (`speed train-exit`): kind, stages, files and report; {} when none."""
         return self.manifest.get("exits") or {}

@@ -24,10 +24,10 @@ class OnnxStageModel:
     def __init__(self, bundle: Bundle, *, device: str = "cpu", threads: int = 0, stages: Iterable[int] | None = None):
         self.config = bundle.config
         self._graph_ids = bundle.graph_ids
-        # ONNX Runtime's MatMulNBits computes a single row (M = 1) with another kernel than several rows, and
-        # the sums differ in the last bits: a quantized bundle's graphs always get at least two rows, so a
-        # token's result never depends on what it is batched with, which lossless speculation needs
-        self._never_one_row = bundle.quantized
+        # where a single row is computed with another kernel (Bundle.one_row_computed_apart), the graphs
+        # always get at least two rows, so a token's result never depends on what it is batched with, which
+        # lossless speculation needs
+        self._never_one_row = bundle.one_row_computed_apart
 
         def session(path: Path):
             return create_session(path, device=device, threads=threads, sha256=bundle.file_sha256(path))
