@@ -1,4 +1,4 @@
-"""A GGUF file's 4-bit blocks written as MatMulNBits weights hold exactly the numbers llama.cpp reads."""
+"""A GGUF file's 4- and 8-bit blocks written as MatMulNBits weights hold exactly the numbers llama.cpp reads."""
 
 from __future__ import annotations
 
@@ -35,7 +35,17 @@ def test_4_bit_blocks_become_the_same_weights(kind):
         np.testing.assert_array_equal(matmul_nbits_weight(blocks.packed, blocks.scales, 0) + offsets, llama_cpp)
 
 
+def test_8_bit_blocks_become_the_same_weights_with_the_default_zero_point():
+    weight = np.random.default_rng(1).standard_normal((48, 96)).astype(np.float32)
+    raw = quantize(weight, GGMLQuantizationType.Q8_0)
+    blocks = nbits_weight("Q8_0", raw)
+    assert blocks.bits == 8 and blocks.offsets is None and blocks.shape == (96, 48)
+    N, count, _ = blocks.packed.shape  # one byte an element; MatMulNBits' default 8-bit zero point is 128
+    values = (blocks.packed.astype(np.float32) - 128) * blocks.scales.reshape(N, count, 1)
+    np.testing.assert_array_equal(values.reshape(N, -1), dequantize(raw, GGMLQuantizationType.Q8_0))
+
+
 def test_other_types_are_not_taken():
-    raw = quantize(np.ones((4, 64), np.float32), GGMLQuantizationType.Q8_0)
-    assert nbits_weight("Q8_0", raw) is None
+    raw = quantize(np.ones((4, 64), np.float32), GGMLQuantizationType.Q5_0)
+    assert nbits_weight("Q5_0", raw) is None
     assert nbits_weight("F32", np.ones((4, 64), np.float32)) is None

@@ -187,42 +187,68 @@ def test_an_existing_bundle_directory_is_kept_unless_forced(source, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def four_bit(tiny_bundle, tmp_path_factory) -> tuple[Path, Path, str]:
-    """A 4-bit GGUF file imported twice: float32, and keeping its blocks (and what that import printed)."""
+def four_bit(tiny_bundle, tmp_path_factory) -> dict[str, Path | str]:
+    """A file of 4-bit layers and a Q8_0 embedding imported three times: float32, keeping its blocks with int8
+    activations (the default), and keeping its 4-bit blocks with float32 arithmetic; and what the second printed."""
     tokenizer_json = json.loads((tiny_bundle / "tokenizer.json").read_text())
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("gguf") / "four-bit.gguf"
     write_gguf(path, SpeedDecoder(source_config(tokenizer_json)), tokenizer_json, types=FOUR_BIT)
     out = tmp_path_factory.mktemp("imported")
-    for weights in ("f32", "q4"):
-        result = run_speed("import", "gguf", str(path), str(out / weights), "--stages", "3", "--weights", weights)
+    imports = {"f32": ["--weights", "f32"], "q4": ["--weights", "q4"], "q4-level1": ["--weights", "q4",
+                                                                                    "--accuracy-level", "1"]}
+    printed = {}
+    for kind, flags in imports.items():
+        result = run_speed("import", "gguf", str(path), str(out / kind), "--stages", "3", *flags)
         assert result.returncode == 0, result.stderr
-    return out / "f32", out / "q4", result.stderr
+        printed[kind] = result.stderr
+    return {**{kind: out / kind for kind in imports}, "printed": printed["q4"]}
+
+
+def _stage_files_bytes(bundle) -> int:
+    return sum(meta["bytes"] for name, meta in bundle.manifest["files"].items() if name.startswith("stage_"))
 
 
 def test_a_4_bit_import_keeps_the_file_s_blocks_and_computes_what_the_file_says(four_bit):
-    floats, kept, printed = four_bit
-    bundle = load_bundle(kept)
-    made = bundle.manifest["quantization"]
+    floats, kept = load_bundle(four_bit["f32"]), load_bundle(four_bit["q4-level1"])
+    made = kept.manifest["quantization"]
     assert len(made["kept_from_gguf"]) == 5 * 7 and made["quantized_from_values"] == []
-    assert made["float32"] == ["token_embd.weight"]  # the embedding and tied head
-    assert "kept the file's own blocks of 35 of 35 layer matrices (Q4_0, Q4_1)" in printed
-    assert bundle.quantized
+    assert made["float32"] == ["token_embd.weight"]  # no fast 8-bit kernel with float32 arithmetic
+    assert kept.quantized and kept.one_row_computed_apart
     # the same numbers as the float32 import of the file, only stored in its 4 bits
-    hidden = np.random.default_rng(0).standard_normal((2, 5, bundle.config.d_model)).astype(np.float32)
-    for graph_float, graph_kept in zip(load_bundle(floats).stage_graphs, bundle.stage_graphs):
+    hidden = np.random.default_rng(0).standard_normal((2, 5, kept.config.d_model)).astype(np.float32)
+    for graph_float, graph_kept in zip(floats.stage_graphs, kept.stage_graphs):
         expected, got = (_run_stage(path, hidden) for path in (graph_float, graph_kept))
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-    size = sum(meta["bytes"] for name, meta in bundle.manifest["files"].items() if name.startswith("stage_"))
-    float_size = sum(meta["bytes"] for name, meta in load_bundle(floats).manifest["files"].items()
-                     if name.startswith("stage_"))
-    assert size < float_size / 3
+    assert _stage_files_bytes(kept) < _stage_files_bytes(floats) / 3
 
 
+def test_with_int8_activations_the_q8_0_embedding_is_kept_as_the_head_s_weights_and_the_table(four_bit):
+    floats, kept = load_bundle(four_bit["f32"]), load_bundle(four_bit["q4"])
+    made = kept.manifest["quantization"]
+    assert made["accuracy_level"] == 4 and not kept.one_row_computed_apart
+    assert "token_embd.weight" in made["kept_from_gguf"] and made["float32"] == []
+    assert ("kept the file's own blocks of 35 of 35 layer matrices (Q4_0, Q4_1) and of the embedding and tied head "
+            "(Q8_0)") in four_bit["printed"]
+    assert kept.manifest["embedding"]["dtype"] == "q8_0" and "embedding.bin" not in kept.manifest["files"]
+    ids = np.arange(kept.config.vocab_size).reshape(2, -1)
+    assert np.array_equal(kept.embedding()[ids], floats.embedding()[ids])  # llama.cpp's numbers, bit for bit
+    # one file is both the table and the head's weights: the head graph holds none of its own
+    assert kept.manifest["files"]["head.onnx"]["bytes"] < 64 * 1024
+    total = sum(meta["bytes"] for meta in kept.manifest["files"].values())
+    assert total < 0.35 * sum(meta["bytes"] for meta in floats.manifest["files"].values())
+    # int8 activations round the inputs of every product: close to the float32 import, not equal
+    model, float_model = open_stage_model(kept), open_stage_model(floats)
+    hidden = float_model.embed(np.asarray([ids[0, :8]]))
+    logits, float_logits = (m.classify(hidden[0])[0] for m in (model, float_model))
+    assert np.abs(logits - float_logits).max() < 0.05 * np.abs(float_logits).max()
+
+
+@pytest.mark.parametrize("kind", ["q4", "q4-level1"])
 @pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=0.8, top_p=0.95, seed=5)],
                          ids=["greedy", "sampled"])
-def test_speculative_decoding_of_a_4_bit_import_equals_its_sequential_decoding(four_bit, sampling):
-    bundle = load_bundle(four_bit[1])
+def test_speculative_decoding_of_a_4_bit_import_equals_its_sequential_decoding(four_bit, kind, sampling):
+    bundle = load_bundle(four_bit[kind])
     model = open_stage_model(bundle)
     prompts = [bundle.tokenizer().encode(p).ids for p in PROMPTS]
     sequential = [generate_plain(model, p, max_new_tokens=24, eos_id=-1, sampling=sampling).token_ids for p in prompts]
@@ -235,9 +261,10 @@ def test_matrices_in_other_types_are_quantized_from_their_values(source, tmp_pat
     result = run_speed("import", "gguf", str(source[0]), str(out), "--stages", "3", "--weights", "q4")
     assert result.returncode == 0, result.stderr
     made = load_bundle(out).manifest["quantization"]
-    assert made["kept_from_gguf"] == [f"blk.{i}.ffn_up.weight" for i in range(5)]  # the file's Q4_1 ones
-    assert "blk.0.attn_k.weight" in made["quantized_from_values"]  # Q8_0 in this file
+    assert made["kept_from_gguf"] == sorted(f"blk.{i}.{part}.weight" for i in range(5)  # the file's Q4_1 and Q8_0 ones
+                                            for part in ("attn_k", "ffn_up")) + ["token_embd.weight"]
     assert "blk.0.ffn_down.weight" in made["quantized_from_values"]  # F16
+    assert "blk.0.attn_q.weight" in made["quantized_from_values"]  # F32
 
 
 def _run_stage(graph: Path, hidden: np.ndarray) -> np.ndarray:

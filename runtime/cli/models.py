@@ -71,7 +71,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         help="layers of each stage, first to last, e.g. 11,12,7 (fewer on the last stage, which also "
                              "runs the classifier)")
     q.add_argument("--weights", choices=["f32", "q4"], default="f32",
-                   help="float32, or 4-bit layers keeping the file's own Q4_0 / Q4_1 blocks (default f32)")
+                   help="float32, or layers keeping the file's own Q4_0 / Q4_1 blocks (and with int8 activations "
+                        "its Q8_0 ones, the embedding's included) (default f32)")
+    accuracy_level_argument(q)
     q.add_argument("--name", help="bundle name (default: the file's name)")
     q.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     q.set_defaults(run=cmd_import_gguf)
@@ -82,9 +84,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", choices=["int4", "int8"], default="int4", help="bits per weight (default int4)")
     p.add_argument("--block-size", type=whole(16, 4096), default=32,
                    help="input channels per scale and zero point, a power of two (default 32, as GGUF's Q4_1)")
-    p.add_argument("--accuracy-level", type=whole(1, 4), choices=[1, 4], default=1,
-                   help="MatMulNBits' arithmetic: 1 float32 (default), 4 int8 activations (faster on CPUs; its "
-                        "accuracy on real models is still being measured, see docs/performance.md)")
+    accuracy_level_argument(p)
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.set_defaults(run=cmd_quantize)
 
@@ -151,12 +151,18 @@ def cmd_models_pull(args: argparse.Namespace) -> None:
     print(pull(args.name, cache=args.cache, progress=stderr_progress()))
 
 
+def accuracy_level_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--accuracy-level", type=whole(1, 4), choices=[1, 4], default=4,
+                        help="arithmetic of the quantized weights: 4 int8 activations (default; fast on CPUs, the "
+                             "same bits for a row in any batch), 1 float32 (slower; int8 weights very slow)")
+
+
 def cmd_import_gguf(args: argparse.Namespace) -> None:
     from runtime.models.gguf_import import import_gguf
 
     stages = args.stage_layers if args.stage_layers is not None else args.stages
-    out = import_gguf(args.file, args.out_dir, stages=stages, weights=args.weights, name=args.name, force=args.force,
-                      progress=stderr_progress())
+    out = import_gguf(args.file, args.out_dir, stages=stages, weights=args.weights, accuracy_level=args.accuracy_level,
+                      name=args.name, force=args.force, progress=stderr_progress())
     print(f"wrote bundle {out}")
 
 

@@ -18,13 +18,15 @@ import numpy as np
 from runtime.core.chat import ChatMessage, chat_prompt
 from runtime.core.config import ModelConfig
 from runtime.core.errors import SpeedError
-from runtime.core.manifest import FORMAT, MANIFEST_FILE, REEXPORT, check_manifest
+from runtime.core.manifest import FORMAT, MANIFEST_FILE, REEXPORT, SCALE_BLOCK, check_manifest
 
 STAGE_FILE = "stage.onnx"
 HEAD_FILE = "head.onnx"
 EMBEDDING_FILE = "embedding.bin"
 EMBEDDING_Q8_FILE = "embedding.int8.bin"  # a quantized bundle's table: int8 (V, d) ...
 EMBEDDING_SCALES_FILE = "embedding.scales.bin"  # ... and one float32 scale per row (V,)
+EMBEDDING_BLOCKS_FILE = "embedding.q8_0.bin"  # a GGUF Q8_0 table kept: bytes q + 128 (V, d), the head's weights ...
+EMBEDDING_BLOCK_SCALES_FILE = "embedding.q8_0.scales.bin"  # ... and one float32 scale per 32 values (V, d / 32)
 TOKENIZER_FILE = "tokenizer.json"
 TRAINING_REPORT_FILE = "training_report.json"  # held-out loss and flip rates, when exported from `speed train`
 DEFAULT_BUNDLE = Path(__file__).parents[1] / "bundles" / "demo-4x3"
@@ -76,6 +78,25 @@ class Int8Rows:
     def __getitem__(self, token_ids: np.ndarray) -> np.ndarray:
         """token ids (...) -> float32 rows (..., d)."""
         return self.values[token_ids].astype(np.float32) * self.scales[token_ids][..., None]
+
+
+@dataclass(frozen=True)
+class BlockRows:
+    """An embedding table of GGUF's Q8_0 blocks: bytes q + 128 and one float32 scale per 32 values, read as
+    exactly the float32 values llama.cpp dequantizes (scale * q)."""
+
+    codes: np.ndarray  # (V, d) uint8
+    scales: np.ndarray  # (V, d / 32) float32
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.codes.shape
+
+    def __getitem__(self, token_ids: np.ndarray) -> np.ndarray:
+        """token ids (...) -> float32 rows (..., d)."""
+        codes = self.codes[token_ids].astype(np.float32) - 128.0
+        blocks = codes.reshape(*codes.shape[:-1], -1, SCALE_BLOCK) * self.scales[token_ids][..., None]
+        return blocks.reshape(codes.shape)
 
 
 class ExitMap(NamedTuple):
@@ -154,13 +175,17 @@ class Bundle:
         """A conversation in the chat template, ending where the assistant's next answer starts."""
         return chat_prompt(self.chat_template, messages, bundle_name=self.manifest["name"])
 
-    def embedding(self) -> np.ndarray | Int8Rows:
-        """(V, d), memory-mapped read-only; indexing with token ids gives float32 rows either way."""
+    def embedding(self) -> np.ndarray | Int8Rows | BlockRows:
+        """(V, d), memory-mapped read-only; indexing with token ids gives float32 rows in every form."""
         spec = self.manifest["embedding"]
         shape = tuple(spec["shape"])
         if spec["dtype"] == "int8":
             scales = np.memmap(self.path / spec["row_scales"], dtype="<f4", mode="r", shape=shape[:1])
             return Int8Rows(np.memmap(self.path / spec["file"], dtype=np.int8, mode="r", shape=shape), scales)
+        if spec["dtype"] == "q8_0":
+            scales = np.memmap(self.path / spec["block_scales"], dtype="<f4", mode="r",
+                               shape=(shape[0], shape[1] // SCALE_BLOCK))
+            return BlockRows(np.memmap(self.path / spec["file"], dtype=np.uint8, mode="r", shape=shape), scales)
         return np.memmap(self.path / spec["file"], dtype=spec["dtype"], mode="r", shape=shape)
 
     def verify(self, names: Iterable[str]) -> None:
@@ -174,7 +199,7 @@ class Bundle:
         their exits."""
         embedding = self.manifest["embedding"]
         names = {self.stage_graphs[stage].name for stage in stages} | {self.head_graph.name, embedding["file"]}
-        names |= {embedding["row_scales"]} if "row_scales" in embedding else set()
+        names |= {embedding[key] for key in ("row_scales", "block_scales") if key in embedding}
         guess_head = self.manifest.get("guess_head")
         names |= {guess_head["graph"], guess_head["tokens"]} if guess_head else set()
         layers = self.exit_layer_graphs()

@@ -22,7 +22,8 @@ from runtime.core.errors import SpeedError
 FORMAT = "speed-bundle/1"
 MANIFEST_FILE = "manifest.json"
 REEXPORT = "re-export the bundle (speed export / speed import gguf)"
-EMBEDDING_DTYPES = {"<f4": 4, "int8": 1}  # an embedding table's element type -> bytes per element
+EMBEDDING_DTYPES = {"<f4": 4, "int8": 1, "q8_0": 1}  # an embedding table's element type -> bytes per element
+SCALE_BLOCK = 32  # input channels per scale of a q8_0 table (GGUF's Q8_0 blocks)
 MAX_NAME_BYTES = 255  # the longest file name common file systems take
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -89,7 +90,8 @@ def _model_config(manifest: dict) -> ModelConfig:
 
 
 def _embedding(manifest: dict, files: dict[str, dict], config: ModelConfig) -> None:
-    """(V, d) rows of float32, or of int8 with one float32 scale per row."""
+    """(V, d) rows of float32, of int8 with one float32 scale per row, or of q8_0: bytes q + 128 with one float32
+    scale per block of 32 (a GGUF file's Q8_0 table, which the head reads as its 8-bit weights)."""
     spec = _mapping(manifest.get("embedding", _MISSING), "embedding", "a mapping with file, shape and dtype")
     shape = [config.vocab_size, config.d_model]
     _key(spec, "shape", f"{shape} (model_config's vocab_size, d_model)",
@@ -101,6 +103,11 @@ def _embedding(manifest: dict, files: dict[str, dict], config: ModelConfig) -> N
     if dtype == "int8" or "row_scales" in spec:
         _size(files, _file(spec, "row_scales", files, "embedding"), 4 * config.vocab_size,
               f"one float32 scale per row of {config.vocab_size}")
+    if dtype == "q8_0" or "block_scales" in spec:
+        if config.d_model % SCALE_BLOCK:
+            raise _Wrong(f"embedding.dtype q8_0 needs d_model a multiple of {SCALE_BLOCK}, got {config.d_model}")
+        _size(files, _file(spec, "block_scales", files, "embedding"), 4 * math.prod(shape) // SCALE_BLOCK,
+              f"one float32 scale per {SCALE_BLOCK} values of {shape}")
 
 
 def _exits(manifest: dict, files: dict[str, dict], config: ModelConfig) -> None:

@@ -7,11 +7,11 @@ in the page cache for every process of the machine: nodes sharing a machine then
 caches too, and a session starts without re-packing. The copy is specific to this CPU and this ONNX
 Runtime version, so it is made where it runs, keyed by the graph's sha256, and never shipped.
 
-A copy is used only after it gave the same bits as the graph it was made from on a probe input. ONNX
-Runtime 1.31's saved pre-packing is wrong for some graphs: MatMulNBits at accuracy level 4 (int8
-activations) read back from a saved copy computed noise for one of SmolLM2-135M's three int4 stages and
-not for the other two. Such a graph is saved optimized but without its pre-packed weights, which the
-session then packs in memory as it would for the original.
+ONNX Runtime 1.31 saves MatMulNBits' pre-packed weights wrongly at accuracy level 4 (int8 activations):
+read back, one of SmolLM2-135M's three int4 stages computed noise, and a small model's stage crashed the
+process. A graph with such products is saved optimized but without pre-packed weights (its sessions pack
+them in memory, as for the original); and any copy is used only after it gave the same bits as the graph
+it was made from on a probe input, else it is saved without pre-packed weights, else not used at all.
 
 The cache holds at most $SPEED_GRAPH_CACHE_MB megabytes (DEFAULT_LIMIT_MB): after a new copy is made, the
 copies used least recently go until the rest fit (a process that has one mapped keeps reading it; the
@@ -108,7 +108,8 @@ def prepacked_graph(path: Path, sha256: str) -> Path:
 
 def _write_checked_copy(path: Path, directory: Path) -> None:
     """The optimized copy with its pre-packed weights, or without them where those change the results."""
-    for save_prepacked in (True, False):
+    attempts = (False,) if _int8_activation_products(path) else (True, False)
+    for save_prepacked in attempts:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = 1  # the probe's bits must not depend on how its work is split
@@ -131,6 +132,14 @@ def _write_checked_copy(path: Path, directory: Path) -> None:
         for file in directory.iterdir():
             file.unlink()
     raise OSError(f"ONNX Runtime's optimized copy of {path.name} does not compute what the graph computes")
+
+
+def _int8_activation_products(path: Path) -> bool:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(node.op_type == "MatMulNBits" and attribute.name == "accuracy_level" and attribute.i == 4
+               for node in graph.node for attribute in node.attribute)
 
 
 def probe_feeds(session: ort.InferenceSession) -> dict[str, np.ndarray]:

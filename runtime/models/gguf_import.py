@@ -18,15 +18,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.core.bundle import TOKENIZER_FILE, sha256_of, write_manifest
+from runtime.core.bundle import (
+    EMBEDDING_BLOCK_SCALES_FILE,
+    EMBEDDING_BLOCKS_FILE,
+    EMBEDDING_FILE,
+    HEAD_FILE,
+    TOKENIZER_FILE,
+    sha256_of,
+    write_manifest,
+)
 from runtime.core.config import ModelConfig
 from runtime.core.errors import SpeedError
 from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.core.staging import check_directory_free, staged_directory
 from runtime.models.decoder import SpeedDecoder
 from runtime.models.export import write_model
-from runtime.models.gguf_blocks import BLOCK, nbits_weight
-from runtime.models.quantize import ACCURACY_LEVEL, Quantization, ort_version, quantize_graph, weight_digest
+from runtime.models.gguf_blocks import BLOCK, NBitsWeight, nbits_weight
+from runtime.models.quantize import (
+    ACCURACY_LEVEL,
+    INT8_ACTIVATIONS,
+    Quantization,
+    ort_version,
+    quantize_graph,
+    weight_digest,
+)
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 CONTROL_TOKEN = 3  # llama.cpp's token type for special tokens such as <|im_start|>
@@ -160,11 +175,13 @@ def unpermute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def import_gguf(path: Path, out_dir: Path, *, stages: int | tuple[int, ...], weights: str = DEFAULT_WEIGHTS,
-                name: str | None = None, force: bool = False, progress: Progress = NO_PROGRESS) -> Path:
-    """The GGUF file at `path` as a bundle: float32, or 4-bit layers keeping the file's own blocks. stages:
-    their count, or each one's layer count."""
+                accuracy_level: int = ACCURACY_LEVEL, name: str | None = None, force: bool = False,
+                progress: Progress = NO_PROGRESS) -> Path:
+    """The GGUF file at `path` as a bundle: float32, or layers keeping the file's own blocks, computed with
+    MatMulNBits at `accuracy_level`. stages: their count, or each one's layer count."""
     if weights not in IMPORT_WEIGHTS:
         raise SpeedError(f"--weights must be one of {', '.join(IMPORT_WEIGHTS)}, got {weights!r}")
+    Quantization(accuracy_level=accuracy_level)  # checked before anything is read
     check_directory_free(out_dir, force=force)
     model_file = GGUFModel(Path(path))
     cfg = model_file.config(stages)
@@ -183,7 +200,8 @@ def import_gguf(path: Path, out_dir: Path, *, stages: int | tuple[int, ...], wei
     with staged_directory(out_dir, force=force) as staging:
         progress.note("exporting the stage graphs to ONNX ...")
         stage_files = write_model(model, staging, progress)
-        kept = {} if weights == "f32" else _keep_4bit_blocks(tensors, staging, sorted(set(stage_files)), progress)
+        kept = {} if weights == "f32" else _keep_file_blocks(tensors, staging, sorted(set(stage_files)),
+                                                              accuracy_level, progress)
         model_file.tokenizer().save(str(staging / TOKENIZER_FILE))
         write_manifest(
             staging, name=name or path.stem, model_config=cfg, stage_graphs=stage_files,
@@ -196,30 +214,72 @@ def import_gguf(path: Path, out_dir: Path, *, stages: int | tuple[int, ...], wei
     return out_dir
 
 
-def _keep_4bit_blocks(tensors: list[Weight], out_dir: Path, stage_graphs: list[str], progress: Progress) -> dict:
-    """Rewrite the stage graphs with the file's own 4-bit blocks, every other layer matrix quantized to int4
-    from its values; the embedding and tied head stay float32 (int4 heads garbled SmolLM2's answers).
-    Returns the manifest entries that record it."""
+def _keep_file_blocks(tensors: list[Weight], out_dir: Path, stage_graphs: list[str], accuracy_level: int,
+                      progress: Progress) -> dict:
+    """Rewrite the stage graphs with the file's own blocks (Q4_0 and Q4_1; Q8_0 too with int8 activations, the
+    only arithmetic with a fast 8-bit kernel), every other layer matrix quantized to int4 from its values. With
+    int8 activations a Q8_0 embedding stays in its blocks as well: the tied head's 8-bit weights and the table
+    the first stage reads, one file for both. Returns the manifest entries that record it."""
+    settings = Quantization("int4", accuracy_level=accuracy_level)
+
+    def kept_blocks(weight: Weight) -> NBitsWeight | None:
+        blocks = nbits_weight(weight.kind, weight.stored)
+        return blocks if blocks is not None and (blocks.bits == 4 or accuracy_level == INT8_ACTIVATIONS) else None
+
     layer_matrices = [w for w in tensors if w.values.ndim == 2 and w.parameter.startswith("layers.")]
     digests = [weight_digest(w.values.T) for w in layer_matrices]  # the graphs hold weights as (in, out)
-    known = {digest: blocks for digest, w in zip(digests, layer_matrices)
-             if (blocks := nbits_weight(w.kind, w.stored)) is not None}
+    known = {digest: blocks for digest, w in zip(digests, layer_matrices) if (blocks := kept_blocks(w)) is not None}
     used: set[bytes] = set()
-    with progress.task("stage graphs given 4-bit blocks", total=len(stage_graphs)):
+    with progress.task("stage graphs given the file's blocks", total=len(stage_graphs)):
         for graph in stage_graphs:
-            progress.note(f"writing {graph} with the file's 4-bit blocks ...")
-            used |= quantize_graph(out_dir / graph, out_dir / graph, Quantization("int4"), known)
+            progress.note(f"writing {graph} with the file's own blocks ...")
+            used |= quantize_graph(out_dir / graph, out_dir / graph, settings, known)
             progress.advance()
     kept = [w for digest, w in zip(digests, layer_matrices) if digest in used]
     again = sorted(w.gguf_name for digest, w in zip(digests, layer_matrices) if digest not in used)
-    float32 = sorted(w.gguf_name for w in tensors if w.values.ndim == 2 and not w.parameter.startswith("layers."))
+    (embedding,) = [w for w in tensors if w.parameter == "embedding.weight"]
+    table = _keep_embedding_blocks(embedding, out_dir, settings) if embedding.kind == "Q8_0" and \
+        accuracy_level == INT8_ACTIVATIONS else {}
+    float32 = sorted(w.gguf_name for w in tensors if w.values.ndim == 2 and not w.parameter.startswith("layers.")
+                     and not (table and w is embedding))
     kinds = ", ".join(sorted({w.kind for w in kept})) or "none"
     progress.note(f"kept the file's own blocks of {len(kept)} of {len(layer_matrices)} layer matrices ({kinds})"
+                  + (f" and of the embedding and tied head ({embedding.kind})" if table else "")
                   + (f"; quantized to int4 from their values: {', '.join(again)}" if again else "")
-                  + f"; float32: {', '.join(float32)}")
-    return {"dtype": "int4 layer weights (MatMulNBits) from the GGUF file's own blocks; float32 embedding, head, "
-                     "activations and caches",
-            "quantization": {"weights": "int4", "block_size": BLOCK, "accuracy_level": ACCURACY_LEVEL,
+                  + (f"; float32: {', '.join(float32)}" if float32 else ""))
+    arithmetic = "int8 activations" if accuracy_level == INT8_ACTIVATIONS else "float32 activations"
+    return {"dtype": f"{'int4 and int8' if table or any(known[d].bits == 8 for d in used) else 'int4'} weights "
+                     f"(MatMulNBits) from the GGUF file's own blocks, {arithmetic}; "
+                     f"{'float32 embedding and head, ' if not table else ''}float32 caches",
+            "quantization": {"weights": "int4", "block_size": BLOCK, "accuracy_level": accuracy_level,
                              "tool": f"GGUF blocks kept; onnxruntime {ort_version()} MatMulNBitsQuantizer for others",
-                             "kept_from_gguf": sorted(w.gguf_name for w in kept), "quantized_from_values": again,
-                             "float32": float32}}
+                             "kept_from_gguf": sorted(w.gguf_name for w in kept + ([embedding] if table else [])),
+                             "quantized_from_values": again, "float32": float32},
+            **table}
+
+
+def _keep_embedding_blocks(embedding: Weight, out_dir: Path, settings: Quantization) -> dict:
+    """The head over the embedding's Q8_0 blocks (8-bit MatMulNBits), whose weights are read from the files
+    that also hold the embedding table; the float32 table goes. Returns the manifest's embedding entry."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    blocks = nbits_weight(embedding.kind, embedding.stored)
+    head = out_dir / HEAD_FILE
+    quantize_graph(head, head, settings, {weight_digest(embedding.values.T): blocks})
+    model = onnx.load(str(head))
+    (node,) = [node for node in model.graph.node if node.op_type == "MatMulNBits"]
+    arrays = {node.input[1]: (EMBEDDING_BLOCKS_FILE, blocks.packed), node.input[2]: (EMBEDDING_BLOCK_SCALES_FILE,
+                                                                                     blocks.scales)}
+    for tensor in model.graph.initializer:
+        if tensor.name in arrays:
+            file, array = arrays[tensor.name]
+            array.tofile(out_dir / file)
+            set_external_data(tensor, location=file, offset=0, length=array.nbytes)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            tensor.ClearField("raw_data")
+    onnx.save(model, str(head))
+    (out_dir / EMBEDDING_FILE).unlink()
+    V, d = embedding.values.shape
+    return {"embedding": {"file": EMBEDDING_BLOCKS_FILE, "shape": [V, d], "dtype": "q8_0",
+                          "block_scales": EMBEDDING_BLOCK_SCALES_FILE}}

@@ -30,14 +30,15 @@ from runtime.core.staging import check_directory_free, staged_directory
 from runtime.models.gguf_blocks import BLOCK, NBitsWeight
 
 WEIGHTS = {"int4": 4, "int8": 8}
-# MatMulNBits computes in float32 (accuracy level 1). Level 4 (int8 activations) was measured 2.5x faster on
-# this CPU, but it turned SmolLM2-135M's answers into noise, and its results depend on the shape of the call
-# (a request's cache size changed its sampled text), which lossless speculation cannot allow.
-ACCURACY_LEVEL = 1
-ACCURACY_LEVELS = (1, 4)  # 1: float32 arithmetic; 4: int8 activations (see docs/performance.md)
-INT8_ON_CPU = ("note: int8 weights decode slowly on CPUs (SmolLM2-135M: 1.4 tokens/s against 27 in float32 and 15 "
-                "in int4 on one x86 core; ONNX Runtime has no fast kernel for them with float32 arithmetic): "
-                "choose them for their accuracy, or for a GPU")
+# MatMulNBits' arithmetic (its accuracy level): float32, or int8 activations quantized per block of the input,
+# which has fast kernels for 4- and 8-bit weights on CPUs and gives a row the same bits in any batch
+# (tests/test_batch_invariance.py); measured in docs/performance.md ("Batch invariance", "SmolLM2 fast path").
+FLOAT_ARITHMETIC, INT8_ACTIVATIONS = 1, 4
+ACCURACY_LEVELS = (FLOAT_ARITHMETIC, INT8_ACTIVATIONS)
+ACCURACY_LEVEL = INT8_ACTIVATIONS
+INT8_ON_CPU = ("note: int8 weights with float32 arithmetic decode slowly on CPUs (SmolLM2-135M's head: 128 ms a row "
+               "against 1.3 ms with int8 activations on one x86 core; ONNX Runtime has no fast kernel for them): "
+               "choose them for their accuracy, or for a GPU")
 # the manifest keys write_manifest derives itself; every other key of the source manifest is carried over
 _DERIVED_KEYS = {"format", "name", "architecture", "model_config", "dtype", "vocab_size", "eos_token_id", "stages",
                  "head", "embedding", "tokenizer", "files"}
@@ -64,7 +65,7 @@ def quantize_bundle(source: Path, out_dir: Path, settings: Quantization, *, forc
     """Write the quantized copy of the bundle at `source` to `out_dir`, completely or not at all."""
     check_directory_free(out_dir, force=force)
     bundle = load_bundle(source)
-    if settings.weights == "int8":
+    if settings.weights == "int8" and settings.accuracy_level == FLOAT_ARITHMETIC:
         progress.note(INT8_ON_CPU)
     if "quantization" in bundle.manifest:
         raise SpeedError(f"bundle {source} is quantized already; quantize its float32 source instead")
@@ -82,7 +83,8 @@ def quantize_bundle(source: Path, out_dir: Path, settings: Quantization, *, forc
         write_manifest(
             staging, name=f"{bundle.manifest['name']}-{settings.weights}", model_config=bundle.config,
             stage_graphs=[path.name for path in bundle.stage_graphs], eos_token_id=bundle.eos_token_id, **extra,
-            dtype=f"{settings.weights} weights (MatMulNBits), float32 activations and caches",
+            dtype=f"{settings.weights} weights (MatMulNBits), "
+                  f"{'int8' if settings.accuracy_level == INT8_ACTIVATIONS else 'float32'} activations, float32 caches",
             embedding={"file": EMBEDDING_Q8_FILE, "shape": [bundle.config.vocab_size, bundle.config.d_model],
                        "dtype": "int8", "row_scales": EMBEDDING_SCALES_FILE},
             quantization={"weights": settings.weights, "block_size": settings.block_size,
@@ -105,7 +107,7 @@ def quantize_graph(path: Path, out: Path, settings: Quantization, known: dict[by
         folded = Path(scratch) / "folded.onnx"
         _fold_constants(path, folded)
         model = onnx.load(str(folded))
-    used, offset_products = _write_known_weights(model, known or {})
+    used, offset_products = _write_known_weights(model, known or {}, settings.accuracy_level)
     quantizer = MatMulNBitsQuantizer(model, bits=WEIGHTS[settings.weights], block_size=settings.block_size,
                                      is_symmetric=False, accuracy_level=settings.accuracy_level,
                                      nodes_to_exclude=offset_products)
@@ -117,7 +119,8 @@ def quantize_graph(path: Path, out: Path, settings: Quantization, known: dict[by
     return used
 
 
-def _write_known_weights(model, known: dict[bytes, NBitsWeight]) -> tuple[set[bytes], list[str]]:
+def _write_known_weights(model, known: dict[bytes, NBitsWeight], accuracy_level: int
+                         ) -> tuple[set[bytes], list[str]]:
     """Replace every MatMul whose constant weight is known by MatMulNBits over its blocks (plus, for blocks
     with offsets, the product of the input's block sums and the offsets). Returns the digests used and the
     names of the float MatMuls added, which must stay float."""
@@ -135,9 +138,9 @@ def _write_known_weights(model, known: dict[bytes, NBitsWeight]) -> tuple[set[by
             continue
         K, N = blocks.shape
         name, (x,), (y,) = weight.name, node.input[:1], node.output
-        arrays = {f"{name}_Q4": blocks.packed, f"{name}_scales": blocks.scales}
+        arrays = {f"{name}_Q{blocks.bits}": blocks.packed, f"{name}_scales": blocks.scales}
         if blocks.offsets is None:
-            nodes.append(_matmul_nbits(x, arrays, y, K, N))
+            nodes.append(_matmul_nbits(x, arrays, y, blocks, accuracy_level))
         else:
             arrays[f"{name}_zero_points"] = np.zeros((N, (K // BLOCK + 1) // 2), np.uint8)  # two 4-bit zeros a byte
             sums = f"block_sums_{K}"
@@ -146,7 +149,7 @@ def _write_known_weights(model, known: dict[bytes, NBitsWeight]) -> tuple[set[by
                 graph.initializer.append(initializers[sums])
             graph.initializer.append(numpy_helper.from_array(blocks.offsets, f"{name}_offsets"))
             offset_products += [f"{name}_block_sums", f"{name}_offsets"]
-            nodes += [_matmul_nbits(x, arrays, f"{y}_scaled", K, N),
+            nodes += [_matmul_nbits(x, arrays, f"{y}_scaled", blocks, accuracy_level),
                       helper.make_node("MatMul", [x, sums], [f"{y}_block_sums"], name=offset_products[-2]),
                       helper.make_node("MatMul", [f"{y}_block_sums", f"{name}_offsets"], [f"{y}_offsets"],
                                        name=offset_products[-1]),
@@ -163,11 +166,12 @@ def _write_known_weights(model, known: dict[bytes, NBitsWeight]) -> tuple[set[by
     return used, offset_products
 
 
-def _matmul_nbits(x: str, arrays: dict[str, np.ndarray], y: str, K: int, N: int):
+def _matmul_nbits(x: str, arrays: dict[str, np.ndarray], y: str, blocks: NBitsWeight, accuracy_level: int):
     from onnx import helper
 
-    return helper.make_node("MatMulNBits", [x, *arrays], [y], domain="com.microsoft", K=K, N=N, bits=4,
-                            block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)
+    K, N = blocks.shape
+    return helper.make_node("MatMulNBits", [x, *arrays], [y], domain="com.microsoft", K=K, N=N, bits=blocks.bits,
+                            block_size=BLOCK, accuracy_level=accuracy_level)
 
 
 def weight_digest(weight: np.ndarray) -> bytes:
