@@ -33,11 +33,13 @@ def create_session(path: Path, *, device: str = "cpu", threads: int = 0, sha256:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
-    # a process holds several sessions (one per stage graph, and the head), each with its own thread pool,
-    # whose threads by default spin between calls for the next one: with SmolLM2's four sessions on 2 cores,
-    # 2 threads decoded 2.3x slower than 1; without spinning, 1.45x faster than 1. (One pool shared by the
-    # sessions was faster still, but ONNX Runtime then refuses every other session of the process.)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # a process holds several sessions (one per stage graph, and the head), each with its own thread pool. Its
+    # threads spin for work only while a call runs and stop when it returns: spinning between calls (ONNX
+    # Runtime's default) let idle sessions' threads take the cores from the running one (SmolLM2 on 2 cores:
+    # 2 threads decoded 2.3x slower than 1), and never spinning made every operator wait for a sleeping thread
+    # (2 threads 0.85x of 1); spinning within a call only: 1.18x.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3  # errors only: no warnings about nodes placed on CPU
     wanted = [PROVIDERS[device]] + ([PROVIDERS["cpu"]] if device != "cpu" else [])
     # a provider that cannot load is reported below in one sentence, not by ONNX Runtime's native log
