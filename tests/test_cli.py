@@ -118,6 +118,16 @@ def test_bench_local_samples_with_temperature(tiny_bundle):
                                     "--temperature", "0.8"), "--temperature applies to")
 
 
+def test_bench_against_llama_cpp_says_what_it_needs(tiny_bundle, tmp_path):
+    """The comparison itself is a benchmark on a real GGUF file; what it refuses is checked here."""
+    missing = tmp_path / "model.gguf"
+    assert_one_line_error(run_speed("bench", "--llama-cpp", str(missing)), "--llama-cpp GGUF needs --bundle")
+    assert_one_line_error(run_speed("bench", "--llama-cpp", str(missing), "--bundle", str(tiny_bundle)),
+                          f"{missing} does not exist; give the GGUF file the bundle was imported from")
+    assert_one_line_error(run_speed("bench", "--llama-cpp", str(missing), "--bundle", str(tiny_bundle), "--local"),
+                          "--llama-cpp compares greedy decoding in one process")
+
+
 def test_bench_without_a_mode_says_what_to_choose():
     assert_one_line_error(run_speed("bench"), "--reference", "--local")
 

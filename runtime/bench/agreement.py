@@ -6,6 +6,7 @@ difference and the sequences identical to the end are reported."""
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import numpy as np
 
@@ -58,39 +59,60 @@ def held_out_loss(model: StageModel, windows: list[list[int]]) -> float:
 
 
 def bench_agreement(bundle: Bundle, source: Bundle, *, new_tokens: int = 64, threads: int = 1,
-                    progress: Progress = NO_PROGRESS) -> dict:
+                    llama_cpp: Path | None = None, progress: Progress = NO_PROGRESS) -> dict:
+    """llama_cpp: the GGUF file both came from, whose own greedy tokens (llama.cpp's) are compared too."""
+    from runtime.bench.llama_cpp import llama_cpp_greedy_tokens
+
     tokenizer = source.tokenizer()
     prompts = [tokenizer.encode(text).ids for text in held_out_prompts(source)]
     models = {"bundle": open_stage_model(bundle, threads=threads), "source": open_stage_model(source, threads=threads)}
-    agreeing, identical = [], 0
-    with progress.task("prompts compared", total=len(prompts)):
-        for prompt in prompts:
-            ours, theirs = (generate_plain(model, prompt, max_new_tokens=new_tokens, eos_id=-1).token_ids
-                            for model in models.values())
-            same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), new_tokens)
-            agreeing.append(same)
-            identical += same == new_tokens
-            progress.advance()
+    with progress.task("prompts decoded", total=len(prompts) * len(models)):
+        tokens = {name: [_greedy(model, prompt, new_tokens, progress) for prompt in prompts]
+                  for name, model in models.items()}
+    report = {"bundle": bundle.manifest["name"], "source": source.manifest["name"], "prompts": len(prompts),
+              "new_tokens": new_tokens, **_agreement(tokens["bundle"], tokens["source"], new_tokens)}
+    if llama_cpp is not None:
+        progress.note(f"llama.cpp decodes the same prompts from {llama_cpp.name} ...")
+        theirs = llama_cpp_greedy_tokens(llama_cpp, prompts, new_tokens, threads=threads)
+        report["against_llama_cpp"] = {name: _agreement(ours, theirs, new_tokens) for name, ours in tokens.items()}
     windows = held_out_windows(tokenizer, LOSS_WINDOWS, LOSS_WINDOW_TOKENS)
     loss = {name: round(held_out_loss(model, windows), 4) for name, model in models.items()}
-    return {
-        "bundle": bundle.manifest["name"],
-        "source": source.manifest["name"],
-        "prompts": len(prompts),
-        "new_tokens": new_tokens,
-        "identical_sequences": identical,
-        "tokens_before_first_difference": {"mean": round(statistics.mean(agreeing), 1),
-                                           "median": statistics.median(agreeing)},
-        "agreeing_fraction": round(sum(agreeing) / (new_tokens * len(prompts)), 3),
-        "held_out_loss": {**loss, "windows": len(windows), "tokens_per_window": LOSS_WINDOW_TOKENS},
-    }
+    return {**report, "held_out_loss": {**loss, "windows": len(windows), "tokens_per_window": LOSS_WINDOW_TOKENS}}
+
+
+def _greedy(model: StageModel, prompt: list[int], new_tokens: int, progress: Progress) -> list[int]:
+    tokens = generate_plain(model, prompt, max_new_tokens=new_tokens, eos_id=-1).token_ids
+    progress.advance()
+    return tokens
+
+
+def agreeing_prefix(ours: list[int], theirs: list[int]) -> int:
+    """The tokens two greedy texts share before they part."""
+    return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+
+
+def _agreement(ours: list[list[int]], theirs: list[list[int]], new_tokens: int) -> dict:
+    """How far each pair of greedy texts goes before they part."""
+    agreeing = [agreeing_prefix(a, b) for a, b in zip(ours, theirs)]
+    return {"identical_sequences": sum(same == new_tokens for same in agreeing),
+            "tokens_before_first_difference": {"mean": round(statistics.mean(agreeing), 1),
+                                               "median": statistics.median(agreeing)},
+            "agreeing_fraction": round(sum(agreeing) / (new_tokens * len(ours)), 3)}
 
 
 def format_agreement(report: dict) -> str:
-    before, loss = report["tokens_before_first_difference"], report["held_out_loss"]
-    return (f"{report['bundle']} against {report['source']}: greedy, {report['prompts']} held-out prompts x "
-            f"{report['new_tokens']} tokens\n  identical to the end: {report['identical_sequences']} of "
-            f"{report['prompts']}; tokens before the first difference: mean {before['mean']}, median "
-            f"{before['median']} ({report['agreeing_fraction']:.1%} of all positions)\n"
-            f"  held-out loss, nats a token over {loss['windows']} x {loss['tokens_per_window']} tokens: "
-            f"{loss['bundle']:.4f} against {loss['source']:.4f} ({loss['bundle'] - loss['source']:+.4f})")
+    loss = report["held_out_loss"]
+    lines = [f"{report['bundle']} against {report['source']}: greedy, {report['prompts']} held-out prompts x "
+             f"{report['new_tokens']} tokens", f"  {_agreement_line(report, report['prompts'])}"]
+    for name, agreement in report.get("against_llama_cpp", {}).items():
+        lines.append(f"  {name} against llama.cpp's own tokens: {_agreement_line(agreement, report['prompts'])}")
+    lines.append(f"  held-out loss, nats a token over {loss['windows']} x {loss['tokens_per_window']} tokens: "
+                 f"{loss['bundle']:.4f} against {loss['source']:.4f} ({loss['bundle'] - loss['source']:+.4f})")
+    return "\n".join(lines)
+
+
+def _agreement_line(agreement: dict, prompts: int) -> str:
+    before = agreement["tokens_before_first_difference"]
+    return (f"identical to the end: {agreement['identical_sequences']} of {prompts}; tokens before the first "
+            f"difference: mean {before['mean']}, median {before['median']} ({agreement['agreeing_fraction']:.1%} "
+            "of all positions)")

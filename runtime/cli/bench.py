@@ -34,6 +34,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--agreement", type=Path, metavar="SOURCE",
                    help="greedy tokens and held-out loss of --bundle against the bundle SOURCE it was made from "
                         "(e.g. by speed quantize)")
+    p.add_argument("--llama-cpp", type=Path, metavar="GGUF",
+                   help="llama.cpp on the GGUF file --bundle was imported from, in the same run (needs "
+                        "llama-cpp-python installed beside the runtime): alone, tokens/s of both on the same prompt "
+                        "token ids; with --agreement, also each bundle's greedy agreement with llama.cpp's tokens")
     p.add_argument("--bundle", type=Path, help="bundle directory (default: the shipped demo-4x3 model)")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--clients", type=whole(1, 1000), metavar="N",
@@ -93,10 +97,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise SpeedError("give one of --agreement, --reference and --local")
         cmd_bench_agreement(args)
         return
+    if args.llama_cpp is not None:
+        if args.reference or args.local or args.temperature:
+            raise SpeedError("--llama-cpp compares greedy decoding in one process; drop --reference, --local and "
+                             "--temperature")
+        cmd_bench_llama_cpp(args)
+        return
     if args.reference == args.local:
         raise SpeedError("choose one of a cluster FILE (through a local cluster), --reference (plain decoding: onnx "
                          "vs torch, short vs long context), --local (sequential vs speculative in one process) and "
-                         "--agreement SOURCE (greedy tokens against another bundle)")
+                         "--agreement SOURCE (greedy tokens against another bundle), and --llama-cpp GGUF (tokens/s "
+                         "against llama.cpp)")
     if args.guess_threshold is not None and not args.local:
         raise SpeedError("--guess-threshold applies to --local and a cluster FILE's speculative runs")
     if args.local:
@@ -135,9 +146,23 @@ def cmd_bench_agreement(args: argparse.Namespace) -> None:
     if args.bundle is None:
         raise SpeedError("--agreement SOURCE needs --bundle, the bundle to compare with SOURCE")
     report = bench_agreement(load_bundle(args.bundle), load_bundle(args.agreement), new_tokens=args.new_tokens or 64,
-                             threads=args.threads, progress=stderr_progress(json_output=args.json))
+                             threads=args.threads, llama_cpp=args.llama_cpp,
+                             progress=stderr_progress(json_output=args.json))
     print(json.dumps(report) if args.json else format_agreement(report))
     draw(args, report)
+
+
+def cmd_bench_llama_cpp(args: argparse.Namespace) -> None:
+    from runtime.bench.llama_cpp import bench_llama_cpp, format_llama_cpp
+    from runtime.core.bundle import load_bundle
+
+    if args.bundle is None:
+        raise SpeedError("--llama-cpp GGUF needs --bundle, the bundle imported from GGUF")
+    if args.plot is not None:
+        raise SpeedError("--llama-cpp prints its figures; it draws no plot")
+    report = bench_llama_cpp(load_bundle(args.bundle), args.llama_cpp, new_tokens=args.new_tokens or 128,
+                             repeats=args.repeats, threads=args.threads, progress=stderr_progress(json_output=args.json))
+    print(json.dumps(report) if args.json else format_llama_cpp(report))
 
 
 def plot_path(text: str) -> Path:
