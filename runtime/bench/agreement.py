@@ -10,37 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.bench.held_out import agreeing_prefix, held_out_prompts
+from runtime.bench.llama_cpp import llama_cpp_greedy_tokens
 from runtime.core.bundle import Bundle
 from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.executor.kv_cache import KVCache
 from runtime.executor.stage_model import StageModel
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
-from runtime.models.corpus import held_out_windows, load_shakespeare
+from runtime.models.corpus import held_out_windows
 
-PROMPTS = 20
 LOSS_WINDOWS, LOSS_WINDOW_TOKENS = 8, 128
-# for a chat model: questions of the kind it is asked, none from its training data we know of
-CHAT_PROMPTS = (
-    "What is the capital of France?", "Name three primary colours.", "How many legs does a spider have?",
-    "What is 12 times 12?", "Who wrote Romeo and Juliet?", "What does a thermometer measure?",
-    "Give me a synonym for happy.", "Why is the sky blue?", "What is the boiling point of water in Celsius?",
-    "Translate 'good morning' into Spanish.", "What is photosynthesis?", "List the planets of the solar system.",
-    "What is the largest ocean on Earth?", "Write a haiku about rain.", "What is a prime number?",
-    "How do I make a cup of tea?", "What is the chemical symbol for gold?", "Explain what a noun is.",
-    "What year did the Second World War end?", "Suggest a name for a pet cat.",
-)
-
-
-def held_out_prompts(bundle: Bundle) -> list[str]:
-    """Chat questions for a chat model; otherwise line openings from the works the demo model never saw."""
-    if bundle.answers_questions:
-        return [bundle.prompt_text(question, chat=True) for question in CHAT_PROMPTS[:PROMPTS]]
-    lines = [line.strip() for work in load_shakespeare().held_out for line in work.splitlines()]
-    lines = [line for line in lines if len(line) > 40]
-    step = len(lines) // PROMPTS
-    return [lines[i * step][:60] for i in range(PROMPTS)]
-
 
 def held_out_loss(model: StageModel, windows: list[list[int]]) -> float:
     """Mean next-token cross-entropy in nats, each window read in one pass through every stage."""
@@ -61,8 +41,6 @@ def held_out_loss(model: StageModel, windows: list[list[int]]) -> float:
 def bench_agreement(bundle: Bundle, source: Bundle, *, new_tokens: int = 64, threads: int = 1,
                     llama_cpp: Path | None = None, progress: Progress = NO_PROGRESS) -> dict:
     """llama_cpp: the GGUF file both came from, whose own greedy tokens (llama.cpp's) are compared too."""
-    from runtime.bench.llama_cpp import llama_cpp_greedy_tokens
-
     tokenizer = source.tokenizer()
     prompts = [tokenizer.encode(text).ids for text in held_out_prompts(source)]
     models = {"bundle": open_stage_model(bundle, threads=threads), "source": open_stage_model(source, threads=threads)}
@@ -84,11 +62,6 @@ def _greedy(model: StageModel, prompt: list[int], new_tokens: int, progress: Pro
     tokens = generate_plain(model, prompt, max_new_tokens=new_tokens, eos_id=-1).token_ids
     progress.advance()
     return tokens
-
-
-def agreeing_prefix(ours: list[int], theirs: list[int]) -> int:
-    """The tokens two greedy texts share before they part."""
-    return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
 
 
 def _agreement(ours: list[list[int]], theirs: list[list[int]], new_tokens: int) -> dict:

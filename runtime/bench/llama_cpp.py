@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from runtime.bench.agreement import CHAT_PROMPTS, agreeing_prefix, held_out_prompts
+from runtime.bench.held_out import agreeing_prefix, held_out_prompts
 from runtime.core.bundle import Bundle
 from runtime.core.errors import SpeedError
 from runtime.core.progress import NO_PROGRESS, Progress
@@ -64,9 +64,7 @@ def llama_cpp_greedy_tokens(gguf: Path, prompts: list[list[int]], new_tokens: in
 def bench_llama_cpp(bundle: Bundle, gguf: Path, *, new_tokens: int = 128, repeats: int = 3, threads: int = 1,
                     progress: Progress = NO_PROGRESS) -> dict:
     tokenizer = bundle.tokenizer()
-    texts = ([bundle.prompt_text(question, chat=True) for question in CHAT_PROMPTS[:SPEED_PROMPTS]]
-             if bundle.answers_questions else held_out_prompts(bundle)[:SPEED_PROMPTS])
-    prompts = [tokenizer.encode(text).ids for text in texts]
+    prompts = [tokenizer.encode(text).ids for text in held_out_prompts(bundle)[:SPEED_PROMPTS]]
     llama = LlamaCpp(gguf, threads=threads, context=max(map(len, prompts)) + new_tokens)
     model = open_stage_model(bundle, threads=threads)
     timings: dict[str, list[tuple[int, float, float]]] = {"speed": [], "llama_cpp": []}
