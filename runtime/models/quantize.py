@@ -122,48 +122,84 @@ def quantize_graph(path: Path, out: Path, settings: Quantization, known: dict[by
 def _write_known_weights(model, known: dict[bytes, NBitsWeight], accuracy_level: int
                          ) -> tuple[set[bytes], list[str]]:
     """Replace every MatMul whose constant weight is known by MatMulNBits over its blocks (plus, for blocks
-    with offsets, the product of the input's block sums and the offsets). Returns the digests used and the
-    names of the float MatMuls added, which must stay float."""
+    with offsets, the product of the input's block sums and the offsets). Known weights read by one input
+    (a layer's query, key and value; its gate and up) become one product whose output is split: one call
+    of a wider product costs less than several (SmolLM2 has 7 matrices a layer, in 4 such groups). Returns
+    the digests used and the names of the float MatMuls added, which must stay float."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
-    used, replaced, nodes, offset_products = set(), set(), [], []
-    for node in graph.node:
+    groups: dict[tuple, list[tuple[int, object, str, NBitsWeight, bytes]]] = {}
+    for position, node in enumerate(graph.node):
         weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
         digest = weight_digest(numpy_helper.to_array(weight)) if weight is not None else None
         blocks = known.get(digest)
-        if blocks is None:
+        if blocks is not None:
+            key = (node.input[0], blocks.shape[0], blocks.bits, blocks.offsets is None)
+            groups.setdefault(key, []).append((position, node, weight.name, blocks, digest))
+    replaced_nodes = {id(member[1]) for members in groups.values() for member in members}
+    first_of_group = {members[0][0]: members for members in groups.values()}
+    used, nodes, offset_products = set(), [], []
+    for position, node in enumerate(graph.node):
+        if id(node) not in replaced_nodes:
             nodes.append(node)
-            continue
-        K, N = blocks.shape
-        name, (x,), (y,) = weight.name, node.input[:1], node.output
-        arrays = {f"{name}_Q{blocks.bits}": blocks.packed, f"{name}_scales": blocks.scales}
-        if blocks.offsets is None:
-            nodes.append(_matmul_nbits(x, arrays, y, blocks, accuracy_level))
-        else:
-            arrays[f"{name}_zero_points"] = np.zeros((N, (K // BLOCK + 1) // 2), np.uint8)  # two 4-bit zeros a byte
-            sums = f"block_sums_{K}"
-            if sums not in initializers:  # (K, K / 32): 1 where input channel k is in block b
-                initializers[sums] = numpy_helper.from_array(np.repeat(np.eye(K // BLOCK, dtype=np.float32), BLOCK, 0), sums)
-                graph.initializer.append(initializers[sums])
-            graph.initializer.append(numpy_helper.from_array(blocks.offsets, f"{name}_offsets"))
-            offset_products += [f"{name}_block_sums", f"{name}_offsets"]
-            nodes += [_matmul_nbits(x, arrays, f"{y}_scaled", blocks, accuracy_level),
-                      helper.make_node("MatMul", [x, sums], [f"{y}_block_sums"], name=offset_products[-2]),
-                      helper.make_node("MatMul", [f"{y}_block_sums", f"{name}_offsets"], [f"{y}_offsets"],
-                                       name=offset_products[-1]),
-                      helper.make_node("Add", [f"{y}_scaled", f"{y}_offsets"], [y])]
-        graph.initializer.extend(numpy_helper.from_array(array, key) for key, array in arrays.items())
-        used.add(digest)
-        replaced.add(name)
+        elif position in first_of_group:
+            members = first_of_group[position]
+            name = "_".join(member[2] for member in members)
+            outputs = [member[1].output[0] for member in members]
+            blocks = _side_by_side([member[3] for member in members])
+            y = outputs[0] if len(members) == 1 else f"{name}_joined"
+            nodes += _known_product(graph, initializers, members[0][1].input[0], y, name, blocks, accuracy_level,
+                                    offset_products)
+            if len(members) > 1:
+                widths = numpy_helper.from_array(np.array([m[3].shape[1] for m in members], np.int64), f"{name}_widths")
+                graph.initializer.append(widths)
+                nodes.append(helper.make_node("Split", [y, widths.name], outputs, axis=-1))
+            used |= {member[4] for member in members}
     graph.ClearField("node")
     graph.node.extend(nodes)
+    replaced = {member[2] for members in groups.values() for member in members}
     for tensor in [tensor for tensor in graph.initializer if tensor.name in replaced]:
         graph.initializer.remove(tensor)  # each folded weight feeds one MatMul
     if replaced and not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return used, offset_products
+
+
+def _side_by_side(parts: list[NBitsWeight]) -> NBitsWeight:
+    """Weights with the same input channels as one weight of all their output channels, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    offsets = None if parts[0].offsets is None else np.concatenate([part.offsets for part in parts], axis=1)
+    return NBitsWeight(np.concatenate([part.packed for part in parts]), np.concatenate([part.scales for part in parts]),
+                       offsets, bits=parts[0].bits)
+
+
+def _known_product(graph, initializers: dict, x: str, y: str, name: str, blocks: NBitsWeight, accuracy_level: int,
+                   offset_products: list[str]) -> list:
+    """The nodes computing y = x @ W for W in blocks; their arrays become initializers named after `name`."""
+    from onnx import helper, numpy_helper
+
+    K, N = blocks.shape
+    arrays = {f"{name}_Q{blocks.bits}": blocks.packed, f"{name}_scales": blocks.scales}
+    if blocks.offsets is None:
+        nodes = [_matmul_nbits(x, arrays, y, blocks, accuracy_level)]
+    else:
+        arrays[f"{name}_zero_points"] = np.zeros((N, (K // BLOCK + 1) // 2), np.uint8)  # two 4-bit zeros a byte
+        sums = f"block_sums_{K}"
+        if sums not in initializers:  # (K, K / 32): 1 where input channel k is in block b
+            initializers[sums] = numpy_helper.from_array(np.repeat(np.eye(K // BLOCK, dtype=np.float32), BLOCK, 0), sums)
+            graph.initializer.append(initializers[sums])
+        graph.initializer.append(numpy_helper.from_array(blocks.offsets, f"{name}_offsets"))
+        offset_products += [f"{name}_block_sums", f"{name}_offsets"]
+        nodes = [_matmul_nbits(x, arrays, f"{y}_scaled", blocks, accuracy_level),
+                 helper.make_node("MatMul", [x, sums], [f"{y}_block_sums"], name=offset_products[-2]),
+                 helper.make_node("MatMul", [f"{y}_block_sums", f"{name}_offsets"], [f"{y}_offsets"],
+                                  name=offset_products[-1]),
+                 helper.make_node("Add", [f"{y}_scaled", f"{y}_offsets"], [y])]
+    graph.initializer.extend(numpy_helper.from_array(array, key) for key, array in arrays.items())
+    return nodes
 
 
 def _matmul_nbits(x: str, arrays: dict[str, np.ndarray], y: str, blocks: NBitsWeight, accuracy_level: int):
