@@ -2,11 +2,11 @@
 other rows share its call, however many, and whatever its cache's capacity. Lossless speculation needs it:
 a speculative pass runs more rows than a sequential one, and a token must not depend on which it was in.
 
-For every kind of bundle: float32, int4 and int8 weights (MatMulNBits with float32 arithmetic), and int4
-with int8 activations (accuracy level 4). A row alone is the same row in a cache of its own with a second,
-idle row, as every cache of a multi-stage model has. With int8 activations a single position of that row
-is computed alone; at accuracy level 1 it is not (ONNX Runtime computes one row with another kernel there,
-see Bundle.one_row_computed_apart)."""
+For every kind of bundle: float32, and int4 and int8 weights (MatMulNBits) with int8 activations (accuracy
+level 4, the default) and with float32 arithmetic (level 1). A row alone is the same row in a cache of its
+own with a second, idle row, as every cache of a multi-stage model has. With int8 activations a single
+position of that row is computed alone; at accuracy level 1 it is not (ONNX Runtime computes one row with
+another kernel there, see Bundle.one_row_computed_apart)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from runtime.models.quantize import Quantization, quantize_bundle
 
 pytestmark = pytest.mark.training  # it quantizes the demo bundle
 
-KINDS = {"float32": None, "int4": Quantization("int4"), "int8": Quantization("int8"),
-         "int4-int8-activations": Quantization("int4", accuracy_level=4)}
+KINDS = {"float32": None, "int4": Quantization("int4"), "int8": Quantization("int8"),  # int8 activations
+         "int4-float-arithmetic": Quantization("int4", accuracy_level=1),
+         "int8-float-arithmetic": Quantization("int8", accuracy_level=1)}
 
 
 @pytest.fixture(scope="module", params=list(KINDS))

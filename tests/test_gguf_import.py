@@ -188,15 +188,15 @@ def test_an_existing_bundle_directory_is_kept_unless_forced(source, tmp_path):
 
 @pytest.fixture(scope="module")
 def four_bit(tiny_bundle, tmp_path_factory) -> dict[str, Path | str]:
-    """A file of 4-bit layers and a Q8_0 embedding imported three times: float32, keeping its blocks with int8
-    activations (the default), and keeping its 4-bit blocks with float32 arithmetic; and what the second printed."""
+    """A file of 4-bit layers and a Q8_0 embedding imported three times: float32 (the default), keeping its blocks
+    with int8 activations (the default arithmetic), and keeping its 4-bit blocks with float32 arithmetic; and what
+    the second printed."""
     tokenizer_json = json.loads((tiny_bundle / "tokenizer.json").read_text())
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("gguf") / "four-bit.gguf"
     write_gguf(path, SpeedDecoder(source_config(tokenizer_json)), tokenizer_json, types=FOUR_BIT)
     out = tmp_path_factory.mktemp("imported")
-    imports = {"f32": ["--weights", "f32"], "q4": ["--weights", "q4"], "q4-level1": ["--weights", "q4",
-                                                                                    "--accuracy-level", "1"]}
+    imports = {"f32": [], "q4": ["--weights", "q4"], "q4-level1": ["--weights", "q4", "--accuracy-level", "1"]}
     printed = {}
     for kind, flags in imports.items():
         result = run_speed("import", "gguf", str(path), str(out / kind), "--stages", "3", *flags)

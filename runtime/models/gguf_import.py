@@ -2,11 +2,13 @@
 contiguous ranges of its layers (distinct weights: speculation overlaps stages on different nodes).
 
 Weights are dequantized to float32 with PyPI `gguf` (`--weights f32`), or, with `--weights q4`, the layers'
-Q4_0 and Q4_1 matrices keep the file's own blocks as MatMulNBits weights (see gguf_blocks.py) and the other
-layer matrices are quantized from their values; the tokenizer (GPT-2-style byte-level BPE) and the chat template are rebuilt
-from the file's metadata. GGUF stores the query and key rows of every
-head permuted for llama.cpp's interleaved rotary form; they are permuted back here so the model's
-rotate-half form applies unchanged.
+Q4_0 and Q4_1 matrices (and with int8 activations Q8_0 ones, the embedding's included) keep the file's own
+blocks as MatMulNBits weights (see gguf_blocks.py) and the other layer matrices are quantized from their
+values. float32 is the default: `speed train-exit`, `speed calibrate` and the torch backend read float32
+weights, and a bundle keeping the blocks is made for serving. The tokenizer
+(GPT-2-style byte-level BPE) and the chat template are rebuilt from the file's metadata. GGUF stores the
+query and key rows of every head permuted for llama.cpp's interleaved rotary form; they are permuted back
+here so the model's rotate-half form applies unchanged.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from runtime.models.quantize import (
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 CONTROL_TOKEN = 3  # llama.cpp's token type for special tokens such as <|im_start|>
-IMPORT_WEIGHTS = ("f32", "q4")  # float32, or 4-bit layers keeping the file's Q4_0 and Q4_1 blocks
+IMPORT_WEIGHTS = ("f32", "q4")  # float32, or layers keeping the file's own blocks
 DEFAULT_WEIGHTS = "f32"
 
 # GGUF tensor name -> parameter name of runtime.models.decoder.SpeedDecoder ({i} is the layer)
