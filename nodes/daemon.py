@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from nodes.cpu_quota import CpuQuota
 from nodes.host import StageHost
 from nodes.node_metrics import NodeMetrics
 from nodes.registration import Registration
@@ -73,6 +74,7 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
     node = spec.node(name)
     if emulated_link_ms is not None:
         node = replace(node, emulated_link_ms=emulated_link_ms)
+    quota = CpuQuota(node.emulated_cpu_share, f"speed-{spec.name}-{node.name}") if node.emulated_cpu_share else None
     bundle = load_bundle(spec.bundle, verify=False)
     spec.check_stages(bundle.config.n_stages)
     bundle.verify(bundle.files_for(hostable_stages(bundle, node)))  # what this node reads, no more
@@ -118,7 +120,8 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
         health_service.set(service_name, health_pb2.HealthCheckResponse.SERVING)
     log.info("node %s serving stages %s of %s on %s (%s, %d thread%s)%s", node.name, list(node.stages),
              bundle.manifest["name"], node.address, model.provider, node.threads, "" if node.threads == 1 else "s",
-             f"; EMULATING a {node.emulated_link_ms:g} ms one-way link" if node.emulated_link_ms else "")
+             "".join([f"; EMULATING a {node.emulated_link_ms:g} ms one-way link" if node.emulated_link_ms else "",
+                      f"; EMULATING a slower device: {node.emulated_cpu_share:g} of one core" if quota else ""]))
 
     refusal: list[str] = []
 
@@ -140,6 +143,8 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
     health_service.enter_graceful_shutdown()
     server.stop(grace=STOP_GRACE_S).wait()
     service.worker.stop()
+    if quota is not None:
+        quota.release()
     log.info("node %s stopped", node.name)
     if refusal:
         raise SpeedError(f"the coordinator refused node {node.name}: {refusal[0]}")

@@ -121,10 +121,10 @@ NAMES = ["stage.onnx", "head.onnx", "embedding.bin", "tokenizer.json", "exit_ada
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
     st.sampled_from([-1, 0, 1, 2, 3, 4, 255, 256, V, V - 1, 2**31, 2**63, 10**300, 1.0, 0.5, 1e308, -0.0, "NaN",
-                     "nan", "inf", "-Infinity", "1e999", "<f4", "<f8", "int8", "float32", "low-rank", "affine", "layer",
-                     "0" * 64, "A" * 64, *NAMES]))
+                     "nan", "inf", "-Infinity", "1e999", "<f4", "<f8", "int8", "q8_0", "float32", "low-rank", "affine",
+                     "layer", "0" * 64, "A" * 64, *NAMES]))
 keys = st.sampled_from(["file", "shape", "dtype", "graph", "tokens", "sha256", "bytes", "kind", "stages", "files",
-                        "rank", "thresholds", "row_scales", "format"]) | st.text(max_size=6)
+                        "rank", "thresholds", "row_scales", "block_scales", "format"]) | st.text(max_size=6)
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4),
                            max_leaves=8)
 raw_texts = st.sampled_from(["1" * 5000, "1e999", "-1e999", "NaN", "-Infinity", "[" * 100_000 + "]" * 100_000])
@@ -186,7 +186,7 @@ def test_any_mutated_manifest_loads_or_is_refused_with_a_sentence(bundle_dir, ma
     (("stages", 1, "graph"), "other.onnx", False, 'key stages[1].graph is "other.onnx", expected the name of a file'),
     (("head",), None, True, "key head is missing"),
     (("embedding", "shape"), [V, D + 1], False, f"key embedding.shape is [{V}, {D + 1}], expected [{V}, {D}]"),
-    (("embedding", "dtype"), "<f8", False, 'key embedding.dtype is "<f8", expected "<f4" or "int8"'),
+    (("embedding", "dtype"), "<f8", False, 'key embedding.dtype is "<f8", expected "<f4", "int8" or "q8_0"'),
     (("files", "embedding.bin", "bytes"), 5, False, 'key files["embedding.bin"].bytes is 5, expected 4194304'),
     (("files", "head.onnx", "sha256"), "abc", False, 'key files["head.onnx"].sha256 is "abc", expected 64'),
     (("model_config", "d_model"), "256", False, "key model_config is not a valid model config (model config d_model"),

@@ -181,8 +181,8 @@ def test_an_unknown_node_key_is_named_with_a_suggestion(tmp_path):
 
     path = cluster_with(tmp_path, edit)
     fails(path, f"{path}: nodes[1]: unknown key 'stage'; expected one of address, cpu_fallback, device, "
-                "emulated_link_ms, idle_timeout_s, max_sequences, metrics_port, name, stages, standby_stages, threads "
-                "(did you mean 'stages'?)")
+                "emulated_cpu_share, emulated_link_ms, idle_timeout_s, max_sequences, metrics_port, name, stages, "
+                "standby_stages, threads (did you mean 'stages'?)")
 
 
 def test_an_unknown_key_without_a_close_match_gets_no_suggestion(tmp_path):
@@ -237,6 +237,7 @@ def set_node_key(index: int, key: str, value):
     (set_node_key(1, "idle_timeout_s", "5m"), "nodes[1].idle_timeout_s: expected a number > 0, got '5m'"),
     (set_node_key(2, "emulated_link_ms", -0.5), "nodes[2].emulated_link_ms: expected a number >= 0, got -0.5"),
     (set_node_key(2, "emulated_link_ms", float("nan")), "nodes[2].emulated_link_ms: expected a number >= 0, got nan"),
+    (set_node_key(2, "emulated_cpu_share", 0), "nodes[2].emulated_cpu_share: expected a number > 0, got 0"),
     (set_node_key(0, "cpu_fallback", "no"), "nodes[0].cpu_fallback: expected true or false, got 'no'"),
     (set_node_key(0, "device", "gpu"), "nodes[0].device: expected one of cpu, cuda, got 'gpu'"),
     (set_node_key(0, "device", None), "nodes[0].device: expected one of cpu, cuda, got null"),

@@ -32,6 +32,8 @@ A cluster file is YAML (see deploy/local.yaml):
         max_sequences: 8             # >= 1
         idle_timeout_s: 300          # > 0: free a sequence's caches after this long without a step
         emulated_link_ms: 0          # >= 0, EMULATION for benchmarks only: one-way latency added per step message
+        emulated_cpu_share: 0.33     # optional, > 0, EMULATION for benchmarks only: the node process may use this
+                                     # share of one core (a CPU quota through cgroups), a slower device
         metrics_port: 9151           # optional: serve Prometheus metrics over HTTP on this port of the address's host
     security:                        # optional: mutual TLS between the processes, TLS and authentication for clients
       certs: certs/local             # a directory written by `speed certs init DIR --cluster FILE`, relative to this file
@@ -109,6 +111,7 @@ class NodeSpec:
     max_sequences: int = 8
     idle_timeout_s: float = 300.0
     emulated_link_ms: float = 0.0  # emulation for benchmarks only
+    emulated_cpu_share: float | None = None  # emulation for benchmarks only: a CPU quota of this share of one core
     standby_stages: tuple[int, ...] = ()  # stages whose graphs it also loads, to take them over
     metrics_port: int | None = None  # Prometheus metrics over HTTP; None = off
 
@@ -464,6 +467,7 @@ NODE_CHECKS: dict[str, Check] = {
     "max_sequences": partial(_whole, minimum=1),
     "idle_timeout_s": _positive,
     "emulated_link_ms": partial(_number, minimum=0, inclusive=True),
+    "emulated_cpu_share": partial(_number, minimum=0, inclusive=False),
     "metrics_port": _port,
 }
 NODE_REQUIRED = {
