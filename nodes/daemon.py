@@ -22,6 +22,7 @@ from nodes.cpu_quota import CpuQuota
 from nodes.host import StageHost
 from nodes.node_metrics import NodeMetrics
 from nodes.registration import Registration
+from nodes.self_measure import measure_passes, memory_available_bytes
 from nodes.service import NodeService, server_threads
 from runtime.core.bundle import Bundle, load_bundle
 from runtime.core.cluster_file import NodeSpec, load_cluster, parse_address
@@ -82,12 +83,17 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
     host = StageHost(model, name=node.name, stages=node.stages, max_sequences=node.max_sequences,
                      idle_timeout_s=node.idle_timeout_s, hostable=hostable_stages(bundle, node))
 
+    measured = pb.NodeInfo()  # its pass times, once warm
+
     def info() -> pb.NodeInfo:
-        return pb.NodeInfo(name=node.name, stages=node.stages, bundle_sha256=bundle.sha256, provider=model.provider,
-                           threads=node.threads, device=node.device, open_sequences=service.open_sequences,
-                           max_sequences=node.max_sequences, emulated_link_ms=node.emulated_link_ms,
-                           standby_stages=[s for s in host.hostable if s not in node.stages], hosting=host.stages,
-                           incarnation=host.incarnation, profile=profile_to_wire(host.profile))
+        reply = pb.NodeInfo(name=node.name, stages=node.stages, bundle_sha256=bundle.sha256, provider=model.provider,
+                            threads=node.threads, device=node.device, open_sequences=service.open_sequences,
+                            max_sequences=node.max_sequences, emulated_link_ms=node.emulated_link_ms,
+                            standby_stages=[s for s in host.hostable if s not in node.stages], hosting=host.stages,
+                            incarnation=host.incarnation, profile=profile_to_wire(host.profile),
+                            memory_available_bytes=memory_available_bytes())
+        reply.MergeFrom(measured)
+        return reply
 
     metrics = NodeMetrics(node.name)
     if node.metrics_port is not None:
@@ -116,6 +122,9 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
     server.start()
 
     host.warm_up()
+    pass_times, head_ms = measure_passes(model, sorted(host.hostable))
+    measured.pass_times.extend(pass_times)
+    measured.head_ms = head_ms
     for service_name in ("", SERVICE_NAME):
         health_service.set(service_name, health_pb2.HealthCheckResponse.SERVING)
     log.info("node %s serving stages %s of %s on %s (%s, %d thread%s)%s", node.name, list(node.stages),

@@ -142,7 +142,8 @@ def test_a_client_that_goes_away_has_its_caches_freed_on_every_node(cluster):
             assert pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=5).open_sequences == 0, node.name
 
 
-STATUS_COLUMNS = ["node", "address", "state", "stages", "sequences", "step ms", "tokens/s", "heartbeat", "provider"]
+STATUS_COLUMNS = ["node", "address", "state", "stages", "sequences", "step ms", "tokens/s", "pass ms", "free MB",
+                  "heartbeat", "provider"]
 
 
 def busy_status(cluster, *args: str) -> subprocess.CompletedProcess:
@@ -170,6 +171,7 @@ def test_speed_status_lists_every_node_serving(cluster):
         row = rows[name]
         assert (row["state"], row["stages"], row["provider"]) == ("serving", str(stage), "CPU"), row
         assert float(row["step ms"]) > 0 and float(row["tokens/s"]) > 0, row
+        assert float(row["pass ms"]) > 0 and float(row["free MB"]) > 0, row  # what the node measured of itself
         assert row["heartbeat"].endswith(" s ago") and row["sequences"].endswith("/8"), row
 
 
@@ -178,6 +180,11 @@ def test_speed_status_json_is_one_object_with_each_nodes_load(cluster):
     assert status["serving"] is True and status["active_requests"] == 0
     for node in status["nodes"]:
         assert node["state"] == "serving" and node["step_ms"] > 0 and node["positions_per_s"] > 0, node
+        # measured by the node itself at start: each stage it can host (any, the demo's layers being shared) at the
+        # row counts of a tick
+        assert {(p["stage"], p["rows"]) for p in node["pass_times"]} == {(s, r) for s in range(3) for r in (1, 2, 4)}
+        assert all(p["ms"] > 0 for p in node["pass_times"]) and node["head_ms"] > 0, node
+        assert int(node["memory_available_bytes"]) > 0, node
 
 
 def test_speed_status_watch_refreshes_on_a_terminal_until_ctrl_c(cluster):

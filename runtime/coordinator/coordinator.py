@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2
 from runtime.coordinator.data_path import data_path_for
 from runtime.coordinator.engine import Engine
 from runtime.coordinator.metrics import CoordinatorMetrics
-from runtime.coordinator.remote_node import RemoteNode
+from runtime.coordinator.remote_node import MAX_MEMORY_BYTES, MAX_STEP_MS, RemoteNode
 from runtime.coordinator.requests import Request
 from runtime.coordinator.tokens import TOKENS_FILE, TokenFile
 from runtime.core.bundle import Bundle
@@ -228,6 +228,14 @@ class Coordinator:
         if info.bundle_sha256 != self.bundle.sha256:
             raise SpeedError(f"node {info.name} serves bundle {info.bundle_sha256[:12]} but the cluster's is "
                              f"{self.bundle.sha256[:12]}; give every device the same bundle")
+        measured = [("head_ms", info.head_ms)] + [(f"pass_times[{i}].ms", p.ms) for i, p in enumerate(info.pass_times)]
+        for field, value in measured:
+            if not 0 <= value <= MAX_STEP_MS:  # also NaN
+                raise SpeedError(f"node {info.name} reports {field} {value}, not 0 to {MAX_STEP_MS:g}; is it this "
+                                 "runtime's node?")
+        if info.memory_available_bytes > MAX_MEMORY_BYTES:
+            raise SpeedError(f"node {info.name} reports memory_available_bytes {info.memory_available_bytes}, more "
+                             f"than {MAX_MEMORY_BYTES}; is it this runtime's node?")
 
     async def watch_heartbeats(self) -> None:
         interval = self.spec.coordinator.heartbeat_interval_s
@@ -252,7 +260,9 @@ class Coordinator:
                             last_heartbeat_s=now - node.last_heartbeat if node.last_heartbeat else -1.0,
                             hosting=stages_of(engine.placement, node.name), sequences=node.held,
                             max_sequences=node.max_sequences, step_ms=node.step_ms,
-                            positions_per_s=node.positions_per_s)
+                            positions_per_s=node.positions_per_s, pass_times=node.info.pass_times if node.info else [],
+                            head_ms=node.info.head_ms if node.info else 0.0,
+                            memory_available_bytes=node.memory_available_bytes)
         return reply
 
 

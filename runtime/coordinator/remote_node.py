@@ -15,6 +15,11 @@ from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 
+# the largest values a node may report (in its heartbeats and its own measurements) that are stored and shown
+MAX_STEP_MS = 3_600_000.0  # a batch or a pass: an hour is already absurd
+MAX_POSITIONS_PER_S = 1e9
+MAX_MEMORY_BYTES = 2**60
+
 
 class NodeFailure(Exception):
     """A node refused a step: a coordinator bug, so the requests of that tick cannot go on."""
@@ -48,6 +53,7 @@ class RemoteNode:
         self.held = 0  # sequences it reported holding at its last heartbeat
         self.step_ms = 0.0  # its mean batch time over the last seconds, at its last heartbeat
         self.positions_per_s = 0.0  # positions its batches processed per second, at its last heartbeat
+        self.memory_available_bytes = 0  # free memory on its machine, at its registration or last heartbeat
         self._channel: grpc.aio.Channel | None = None
         self._stream = None
 
@@ -71,6 +77,7 @@ class RemoteNode:
         """Open a fresh step stream, on `channel`, to a node that has just registered with `assign_key`."""
         await self.disconnect(NodeState.WAITING)
         self.info, self.address, self.held = info, address, info.open_sequences
+        self.memory_available_bytes = info.memory_available_bytes
         self._assign_key = assign_key
         self._channel = channel
         self._stream = pb_grpc.NodeStub(self._channel).Steps(metadata=self._metadata)

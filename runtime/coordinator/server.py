@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from runtime.coordinator.coordinator import Coordinator, Unverified
+from runtime.coordinator.remote_node import MAX_MEMORY_BYTES, MAX_POSITIONS_PER_S, MAX_STEP_MS
 from runtime.coordinator.requests import Request
 from runtime.core.bundle import load_bundle
 from runtime.core.cluster_file import DataPathKind, load_cluster, parse_address
@@ -32,8 +33,6 @@ from runtime.wire.security import CLIENT, caller, check_exposure, node_common_na
 log = logging.getLogger("speed.coordinator")
 
 STOP_GRACE_S = 2.0
-MAX_STEP_MS = 3_600_000.0  # a heartbeat's batch time: an hour is already absurd
-MAX_POSITIONS_PER_S = 1e9
 DEADLINE_MARGIN_S = 0.05  # answer a little before the client's own deadline, so it gets our sentence
 STATUS_CODES = {FailureKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
                 FailureKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -125,6 +124,7 @@ class RegistryService(pb_grpc.RegistryServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a heartbeat of node {node.name}: {problem}")
         node.last_heartbeat, node.held = time.monotonic(), request.open_sequences
         node.step_ms, node.positions_per_s = request.step_ms, request.positions_per_s
+        node.memory_available_bytes = request.memory_available_bytes
         return pb.HeartbeatReply(known=True)
 
 
@@ -132,7 +132,8 @@ def heartbeat_problem(beat: pb.HeartbeatRequest, max_sequences: int) -> str:
     """What is out of range in a heartbeat, "" when nothing: only values a node can report are stored and shown."""
     if not 0 <= beat.open_sequences <= max_sequences:
         return f"open_sequences must be 0 to {max_sequences} (its max_sequences), got {beat.open_sequences}"
-    for field, limit in (("step_ms", MAX_STEP_MS), ("positions_per_s", MAX_POSITIONS_PER_S)):
+    for field, limit in (("step_ms", MAX_STEP_MS), ("positions_per_s", MAX_POSITIONS_PER_S),
+                         ("memory_available_bytes", MAX_MEMORY_BYTES)):
         value = getattr(beat, field)
         if not 0 <= value <= limit:  # also NaN
             return f"{field} must be 0 to {limit:g}, got {value}"

@@ -1,0 +1,60 @@
+"""What a node measures about itself for placing stages: how long a pass of each stage graph it holds takes
+at the row counts a tick uses, how long the classifier takes, and how much memory its machine has free.
+
+The passes are timed at start, after the warm-up and before the node registers, so they are measured on
+an idle node (what it can do, not what it happens to be doing) and cost under a second for a small model.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from runtime.executor.kv_cache import KVCache, tiled
+from runtime.executor.stage_model import StageModel
+from runtime.wire import speed_pb2 as pb
+
+TICK_ROWS = (1, 2, 4)  # sequences in one pass: alone, and the rows of a speculative tick
+CACHED_POSITIONS = 32  # each row's cache: a short context, where the weights dominate a pass
+REPEATS = 5  # timed passes per cell, after one untimed; the median is reported
+
+
+def measure_passes(model: StageModel, stages: list[int]) -> tuple[list[pb.PassTime], float]:
+    """(each stage's pass time per row count, the classifier's time for one row), in milliseconds."""
+    cfg = model.config
+    times = []
+    for stage in stages:
+        layers = len(cfg.stage_layers(stage))
+        for rows in TICK_ROWS:
+            cache = KVCache(cfg, rows=rows, capacity=tiled(CACHED_POSITIONS + 1), layers=layers)
+            cache.lengths[:] = CACHED_POSITIONS
+            hidden = np.zeros((rows, 1, cfg.d_model), np.float32)
+            ms = _median_ms(partial(model.run_stage, stage, hidden, cache, slice(0, rows)))
+            times.append(pb.PassTime(stage=stage, rows=rows, ms=ms))
+    return times, _median_ms(partial(model.classify, np.zeros((1, cfg.d_model), np.float32)))
+
+
+def memory_available_bytes() -> int:
+    """The kernel's estimate of the memory new work can use without swapping; 0 where it does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _median_ms(call: Callable[[], object]) -> float:
+    call()
+    samples = []
+    for _ in range(REPEATS):
+        started = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - started) * 1e3)
+    return round(statistics.median(samples), 4)
