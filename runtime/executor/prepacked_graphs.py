@@ -127,8 +127,9 @@ def _write_checked_copy(path: Path, directory: Path) -> None:
                                     providers=["CPUExecutionProvider"])
         if all(np.array_equal(a, b) for a, b in zip(original.run(None, feeds), copy.run(None, feeds))):
             return
-        log.info("the pre-packed copy of %s computed other bits than the graph; saving it without pre-packed "
-                 "weights", path.name)
+        if save_prepacked:
+            log.info("the pre-packed copy of %s computed other bits than the graph; saving it without pre-packed "
+                     "weights", path.name)
         for file in directory.iterdir():
             file.unlink()
     raise OSError(f"ONNX Runtime's optimized copy of {path.name} does not compute what the graph computes")
