@@ -2,9 +2,12 @@
 on its own process (`emulated_cpu_share` in the cluster file).
 
 The node moves itself into a cgroup of its own whose CPU controller lets it run `share` of one core in
-every 100 ms period (cgroup v2 `cpu.max`, or v1 `cpu.cfs_quota_us`), and moves back out and removes the
-group when it stops. The kernel enforces it: the node's passes take longer in wall time while other
-processes get the cores, unlike a sleep. Where cgroups cannot be written (no permission, no CPU
+every period (cgroup v2 `cpu.max`, or v1 `cpu.cfs_quota_us`), and moves back out and removes the group
+when it stops. The kernel enforces it: the node's passes take longer in wall time while other processes
+get the cores, unlike a sleep. A quota caps the share over each period, so the period is the shortest
+the kernel allows (a quota of at least 1 ms): work longer than a period runs `1 / share` times slower,
+shorter bursts only once the period's budget is spent (the demo model's passes of half a millisecond
+slow less than SmolLM2's of a few milliseconds). Where cgroups cannot be written (no permission, no CPU
 controller), the node refuses to start rather than run unslowed under a label that says otherwise.
 """
 
@@ -15,7 +18,8 @@ from pathlib import Path
 
 from runtime.core.errors import SpeedError
 
-PERIOD_US = 100_000
+MIN_QUOTA_US = 1000  # the kernel's smallest quota and period
+MAX_PERIOD_US = 1_000_000
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -27,13 +31,15 @@ class CpuQuota:
         hierarchy = root if v2 else root / "cpu"
         self._parent = _own_group(hierarchy, v2)
         self.directory = self._parent / group
-        quota = max(1000, round(share * PERIOD_US))  # the kernel's smallest quota is 1 ms
+        period = min(MAX_PERIOD_US, max(MIN_QUOTA_US, round(MIN_QUOTA_US / share)))
+        quota = max(MIN_QUOTA_US, round(share * period))
         try:
             self.directory.mkdir(exist_ok=True)  # a node killed before it released leaves its group: reused
             if v2:
-                (self.directory / "cpu.max").write_text(f"{quota} {PERIOD_US}")
+                (self.directory / "cpu.max").write_text(f"{quota} {period}")
             else:
-                (self.directory / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+                (self.directory / "cpu.cfs_quota_us").write_text("-1")  # a period shorter than the quota is refused
+                (self.directory / "cpu.cfs_period_us").write_text(str(period))
                 (self.directory / "cpu.cfs_quota_us").write_text(str(quota))
             (self.directory / "cgroup.procs").write_text(str(os.getpid()))
         except OSError as exc:

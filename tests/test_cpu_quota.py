@@ -21,15 +21,16 @@ PROMPT = "ROMEO:"
 
 
 def quota_of(pid: int) -> tuple[Path, str]:
-    """The cpu cgroup directory of a process and its quota as the kernel holds it."""
+    """The cpu cgroup directory of a process and its quota and period in microseconds, as the kernel holds them."""
     for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
         number, controllers, path = line.split(":", 2)
         if "cpu" in controllers.split(","):  # cgroup v1
             directory = Path("/sys/fs/cgroup/cpu") / path.lstrip("/")
-            return directory, (directory / "cpu.cfs_quota_us").read_text().strip()
+            return directory, (f"{(directory / 'cpu.cfs_quota_us').read_text().strip()} "
+                               f"{(directory / 'cpu.cfs_period_us').read_text().strip()}")
         if number == "0" and Path("/sys/fs/cgroup/cgroup.controllers").is_file():  # cgroup v2
             directory = Path("/sys/fs/cgroup") / path.lstrip("/")
-            return directory, (directory / "cpu.max").read_text().split()[0]
+            return directory, (directory / "cpu.max").read_text().strip()
     raise AssertionError(f"process {pid} is in no cpu cgroup")
 
 
@@ -44,7 +45,7 @@ def test_a_node_with_a_cpu_share_runs_under_that_quota_and_serves_the_same_text(
                               eos_id=-1).token_ids
     with LocalCluster(path) as cluster:
         group, quota = quota_of(cluster.processes["edge-2"].pid)
-        assert group.name == f"speed-{spec['cluster']}-edge-2" and quota == "50000"  # of every 100 ms
+        assert group.name == f"speed-{spec['cluster']}-edge-2" and quota == "1000 2000"  # 1 ms of every 2 ms
         assert quota_of(cluster.processes["edge-1"].pid)[0] != group  # only the node it was given to
         with Client(cluster.endpoint) as client:
             for speculative in (False, True):
