@@ -91,7 +91,7 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
                             max_sequences=node.max_sequences, emulated_link_ms=node.emulated_link_ms,
                             standby_stages=[s for s in host.hostable if s not in node.stages], hosting=host.stages,
                             incarnation=host.incarnation, profile=profile_to_wire(host.profile),
-                            memory_available_bytes=memory_available_bytes())
+                            memory_available_bytes=memory_available_bytes(), links=service.link_probe.times())
         reply.MergeFrom(measured)
         return reply
 

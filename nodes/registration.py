@@ -81,5 +81,5 @@ class Registration(threading.Thread):
     def heartbeat(self) -> pb.HeartbeatRequest:
         info, load = self.info(), self.recent.read()
         return pb.HeartbeatRequest(name=info.name, open_sequences=info.open_sequences, step_ms=load.step_ms,
-                                   memory_available_bytes=info.memory_available_bytes,
+                                   memory_available_bytes=info.memory_available_bytes, links=info.links,
                                    positions_per_s=load.positions_per_s)

@@ -23,6 +23,7 @@ import grpc
 
 from nodes.freed_memory import FreedMemory
 from nodes.host import StageHost, StepRefused
+from nodes.link_probe import LinkProbe
 from nodes.node_metrics import NodeMetrics
 from nodes.peer_links import PeerLinks
 from nodes.ring_worker import RingWorker
@@ -73,6 +74,7 @@ class NodeService(pb_grpc.NodeServicer):
         self._freed = FreedMemory()
         self._owner: str | None = None  # the connection (gRPC peer) of the coordinator that assigned the stages
         self.assign_key = secrets.token_hex(16)  # given only to the coordinator it registers with
+        self.link_probe = LinkProbe(self._open_peer_channel)  # round trips to the other nodes of its ring
 
     def _admit(self, context: grpc.ServicerContext) -> None:
         if self.only_caller is not None and caller(context) != self.only_caller:
@@ -119,6 +121,7 @@ class NodeService(pb_grpc.NodeServicer):
             return
         placement = {place.stage: place.node for place in request.placement}
         addresses = {place.node: place.address for place in request.placement if place.node != self.host.name}
+        self.link_probe.measure(addresses)
         links = PeerLinks(addresses, self._open_peer_channel, delay_s=self._link_delay_s,
                           incarnation=request.incarnation, epoch=request.epoch, profile=self.host.profile)
         self._ring = RingWorker(self.host.model, name=self.host.name, stages=self.host.stages, placement=placement,

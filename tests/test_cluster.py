@@ -16,7 +16,7 @@ import pytest
 
 from deploy.launcher import LocalCluster
 from runtime.client import AsyncClient, Client, InvalidRequest, Unavailable
-from runtime.core.cluster_file import load_cluster
+from runtime.core.cluster_file import DataPathKind, load_cluster
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
@@ -176,6 +176,12 @@ def test_speed_status_lists_every_node_serving(cluster):
 
 
 def test_speed_status_json_is_one_object_with_each_nodes_load(cluster):
+    ring = cluster.spec.data_path == DataPathKind.RING
+    with Client(cluster.endpoint) as client:  # a ring node times its links after its assignment, in the background
+        deadline = time.monotonic() + 10
+        while ring and not all(len(node.links) == 2 for node in client.status().nodes):
+            assert time.monotonic() < deadline, client.status()
+            time.sleep(0.1)
     status = json.loads(busy_status(cluster, "--json").stdout)
     assert status["serving"] is True and status["active_requests"] == 0
     for node in status["nodes"]:
@@ -185,6 +191,10 @@ def test_speed_status_json_is_one_object_with_each_nodes_load(cluster):
         assert {(p["stage"], p["rows"]) for p in node["pass_times"]} == {(s, r) for s in range(3) for r in (1, 2, 4)}
         assert all(p["ms"] > 0 for p in node["pass_times"]) and node["head_ms"] > 0, node
         assert int(node["memory_available_bytes"]) > 0, node
+    # round trips to the other nodes of its ring; lockstep nodes do not talk to each other
+    links = {node["name"]: {link["node"] for link in node["links"] if link["rtt_ms"] > 0} for node in status["nodes"]}
+    names = {"edge-1", "edge-2", "edge-3"}
+    assert links == {name: names - {name} if ring else set() for name in names}
 
 
 def test_speed_status_watch_refreshes_on_a_terminal_until_ctrl_c(cluster):

@@ -87,7 +87,9 @@ def test_holding_the_secret_is_not_enough_to_assign_a_node_or_forge_its_heartbea
             for forged, problem in [(dict(open_sequences=-5), "open_sequences must be 0 to 8"),
                                     (dict(step_ms=float("nan")), "step_ms must be 0 to"),
                                     (dict(positions_per_s=-1e308), "positions_per_s must be 0 to"),
-                                    (dict(memory_available_bytes=2**63), "memory_available_bytes must be 0 to")]:
+                                    (dict(memory_available_bytes=2**63), "memory_available_bytes must be 0 to"),
+                                    (dict(links=[pb.LinkTime(node="edge-2", rtt_ms=1)]), "links must name other nodes"),
+                                    (dict(links=[pb.LinkTime(node="edge-1", rtt_ms=-1)]), "links' rtt_ms must be")]:
                 with pytest.raises(grpc.RpcError) as refused:
                     registry.Heartbeat(pb.HeartbeatRequest(name="edge-2", **forged), timeout=10)
                 assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -54,6 +54,7 @@ class RemoteNode:
         self.step_ms = 0.0  # its mean batch time over the last seconds, at its last heartbeat
         self.positions_per_s = 0.0  # positions its batches processed per second, at its last heartbeat
         self.memory_available_bytes = 0  # free memory on its machine, at its registration or last heartbeat
+        self.links: list[pb.LinkTime] = []  # its round trips to the other nodes of its ring, at its last heartbeat
         self._channel: grpc.aio.Channel | None = None
         self._stream = None
 
@@ -77,7 +78,7 @@ class RemoteNode:
         """Open a fresh step stream, on `channel`, to a node that has just registered with `assign_key`."""
         await self.disconnect(NodeState.WAITING)
         self.info, self.address, self.held = info, address, info.open_sequences
-        self.memory_available_bytes = info.memory_available_bytes
+        self.memory_available_bytes, self.links = info.memory_available_bytes, list(info.links)
         self._assign_key = assign_key
         self._channel = channel
         self._stream = pb_grpc.NodeStub(self._channel).Steps(metadata=self._metadata)

@@ -119,17 +119,18 @@ class RegistryService(pb_grpc.RegistryServicer):
         node = next((n for n in self.coordinator.nodes if n.name == request.name), None)
         if node is None or node.state != NodeState.SERVING:
             return pb.HeartbeatReply(known=False)
-        problem = heartbeat_problem(request, node.max_sequences)
+        problem = heartbeat_problem(request, node.max_sequences, [n.name for n in self.coordinator.nodes])
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a heartbeat of node {node.name}: {problem}")
         node.last_heartbeat, node.held = time.monotonic(), request.open_sequences
         node.step_ms, node.positions_per_s = request.step_ms, request.positions_per_s
-        node.memory_available_bytes = request.memory_available_bytes
+        node.memory_available_bytes, node.links = request.memory_available_bytes, list(request.links)
         return pb.HeartbeatReply(known=True)
 
 
-def heartbeat_problem(beat: pb.HeartbeatRequest, max_sequences: int) -> str:
-    """What is out of range in a heartbeat, "" when nothing: only values a node can report are stored and shown."""
+def heartbeat_problem(beat: pb.HeartbeatRequest, max_sequences: int, nodes: list[str]) -> str:
+    """What is out of range in a heartbeat, "" when nothing: only values a node can report are stored and shown.
+    nodes: the cluster's, the only ones a node may report links to."""
     if not 0 <= beat.open_sequences <= max_sequences:
         return f"open_sequences must be 0 to {max_sequences} (its max_sequences), got {beat.open_sequences}"
     for field, limit in (("step_ms", MAX_STEP_MS), ("positions_per_s", MAX_POSITIONS_PER_S),
@@ -137,6 +138,12 @@ def heartbeat_problem(beat: pb.HeartbeatRequest, max_sequences: int) -> str:
         value = getattr(beat, field)
         if not 0 <= value <= limit:  # also NaN
             return f"{field} must be 0 to {limit:g}, got {value}"
+    named = [link.node for link in beat.links]
+    if len(set(named)) != len(named) or not set(named) <= set(nodes) - {beat.name}:
+        return f"links must name other nodes of the cluster ({', '.join(nodes)}), each once"
+    for link in beat.links:
+        if not 0 <= link.rtt_ms <= MAX_STEP_MS:
+            return f"links' rtt_ms must be 0 to {MAX_STEP_MS:g}, got {link.rtt_ms}"
     return ""
 
 
