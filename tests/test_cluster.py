@@ -197,6 +197,25 @@ def test_speed_status_json_is_one_object_with_each_nodes_load(cluster):
     assert links == {name: names - {name} if ring else set() for name in names}
 
 
+def test_speed_plan_predicts_every_placement_with_the_file_s_own_first(cluster):
+    result = run_speed("plan", str(cluster.spec.path), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    own, *others = report["candidates"]
+    assert own["files_own"] and own["placement"] == {"edge-1": [0], "edge-2": [1], "edge-3": [2]}
+    assert len(others) == 3**3 - 1  # the demo's layers are shared: any node can host any stage
+    assert all(c["sequential_tokens_per_s"] > 0 and c["speculative_tokens_per_s"] > 0 for c in report["candidates"])
+    best = [c["speculative_tokens_per_s"] for c in others]
+    assert best == sorted(best, reverse=True) and report["flips"] == [0.1795, 0.1026]
+    shown = run_speed("plan", str(cluster.spec.path), "--top", "2")
+    assert shown.returncode == 0 and len(shown.stdout.splitlines()) == 4 + (cluster.spec.data_path != DataPathKind.RING)
+    assert ("lockstep is not modelled" in shown.stdout) == (cluster.spec.data_path != DataPathKind.RING)
+
+
+def test_speed_plan_of_a_cluster_that_is_not_running_says_so(tmp_path):
+    assert_one_line_error(run_speed("plan", str(write_cluster(tmp_path))), "cannot reach the coordinator")
+
+
 def test_speed_status_watch_refreshes_on_a_terminal_until_ctrl_c(cluster):
     with Terminal("status", "--coordinator", cluster.endpoint, "--watch", "--interval", "0.2",
                   term="xterm-256color") as watch:

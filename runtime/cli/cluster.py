@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from runtime.cli.arguments import add_credential_flags, configure_logging, credentials_of, link_ms, number
+from runtime.cli.arguments import add_credential_flags, configure_logging, credentials_of, link_ms, number, whole
 from runtime.core.cluster_file import DATA_PATHS
 
 
@@ -32,6 +33,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     add_credential_flags(p)
     p.set_defaults(run=cmd_status)
 
+    p = commands.add_parser("plan", help="predict the tokens/s of placements of a running cluster's stages, from what "
+                                         "its nodes measured of themselves")
+    p.add_argument("cluster_file", type=Path, metavar="FILE", help="the cluster file of a running cluster")
+    p.add_argument("--top", type=whole(1, 1000), default=5, help="candidates printed after the file's own (default 5)")
+    p.add_argument("--json", action="store_true", help="every candidate as one JSON object, the file's own first")
+    add_credential_flags(p)
+    p.set_defaults(run=cmd_plan)
+
     p = commands.add_parser("coordinator", help="run a cluster's coordinator alone (each device runs speed node)")
     p.add_argument("--cluster", type=Path, required=True, metavar="FILE")
     p.add_argument("--data-path", choices=DATA_PATHS, help="how the work travels (overrides the file's data_path)")
@@ -57,6 +66,19 @@ def cmd_down(args: argparse.Namespace) -> None:
     from deploy.launcher import down
 
     down(args.cluster_file)
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from runtime.bench.plan import format_plan, plan
+    from runtime.client import Client
+    from runtime.core.bundle import load_bundle
+    from runtime.core.cluster_file import load_cluster
+
+    spec = load_cluster(args.cluster_file)
+    with Client(spec.coordinator.address, **credentials_of(args)) as client:
+        status = client.status()
+    report = plan(spec, load_bundle(spec.bundle, verify=False), status)
+    print(json.dumps(report) if args.json else format_plan(report, args.top))
 
 
 def cmd_status(args: argparse.Namespace) -> None:

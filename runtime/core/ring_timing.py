@@ -1,0 +1,153 @@
+"""How fast the ring data path would decode one request with a given placement: a discrete-event
+simulation of the real ring state machines (`RingMachine`, one per node) whose passes take what the
+nodes measured of themselves, over first-in first-out links of given one-way latency, with early-stage
+guesses wrong at given rates. Pure: no I/O, no tensors, no model.
+
+The model's tokens are a fixed sequence; a stage's guess for the next position is that sequence's
+token unless it flips (at the stage's rate, drawn per stage and position), and the last stage is always
+right, so the committed text is the sequence and only the timing depends on the placement. A node runs
+one batch of runs at a time; a batch costs the node's measured pass time of each run's stage at as many
+rows as the run has positions (interpolated between the measured row counts, extrapolated past them),
+plus the classifier for each run whose prediction is read. The coordinator is taken to be beside the
+head: its messages cost nothing. A confidence gate of 1 (a stage that makes no guesses) is followed; any
+lower one is taken to send every guess. What this does not see: other processes sharing a node's cores.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from runtime.core.ring import Commit, Correction, Hop, RingMachine, Run
+
+VOCAB = 1 << 16
+
+
+@dataclass(frozen=True)
+class NodeTiming:
+    """What one node measured of itself: (stage, rows) -> milliseconds of one pass, and its classifier."""
+
+    pass_ms: Mapping[tuple[int, int], float]
+    head_ms: float
+
+    def run_ms(self, stage: int, positions: int) -> float:
+        points = sorted((rows, ms) for (s, rows), ms in self.pass_ms.items() if s == stage)
+        if not points:
+            raise ValueError(f"no pass time measured for stage {stage}")
+        if len(points) == 1:
+            return points[0][1] * positions / points[0][0]
+        below = [p for p in points if p[0] <= positions] or points[:1]
+        above = [p for p in points if p[0] >= positions] or points[-1:]
+        (r0, m0), (r1, m1) = (below[-1], above[0]) if below[-1] != above[0] else (points[-2], points[-1])
+        if r0 == r1:
+            return m0
+        return max(0.0, m0 + (m1 - m0) * (positions - r0) / (r1 - r0))
+
+
+def true_token(position: int) -> int:
+    return (position * 7919 + 13) % VOCAB
+
+
+@dataclass
+class _Node:
+    name: str
+    core: RingMachine
+    timing: NodeTiming
+    busy: bool = False
+
+
+@dataclass
+class RingTiming:
+    placement: Mapping[int, str]  # stage -> node
+    timings: Mapping[str, NodeTiming]
+    link_ms: Callable[[str, str], float]  # one-way latency from one node to another
+    flips: tuple[float, ...]  # per early stage: how often its guess for the next position is wrong
+    window: int  # positions stage 0 may run ahead on its own guesses; 0 = sequential decoding
+    thresholds: tuple[float, ...] = ()  # per early stage, the confidence gate; () = every guess sent
+    prefill_chunk: int = 64
+    seed: int = 0
+    now: float = 0.0
+    commits: list[float] = field(default_factory=list)  # when each token was committed
+
+    def __post_init__(self):
+        n_stages = len(self.placement)
+        hosting: dict[str, list[int]] = {}
+        for stage, name in sorted(self.placement.items()):
+            hosting.setdefault(name, []).append(stage)
+        self.nodes = {name: _Node(name, RingMachine(tuple(stages), n_stages, prefill_chunk=self.prefill_chunk),
+                                  self.timings[name]) for name, stages in hosting.items()}
+        self._events: list = []
+        self._order = itertools.count()
+        self._link_free: dict[tuple[str, str], float] = {}
+
+    def decode(self, prompt_tokens: int, new_tokens: int) -> float:
+        """Tokens per second of steady decoding (after the first token) of one request."""
+        prompt = [true_token(p) for p in range(prompt_tokens)]
+        last_position = prompt_tokens + new_tokens - 2
+        for node in self.nodes.values():
+            node.core.open(1, prompt, last_position=last_position, window=self.window,
+                           guess_thresholds=self.thresholds)
+            self._kick(node)
+        while self._events and len(self.commits) < new_tokens:
+            self.now, _, action = heapq.heappop(self._events)
+            action()
+        if len(self.commits) < 2 or self.commits[-1] <= self.commits[0]:
+            raise ValueError("the simulated ring committed fewer than two tokens")
+        return (len(self.commits) - 1) * 1000 / (self.commits[-1] - self.commits[0])
+
+    def _at(self, when: float, action) -> None:
+        heapq.heappush(self._events, (when, next(self._order), action))
+
+    def _send(self, src: str, dst: str, message) -> None:
+        node = self.nodes[dst]
+        if src == dst:
+            self._deliver(node, message)
+            return
+        arrives = max(self.now + self.link_ms(src, dst), self._link_free.get((src, dst), 0.0))  # first in first out
+        self._link_free[(src, dst)] = arrives
+        self._at(arrives, lambda: self._deliver(node, message))
+
+    def _deliver(self, node: _Node, message) -> None:
+        node.core.receive(message)
+        self._kick(node)
+
+    def _route(self, node: _Node, message) -> None:
+        if isinstance(message, Hop):
+            self._send(node.name, self.placement[message.stage], message)
+            return
+        if isinstance(message, Commit) and message.seq_id == 1:
+            self.commits.append(self.now)
+        if isinstance(message, (Commit, Correction)):
+            self._send(node.name, self.placement[0], message)
+
+    def _kick(self, node: _Node) -> None:
+        if node.busy:
+            return
+        runs = node.core.take_runs()
+        for message in node.core.drain():
+            self._route(node, message)
+        if not runs:
+            return
+        node.busy = True
+        cost = sum(node.timing.run_ms(run.stage, len(run.tokens)) + (node.timing.head_ms if run.predict or run.final
+                                                                     else 0.0) for run in runs)
+        self._at(self.now + cost, lambda: self._finish(node, runs))
+
+    def _finish(self, node: _Node, runs: list[Run]) -> None:
+        for run in runs:
+            if run.seq_id not in node.core.sequences:
+                continue
+            right = all(token == true_token(run.start + i) for i, token in enumerate(run.tokens))
+            prediction = true_token(run.end) if right else (true_token(run.end) + 1) % VOCAB
+            if run.predict and not run.final:
+                draw = random.Random(hash((self.seed, run.stage, run.end, run.gen)))
+                if draw.random() < self.flips[run.stage]:
+                    prediction = (prediction + 1 + draw.randrange(VOCAB - 1)) % VOCAB
+            node.core.ran(run, prediction if run.predict or run.final else None, 1.0)
+            for message in node.core.drain():
+                self._route(node, message)
+        node.busy = False
+        self._kick(node)
