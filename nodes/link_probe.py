@@ -8,14 +8,14 @@ thread of its own, so an assignment never waits for it; a peer that does not ans
 
 from __future__ import annotations
 
-import statistics
 import threading
-import time
 from collections.abc import Callable
+from functools import partial
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nodes.self_measure import median_ms
 from runtime.wire import speed_pb2 as pb
 
 PINGS = 5
@@ -52,13 +52,9 @@ class LinkProbe:
 
     def _round_trip_ms(self, name: str, address: str) -> float | None:
         with self._open_channel(name, address) as channel:
-            check = health_pb2_grpc.HealthStub(channel).Check
-            samples = []
+            check = partial(health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckRequest(),
+                            timeout=PING_TIMEOUT_S)
             try:
-                for _ in range(PINGS + 1):  # the first also connects: not timed
-                    started = time.perf_counter()
-                    check(health_pb2.HealthCheckRequest(), timeout=PING_TIMEOUT_S)
-                    samples.append((time.perf_counter() - started) * 1e3)
+                return median_ms(check, PINGS)
             except grpc.RpcError:
                 return None
-        return round(statistics.median(samples[1:]), 4)

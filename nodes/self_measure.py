@@ -34,9 +34,9 @@ def measure_passes(model: StageModel, stages: list[int]) -> tuple[list[pb.PassTi
             cache = KVCache(cfg, rows=rows, capacity=tiled(CACHED_POSITIONS + 1), layers=layers)
             cache.lengths[:] = CACHED_POSITIONS
             hidden = np.zeros((rows, 1, cfg.d_model), np.float32)
-            ms = _median_ms(partial(model.run_stage, stage, hidden, cache, slice(0, rows)))
+            ms = median_ms(partial(model.run_stage, stage, hidden, cache, slice(0, rows)))
             times.append(pb.PassTime(stage=stage, rows=rows, ms=ms))
-    return times, _median_ms(partial(model.classify, np.zeros((1, cfg.d_model), np.float32)))
+    return times, median_ms(partial(model.classify, np.zeros((1, cfg.d_model), np.float32)))
 
 
 def memory_available_bytes() -> int:
@@ -50,10 +50,11 @@ def memory_available_bytes() -> int:
     return 0
 
 
-def _median_ms(call: Callable[[], object]) -> float:
+def median_ms(call: Callable[[], object], repeats: int = REPEATS) -> float:
+    """The median of `repeats` timed calls, after one untimed (which warms caches, or connects)."""
     call()
     samples = []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         started = time.perf_counter()
         call()
         samples.append((time.perf_counter() - started) * 1e3)

@@ -202,13 +202,19 @@ def _export(module, args, path, dynamic_shapes, input_names, output_names) -> No
 
 def share_embedding_weight(head_path: Path, embedding: np.ndarray, out_dir: Path) -> None:
     """Write the embedding once and make head.onnx read its tied LM-head weight from that file."""
-    embedding.astype("<f4").tofile(out_dir / EMBEDDING_FILE)
     head = onnx.load(str(head_path))
     (table,) = [t for t in head.graph.initializer if t.name == EMBEDDING_WEIGHT]
-    set_external_data(table, location=EMBEDDING_FILE, offset=0, length=embedding.nbytes)
-    table.data_location = onnx.TensorProto.EXTERNAL
-    table.ClearField("raw_data")
+    store_outside(table, embedding.astype("<f4"), out_dir / EMBEDDING_FILE)
     onnx.save(head, str(head_path))
+
+
+def store_outside(tensor: onnx.TensorProto, array: np.ndarray, path: Path) -> None:
+    """Write `array` to the file at `path` and make the graph's `tensor` read its values from there (a file
+    beside the graph, which other readers may share)."""
+    array.tofile(path)
+    set_external_data(tensor, location=path.name, offset=0, length=array.nbytes)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
 
 
 def write_model(model: SpeedDecoder, out_dir: Path, progress: Progress = NO_PROGRESS) -> list[str]:

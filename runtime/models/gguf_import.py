@@ -34,7 +34,7 @@ from runtime.core.errors import SpeedError
 from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.core.staging import check_directory_free, staged_directory
 from runtime.models.decoder import SpeedDecoder
-from runtime.models.export import write_model
+from runtime.models.export import store_outside, write_model
 from runtime.models.gguf_blocks import BLOCK, NBitsWeight, nbits_weight
 from runtime.models.quantize import (
     ACCURACY_LEVEL,
@@ -264,7 +264,6 @@ def _keep_embedding_blocks(embedding: Weight, out_dir: Path, settings: Quantizat
     """The head over the embedding's Q8_0 blocks (8-bit MatMulNBits), whose weights are read from the files
     that also hold the embedding table; the float32 table goes. Returns the manifest's embedding entry."""
     import onnx
-    from onnx.external_data_helper import set_external_data
 
     blocks = nbits_weight(embedding.kind, embedding.stored)
     head = out_dir / HEAD_FILE
@@ -276,10 +275,7 @@ def _keep_embedding_blocks(embedding: Weight, out_dir: Path, settings: Quantizat
     for tensor in model.graph.initializer:
         if tensor.name in arrays:
             file, array = arrays[tensor.name]
-            array.tofile(out_dir / file)
-            set_external_data(tensor, location=file, offset=0, length=array.nbytes)
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            tensor.ClearField("raw_data")
+            store_outside(tensor, array, out_dir / file)
     onnx.save(model, str(head))
     (out_dir / EMBEDDING_FILE).unlink()
     V, d = embedding.values.shape

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -130,41 +131,52 @@ def _write_known_weights(model, known: dict[bytes, NBitsWeight], accuracy_level:
 
     graph = model.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
-    groups: dict[tuple, list[tuple[int, object, str, NBitsWeight, bytes]]] = {}
+    groups: dict[tuple, list[_KnownProduct]] = {}  # by input: products a wider one can replace
     for position, node in enumerate(graph.node):
         weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
         digest = weight_digest(numpy_helper.to_array(weight)) if weight is not None else None
         blocks = known.get(digest)
         if blocks is not None:
             key = (node.input[0], blocks.shape[0], blocks.bits, blocks.offsets is None)
-            groups.setdefault(key, []).append((position, node, weight.name, blocks, digest))
-    replaced_nodes = {id(member[1]) for members in groups.values() for member in members}
-    first_of_group = {members[0][0]: members for members in groups.values()}
+            groups.setdefault(key, []).append(_KnownProduct(position, node.output[0], weight.name, blocks, digest))
+    replaced = {member.position: member for members in groups.values() for member in members}
+    first_of_group = {members[0].position: members for members in groups.values()}
     used, nodes, offset_products = set(), [], []
     for position, node in enumerate(graph.node):
-        if id(node) not in replaced_nodes:
+        if position not in replaced:
             nodes.append(node)
         elif position in first_of_group:
             members = first_of_group[position]
-            name = "_".join(member[2] for member in members)
-            outputs = [member[1].output[0] for member in members]
-            blocks = _side_by_side([member[3] for member in members])
+            name = "_".join(member.weight for member in members)
+            outputs = [member.output for member in members]
             y = outputs[0] if len(members) == 1 else f"{name}_joined"
-            nodes += _known_product(graph, initializers, members[0][1].input[0], y, name, blocks, accuracy_level,
+            nodes += _known_product(graph, initializers, node.input[0], y, name,
+                                    _side_by_side([member.blocks for member in members]), accuracy_level,
                                     offset_products)
             if len(members) > 1:
-                widths = numpy_helper.from_array(np.array([m[3].shape[1] for m in members], np.int64), f"{name}_widths")
+                widths = numpy_helper.from_array(np.array([m.blocks.shape[1] for m in members], np.int64),
+                                                 f"{name}_widths")
                 graph.initializer.append(widths)
                 nodes.append(helper.make_node("Split", [y, widths.name], outputs, axis=-1))
-            used |= {member[4] for member in members}
+            used |= {member.digest for member in members}
     graph.ClearField("node")
     graph.node.extend(nodes)
-    replaced = {member[2] for members in groups.values() for member in members}
-    for tensor in [tensor for tensor in graph.initializer if tensor.name in replaced]:
+    folded = {member.weight for member in replaced.values()}
+    for tensor in [tensor for tensor in graph.initializer if tensor.name in folded]:
         graph.initializer.remove(tensor)  # each folded weight feeds one MatMul
-    if replaced and not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+    if folded and not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return used, offset_products
+
+
+class _KnownProduct(NamedTuple):
+    """A MatMul of the graph whose constant weight is known in blocks."""
+
+    position: int  # in the graph's node order
+    output: str
+    weight: str  # the float weight's initializer, which goes
+    blocks: NBitsWeight
+    digest: bytes
 
 
 def _side_by_side(parts: list[NBitsWeight]) -> NBitsWeight:
