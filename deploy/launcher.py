@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 
 from runtime.core.bundle import load_bundle
-from runtime.core.cluster_file import ClusterSpec, listen_addresses, load_cluster, parse_address
+from runtime.core.cluster_file import ClusterSpec, PlacementKind, listen_addresses, load_cluster, parse_address
 from runtime.core.errors import SpeedError
 from runtime.core.node_state import NodeState
 from runtime.core.progress import NO_PROGRESS, Progress
@@ -119,8 +119,9 @@ class LocalCluster:
             raise
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S, progress: Progress = NO_PROGRESS) -> None:
-        """Until every node of the file has registered and runs its own stages (not just until the cluster
-        can serve, which one node of a weight-shared bundle already can)."""
+        """Until every node of the file has registered and runs its own stages, or under placement: auto the
+        stages chosen for it (not just until the cluster can serve, which one node of a weight-shared bundle
+        already can)."""
         deadline = time.monotonic() + timeout_s
         counted = 0  # nodes reported as registered so far
         with self.channel() as channel, progress.task("nodes registered", total=len(self.spec.nodes)):
@@ -130,11 +131,12 @@ class LocalCluster:
                 self.check_alive()
                 try:
                     status = coordinator.ClusterStatus(pb.ClusterStatusRequest(), timeout=1.0)
-                    ready = sum(node_state_of(node) == NodeState.SERVING and tuple(node.hosting) == tuple(node.stages)
-                                for node in status.nodes)
+                    auto = status.placement == str(PlacementKind.AUTO)
+                    ready = sum(node_state_of(node) == NodeState.SERVING
+                                and (auto or tuple(node.hosting) == tuple(node.stages)) for node in status.nodes)
                     progress.advance(ready - counted)
                     counted = ready
-                    if ready == len(status.nodes):
+                    if ready == len(status.nodes) and status.placement_settled:
                         return
                 except grpc.RpcError:
                     pass  # not listening yet

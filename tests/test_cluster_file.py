@@ -14,6 +14,7 @@ from runtime.core.cluster_file import (
     CoordinatorSpec,
     DataPathKind,
     NodeSpec,
+    PlacementKind,
     SpeculationSpec,
     load_cluster,
     parse_address,
@@ -80,7 +81,7 @@ def test_defaults_are_applied(tmp_path):
     assert spec.nodes[0] == NodeSpec(name="edge-1", address="127.0.0.1:50051", stages=(0,), device="cpu",
                                      cpu_fallback=False, threads=1, max_sequences=8, idle_timeout_s=300.0,
                                      emulated_link_ms=0.0)
-    assert spec.data_path is DataPathKind.RING
+    assert spec.data_path is DataPathKind.RING and spec.placement is PlacementKind.FILE
     assert spec.bundle is None and spec.path == (tmp_path / "cluster.yaml").resolve()
 
 
@@ -185,10 +186,14 @@ def test_an_unknown_node_key_is_named_with_a_suggestion(tmp_path):
                 "standby_stages, threads (did you mean 'stages'?)")
 
 
+def test_placement_auto_is_read(tmp_path):
+    assert load_cluster(cluster_with(tmp_path, lambda d: d.update(placement="auto"))).placement is PlacementKind.AUTO
+
+
 def test_an_unknown_key_without_a_close_match_gets_no_suggestion(tmp_path):
     path = cluster_with(tmp_path, lambda data: data.update(zzz=1))
     expected = (f"{path}: unknown key 'zzz'; expected one of bundle, cluster, coordinator, data_path, insecure, "
-                "nodes, secret_file, security, speculation")
+                "nodes, placement, secret_file, security, speculation")
     with pytest.raises(SpeedError, match=re.escape(expected)) as caught:
         load_cluster(str(path))
     assert "did you mean" not in str(caught.value)
@@ -270,6 +275,10 @@ def set_node_key(index: int, key: str, value):
      "speculation.window: expected a whole number >= 0 and at most 64 (more only multiplies the work a flip "
      "throws away), got 65"),
     (lambda d: d.update(data_path="star"), "data_path: expected one of lockstep, ring, got 'star'"),
+    (lambda d: d.update(placement="fastest"), "placement: expected one of file, auto, got 'fastest'"),
+    (lambda d: d.update(placement="auto", data_path="lockstep"),
+     "placement: auto chooses stages by the ring data path's timing model; use it with data_path: ring, or write "
+     "each node's stages and remove placement"),
 ])
 def test_a_wrong_value_names_its_key_path_and_what_is_expected(tmp_path, edit, expected):
     path = cluster_with(tmp_path, edit)

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from runtime.coordinator.auto_placement import AutoPlacement
 from runtime.coordinator.data_path import data_path_for
 from runtime.coordinator.engine import Engine
 from runtime.coordinator.metrics import CoordinatorMetrics
@@ -27,7 +28,7 @@ from runtime.coordinator.remote_node import MAX_MEMORY_BYTES, MAX_STEP_MS, Remot
 from runtime.coordinator.requests import Request
 from runtime.coordinator.tokens import TOKENS_FILE, TokenFile
 from runtime.core.bundle import Bundle
-from runtime.core.cluster_file import ClusterSpec, same_address
+from runtime.core.cluster_file import ClusterSpec, PlacementKind, same_address
 from runtime.core.errors import SpeedError
 from runtime.core.generation import guess_thresholds
 from runtime.core.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, check_request, max_prompt_chars
@@ -66,9 +67,11 @@ class Coordinator:
                                  metadata=secret_metadata(self.secret)) for node in spec.nodes]
         data_path = data_path_for(spec.data_path, prefill_chunk=spec.speculation.prefill_chunk,
                                   stall_timeout_s=spec.coordinator.step_timeout_s * (bundle.config.n_stages + 1))
+        auto = AutoPlacement(spec, bundle) if spec.placement == PlacementKind.AUTO else None
         self.engine = Engine(self.nodes, config=bundle.config, eos_id=bundle.eos_token_id,
                              max_queue=spec.coordinator.max_queue, incarnation=time.time_ns(), metrics=self.metrics,
-                             data_path=data_path)
+                             data_path=data_path,
+                             choose_homes=auto.homes if auto else None)
 
     @property
     def serving(self) -> bool:
@@ -252,7 +255,8 @@ class Coordinator:
         engine = self.engine
         reply = pb.ClusterStatusReply(cluster=self.spec.name, bundle_sha256=self.bundle.sha256, serving=self.serving,
                                       active_requests=engine.active_requests, queued_requests=engine.queued_requests,
-                                      max_queue=engine.max_queue, speculation=self.spec.speculation.enabled)
+                                      max_queue=engine.max_queue, speculation=self.spec.speculation.enabled,
+                                      placement_settled=engine.placement_settled, placement=str(self.spec.placement))
         for node in self.nodes:
             reply.nodes.add(name=node.name, address=node.address, stages=node.spec.stages,
                             state=to_wire(node.state, pb.NodeState),

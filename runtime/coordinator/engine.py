@@ -19,7 +19,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from runtime.coordinator.cluster_view import ClusterView
 from runtime.coordinator.data_path import DataPath
@@ -34,14 +34,20 @@ from runtime.core.request import FailureKind, RequestFailed, TextChunk
 
 log = logging.getLogger("speed.coordinator")
 NODE_BACKEND = "onnx"  # what nodes run: the bundle's ONNX graphs with ONNX Runtime
+Homes = dict[str, Sequence[int]]  # node -> the stages it runs while it serves
 
 
 class Engine:
     def __init__(self, nodes: list[RemoteNode], *, config: ModelConfig, eos_id: int, max_queue: int, incarnation: int,
-                 metrics: CoordinatorMetrics, data_path: Callable[[ClusterView], DataPath]):
-        """data_path: makes the data path that carries the work, given this engine's view of the cluster."""
+                 metrics: CoordinatorMetrics, data_path: Callable[[ClusterView], DataPath],
+                 choose_homes: Callable[[list[RemoteNode], dict[int, str]], Awaitable[Homes | None]] | None = None):
+        """data_path: makes the data path that carries the work, given this engine's view of the cluster;
+        choose_homes: when given, chooses the serving nodes' stages whenever they change (placement: auto),
+        from where the stages would run without a choice; None keeps the file's."""
         self.nodes = {node.name: node for node in nodes}
-        self.home = {node.name: node.spec.stages for node in nodes}
+        self.home: Homes = {node.name: node.spec.stages for node in nodes}  # the cluster file's
+        self.choose_homes = choose_homes
+        self._chosen: tuple[frozenset[str], Homes | None] = (frozenset(), None)  # for which serving nodes
         self.view = ClusterView(config=config, nodes=self.nodes, metrics=metrics, incarnation=incarnation,
                                 eos_id=eos_id)
         self.config = config
@@ -69,6 +75,14 @@ class Engine:
     def can_serve(self) -> bool:
         """Every stage has a serving node that can run it (its own, or one that would take it over)."""
         return len(self._placement_now()) == self.config.n_stages
+
+    @property
+    def placement_settled(self) -> bool:
+        """Every serving node runs the stages meant for it: none is being chosen or moved."""
+        serving = self._serving_nodes()
+        chosen = self.choose_homes is None or self._chosen[0] == frozenset(serving)
+        return chosen and self._placement_now() == self.placement and all(
+            self.nodes[name].assigned == tuple(stages_of(self.placement, name)) for name in serving)
 
     @property
     def active_requests(self) -> int:
@@ -168,6 +182,9 @@ class Engine:
         """Make the placement match the serving nodes; replay every active sequence when it changes."""
         while True:
             serving = self._serving_nodes()
+            if self.choose_homes is not None and frozenset(serving) != self._chosen[0]:
+                await self._choose_homes(serving)
+                continue  # nodes may have come or gone meanwhile
             placement = self._placement_now()
             stale = [name for name in serving if self.nodes[name].assigned != tuple(stages_of(placement, name))]
             if placement == self.placement and not stale:
@@ -187,13 +204,21 @@ class Engine:
             self._replay(previous)
             return
 
+    async def _choose_homes(self, serving: list[str]) -> None:
+        self._chosen = (frozenset(serving), None)
+        start = self._placement_now()
+        if len(start) == self.config.n_stages:
+            homes = await self.choose_homes([self.nodes[name] for name in serving], start)
+            if self._chosen[0] == frozenset(serving):
+                self._chosen = (frozenset(serving), homes)
+
     def _serving_nodes(self) -> list[str]:
         return [name for name, node in self.nodes.items() if node.state == NodeState.SERVING]
 
     def _placement_now(self) -> dict[int, str]:
         """Where the stages would run on the nodes serving now (some may be missing)."""
         can_run = {name: node.can_run for name, node in self.nodes.items()}
-        return place(self.home, can_run, self._serving_nodes(), self.config.n_stages)
+        return place(self._chosen[1] or self.home, can_run, self._serving_nodes(), self.config.n_stages)
 
     def _lose_placement(self) -> None:
         if self.placement:
@@ -213,7 +238,8 @@ class Engine:
         lost = sorted({old for old, _ in moved.values() if old and self.nodes[old].state != NodeState.SERVING})
         tokens = sum(len(self.data_path.sequence(s).prefill) for s in self._active)
         what = ", ".join(f"stage {stage} {old} -> {new}" for stage, (old, new) in sorted(moved.items()))
-        event = f"failover (lost {', '.join(lost)})" if lost else "stages back home (a node registered)"
+        moved_why = "placement: auto chose again" if self.choose_homes else "stages back home (a node registered)"
+        event = f"failover (lost {', '.join(lost)})" if lost else moved_why
         log.log(logging.WARNING if lost or self._active else logging.INFO, "%s: %s; replaying %d sequence(s) (%d tokens)%s",
                 event, what or "no stage moved", len(self._active), tokens,
                 f": {', '.join(str(s) for s in self._active)}" if self._active else "")

@@ -29,6 +29,7 @@ EMBEDDING_BLOCKS_FILE = "embedding.q8_0.bin"  # a GGUF Q8_0 table kept: bytes q 
 EMBEDDING_BLOCK_SCALES_FILE = "embedding.q8_0.scales.bin"  # ... and one float32 scale per 32 values (V, d / 32)
 TOKENIZER_FILE = "tokenizer.json"
 TRAINING_REPORT_FILE = "training_report.json"  # held-out loss and flip rates, when exported from `speed train`
+UNKNOWN_FLIP = 0.5  # how often an early stage's guesses are wrong, where the bundle reports nothing
 DEFAULT_BUNDLE = Path(__file__).parents[1] / "bundles" / "demo-4x3"
 
 
@@ -252,6 +253,18 @@ class Bundle:
         """Per early stage, the probability its guess needs to enter the pipeline, as `speed calibrate`
         chose it from held-out text; () when the bundle has none (every guess is sent)."""
         return tuple((self.manifest.get("guess_gate") or {}).get("thresholds", ()))
+
+    def guess_flip_rates(self) -> tuple[tuple[float, ...], str]:
+        """Per early stage, how often its guess is wrong, and where that figure comes from: the training
+        report's held-out rates, else the confidence gate's agreement, else UNKNOWN_FLIP."""
+        early = self.config.n_stages - 1
+        if TRAINING_REPORT_FILE in self.manifest["files"]:
+            report = json.loads((self.path / TRAINING_REPORT_FILE).read_text())
+            return tuple(report["held_out"]["flip_rate_per_boundary"][:early]), "the training report's held-out flip rates"
+        stages = (self.manifest.get("guess_gate") or {}).get("report", {}).get("stages", [])
+        if len(stages) >= early and all("agreement" in stage for stage in stages[:early]):
+            return tuple(1 - stage["agreement"] for stage in stages[:early]), "the confidence gate's held-out agreement"
+        return (UNKNOWN_FLIP,) * early, f"none reported: {UNKNOWN_FLIP} assumed"
 
     def tokenizer(self):
         from tokenizers import Tokenizer

@@ -13,6 +13,9 @@ A cluster file is YAML (see deploy/local.yaml):
       http_address: 127.0.0.1:8000   # optional: serve the OpenAI-compatible HTTP API here (off when absent)
     data_path: ring                  # ring (default): nodes hand hidden states to the next node and stage 0 runs
                                      # ahead; lockstep: every tick is a round trip through the coordinator
+    placement: file                  # file (default): each node runs the stages listed below; auto: the
+                                     # coordinator chooses from the nodes' measured speed (ring only), whenever
+                                     # nodes join or leave, among the stages each can host (stages and standby)
     speculation:                     # optional
       enabled: true                  # false = sequential decoding
       prefill_chunk: 64              # >= 1
@@ -67,6 +70,13 @@ from runtime.core.generation import MAX_WINDOW
 from runtime.core.text_enum import TextEnum
 
 
+class PlacementKind(TextEnum):
+    """Who chooses which node runs which stage."""
+
+    FILE = "file"  # each node's stages as the file lists them; a lost node's move to nodes that can run them
+    AUTO = "auto"  # the coordinator, from what the serving nodes measured, whenever they change
+
+
 class DataPathKind(TextEnum):
     """How the work of a token travels between the nodes."""
 
@@ -76,6 +86,7 @@ class DataPathKind(TextEnum):
 
 DEVICES = ("cpu", "cuda")
 DATA_PATHS = tuple(kind.value for kind in DataPathKind)
+PLACEMENTS = tuple(kind.value for kind in PlacementKind)
 NODE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 ADDRESS_HINT = "host:port, e.g. 127.0.0.1:50051"
 MAX_THREADS = 256  # intra-op threads of a node (and of `speed reference`, `bench`, `train`); more only slow it down
@@ -134,6 +145,7 @@ class ClusterSpec:
     speculation: SpeculationSpec
     nodes: tuple[NodeSpec, ...]
     data_path: DataPathKind = DataPathKind.RING
+    placement: PlacementKind = PlacementKind.FILE
     source: str = dataclasses.field(default="", compare=False)  # the file as the user named it, for messages
     security: SecuritySpec | None = None  # None: plain connections (loopback only unless insecure)
     insecure: bool = False  # plain connections allowed on other addresses than loopback
@@ -259,6 +271,7 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         "coordinator": _coordinator,
         "speculation": _speculation,
         "data_path": lambda value, key: DataPathKind(_string(value, key, choices=DATA_PATHS)),
+        "placement": lambda value, key: PlacementKind(_string(value, key, choices=PLACEMENTS)),
         "nodes": _nodes,
         "security": partial(_security, base=base),
         "insecure": _flag,
@@ -269,9 +282,14 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         "nodes": "a list of nodes, each with name, address and stages",
     })
     _check_addresses_unique(fields["coordinator"], fields["nodes"], top)
+    data_path = fields.get("data_path", DataPathKind.RING)
+    if fields.get("placement") == PlacementKind.AUTO and data_path != DataPathKind.RING:
+        raise top.child("placement").error("auto chooses stages by the ring data path's timing model; use it with "
+                                           "data_path: ring, or write each node's stages and remove placement")
     return ClusterSpec(name=fields["cluster"], path=path.resolve(), bundle=fields.get("bundle"),
                        coordinator=fields["coordinator"], speculation=fields.get("speculation", SpeculationSpec()),
-                       nodes=fields["nodes"], data_path=fields.get("data_path", DataPathKind.RING), source=shown,
+                       nodes=fields["nodes"], data_path=data_path, placement=fields.get("placement", PlacementKind.FILE),
+                       source=shown,
                        security=fields.get("security"),
                        insecure=fields.get("insecure", False), secret_file=fields.get("secret_file"))
 

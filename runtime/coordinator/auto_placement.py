@@ -1,0 +1,72 @@
+"""`placement: auto`: which node runs which stage, chosen by the ring's timing model from what the serving
+nodes measured of themselves (pass times, classifier, link round trips) and the bundle's flip rates,
+whenever the set of serving nodes changes (runtime/core/placement_search.py does the choosing).
+
+Also what `speed plan` predicts with: the nodes' timings, the links' one-way latencies and the model
+under the cluster file's speculation settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+
+from runtime.core.bundle import Bundle
+from runtime.core.cluster_file import ClusterSpec
+from runtime.core.generation import guess_thresholds
+from runtime.core.placement import stages_of
+from runtime.core.placement_search import RingModel, choose, hostable_by
+from runtime.core.ring_timing import NodeTiming
+
+log = logging.getLogger("speed.coordinator")
+
+
+def node_timings(nodes) -> dict[str, NodeTiming]:
+    """What each node that measured itself reported (NodeStatus or NodeInfo messages, by name)."""
+    return {node.name: NodeTiming({(p.stage, p.rows): p.ms for p in node.pass_times}, node.head_ms)
+            for node in nodes if node.pass_times}
+
+
+def link_ms(spec: ClusterSpec, links: Mapping[str, list]) -> Callable[[str, str], float]:
+    """One-way latency from one node to another: half the round trip the sender measured (or the receiver,
+    or 0 where neither did), plus the sender's emulated link latency. links: node -> its LinkTimes."""
+    rtt = {(name, link.node): link.rtt_ms for name, times in links.items() for link in times}
+    emulated = {node.name: node.emulated_link_ms for node in spec.nodes}
+
+    def one_way(src: str, dst: str) -> float:
+        return rtt.get((src, dst), rtt.get((dst, src), 0.0)) / 2 + emulated.get(src, 0.0)
+
+    return one_way
+
+
+def ring_model(spec: ClusterSpec, bundle: Bundle, timings: Mapping[str, NodeTiming],
+               one_way: Callable[[str, str], float]) -> RingModel:
+    """The ring's timing model under the file's speculation settings."""
+    window = spec.speculation.window if spec.speculation.enabled else 0
+    thresholds = guess_thresholds((spec.speculation.guess_threshold,), bundle.guess_thresholds, bundle.config.n_stages)
+    return RingModel(timings, one_way, bundle.guess_flip_rates()[0], thresholds, window, spec.speculation.prefill_chunk)
+
+
+class AutoPlacement:
+    """Chooses the stages' homes among the serving nodes; the engine's failover rule places from them."""
+
+    def __init__(self, spec: ClusterSpec, bundle: Bundle):
+        self.spec, self.bundle = spec, bundle
+
+    async def homes(self, nodes: list, start: dict[int, str]) -> dict[str, tuple[int, ...]] | None:
+        """Each serving node's stages (RemoteNodes, with their registration's measurements); None to keep
+        the file's homes (a node measured nothing). start: where the stages would run without a choice."""
+        timings = node_timings(node.info for node in nodes)
+        unmeasured = [node.name for node in nodes if node.name not in timings]
+        if unmeasured:
+            log.warning("placement: auto keeps the cluster file's stages: %s reported no pass times",
+                        ", ".join(unmeasured))
+            return None
+        model = ring_model(self.spec, self.bundle, timings, link_ms(self.spec, {node.name: node.links for node in nodes}))
+        hostable = hostable_by(timings, self.bundle.config.n_stages)
+        chosen = await asyncio.to_thread(choose, model, start, hostable)  # a few hundred ms of simulation
+        log.info("placement: auto chose %s, predicted %.1f tokens/s %s", "  ".join(
+            f"{node.name}: {','.join(map(str, chosen.stages_of(node.name))) or '-'}" for node in nodes),
+                 chosen.rate(model.mode), model.mode)
+        return {node.name: tuple(stages_of(chosen.placement, node.name)) for node in nodes}

@@ -1,0 +1,104 @@
+"""Choosing where stages run from what the nodes measured of themselves: placements scored by the ring's
+timing model (runtime/core/ring_timing.py). Pure: the same inputs give the same ranking.
+
+Candidates are every way to give each stage to a node that can host it while there are at most
+MAX_CANDIDATES; beyond, a local search from the starting placement that moves one stage at a time while
+a move predicts more tokens/s.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from runtime.core.ring_timing import NodeTiming, RingTiming
+
+MAX_CANDIDATES = 4096
+PROMPT_TOKENS, NEW_TOKENS = 16, 128  # the request each candidate decodes in the simulation
+MOVE_MARGIN = 1.05  # a placement replaces the current one only when predicted this much faster
+
+
+@dataclass(frozen=True)
+class RingModel:
+    """Everything the prediction needs apart from the placement."""
+
+    timings: Mapping[str, NodeTiming]  # per node: its measured pass and classifier times
+    link_ms: Callable[[str, str], float]  # one-way latency from one node to another
+    flips: tuple[float, ...]  # per early stage: how often its guess is wrong
+    thresholds: tuple[float, ...]  # per early stage: the confidence gate
+    window: int  # 0 = sequential decoding
+    prefill_chunk: int
+
+    @property
+    def mode(self) -> str:
+        return "speculative" if self.window else "sequential"
+
+    def score(self, placement: Mapping[int, str]) -> Scored:
+        def rate(ahead: int) -> float:
+            timing = RingTiming(dict(placement), self.timings, self.link_ms, self.flips, ahead, self.thresholds,
+                                prefill_chunk=self.prefill_chunk)
+            return round(timing.decode(PROMPT_TOKENS, NEW_TOKENS), 1)
+
+        sequential = rate(0)
+        return Scored(dict(placement), sequential, rate(self.window) if self.window else sequential)
+
+
+@dataclass(frozen=True)
+class Scored:
+    placement: dict[int, str]  # stage -> node
+    sequential: float  # predicted tokens/s
+    speculative: float
+
+    def rate(self, mode: str) -> float:
+        return self.speculative if mode == "speculative" else self.sequential
+
+    def stages_of(self, node: str) -> list[int]:
+        return sorted(stage for stage, name in self.placement.items() if name == node)
+
+
+def hostable_by(timings: Mapping[str, NodeTiming], n_stages: int) -> dict[int, list[str]]:
+    """Per stage, the nodes that measured a pass of it (so they hold its graph)."""
+    return {stage: [name for name, timing in timings.items() if any(s == stage for s, _ in timing.pass_ms)]
+            for stage in range(n_stages)}
+
+
+def ranked(model: RingModel, start: Mapping[int, str], hostable: Mapping[int, Sequence[str]]) -> list[Scored]:
+    """The starting placement first, then every other candidate, best first (by the model's mode).
+
+    start must give every stage to a node in hostable; a stage no node can host is a ValueError."""
+    stages = sorted(hostable)
+    empty = [stage for stage in stages if not hostable[stage]]
+    if empty:
+        raise ValueError(f"no node can host stage {empty[0]}")
+    first = model.score(start)
+    count = 1
+    for stage in stages:
+        count *= len(hostable[stage])
+    if count <= MAX_CANDIDATES:
+        others = [model.score(dict(zip(stages, names))) for names in itertools.product(*(hostable[s] for s in stages))]
+    else:
+        others = _climb(model, first, hostable)
+    others = [c for c in others if c.placement != first.placement]
+    return [first] + sorted(others, key=lambda c: -c.rate(model.mode))
+
+
+def choose(model: RingModel, current: Mapping[int, str], hostable: Mapping[int, Sequence[str]]) -> Scored:
+    """The best placement, unless the current one is within MOVE_MARGIN of it (a move replays every
+    sequence, and the prediction is not exact)."""
+    candidates = ranked(model, current, hostable)
+    best = max(candidates, key=lambda c: c.rate(model.mode))
+    return best if best.rate(model.mode) > MOVE_MARGIN * candidates[0].rate(model.mode) else candidates[0]
+
+
+def _climb(model: RingModel, start: Scored, hostable: Mapping[int, Sequence[str]]) -> list[Scored]:
+    """Every placement scored on the way up from start, one stage moved at a time."""
+    seen, here = [start], start
+    while True:
+        moves = [model.score({**here.placement, stage: name}) for stage, names in hostable.items() for name in names
+                 if here.placement[stage] != name]
+        seen += moves
+        better = max(moves, key=lambda c: c.rate(model.mode), default=here)
+        if better.rate(model.mode) <= here.rate(model.mode):
+            return seen
+        here = better

@@ -1,0 +1,61 @@
+"""Choosing a placement from measured speeds: every candidate scored by the ring's timing model."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.core import placement_search
+from runtime.core.placement_search import RingModel, choose, hostable_by, ranked
+from runtime.core.ring_timing import NodeTiming
+
+
+def timing(pass_ms: float, stages=range(3)) -> NodeTiming:
+    return NodeTiming({(stage, rows): pass_ms * (1 + 0.1 * (rows - 1)) for stage in stages for rows in (1, 2, 4)}, 0.1)
+
+
+def model(timings, *, window: int = 8) -> RingModel:
+    return RingModel(timings, lambda src, dst: 0.2, (0.2, 0.1), (), window, 64)
+
+
+EVEN = {0: "a", 1: "b", 2: "c"}
+
+
+def test_a_node_three_times_slower_is_given_no_stage():
+    timings = {"a": timing(1.0), "b": timing(3.0), "c": timing(1.0)}
+    for window in (0, 8):
+        best = choose(model(timings, window=window), EVEN, hostable_by(timings, 3))
+        assert "b" not in best.placement.values()
+        assert best.rate(model(timings, window=window).mode) > 1.2 * model(timings, window=window).score(EVEN).rate(
+            model(timings, window=window).mode)
+
+
+def test_equal_nodes_keep_the_current_placement():
+    timings = {name: timing(1.0) for name in "abc"}
+    assert choose(model(timings), EVEN, hostable_by(timings, 3)).placement == EVEN
+
+
+def test_the_ranking_starts_with_the_given_placement_and_lists_every_other_best_first():
+    timings = {"a": timing(1.0), "b": timing(3.0), "c": timing(1.0)}
+    ring = model(timings)
+    candidates = ranked(ring, EVEN, hostable_by(timings, 3))
+    assert candidates[0].placement == EVEN
+    assert len(candidates) == 27 and len({tuple(sorted(c.placement.items())) for c in candidates}) == 27
+    rates = [c.speculative for c in candidates[1:]]
+    assert rates == sorted(rates, reverse=True)
+
+
+def test_a_node_only_gets_stages_it_measured():
+    timings = {"a": timing(1.0, stages=[0]), "b": timing(0.5, stages=[1, 2]), "c": timing(1.0, stages=[2])}
+    hostable = hostable_by(timings, 3)
+    assert hostable == {0: ["a"], 1: ["b"], 2: ["b", "c"]}
+    assert all(c.placement[0] == "a" and c.placement[1] == "b" for c in ranked(model(timings), EVEN, hostable))
+    with pytest.raises(ValueError, match="stage 0"):
+        ranked(model(timings), EVEN, {**hostable, 0: []})
+
+
+def test_beyond_the_candidate_limit_a_local_search_still_finds_the_fast_nodes(monkeypatch):
+    monkeypatch.setattr(placement_search, "MAX_CANDIDATES", 8)
+    timings = {"a": timing(1.0), "b": timing(3.0), "c": timing(1.0)}
+    candidates = ranked(model(timings), EVEN, hostable_by(timings, 3))
+    assert len(candidates) < 27
+    assert "b" not in choose(model(timings), EVEN, hostable_by(timings, 3)).placement.values()
