@@ -158,10 +158,17 @@ class LocalCluster:
             raise StopAsked(f"cluster {self.spec.name} was stopped by `speed down`")
 
     def check_alive(self) -> None:
-        for name, process in self.processes.items():
-            if process.poll() is not None:
-                self.check_not_stopped()  # `speed down` stopped it
-                raise SpeedError(f"{name} exited (status {process.returncode}): {self.last_line(name)}")
+        """SpeedError when a process failed; a node that stopped on purpose (status 0: drained, or stopped
+        by a signal) is let go."""
+        for name, process in list(self.processes.items()):
+            if process.poll() is None:
+                continue
+            self.check_not_stopped()  # `speed down` stopped it
+            if process.returncode == 0 and name != "coordinator":
+                self.processes.pop(name)
+                self.progress.note(f"node {name} stopped on purpose: {self.last_line(name)}")
+                continue
+            raise SpeedError(f"{name} exited (status {process.returncode}): {self.last_line(name)}")
 
     def last_line(self, name: str) -> str:
         lines = self.log_of(name).read_text(errors="replace").strip().splitlines()
@@ -226,7 +233,8 @@ def _alive(pid: int) -> bool:
 def up(cluster_path: Path, *, detach: bool, emulated_link_ms: float | None = None, data_path: str | None = None,
        progress: Progress = NO_PROGRESS) -> None:
     """progress: the wait for the nodes to register."""
-    cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms, data_path=data_path, record=True)
+    cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms, data_path=data_path, record=True,
+                           progress=progress)
     record = cluster.record
     if record.exists() and any(_alive(pid) for pid in json.loads(record.read_text()).values()):
         raise SpeedError(f"cluster {cluster.spec.name} is already up; stop it with `speed down {cluster_path}`")

@@ -105,9 +105,21 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
     def open_peer_channel(name: str, address: str) -> grpc.Channel:
         return open_channel(address, identity.channel() if identity else None, server_name=name, secret=secret)
 
+    registration: Registration | None = None  # once the node is warm
+
+    def drain() -> pb.DrainReply:
+        if registration is None or not registration.registered.is_set():
+            stop.set()  # it runs no stage of any coordinator: nothing to hand over
+            return pb.DrainReply()
+        reply = registration.leave(timeout_s=spec.coordinator.step_timeout_s * (bundle.config.n_stages + 2) + 5)
+        log.info("node %s drained: its stages run on %s; stopping", node.name,
+                 ", ".join(f"{place.stage} {place.node}" for place in reply.placement))
+        stop.set()
+        return reply
+
     service = NodeService(host, info, metrics=metrics, emulated_link_ms=node.emulated_link_ms,
                           only_caller=COORDINATOR if identity else None, prefill_chunk=spec.speculation.prefill_chunk,
-                          open_peer_channel=open_peer_channel)
+                          open_peer_channel=open_peer_channel, drain=drain)
     health_service = health.HealthServicer()
     for service_name in ("", SERVICE_NAME):
         health_service.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -3,7 +3,8 @@
 The coordinator may start after the node or restart at any time; the node keeps retrying with
 backoff and registers again when a heartbeat finds itself forgotten, so nodes never need a restart.
 Each heartbeat carries the sequences the node holds and its recent load (mean batch time, positions
-per second), which `speed status` shows.
+per second), which `speed status` shows. A draining node asks the coordinator to move its stages away
+(Leave) and then registers no more.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable
 
 import grpc
 
+from runtime.core.errors import SpeedError
 from runtime.core.recent_rate import RecentRate
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
@@ -44,6 +46,7 @@ class Registration(threading.Thread):
         self.assign_key = assign_key
         self.stopping = threading.Event()
         self.registered = threading.Event()
+        self.leaving = threading.Event()  # draining: it beats on, but never registers again
 
     def run(self) -> None:
         with open_channel(self.coordinator_address, self.credentials, secret=self.secret) as channel:
@@ -51,7 +54,9 @@ class Registration(threading.Thread):
             backoff, interval, reported_down = 0.2, 1.0, False
             while not self.stopping.is_set():
                 try:
-                    if not self.registered.is_set():
+                    if not self.registered.is_set() and self.leaving.is_set():
+                        self.stopping.wait(interval)
+                    elif not self.registered.is_set():
                         reply = registry.Register(pb.RegisterRequest(info=self.info(), address=self.address,
                                                                      assign_key=self.assign_key), timeout=CALL_TIMEOUT_S)
                         interval = reply.heartbeat_interval_s or interval
@@ -77,6 +82,22 @@ class Registration(threading.Thread):
                         reported_down = True
                     self.stopping.wait(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    def leave(self, timeout_s: float) -> pb.DrainReply:
+        """Ask the coordinator to move this node's stages to the others; when it has, the node stops beating.
+        SpeedError with the coordinator's sentence when it cannot."""
+        self.leaving.set()
+        try:
+            with open_channel(self.coordinator_address, self.credentials, secret=self.secret) as channel:
+                reply = pb_grpc.RegistryStub(channel).Leave(pb.LeaveRequest(name=self.info().name), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            self.leaving.clear()
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the coordinator's own sentence
+                raise SpeedError(exc.details()) from None
+            raise SpeedError(f"the coordinator at {self.coordinator_address} did not answer ({exc.code().name}); the "
+                             "node keeps its stages") from None
+        self.stopping.set()
+        return reply
 
     def heartbeat(self) -> pb.HeartbeatRequest:
         info, load = self.info(), self.recent.read()

@@ -55,10 +55,13 @@ def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) 
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, host: StageHost, info: Callable[[], pb.NodeInfo], *, metrics: NodeMetrics,
                  emulated_link_ms: float = 0.0, only_caller: str | None = None, prefill_chunk: int = 64,
-                 open_peer_channel: Callable[[str, str], grpc.Channel] | None = None):
+                 open_peer_channel: Callable[[str, str], grpc.Channel] | None = None,
+                 drain: Callable[[], pb.DrainReply] | None = None):
         """only_caller: the one certificate name allowed to call (the coordinator's), in a secure cluster;
-        open_peer_channel(name, address): a channel to another node, for the ring data path."""
+        open_peer_channel(name, address): a channel to another node, for the ring data path; drain: hands
+        the node's stages over and stops it (SpeedError with a sentence when it cannot)."""
         self.host = host
+        self._drain = drain
         self.prefill_chunk = prefill_chunk
         self._open_peer_channel = open_peer_channel or (lambda name, address: open_channel(address))
         self._ring: RingWorker | None = None
@@ -96,6 +99,18 @@ class NodeService(pb_grpc.NodeServicer):
             _refuse(context, exc.code, str(exc))
         log.info("serving coordinator incarnation %d with stages %s", request.incarnation, list(self.host.stages))
         return self._info()
+
+    def Drain(self, request: pb.DrainRequest, context: grpc.ServicerContext) -> pb.DrainReply:
+        own = node_common_name(self.host.name)
+        if self.only_caller is not None and caller(context) != own:
+            _refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"only the holder of node {self.host.name}'s own "
+                    f"certificate may drain it, not {caller(context) or 'a caller without a certificate'}")
+        if self._drain is None:
+            _refuse(context, grpc.StatusCode.UNIMPLEMENTED, f"node {self.host.name} cannot be drained")
+        try:
+            return self._drain()
+        except SpeedError as exc:
+            _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
 
     def _assign(self, request: pb.AssignRequest, owner: str) -> None:
         self.host.assign(request.incarnation, request.stages)

@@ -51,6 +51,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--name", required=True, help="the node's name in the cluster file")
     p.add_argument("--emulate-link-ms", type=link_ms, metavar="MS",
                    help="EMULATED one-way latency per step message, 0 to 60000, for benchmarks (overrides the file)")
+    p.add_argument("--drain", action="store_true",
+                   help="instead of running the node: make the running node hand its stages over to the other nodes "
+                        "(what they carried is replayed, the text unchanged) and stop")
     p.set_defaults(run=cmd_node)
 
 
@@ -98,6 +101,13 @@ def cmd_coordinator(args: argparse.Namespace) -> None:
 
 
 def cmd_node(args: argparse.Namespace) -> None:
+    if args.drain:
+        from nodes.drain import drain_node
+
+        reply = drain_node(args.cluster, args.name)
+        print(f"node {args.name} drained and stopping; the stages run on "
+              f"{', '.join(f'{place.stage}: {place.node}' for place in reply.placement) or 'no node (it ran none)'}")
+        return
     from nodes.daemon import run_node
 
     configure_logging()

@@ -22,7 +22,7 @@ from runtime.wire.enums import node_state_of
 
 PIPE_WIDTH = 160  # characters a line may take when stdout is not a terminal (a file, a pipe)
 WATCH_TIMEOUT_S = 3.0  # how long --watch waits for one answer before it says the coordinator is unreachable
-STATE_STYLES = {NodeState.SERVING: "green", NodeState.DOWN: "bold red", NodeState.WAITING: "yellow"}
+STATE_STYLES = {NodeState.SERVING: "green", NodeState.DOWN: "bold red", NodeState.WAITING: "yellow", NodeState.LEFT: "dim"}
 COLUMNS = ("node", "address", "state", "stages", "sequences", "step ms", "tokens/s", "pass ms", "free MB", "heartbeat",
            "provider")
 

@@ -48,6 +48,7 @@ log = logging.getLogger("speed.coordinator")
 SERVICE_NAME = "speed.v1.Coordinator"
 MISSED_HEARTBEATS = 3  # a node silent this many intervals is down
 DIAL_BACK_TIMEOUT_S = 2.0  # to check a registering node at the address it gave
+DRAIN_POLL_S = 0.05  # how often a drain looks whether the node's stages have moved
 
 
 class Coordinator:
@@ -249,6 +250,33 @@ class Coordinator:
                 if node.state == NodeState.SERVING and now - node.last_heartbeat > MISSED_HEARTBEATS * interval + 1:
                     log.warning("%s missed %d heartbeats; marking it down", node.describe(), MISSED_HEARTBEATS)
                     await node.disconnect(NodeState.DOWN)
+
+    async def leave(self, name: str) -> dict[int, str]:
+        """Move a draining node's stages to the other serving nodes (replaying what they carried), then let it
+        go; the placement without it. SpeedError when no other node can run one of its stages."""
+        node = next((n for n in self.nodes if n.name == name), None)
+        if node is None or node.state != NodeState.SERVING:
+            return dict(self.engine.placement)  # gone already
+        engine = self.engine
+        stage = engine.unplaceable_without(name)
+        if stage is not None:
+            raise SpeedError(f"node {name} cannot leave now: no other serving node can run stage {stage}; start one "
+                             "that lists it (under stages or standby_stages) and drain again")
+        engine.leaving.add(name)
+        try:
+            engine.wake()
+            deadline = time.monotonic() + self.spec.coordinator.step_timeout_s * (self.bundle.config.n_stages + 2)
+            while name in engine.placement.values() or not engine.placement_settled:
+                if time.monotonic() > deadline or node.state != NodeState.SERVING:
+                    raise SpeedError(f"node {name}'s stages could not be moved in time; the cluster's nodes are "
+                                     "busy or failing, see the coordinator's log")
+                await asyncio.sleep(DRAIN_POLL_S)
+            await node.disconnect(NodeState.LEFT)
+        finally:
+            engine.leaving.discard(name)
+        log.info("%s drained and left: the stages run on %s", node.describe(), ", ".join(
+            f"{stage} {owner}" for stage, owner in sorted(engine.placement.items())))
+        return dict(engine.placement)
 
     def status(self) -> pb.ClusterStatusReply:
         now = time.monotonic()

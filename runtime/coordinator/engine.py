@@ -48,6 +48,7 @@ class Engine:
         self.home: Homes = {node.name: node.spec.stages for node in nodes}  # the cluster file's
         self.choose_homes = choose_homes
         self._chosen: tuple[frozenset[str], Homes | None] = (frozenset(), None)  # for which serving nodes
+        self.leaving: set[str] = set()  # draining nodes: serving still, but their stages move away
         self.view = ClusterView(config=config, nodes=self.nodes, metrics=metrics, incarnation=incarnation,
                                 eos_id=eos_id)
         self.config = config
@@ -213,7 +214,14 @@ class Engine:
                 self._chosen = (frozenset(serving), homes)
 
     def _serving_nodes(self) -> list[str]:
-        return [name for name, node in self.nodes.items() if node.state == NodeState.SERVING]
+        return [name for name, node in self.nodes.items() if node.state == NodeState.SERVING and name not in self.leaving]
+
+    def unplaceable_without(self, name: str) -> int | None:
+        """The first stage no serving node but `name` can run, None when every stage can move off it."""
+        can_run = {other: node.can_run for other, node in self.nodes.items()}
+        serving = [other for other in self._serving_nodes() if other != name]
+        placement = place(self.home, can_run, serving, self.config.n_stages)
+        return next((stage for stage in range(self.config.n_stages) if stage not in placement), None)
 
     def _placement_now(self) -> dict[int, str]:
         """Where the stages would run on the nodes serving now (some may be missing)."""
@@ -238,8 +246,10 @@ class Engine:
         lost = sorted({old for old, _ in moved.values() if old and self.nodes[old].state != NodeState.SERVING})
         tokens = sum(len(self.data_path.sequence(s).prefill) for s in self._active)
         what = ", ".join(f"stage {stage} {old} -> {new}" for stage, (old, new) in sorted(moved.items()))
+        leaving = sorted({old for old, _ in moved.values() if old in self.leaving})
         moved_why = "placement: auto chose again" if self.choose_homes else "stages back home (a node registered)"
-        event = f"failover (lost {', '.join(lost)})" if lost else moved_why
+        event = (f"failover (lost {', '.join(lost)})" if lost else f"{', '.join(leaving)} draining" if leaving
+                 else moved_why)
         log.log(logging.WARNING if lost or self._active else logging.INFO, "%s: %s; replaying %d sequence(s) (%d tokens)%s",
                 event, what or "no stage moved", len(self._active), tokens,
                 f": {', '.join(str(s) for s in self._active)}" if self._active else "")

@@ -112,10 +112,14 @@ class RegistryService(pb_grpc.RegistryServicer):
                                 heartbeat_interval_s=self.coordinator.spec.coordinator.heartbeat_interval_s,
                                 incarnation=self.coordinator.engine.incarnation)
 
-    async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+    async def _only_the_node(self, context, name: str, what: str) -> None:
+        """In a secure cluster, only the node's own certificate may speak for it."""
         if self.coordinator.tokens is None and self.coordinator.identity is not None \
-                and caller(context) != node_common_name(request.name):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"only node {request.name}'s certificate may beat for it")
+                and caller(context) != node_common_name(name):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"only node {name}'s certificate may {what} for it")
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+        await self._only_the_node(context, request.name, "beat")
         node = next((n for n in self.coordinator.nodes if n.name == request.name), None)
         if node is None or node.state != NodeState.SERVING:
             return pb.HeartbeatReply(known=False)
@@ -126,6 +130,18 @@ class RegistryService(pb_grpc.RegistryServicer):
         node.step_ms, node.positions_per_s = request.step_ms, request.positions_per_s
         node.memory_available_bytes, node.links = request.memory_available_bytes, list(request.links)
         return pb.HeartbeatReply(known=True)
+
+
+    async def Leave(self, request: pb.LeaveRequest, context) -> pb.DrainReply:
+        await self._only_the_node(context, request.name, "leave")
+        try:
+            placement = await self.coordinator.leave(request.name)
+        except SpeedError as exc:
+            log.warning("%s", exc)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        nodes = {node.name: node for node in self.coordinator.nodes}
+        return pb.DrainReply(placement=[pb.StagePlace(stage=stage, node=name, address=nodes[name].address)
+                                        for stage, name in sorted(placement.items())])
 
 
 def heartbeat_problem(beat: pb.HeartbeatRequest, max_sequences: int, nodes: list[str]) -> str:

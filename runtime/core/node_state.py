@@ -9,3 +9,4 @@ class NodeState(TextEnum):
     WAITING = "waiting"  # named in the cluster file, not registered (yet, or since the coordinator started)
     SERVING = "serving"  # registered and answering heartbeats: its stages can be placed on it
     DOWN = "down"  # missed its heartbeats or its step stream broke: its stages move elsewhere
+    LEFT = "left"  # drained: it handed its stages over and stopped, on purpose

@@ -21,6 +21,7 @@ class NodeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NODE_STATE_WAITING: _ClassVar[NodeState]
     NODE_STATE_SERVING: _ClassVar[NodeState]
     NODE_STATE_DOWN: _ClassVar[NodeState]
+    NODE_STATE_LEFT: _ClassVar[NodeState]
 STOP_REASON_UNSPECIFIED: StopReason
 STOP_REASON_EOS: StopReason
 STOP_REASON_LENGTH: StopReason
@@ -30,6 +31,7 @@ NODE_STATE_UNSPECIFIED: NodeState
 NODE_STATE_WAITING: NodeState
 NODE_STATE_SERVING: NodeState
 NODE_STATE_DOWN: NodeState
+NODE_STATE_LEFT: NodeState
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -216,6 +218,16 @@ class ClusterStatusReply(_message.Message):
     placement_settled: bool
     placement: str
     def __init__(self, cluster: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., serving: _Optional[bool] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., active_requests: _Optional[int] = ..., speculation: _Optional[bool] = ..., queued_requests: _Optional[int] = ..., max_queue: _Optional[int] = ..., placement_settled: _Optional[bool] = ..., placement: _Optional[str] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DrainReply(_message.Message):
+    __slots__ = ("placement",)
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    placement: _containers.RepeatedCompositeFieldContainer[StagePlace]
+    def __init__(self, placement: _Optional[_Iterable[_Union[StagePlace, _Mapping]]] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
     __slots__ = ("incarnation", "stages", "placement", "epoch", "assign_key")
@@ -530,6 +542,12 @@ class StepResults(_message.Message):
     tick: int
     results: _containers.RepeatedCompositeFieldContainer[StepResult]
     def __init__(self, tick: _Optional[int] = ..., results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("info", "address", "assign_key")

@@ -183,6 +183,11 @@ class NodeStub:
                 request_serializer=speed_dot_v1_dot_speed__pb2.Forwarded.SerializeToString,
                 response_deserializer=speed_dot_v1_dot_speed__pb2.ForwardReply.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/speed.v1.Node/Drain',
+                request_serializer=speed_dot_v1_dot_speed__pb2.DrainRequest.SerializeToString,
+                response_deserializer=speed_dot_v1_dot_speed__pb2.DrainReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -226,6 +231,14 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """Hand every stage over to the other nodes (the coordinator replays what they carried), then stop.
+        The caller must hold the node's own certificate (`speed node --drain` on its machine).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -253,6 +266,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=speed_dot_v1_dot_speed__pb2.Forwarded.FromString,
                     response_serializer=speed_dot_v1_dot_speed__pb2.ForwardReply.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=speed_dot_v1_dot_speed__pb2.DrainRequest.FromString,
+                    response_serializer=speed_dot_v1_dot_speed__pb2.DrainReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -402,6 +420,33 @@ class Node:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/speed.v1.Node/Drain',
+            speed_dot_v1_dot_speed__pb2.DrainRequest.SerializeToString,
+            speed_dot_v1_dot_speed__pb2.DrainReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class RegistryStub:
     """---- Registry: node daemons announce themselves to the coordinator ----
@@ -424,6 +469,11 @@ class RegistryStub:
                 request_serializer=speed_dot_v1_dot_speed__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=speed_dot_v1_dot_speed__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/speed.v1.Registry/Leave',
+                request_serializer=speed_dot_v1_dot_speed__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=speed_dot_v1_dot_speed__pb2.DrainReply.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -443,6 +493,14 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leave(self, request, context):
+        """A draining node: its stages move to other serving nodes (every sequence replayed, the text unchanged)
+        before the reply; FAILED_PRECONDITION when no other node can run one of them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -455,6 +513,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=speed_dot_v1_dot_speed__pb2.HeartbeatRequest.FromString,
                     response_serializer=speed_dot_v1_dot_speed__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=speed_dot_v1_dot_speed__pb2.LeaveRequest.FromString,
+                    response_serializer=speed_dot_v1_dot_speed__pb2.DrainReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -513,6 +576,33 @@ class Registry:
             '/speed.v1.Registry/Heartbeat',
             speed_dot_v1_dot_speed__pb2.HeartbeatRequest.SerializeToString,
             speed_dot_v1_dot_speed__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/speed.v1.Registry/Leave',
+            speed_dot_v1_dot_speed__pb2.LeaveRequest.SerializeToString,
+            speed_dot_v1_dot_speed__pb2.DrainReply.FromString,
             options,
             channel_credentials,
             insecure,
