@@ -210,6 +210,12 @@ def test_speed_plan_predicts_every_placement_with_the_file_s_own_first(cluster):
     shown = run_speed("plan", str(cluster.spec.path), "--top", "2")
     assert shown.returncode == 0 and len(shown.stdout.splitlines()) == 4 + (cluster.spec.data_path != DataPathKind.RING)
     assert ("lockstep is not modelled" in shown.stdout) == (cluster.spec.data_path != DataPathKind.RING)
+    planned = cluster.spec.path.parent / "planned.yaml"
+    written = run_speed("plan", str(cluster.spec.path), "--json", "--write", str(planned))
+    assert written.returncode == 0 and f"wrote {planned}: " in written.stderr, written.stderr
+    report = json.loads(written.stdout)  # the links' round trips, and so the ranking, may differ from above
+    best = max(report["candidates"], key=lambda c: c[report["mode"] + "_tokens_per_s"])["placement"]
+    assert {node.name: list(node.stages) for node in load_cluster(planned).nodes} == best
 
 
 def test_speed_plan_of_a_cluster_that_is_not_running_says_so(tmp_path):

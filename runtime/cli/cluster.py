@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from runtime.cli.arguments import add_credential_flags, configure_logging, credentials_of, link_ms, number, whole
@@ -38,6 +39,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("cluster_file", type=Path, metavar="FILE", help="the cluster file of a running cluster")
     p.add_argument("--top", type=whole(1, 1000), default=5, help="candidates printed after the file's own (default 5)")
     p.add_argument("--json", action="store_true", help="every candidate as one JSON object, the file's own first")
+    p.add_argument("--write", type=Path, metavar="COPY",
+                   help="write a copy of the file, beside it, whose nodes run the best candidate's stages (comments kept)")
     add_credential_flags(p)
     p.set_defaults(run=cmd_plan)
 
@@ -82,6 +85,15 @@ def cmd_plan(args: argparse.Namespace) -> None:
         status = client.status()
     report = plan(spec, load_bundle(spec.bundle, verify=False), status)
     print(json.dumps(report) if args.json else format_plan(report, args.top))
+    if args.write:
+        from runtime.core.cluster_file_edit import write_with_stages
+
+        mode = f"{report['mode']}_tokens_per_s"
+        own, best = report["candidates"][0], max(report["candidates"], key=lambda c: c[mode])
+        write_with_stages(args.cluster_file, args.write, best["placement"])
+        print(f"wrote {args.write}: {'  '.join(f'{name}: {stages}' for name, stages in best['placement'].items())}, "
+              f"predicted {best[mode]:.1f} tokens/s {report['mode']} against the file's {own[mode]:.1f}",
+              file=sys.stderr if args.json else sys.stdout)
 
 
 def cmd_status(args: argparse.Namespace) -> None:
