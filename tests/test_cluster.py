@@ -206,7 +206,9 @@ def test_speed_plan_predicts_every_placement_with_the_file_s_own_first(cluster):
     assert len(others) == 3**3 - 1  # the demo's layers are shared: any node can host any stage
     assert all(c["sequential_tokens_per_s"] > 0 and c["speculative_tokens_per_s"] > 0 for c in report["candidates"])
     best = [c["speculative_tokens_per_s"] for c in others]
-    assert best == sorted(best, reverse=True) and report["flips"] == [0.1795, 0.1026]
+    assert best == sorted(best, reverse=True) and len(report["flips"]) == 2
+    seen = json.loads(run_speed("status", "--coordinator", cluster.endpoint, "--json").stdout)["flips"]
+    assert [count["boundary"] for count in seen] == [0, 1] and all(int(c["checks"]) > 0 for c in seen)
     shown = run_speed("plan", str(cluster.spec.path), "--top", "2")
     assert shown.returncode == 0 and len(shown.stdout.splitlines()) == 4 + (cluster.spec.data_path != DataPathKind.RING)
     assert ("lockstep is not modelled" in shown.stdout) == (cluster.spec.data_path != DataPathKind.RING)

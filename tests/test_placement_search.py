@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from runtime.coordinator.auto_placement import MIN_CHECKS, flip_rates
 from runtime.core import placement_search
+from runtime.core.bundle import load_bundle
 from runtime.core.placement_search import RingModel, choose, hostable_by, ranked
 from runtime.core.ring_timing import NodeTiming
 
@@ -59,3 +61,13 @@ def test_beyond_the_candidate_limit_a_local_search_still_finds_the_fast_nodes(mo
     candidates = ranked(model(timings), EVEN, hostable_by(timings, 3))
     assert len(candidates) < 27
     assert "b" not in choose(model(timings), EVEN, hostable_by(timings, 3)).placement.values()
+
+
+def test_flip_rates_seen_by_the_coordinator_replace_the_bundle_s_once_enough_guesses_were_checked():
+    bundle = load_bundle()  # the demo: its training report holds held-out flip rates
+    reported, source = bundle.guess_flip_rates()
+    assert flip_rates(bundle, [0, 0], [0, 0]) == (reported, source)
+    assert flip_rates(bundle, [50, 1], [MIN_CHECKS, MIN_CHECKS - 1]) == (
+        (50 / MIN_CHECKS, reported[1]), f"seen by the coordinator where checked, else {source}: {2 * MIN_CHECKS - 1} "
+                                        "guesses checked")
+    assert flip_rates(bundle, [50, 100], [MIN_CHECKS, 2 * MIN_CHECKS])[0] == (50 / MIN_CHECKS, 0.25)

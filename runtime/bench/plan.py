@@ -1,13 +1,14 @@
 """`speed plan FILE`: the tokens/s candidate placements of a running cluster's stages would give on the ring
 data path, predicted from what its nodes measured of themselves (pass times, classifier, link round trips)
-and the bundle's flip rates by a simulation of the ring (runtime/core/ring_timing.py).
+and the flip rates the coordinator has seen (else the bundle's) by a simulation of the ring
+(runtime/core/ring_timing.py).
 
 Candidates: runtime/core/placement_search.py's, the file's own placement first.
 """
 
 from __future__ import annotations
 
-from runtime.coordinator.auto_placement import link_ms, node_timings, ring_model
+from runtime.coordinator.auto_placement import flip_rates, link_ms, node_timings, ring_model
 from runtime.core.bundle import Bundle
 from runtime.core.cluster_file import ClusterSpec
 from runtime.core.errors import SpeedError
@@ -27,8 +28,9 @@ def plan(spec: ClusterSpec, bundle: Bundle, status: pb.ClusterStatusReply) -> di
     nobody = next((stage for stage, names in hostable.items() if not names), None)
     if nobody is not None:
         raise SpeedError(f"no node reported it can host stage {nobody}; start its node and plan again")
-    flips, flips_from = bundle.guess_flip_rates()
-    model = ring_model(spec, bundle, timings, link_ms(spec, {node.name: node.links for node in status.nodes}))
+    seen = sorted(status.flips, key=lambda count: count.boundary)
+    flips, flips_from = flip_rates(bundle, [count.flips for count in seen], [count.checks for count in seen])
+    model = ring_model(spec, bundle, timings, link_ms(spec, {node.name: node.links for node in status.nodes}), flips)
     own = {stage: node.name for node in spec.nodes for stage in node.stages}
     return {"cluster": spec.name, "bundle": bundle.manifest["name"], "data_path": "ring",
             "file_data_path": str(spec.data_path), "window": model.window, "mode": model.mode, "flips": list(flips),

@@ -1,6 +1,7 @@
 """`placement: auto`: which node runs which stage, chosen by the ring's timing model from what the serving
-nodes measured of themselves (pass times, classifier, link round trips) and the bundle's flip rates,
-whenever the set of serving nodes changes (runtime/core/placement_search.py does the choosing).
+nodes measured of themselves (pass times, classifier, link round trips) and the flip rates seen so far
+(else the bundle's), whenever the set of serving nodes changes (runtime/core/placement_search.py does the
+choosing).
 
 Also what `speed plan` predicts with: the nodes' timings, the links' one-way latencies and the model
 under the cluster file's speculation settings.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from runtime.core.bundle import Bundle
 from runtime.core.cluster_file import ClusterSpec
@@ -20,6 +21,7 @@ from runtime.core.placement_search import RingModel, choose, hostable_by
 from runtime.core.ring_timing import NodeTiming
 
 log = logging.getLogger("speed.coordinator")
+MIN_CHECKS = 200  # guesses checked at a stage boundary before its seen flip rate replaces the bundle's
 
 
 def node_timings(nodes) -> dict[str, NodeTiming]:
@@ -40,19 +42,32 @@ def link_ms(spec: ClusterSpec, links: Mapping[str, list]) -> Callable[[str, str]
     return one_way
 
 
+def flip_rates(bundle: Bundle, flips: Sequence[int], checks: Sequence[int]) -> tuple[tuple[float, ...], str]:
+    """Per early stage, how often its guesses are wrong: as the coordinator saw them where it checked at least
+    MIN_CHECKS, else the bundle's figure; and where the figures come from."""
+    rates, source = bundle.guess_flip_rates()
+    seen = [b for b, count in enumerate(checks[: len(rates)]) if count >= MIN_CHECKS]
+    if not seen:
+        return rates, source
+    observed = tuple(flips[b] / checks[b] if b in seen else rate for b, rate in enumerate(rates))
+    where = "seen by the coordinator" if len(seen) == len(rates) else f"seen by the coordinator where checked, else {source}"
+    return observed, f"{where}: {sum(checks)} guesses checked"
+
+
 def ring_model(spec: ClusterSpec, bundle: Bundle, timings: Mapping[str, NodeTiming],
-               one_way: Callable[[str, str], float]) -> RingModel:
+               one_way: Callable[[str, str], float], flips: tuple[float, ...]) -> RingModel:
     """The ring's timing model under the file's speculation settings."""
     window = spec.speculation.window if spec.speculation.enabled else 0
     thresholds = guess_thresholds((spec.speculation.guess_threshold,), bundle.guess_thresholds, bundle.config.n_stages)
-    return RingModel(timings, one_way, bundle.guess_flip_rates()[0], thresholds, window, spec.speculation.prefill_chunk)
+    return RingModel(timings, one_way, flips, thresholds, window, spec.speculation.prefill_chunk)
 
 
 class AutoPlacement:
     """Chooses the stages' homes among the serving nodes; the engine's failover rule places from them."""
 
-    def __init__(self, spec: ClusterSpec, bundle: Bundle):
-        self.spec, self.bundle = spec, bundle
+    def __init__(self, spec: ClusterSpec, bundle: Bundle, seen: Callable[[], tuple[Sequence[int], Sequence[int]]]):
+        """seen: the flips and checks per stage boundary the coordinator has seen so far."""
+        self.spec, self.bundle, self.seen = spec, bundle, seen
 
     async def homes(self, nodes: list, start: dict[int, str]) -> dict[str, tuple[int, ...]] | None:
         """Each serving node's stages (RemoteNodes, with their registration's measurements); None to keep
@@ -63,7 +78,9 @@ class AutoPlacement:
             log.warning("placement: auto keeps the cluster file's stages: %s reported no pass times",
                         ", ".join(unmeasured))
             return None
-        model = ring_model(self.spec, self.bundle, timings, link_ms(self.spec, {node.name: node.links for node in nodes}))
+        flips, _ = flip_rates(self.bundle, *self.seen())
+        model = ring_model(self.spec, self.bundle, timings, link_ms(self.spec, {node.name: node.links for node in nodes}),
+                           flips)
         hostable = hostable_by(timings, self.bundle.config.n_stages)
         chosen = await asyncio.to_thread(choose, model, start, hostable)  # a few hundred ms of simulation
         log.info("placement: auto chose %s, predicted %.1f tokens/s %s", "  ".join(

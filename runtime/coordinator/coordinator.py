@@ -68,7 +68,8 @@ class Coordinator:
                                  metadata=secret_metadata(self.secret)) for node in spec.nodes]
         data_path = data_path_for(spec.data_path, prefill_chunk=spec.speculation.prefill_chunk,
                                   stall_timeout_s=spec.coordinator.step_timeout_s * (bundle.config.n_stages + 1))
-        auto = AutoPlacement(spec, bundle) if spec.placement == PlacementKind.AUTO else None
+        auto = AutoPlacement(spec, bundle, lambda: (self.engine.flips_seen, self.engine.checks_seen)) \
+            if spec.placement == PlacementKind.AUTO else None
         self.engine = Engine(self.nodes, config=bundle.config, eos_id=bundle.eos_token_id,
                              max_queue=spec.coordinator.max_queue, incarnation=time.time_ns(), metrics=self.metrics,
                              data_path=data_path,
@@ -284,7 +285,9 @@ class Coordinator:
         reply = pb.ClusterStatusReply(cluster=self.spec.name, bundle_sha256=self.bundle.sha256, serving=self.serving,
                                       active_requests=engine.active_requests, queued_requests=engine.queued_requests,
                                       max_queue=engine.max_queue, speculation=self.spec.speculation.enabled,
-                                      placement_settled=engine.placement_settled, placement=str(self.spec.placement))
+                                      placement_settled=engine.placement_settled, placement=str(self.spec.placement),
+                                      flips=[pb.FlipCount(boundary=b, flips=f, checks=c) for b, (f, c)
+                                             in enumerate(zip(engine.flips_seen, engine.checks_seen))])
         for node in self.nodes:
             reply.nodes.add(name=node.name, address=node.address, stages=node.spec.stages,
                             state=to_wire(node.state, pb.NodeState),

@@ -49,6 +49,8 @@ class Engine:
         self.choose_homes = choose_homes
         self._chosen: tuple[frozenset[str], Homes | None] = (frozenset(), None)  # for which serving nodes
         self.leaving: set[str] = set()  # draining nodes: serving still, but their stages move away
+        # per stage boundary, over every finished request: guesses found wrong, guesses checked
+        self.flips_seen, self.checks_seen = [0] * (config.n_stages - 1), [0] * (config.n_stages - 1)
         self.view = ClusterView(config=config, nodes=self.nodes, metrics=metrics, incarnation=incarnation,
                                 eos_id=eos_id)
         self.config = config
@@ -280,6 +282,8 @@ class Engine:
         seq = self.data_path.sequence(seq_id)
         for boundary, (flips, checks) in enumerate(zip(seq.stats.flips, seq.stats.checks)):
             self.metrics.flips(boundary, flips, checks)
+            self.flips_seen[boundary] += flips
+            self.checks_seen[boundary] += checks
         result = GenerationResult(
             text=request.text.text(seq.generated), token_ids=seq.generated, stop_reason=seq.stop_reason,
             prompt_tokens=len(seq.prompt), time_to_first_token_ms=(request.first_token_at - request.admitted_at) * 1000,

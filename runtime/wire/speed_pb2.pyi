@@ -196,7 +196,7 @@ class NodeStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[NodeState, str]] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., hosting: _Optional[_Iterable[int]] = ..., sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., step_ms: _Optional[float] = ..., positions_per_s: _Optional[float] = ..., pass_times: _Optional[_Iterable[_Union[PassTime, _Mapping]]] = ..., head_ms: _Optional[float] = ..., memory_available_bytes: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkTime, _Mapping]]] = ...) -> None: ...
 
 class ClusterStatusReply(_message.Message):
-    __slots__ = ("cluster", "bundle_sha256", "serving", "nodes", "active_requests", "speculation", "queued_requests", "max_queue", "placement_settled", "placement")
+    __slots__ = ("cluster", "bundle_sha256", "serving", "nodes", "active_requests", "speculation", "queued_requests", "max_queue", "placement_settled", "placement", "flips")
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +207,7 @@ class ClusterStatusReply(_message.Message):
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_SETTLED_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    FLIPS_FIELD_NUMBER: _ClassVar[int]
     cluster: str
     bundle_sha256: str
     serving: bool
@@ -217,7 +218,18 @@ class ClusterStatusReply(_message.Message):
     max_queue: int
     placement_settled: bool
     placement: str
-    def __init__(self, cluster: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., serving: _Optional[bool] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., active_requests: _Optional[int] = ..., speculation: _Optional[bool] = ..., queued_requests: _Optional[int] = ..., max_queue: _Optional[int] = ..., placement_settled: _Optional[bool] = ..., placement: _Optional[str] = ...) -> None: ...
+    flips: _containers.RepeatedCompositeFieldContainer[FlipCount]
+    def __init__(self, cluster: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., serving: _Optional[bool] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., active_requests: _Optional[int] = ..., speculation: _Optional[bool] = ..., queued_requests: _Optional[int] = ..., max_queue: _Optional[int] = ..., placement_settled: _Optional[bool] = ..., placement: _Optional[str] = ..., flips: _Optional[_Iterable[_Union[FlipCount, _Mapping]]] = ...) -> None: ...
+
+class FlipCount(_message.Message):
+    __slots__ = ("boundary", "flips", "checks")
+    BOUNDARY_FIELD_NUMBER: _ClassVar[int]
+    FLIPS_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
+    boundary: int
+    flips: int
+    checks: int
+    def __init__(self, boundary: _Optional[int] = ..., flips: _Optional[int] = ..., checks: _Optional[int] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ()
