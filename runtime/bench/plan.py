@@ -32,12 +32,27 @@ def plan(spec: ClusterSpec, bundle: Bundle, status: pb.ClusterStatusReply) -> di
     flips, flips_from = flip_rates(bundle, [count.flips for count in seen], [count.checks for count in seen])
     model = ring_model(spec, bundle, timings, link_ms(spec, {node.name: node.links for node in status.nodes}), flips)
     own = {stage: node.name for node in spec.nodes for stage in node.stages}
+    candidates = ranked(model, own, hostable)
+    now = {stage: node.name for node in status.nodes for stage in node.hosting}
+    current = next((c for c in candidates if c.placement == now), None)
+    scale = {}  # per mode: what the current placement measured over what was predicted for it
+    for mode, measured in (("sequential", status.alone_sequential_tokens_per_s),
+                           ("speculative", status.alone_speculative_tokens_per_s)):
+        scale[mode] = measured / current.rate(mode) if current and measured > 0 and current.rate(mode) > 0 else None
+
+    def entry(i: int, c) -> dict:
+        fields = {"placement": {name: c.stages_of(name) for name in timings}, "files_own": i == 0,
+                  "current": c is current}
+        for mode in ("sequential", "speculative"):
+            fields[f"{mode}_tokens_per_s"] = c.rate(mode)
+            fields[f"calibrated_{mode}_tokens_per_s"] = round(c.rate(mode) * scale[mode], 1) if scale[mode] else None
+        return fields
+
     return {"cluster": spec.name, "bundle": bundle.manifest["name"], "data_path": "ring",
             "file_data_path": str(spec.data_path), "window": model.window, "mode": model.mode, "flips": list(flips),
-            "guess_thresholds": list(model.thresholds), "flips_from": flips_from, "candidates": [
-                {"placement": {name: c.stages_of(name) for name in timings}, "sequential_tokens_per_s": c.sequential,
-                 "speculative_tokens_per_s": c.speculative, "files_own": i == 0}
-                for i, c in enumerate(ranked(model, own, hostable))]}
+            "guess_thresholds": list(model.thresholds), "flips_from": flips_from,
+            "calibration": {mode: None if factor is None else round(factor, 3) for mode, factor in scale.items()},
+            "candidates": [entry(i, c) for i, c in enumerate(candidates)]}
 
 
 def format_plan(report: dict, top: int) -> str:
@@ -47,9 +62,14 @@ def format_plan(report: dict, top: int) -> str:
              f"({report['flips_from']})"]
     if report["file_data_path"] != "ring":
         lines.append(f"  note: the file's data path is {report['file_data_path']}; lockstep is not modelled")
+    factor = report["calibration"][mode]
+    if factor is not None:
+        lines.append(f"  calibrated: x{factor:.2f}, what the current placement measured (requests decoding alone) over "
+                     "what the model predicts for it")
+    key = f"calibrated_{mode}_tokens_per_s" if factor is not None else f"{mode}_tokens_per_s"
     for i, c in enumerate(report["candidates"][: top + 1]):
         placed = "  ".join(f"{name}: {','.join(map(str, stages)) or '-'}" for name, stages in c["placement"].items())
         label = "the file's" if c["files_own"] else f"#{i}"
-        lines.append(f"  {label:>10}  {c[mode + '_tokens_per_s']:8.1f} tokens/s {mode}, "
-                     f"{c['sequential_tokens_per_s']:.1f} sequential   {placed}")
+        lines.append(f"  {label:>10}  {c[key]:8.1f} tokens/s {mode}, model {c[mode + '_tokens_per_s']:.1f}, "
+                     f"{c['sequential_tokens_per_s']:.1f} sequential{'  (now)' if c['current'] else ''}   {placed}")
     return "\n".join(lines)

@@ -287,7 +287,9 @@ class Coordinator:
                                       max_queue=engine.max_queue, speculation=self.spec.speculation.enabled,
                                       placement_settled=engine.placement_settled, placement=str(self.spec.placement),
                                       flips=[pb.FlipCount(boundary=b, flips=f, checks=c) for b, (f, c)
-                                             in enumerate(zip(engine.flips_seen, engine.checks_seen))])
+                                             in enumerate(zip(engine.flips_seen, engine.checks_seen))],
+                                      alone_sequential_tokens_per_s=engine.measured_tokens_per_s(False),
+                                      alone_speculative_tokens_per_s=engine.measured_tokens_per_s(True))
         for node in self.nodes:
             reply.nodes.add(name=node.name, address=node.address, stages=node.spec.stages,
                             state=to_wire(node.state, pb.NodeState),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import statistics
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,6 +36,7 @@ from runtime.core.request import FailureKind, RequestFailed, TextChunk
 log = logging.getLogger("speed.coordinator")
 NODE_BACKEND = "onnx"  # what nodes run: the bundle's ONNX graphs with ONNX Runtime
 Homes = dict[str, Sequence[int]]  # node -> the stages it runs while it serves
+RATES_KEPT = 16  # requests whose tokens/s are kept, per mode, to compare a placement's prediction with
 
 
 class Engine:
@@ -51,6 +53,8 @@ class Engine:
         self.leaving: set[str] = set()  # draining nodes: serving still, but their stages move away
         # per stage boundary, over every finished request: guesses found wrong, guesses checked
         self.flips_seen, self.checks_seen = [0] * (config.n_stages - 1), [0] * (config.n_stages - 1)
+        # tokens/s of the last requests that decoded alone on the current placement, by whether they speculated
+        self.alone_rates: dict[bool, deque[float]] = {False: deque(maxlen=RATES_KEPT), True: deque(maxlen=RATES_KEPT)}
         self.view = ClusterView(config=config, nodes=self.nodes, metrics=metrics, incarnation=incarnation,
                                 eos_id=eos_id)
         self.config = config
@@ -86,6 +90,11 @@ class Engine:
         chosen = self.choose_homes is None or self._chosen[0] == frozenset(serving)
         return chosen and self._placement_now() == self.placement and all(
             self.nodes[name].assigned == tuple(stages_of(self.placement, name)) for name in serving)
+
+    def measured_tokens_per_s(self, speculative: bool) -> float:
+        """The median tokens/s of the last requests that decoded alone on the current placement; 0 when none."""
+        rates = self.alone_rates[speculative]
+        return statistics.median(rates) if rates else 0.0
 
     @property
     def active_requests(self) -> int:
@@ -152,6 +161,9 @@ class Engine:
             request.admitted, request.admitted_at = True, time.perf_counter()
             request.sent_tokens = len(request.received)
             self._active[seq_id] = request
+            if len(self._active) > 1:
+                for sharing in self._active.values():
+                    sharing.alone = False
             if seq.done:  # a resumed request whose end was lost on the way
                 self._emit()
 
@@ -241,6 +253,10 @@ class Engine:
     def _replay(self, previous: dict[int, str]) -> None:
         """Every active sequence starts again on the new placement from its prompt and committed tokens."""
         self.data_path.replay(self._active)
+        for rates in self.alone_rates.values():
+            rates.clear()  # they were the old placement's
+        for request in self._active.values():
+            request.alone = False
         if not previous:
             return
         moved = {stage: (previous.get(stage), name) for stage, name in self.placement.items()
@@ -290,6 +306,8 @@ class Engine:
             tokens_per_s=steady_rate(len(seq.generated) - len(request.received),
                                      (request.last_token_at or now) - request.first_token_at),
             speculative=seq.speculate, backend=NODE_BACKEND, provider=self._providers(), stats=SpeculationStats.of(seq))
+        if request.alone and result.tokens_per_s > 0:
+            self.alone_rates[seq.speculate].append(result.tokens_per_s)
         request.events.put_nowait(result)
         self._end(seq_id)
 

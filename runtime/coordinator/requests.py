@@ -23,6 +23,7 @@ class Request:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # TextChunk..., then the result or RequestFailed
     cancelled: bool = False  # the client went away, or its deadline passed
     admitted: bool = False
+    alone: bool = True  # no other request decoded beside it and the placement stayed, so far
     sent_tokens: int = 0
     admitted_at: float = 0.0
     first_token_at: float | None = None

@@ -196,7 +196,7 @@ class NodeStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[NodeState, str]] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., hosting: _Optional[_Iterable[int]] = ..., sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., step_ms: _Optional[float] = ..., positions_per_s: _Optional[float] = ..., pass_times: _Optional[_Iterable[_Union[PassTime, _Mapping]]] = ..., head_ms: _Optional[float] = ..., memory_available_bytes: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkTime, _Mapping]]] = ...) -> None: ...
 
 class ClusterStatusReply(_message.Message):
-    __slots__ = ("cluster", "bundle_sha256", "serving", "nodes", "active_requests", "speculation", "queued_requests", "max_queue", "placement_settled", "placement", "flips")
+    __slots__ = ("cluster", "bundle_sha256", "serving", "nodes", "active_requests", "speculation", "queued_requests", "max_queue", "placement_settled", "placement", "flips", "alone_sequential_tokens_per_s", "alone_speculative_tokens_per_s")
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +208,8 @@ class ClusterStatusReply(_message.Message):
     PLACEMENT_SETTLED_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     FLIPS_FIELD_NUMBER: _ClassVar[int]
+    ALONE_SEQUENTIAL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    ALONE_SPECULATIVE_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     cluster: str
     bundle_sha256: str
     serving: bool
@@ -219,7 +221,9 @@ class ClusterStatusReply(_message.Message):
     placement_settled: bool
     placement: str
     flips: _containers.RepeatedCompositeFieldContainer[FlipCount]
-    def __init__(self, cluster: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., serving: _Optional[bool] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., active_requests: _Optional[int] = ..., speculation: _Optional[bool] = ..., queued_requests: _Optional[int] = ..., max_queue: _Optional[int] = ..., placement_settled: _Optional[bool] = ..., placement: _Optional[str] = ..., flips: _Optional[_Iterable[_Union[FlipCount, _Mapping]]] = ...) -> None: ...
+    alone_sequential_tokens_per_s: float
+    alone_speculative_tokens_per_s: float
+    def __init__(self, cluster: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., serving: _Optional[bool] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., active_requests: _Optional[int] = ..., speculation: _Optional[bool] = ..., queued_requests: _Optional[int] = ..., max_queue: _Optional[int] = ..., placement_settled: _Optional[bool] = ..., placement: _Optional[str] = ..., flips: _Optional[_Iterable[_Union[FlipCount, _Mapping]]] = ..., alone_sequential_tokens_per_s: _Optional[float] = ..., alone_speculative_tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class FlipCount(_message.Message):
     __slots__ = ("boundary", "flips", "checks")
