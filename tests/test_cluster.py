@@ -197,7 +197,9 @@ def test_speed_status_json_is_one_object_with_each_nodes_load(cluster):
     assert links == {name: names - {name} if ring else set() for name in names}
 
 
-def test_speed_plan_predicts_every_placement_with_the_file_s_own_first(cluster):
+def test_speed_plan_predicts_every_placement_with_the_file_s_own_first(cluster, reference):
+    with Client(cluster.endpoint) as client:  # a request alone: what the plan calibrates by
+        assert generate_on(client, PROMPTS[0], speculative=True).token_ids == reference(PROMPTS[0])
     result = run_speed("plan", str(cluster.spec.path), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -209,8 +211,13 @@ def test_speed_plan_predicts_every_placement_with_the_file_s_own_first(cluster):
     assert best == sorted(best, reverse=True) and len(report["flips"]) == 2
     seen = json.loads(run_speed("status", "--coordinator", cluster.endpoint, "--json").stdout)["flips"]
     assert [count["boundary"] for count in seen] == [0, 1] and all(int(c["checks"]) > 0 for c in seen)
+    ring = cluster.spec.data_path == DataPathKind.RING
+    assert own["current"] and (report["calibration"]["speculative"] is not None) == ring  # lockstep is not modelled
+    if ring:
+        assert own["calibrated_speculative_tokens_per_s"] == pytest.approx(
+            own["speculative_tokens_per_s"] * report["calibration"]["speculative"], rel=0.01, abs=0.2)
     shown = run_speed("plan", str(cluster.spec.path), "--top", "2")
-    assert shown.returncode == 0 and len(shown.stdout.splitlines()) == 4 + (cluster.spec.data_path != DataPathKind.RING)
+    assert shown.returncode == 0 and len(shown.stdout.splitlines()) == 5  # a note: calibrated, or lockstep
     assert ("lockstep is not modelled" in shown.stdout) == (cluster.spec.data_path != DataPathKind.RING)
     planned = cluster.spec.path.parent / "planned.yaml"
     written = run_speed("plan", str(cluster.spec.path), "--json", "--write", str(planned))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from runtime.coordinator.auto_placement import flip_rates, link_ms, node_timings, ring_model
 from runtime.core.bundle import Bundle
-from runtime.core.cluster_file import ClusterSpec
+from runtime.core.cluster_file import ClusterSpec, DataPathKind
 from runtime.core.errors import SpeedError
 from runtime.core.placement_search import hostable_by, ranked
 from runtime.wire import speed_pb2 as pb
@@ -35,10 +35,11 @@ def plan(spec: ClusterSpec, bundle: Bundle, status: pb.ClusterStatusReply) -> di
     candidates = ranked(model, own, hostable)
     now = {stage: node.name for node in status.nodes for stage in node.hosting}
     current = next((c for c in candidates if c.placement == now), None)
-    scale = {}  # per mode: what the current placement measured over what was predicted for it
+    scale = {}  # per mode, on the ring: what the current placement measured over what was predicted for it
+    ring = spec.data_path == DataPathKind.RING
     for mode, measured in (("sequential", status.alone_sequential_tokens_per_s),
                            ("speculative", status.alone_speculative_tokens_per_s)):
-        scale[mode] = measured / current.rate(mode) if current and measured > 0 and current.rate(mode) > 0 else None
+        scale[mode] = measured / current.rate(mode) if ring and current and measured > 0 and current.rate(mode) else None
 
     def entry(i: int, c) -> dict:
         fields = {"placement": {name: c.stages_of(name) for name in timings}, "files_own": i == 0,
