@@ -125,7 +125,7 @@ class RingWorker:
             raise RingError(f"sequence {seq_id}: token ids must be in 0..{self.cfg.vocab_size - 1} and the window "
                             f"0 to {MAX_WINDOW}")
         self.core.open(seq_id, list(o.prefill), last_position=o.last_position, window=o.window,
-                       guess_thresholds=tuple(o.guess_thresholds))
+                       guess_thresholds=tuple(o.guess_thresholds), prompt_length=o.prompt_tokens)
         self.executor.open(seq_id, sampling, capacity, plain_guesses=plain_guesses)
 
     def _close(self, seq_id: int, *, report: bool) -> None:

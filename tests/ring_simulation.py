@@ -48,6 +48,14 @@ def reference_next(n_stages: int, tokens: tuple[int, ...]) -> int:
     return final(hidden[-1])
 
 
+def grouped_as_plain_decoding(start: int, length: int, prompt_length: int, chunk: int) -> bool:
+    """Whether a run of positions [start, start + length) is one plain decoding runs: a chunk of the prompt
+    from position 0 on, or one later position alone (the kernels give other bits to other groupings)."""
+    if start >= prompt_length:
+        return length == 1
+    return start % chunk == 0 and length == min(chunk, prompt_length - start)
+
+
 def reference_decode(n_stages: int, prompt: list[int], new_tokens: int) -> list[int]:
     tokens = list(prompt)
     for _ in range(new_tokens):
@@ -79,6 +87,7 @@ class Simulation:
     committed: dict = field(default_factory=dict)  # seq -> generated tokens, as the coordinator saw them
     wanted: dict = field(default_factory=dict)  # seq -> new tokens
     closed: set = field(default_factory=set)
+    runs: list = field(default_factory=list)  # (seq, stage, start, positions) of every run
 
     def __post_init__(self):
         self.nodes = [SimNode(f"n{i}", RingMachine(stages, self.n_stages, prefill_chunk=self.prefill_chunk,
@@ -171,6 +180,7 @@ class Simulation:
         for run in runs:
             if run.seq_id not in node.core.sequences:
                 continue
+            self.runs.append((run.seq_id, run.stage, run.start, len(run.tokens)))
             if run.stage == 0:
                 inputs = [embed(t) for t in run.tokens]
             else:

@@ -50,6 +50,15 @@ def test_the_cluster_gives_the_reference_tokens_greedy_and_sampled(cluster, refe
                 assert result.stats.committed == len(result.token_ids)
 
 
+def test_a_prompt_of_several_prefill_chunks_gives_the_reference_tokens(cluster, reference):
+    long_prompt = " ".join(PROMPTS * 3)  # 141 tokens: three passes of the default 64
+    with Client(cluster.endpoint) as client:
+        for speculative in (False, True):
+            for sampling in [GREEDY, SAMPLED[0]]:
+                result = generate_on(client, long_prompt, sampling, speculative=speculative)
+                assert result.token_ids == reference(long_prompt, sampling), (speculative, sampling)
+
+
 def test_a_confidence_gate_holds_guesses_back_and_keeps_the_text(cluster, reference):
     """The nodes report each guess's probability; the coordinator's gate holds the unsure ones back."""
     held = {}

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.core.ring import Commit, Correction, Hop, RingMachine
+from runtime.core.ring import Commit, Correction, Hop, RingError, RingMachine
 from runtime.core.run_ahead import RunAheadPrice
-from tests.ring_simulation import Simulation, reference_decode
+from tests.ring_simulation import Simulation, grouped_as_plain_decoding, reference_decode
 
 
 def layouts(n_stages: int):
@@ -44,6 +44,10 @@ def test_committed_text_is_sequential_decoding(case):
         sim.open(seq_id, prompt, new_tokens)
     sim.run()
     assert sim.committed == expected
+    prompts = {seq_id: prompt_length for seq_id, (prompt_length, _) in enumerate(case["sequences"])}
+    for seq_id, stage, start, positions in sim.runs:
+        assert grouped_as_plain_decoding(start, positions, prompts[seq_id], case["prefill_chunk"]), \
+            f"sequence {seq_id} stage {stage} ran positions {start}-{start + positions - 1} in one pass"
 
 
 def test_a_wrong_guess_is_corrected_by_the_next_stage_and_its_timeline_dropped():
@@ -68,6 +72,42 @@ def test_a_wrong_guess_is_corrected_by_the_next_stage_and_its_timeline_dropped()
     head.receive(Correction(7, 0, 2, 43, 2))  # about the same position of the old timeline: stale
     [fixed] = head.take_runs()
     assert (fixed.gen, fixed.start, fixed.tokens) == (1, 2, (41,))
+
+
+def test_positions_run_again_after_a_late_correction_run_one_at_a_time_as_plain_decoding_ran_them():
+    """A correction about a guess that was right reaches the head after the guess was committed: the head
+    sends the committed positions again, each alone (in one pass their keys would get other bits)."""
+    head = RingMachine((0,), 3, prefill_chunk=8)
+    head.open(7, [5, 6], last_position=10, window=4)
+    [prefill] = head.take_runs()
+    head.ran(prefill, prediction=40, confidence=0.9)
+    [first] = head.take_runs()
+    head.ran(first, prediction=41, confidence=0.9)
+    [second] = head.take_runs()
+    head.ran(second, prediction=42, confidence=0.9)
+    head.drain()
+    head.receive(Commit(7, 2, 40))
+    head.receive(Commit(7, 3, 41))
+    head.receive(Correction(7, 0, 2, 99, 1))  # stage 1 was wrong about position 2, and the guess right
+    starts = []
+    while (runs := head.take_runs()) and len(starts) < 3:
+        [run] = runs
+        starts.append((run.start, run.tokens))
+        head.ran(run, prediction=38 + run.end, confidence=0.9)  # the same predictions as the first time
+    assert starts == [(2, (40,)), (3, (41,)), (4, (42,))]
+
+
+def test_a_replay_runs_the_prompt_in_chunks_and_every_committed_token_alone():
+    head = RingMachine((0,), 2, prefill_chunk=4)
+    head.open(1, [1, 2, 3, 4, 5, 6, 20, 21, 22], last_position=12, window=0, prompt_length=6)
+    groups = []
+    while runs := head.take_runs():
+        [run] = runs
+        groups.append(run.tokens)
+        head.ran(run)
+    assert groups == [(1, 2, 3, 4), (5, 6), (20,), (21,), (22,)]
+    with pytest.raises(RingError, match="a prompt of 10 tokens does not fit a prefill of 9"):
+        RingMachine((0,), 2).open(2, list(range(9)), last_position=12, prompt_length=10)
 
 
 def test_sequential_decoding_waits_for_each_commit():

@@ -64,7 +64,8 @@ class Coordinator:
         seq_id = next(SEQ_IDS)
         opened = pb.RingOpen(sequence=pb.OpenSequence(seq_id=seq_id, sampling=sampling_to_wire(sampling),
                                                       capacity=len(prompt_ids) + new_tokens),
-                             prefill=prompt_ids, last_position=len(prompt_ids) + new_tokens - 2, window=window)
+                             prefill=prompt_ids, last_position=len(prompt_ids) + new_tokens - 2, window=window,
+                             prompt_tokens=len(prompt_ids))
         self.send(opens=[opened])
         tokens, deadline = {}, time.monotonic() + 60
         while len(tokens) < new_tokens and time.monotonic() < deadline:

@@ -122,3 +122,30 @@ def test_a_stop_string_ends_both_decoders_at_the_same_token():
         assert out["stop_reason"] == "stop"
         assert "." not in out["text"]
         assert len(out["token_ids"]) < 40
+
+
+class PassRecorder:
+    """A stage model that notes how many positions each pass of stage 0 runs."""
+
+    def __init__(self, model):
+        self.model, self.passes = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def run_stage(self, stage, hidden, cache, rows):
+        if stage == 0:
+            self.passes.append(hidden.shape[1])
+        return self.model.run_stage(stage, hidden, cache, rows)
+
+
+def test_plain_decoding_runs_a_long_prompt_in_chunks_as_the_pipeline_does(demo, prompt_ids):
+    """The kernels give a position other bits in a pass of several positions than in another grouping, so
+    plain decoding groups the prompt as every pipeline does, and the same long prompt gives the same text."""
+    bundle, model = demo
+    long_prompt = sum(prompt_ids[:30], [])[:150]
+    recorder = PassRecorder(model)
+    plain = generate_plain(recorder, long_prompt, max_new_tokens=8, eos_id=-1, prefill_chunk=64)
+    assert recorder.passes == [64, 64, 22] + [1] * 7
+    (spec,) = generate_speculative(model, [long_prompt], max_new_tokens=8, eos_id=-1, prefill_chunk=64)
+    assert spec.token_ids == plain.token_ids

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.core.scheduler import SpeedScheduler
+from tests.ring_simulation import grouped_as_plain_decoding
 
 EOS = 0
 
@@ -25,6 +26,10 @@ class SyntheticRun:
         self.scheduler, self.streams, self.wrong, self.confidence = scheduler, streams, wrong, confidence
         self.caches = {}  # (seq, stage) -> tokens written at positions 0..len-1
         self.carried = {}  # (seq, start) -> the item's input tokens, travelling with its hidden state
+        self.groups = set()  # (start, positions) of every item run
+
+    def grouped_as_plain_decoding(self, prompt_len: int, chunk: int) -> bool:
+        return all(grouped_as_plain_decoding(start, length, prompt_len, chunk) for start, length in self.groups)
 
     def run_tick(self):
         plan = self.scheduler.plan()
@@ -38,6 +43,7 @@ class SyntheticRun:
             assert len(cache) == item.start, "an item must start where its stage's cache ends"
             cache.extend(tokens)
             carried[(item.seq_id, item.start)] = tokens
+            self.groups.add((item.start, len(tokens)))
             if item.predict:  # like the executors: no classifier for a prediction nobody reads
                 predictions[(item.seq_id, item.start)] = self.predict(item.seq_id, item.stage, cache)
                 if self.confidence is not None:
@@ -129,6 +135,7 @@ def test_committed_stream_equals_the_oracle_and_flushes_roll_back(data, n_stages
         for stage in range(n_stages):  # what stays in every cache is the oracle's own text
             cache = run.caches.get((s, stage), [])[:committed]
             assert cache == streams[s][: len(cache)]
+    assert run.grouped_as_plain_decoding(prompt_len, chunk)
 
 
 
@@ -170,6 +177,7 @@ def test_lost_caches_are_rebuilt_by_replay_and_the_text_is_unchanged(data, n_sta
         for stage in range(n_stages):
             cache = run.caches.get((s, stage), [])[: prompt_len + len(seq.generated)]
             assert cache == streams[s][: len(cache)]
+    assert run.grouped_as_plain_decoding(prompt_len, chunk)  # the replays too: committed tokens alone
 
 
 @given(prompt_len=st.integers(1, 9), max_new=st.integers(1, 20), done=st.integers(0, 20), n_stages=st.integers(1, 4))
@@ -186,6 +194,7 @@ def test_a_resumed_sequence_continues_after_the_tokens_it_already_has(prompt_len
         run.run_tick()
     assert seq.generated == stream[prompt_len : prompt_len + max_new]
     assert seq.stop_reason == "length"
+    assert run.grouped_as_plain_decoding(prompt_len, 4)  # the tokens it already had run alone
 
 def test_the_prompt_is_prefilled_in_chunks_and_decoding_starts_right_after():
     scheduler = SpeedScheduler(3, prefill_chunk=4)

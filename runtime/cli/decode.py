@@ -17,7 +17,9 @@ from runtime.cli.arguments import (
     number,
     options_from,
     token_count,
+    whole,
 )
+from runtime.core.generation import PREFILL_CHUNK
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -37,6 +39,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", metavar="TEXT",
                    help="end at the token that completes TEXT, which the printed text leaves out (repeatable)")
     add_sampling_flags(p)
+    p.add_argument("--prefill-chunk", type=whole(1, 1 << 16), default=PREFILL_CHUNK, metavar="N",
+                   help=f"prompt positions run in one pass (default {PREFILL_CHUNK}); give a cluster's "
+                        "speculation.prefill_chunk to get its text to the bit")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_reference)
 
@@ -65,7 +70,8 @@ def cmd_reference(args: argparse.Namespace) -> None:
     from runtime.local.reference import run_reference
 
     result = run_reference(args.prompt, options_from(args, speculative=args.speculate), bundle_path=args.bundle,
-                           backend=args.backend, device=args.device, threads=args.threads)
+                           backend=args.backend, device=args.device, threads=args.threads,
+                           prefill_chunk=args.prefill_chunk)
     if args.json:
         print(json.dumps(result.to_json()))
         return

@@ -115,7 +115,7 @@ class RingPath:
                                                              request.options.max_new_tokens),
                                      plain_guesses=request.options.plain_guesses),
             prefill=seq.prefill, last_position=seq.last_position, window=request.window if seq.speculate else 0,
-            guess_thresholds=request.guess_thresholds)
+            guess_thresholds=request.guess_thresholds, prompt_tokens=len(seq.prompt))
         for name in self._streams:
             self._control_for(name).opens.append(opened)
 

@@ -33,6 +33,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from runtime.core.generation import PREFILL_CHUNK
+
 KEPT_PREDICTIONS = 64  # a stage's predictions kept for checking hops of a later generation (forks are recent)
 MAX_EARLY = 1024  # messages kept for sequences whose open has not arrived yet (it travels on another link)
 
@@ -126,6 +128,7 @@ class _Head:
 
     tokens: list[int]  # prefill, then one token per decoded position (guessed or committed)
     committed: int  # positions whose token is final (the prefill included)
+    prompt_length: int  # the prefill's first positions, the only ones run several in one pass
     window: int  # positions stage 0 may run beyond the committed ones
     threshold: float  # stage 0's guess goes in only with at least this probability
     last_position: int
@@ -147,7 +150,8 @@ class _Sequence:
 
 
 class RingMachine:
-    def __init__(self, stages: tuple[int, ...], n_stages: int, *, prefill_chunk: int = 64, run_ahead: float = 0.0):
+    def __init__(self, stages: tuple[int, ...], n_stages: int, *, prefill_chunk: int = PREFILL_CHUNK,
+                 run_ahead: float = 0.0):
         """run_ahead: stage 0 runs on no guess it gives less probability than this until the guess is
         committed or corrected (0: always up to the window); the shell may change it."""
         if not stages or any(not 0 <= s < n_stages for s in stages) or prefill_chunk < 1 or not 0 <= run_ahead <= 1:
@@ -166,8 +170,9 @@ class RingMachine:
         self._early: dict[int, list[Message]] = {}
 
     def open(self, seq_id: int, prefill: list[int], *, last_position: int, window: int = 0,
-             guess_thresholds: tuple[float, ...] = ()) -> None:
-        """prefill: the prompt and any tokens committed before (after a failover or a resumed request);
+             guess_thresholds: tuple[float, ...] = (), prompt_length: int | None = None) -> None:
+        """prefill: the prompt (its first prompt_length tokens; None: all) and any tokens committed before
+        (after a failover or a resumed request);
         decoding goes on at position len(prefill). last_position: the highest position a run may reach.
         window: positions stage 0 runs ahead on guesses (0: sequential decoding). guess_thresholds: per
         early stage, the probability a guess needs (1: the stage makes none)."""
@@ -175,6 +180,9 @@ class RingMachine:
             raise RingError(f"sequence {seq_id} is already open")
         if not prefill or last_position < len(prefill) - 1 or window < 0:
             raise RingError("a sequence needs a prefill, a last position at or after it and a window >= 0")
+        prompt_length = len(prefill) if prompt_length is None else prompt_length
+        if not 0 < prompt_length <= len(prefill):
+            raise RingError(f"a prompt of {prompt_length} tokens does not fit a prefill of {len(prefill)}")
         if guess_thresholds and len(guess_thresholds) != self.n_stages - 1:
             raise RingError(f"guess_thresholds needs one value per early stage ({self.n_stages - 1})")
         thresholds = guess_thresholds or (0.0,) * (self.n_stages - 1)
@@ -184,7 +192,8 @@ class RingMachine:
                   for stage in self.stages if stage > 0}
         head = None
         if 0 in self.stages:
-            head = _Head(tokens=list(prefill), committed=len(prefill), window=window if last else 0,
+            head = _Head(tokens=list(prefill), committed=len(prefill), prompt_length=prompt_length,
+                         window=window if last else 0,
                          threshold=thresholds[0] if last else 1.0, last_position=last_position)
         self.sequences[seq_id] = _Sequence(stages=stages, head=head)
         self._newest_opened = max(self._newest_opened, seq_id)
@@ -287,8 +296,8 @@ class RingMachine:
         if start > head.committed and not self._likely(head, start):
             return None
         end = start + 1
-        if start < head.committed:  # known tokens (the prefill) go in chunks
-            end = min(head.committed, len(head.tokens), start + self.prefill_chunk, head.last_position + 1)
+        if start < head.prompt_length:  # the prompt goes in chunks from 0, any later position alone, as plain decoding
+            end = min(head.prompt_length, start + self.prefill_chunk, head.last_position + 1)
         head.emitted, head.busy = end, True
         head.counts.runs += 1
         head.counts.positions += end - start

@@ -16,8 +16,10 @@ after stage 0 has seen the prompt's last position. No I/O and no tensors here: t
 item's hidden state between ticks, keyed by (sequence, start).
 
 A rewind (after lost caches) is a flush at position 0: every stage's cache is cut to nothing and the
-prompt plus every committed token is fed again as prefill; since a token depends only on the tokens
-before it (and a sampled draw on its seed and position), decoding then goes on with the same text.
+prompt plus every committed token is fed again as prefill, grouped as plain decoding groups them (the
+prompt in chunks, every later position alone: runtime/core/generation.py, PREFILL_CHUNK); since a token
+depends only on the positions before it, computed the same way (and a sampled draw on its seed and
+position), decoding then goes on with the same text.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from runtime.core.generation import PREFILL_CHUNK
 from runtime.core.stopping import StopReason
 
 
@@ -156,7 +159,7 @@ def new_sequence(seq_id: int, prompt: list[int], *, n_stages: int, max_new_token
 
 
 class SpeedScheduler:
-    def __init__(self, n_stages: int, *, prefill_chunk: int = 64):
+    def __init__(self, n_stages: int, *, prefill_chunk: int = PREFILL_CHUNK):
         if n_stages < 1 or prefill_chunk < 1:
             raise ValueError("n_stages and prefill_chunk must be at least 1")
         self.n_stages = n_stages
@@ -290,7 +293,8 @@ class SpeedScheduler:
         if seq.next_prompt_position >= len(seq.prefill) or any(f.next_stage == 0 for f in seq.flights):
             return
         start = seq.next_prompt_position
-        end = min(len(seq.prefill), start + self.prefill_chunk)
+        # the prompt in chunks from position 0, committed tokens after it one at a time: as plain decoding
+        end = min(len(seq.prompt), start + self.prefill_chunk) if start < len(seq.prompt) else start + 1
         seq.flights.append(_Flight(start, end - start, 0, tuple(seq.prefill[start:end])))
         seq.next_prompt_position = end
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.core.generation import SpeculationStats, steady_rate
+from runtime.core.generation import PREFILL_CHUNK, SpeculationStats, steady_rate
 from runtime.core.limits import cache_capacity, check_request
 from runtime.core.sampling import GREEDY, SamplingParams, choose_token
 from runtime.core.stopping import StopReason
@@ -35,16 +35,19 @@ class Generation:
 
 
 def generate_plain(model: StageModel, prompt_ids: list[int], *, max_new_tokens: int, eos_id: int,
-                   sampling: SamplingParams = GREEDY,
-                   should_stop: Callable[[list[int]], bool] | None = None) -> Generation:
-    """Tokens after the prompt, one full pass of every stage per token; an eos_id of -1 never stops."""
+                   sampling: SamplingParams = GREEDY, should_stop: Callable[[list[int]], bool] | None = None,
+                   prefill_chunk: int = PREFILL_CHUNK) -> Generation:
+    """Tokens after the prompt (run in passes of prefill_chunk positions), one full pass of every stage per
+    token; an eos_id of -1 never stops."""
     cfg = model.config
     check_request(prompt_ids, cfg, max_new_tokens)
     capacity = cache_capacity(cfg, len(prompt_ids), max_new_tokens)
     cache = KVCache(cfg, rows=cfg.n_stages, capacity=capacity)
 
     started = time.perf_counter()
-    token = _next_token(model, np.asarray([prompt_ids], dtype=np.int64), cache, sampling)
+    for start in range(0, len(prompt_ids), prefill_chunk):
+        hidden = _run_stages(model, np.asarray([prompt_ids[start : start + prefill_chunk]], dtype=np.int64), cache)
+    token = _choose(model, hidden, cache, sampling)
     first_token_at = time.perf_counter()
     generated: list[int] = []
     while True:
@@ -61,17 +64,22 @@ def generate_plain(model: StageModel, prompt_ids: list[int], *, max_new_tokens: 
         if cache.lengths[0] == capacity:
             stop = StopReason.CONTEXT
             break
-        token = _next_token(model, np.asarray([[token]], dtype=np.int64), cache, sampling)
+        token = _choose(model, _run_stages(model, np.asarray([[token]], dtype=np.int64), cache), cache, sampling)
     return Generation(generated, stop, len(prompt_ids), first_token_at - started, time.perf_counter() - first_token_at)
 
 
-def _next_token(model: StageModel, token_ids: np.ndarray, cache: KVCache, sampling: SamplingParams) -> int:
-    """Run tokens (1, T) through every stage (row s of the cache is stage s); choose the next token."""
+def _run_stages(model: StageModel, token_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+    """Run tokens (1, T) through every stage (row s of the cache is stage s): the last stage's hidden states."""
     hidden = model.embed(token_ids)
     count = token_ids.shape[1]
     for stage in range(model.config.n_stages):
         out = model.run_stage(stage, hidden, cache, slice(stage, stage + 1))
         cache.append(stage, [k[0] for k in out.new_keys], [v[0] for v in out.new_values], count)
         hidden = out.hidden
+    return hidden
+
+
+def _choose(model: StageModel, hidden: np.ndarray, cache: KVCache, sampling: SamplingParams) -> int:
+    """The next token after the last position run."""
     logits, _ = model.classify(hidden[0, -1:])
     return choose_token(logits[0], sampling, position=int(cache.lengths[0]))

@@ -8,7 +8,7 @@ from pathlib import Path
 from runtime.core.bundle import load_bundle
 from runtime.core.chat import ChatMessage
 from runtime.core.errors import SpeedError
-from runtime.core.generation import GenerationOptions, GenerationResult, guess_thresholds
+from runtime.core.generation import PREFILL_CHUNK, GenerationOptions, GenerationResult, guess_thresholds
 from runtime.core.limits import check_request
 from runtime.core.stopping import StopStrings
 from runtime.core.text_stream import TextStream
@@ -22,8 +22,10 @@ class LocalDecoder:
     input fails before anything heavy is loaded; the model then stays open for the next request."""
 
     def __init__(self, bundle_path: Path | None = None, *, backend: str = "onnx", device: str = "cpu",
-                 threads: int = 1):
+                 threads: int = 1, prefill_chunk: int = PREFILL_CHUNK):
+        """prefill_chunk: prompt positions per pass, as the cluster's speculation.prefill_chunk."""
         self.bundle = load_bundle(bundle_path)
+        self.prefill_chunk = prefill_chunk
         self.tokenizer = self.bundle.tokenizer()
         self.backend, self._device, self._threads = backend, device, threads
         self._model = None
@@ -52,7 +54,7 @@ class LocalDecoder:
         if on_text is not None:
             should_stop = _streaming(shown_text, on_text, stop_strings)
         decoding = {"max_new_tokens": options.max_new_tokens, "eos_id": -1 if options.ignore_eos else bundle.eos_token_id,
-                    "sampling": sampling, "should_stop": should_stop}
+                    "sampling": sampling, "should_stop": should_stop, "prefill_chunk": self.prefill_chunk}
         if options.speculative:
             thresholds = guess_thresholds((options.guess_threshold,), bundle.guess_thresholds, bundle.config.n_stages)
             (generation,) = generate_speculative(model, [prompt_ids], plain_guesses=options.plain_guesses,
@@ -81,6 +83,8 @@ def _streaming(text: TextStream, on_text: Callable[[str], None], stop: StopStrin
 
 
 def run_reference(prompt: str, options: GenerationOptions | None = None, *, bundle_path: Path | None = None,
-                  backend: str = "onnx", device: str = "cpu", threads: int = 1) -> GenerationResult:
+                  backend: str = "onnx", device: str = "cpu", threads: int = 1,
+                  prefill_chunk: int = PREFILL_CHUNK) -> GenerationResult:
     """One prompt decoded in a freshly opened bundle."""
-    return LocalDecoder(bundle_path, backend=backend, device=device, threads=threads).generate(prompt, options)
+    return LocalDecoder(bundle_path, backend=backend, device=device, threads=threads,
+                        prefill_chunk=prefill_chunk).generate(prompt, options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from runtime.core.generation import SpeculationStats
+from runtime.core.generation import PREFILL_CHUNK, SpeculationStats
 from runtime.core.limits import cache_capacity, check_request
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.core.scheduler import SpeedScheduler
@@ -15,7 +15,7 @@ from runtime.local.plain import Generation
 
 
 def generate_speculative(model: StageModel, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int,
-                         sampling: SamplingParams = GREEDY, speculate: bool = True, prefill_chunk: int = 64,
+                         sampling: SamplingParams = GREEDY, speculate: bool = True, prefill_chunk: int = PREFILL_CHUNK,
                          should_stop: Callable[[list[int]], bool] | None = None,
                          plain_guesses: bool = False, guess_thresholds: tuple[float, ...] = ()) -> list[Generation]:
     """Decode several prompts together, their items sharing ticks; one Generation per prompt.

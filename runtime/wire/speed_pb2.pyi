@@ -270,18 +270,20 @@ class StagePlace(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., node: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class RingOpen(_message.Message):
-    __slots__ = ("sequence", "prefill", "last_position", "window", "guess_thresholds")
+    __slots__ = ("sequence", "prefill", "last_position", "window", "guess_thresholds", "prompt_tokens")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     LAST_POSITION_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     GUESS_THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     sequence: OpenSequence
     prefill: _containers.RepeatedScalarFieldContainer[int]
     last_position: int
     window: int
     guess_thresholds: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, sequence: _Optional[_Union[OpenSequence, _Mapping]] = ..., prefill: _Optional[_Iterable[int]] = ..., last_position: _Optional[int] = ..., window: _Optional[int] = ..., guess_thresholds: _Optional[_Iterable[float]] = ...) -> None: ...
+    prompt_tokens: int
+    def __init__(self, sequence: _Optional[_Union[OpenSequence, _Mapping]] = ..., prefill: _Optional[_Iterable[int]] = ..., last_position: _Optional[int] = ..., window: _Optional[int] = ..., guess_thresholds: _Optional[_Iterable[float]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class RingFailure(_message.Message):
     __slots__ = ("seq_id", "message")
