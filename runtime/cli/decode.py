@@ -19,7 +19,7 @@ from runtime.cli.arguments import (
     token_count,
     whole,
 )
-from runtime.core.generation import PREFILL_CHUNK
+from runtime.core.grouping import PREFILL_CHUNK
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:

@@ -67,6 +67,7 @@ import yaml
 
 from runtime.core.errors import SpeedError
 from runtime.core.generation import MAX_WINDOW
+from runtime.core.grouping import PREFILL_CHUNK
 from runtime.core.text_enum import TextEnum
 
 
@@ -106,7 +107,7 @@ class CoordinatorSpec:
 @dataclass(frozen=True)
 class SpeculationSpec:
     enabled: bool = True
-    prefill_chunk: int = 64
+    prefill_chunk: int = PREFILL_CHUNK
     guess_threshold: float | None = None  # the confidence gate for every stage; None = the bundle's thresholds
     window: int = 8  # the ring data path: positions stage 0 runs ahead of the committed ones
 

@@ -18,10 +18,6 @@ if TYPE_CHECKING:
 DEFAULT_MAX_NEW_TOKENS = 64
 
 
-# Prompt positions run in one pass, from position 0 on; every later position runs alone. The kernels give
-# a position other bits in a pass of several than alone (sums over the keys in another order), so every
-# way of decoding keeps this one grouping, and the text is the same bits whichever decodes it.
-PREFILL_CHUNK = 64
 MAX_WINDOW = 64  # positions stage 0 may run ahead on the ring; more only multiplies the work a flip throws away
 
 

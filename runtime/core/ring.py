@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from runtime.core.generation import PREFILL_CHUNK
+from runtime.core.grouping import PREFILL_CHUNK, pass_end
 
 KEPT_PREDICTIONS = 64  # a stage's predictions kept for checking hops of a later generation (forks are recent)
 MAX_EARLY = 1024  # messages kept for sequences whose open has not arrived yet (it travels on another link)
@@ -295,9 +295,7 @@ class RingMachine:
             return None
         if start > head.committed and not self._likely(head, start):
             return None
-        end = start + 1
-        if start < head.prompt_length:  # the prompt goes in chunks from 0, any later position alone, as plain decoding
-            end = min(head.prompt_length, start + self.prefill_chunk, head.last_position + 1)
+        end = min(pass_end(start, head.prompt_length, self.prefill_chunk), head.last_position + 1)
         head.emitted, head.busy = end, True
         head.counts.runs += 1
         head.counts.positions += end - start

@@ -21,6 +21,7 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from runtime.core.grouping import PREFILL_CHUNK
 from runtime.core.ring import Commit, Correction, Hop, RingMachine, Run
 
 VOCAB = 1 << 16
@@ -67,7 +68,7 @@ class RingTiming:
     flips: tuple[float, ...]  # per early stage: how often its guess for the next position is wrong
     window: int  # positions stage 0 may run ahead on its own guesses; 0 = sequential decoding
     thresholds: tuple[float, ...] = ()  # per early stage, the confidence gate; () = every guess sent
-    prefill_chunk: int = 64
+    prefill_chunk: int = PREFILL_CHUNK
     seed: int = 0
     now: float = 0.0
     commits: list[float] = field(default_factory=list)  # when each token was committed

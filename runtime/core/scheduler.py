@@ -17,7 +17,7 @@ item's hidden state between ticks, keyed by (sequence, start).
 
 A rewind (after lost caches) is a flush at position 0: every stage's cache is cut to nothing and the
 prompt plus every committed token is fed again as prefill, grouped as plain decoding groups them (the
-prompt in chunks, every later position alone: runtime/core/generation.py, PREFILL_CHUNK); since a token
+prompt in chunks, every later position alone: runtime/core/grouping.py); since a token
 depends only on the positions before it, computed the same way (and a sampled draw on its seed and
 position), decoding then goes on with the same text.
 """
@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from runtime.core.generation import PREFILL_CHUNK
+from runtime.core.grouping import PREFILL_CHUNK, pass_end
 from runtime.core.stopping import StopReason
 
 
@@ -293,8 +293,7 @@ class SpeedScheduler:
         if seq.next_prompt_position >= len(seq.prefill) or any(f.next_stage == 0 for f in seq.flights):
             return
         start = seq.next_prompt_position
-        # the prompt in chunks from position 0, committed tokens after it one at a time: as plain decoding
-        end = min(len(seq.prompt), start + self.prefill_chunk) if start < len(seq.prompt) else start + 1
+        end = pass_end(start, len(seq.prompt), self.prefill_chunk)
         seq.flights.append(_Flight(start, end - start, 0, tuple(seq.prefill[start:end])))
         seq.next_prompt_position = end
 

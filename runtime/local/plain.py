@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.core.generation import PREFILL_CHUNK, SpeculationStats, steady_rate
+from runtime.core.generation import SpeculationStats, steady_rate
+from runtime.core.grouping import PREFILL_CHUNK
 from runtime.core.limits import cache_capacity, check_request
 from runtime.core.sampling import GREEDY, SamplingParams, choose_token
 from runtime.core.stopping import StopReason

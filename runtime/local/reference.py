@@ -8,7 +8,8 @@ from pathlib import Path
 from runtime.core.bundle import load_bundle
 from runtime.core.chat import ChatMessage
 from runtime.core.errors import SpeedError
-from runtime.core.generation import PREFILL_CHUNK, GenerationOptions, GenerationResult, guess_thresholds
+from runtime.core.generation import GenerationOptions, GenerationResult, guess_thresholds
+from runtime.core.grouping import PREFILL_CHUNK
 from runtime.core.limits import check_request
 from runtime.core.stopping import StopStrings
 from runtime.core.text_stream import TextStream

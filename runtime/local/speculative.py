@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from runtime.core.generation import PREFILL_CHUNK, SpeculationStats
+from runtime.core.generation import SpeculationStats
+from runtime.core.grouping import PREFILL_CHUNK
 from runtime.core.limits import cache_capacity, check_request
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.core.scheduler import SpeedScheduler
