@@ -83,7 +83,7 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
     host = StageHost(model, name=node.name, stages=node.stages, max_sequences=node.max_sequences,
                      idle_timeout_s=node.idle_timeout_s, hostable=hostable_stages(bundle, node))
 
-    measured = pb.NodeInfo()  # its pass times, once warm
+    measured = [pb.NodeInfo()]  # its pass times, once warm; replaced whole when measured again
 
     def info() -> pb.NodeInfo:
         reply = pb.NodeInfo(name=node.name, stages=node.stages, bundle_sha256=bundle.sha256, provider=model.provider,
@@ -92,8 +92,14 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
                             standby_stages=[s for s in host.hostable if s not in node.stages], hosting=host.stages,
                             incarnation=host.incarnation, profile=profile_to_wire(host.profile),
                             memory_available_bytes=memory_available_bytes(), links=service.link_probe.times())
-        reply.MergeFrom(measured)
+        reply.MergeFrom(measured[0])
         return reply
+
+    def measure() -> None:  # on the stage worker, between steps
+        pass_times, head_ms = measure_passes(model, sorted(host.hostable), alone=True)
+        measured[0] = pb.NodeInfo(pass_times=pass_times, head_ms=head_ms)
+        log.info("timed its passes again for the coordinator: %s ms a row", ", ".join(
+            f"stage {p.stage} {p.ms:.2f}" for p in pass_times if p.rows == 1))
 
     metrics = NodeMetrics(node.name)
     if node.metrics_port is not None:
@@ -119,7 +125,7 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
 
     service = NodeService(host, info, metrics=metrics, emulated_link_ms=node.emulated_link_ms,
                           only_caller=COORDINATOR if identity else None, prefill_chunk=spec.speculation.prefill_chunk,
-                          open_peer_channel=open_peer_channel, drain=drain)
+                          open_peer_channel=open_peer_channel, drain=drain, measure=measure)
     health_service = health.HealthServicer()
     for service_name in ("", SERVICE_NAME):
         health_service.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -135,8 +141,7 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
 
     host.warm_up()
     pass_times, head_ms = measure_passes(model, sorted(host.hostable))
-    measured.pass_times.extend(pass_times)
-    measured.head_ms = head_ms
+    measured[0] = pb.NodeInfo(pass_times=pass_times, head_ms=head_ms)
     for service_name in ("", SERVICE_NAME):
         health_service.set(service_name, health_pb2.HealthCheckResponse.SERVING)
     log.info("node %s serving stages %s of %s on %s (%s, %d thread%s)%s", node.name, list(node.stages),

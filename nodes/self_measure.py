@@ -4,7 +4,9 @@ at the row counts a tick uses, how long the classifier takes, and how much memor
 The passes are timed at start, after the warm-up and before the node registers, so they are measured on
 an idle node (what it can do, not what it happens to be doing) and cost under a second for a small model.
 Each figure is the fastest of its timed passes: the other nodes of a cluster starting on the same machine
-only ever slow a pass down (by twice, on two cores), while a slower device (or a CPU quota) slows every one.
+only ever slow a pass down (by twice, on two cores), while a slower device slows every one. When the
+coordinator asks again (Measure, one node at a time), the figures are medians: a CPU quota slows some
+passes and not others, and nothing else runs then.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ REPEATS = 5  # timed calls per figure, after one untimed
 PASS_REPEATS = 9  # timed passes per stage and row count, after one untimed; the fastest is reported
 
 
-def measure_passes(model: StageModel, stages: list[int]) -> tuple[list[pb.PassTime], float]:
-    """(each stage's pass time per row count, the classifier's time for one row), in milliseconds."""
+def measure_passes(model: StageModel, stages: list[int], *, alone: bool = False) -> tuple[list[pb.PassTime], float]:
+    """(each stage's pass time per row count, the classifier's time for one row), in milliseconds: the fastest
+    of the timed passes, or with `alone` (nothing else runs beside it: the coordinator measures one node at a
+    time) their median, which also holds what a CPU quota takes now and then."""
+    timed = partial(median_ms, repeats=PASS_REPEATS) if alone else fastest_ms
     cfg = model.config
     times = []
     for stage in stages:
@@ -37,9 +42,9 @@ def measure_passes(model: StageModel, stages: list[int]) -> tuple[list[pb.PassTi
             cache = KVCache(cfg, rows=rows, capacity=tiled(CACHED_POSITIONS + 1), layers=layers)
             cache.lengths[:] = CACHED_POSITIONS
             hidden = np.zeros((rows, 1, cfg.d_model), np.float32)
-            ms = fastest_ms(partial(model.run_stage, stage, hidden, cache, slice(0, rows)))
+            ms = timed(partial(model.run_stage, stage, hidden, cache, slice(0, rows)))
             times.append(pb.PassTime(stage=stage, rows=rows, ms=ms))
-    return times, fastest_ms(partial(model.classify, np.zeros((1, cfg.d_model), np.float32)))
+    return times, timed(partial(model.classify, np.zeros((1, cfg.d_model), np.float32)))
 
 
 def memory_available_bytes() -> int:

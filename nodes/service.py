@@ -56,12 +56,14 @@ class NodeService(pb_grpc.NodeServicer):
     def __init__(self, host: StageHost, info: Callable[[], pb.NodeInfo], *, metrics: NodeMetrics,
                  emulated_link_ms: float = 0.0, only_caller: str | None = None, prefill_chunk: int = 64,
                  open_peer_channel: Callable[[str, str], grpc.Channel] | None = None,
-                 drain: Callable[[], pb.DrainReply] | None = None):
+                 drain: Callable[[], pb.DrainReply] | None = None, measure: Callable[[], None] | None = None):
         """only_caller: the one certificate name allowed to call (the coordinator's), in a secure cluster;
         open_peer_channel(name, address): a channel to another node, for the ring data path; drain: hands
-        the node's stages over and stops it (SpeedError with a sentence when it cannot)."""
+        the node's stages over and stops it (SpeedError with a sentence when it cannot); measure: times its
+        passes again, on the stage worker."""
         self.host = host
         self._drain = drain
+        self._measure = measure
         self.prefill_chunk = prefill_chunk
         self._open_peer_channel = open_peer_channel or (lambda name, address: open_channel(address))
         self._ring: RingWorker | None = None
@@ -98,6 +100,12 @@ class NodeService(pb_grpc.NodeServicer):
         except StepRefused as exc:
             _refuse(context, exc.code, str(exc))
         log.info("serving coordinator incarnation %d with stages %s", request.incarnation, list(self.host.stages))
+        return self._info()
+
+    def Measure(self, request: pb.MeasureRequest, context: grpc.ServicerContext) -> pb.NodeInfo:
+        self._admit(context)
+        if self._measure is not None:
+            self.worker.call(self._measure)
         return self._info()
 
     def Drain(self, request: pb.DrainRequest, context: grpc.ServicerContext) -> pb.DrainReply:

@@ -55,6 +55,8 @@ def test_the_node_behind_the_slow_link_is_given_no_stage_and_the_text_is_the_ref
                 result = generate_on(client, PROMPTS[0], sampling, speculative=speculative)
                 assert result.token_ids == reference(PROMPTS[0], sampling), (speculative, sampling)
     assert "placement: auto chose" in coordinator_log(cluster)
+    for name in ("edge-1", "edge-2", "edge-3"):  # each timed its passes again, alone, for the choice
+        assert "timed its passes again for the coordinator: stage 0 " in cluster.log_of(name).read_text()
 
 
 def test_a_node_lost_mid_generation_and_back_is_placed_again_with_the_text_unchanged(cluster, reference):

@@ -21,6 +21,7 @@ from runtime.core.placement_search import RingModel, choose, hostable_by
 from runtime.core.ring_timing import NodeTiming
 
 log = logging.getLogger("speed.coordinator")
+MEASURE_TIMEOUT_STEPS = 10  # a node times its passes again within this many step timeouts
 MIN_CHECKS = 200  # guesses checked at a stage boundary before its seen flip rate replaces the bundle's
 
 
@@ -63,7 +64,8 @@ def ring_model(spec: ClusterSpec, bundle: Bundle, timings: Mapping[str, NodeTimi
 
 
 class AutoPlacement:
-    """Chooses the stages' homes among the serving nodes; the engine's failover rule places from them."""
+    """Chooses the stages' homes among the serving nodes; the engine's failover rule places from them. Each
+    choice starts by having every serving node time its passes again, one node at a time."""
 
     def __init__(self, spec: ClusterSpec, bundle: Bundle, seen: Callable[[], tuple[Sequence[int], Sequence[int]]]):
         """seen: the flips and checks per stage boundary the coordinator has seen so far."""
@@ -72,6 +74,8 @@ class AutoPlacement:
     async def homes(self, nodes: list, start: dict[int, str]) -> dict[str, tuple[int, ...]] | None:
         """Each serving node's stages (RemoteNodes, with their registration's measurements); None to keep
         the file's homes (a node measured nothing). start: where the stages would run without a choice."""
+        for node in nodes:  # one at a time: a node's timing must not slow another's
+            await node.measure(self.spec.coordinator.step_timeout_s * MEASURE_TIMEOUT_STEPS)
         timings = node_timings(node.info for node in nodes)
         unmeasured = [node.name for node in nodes if node.name not in timings]
         if unmeasured:

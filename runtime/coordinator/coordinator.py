@@ -24,7 +24,7 @@ from runtime.coordinator.auto_placement import AutoPlacement
 from runtime.coordinator.data_path import data_path_for
 from runtime.coordinator.engine import Engine
 from runtime.coordinator.metrics import CoordinatorMetrics
-from runtime.coordinator.remote_node import MAX_MEMORY_BYTES, MAX_STEP_MS, RemoteNode
+from runtime.coordinator.remote_node import MAX_MEMORY_BYTES, RemoteNode, measurement_problem
 from runtime.coordinator.requests import Request
 from runtime.coordinator.tokens import TOKENS_FILE, TokenFile
 from runtime.core.bundle import Bundle
@@ -233,11 +233,9 @@ class Coordinator:
         if info.bundle_sha256 != self.bundle.sha256:
             raise SpeedError(f"node {info.name} serves bundle {info.bundle_sha256[:12]} but the cluster's is "
                              f"{self.bundle.sha256[:12]}; give every device the same bundle")
-        measured = [("head_ms", info.head_ms)] + [(f"pass_times[{i}].ms", p.ms) for i, p in enumerate(info.pass_times)]
-        for field, value in measured:
-            if not 0 <= value <= MAX_STEP_MS:  # also NaN
-                raise SpeedError(f"node {info.name} reports {field} {value}, not 0 to {MAX_STEP_MS:g}; is it this "
-                                 "runtime's node?")
+        problem = measurement_problem(info)
+        if problem:
+            raise SpeedError(f"node {info.name} reports {problem}; is it this runtime's node?")
         if info.memory_available_bytes > MAX_MEMORY_BYTES:
             raise SpeedError(f"node {info.name} reports memory_available_bytes {info.memory_available_bytes}, more "
                              f"than {MAX_MEMORY_BYTES}; is it this runtime's node?")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -15,10 +16,21 @@ from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 
+log = logging.getLogger("speed.coordinator")
+
 # the largest values a node may report (in its heartbeats and its own measurements) that are stored and shown
 MAX_STEP_MS = 3_600_000.0  # a batch or a pass: an hour is already absurd
 MAX_POSITIONS_PER_S = 1e9
 MAX_MEMORY_BYTES = 2**60
+
+
+def measurement_problem(info: pb.NodeInfo) -> str:
+    """What is out of range in a node's timing of itself, "" when nothing."""
+    measured = [("head_ms", info.head_ms)] + [(f"pass_times[{i}].ms", p.ms) for i, p in enumerate(info.pass_times)]
+    for field, value in measured:
+        if not 0 <= value <= MAX_STEP_MS:  # also NaN
+            return f"{field} {value}, not 0 to {MAX_STEP_MS:g}"
+    return ""
 
 
 class NodeFailure(Exception):
@@ -117,6 +129,25 @@ class RemoteNode:
             raise await self.lost(stream, f"did not take stages {stages} ({exc.code().name}: {exc.details()})") from None
         if self._stream is stream:
             self.assigned, self.held = tuple(stages), info.open_sequences
+
+    async def measure(self, timeout_s: float) -> None:
+        """Have the node time its passes again; its registration's figures stay when it cannot."""
+        channel = self._channel
+        if channel is None:
+            return
+        try:
+            info = await pb_grpc.NodeStub(channel).Measure(pb.MeasureRequest(), timeout=timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("%s did not time its passes again (%s); its earlier figures stay", self.describe(),
+                        exc.code().name)
+            return
+        problem = measurement_problem(info)
+        if problem or self.info is None:
+            log.warning("%s timed its passes with %s; its earlier figures stay", self.describe(), problem)
+            return
+        del self.info.pass_times[:]
+        self.info.pass_times.extend(info.pass_times)
+        self.info.head_ms = info.head_ms
 
     def reassign_later(self) -> None:
         """A step was lost on the way, with whatever opens and closes it carried: what the node holds is no

@@ -235,6 +235,10 @@ class FlipCount(_message.Message):
     checks: int
     def __init__(self, boundary: _Optional[int] = ..., flips: _Optional[int] = ..., checks: _Optional[int] = ...) -> None: ...
 
+class MeasureRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class DrainRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -188,6 +188,11 @@ class NodeStub:
                 request_serializer=speed_dot_v1_dot_speed__pb2.DrainRequest.SerializeToString,
                 response_deserializer=speed_dot_v1_dot_speed__pb2.DrainReply.FromString,
                 _registered_method=True)
+        self.Measure = channel.unary_unary(
+                '/speed.v1.Node/Measure',
+                request_serializer=speed_dot_v1_dot_speed__pb2.MeasureRequest.SerializeToString,
+                response_deserializer=speed_dot_v1_dot_speed__pb2.NodeInfo.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -239,6 +244,15 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Measure(self, request, context):
+        """Time its passes again now (every stage graph it holds, the median of several, between its steps); the
+        reply is its NodeInfo with the new figures. The coordinator asks one node at a time, so that none
+        slows another's timing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -271,6 +285,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=speed_dot_v1_dot_speed__pb2.DrainRequest.FromString,
                     response_serializer=speed_dot_v1_dot_speed__pb2.DrainReply.SerializeToString,
+            ),
+            'Measure': grpc.unary_unary_rpc_method_handler(
+                    servicer.Measure,
+                    request_deserializer=speed_dot_v1_dot_speed__pb2.MeasureRequest.FromString,
+                    response_serializer=speed_dot_v1_dot_speed__pb2.NodeInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -437,6 +456,33 @@ class Node:
             '/speed.v1.Node/Drain',
             speed_dot_v1_dot_speed__pb2.DrainRequest.SerializeToString,
             speed_dot_v1_dot_speed__pb2.DrainReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Measure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/speed.v1.Node/Measure',
+            speed_dot_v1_dot_speed__pb2.MeasureRequest.SerializeToString,
+            speed_dot_v1_dot_speed__pb2.NodeInfo.FromString,
             options,
             channel_credentials,
             insecure,
