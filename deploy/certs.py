@@ -4,7 +4,8 @@ Everything a secure cluster needs, in one directory (keys and tokens readable by
 
     ca.pem, ca.key                      the cluster's certificate authority
     coordinator.pem, coordinator.key    the coordinator: serves clients and nodes, calls nodes
-    node.NAME.pem, node.NAME.key        each node: serves the coordinator, registers with it
+    node.NAME.pem, node.NAME.key        each node: serves the coordinator, registers with it (and, by
+                                        `speed certs add-node NAME`, a node that joins without a line in the file)
     client.pem, client.key              a client certificate (for `client_auth: certificate`)
     client.token                        a client bearer token, whose salted hash is in tokens.txt
     cluster.secret                      what the cluster's processes prove themselves with to each other
@@ -27,7 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from runtime.coordinator.tokens import TOKENS_FILE, add_token
-from runtime.core.cluster_file import ClusterSpec, parse_address
+from runtime.core.cluster_file import NODE_NAME, ClusterSpec, parse_address
+from runtime.core.errors import SpeedError
 from runtime.core.staging import staged_directory
 from runtime.wire.cluster_secret import SECRET_FILE, write_secret
 
@@ -71,6 +73,19 @@ def _alt_name(host: str) -> x509.GeneralName:
 class Authority:
     """A certificate authority that signs the cluster's process certificates."""
 
+    @classmethod
+    def load(cls, directory: Path, *, days: int) -> Authority:
+        """The authority `speed certs init` wrote to `directory` (ca.pem and ca.key)."""
+        try:
+            cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+            key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+        except (OSError, ValueError) as exc:
+            raise SpeedError(f"{directory} holds no certificate authority of `speed certs init` ({exc}); sign new "
+                             "nodes where the cluster's ca.key is") from None
+        authority = cls.__new__(cls)
+        authority.key, authority.cert, authority.days, authority.name = key, cert, days, cert.subject
+        return authority
+
     def __init__(self, name: str, *, days: int):
         self.key = _key()
         self.days = days
@@ -96,6 +111,25 @@ class Authority:
             builder = builder.add_extension(x509.SubjectAlternativeName([_alt_name(h) for h in names]), critical=False)
         _write_cert(directory / f"{stem}.pem", builder.sign(self.key, hashes.SHA256()))
         _write_key(directory / f"{stem}.key", key)
+
+
+def add_node_cert(spec: ClusterSpec, name: str, address: str, *, days: int = 365, force: bool = False) -> list[str]:
+    """node.NAME.pem and .key for a node the cluster file does not name (`speed node --join`), signed by the
+    cluster's authority in its certificates directory; returns the names of the files it needs."""
+    if spec.security is None:
+        raise SpeedError(f"{spec.source or spec.path} has no security section: its nodes need no certificate, only "
+                         "a copy of the cluster's secret")
+    if not NODE_NAME.fullmatch(name):
+        raise SpeedError(f"a node's name may use only letters, digits, '-', '_' and '.', got {name!r}")
+    if name in {node.name for node in spec.nodes}:
+        raise SpeedError(f"{name} is a node of {spec.source or spec.path}, which `speed certs init` made a certificate for")
+    host = parse_address(address)[0]
+    certs = spec.security.certs
+    stem = f"node.{name}"
+    if (certs / f"{stem}.pem").exists() and not force:
+        raise SpeedError(f"{certs / (stem + '.pem')} exists; pass --force to replace it")
+    Authority.load(certs, days=days).issue(certs, stem, common_name("node", name), [name, host])
+    return ["ca.pem", f"{stem}.pem", f"{stem}.key", SECRET_FILE]
 
 
 def coordinator_hosts(spec: ClusterSpec) -> list[str]:

@@ -25,7 +25,7 @@ from nodes.registration import Registration
 from nodes.self_measure import measure_passes, memory_available_bytes
 from nodes.service import NodeService, server_threads
 from runtime.core.bundle import Bundle, load_bundle
-from runtime.core.cluster_file import NodeSpec, load_cluster, parse_address
+from runtime.core.cluster_file import ClusterSpec, NodeSpec, load_cluster, parse_address
 from runtime.core.errors import SpeedError
 from runtime.executor.cpu_profile import CpuProfile
 from runtime.executor.onnx_stage_model import OnnxStageModel
@@ -68,16 +68,28 @@ def profile_to_wire(profile: CpuProfile) -> pb.NodeProfile:
 
 
 def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = None) -> None:
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())  # from the start: a stop during warm-up is still graceful
+    """The node the cluster file names `name`."""
+    stop = stop_on_signals()
     spec = load_cluster(cluster_path)
     node = spec.node(name)
     if emulated_link_ms is not None:
         node = replace(node, emulated_link_ms=emulated_link_ms)
-    quota = CpuQuota(node.emulated_cpu_share, f"speed-{spec.name}-{node.name}") if node.emulated_cpu_share else None
     bundle = load_bundle(spec.bundle, verify=False)
     spec.check_stages(bundle.config.n_stages)
+    serve_node(spec, node, bundle, stop, cluster_size=len(spec.nodes))
+
+
+def stop_on_signals() -> threading.Event:
+    """Set by SIGTERM and SIGINT, from the start: a stop during warm-up is still graceful."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threading.Event, *, cluster_size: int) -> None:
+    """Run `node` of the cluster `spec` until `stop` is set (or it is drained); cluster_size: its nodes."""
+    quota = CpuQuota(node.emulated_cpu_share, f"speed-{spec.name}-{node.name}") if node.emulated_cpu_share else None
     bundle.verify(bundle.files_for(hostable_stages(bundle, node)))  # what this node reads, no more
     model = open_model(bundle, node)
     host = StageHost(model, name=node.name, stages=node.stages, max_sequences=node.max_sequences,
@@ -131,7 +143,7 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
         health_service.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
     largest_step = options.step_message_bytes(d_model=bundle.config.d_model, max_positions=spec.speculation.prefill_chunk,
                                               max_items=node.max_sequences * len(host.hostable))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=server_threads(len(spec.nodes))),
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=server_threads(cluster_size)),
                          options=options.node_server(largest_step),
                          interceptors=[SecretCheck(secret, f"node {node.name}")])
     pb_grpc.add_NodeServicer_to_server(service, server)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from runtime.cli.arguments import add_credential_flags, configure_logging, credentials_of, link_ms, number, whole
 from runtime.core.cluster_file import DATA_PATHS
+from runtime.core.errors import SpeedError
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -50,8 +51,20 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_coordinator)
 
     p = commands.add_parser("node", help="run one node daemon of a cluster (on its edge device)")
-    p.add_argument("--cluster", type=Path, required=True, metavar="FILE")
-    p.add_argument("--name", required=True, help="the node's name in the cluster file")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--cluster", type=Path, metavar="FILE", help="the cluster file, which names this node")
+    where.add_argument("--join", metavar="HOST:PORT",
+                       help="join the running cluster of this coordinator as a node its file does not name")
+    p.add_argument("--name", required=True, help="the node's name (in the cluster file, or new with --join)")
+    joining = p.add_argument_group("with --join")
+    joining.add_argument("--address", metavar="HOST:PORT", help="where the node serves (required with --join)")
+    joining.add_argument("--bundle", type=Path, help="the cluster's bundle on this machine (required with --join)")
+    joining.add_argument("--certs", type=Path, metavar="DIR",
+                         help="a secure cluster: a directory with ca.pem and this node's certificate "
+                              "(`speed certs add-node`), and the cluster's secret unless --secret-file")
+    joining.add_argument("--secret-file", type=Path, metavar="FILE", help="a copy of the cluster's secret file")
+    joining.add_argument("--threads", type=whole(0, 256, "one per core"), default=1, help="intra-op threads (default 1)")
+    joining.add_argument("--max-sequences", type=whole(1, 4096), default=8, help="sequences held at once (default 8)")
     p.add_argument("--emulate-link-ms", type=link_ms, metavar="MS",
                    help="EMULATED one-way latency per step message, 0 to 60000, for benchmarks (overrides the file)")
     p.add_argument("--drain", action="store_true",
@@ -113,14 +126,27 @@ def cmd_coordinator(args: argparse.Namespace) -> None:
 
 
 def cmd_node(args: argparse.Namespace) -> None:
-    if args.drain:
-        from nodes.drain import drain_node
+    joining = None
+    if args.join:
+        from nodes.join import Joining
 
-        reply = drain_node(args.cluster, args.name)
+        if not args.address or not args.bundle:
+            raise SpeedError("a joining node needs --address (where it serves) and --bundle (the cluster's bundle)")
+        joining = Joining(args.join, args.name, args.address, args.bundle, certs=args.certs,
+                          secret_file=args.secret_file, threads=args.threads, max_sequences=args.max_sequences)
+    if args.drain:
+        from nodes.drain import drain_joined, drain_node
+
+        reply = drain_joined(joining) if joining else drain_node(args.cluster, args.name)
         print(f"node {args.name} drained and stopping; the stages run on "
               f"{', '.join(f'{place.stage}: {place.node}' for place in reply.placement) or 'no node (it ran none)'}")
         return
+    configure_logging()
+    if joining:
+        from nodes.join import join_cluster
+
+        join_cluster(joining)
+        return
     from nodes.daemon import run_node
 
-    configure_logging()
     run_node(args.cluster, args.name, emulated_link_ms=args.emulate_link_ms)

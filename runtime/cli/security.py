@@ -18,6 +18,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     q.add_argument("--days", type=whole(1, 36500), default=365, help="validity of the process certificates (default 365)")
     q.add_argument("--force", action="store_true", help="replace DIR if it exists")
     q.set_defaults(run=cmd_certs_init)
+    q = certs.add_parser("add-node", help="a certificate for a node that joins without a line in the cluster file "
+                                          "(speed node --join)")
+    q.add_argument("name", metavar="NAME")
+    q.add_argument("--cluster", type=Path, required=True, metavar="FILE", help="a cluster file with a security section")
+    q.add_argument("--address", required=True, metavar="HOST:PORT", help="where the node will serve")
+    q.add_argument("--days", type=whole(1, 36500), default=365, help="validity of the certificate (default 365)")
+    q.add_argument("--force", action="store_true", help="replace the node's certificate if it exists")
+    q.set_defaults(run=cmd_certs_add_node)
     q = certs.add_parser("secret", help="a new cluster secret in FILE, for a cluster file's secret_file (copy it to "
                                         "every machine of the cluster)")
     q.add_argument("file", type=Path, metavar="FILE")
@@ -42,6 +50,21 @@ def cmd_certs_init(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} files to {args.directory} (keys and tokens readable by you only): {', '.join(written)}")
     print(f"the client token is in {args.directory / 'client.token'}; more with: speed tokens add NAME --cluster "
           f"{args.cluster}")
+
+
+def cmd_certs_add_node(args: argparse.Namespace) -> None:
+    from deploy.certs import add_node_cert
+    from runtime.core.cluster_file import load_cluster
+
+    spec = load_cluster(args.cluster)
+    try:
+        files = add_node_cert(spec, args.name, args.address, days=args.days, force=args.force)
+    except ValueError as exc:  # the address
+        raise SpeedError(f"--address: {exc}") from None
+    certs = spec.security.certs
+    print(f"wrote {certs / files[1]} and {certs / files[2]}; copy {', '.join(files)} from {certs} to a directory DIR "
+          f"on the node's machine, then: speed node --join {spec.coordinator.address} --name {args.name} "
+          f"--address {args.address} --bundle BUNDLE --certs DIR")
 
 
 def cmd_certs_secret(args: argparse.Namespace) -> None:

@@ -28,7 +28,7 @@ from runtime.coordinator.remote_node import MAX_MEMORY_BYTES, RemoteNode, measur
 from runtime.coordinator.requests import Request
 from runtime.coordinator.tokens import TOKENS_FILE, TokenFile
 from runtime.core.bundle import Bundle
-from runtime.core.cluster_file import ClusterSpec, PlacementKind, same_address
+from runtime.core.cluster_file import NODE_NAME, ClusterSpec, NodeSpec, PlacementKind, listen_addresses, same_address
 from runtime.core.errors import SpeedError
 from runtime.core.generation import guess_thresholds
 from runtime.core.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE, check_request, max_prompt_chars
@@ -41,13 +41,14 @@ from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.cluster_secret import load_secret, secret_metadata
 from runtime.wire.enums import to_wire
-from runtime.wire.security import Identity, open_channel
+from runtime.wire.security import Identity, check_exposure, open_channel
 
 log = logging.getLogger("speed.coordinator")
 
 SERVICE_NAME = "speed.v1.Coordinator"
 MISSED_HEARTBEATS = 3  # a node silent this many intervals is down
 DIAL_BACK_TIMEOUT_S = 2.0  # to check a registering node at the address it gave
+MAX_JOINED = 64  # nodes a cluster takes beside its file's: each holds streams and state here
 DRAIN_POLL_S = 0.05  # how often a drain looks whether the node's stages have moved
 
 
@@ -66,6 +67,7 @@ class Coordinator:
         self.secret = load_secret(spec)
         self.nodes = [RemoteNode(node, step_timeout_s=spec.coordinator.step_timeout_s, on_state_change=self.node_changed,
                                  metadata=secret_metadata(self.secret)) for node in spec.nodes]
+        self.file_nodes = {node.name for node in spec.nodes}  # the others joined
         data_path = data_path_for(spec.data_path, prefill_chunk=spec.speculation.prefill_chunk,
                                   stall_timeout_s=spec.coordinator.step_timeout_s * (bundle.config.n_stages + 1))
         auto = AutoPlacement(spec, bundle, lambda: (self.engine.flips_seen, self.engine.checks_seen)) \
@@ -196,8 +198,7 @@ class Coordinator:
         own claims: in a secure cluster only the holder of the node's certificate can answer."""
         node = next((n for n in self.nodes if n.name == request.info.name), None)
         if node is None:
-            raise SpeedError(f"cluster file {self.spec.source or self.spec.path} has no node named "
-                             f"{request.info.name!r}; its nodes are {', '.join(n.name for n in self.nodes)}")
+            node = self._joining(request)
         if not same_address(request.address, node.spec.address):  # never dial an address a caller chose
             raise SpeedError(f"node {node.name} registered with address {request.address!r} but the cluster file gives "
                              f"it {node.spec.address}; start the node with the same cluster file")
@@ -218,10 +219,47 @@ class Coordinator:
         if serving_us and node.address == request.address:
             await channel.close()  # it is serving us already: nothing to do (a repeated registration)
             return node
+        if node not in self.nodes:
+            self.nodes.append(node)
+            self.engine.add(node)
         await node.connect(info, request.address, channel, request.assign_key)
-        log.info("%s registered: stages %s, %s, %d thread(s)", node.describe(), list(info.stages), info.provider,
-                 info.threads)
+        log.info("%s %s: stages %s, %s, %d thread(s)", node.describe(),
+                 "registered" if node.name in self.file_nodes else "joined (not in the cluster file)",
+                 list(info.stages), info.provider, info.threads)
         return node
+
+    def _joining(self, request: pb.RegisterRequest) -> RemoteNode:
+        """A node the cluster file does not name (`speed node --join`): it proves itself as every node does
+        (the cluster's secret; in a secure cluster a certificate of the cluster's authority for its name,
+        answered at the address it gave), runs no stage of its own and may be given any it holds."""
+        info, where = request.info, f"cluster file {self.spec.source or self.spec.path}"
+        if not NODE_NAME.fullmatch(info.name):
+            raise SpeedError(f"a joining node's name may use only letters, digits, '-', '_' and '.', got {info.name!r}")
+        if len(self.nodes) - len(self.file_nodes) >= MAX_JOINED:
+            raise SpeedError(f"{MAX_JOINED} nodes have joined already, the most a cluster takes beside its file's")
+        if info.stages:
+            raise SpeedError(f"node {info.name} is not in {where}, so it runs no stage of its own; start it with "
+                             "`speed node --join`")
+        try:
+            check_exposure(self.spec, request.address, f"node {info.name}")
+        except SpeedError:
+            raise SpeedError(f"node {info.name} would serve {request.address} without TLS off loopback, which "
+                             f"{where} does not allow") from None
+        taken = [owner for owner, address in listen_addresses(self.spec) if same_address(address, request.address)]
+        taken += [n.name for n in self.nodes if same_address(n.address, request.address)]
+        if taken:
+            raise SpeedError(f"node {info.name} gave the address {request.address}, which {taken[0]} uses")
+        spec = NodeSpec(name=info.name, address=request.address, stages=(), standby_stages=tuple(info.standby_stages),
+                        device=info.device or "cpu", threads=info.threads, max_sequences=max(info.max_sequences, 1))
+        return RemoteNode(spec, step_timeout_s=self.spec.coordinator.step_timeout_s, on_state_change=self.node_changed,
+                          metadata=secret_metadata(self.secret))
+
+    def settings(self) -> pb.ClusterSettings:
+        """What a joining node needs to know of the cluster."""
+        return pb.ClusterSettings(cluster=self.spec.name, bundle_sha256=self.bundle.sha256,
+                                  prefill_chunk=self.spec.speculation.prefill_chunk,
+                                  step_timeout_s=self.spec.coordinator.step_timeout_s, nodes=len(self.nodes),
+                                  secure=self.spec.security is not None, insecure=self.spec.insecure)
 
     def _check_node(self, node: RemoteNode, info: pb.NodeInfo) -> None:
         where = f"cluster file {self.spec.source or self.spec.path}"

@@ -113,6 +113,12 @@ class Engine:
     def sequences_on(self, name: str) -> int:
         return len(self._active) if name in self.placement.values() else 0
 
+    def add(self, node: RemoteNode) -> None:
+        """A node that joined: no stage of its own, any it holds when the placement gives it one."""
+        self.nodes[node.name] = node
+        self.home[node.name] = node.spec.stages
+        self.wake()
+
     def submit(self, request: Request) -> None:
         self._pending = deque(waiting for waiting in self._pending if not waiting.cancelled)
         free = self.capacity - len(self._active)

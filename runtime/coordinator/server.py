@@ -132,6 +132,9 @@ class RegistryService(pb_grpc.RegistryServicer):
         return pb.HeartbeatReply(known=True)
 
 
+    async def Settings(self, request: pb.SettingsRequest, context) -> pb.ClusterSettings:
+        return self.coordinator.settings()  # the secret (and in a secure cluster a certificate) got the call here
+
     async def Leave(self, request: pb.LeaveRequest, context) -> pb.DrainReply:
         await self._only_the_node(context, request.name, "leave")
         try:

@@ -520,6 +520,11 @@ class RegistryStub:
                 request_serializer=speed_dot_v1_dot_speed__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=speed_dot_v1_dot_speed__pb2.DrainReply.FromString,
                 _registered_method=True)
+        self.Settings = channel.unary_unary(
+                '/speed.v1.Registry/Settings',
+                request_serializer=speed_dot_v1_dot_speed__pb2.SettingsRequest.SerializeToString,
+                response_deserializer=speed_dot_v1_dot_speed__pb2.ClusterSettings.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -547,6 +552,13 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Settings(self, request, context):
+        """What a node joining without a line in the cluster file (`speed node --join`) needs to know of it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -564,6 +576,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=speed_dot_v1_dot_speed__pb2.LeaveRequest.FromString,
                     response_serializer=speed_dot_v1_dot_speed__pb2.DrainReply.SerializeToString,
+            ),
+            'Settings': grpc.unary_unary_rpc_method_handler(
+                    servicer.Settings,
+                    request_deserializer=speed_dot_v1_dot_speed__pb2.SettingsRequest.FromString,
+                    response_serializer=speed_dot_v1_dot_speed__pb2.ClusterSettings.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -649,6 +666,33 @@ class Registry:
             '/speed.v1.Registry/Leave',
             speed_dot_v1_dot_speed__pb2.LeaveRequest.SerializeToString,
             speed_dot_v1_dot_speed__pb2.DrainReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Settings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/speed.v1.Registry/Settings',
+            speed_dot_v1_dot_speed__pb2.SettingsRequest.SerializeToString,
+            speed_dot_v1_dot_speed__pb2.ClusterSettings.FromString,
             options,
             channel_credentials,
             insecure,
