@@ -175,6 +175,30 @@ def serving_cluster(tmp_path_factory):
         yield cluster
 
 
+@contextlib.contextmanager
+def decoding(client, prompts: list[str], max_new_tokens: int) -> Iterator[dict[int, list[int]]]:
+    """A request per prompt, each on a thread of its own; the block runs once every one is decoding (its first
+    tokens came), and when it ends the dict holds each request's tokens by the prompt's index."""
+    results: dict[int, list[int]] = {}
+    started = threading.Barrier(len(prompts) + 1)
+
+    def ask(i: int) -> None:
+        chunks = iter(client.generate(prompts[i], max_new_tokens=max_new_tokens))
+        first = list(next(chunks).token_ids)
+        started.wait(timeout=60)
+        results[i] = first + [token for chunk in chunks for token in chunk.token_ids]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    started.wait(timeout=60)
+    try:
+        yield results
+    finally:
+        for thread in threads:
+            thread.join(timeout=120)
+
+
 def in_threads(work: Callable[[int], object], count: int, *, timeout_s: float = 300) -> tuple[dict, list]:
     """work(0) .. work(count - 1) at once, one thread each: ({index: result}, [exceptions raised])."""
     results, errors = {}, []

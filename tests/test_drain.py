@@ -3,15 +3,13 @@ request fails and every text is the reference; a node whose stages nobody else c
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from runtime.client import Client
 from runtime.core.node_state import NodeState
 from runtime.wire.enums import node_state_of
 from tests.conftest import CLUSTER_PROMPTS as PROMPTS
-from tests.conftest import assert_one_line_error, generate_on, run_speed, running_cluster
+from tests.conftest import assert_one_line_error, decoding, generate_on, run_speed, running_cluster
 
 pytestmark = pytest.mark.cluster  # its tests start real processes on loopback
 
@@ -22,23 +20,8 @@ LONG = 160  # tokens: the drain lands while the requests decode
 def test_a_node_drained_under_load_hands_its_stages_over_and_no_text_changes(tmp_path, reference, placement):
     with running_cluster(tmp_path, extra_top_keys=f"placement: {placement}\n") as cluster, \
             Client(cluster.endpoint) as client:
-        results: dict[int, list[int]] = {}
-        started = threading.Barrier(len(PROMPTS) + 1)
-
-        def ask(i: int) -> None:
-            stream = client.generate(PROMPTS[i], max_new_tokens=LONG)
-            chunks = iter(stream)
-            first = list(next(chunks).token_ids)
-            started.wait(timeout=60)
-            results[i] = first + [token for chunk in chunks for token in chunk.token_ids]
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
-        for thread in threads:
-            thread.start()
-        started.wait(timeout=60)  # every request is decoding
-        drained = run_speed("node", "--cluster", str(cluster.spec.path), "--name", "edge-2", "--drain")
-        for thread in threads:
-            thread.join(timeout=120)
+        with decoding(client, PROMPTS, LONG) as results:
+            drained = run_speed("node", "--cluster", str(cluster.spec.path), "--name", "edge-2", "--drain")
         assert drained.returncode == 0, drained.stderr
         assert drained.stdout.startswith("node edge-2 drained and stopping; the stages run on 0: edge-")
         assert "edge-2" not in drained.stdout.split("run on")[1]

@@ -5,12 +5,12 @@ certificate of the cluster's authority is refused."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -21,7 +21,7 @@ from runtime.core.node_state import NodeState
 from runtime.wire.cluster_secret import write_secret
 from runtime.wire.enums import node_state_of
 from tests.conftest import CLUSTER_PROMPTS as PROMPTS
-from tests.conftest import assert_one_line_error, free_port, generate_on, run_speed, running_cluster
+from tests.conftest import assert_one_line_error, decoding, free_port, generate_on, run_speed, running_cluster
 
 pytestmark = pytest.mark.cluster  # its tests start real processes on loopback
 
@@ -34,9 +34,9 @@ def join_flags(cluster, name: str, address: str, *extra: str) -> list[str]:
 
 
 def start_joining(cluster, name: str, address: str, *extra: str) -> subprocess.Popen:
-    log = (cluster.spec.path.parent / f"{name}.log").open("w")
-    return subprocess.Popen([sys.executable, "-m", "runtime.cli", *join_flags(cluster, name, address, *extra)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    with (cluster.spec.path.parent / f"{name}.log").open("w") as log:  # the child keeps its own copy
+        return subprocess.Popen([sys.executable, "-m", "runtime.cli", *join_flags(cluster, name, address, *extra)],
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
 def wait_serving(client: Client, name: str, timeout_s: float = 60) -> dict:
@@ -51,44 +51,35 @@ def wait_serving(client: Client, name: str, timeout_s: float = 60) -> dict:
 
 
 def test_a_node_joins_a_serving_cluster_under_load_and_leaves_again_without_a_text_changing(tmp_path, reference):
-    with running_cluster(tmp_path, extra_top_keys="placement: auto\n") as cluster, Client(cluster.endpoint) as client:
-        results: dict[int, list[int]] = {}
-        started = threading.Barrier(len(PROMPTS) + 1)
-
-        def ask(i: int) -> None:
-            stream = client.generate(PROMPTS[i], max_new_tokens=LONG)
-            chunks = iter(stream)
-            first = list(next(chunks).token_ids)
-            started.wait(timeout=60)
-            results[i] = first + [token for chunk in chunks for token in chunk.token_ids]
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
-        for thread in threads:
-            thread.start()
-        started.wait(timeout=60)  # every request is decoding
+    with running_cluster(tmp_path, extra_top_keys="placement: auto\n") as cluster, Client(cluster.endpoint) as client, \
+            contextlib.ExitStack() as stack:
         address = f"127.0.0.1:{free_port()}"
-        joined = start_joining(cluster, "edge-4", address)
-        try:
+        with decoding(client, PROMPTS, LONG) as results:
+            joined = stack.enter_context(subprocess_stopped(start_joining(cluster, "edge-4", address)))
             nodes = wait_serving(client, "edge-4")
-            for thread in threads:
-                thread.join(timeout=120)
-            assert results == {i: reference(PROMPTS[i], max_new_tokens=LONG) for i in range(len(PROMPTS))}
-            assert list(nodes["edge-4"].stages) == [] and nodes["edge-4"].address == address
-            assert generate_on(client, PROMPTS[0], speculative=True).token_ids == reference(PROMPTS[0])
-            log = cluster.log_of("coordinator").read_text()
-            assert "node edge-4 (127.0.0.1:" in log and "joined (not in the cluster file)" in log
+        assert results == {i: reference(PROMPTS[i], max_new_tokens=LONG) for i in range(len(PROMPTS))}
+        assert list(nodes["edge-4"].stages) == [] and nodes["edge-4"].address == address
+        assert generate_on(client, PROMPTS[0], speculative=True).token_ids == reference(PROMPTS[0])
+        log = cluster.log_of("coordinator").read_text()
+        assert "node edge-4 (127.0.0.1:" in log and "joined (not in the cluster file)" in log
 
-            drained = run_speed(*join_flags(cluster, "edge-4", address, "--drain"))
-            assert drained.returncode == 0 and drained.stdout.startswith("node edge-4 drained and stopping"), \
-                drained.stderr
-            assert joined.wait(timeout=30) == 0
-            status = {node.name: node for node in client.status().nodes}
-            assert node_state_of(status["edge-4"]) == NodeState.LEFT
-            assert generate_on(client, PROMPTS[1], speculative=True).token_ids == reference(PROMPTS[1])
-        finally:
-            if joined.poll() is None:
-                joined.kill()
-                joined.wait()
+        drained = run_speed(*join_flags(cluster, "edge-4", address, "--drain"))
+        assert drained.returncode == 0 and drained.stdout.startswith("node edge-4 drained and stopping"), drained.stderr
+        assert joined.wait(timeout=30) == 0
+        status = {node.name: node for node in client.status().nodes}
+        assert node_state_of(status["edge-4"]) == NodeState.LEFT
+        assert generate_on(client, PROMPTS[1], speculative=True).token_ids == reference(PROMPTS[1])
+
+
+@contextlib.contextmanager
+def subprocess_stopped(process: subprocess.Popen):
+    """The process, stopped when the block ends if it still runs."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 def test_a_joining_node_without_the_secret_or_with_another_bundle_is_refused(tmp_path, reference):
@@ -126,11 +117,7 @@ def test_in_a_secure_cluster_a_node_joins_with_a_certificate_from_certs_add_node
         node_dir.mkdir(mode=0o700)
         for name in ("ca.pem", "node.edge-4.pem", "node.edge-4.key"):
             shutil.copy2(cluster.spec.security.certs / name, node_dir / name)
-        joined = start_joining(cluster, "edge-4", address, "--certs", str(node_dir))
-        try:
-            with Client(cluster.endpoint, credentials=cluster.credentials()) as client:
-                wait_serving(client, "edge-4")
-                assert generate_on(client, PROMPTS[2], speculative=True).token_ids == reference(PROMPTS[2])
-        finally:
-            joined.terminate()
-            joined.wait(timeout=30)
+        with subprocess_stopped(start_joining(cluster, "edge-4", address, "--certs", str(node_dir))), \
+                Client(cluster.endpoint, credentials=cluster.credentials()) as client:
+            wait_serving(client, "edge-4")
+            assert generate_on(client, PROMPTS[2], speculative=True).token_ids == reference(PROMPTS[2])
