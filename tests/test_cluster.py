@@ -220,14 +220,12 @@ def test_speed_plan_predicts_every_placement_with_the_file_s_own_first(cluster, 
     assert best == sorted(best, reverse=True) and len(report["flips"]) == 2
     seen = json.loads(run_speed("status", "--coordinator", cluster.endpoint, "--json").stdout)["flips"]
     assert [count["boundary"] for count in seen] == [0, 1] and all(int(c["checks"]) > 0 for c in seen)
-    ring = cluster.spec.data_path == DataPathKind.RING
-    assert own["current"] and (report["calibration"]["speculative"] is not None) == ring  # lockstep is not modelled
-    if ring:
-        assert own["calibrated_speculative_tokens_per_s"] == pytest.approx(
-            own["speculative_tokens_per_s"] * report["calibration"]["speculative"], rel=0.01, abs=0.2)
+    assert own["current"] and report["data_path"] == str(cluster.spec.data_path)
+    assert own["calibrated_speculative_tokens_per_s"] == pytest.approx(
+        own["speculative_tokens_per_s"] * report["calibration"]["speculative"], rel=0.01, abs=0.2)
     shown = run_speed("plan", str(cluster.spec.path), "--top", "2")
-    assert shown.returncode == 0 and len(shown.stdout.splitlines()) == 5  # a note: calibrated, or lockstep
-    assert ("lockstep is not modelled" in shown.stdout) == (cluster.spec.data_path != DataPathKind.RING)
+    assert shown.returncode == 0 and len(shown.stdout.splitlines()) == 5, shown.stdout  # the calibration's line
+    assert f"predicted for the {cluster.spec.data_path} data path" in shown.stdout
     planned = cluster.spec.path.parent / "planned.yaml"
     written = run_speed("plan", str(cluster.spec.path), "--json", "--write", str(planned))
     assert written.returncode == 0 and f"wrote {planned}: " in written.stderr, written.stderr

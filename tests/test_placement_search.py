@@ -7,7 +7,7 @@ import pytest
 from runtime.coordinator.auto_placement import MIN_CHECKS, flip_rates
 from runtime.core import placement_search
 from runtime.core.bundle import load_bundle
-from runtime.core.placement_search import RingModel, choose, hostable_by, ranked
+from runtime.core.placement_search import TimingModel, choose, hostable_by, ranked
 from runtime.core.ring_timing import NodeTiming
 
 
@@ -15,20 +15,21 @@ def timing(pass_ms: float, stages=range(3)) -> NodeTiming:
     return NodeTiming({(stage, rows): pass_ms * (1 + 0.1 * (rows - 1)) for stage in stages for rows in (1, 2, 4)}, 0.1)
 
 
-def model(timings, *, window: int = 8) -> RingModel:
-    return RingModel(timings, lambda src, dst: 0.2, (0.2, 0.1), (), window, 64)
+def model(timings, *, window: int = 8, data_path: str = "ring") -> TimingModel:
+    return TimingModel(timings, lambda src, dst: 0.2, (0.2, 0.1), (), window > 0, window, 64, data_path=data_path)
 
 
 EVEN = {0: "a", 1: "b", 2: "c"}
 
 
-def test_a_node_three_times_slower_is_given_no_stage():
+@pytest.mark.parametrize("data_path", ["ring", "lockstep"])
+@pytest.mark.parametrize("window", [0, 8])
+def test_a_node_three_times_slower_is_given_no_stage(data_path, window):
     timings = {"a": timing(1.0), "b": timing(3.0), "c": timing(1.0)}
-    for window in (0, 8):
-        best = choose(model(timings, window=window), EVEN, hostable_by(timings, 3))
-        assert "b" not in best.placement.values()
-        assert best.rate(model(timings, window=window).mode) > 1.2 * model(timings, window=window).score(EVEN).rate(
-            model(timings, window=window).mode)
+    ring = model(timings, window=window, data_path=data_path)
+    best = choose(ring, EVEN, hostable_by(timings, 3))
+    assert "b" not in best.placement.values()
+    assert best.rate(ring.mode) > 1.2 * ring.score(EVEN).rate(ring.mode)
 
 
 def test_equal_nodes_keep_the_current_placement():

@@ -1,16 +1,16 @@
-"""`speed plan FILE`: the tokens/s candidate placements of a running cluster's stages would give on the ring
-data path, predicted from what its nodes measured of themselves (pass times, classifier, link round trips)
-and the flip rates the coordinator has seen (else the bundle's) by a simulation of the ring
-(runtime/core/ring_timing.py).
+"""`speed plan FILE`: the tokens/s candidate placements of a running cluster's stages would give on its data
+path, predicted from what its nodes measured of themselves (pass times, classifier, link round trips)
+and the flip rates the coordinator has seen (else the bundle's) by a simulation of the ring's
+state machines or of the lockstep scheduler (runtime/core/ring_timing.py, lockstep_timing.py).
 
 Candidates: runtime/core/placement_search.py's, the file's own placement first.
 """
 
 from __future__ import annotations
 
-from runtime.coordinator.auto_placement import flip_rates, link_ms, node_timings, ring_model
+from runtime.coordinator.auto_placement import flip_rates, link_ms, node_timings, timing_model
 from runtime.core.bundle import Bundle
-from runtime.core.cluster_file import ClusterSpec, DataPathKind
+from runtime.core.cluster_file import ClusterSpec
 from runtime.core.errors import SpeedError
 from runtime.core.placement_search import hostable_by, ranked
 from runtime.wire import speed_pb2 as pb
@@ -30,16 +30,15 @@ def plan(spec: ClusterSpec, bundle: Bundle, status: pb.ClusterStatusReply) -> di
         raise SpeedError(f"no node reported it can host stage {nobody}; start its node and plan again")
     seen = sorted(status.flips, key=lambda count: count.boundary)
     flips, flips_from = flip_rates(bundle, [count.flips for count in seen], [count.checks for count in seen])
-    model = ring_model(spec, bundle, timings, link_ms(spec, {node.name: node.links for node in status.nodes}), flips)
+    model = timing_model(spec, bundle, timings, link_ms(spec, {node.name: node.links for node in status.nodes}), flips)
     own = {stage: node.name for node in spec.nodes for stage in node.stages}
     candidates = ranked(model, own, hostable)
     now = {stage: node.name for node in status.nodes for stage in node.hosting}
     current = next((c for c in candidates if c.placement == now), None)
-    scale = {}  # per mode, on the ring: what the current placement measured over what was predicted for it
-    ring = spec.data_path == DataPathKind.RING
+    scale = {}  # per mode: what the current placement measured over what was predicted for it
     for mode, measured in (("sequential", status.alone_sequential_tokens_per_s),
                            ("speculative", status.alone_speculative_tokens_per_s)):
-        scale[mode] = measured / current.rate(mode) if ring and current and measured > 0 and current.rate(mode) else None
+        scale[mode] = measured / current.rate(mode) if current and measured > 0 and current.rate(mode) else None
 
     def entry(i: int, c) -> dict:
         fields = {"placement": {name: c.stages_of(name) for name in timings}, "files_own": i == 0,
@@ -49,8 +48,8 @@ def plan(spec: ClusterSpec, bundle: Bundle, status: pb.ClusterStatusReply) -> di
             fields[f"calibrated_{mode}_tokens_per_s"] = round(c.rate(mode) * scale[mode], 1) if scale[mode] else None
         return fields
 
-    return {"cluster": spec.name, "bundle": bundle.manifest["name"], "data_path": "ring",
-            "file_data_path": str(spec.data_path), "window": model.window, "mode": model.mode, "flips": list(flips),
+    return {"cluster": spec.name, "bundle": bundle.manifest["name"], "data_path": str(spec.data_path),
+            "window": model.window, "mode": model.mode, "flips": list(flips),
             "guess_thresholds": list(model.thresholds), "flips_from": flips_from,
             "calibration": {mode: None if factor is None else round(factor, 3) for mode, factor in scale.items()},
             "candidates": [entry(i, c) for i, c in enumerate(candidates)]}
@@ -58,11 +57,9 @@ def plan(spec: ClusterSpec, bundle: Bundle, status: pb.ClusterStatusReply) -> di
 
 def format_plan(report: dict, top: int) -> str:
     mode = report["mode"]
-    lines = [f"{report['cluster']} ({report['bundle']}), predicted for the ring data path, {mode} "
+    lines = [f"{report['cluster']} ({report['bundle']}), predicted for the {report['data_path']} data path, {mode} "
              f"(window {report['window']}); flip rates {', '.join(f'{f:.1%}' for f in report['flips'])} "
              f"({report['flips_from']})"]
-    if report["file_data_path"] != "ring":
-        lines.append(f"  note: the file's data path is {report['file_data_path']}; lockstep is not modelled")
     factor = report["calibration"][mode]
     if factor is not None:
         lines.append(f"  calibrated: x{factor:.2f}, what the current placement measured (requests decoding alone) over "

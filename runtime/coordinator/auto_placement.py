@@ -1,4 +1,4 @@
-"""`placement: auto`: which node runs which stage, chosen by the ring's timing model from what the serving
+"""`placement: auto`: which node runs which stage, chosen by the data path's timing model from what the serving
 nodes measured of themselves (pass times, classifier, link round trips) and the flip rates seen so far
 (else the bundle's), whenever the set of serving nodes changes (runtime/core/placement_search.py does the
 choosing).
@@ -17,7 +17,7 @@ from runtime.core.bundle import Bundle
 from runtime.core.cluster_file import ClusterSpec
 from runtime.core.generation import guess_thresholds
 from runtime.core.placement import stages_of
-from runtime.core.placement_search import RingModel, choose, hostable_by
+from runtime.core.placement_search import TimingModel, choose, hostable_by
 from runtime.core.ring_timing import NodeTiming
 
 log = logging.getLogger("speed.coordinator")
@@ -32,8 +32,9 @@ def node_timings(nodes) -> dict[str, NodeTiming]:
 
 
 def link_ms(spec: ClusterSpec, links: Mapping[str, list]) -> Callable[[str, str], float]:
-    """One-way latency from one node to another: half the round trip the sender measured (or the receiver,
-    or 0 where neither did), plus the sender's emulated link latency. links: node -> its LinkTimes."""
+    """One-way latency from one node to another (or to and from "coordinator"): half the round trip the
+    sender measured (or the receiver, or 0 where neither did), plus the sender's emulated link latency.
+    links: node -> its LinkTimes."""
     rtt = {(name, link.node): link.rtt_ms for name, times in links.items() for link in times}
     emulated = {node.name: node.emulated_link_ms for node in spec.nodes}
 
@@ -55,12 +56,13 @@ def flip_rates(bundle: Bundle, flips: Sequence[int], checks: Sequence[int]) -> t
     return observed, f"{where}: {sum(checks)} guesses checked"
 
 
-def ring_model(spec: ClusterSpec, bundle: Bundle, timings: Mapping[str, NodeTiming],
-               one_way: Callable[[str, str], float], flips: tuple[float, ...]) -> RingModel:
-    """The ring's timing model under the file's speculation settings."""
-    window = spec.speculation.window if spec.speculation.enabled else 0
+def timing_model(spec: ClusterSpec, bundle: Bundle, timings: Mapping[str, NodeTiming],
+                 one_way: Callable[[str, str], float], flips: tuple[float, ...]) -> TimingModel:
+    """The timing model of the file's data path under its speculation settings."""
     thresholds = guess_thresholds((spec.speculation.guess_threshold,), bundle.guess_thresholds, bundle.config.n_stages)
-    return RingModel(timings, one_way, flips, thresholds, window, spec.speculation.prefill_chunk)
+    speculation = spec.speculation
+    return TimingModel(timings, one_way, flips, thresholds, speculation.enabled, speculation.window,
+                       speculation.prefill_chunk, data_path=str(spec.data_path))
 
 
 class AutoPlacement:
@@ -83,7 +85,7 @@ class AutoPlacement:
                         ", ".join(unmeasured))
             return None
         flips, _ = flip_rates(self.bundle, *self.seen())
-        model = ring_model(self.spec, self.bundle, timings, link_ms(self.spec, {node.name: node.links for node in nodes}),
+        model = timing_model(self.spec, self.bundle, timings, link_ms(self.spec, {node.name: node.links for node in nodes}),
                            flips)
         hostable = hostable_by(timings, self.bundle.config.n_stages)
         chosen = await asyncio.to_thread(choose, model, start, hostable)  # a few hundred ms of simulation

@@ -14,8 +14,8 @@ A cluster file is YAML (see deploy/local.yaml):
     data_path: ring                  # ring (default): nodes hand hidden states to the next node and stage 0 runs
                                      # ahead; lockstep: every tick is a round trip through the coordinator
     placement: file                  # file (default): each node runs the stages listed below; auto: the
-                                     # coordinator chooses from the nodes' measured speed (ring only), whenever
-                                     # nodes join or leave, among the stages each can host (stages and standby)
+                                     # coordinator chooses from the nodes' measured speed, whenever nodes join
+                                     # or leave, among the stages each can host (stages and standby)
     speculation:                     # optional
       enabled: true                  # false = sequential decoding
       prefill_chunk: 64              # >= 1
@@ -284,9 +284,6 @@ def load_cluster(path: str | Path) -> ClusterSpec:
     })
     _check_addresses_unique(fields["coordinator"], fields["nodes"], top)
     data_path = fields.get("data_path", DataPathKind.RING)
-    if fields.get("placement") == PlacementKind.AUTO and data_path != DataPathKind.RING:
-        raise top.child("placement").error("auto chooses stages by the ring data path's timing model; use it with "
-                                           "data_path: ring, or write each node's stages and remove placement")
     return ClusterSpec(name=fields["cluster"], path=path.resolve(), bundle=fields.get("bundle"),
                        coordinator=fields["coordinator"], speculation=fields.get("speculation", SpeculationSpec()),
                        nodes=fields["nodes"], data_path=data_path, placement=fields.get("placement", PlacementKind.FILE),

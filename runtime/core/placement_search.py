@@ -1,5 +1,6 @@
-"""Choosing where stages run from what the nodes measured of themselves: placements scored by the ring's
-timing model (runtime/core/ring_timing.py). Pure: the same inputs give the same ranking.
+"""Choosing where stages run from what the nodes measured of themselves: placements scored by the timing
+model of the cluster's data path (runtime/core/ring_timing.py, runtime/core/lockstep_timing.py). Pure: the
+same inputs give the same ranking.
 
 Candidates are every way to give each stage to a node that can host it while there are at most
 MAX_CANDIDATES; beyond, a local search from the starting placement that moves one stage at a time while
@@ -12,36 +13,48 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from runtime.core.lockstep_timing import LockstepTiming
 from runtime.core.ring_timing import NodeTiming, RingTiming
 
 MAX_CANDIDATES = 4096
 PROMPT_TOKENS, NEW_TOKENS = 16, 128  # the request each candidate decodes in the simulation
+COORDINATOR = "coordinator"  # its name for link_ms, on the lockstep data path
 MOVE_MARGIN = 1.05  # a placement replaces the current one only when predicted this much faster
 
 
 @dataclass(frozen=True)
-class RingModel:
+class TimingModel:
     """Everything the prediction needs apart from the placement."""
 
     timings: Mapping[str, NodeTiming]  # per node: its measured pass and classifier times
-    link_ms: Callable[[str, str], float]  # one-way latency from one node to another
+    link_ms: Callable[[str, str], float]  # one-way latency from one node to another ("coordinator" included)
     flips: tuple[float, ...]  # per early stage: how often its guess is wrong
     thresholds: tuple[float, ...]  # per early stage: the confidence gate
-    window: int  # 0 = sequential decoding
+    speculate: bool
+    window: int  # the ring: positions stage 0 runs ahead when speculating
     prefill_chunk: int
+    data_path: str = "ring"  # or "lockstep"
 
     @property
     def mode(self) -> str:
-        return "speculative" if self.window else "sequential"
+        return "speculative" if self.speculate and (self.window or self.data_path == "lockstep") else "sequential"
 
     def score(self, placement: Mapping[int, str]) -> Scored:
-        def rate(ahead: int) -> float:
-            timing = RingTiming(dict(placement), self.timings, self.link_ms, self.flips, ahead, self.thresholds,
-                                prefill_chunk=self.prefill_chunk)
-            return round(timing.decode(PROMPT_TOKENS, NEW_TOKENS), 1)
+        sequential = self._rate(placement, speculate=False)
+        speculative = self._rate(placement, speculate=True) if self.mode == "speculative" else sequential
+        return Scored(dict(placement), sequential, speculative)
 
-        sequential = rate(0)
-        return Scored(dict(placement), sequential, rate(self.window) if self.window else sequential)
+    def _rate(self, placement: Mapping[int, str], *, speculate: bool) -> float:
+        if self.data_path == "lockstep":
+            def round_trip(node: str) -> float:
+                return self.link_ms(COORDINATOR, node) + self.link_ms(node, COORDINATOR)
+
+            timing = LockstepTiming(dict(placement), self.timings, round_trip, self.flips, speculate, self.thresholds,
+                                    prefill_chunk=self.prefill_chunk)
+        else:
+            timing = RingTiming(dict(placement), self.timings, self.link_ms, self.flips,
+                                self.window if speculate else 0, self.thresholds, prefill_chunk=self.prefill_chunk)
+        return round(timing.decode(PROMPT_TOKENS, NEW_TOKENS), 1)
 
 
 @dataclass(frozen=True)
@@ -63,7 +76,7 @@ def hostable_by(timings: Mapping[str, NodeTiming], n_stages: int) -> dict[int, l
             for stage in range(n_stages)}
 
 
-def ranked(model: RingModel, start: Mapping[int, str], hostable: Mapping[int, Sequence[str]]) -> list[Scored]:
+def ranked(model: TimingModel, start: Mapping[int, str], hostable: Mapping[int, Sequence[str]]) -> list[Scored]:
     """The starting placement first, then every other candidate, best first (by the model's mode).
 
     start must give every stage to a node in hostable; a stage no node can host is a ValueError."""
@@ -83,7 +96,7 @@ def ranked(model: RingModel, start: Mapping[int, str], hostable: Mapping[int, Se
     return [first] + sorted(others, key=lambda c: -c.rate(model.mode))
 
 
-def choose(model: RingModel, current: Mapping[int, str], hostable: Mapping[int, Sequence[str]]) -> Scored:
+def choose(model: TimingModel, current: Mapping[int, str], hostable: Mapping[int, Sequence[str]]) -> Scored:
     """The best placement, unless the current one is within MOVE_MARGIN of it (a move replays every
     sequence, and the prediction is not exact)."""
     candidates = ranked(model, current, hostable)
@@ -91,7 +104,7 @@ def choose(model: RingModel, current: Mapping[int, str], hostable: Mapping[int, 
     return best if best.rate(model.mode) > MOVE_MARGIN * candidates[0].rate(model.mode) else candidates[0]
 
 
-def _climb(model: RingModel, start: Scored, hostable: Mapping[int, Sequence[str]]) -> list[Scored]:
+def _climb(model: TimingModel, start: Scored, hostable: Mapping[int, Sequence[str]]) -> list[Scored]:
     """Every placement scored on the way up from start, one stage moved at a time."""
     seen, here = [start], start
     while True:

@@ -1,0 +1,78 @@
+"""How fast the lockstep data path would decode one request with a given placement: the SPEED scheduler
+itself (runtime/core/scheduler.py) ticked by a model whose early stages guess wrong at given rates, each
+tick lasting as long as its slowest node: the round trip of its step message, plus the measured pass of
+each of its items (interpolated by row count as on the ring) and the classifier for each item whose
+prediction is read. Several items on one node are taken to cost the sum of their passes (one call per
+graph is cheaper where stages share weights). Pure: no I/O, no tensors, no model.
+
+As in runtime/core/ring_timing.py the model's tokens are a fixed sequence; a stage predicts the next one
+unless it flips, and predicts nonsense from a context that holds a wrong token, so flushes cost what they
+cost the real scheduler.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from runtime.core.grouping import PREFILL_CHUNK
+from runtime.core.ring_timing import VOCAB, NodeTiming, true_token
+from runtime.core.scheduler import SpeedScheduler
+
+
+@dataclass
+class LockstepTiming:
+    placement: Mapping[int, str]  # stage -> node
+    timings: Mapping[str, NodeTiming]
+    round_trip_ms: Callable[[str], float]  # a step message to the node and its answer back, on the link alone
+    flips: tuple[float, ...]  # per early stage: how often its guess for the next position is wrong
+    speculate: bool
+    thresholds: tuple[float, ...] = ()  # per early stage, the confidence gate; () = every guess sent
+    prefill_chunk: int = PREFILL_CHUNK
+    seed: int = 0
+
+    def decode(self, prompt_tokens: int, new_tokens: int) -> float:
+        """Tokens per second of steady decoding (after the first token) of one request."""
+        n_stages = len(self.placement)
+        scheduler = SpeedScheduler(n_stages, prefill_chunk=self.prefill_chunk)
+        seq = scheduler.add(0, [true_token(p) for p in range(prompt_tokens)], max_new_tokens=new_tokens,
+                            context_length=prompt_tokens + new_tokens + 1, speculate=self.speculate,
+                            guess_thresholds=self.thresholds)  # every guess counts as sure: a gate of 1 holds all
+        caches: dict[int, list[int]] = defaultdict(list)  # per stage: the input token at each cached position
+        carried: dict[int, tuple[int, ...]] = {}  # an item's input tokens by its start, travelling with it
+        now, commits = 0.0, []
+        while scheduler.active:
+            plan = scheduler.plan()
+            for cut in plan.truncations:
+                del caches[cut.stage][cut.length :]
+            busy: dict[str, float] = defaultdict(float)
+            predictions, moving = {}, {}
+            for item in plan.items:
+                tokens = item.tokens if item.tokens is not None else carried[item.start]
+                moving[item.start] = tokens
+                cache = caches[item.stage]
+                cache.extend(tokens)
+                node = self.placement[item.stage]
+                timing = self.timings[node]
+                busy[node] += timing.run_ms(item.stage, item.length) + (timing.head_ms if item.predict else 0.0)
+                if item.predict:
+                    predictions[(0, item.start)] = self._prediction(item.stage, cache, n_stages)
+            carried = moving
+            now += max((ms + self.round_trip_ms(node) for node, ms in busy.items()), default=0.0)
+            before = len(seq.generated)
+            scheduler.apply(predictions)
+            commits += [now] * (len(seq.generated) - before)
+        if len(commits) < 2 or commits[-1] <= commits[0]:
+            raise ValueError("the simulated scheduler committed fewer than two tokens")
+        return (len(commits) - 1) * 1000 / (commits[-1] - commits[0])
+
+    def _prediction(self, stage: int, context: list[int], n_stages: int) -> int:
+        position = len(context) - 1
+        if any(token != true_token(p) for p, token in enumerate(context)):
+            return (true_token(position + 1) + 1) % VOCAB  # a wrong token in its context: nonsense
+        right = true_token(position + 1)
+        if stage < n_stages - 1 and random.Random(hash((self.seed, stage, position))).random() < self.flips[stage]:
+            return (right + 1) % VOCAB
+        return right
