@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from runtime.coordinator.auto_placement import AutoPlacement
+from runtime.coordinator.auto_placement import MEASURE_TIMEOUT_STEPS, AutoPlacement
 from runtime.coordinator.data_path import data_path_for
 from runtime.coordinator.engine import Engine
 from runtime.coordinator.metrics import CoordinatorMetrics
@@ -277,6 +277,20 @@ class Coordinator:
         if info.memory_available_bytes > MAX_MEMORY_BYTES:
             raise SpeedError(f"node {info.name} reports memory_available_bytes {info.memory_available_bytes}, more "
                              f"than {MAX_MEMORY_BYTES}; is it this runtime's node?")
+
+    async def watch_timings(self) -> None:
+        """Under placement: file, have the serving nodes time their passes again, one at a time, whenever they
+        change (what `speed plan` predicts with): timed at their own start, nodes starting together on one
+        machine slow each other's figures. (Under auto the choice does it.)"""
+        timed_for: frozenset[str] = frozenset()
+        while True:
+            await asyncio.sleep(self.spec.coordinator.heartbeat_interval_s)
+            serving = [node for node in self.nodes if node.state == NodeState.SERVING]
+            names = frozenset(node.name for node in serving)
+            if self.spec.placement == PlacementKind.FILE and names != timed_for:
+                timed_for = names
+                for node in serving:
+                    await node.measure(self.spec.coordinator.step_timeout_s * MEASURE_TIMEOUT_STEPS)
 
     async def watch_heartbeats(self) -> None:
         interval = self.spec.coordinator.heartbeat_interval_s

@@ -219,7 +219,8 @@ async def _serve(coordinator: Coordinator, http) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    tasks = [asyncio.create_task(coordinator.engine.run()), asyncio.create_task(coordinator.watch_heartbeats())]
+    tasks = [asyncio.create_task(coordinator.engine.run()), asyncio.create_task(coordinator.watch_heartbeats()),
+             asyncio.create_task(coordinator.watch_timings())]
     if http is not None:
         http_server, listener = http
         tasks.append(asyncio.create_task(http_server.serve(sockets=[listener])))
