@@ -4,10 +4,10 @@ the cluster's status. Requests come and go in the core's types (runtime/core/req
 translates them to its own protocol.
 
 Nodes register themselves (and again after a restart of either side); the coordinator checks that a
-node is the one the cluster file names, hosts the stages it says and serves the same bundle, then
-opens its step stream. Each run of the coordinator is an incarnation (its start time in nanoseconds):
-nodes learn it at registration and free whatever an older one left. Health is SERVING while every
-stage has a serving node to run it.
+node is the one the cluster file names (or one joining without a line in it, proven the same way),
+hosts the stages it says and serves the same bundle, then opens its step stream. Each run of the
+coordinator is an incarnation (its start time in nanoseconds): nodes learn it at registration and free
+whatever an older one left. Health is SERVING while every stage has a serving node to run it.
 """
 
 from __future__ import annotations

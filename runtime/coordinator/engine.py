@@ -9,7 +9,9 @@ more sequences than it can.
 Between rounds the engine keeps the placement (which node runs which stage) true to the nodes that
 serve: a lost node's stages move to nodes that can run them, a node that comes back takes its own
 stages again, and every active sequence is replayed onto the new placement from its prompt and
-committed tokens, which gives the same text as an uninterrupted run.
+committed tokens, which gives the same text as an uninterrupted run. Under `placement: auto` the stages'
+homes are chosen again (choose_homes) whenever the serving nodes change; a draining node counts as gone
+while it still serves, so its stages move before it leaves.
 """
 
 from __future__ import annotations
