@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from runtime.coordinator.auto_placement import MIN_CHECKS, flip_rates
 from runtime.core import placement_search
 from runtime.core.bundle import load_bundle
-from runtime.core.placement_search import TimingModel, choose, hostable_by, ranked
+from runtime.core.placement_search import TimingModel, choose, fit_run_overhead, hostable_by, ranked
 from runtime.core.ring_timing import NodeTiming
 
 
@@ -72,3 +74,15 @@ def test_flip_rates_seen_by_the_coordinator_replace_the_bundle_s_once_enough_gue
         (50 / MIN_CHECKS, reported[1]), f"seen by the coordinator where checked, else {source}: {2 * MIN_CHECKS - 1} "
                                         "guesses checked")
     assert flip_rates(bundle, [50, 100], [MIN_CHECKS, 2 * MIN_CHECKS])[0] == (50 / MIN_CHECKS, 0.25)
+
+
+@pytest.mark.parametrize("data_path", ["ring", "lockstep"])
+def test_the_cost_of_a_run_is_fitted_to_what_a_placement_measured(data_path):
+    timings = {name: timing(1.0) for name in "abc"}
+    ring = model(timings, data_path=data_path)
+    predicted = ring.rate(EVEN, speculate=False)
+    overhead = fit_run_overhead(ring, EVEN, speculate=False, measured=predicted / 2)
+    assert overhead > 0
+    fitted = dataclasses.replace(ring, run_overhead_ms=overhead)
+    assert fitted.rate(EVEN, speculate=False) == pytest.approx(predicted / 2, rel=0.01)
+    assert fit_run_overhead(ring, EVEN, speculate=False, measured=predicted * 2) == 0.0  # the model is slower already

@@ -1,7 +1,8 @@
 """`placement: auto`: which node runs which stage, chosen by the data path's timing model from what the serving
 nodes measured of themselves (pass times, classifier, link round trips) and the flip rates seen so far
 (else the bundle's), whenever the set of serving nodes changes (runtime/core/placement_search.py does the
-choosing).
+choosing); with what the current placement's requests measured, the model first learns what a run costs
+beside its pass.
 
 Also what `speed plan` predicts with: the nodes' timings, the links' one-way latencies and the model
 under the cluster file's speculation settings.
@@ -12,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 from runtime.core.bundle import Bundle
 from runtime.core.cluster_file import ClusterSpec
 from runtime.core.generation import guess_thresholds
 from runtime.core.placement import stages_of
-from runtime.core.placement_search import TimingModel, choose, hostable_by
+from runtime.core.placement_search import TimingModel, choose, fit_run_overhead, hostable_by
 from runtime.core.ring_timing import NodeTiming
 
 log = logging.getLogger("speed.coordinator")
@@ -69,9 +71,12 @@ class AutoPlacement:
     """Chooses the stages' homes among the serving nodes; the engine's failover rule places from them. Each
     choice starts by having every serving node time its passes again, one node at a time."""
 
-    def __init__(self, spec: ClusterSpec, bundle: Bundle, seen: Callable[[], tuple[Sequence[int], Sequence[int]]]):
-        """seen: the flips and checks per stage boundary the coordinator has seen so far."""
-        self.spec, self.bundle, self.seen = spec, bundle, seen
+    def __init__(self, spec: ClusterSpec, bundle: Bundle, seen: Callable[[], tuple[Sequence[int], Sequence[int]]],
+                 measured: Callable[[], tuple[Mapping[int, str], float, float]]):
+        """seen: the flips and checks per stage boundary the coordinator has seen so far; measured: the
+        current placement and the tokens/s its requests decoding alone measured, sequential and speculative
+        (0 without any), which fit the cost of a run beside its pass."""
+        self.spec, self.bundle, self.seen, self.measured = spec, bundle, seen, measured
 
     async def homes(self, nodes: list, start: dict[int, str]) -> dict[str, tuple[int, ...]] | None:
         """Each serving node's stages (RemoteNodes, with their registration's measurements); None to keep
@@ -88,6 +93,12 @@ class AutoPlacement:
         model = timing_model(self.spec, self.bundle, timings, link_ms(self.spec, {node.name: node.links for node in nodes}),
                            flips)
         hostable = hostable_by(timings, self.bundle.config.n_stages)
+        placed, sequential, speculative = self.measured()
+        rate = speculative if model.mode == "speculative" else sequential
+        if rate > 0 and len(placed) == self.bundle.config.n_stages and set(placed.values()) <= set(timings):
+            overhead = await asyncio.to_thread(fit_run_overhead, model, placed, speculate=model.mode == "speculative",
+                                               measured=rate)
+            model = replace(model, run_overhead_ms=overhead)
         chosen = await asyncio.to_thread(choose, model, start, hostable)  # a few hundred ms of simulation
         log.info("placement: auto chose %s, predicted %.1f tokens/s %s", "  ".join(
             f"{node.name}: {','.join(map(str, chosen.stages_of(node.name))) or '-'}" for node in nodes),

@@ -70,12 +70,16 @@ class Coordinator:
         self.file_nodes = {node.name for node in spec.nodes}  # the others joined
         data_path = data_path_for(spec.data_path, prefill_chunk=spec.speculation.prefill_chunk,
                                   stall_timeout_s=spec.coordinator.step_timeout_s * (bundle.config.n_stages + 1))
-        auto = AutoPlacement(spec, bundle, lambda: (self.engine.flips_seen, self.engine.checks_seen)) \
+        auto = AutoPlacement(spec, bundle, lambda: (self.engine.flips_seen, self.engine.checks_seen), self._measured) \
             if spec.placement == PlacementKind.AUTO else None
         self.engine = Engine(self.nodes, config=bundle.config, eos_id=bundle.eos_token_id,
                              max_queue=spec.coordinator.max_queue, incarnation=time.time_ns(), metrics=self.metrics,
                              data_path=data_path,
                              choose_homes=auto.homes if auto else None)
+
+    def _measured(self) -> tuple[dict[int, str], float, float]:
+        engine = self.engine
+        return dict(engine.placement), engine.measured_tokens_per_s(False), engine.measured_tokens_per_s(True)
 
     @property
     def serving(self) -> bool:

@@ -32,6 +32,7 @@ class LockstepTiming:
     thresholds: tuple[float, ...] = ()  # per early stage, the confidence gate; () = every guess sent
     prefill_chunk: int = PREFILL_CHUNK
     seed: int = 0
+    run_overhead_ms: float = 0.0  # what an item costs beside its pass: bookkeeping, serialization
 
     def decode(self, prompt_tokens: int, new_tokens: int) -> float:
         """Tokens per second of steady decoding (after the first token) of one request."""
@@ -56,7 +57,8 @@ class LockstepTiming:
                 cache.extend(tokens)
                 node = self.placement[item.stage]
                 timing = self.timings[node]
-                busy[node] += timing.run_ms(item.stage, item.length) + (timing.head_ms if item.predict else 0.0)
+                busy[node] += (timing.run_ms(item.stage, item.length) + self.run_overhead_ms
+                               + (timing.head_ms if item.predict else 0.0))
                 if item.predict:
                     predictions[(0, item.start)] = self._prediction(item.stage, cache, n_stages)
             carried = moving

@@ -9,6 +9,7 @@ a move predicts more tokens/s.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ MAX_CANDIDATES = 4096
 PROMPT_TOKENS, NEW_TOKENS = 16, 128  # the request each candidate decodes in the simulation
 COORDINATOR = "coordinator"  # its name for link_ms, on the lockstep data path
 MOVE_MARGIN = 1.05  # a placement replaces the current one only when predicted this much faster
+MAX_RUN_OVERHEAD_MS = 1024.0  # a fit beyond means the model does not describe the cluster
 
 
 @dataclass(frozen=True)
@@ -34,26 +36,27 @@ class TimingModel:
     window: int  # the ring: positions stage 0 runs ahead when speculating
     prefill_chunk: int
     data_path: str = "ring"  # or "lockstep"
+    run_overhead_ms: float = 0.0  # what a run costs beside its pass (fit_run_overhead finds it from a measurement)
 
     @property
     def mode(self) -> str:
         return "speculative" if self.speculate and (self.window or self.data_path == "lockstep") else "sequential"
 
     def score(self, placement: Mapping[int, str]) -> Scored:
-        sequential = self._rate(placement, speculate=False)
-        speculative = self._rate(placement, speculate=True) if self.mode == "speculative" else sequential
+        sequential = self.rate(placement, speculate=False)
+        speculative = self.rate(placement, speculate=True) if self.mode == "speculative" else sequential
         return Scored(dict(placement), sequential, speculative)
 
-    def _rate(self, placement: Mapping[int, str], *, speculate: bool) -> float:
+    def rate(self, placement: Mapping[int, str], *, speculate: bool) -> float:
         if self.data_path == "lockstep":
             def round_trip(node: str) -> float:
                 return self.link_ms(COORDINATOR, node) + self.link_ms(node, COORDINATOR)
 
             timing = LockstepTiming(dict(placement), self.timings, round_trip, self.flips, speculate, self.thresholds,
-                                    prefill_chunk=self.prefill_chunk)
+                                    prefill_chunk=self.prefill_chunk, run_overhead_ms=self.run_overhead_ms)
         else:
-            timing = RingTiming(dict(placement), self.timings, self.link_ms, self.flips,
-                                self.window if speculate else 0, self.thresholds, prefill_chunk=self.prefill_chunk)
+            timing = RingTiming(dict(placement), self.timings, self.link_ms, self.flips, self.window if speculate else 0,
+                                self.thresholds, prefill_chunk=self.prefill_chunk, run_overhead_ms=self.run_overhead_ms)
         return round(timing.decode(PROMPT_TOKENS, NEW_TOKENS), 1)
 
 
@@ -102,6 +105,23 @@ def choose(model: TimingModel, current: Mapping[int, str], hostable: Mapping[int
     candidates = ranked(model, current, hostable)
     best = max(candidates, key=lambda c: c.rate(model.mode))
     return best if best.rate(model.mode) > MOVE_MARGIN * candidates[0].rate(model.mode) else candidates[0]
+
+
+def fit_run_overhead(model: TimingModel, placement: Mapping[int, str], *, speculate: bool, measured: float) -> float:
+    """The cost of a run beside its pass (milliseconds, to 0.01) that makes the model predict what `placement`
+    measured (tokens/s); 0 when the model without it is already no faster than the measurement."""
+    def rate(overhead: float) -> float:
+        return dataclasses.replace(model, run_overhead_ms=overhead).rate(placement, speculate=speculate)
+
+    if rate(0.0) <= measured:
+        return 0.0
+    low, high = 0.0, 1.0
+    while rate(high) > measured and high < MAX_RUN_OVERHEAD_MS:
+        low, high = high, high * 2
+    while high - low > 0.01:
+        middle = (low + high) / 2
+        low, high = (middle, high) if rate(middle) > measured else (low, middle)
+    return round(high, 2)
 
 
 def _climb(model: TimingModel, start: Scored, hostable: Mapping[int, Sequence[str]]) -> list[Scored]:

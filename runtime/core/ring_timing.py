@@ -70,6 +70,7 @@ class RingTiming:
     thresholds: tuple[float, ...] = ()  # per early stage, the confidence gate; () = every guess sent
     prefill_chunk: int = PREFILL_CHUNK
     seed: int = 0
+    run_overhead_ms: float = 0.0  # what a run costs beside its pass: bookkeeping, serialization, the hop's send
     now: float = 0.0
     commits: list[float] = field(default_factory=list)  # when each token was committed
 
@@ -133,8 +134,8 @@ class RingTiming:
         if not runs:
             return
         node.busy = True
-        cost = sum(node.timing.run_ms(run.stage, len(run.tokens)) + (node.timing.head_ms if run.predict or run.final
-                                                                     else 0.0) for run in runs)
+        cost = sum(node.timing.run_ms(run.stage, len(run.tokens)) + self.run_overhead_ms
+                   + (node.timing.head_ms if run.predict or run.final else 0.0) for run in runs)
         self._at(self.now + cost, lambda: self._finish(node, runs))
 
     def _finish(self, node: _Node, runs: list[Run]) -> None:
