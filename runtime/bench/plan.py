@@ -8,13 +8,11 @@ Candidates: runtime/core/placement_search.py's, the file's own placement first.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-from runtime.coordinator.auto_placement import flip_rates, link_ms, node_timings, timing_model
+from runtime.coordinator.auto_placement import calibrated, flip_rates, link_ms, node_timings, timing_model
 from runtime.core.bundle import Bundle
 from runtime.core.cluster_file import ClusterSpec
 from runtime.core.errors import SpeedError
-from runtime.core.placement_search import fit_run_overhead, hostable_by, ranked
+from runtime.core.placement_search import hostable_by, ranked
 from runtime.wire import speed_pb2 as pb
 
 CALIBRATED = 64  # candidates, best first, predicted again with the fitted cost of a run (each takes a simulation)
@@ -39,26 +37,23 @@ def plan(spec: ClusterSpec, bundle: Bundle, status: pb.ClusterStatusReply) -> di
     candidates = ranked(model, own, hostable)
     now = {stage: node.name for node in status.nodes for stage in node.hosting}
     current = next((c for c in candidates if c.placement == now), None)
-    overhead = {}  # per mode: the cost of a run beside its pass that the current placement's measurement implies
-    for mode, measured in (("sequential", status.alone_sequential_tokens_per_s),
-                           ("speculative", status.alone_speculative_tokens_per_s)):
-        overhead[mode] = None if current is None or measured <= 0 else \
-            fit_run_overhead(model, current.placement, speculate=mode == "speculative", measured=measured)
-    calibrated = {id(c) for c in [candidates[0], *([current] if current else []), *candidates[1:CALIBRATED]]}
+    fitted, fitted_to = calibrated(model, current.placement if current else {}, status.alone_sequential_tokens_per_s,
+                                   status.alone_speculative_tokens_per_s)
+    again = {id(c) for c in [candidates[0], *([current] if current else []), *candidates[1:CALIBRATED]]}
 
     def entry(i: int, c) -> dict:
         fields = {"placement": {name: c.stages_of(name) for name in timings}, "files_own": i == 0,
                   "current": c is current}
         for mode in ("sequential", "speculative"):
             fields[f"{mode}_tokens_per_s"] = c.rate(mode)
-            fields[f"calibrated_{mode}_tokens_per_s"] = None if overhead[mode] is None or id(c) not in calibrated else \
-                replace(model, run_overhead_ms=overhead[mode]).rate(c.placement, speculate=mode == "speculative")
+            fields[f"calibrated_{mode}_tokens_per_s"] = None if fitted_to is None or id(c) not in again else \
+                fitted.rate(c.placement, speculate=mode == "speculative" and model.mode == "speculative")
         return fields
 
     return {"cluster": spec.name, "bundle": bundle.manifest["name"], "data_path": str(spec.data_path),
             "window": model.window, "mode": model.mode, "flips": list(flips),
             "guess_thresholds": list(model.thresholds), "flips_from": flips_from,
-            "calibration": {f"{mode}_run_overhead_ms": ms for mode, ms in overhead.items()},
+            "calibration": {"run_overhead_ms": fitted.run_overhead_ms if fitted_to else None, "fitted_to": fitted_to},
             "candidates": [entry(i, c) for i, c in enumerate(candidates)]}
 
 
@@ -67,10 +62,10 @@ def format_plan(report: dict, top: int) -> str:
     lines = [f"{report['cluster']} ({report['bundle']}), predicted for the {report['data_path']} data path, {mode} "
              f"(window {report['window']}); flip rates {', '.join(f'{f:.1%}' for f in report['flips'])} "
              f"({report['flips_from']})"]
-    overhead = report["calibration"][f"{mode}_run_overhead_ms"]
-    if overhead is not None:
-        lines.append(f"  calibrated: a run costs {overhead:.2f} ms beside its pass, as what the current placement measured "
-                     "(requests decoding alone) implies")
+    calibration = report["calibration"]
+    if calibration["fitted_to"] is not None:
+        lines.append(f"  calibrated: a run costs {calibration['run_overhead_ms']:.2f} ms beside its pass, as the current "
+                     f"placement's {calibration['fitted_to']} requests decoding alone measured")
     for i, c in enumerate(report["candidates"][: top + 1]):
         placed = "  ".join(f"{name}: {','.join(map(str, stages)) or '-'}" for name, stages in c["placement"].items())
         label = "the file's" if c["files_own"] else f"#{i}"

@@ -67,6 +67,22 @@ def timing_model(spec: ClusterSpec, bundle: Bundle, timings: Mapping[str, NodeTi
                        speculation.prefill_chunk, data_path=str(spec.data_path))
 
 
+def calibrated(model: TimingModel, placed: Mapping[int, str], sequential: float,
+               speculative: float) -> tuple[TimingModel, str | None]:
+    """The model with the cost of a run beside its pass that what `placed` measured implies (tokens/s of its
+    requests decoding alone, 0 where none), and the mode it was fitted to; the model as it is and None
+    without a measurement. Fitted to sequential decoding where there is one: nothing but passes, hops and
+    what each run costs make its time, while speculation adds what the model knows least (flips, nodes
+    sharing cores)."""
+    if len(placed) != len(model.flips) + 1 or not set(placed.values()) <= set(model.timings):
+        return model, None
+    for mode, measured in (("sequential", sequential), ("speculative", speculative)):
+        if measured > 0:
+            overhead = fit_run_overhead(model, placed, speculate=mode == "speculative", measured=measured)
+            return replace(model, run_overhead_ms=overhead), mode
+    return model, None
+
+
 class AutoPlacement:
     """Chooses the stages' homes among the serving nodes; the engine's failover rule places from them. Each
     choice starts by having every serving node time its passes again, one node at a time."""
@@ -93,12 +109,7 @@ class AutoPlacement:
         model = timing_model(self.spec, self.bundle, timings, link_ms(self.spec, {node.name: node.links for node in nodes}),
                            flips)
         hostable = hostable_by(timings, self.bundle.config.n_stages)
-        placed, sequential, speculative = self.measured()
-        rate = speculative if model.mode == "speculative" else sequential
-        if rate > 0 and len(placed) == self.bundle.config.n_stages and set(placed.values()) <= set(timings):
-            overhead = await asyncio.to_thread(fit_run_overhead, model, placed, speculate=model.mode == "speculative",
-                                               measured=rate)
-            model = replace(model, run_overhead_ms=overhead)
+        model, _ = await asyncio.to_thread(calibrated, model, *self.measured())
         chosen = await asyncio.to_thread(choose, model, start, hostable)  # a few hundred ms of simulation
         log.info("placement: auto chose %s, predicted %.1f tokens/s %s", "  ".join(
             f"{node.name}: {','.join(map(str, chosen.stages_of(node.name))) or '-'}" for node in nodes),
