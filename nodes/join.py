@@ -63,6 +63,7 @@ def joining_spec(joining: Joining) -> ClusterSpec:
     stages = tuple(range(load_bundle(joining.bundle, verify=False).config.n_stages))
     node = NodeSpec(name=joining.name, address=joining.address, stages=(), standby_stages=stages,
                     threads=joining.threads, max_sequences=joining.max_sequences)
+    # no cluster file here: `path` only names the state directory and messages, `source` says what it is
     return ClusterSpec(name="joining", path=secret_file.resolve(), bundle=joining.bundle.resolve(),
                        coordinator=CoordinatorSpec(joining.coordinator), speculation=SpeculationSpec(), nodes=(node,),
                        source=f"the cluster of coordinator {joining.coordinator}",
