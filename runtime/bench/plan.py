@@ -44,10 +44,10 @@ def plan(spec: ClusterSpec, bundle: Bundle, status: pb.ClusterStatusReply) -> di
     def entry(i: int, c) -> dict:
         fields = {"placement": {name: c.stages_of(name) for name in timings}, "files_own": i == 0,
                   "current": c is current}
+        with_cost = fitted.score(c.placement) if fitted_to is not None and id(c) in again else None
         for mode in ("sequential", "speculative"):
             fields[f"{mode}_tokens_per_s"] = c.rate(mode)
-            fields[f"calibrated_{mode}_tokens_per_s"] = None if fitted_to is None or id(c) not in again else \
-                fitted.rate(c.placement, speculate=mode == "speculative" and model.mode == "speculative")
+            fields[f"calibrated_{mode}_tokens_per_s"] = with_cost.rate(mode) if with_cost else None
         return fields
 
     return {"cluster": spec.name, "bundle": bundle.manifest["name"], "data_path": str(spec.data_path),

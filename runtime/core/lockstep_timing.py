@@ -41,26 +41,29 @@ class LockstepTiming:
         seq = scheduler.add(0, [true_token(p) for p in range(prompt_tokens)], max_new_tokens=new_tokens,
                             context_length=prompt_tokens + new_tokens + 1, speculate=self.speculate,
                             guess_thresholds=self.thresholds)  # every guess counts as sure: a gate of 1 holds all
-        caches: dict[int, list[int]] = defaultdict(list)  # per stage: the input token at each cached position
+        first_wrong: dict[int, int] = {}  # per stage: the first cached position that holds a wrong token
         carried: dict[int, tuple[int, ...]] = {}  # an item's input tokens by its start, travelling with it
         now, commits = 0.0, []
         while scheduler.active:
             plan = scheduler.plan()
             for cut in plan.truncations:
-                del caches[cut.stage][cut.length :]
+                if first_wrong.get(cut.stage, cut.length) >= cut.length:
+                    first_wrong.pop(cut.stage, None)
             busy: dict[str, float] = defaultdict(float)
             predictions, moving = {}, {}
             for item in plan.items:
                 tokens = item.tokens if item.tokens is not None else carried[item.start]
                 moving[item.start] = tokens
-                cache = caches[item.stage]
-                cache.extend(tokens)
+                wrong = [item.start + i for i, token in enumerate(tokens) if token != true_token(item.start + i)]
+                if wrong:
+                    first_wrong.setdefault(item.stage, wrong[0])
                 node = self.placement[item.stage]
                 timing = self.timings[node]
                 busy[node] += (timing.run_ms(item.stage, item.length) + self.run_overhead_ms
                                + (timing.head_ms if item.predict else 0.0))
                 if item.predict:
-                    predictions[(0, item.start)] = self._prediction(item.stage, cache, n_stages)
+                    predictions[(0, item.start)] = self._prediction(item.stage, item.start + item.length - 1,
+                                                                    item.stage in first_wrong, n_stages)
             carried = moving
             now += max((ms + self.round_trip_ms(node) for node, ms in busy.items()), default=0.0)
             before = len(seq.generated)
@@ -70,10 +73,9 @@ class LockstepTiming:
             raise ValueError("the simulated scheduler committed fewer than two tokens")
         return (len(commits) - 1) * 1000 / (commits[-1] - commits[0])
 
-    def _prediction(self, stage: int, context: list[int], n_stages: int) -> int:
-        position = len(context) - 1
-        if any(token != true_token(p) for p, token in enumerate(context)):
-            return (true_token(position + 1) + 1) % VOCAB  # a wrong token in its context: nonsense
+    def _prediction(self, stage: int, position: int, wrong_context: bool, n_stages: int) -> int:
+        if wrong_context:
+            return (true_token(position + 1) + 1) % VOCAB  # a wrong token in what it attends to: nonsense
         right = true_token(position + 1)
         if stage < n_stages - 1 and random.Random(hash((self.seed, stage, position))).random() < self.flips[stage]:
             return (right + 1) % VOCAB

@@ -92,10 +92,10 @@ def ranked(model: TimingModel, start: Mapping[int, str], hostable: Mapping[int, 
     for stage in stages:
         count *= len(hostable[stage])
     if count <= MAX_CANDIDATES:
-        others = [model.score(dict(zip(stages, names))) for names in itertools.product(*(hostable[s] for s in stages))]
+        every = (dict(zip(stages, names)) for names in itertools.product(*(hostable[s] for s in stages)))
+        others = [model.score(placement) for placement in every if placement != first.placement]
     else:
-        others = _climb(model, first, hostable)
-    others = [c for c in others if c.placement != first.placement]
+        others = [c for c in _climb(model, first, hostable) if c.placement != first.placement]
     return [first] + sorted(others, key=lambda c: -c.rate(model.mode))
 
 

@@ -20,6 +20,7 @@ import itertools
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from runtime.core.grouping import PREFILL_CHUNK
 from runtime.core.ring import Commit, Correction, Hop, RingMachine, Run
@@ -34,8 +35,16 @@ class NodeTiming:
     pass_ms: Mapping[tuple[int, int], float]
     head_ms: float
 
+    @cached_property
+    def _points(self) -> dict[int, list[tuple[int, float]]]:
+        """Per stage, (rows, ms) by rows: run_ms is called for every simulated run."""
+        points: dict[int, list[tuple[int, float]]] = {}
+        for (stage, rows), ms in sorted(self.pass_ms.items()):
+            points.setdefault(stage, []).append((rows, ms))
+        return points
+
     def run_ms(self, stage: int, positions: int) -> float:
-        points = sorted((rows, ms) for (s, rows), ms in self.pass_ms.items() if s == stage)
+        points = self._points.get(stage)
         if not points:
             raise ValueError(f"no pass time measured for stage {stage}")
         if len(points) == 1:
