@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.executor.kv_cache import KVCache, tiled
+from runtime.executor.kv_cache import tiled
 from runtime.executor.stage_model import StageModel
 from runtime.wire import speed_pb2 as pb
 
@@ -39,7 +39,7 @@ def measure_passes(model: StageModel, stages: list[int], *, alone: bool = False)
     for stage in stages:
         layers = len(cfg.stage_layers(stage))
         for rows in TICK_ROWS:
-            cache = KVCache(cfg, rows=rows, capacity=tiled(CACHED_POSITIONS + 1), layers=layers)
+            cache = model.new_cache(rows=rows, capacity=tiled(CACHED_POSITIONS + 1), layers=layers)
             cache.lengths[:] = CACHED_POSITIONS
             hidden = np.zeros((rows, 1, cfg.d_model), np.float32)
             ms = timed(partial(model.run_stage, stage, hidden, cache, slice(0, rows)))

@@ -45,12 +45,19 @@ calls = st.fixed_dictionaries({
 
 
 def prefilled(model: OnnxStageModel, stage: int, rows: list[np.ndarray], capacity: int, *, idle_row: bool) -> KVCache:
-    """A cache whose row r holds the keys and values of stage `stage` over rows[r]'s hidden states."""
-    cache = KVCache(model.config, rows=len(rows) + idle_row, capacity=capacity)
+    """A cache whose row r holds the keys and values of stage `stage` over rows[r]'s hidden states, each
+    row's computed alone."""
+    cache = model.new_cache(rows=len(rows) + idle_row, capacity=capacity)
     for r, hidden in enumerate(rows):
-        out = model.run_stage(stage, hidden[None], KVCache(model.config, rows=2, capacity=len(hidden)), slice(0, 1))
-        cache.append(r, [k[0] for k in out.new_keys], [v[0] for v in out.new_values], len(hidden))
+        model.run_stage(stage, hidden[None], cache, slice(r, r + 1))
+        cache.advance(r, len(hidden))
     return cache
+
+
+def new_entries(cache: KVCache, row: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """The keys and values a call wrote for the row's next `tokens` positions."""
+    start = int(cache.lengths[row])
+    return cache.keys[:, row, ..., start : start + tokens], cache.values[:, row, :, start : start + tokens]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -64,13 +71,12 @@ def test_a_rows_results_do_not_depend_on_the_rows_beside_it_or_its_cache(model, 
     room = call["room"]
     together = prefilled(model, stage, history, max(call["cached"]) + T + room[-1], idle_row=False)
     batch = model.run_stage(stage, x, together, slice(0, len(history)))
-    batch_logits, _ = model.classify(batch.hidden[:, -1])
+    batch_logits, _ = model.classify(batch[:, -1])
     for r, rows_history in enumerate(history):
         alone = prefilled(model, stage, [rows_history], len(rows_history) + T + room[r], idle_row=True)
         out = model.run_stage(stage, x[r : r + 1], alone, slice(0, 1))
-        logits, _ = model.classify(out.hidden[:, -1])
-        assert np.array_equal(out.hidden[0], batch.hidden[r]), f"row {r}: hidden state"
-        for layer, (k, v) in enumerate(zip(out.new_keys, out.new_values)):
-            assert np.array_equal(k[0], batch.new_keys[layer][r]) and np.array_equal(v[0], batch.new_values[layer][r]), \
-                f"row {r}: layer {layer}'s keys or values"
+        logits, _ = model.classify(out[:, -1])
+        assert np.array_equal(out[0], batch[r]), f"row {r}: hidden state"
+        for kind, a, b in zip(("keys", "values"), new_entries(alone, 0, T), new_entries(together, r, T)):
+            assert np.array_equal(a, b), f"row {r}: new {kind}"
         assert np.array_equal(logits[0], batch_logits[r]), f"row {r}: logits"

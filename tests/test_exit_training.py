@@ -17,7 +17,6 @@ from runtime.core.bundle import load_bundle
 from runtime.core.config import EXIT_KINDS
 from runtime.core.sampling import SamplingParams
 from runtime.core.scheduler import SpeedScheduler
-from runtime.executor.kv_cache import KVCache
 from runtime.executor.tick_executor import TickExecutor
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
@@ -126,10 +125,10 @@ def test_a_layer_exit_runs_for_guesses_only_and_its_cache_rolls_back_with_the_st
     for stage in (0, 1):
         length = executor.exit_cache.lengths[executor.exit_row(0, stage)]
         assert length == executor.cache_length(0, stage)
-        window = KVCache(bundle.config, rows=1, capacity=text.shape[1], layers=1)
-        expected = exit_layers.run_exit_layer(stage, hidden[stage], window, slice(0, 1)).new_keys[0][0]
+        window = exit_layers.new_cache(rows=1, capacity=text.shape[1], layers=1)
+        exit_layers.run_exit_layer(stage, hidden[stage], window, slice(0, 1))
         np.testing.assert_allclose(executor.exit_cache.keys[0, executor.exit_row(0, stage), ..., :length],
-                                   expected[..., :length], rtol=1e-3, atol=1e-4)
+                                   window.keys[0, 0, ..., :length], rtol=1e-3, atol=1e-4)
     calls.clear()
     generate_speculative(model, [prompt], max_new_tokens=8, eos_id=-1, plain_guesses=True)
     assert calls == []

@@ -7,7 +7,6 @@ import onnx
 import pytest
 
 from runtime.core.bundle import load_bundle
-from runtime.executor.kv_cache import KVCache
 from runtime.executor.onnx_stage_model import OnnxStageModel
 from runtime.models.torch_backend import TorchStageModel
 from tests.support import assert_backends_agree
@@ -40,14 +39,13 @@ def test_the_embedding_is_stored_once(tiny_bundle):
 def stage_logits(model, token_ids, chunks):
     """Logits after every stage for the tokens, fed in the given (start, end) chunks."""
     cfg = model.config
-    cache = KVCache(cfg, rows=cfg.n_stages, capacity=len(token_ids) + 4)
+    cache = model.new_cache(rows=cfg.n_stages, capacity=len(token_ids) + 4)
     per_stage = [[] for _ in range(cfg.n_stages)]
     for start, end in chunks:
         hidden = model.embed(np.asarray([token_ids[start:end]], dtype=np.int64))
         for s in range(cfg.n_stages):
-            out = model.run_stage(s, hidden, cache, slice(s, s + 1))
-            cache.append(s, [k[0] for k in out.new_keys], [v[0] for v in out.new_values], end - start)
-            hidden = out.hidden
+            hidden = model.run_stage(s, hidden, cache, slice(s, s + 1))
+            cache.advance(s, end - start)
             per_stage[s].append(model.classify(hidden[0])[0])
     return [np.concatenate(x) for x in per_stage]
 

@@ -14,7 +14,6 @@ from runtime.bench.held_out import agreeing_prefix, held_out_prompts
 from runtime.bench.llama_cpp import llama_cpp_greedy_tokens
 from runtime.core.bundle import Bundle
 from runtime.core.progress import NO_PROGRESS, Progress
-from runtime.executor.kv_cache import KVCache
 from runtime.executor.stage_model import StageModel
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
@@ -26,10 +25,10 @@ def held_out_loss(model: StageModel, windows: list[list[int]]) -> float:
     """Mean next-token cross-entropy in nats, each window read in one pass through every stage."""
     total, count = 0.0, 0
     for ids in windows:
-        cache = KVCache(model.config, rows=model.config.n_stages, capacity=len(ids))
+        cache = model.new_cache(rows=model.config.n_stages, capacity=len(ids))
         hidden = model.embed(np.asarray([ids], dtype=np.int64))
         for stage in range(model.config.n_stages):
-            hidden = model.run_stage(stage, hidden, cache, slice(stage, stage + 1)).hidden
+            hidden = model.run_stage(stage, hidden, cache, slice(stage, stage + 1))
         logits, _ = model.classify(hidden[0, :-1])  # (T - 1, V): position t predicts token t + 1
         peak = logits.max(axis=-1, keepdims=True)
         log_normalizer = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=-1))

@@ -1,4 +1,4 @@
-"""KV caches for rows of (sequence, stage) pairs: preallocated, appended in place, cut in O(1).
+"""KV caches for rows of (sequence, stage) pairs: preallocated, written in place, cut in O(1).
 
 The position is the single source of truth: entry p of a row holds the keys and values of the token
 at position p, so rolling back speculative tokens only lowers the row's length and the next write
@@ -31,8 +31,12 @@ class KVCache:
         capacity = tiled(capacity)
         self.capacity = capacity
         self.lengths = np.zeros(rows, dtype=np.int64)  # valid entries per row
-        self.keys = np.zeros((L, rows, Hkv, hd, capacity), dtype=np.float32)
-        self.values = np.zeros((L, rows, Hkv, capacity, hd), dtype=np.float32)
+        self._store(np.zeros((L, rows, Hkv, hd, capacity), dtype=np.float32),
+                    np.zeros((L, rows, Hkv, capacity, hd), dtype=np.float32))
+
+    def _store(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Hold these arrays as the cache (runtime.executor.device_cache moves them to a device)."""
+        self.keys, self.values = keys, values
 
     def feeds(self, rows: slice, layers: int) -> dict[str, np.ndarray]:
         """Graph inputs of a stage with `layers` layers for a contiguous range of rows; every array is a
@@ -43,16 +47,27 @@ class KVCache:
             feeds[f"cache_value_{layer}"] = self.values[layer, rows]
         return feeds
 
-    def append(self, row: int, new_keys: list[np.ndarray], new_values: list[np.ndarray], count: int) -> None:
-        """Write the first `count` of new_keys[l] (Hkv, hd, T) and new_values[l] (Hkv, T, hd) at the row's end."""
-        start = int(self.lengths[row])
-        end = start + count
+    def write(self, rows: slice, new_keys: list[np.ndarray], new_values: list[np.ndarray]) -> None:
+        """Write each row's new entries, new_keys[l] (B, Hkv, hd, T) and new_values[l] (B, Hkv, T, hd), at its
+        length, as far as it has room; lengths stay (`advance` keeps them). What a cache-writing graph does
+        (runtime.executor.cache_writing): a row riding along in a call gets entries beyond its length."""
+        T = new_keys[0].shape[-1]
+        for r, row in enumerate(range(rows.start, rows.stop)):
+            start = int(self.lengths[row])
+            end = min(start + T, self.capacity)
+            for layer, (k, v) in enumerate(zip(new_keys, new_values)):  # slices: 5x faster than one fancy index
+                self.keys[layer, row, :, :, start:end] = k[r, :, :, : end - start]
+                self.values[layer, row, :, start:end] = v[r, :, : end - start]
+
+    def check_room(self, row: int, count: int) -> None:
+        end = int(self.lengths[row]) + count
         if end > self.capacity:
             raise SpeedError(f"the sequence needs {end} positions but its cache holds {self.capacity}")
-        for layer, (k, v) in enumerate(zip(new_keys, new_values)):
-            self.keys[layer, row, :, :, start:end] = k[:, :, :count]
-            self.values[layer, row, :, start:end] = v[:, :count]
-        self.lengths[row] = end
+
+    def advance(self, row: int, count: int) -> None:
+        """Count `count` more entries of the row as valid: the ones the last call wrote."""
+        self.check_room(row, count)
+        self.lengths[row] += count
 
     def truncate(self, row: int, length: int) -> None:
         if not 0 <= length <= self.lengths[row]:
@@ -64,9 +79,11 @@ class KVCache:
         rarely)."""
         capacity = tiled(capacity)
         keep = min(capacity, self.capacity)
-        keys = np.zeros(self.keys.shape[:-1] + (capacity,), dtype=np.float32)
-        values = np.zeros(self.values.shape[:3] + (capacity, self.values.shape[-1]), dtype=np.float32)
-        keys[..., :keep] = self.keys[..., :keep]
-        values[:, :, :, :keep] = self.values[:, :, :, :keep]
-        self.keys, self.values, self.capacity = keys, values, capacity
+        old_keys, old_values = self.keys, self.values
+        keys = np.zeros(old_keys.shape[:-1] + (capacity,), dtype=np.float32)
+        values = np.zeros(old_values.shape[:3] + (capacity, old_values.shape[-1]), dtype=np.float32)
+        keys[..., :keep] = old_keys[..., :keep]
+        values[:, :, :, :keep] = old_values[:, :, :, :keep]
+        self._store(keys, values)
+        self.capacity = capacity
         np.minimum(self.lengths, capacity, out=self.lengths)

@@ -12,6 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from runtime.core.errors import SpeedError
+from runtime.executor.cache_writing import cache_writing_graph
 from runtime.executor.prepacked_graphs import prepacked_graph
 
 log = logging.getLogger("speed.node")
@@ -19,17 +20,21 @@ log = logging.getLogger("speed.node")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-def create_session(path: Path, *, device: str = "cpu", threads: int = 0, sha256: str | None = None
-                   ) -> ort.InferenceSession:
+def create_session(path: Path, *, device: str = "cpu", threads: int = 0, sha256: str | None = None,
+                   writes_cache: bool = False) -> ort.InferenceSession:
     """threads: intra-op threads, 0 = ONNX Runtime's default (one per physical core). sha256: the graph's
-    hash from its bundle; on CPU the session then loads this machine's pre-packed copy of the graph."""
+    hash from its bundle; on CPU the session then loads this machine's pre-packed copy of the graph.
+    writes_cache: run the graph derived from a stage or exit graph that writes its own cache."""
     if device not in PROVIDERS:
         raise SpeedError(f"unknown device {device!r}; expected one of {', '.join(PROVIDERS)}")
+    source: str | bytes | None = None
     if device == "cpu" and sha256 is not None:
         try:
-            path = prepacked_graph(path, sha256)
+            source = str(prepacked_graph(path, sha256, writes_cache=writes_cache))
         except OSError as exc:
             log.warning("no pre-packed copy of %s (%s); loading the graph itself", path.name, exc)
+    if source is None:
+        source = cache_writing_graph(path) if writes_cache else str(path)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
@@ -44,7 +49,7 @@ def create_session(path: Path, *, device: str = "cpu", threads: int = 0, sha256:
     wanted = [PROVIDERS[device]] + ([PROVIDERS["cpu"]] if device != "cpu" else [])
     # a provider that cannot load is reported below in one sentence, not by ONNX Runtime's native log
     ort.set_default_logger_severity(4)
-    session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+    session = ort.InferenceSession(source, sess_options=options, providers=wanted)
     got = session.get_providers()[0]
     if got != PROVIDERS[device]:
         raise SpeedError(f"device {device} was requested but ONNX Runtime runs {path.name} on {got}; check that "

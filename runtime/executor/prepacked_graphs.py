@@ -33,6 +33,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.core.errors import SpeedError
+from runtime.executor.cache_writing import cache_writing_graph
 
 GRAPH_FILE = "graph.onnx"
 DATA_FILE = "graph.data"
@@ -83,18 +84,20 @@ def cpu_fingerprint() -> str:
     return hashlib.sha256("\n".join(described).encode()).hexdigest()[:12]
 
 
-def prepacked_graph(path: Path, sha256: str) -> Path:
-    """The optimized copy of the graph at `path` (whose content has this sha256), made on first use.
+def prepacked_graph(path: Path, sha256: str, *, writes_cache: bool = False) -> Path:
+    """The optimized copy of the graph at `path` (whose content has this sha256), made on first use; with
+    writes_cache, of the graph derived from it that writes its cache (runtime.executor.cache_writing).
     Raises OSError when the cache cannot be written; the caller then loads the original."""
     root = cache_root()
-    target = root / f"{sha256[:16]}-ort{ort.__version__}-{cpu_fingerprint()}-v{COPY_FORMAT}"
+    form = "-writes" if writes_cache else ""
+    target = root / f"{sha256[:16]}{form}-ort{ort.__version__}-{cpu_fingerprint()}-v{COPY_FORMAT}"
     if (target / GRAPH_FILE).is_file():
         os.utime(target)  # used now: the last to go when the cache is full
         return target / GRAPH_FILE
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".", dir=root))
     try:
-        _write_checked_copy(path, staging)
+        _write_checked_copy(path, staging, writes_cache)
         try:
             staging.rename(target)
         except OSError:
@@ -106,8 +109,9 @@ def prepacked_graph(path: Path, sha256: str) -> Path:
     return target / GRAPH_FILE
 
 
-def _write_checked_copy(path: Path, directory: Path) -> None:
+def _write_checked_copy(path: Path, directory: Path, writes_cache: bool) -> None:
     """The optimized copy with its pre-packed weights, or without them where those change the results."""
+    source = cache_writing_graph(path) if writes_cache else str(path)
     attempts = (False,) if _int8_activation_products(path) else (True, False)
     for save_prepacked in attempts:
         options = ort.SessionOptions()
@@ -119,7 +123,7 @@ def _write_checked_copy(path: Path, directory: Path) -> None:
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         options.add_session_config_entry("session.save_external_prepacked_constant_initializers",
                                           "1" if save_prepacked else "0")
-        original = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        original = ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
         feeds = probe_feeds(original)
         reading = ort.SessionOptions()
         reading.intra_op_num_threads = 1

@@ -3,19 +3,13 @@ torch eager in one process (runtime.models.torch_backend)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from runtime.core.bundle import ExitMap
 from runtime.core.config import ModelConfig
 from runtime.executor.kv_cache import KVCache
-
-
-class StageOutput(NamedTuple):
-    hidden: np.ndarray  # (B, T, d)
-    new_keys: list[np.ndarray]  # per layer (B, Hkv, hd, T)
-    new_values: list[np.ndarray]  # per layer (B, Hkv, T, hd)
 
 
 class StageModel(Protocol):
@@ -31,9 +25,13 @@ class StageModel(Protocol):
 
     def graph_of(self, stage: int) -> int: ...
 
-    def run_stage(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> StageOutput: ...
+    # a cache these graphs can run with (on the device that runs them)
+    def new_cache(self, *, rows: int, capacity: int, layers: int | None = None) -> KVCache: ...
 
-    def run_exit_layer(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> StageOutput: ...
+    # hidden (B, T, d) -> (B, T, d); writes each row's new keys and values at its length, which stays as it is
+    def run_stage(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> np.ndarray: ...
+
+    def run_exit_layer(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> np.ndarray: ...
 
     def classify(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...  # (N, d) -> logits, tokens
 

@@ -26,7 +26,7 @@ from runtime.core.sampling import GREEDY, SamplingParams, choose_token
 from runtime.core.scheduler import Item, TickPlan
 from runtime.executor.cpu_profile import CpuProfile
 from runtime.executor.kv_cache import CAPACITY_TILE, KVCache
-from runtime.executor.stage_model import StageModel, StageOutput
+from runtime.executor.stage_model import StageModel
 
 Key = tuple[int, int]  # (sequence, start position) names an item across ticks
 
@@ -65,9 +65,9 @@ class TickExecutor:
             for index, stage in enumerate(group):
                 self._group_of[stage] = (offset, len(group), index)
             offset += slots * len(group)
-        self.cache = KVCache(self.cfg, rows=offset, capacity=capacity)
+        self.cache = model.new_cache(rows=offset, capacity=capacity)
         self._exit_stages = [stage for stage in self.stages if stage in model.exit_layer_stages]
-        self.exit_cache = KVCache(self.cfg, rows=slots * len(self._exit_stages), capacity=capacity, layers=1)
+        self.exit_cache = model.new_cache(rows=slots * len(self._exit_stages), capacity=capacity, layers=1)
         self._slot_of: dict[int, int] = {}
         self._sampling: dict[int, SamplingParams] = {}
         self._plain_guesses: set[int] = set()  # sequences whose guesses skip the exits
@@ -171,7 +171,7 @@ class TickExecutor:
     def _run_call(self, stage: int, items: list[Item], hidden_in: Mapping[Key, np.ndarray], last_hidden: dict,
                   hidden_after: dict) -> None:
         """One graph call for items of equal length on stages that share the graph of `stage`."""
-        def run(hidden: np.ndarray, rows: slice) -> StageOutput:
+        def run(hidden: np.ndarray, rows: slice) -> np.ndarray:
             started = time.thread_time()
             out = self.model.run_stage(stage, hidden, self.cache, rows)
             self.profile.stage_call(time.thread_time() - started, len(items) * items[0].length)
@@ -184,23 +184,21 @@ class TickExecutor:
             last_hidden[item] = out[-1]
 
     def _call(self, items: list[Item], item_rows: list[int], inputs: list[np.ndarray], cache: KVCache,
-              run: Callable[[np.ndarray, slice], StageOutput]) -> list[np.ndarray]:
-        """One call over the span of rows the items use: their new cache entries are appended and each
-        item's hidden states (length, d) returned."""
+              run: Callable[[np.ndarray, slice], np.ndarray]) -> list[np.ndarray]:
+        """One call over the span of rows the items use: their new cache entries are kept and each item's
+        hidden states (length, d) returned."""
         rows = slice(min(item_rows), max(item_rows) + 1)
         hidden = np.zeros((rows.stop - rows.start, items[0].length, self.cfg.d_model), dtype=np.float32)  # (B, T, d)
         for item, row, x in zip(items, item_rows, inputs):
             if cache.lengths[row] != item.start:
                 raise SpeedError(f"sequence {item.seq_id} stage {item.stage}: cache holds {cache.lengths[row]} "
                                  f"positions but the item starts at {item.start}")
+            cache.check_room(row, item.length)
             hidden[row - rows.start] = x
         out = run(hidden, rows)
-        outputs = []
         for item, row in zip(items, item_rows):
-            r = row - rows.start
-            cache.append(row, [k[r] for k in out.new_keys], [v[r] for v in out.new_values], item.length)
-            outputs.append(out.hidden[r])
-        return outputs
+            cache.advance(row, item.length)
+        return [out[row - rows.start] for row in item_rows]
 
     def _guesses_through_exit(self, item: Item) -> bool:
         return item.predict and not item.final and item.seq_id not in self._plain_guesses

@@ -43,7 +43,7 @@ def generate_plain(model: StageModel, prompt_ids: list[int], *, max_new_tokens: 
     cfg = model.config
     check_request(prompt_ids, cfg, max_new_tokens)
     capacity = cache_capacity(cfg, len(prompt_ids), max_new_tokens)
-    cache = KVCache(cfg, rows=cfg.n_stages, capacity=capacity)
+    cache = model.new_cache(rows=cfg.n_stages, capacity=capacity)
 
     started = time.perf_counter()
     for start in range(0, len(prompt_ids), prefill_chunk):
@@ -74,9 +74,8 @@ def _run_stages(model: StageModel, token_ids: np.ndarray, cache: KVCache) -> np.
     hidden = model.embed(token_ids)
     count = token_ids.shape[1]
     for stage in range(model.config.n_stages):
-        out = model.run_stage(stage, hidden, cache, slice(stage, stage + 1))
-        cache.append(stage, [k[0] for k in out.new_keys], [v[0] for v in out.new_values], count)
-        hidden = out.hidden
+        hidden = model.run_stage(stage, hidden, cache, slice(stage, stage + 1))
+        cache.advance(stage, count)
     return hidden
 
 

@@ -40,7 +40,6 @@ import torch
 from runtime.core.bundle import Bundle, load_bundle, sha256_of, update_bundle
 from runtime.core.errors import SpeedError
 from runtime.core.progress import NO_PROGRESS, Progress
-from runtime.executor.kv_cache import KVCache
 from runtime.executor.onnx_session import create_session
 from runtime.executor.onnx_stage_model import OnnxStageModel
 from runtime.models.corpus import held_out_ids, held_out_windows
@@ -85,8 +84,8 @@ class ExitReads:
         if stage in self.maps:
             return self.maps[stage].apply(hidden)
         if self.layers is not None and stage in self.layers.exit_layer_stages:
-            cache = KVCache(self.config, rows=len(hidden), capacity=hidden.shape[1], layers=1)
-            return self.layers.run_exit_layer(stage, np.ascontiguousarray(hidden), cache, slice(0, len(hidden))).hidden
+            cache = self.layers.new_cache(rows=len(hidden), capacity=hidden.shape[1], layers=1)
+            return self.layers.run_exit_layer(stage, np.ascontiguousarray(hidden), cache, slice(0, len(hidden)))
         return hidden
 
 
@@ -168,7 +167,7 @@ def pass_costs_ms(bundle: Bundle, window: int) -> tuple[list[float], float]:
     classifier call."""
     G, d = bundle.config.n_stages, bundle.config.d_model
     model = OnnxStageModel(bundle, stages=range(G - 1), threads=1)
-    cache = KVCache(bundle.config, rows=1, capacity=window)
+    cache = model.new_cache(rows=1, capacity=window)
     cache.lengths[:] = window - 1
     hidden = np.random.default_rng(0).standard_normal((1, 1, d)).astype(np.float32)
     stages = [median_ms(lambda s=s: model.run_stage(s, hidden, cache, slice(0, 1))) for s in range(G - 1)]

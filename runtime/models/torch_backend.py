@@ -9,7 +9,6 @@ from onnx import numpy_helper
 
 from runtime.core.bundle import Bundle
 from runtime.executor.kv_cache import KVCache
-from runtime.executor.stage_model import StageOutput
 from runtime.models.decoder import SpeedDecoder
 
 PARAMETER_PREFIX = "model."  # the export wraps the decoder as `model`
@@ -53,8 +52,11 @@ class TorchStageModel:
     def graph_of(self, stage: int) -> int:
         return self._graph_ids[stage]
 
+    def new_cache(self, *, rows: int, capacity: int, layers: int | None = None) -> KVCache:
+        return KVCache(self.config, rows=rows, capacity=capacity, layers=layers)
+
     @torch.no_grad()
-    def run_stage(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> StageOutput:
+    def run_stage(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> np.ndarray:
         L = len(self.config.stage_layers(stage))
         feeds = cache.feeds(rows, L)
         hidden_out, new_keys, new_values = self.model.stage_step(
@@ -64,7 +66,8 @@ class TorchStageModel:
             [torch.from_numpy(feeds[f"cache_value_{l}"]) for l in range(L)],
             stage,
         )
-        return StageOutput(hidden_out.numpy(), [k.numpy() for k in new_keys], [v.numpy() for v in new_values])
+        cache.write(rows, [k.numpy() for k in new_keys], [v.numpy() for v in new_values])
+        return hidden_out.numpy()
 
     @torch.no_grad()
     def classify(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,111 @@
+"""Stage graphs that write their own caches, bound by address (the path GPU nodes take), computed on the CPU
+provider: the same bits as the bundle's graphs, the same text, and nothing written outside a row's room."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from runtime.core.bundle import DEFAULT_BUNDLE, load_bundle
+from runtime.core.sampling import SamplingParams
+from runtime.executor.device_cache import DeviceKVCache
+from runtime.executor.kv_cache import KVCache
+from runtime.executor.onnx_stage_model import OnnxStageModel
+from runtime.local.plain import generate_plain
+from runtime.local.speculative import generate_speculative
+from runtime.models.quantize import Quantization, quantize_bundle
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[OnnxStageModel, OnnxStageModel]:
+    """The demo bundle run as the CPU runs it (the host writes the caches) and as a GPU runs it."""
+    bundle = load_bundle()
+    return OnnxStageModel(bundle, threads=1), OnnxStageModel(bundle, threads=1, writes_cache=True)
+
+
+def filled(cache: KVCache, lengths: list[int], seed: int) -> KVCache:
+    rng = np.random.default_rng(seed)
+    cache.keys[...] = rng.standard_normal(cache.keys.shape)
+    cache.values[...] = rng.standard_normal(cache.values.shape)
+    cache.lengths[:] = lengths
+    return cache
+
+
+calls = st.fixed_dictionaries({
+    "stage": st.integers(0, 2),
+    "tokens": st.integers(1, 5),
+    "lengths": st.lists(st.integers(0, 32), min_size=1, max_size=5),  # 32: a full row of a 32-entry cache
+    "first": st.integers(0, 2),  # rows before the call's span
+    "seed": st.integers(0, 2**32 - 1),
+})
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(call=calls)
+def test_a_graph_writing_its_cache_computes_and_writes_what_the_host_would(models, call):
+    """Rows with room get the same entries; full rows riding along keep every entry they hold."""
+    host_model, writing_model = models
+    cfg = host_model.config
+    lengths = [0] * call["first"] + call["lengths"]
+    rows = slice(call["first"], len(lengths))
+    T = call["tokens"]
+    hidden = np.random.default_rng(call["seed"]).standard_normal((len(call["lengths"]), T, cfg.d_model)).astype(np.float32)
+    host = filled(KVCache(cfg, rows=len(lengths), capacity=32), lengths, call["seed"])
+    bound = filled(KVCache(cfg, rows=len(lengths), capacity=32), lengths, call["seed"])
+    before = bound.keys.copy(), bound.values.copy()
+    expected = host_model.run_stage(call["stage"], hidden, host, rows)
+    got = writing_model.run_stage(call["stage"], hidden, bound, rows)
+    assert np.array_equal(got, expected)
+    for row, length in enumerate(lengths):
+        # a row's own entries never change; entries beyond them are the host's where the row has room
+        assert np.array_equal(bound.keys[:, row, ..., :length], before[0][:, row, ..., :length])
+        assert np.array_equal(bound.values[:, row, :, :length], before[1][:, row, :, :length])
+        if length + T <= bound.capacity:
+            assert np.array_equal(bound.keys[:, row], host.keys[:, row]), f"row {row}'s keys"
+            assert np.array_equal(bound.values[:, row], host.values[:, row]), f"row {row}'s values"
+
+
+def test_a_device_cache_on_the_cpu_provider_is_written_in_place_and_keeps_its_entries_when_it_grows(models):
+    host_model, writing_model = models
+    cfg = host_model.config
+    hidden = np.random.default_rng(0).standard_normal((2, 3, cfg.d_model)).astype(np.float32)
+    host = KVCache(cfg, rows=2, capacity=16)
+    device = DeviceKVCache(cfg, rows=2, capacity=16, device="cpu")
+    host.lengths[:] = device.lengths[:] = [2, 5]
+    assert np.array_equal(writing_model.run_stage(1, hidden, device, slice(0, 2)),
+                          host_model.run_stage(1, hidden, host, slice(0, 2)))
+    assert np.array_equal(device.keys, host.keys) and np.array_equal(device.values, host.values)
+    device.resize(40)
+    assert device.capacity == 48 and device.keys.shape[-1] == 48
+    assert np.array_equal(device.keys[..., :16], host.keys) and not device.keys[..., 16:].any()
+    with pytest.raises(TypeError, match="written by the stage graphs"):
+        device.write(slice(0, 1), [], [])
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.8, seed=4)],
+                         ids=["greedy", "sampled"])
+def test_speculative_decoding_on_caches_the_graphs_write_gives_the_plain_text(models, sampling):
+    host_model, writing_model = models
+    tokenizer = load_bundle().tokenizer()
+    prompts = [tokenizer.encode(text).ids for text in ("ROMEO. But soft, what light", "Enter a Messenger.",
+                                                       "KING HENRY. Once more unto the breach, dear friends,")]
+    kwargs = {"max_new_tokens": 40, "eos_id": -1, "sampling": sampling}
+    speculative = generate_speculative(writing_model, prompts, **kwargs)
+    for prompt, generation in zip(prompts, speculative):
+        assert generation.token_ids == generate_plain(host_model, prompt, **kwargs).token_ids
+    assert sum(g.stats.flushed_steps for g in speculative) > 0  # rollbacks happened, and lost nothing
+
+
+@pytest.mark.training  # it quantizes the demo bundle
+def test_a_bundle_that_computes_one_row_apart_gives_a_single_token_a_neighbour_row_on_written_caches(tmp_path):
+    """int4 weights with float32 arithmetic: a lone token runs beside a neighbour row, which must not lose an entry."""
+    bundle = load_bundle(quantize_bundle(DEFAULT_BUNDLE, tmp_path / "int4", Quantization("int4", accuracy_level=1)))
+    assert bundle.one_row_computed_apart
+    host_model = OnnxStageModel(bundle, threads=1)
+    writing_model = OnnxStageModel(bundle, threads=1, writes_cache=True)
+    prompts = [bundle.tokenizer().encode(text).ids for text in ("ROMEO. But soft", "Enter a Messenger.")]
+    kwargs = {"max_new_tokens": 32, "eos_id": -1}
+    for prompt, generation in zip(prompts, generate_speculative(writing_model, prompts, **kwargs)):
+        assert generation.token_ids == generate_plain(host_model, prompt, **kwargs).token_ids
