@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= ROMEO: But soft, what light
 
-.PHONY: setup demo test test-fast bench lint
+.PHONY: setup demo test test-fast bench lint gpu-check
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,13 @@ test: setup
 # the pure cores, simulations, parsers and checks, in seconds: after every edit (make test before a commit)
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not cluster and not training and not decoding and not needs_model"
+
+# on a machine with an NVIDIA GPU, with onnxruntime-gpu and the runtime's requirements installed (or WHEELS=DIR
+# to install them offline from wheels): the GPU tests, tokens against the CPU's, benchmarks, three CUDA nodes;
+# one report, gpu-check.json, in under 8 minutes (deploy/gpu_check.py)
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m deploy.gpu_check --out gpu-check.json $(if $(WHEELS),--wheels $(WHEELS))
 
 bench: setup
 	$(VENV)/bin/speed bench --reference

@@ -16,15 +16,20 @@ import pytest
 
 from runtime.core.config import ModelConfig
 from runtime.core.sampling import GREEDY, SamplingParams
-from runtime.models.train import TrainConfig
 from runtime.wire.cluster_secret import write_secret
 
 HAS_GPU = shutil.which("nvidia-smi") is not None  # tests of the CUDA refusal cannot run where CUDA is real
 
 TINY = ModelConfig(vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=128,
                    n_distinct_layers=2, n_stages=3, context_length=640)
-TINY_TRAINING = TrainConfig(steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup=5, precision="fp32", threads=2,
-                             eval_windows=48)
+
+
+def tiny_training():
+    """The tiny model's training settings (importing torch only where a test trains: a GPU machine may lack it)."""
+    from runtime.models.train import TrainConfig
+
+    return TrainConfig(steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup=5, precision="fp32", threads=2,
+                       eval_windows=48)
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +37,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from runtime.models.train import train
 
     out = tmp_path_factory.mktemp("tiny-run")
-    train(out, TINY, TINY_TRAINING, resume=False)
+    train(out, TINY, tiny_training(), resume=False)
     return out / "checkpoint.pt"
 
 

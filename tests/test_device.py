@@ -1,22 +1,45 @@
-"""The CUDA provider is used only when it really loads; otherwise the request is refused clearly."""
+"""The CUDA provider is used only when it really loads; otherwise the request is refused clearly. Where there is
+a GPU, its caches stay on it and the text is what plain decoding gives."""
 
 import json
 
 import pytest
 
+from runtime.core.bundle import load_bundle
+from runtime.core.sampling import SamplingParams
 from tests.conftest import HAS_GPU, assert_one_line_error, run_speed
+
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU")
 
 
 @pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU: the refusal cannot be observed")
-def test_cuda_without_a_gpu_is_refused_in_one_sentence(tiny_bundle):
-    result = run_speed("reference", "--bundle", str(tiny_bundle), "--device", "cuda", "hello")
+def test_cuda_without_a_gpu_is_refused_in_one_sentence():
+    result = run_speed("reference", "--device", "cuda", "hello")
     assert_one_line_error(result, "device cuda was requested", "CPUExecutionProvider")
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU")
-def test_cuda_decoding_runs_on_the_cuda_provider(tiny_bundle):
-    result = run_speed("reference", "--bundle", str(tiny_bundle), "--device", "cuda", "--json", "hello")
+@needs_gpu
+def test_cuda_decoding_runs_on_the_cuda_provider():
+    result = run_speed("reference", "--device", "cuda", "--json", "hello")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["provider"] == "CUDAExecutionProvider"
     assert out["token_ids"]
+
+
+@needs_gpu
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.8, seed=3)],
+                         ids=["greedy", "sampled"])
+def test_on_cuda_the_caches_stay_on_the_gpu_and_speculation_gives_the_plain_text(sampling):
+    from runtime.executor.device_cache import DeviceKVCache
+    from runtime.executor.onnx_stage_model import OnnxStageModel
+    from runtime.local.plain import generate_plain
+    from runtime.local.speculative import generate_speculative
+
+    bundle = load_bundle()
+    model = OnnxStageModel(bundle, device="cuda", threads=1)
+    assert model.writes_cache and isinstance(model.new_cache(rows=2, capacity=16), DeviceKVCache)
+    prompts = [bundle.tokenizer().encode(text).ids for text in ("ROMEO. But soft, what light", "Enter a Messenger.")]
+    kwargs = {"max_new_tokens": 48, "eos_id": -1, "sampling": sampling}
+    for prompt, generation in zip(prompts, generate_speculative(model, prompts, **kwargs)):
+        assert generation.token_ids == generate_plain(model, prompt, **kwargs).token_ids

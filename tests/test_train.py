@@ -11,24 +11,25 @@ from runtime.core.errors import SpeedError
 from runtime.models import train as training
 from runtime.models.checkpoint import load_checkpoint
 from runtime.models.train import TrainConfig, choose_precision, train
-from tests.conftest import TINY, TINY_TRAINING, assert_one_line_error, run_speed
+from tests.conftest import TINY, assert_one_line_error, run_speed, tiny_training
 
 pytestmark = pytest.mark.training  # its tests train, export, quantize or calibrate a model
 
 
 def test_a_few_steps_lower_the_held_out_loss(tmp_path):
-    untrained = train(tmp_path / "zero", TINY, replace(TINY_TRAINING, steps=1), resume=False)
-    trained = train(tmp_path / "some", TINY, TINY_TRAINING, resume=False)
+    untrained = train(tmp_path / "zero", TINY, replace(tiny_training(), steps=1), resume=False)
+    trained = train(tmp_path / "some", TINY, tiny_training(), resume=False)
     assert trained["held_out"]["loss_per_stage"][-1] < untrained["held_out"]["loss_per_stage"][-1] - 0.5
     report = json.loads((tmp_path / "some" / "report.json").read_text())
-    assert report["tokens_seen"] == TINY_TRAINING.steps * TINY_TRAINING.batch_size * TINY_TRAINING.seq_len
+    settings = tiny_training()
+    assert report["tokens_seen"] == settings.steps * settings.batch_size * settings.seq_len
     assert report["precision"] == "fp32"
     assert len(report["held_out"]["flip_rate_per_boundary"]) == TINY.n_stages - 1
     assert all(0.0 <= rate <= 1.0 for rate in report["held_out"]["flip_rate_per_boundary"])
 
 
 def test_resuming_continues_exactly_where_training_stopped(tmp_path):
-    cfg = replace(TINY_TRAINING, steps=6, checkpoint_every=3)
+    cfg = replace(tiny_training(), steps=6, checkpoint_every=3)
     train(tmp_path / "straight", TINY, cfg, resume=False)
     train(tmp_path / "resumed", TINY, replace(cfg, steps=3), resume=False)
     train(tmp_path / "resumed", TINY, cfg, resume=True)
@@ -69,7 +70,7 @@ def test_the_report_and_the_checkpoint_name_the_precision_auto_chose(monkeypatch
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(X86_WITHOUT_BF16)
     monkeypatch.setattr(training, "CPUINFO", cpuinfo)
-    report = train(tmp_path / "run", TINY, replace(TINY_TRAINING, steps=1, precision="auto"), resume=False)
+    report = train(tmp_path / "run", TINY, replace(tiny_training(), steps=1, precision="auto"), resume=False)
     assert report["precision"] == report["train_config"]["precision"] == "fp32"
     assert json.loads((tmp_path / "run" / "report.json").read_text())["precision"] == "fp32"
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["train_config"]["precision"] == "fp32"
@@ -77,7 +78,7 @@ def test_the_report_and_the_checkpoint_name_the_precision_auto_chose(monkeypatch
 
 def test_a_run_can_start_from_a_bundle_and_records_it(tiny_bundle, tmp_path):
     """From the bundle's weights the held-out loss starts where the bundle is, far below a fresh model's."""
-    cfg = replace(TINY_TRAINING, steps=1, lr=1e-6, warmup=1)
+    cfg = replace(tiny_training(), steps=1, lr=1e-6, warmup=1)
     fresh = train(tmp_path / "fresh", TINY, cfg, resume=False)
     started = train(tmp_path / "started", TINY, cfg, resume=False, init=tiny_bundle)
     assert started["held_out"]["loss_per_stage"][-1] < fresh["held_out"]["loss_per_stage"][-1] - 0.5

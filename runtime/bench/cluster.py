@@ -39,7 +39,9 @@ def bench_cluster(cluster_path: Path, *, new_tokens: int = 128, repeats: int = 3
     mode when neither has one)."""
     cluster = LocalCluster(cluster_path, emulated_link_ms=emulated_link_ms, progress=progress)
     bundle = load_bundle(cluster.spec.bundle)
-    model = open_stage_model(bundle, threads=1)
+    devices = {node.device for node in cluster.spec.nodes}
+    device = devices.pop() if len(devices) == 1 else "cpu"  # the single process runs where every node does
+    model = open_stage_model(bundle, device=device, threads=1)
     tokenizer = bundle.tokenizer()
     chat = bundle.answers_questions
     prompts = CHAT_PROMPTS if chat else LOCAL_PROMPTS
@@ -70,6 +72,7 @@ def bench_cluster(cluster_path: Path, *, new_tokens: int = 128, repeats: int = 3
         "cluster": cluster.spec.name,
         "bundle": bundle.manifest["name"],
         "nodes": len(cluster.spec.nodes),
+        "reference_device": device,
         "emulated_link_ms": {node.name: node.emulated_link_ms if emulated_link_ms is None else emulated_link_ms
                              for node in cluster.spec.nodes},
         "temperature": sampling.temperature,

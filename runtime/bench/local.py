@@ -8,6 +8,7 @@ machine does not favour one side.
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import time
 
@@ -17,7 +18,6 @@ from runtime.bench.tally import ModeTally, describe_speculation
 from runtime.core.bundle import Bundle
 from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.core.sampling import GREEDY, SamplingParams
-from runtime.executor.kv_cache import KVCache
 from runtime.executor.stage_model import StageModel
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
@@ -54,19 +54,21 @@ def alternate(cases: dict[str, tuple[StageModel, list[int]]], new_tokens: int, r
     return {name: statistics.median(r) for name, r in runs.items()}
 
 
-def bench_reference(bundle: Bundle, *, new_tokens: int = 64, repeats: int = 3, threads: int = 1,
+def bench_reference(bundle: Bundle, *, new_tokens: int = 64, repeats: int = 3, threads: int = 1, device: str = "cpu",
                     sampling: SamplingParams = GREEDY, progress: Progress = NO_PROGRESS) -> dict:
-    """A quantized bundle has no torch twin: its torch figures are None."""
-    onnx_model = open_stage_model(bundle, backend="onnx", threads=threads)
+    """A quantized bundle has no torch twin, and where torch is not installed (a GPU machine set up for
+    serving) there is none to run: the torch figures are then None. device: ONNX Runtime's (torch runs on the
+    CPU)."""
+    onnx_model = open_stage_model(bundle, backend="onnx", device=device, threads=threads)
     short, long = prompt_of(bundle, 32), prompt_of(bundle, 512)
     cases = {"onnx": (onnx_model, short)}
-    if not bundle.quantized:
+    if not bundle.quantized and importlib.util.find_spec("torch") is not None:
         cases["torch"] = (open_stage_model(bundle, backend="torch", threads=threads), short)
     with progress.task("runs", total=repeats * (len(cases) + 2 + 2)):  # backends, then 2 contexts, then 2 thread counts
         rates = alternate(cases, new_tokens, repeats, sampling, progress)
         rates |= alternate({"context_32": (onnx_model, short), "context_512": (onnx_model, long)}, new_tokens, repeats,
                            sampling, progress)
-        by_threads = {count: onnx_model if count == threads else open_stage_model(bundle, threads=count)
+        by_threads = {count: onnx_model if count == threads else open_stage_model(bundle, device=device, threads=count)
                       for count in (1, 2)}
         rates |= alternate({f"threads_{count}": (model, short) for count, model in by_threads.items()}, new_tokens,
                            repeats, sampling, progress)
@@ -77,6 +79,8 @@ def bench_reference(bundle: Bundle, *, new_tokens: int = 64, repeats: int = 3, t
         "new_tokens": new_tokens,
         "repeats": repeats,
         "threads": threads,
+        "device": device,
+        "provider": onnx_model.provider,
         "tokens_per_s": {name: round(rate, 1) for name, rate in rates.items()},
         "onnx_over_torch": round(rates["onnx"] / rates["torch"], 2) if "torch" in rates else None,
         "context_512_over_32": round(rates["context_512"] / rates["context_32"], 2),
@@ -94,7 +98,7 @@ LOCAL_PROMPTS = (
 def pass_cost_us(model: StageModel, rows: int, capacity: int, repeats: int = 200) -> float:
     """Median time of one stage call over `rows` rows of one new token each."""
     cfg = model.config
-    cache = KVCache(cfg, rows=rows, capacity=capacity)
+    cache = model.new_cache(rows=rows, capacity=capacity)
     cache.lengths[:] = capacity // 2
     hidden = np.random.default_rng(0).normal(size=(rows, 1, cfg.d_model)).astype(np.float32)
     times = []
@@ -105,12 +109,12 @@ def pass_cost_us(model: StageModel, rows: int, capacity: int, repeats: int = 200
     return statistics.median(times) * 1e6
 
 
-def bench_local(bundle: Bundle, *, new_tokens: int = 128, repeats: int = 3, threads: int = 1,
+def bench_local(bundle: Bundle, *, new_tokens: int = 128, repeats: int = 3, threads: int = 1, device: str = "cpu",
                 sampling: SamplingParams = GREEDY, guess_thresholds: tuple[float, ...] = (),
                 progress: Progress = NO_PROGRESS) -> dict:
     """Sequential against speculative decoding of the same prompts, one sequence at a time; with
     guess_thresholds, also speculative decoding behind that confidence gate."""
-    model = open_stage_model(bundle, backend="onnx", threads=threads)
+    model = open_stage_model(bundle, backend="onnx", device=device, threads=threads)
     tokenizer = bundle.tokenizer()
     prompts = [tokenizer.encode(p).ids for p in LOCAL_PROMPTS]
     G = bundle.config.n_stages
@@ -135,6 +139,8 @@ def bench_local(bundle: Bundle, *, new_tokens: int = 128, repeats: int = 3, thre
     sequential, speculative = tallies["sequential"].median, tallies["speculative"].median
     report = {
         "bundle": bundle.manifest["name"],
+        "device": device,
+        "provider": model.provider,
         "temperature": sampling.temperature,
         "new_tokens": new_tokens,
         "runs": repeats * len(prompts),
@@ -160,7 +166,8 @@ def sampled(temperature: float) -> str:
 def format_local(report: dict) -> str:
     steps, cost = report["steps_per_token"], report["pass_cost_us"]
     lines = [
-        f"sequential vs speculative decoding of {report['bundle']}, {report['new_tokens']} new tokens, "
+        f"sequential vs speculative decoding of {report['bundle']} on {report['provider']}, "
+        f"{report['new_tokens']} new tokens, "
         f"{sampled(report['temperature'])}, median of {report['runs']} alternating runs",
         f"  sequential  {report['sequential_tokens_per_s']:8.1f} tokens/s",
         f"  speculative {report['speculative_tokens_per_s']:8.1f} tokens/s   speedup {report['speedup']:.2f}x; "

@@ -39,6 +39,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         "llama-cpp-python installed beside the runtime): alone, tokens/s of both on the same prompt "
                         "token ids; with --agreement, also each bundle's greedy agreement with llama.cpp's tokens")
     p.add_argument("--bundle", type=Path, help="bundle directory (default: the shipped demo-4x3 model)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="with --reference or --local: ONNX Runtime's device (cuda: refused in one sentence where it "
+                        "cannot really run)")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--clients", type=whole(1, 1000), metavar="N",
                       help="with FILE: 1 client against N concurrent clients: tokens/s, latency, errors, memory")
@@ -80,6 +83,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise SpeedError("--requests needs --clients")
     if args.seed is not None and args.chaos is None:
         raise SpeedError("--seed needs --chaos")
+    if args.device != "cpu" and not (args.reference or args.local):
+        raise SpeedError("--device applies to --reference and --local; a cluster file names each node's device")
     if args.cluster_file is not None:
         if args.reference or args.local:
             raise SpeedError("give either a cluster FILE or one of --reference and --local, not both")
@@ -114,13 +119,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bundle = load_bundle(args.bundle)
         thresholds = guess_thresholds((args.guess_threshold,), bundle.guess_thresholds, bundle.config.n_stages)
         report = bench_local(bundle, new_tokens=args.new_tokens or 128, repeats=args.repeats, threads=args.threads,
-                             sampling=bench_sampling(args), guess_thresholds=thresholds,
+                             device=args.device, sampling=bench_sampling(args), guess_thresholds=thresholds,
                              progress=stderr_progress(json_output=args.json))
         print(json.dumps(report) if args.json else format_local(report))
         draw(args, report)
         return
     report = bench_reference(load_bundle(args.bundle), new_tokens=args.new_tokens or 64, repeats=args.repeats,
-                             threads=args.threads, sampling=bench_sampling(args),
+                             threads=args.threads, device=args.device, sampling=bench_sampling(args),
                              progress=stderr_progress(json_output=args.json))
     if args.json:
         print(json.dumps(report))
@@ -128,10 +133,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         return
     rates = report["tokens_per_s"]
     print(f"plain greedy decoding of {report['bundle']} ({report['bundle_bytes'] / 1e6:.1f} MB), "
-          f"{report['new_tokens']} new tokens, {report['threads']} thread(s), median of {report['repeats']} "
-          "alternating runs (tokens/s)")
+          f"{report['new_tokens']} new tokens, {report['threads']} thread(s) on {report['provider']}, "
+          f"median of {report['repeats']} alternating runs (tokens/s)")
     torch = (f"   torch {rates['torch']:8.1f}   onnx/torch {report['onnx_over_torch']:.2f}x" if "torch" in rates
-             else "   (quantized: no torch twin)")
+             else "   (no torch twin: a quantized bundle, or torch is not installed)")
     print(f"  onnx  {rates['onnx']:8.1f}{torch}")
     print(f"  onnx at 32 tokens of context {rates['context_32']:8.1f}   at 512 {rates['context_512']:8.1f}   "
           f"ratio {report['context_512_over_32']:.2f}")
