@@ -4,7 +4,7 @@ On a GPU the host cannot write a cache without copying it across, so the cache l
 device, the stage graph writes its new entries into it (runtime.executor.cache_writing), and the host
 keeps only the lengths, which is all a rollback changes. Any contiguous range of rows of a layer is bound
 to a graph by address, without a copy. The same class holds a cache on the CPU provider, so every line of
-it runs where there is no GPU; a host KVCache is bound the same way.
+it runs where there is no GPU; a host KVCache is bound the same way (CacheBinding).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.core.config import ModelConfig
-from runtime.executor.kv_cache import KVCache
+from runtime.executor.kv_cache import CacheMemory, KVCache
 
 FLOAT_BYTES = 4
 
@@ -39,6 +39,10 @@ class DeviceKVCache(KVCache):
     def values(self) -> np.ndarray:
         return self._values.numpy()
 
+    def memory(self) -> CacheMemory:
+        return CacheMemory(self.device, self._keys.data_ptr(), self._values.data_ptr(), tuple(self._keys.shape()),
+                           tuple(self._values.shape()))
+
     def write(self, rows: slice, new_keys: list[np.ndarray], new_values: list[np.ndarray]) -> None:
         raise TypeError("a device cache is written by the stage graphs themselves")
 
@@ -46,26 +50,19 @@ class DeviceKVCache(KVCache):
 class CacheBinding:
     """Binds a call's rows of a cache to a graph's inputs and to the outputs that write them, by address."""
 
-    def __init__(self, cache: KVCache):
-        if isinstance(cache, DeviceKVCache):
-            self.device, keys, values = cache.device, cache._keys, cache._values
-            self._keys, self._values = keys.data_ptr(), values.data_ptr()
-            key_shape, value_shape = keys.shape(), values.shape()
-        else:
-            self.device, self._keys, self._values = "cpu", cache.keys.ctypes.data, cache.values.ctypes.data
-            key_shape, value_shape = cache.keys.shape, cache.values.shape
-        self.address = (self._keys, self._values, *key_shape)  # where and how the memory is laid out
-        self._rows_per_layer = key_shape[1]
-        self._row_shapes = {"key": list(key_shape[2:]), "value": list(value_shape[2:])}  # (Hkv, hd, C), (Hkv, C, hd)
+    def __init__(self, memory: CacheMemory):
+        self.memory = memory
+        self._rows_per_layer = memory.key_shape[1]
+        self._rows = {"key": (memory.keys, list(memory.key_shape[2:])),  # one row: (Hkv, hd, C)
+                      "value": (memory.values, list(memory.value_shape[2:]))}  # (Hkv, C, hd)
 
     def bind(self, binding: ort.IOBinding, rows: slice, layers: int, written: str) -> None:
         """Bind cache_key_{l} and cache_value_{l} of `rows` as inputs, and the same memory as the outputs
         {written}_key_{l} and {written}_value_{l}, for layers 0..layers-1."""
         for layer in range(layers):
-            for kind, base in (("key", self._keys), ("value", self._values)):
-                row_shape = self._row_shapes[kind]
+            for kind, (base, row_shape) in self._rows.items():
                 row_bytes = int(np.prod(row_shape)) * FLOAT_BYTES
                 address = base + (layer * self._rows_per_layer + rows.start) * row_bytes
                 shape = [rows.stop - rows.start, *row_shape]
-                binding.bind_input(f"cache_{kind}_{layer}", self.device, 0, np.float32, shape, address)
-                binding.bind_output(f"{written}_{kind}_{layer}", self.device, 0, np.float32, shape, address)
+                binding.bind_input(f"cache_{kind}_{layer}", self.memory.device, 0, np.float32, shape, address)
+                binding.bind_output(f"{written}_{kind}_{layer}", self.memory.device, 0, np.float32, shape, address)

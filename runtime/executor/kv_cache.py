@@ -8,6 +8,8 @@ copy, and rows are the second axis so any contiguous range of rows is a zero-cop
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from runtime.core.config import ModelConfig
@@ -24,6 +26,16 @@ def tiled(capacity: int) -> int:
     return -(-capacity // CAPACITY_TILE) * CAPACITY_TILE
 
 
+class CacheMemory(NamedTuple):
+    """Where a cache's keys (L, R, Hkv, hd, C) and values (L, R, Hkv, C, hd) are, to bind rows of them by address."""
+
+    device: str  # ONNX Runtime's name for it: "cpu", "cuda"
+    keys: int  # addresses
+    values: int
+    key_shape: tuple[int, ...]
+    value_shape: tuple[int, ...]
+
+
 class KVCache:
     def __init__(self, cfg: ModelConfig, *, rows: int, capacity: int, layers: int | None = None):
         """layers: per row, default the deepest stage's."""
@@ -37,6 +49,9 @@ class KVCache:
     def _store(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Hold these arrays as the cache (runtime.executor.device_cache moves them to a device)."""
         self.keys, self.values = keys, values
+
+    def memory(self) -> CacheMemory:
+        return CacheMemory("cpu", self.keys.ctypes.data, self.values.ctypes.data, self.keys.shape, self.values.shape)
 
     def feeds(self, rows: slice, layers: int) -> dict[str, np.ndarray]:
         """Graph inputs of a stage with `layers` layers for a contiguous range of rows; every array is a

@@ -29,8 +29,8 @@ class OnnxStageModel:
     writes_cache: the stage and exit graphs write their new cache entries themselves, into caches bound by
     address (runtime.executor.cache_writing), instead of returning them for the host to write. The default
     on a GPU, where the caches then stay on the device (DeviceKVCache); on the CPU writing from the host is
-    faster (ONNX Runtime's ScatterElements costs about 20 us a layer there), so it is used only to check
-    the GPU's path where there is no GPU."""
+    faster (the graph's writes cost SmolLM2 0.6 ms a token there, docs/performance.md), so it is used only
+    to check the GPU's path where there is no GPU."""
 
     def __init__(self, bundle: Bundle, *, device: str = "cpu", threads: int = 0, stages: Iterable[int] | None = None,
                  writes_cache: bool | None = None):
@@ -107,15 +107,15 @@ class OnnxStageModel:
     def _binding(self, session, layers: int, cache: KVCache, rows: slice) -> ort.IOBinding:
         """The call's binding, its cache rows bound once per span of a cache's memory: binding costs about 10 us
         a tensor, most of a small stage's call."""
-        where = CacheBinding(cache)
-        key = (id(session), rows.start, rows.stop, where.address)
+        memory = cache.memory()
+        key = (id(session), rows.start, rows.stop, memory)
         binding = self._bindings.get(key)
         if binding is None:
             if len(self._bindings) >= KEPT_BINDINGS:
                 self._bindings.clear()
             binding = session.io_binding()
             binding.bind_output("hidden_out", "cpu")  # the first output bound is the first returned
-            where.bind(binding, rows, layers, WRITES)
+            CacheBinding(memory).bind(binding, rows, layers, WRITES)
             self._bindings[key] = binding
         return binding
 
