@@ -4,7 +4,7 @@ Run it where the runtime's requirements and onnxruntime-gpu are installed, or gi
 install them first from wheels in DIR, offline (a borrowed GPU machine often reaches no index). Every
 step has its own time limit, so the whole check fits in 8 minutes on one GPU:
 1. the machine: the GPU (nvidia-smi), ONNX Runtime's version and providers;
-2. the GPU tests (tests/test_device.py, tests/test_cache_writing.py), where pytest is installed;
+2. the GPU tests (tests/test_device.py, tests/test_device_resident.py), where pytest is installed;
 3. the tokens on the GPU against the CPU's: `speed reference`, greedy and sampled, plain and speculative;
 4. `speed bench --reference` and `--local` on the GPU and on the CPU;
 5. three CUDA nodes on the one GPU (deploy/local.yaml, every node `device: cuda`): `speed bench FILE`.
@@ -112,7 +112,7 @@ def check(device: str, wheels: Path | None) -> dict:
     try:
         import pytest  # noqa: F401
         report["tests"] = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_device.py",
-                               "tests/test_cache_writing.py", "-m", "not training"], 240)
+                               "tests/test_device_resident.py", "-m", "not training"], 240)
     except ImportError:
         report["tests"] = {"rc": None, "skipped": "pytest is not installed here"}
     print(f"tests: rc {report['tests']['rc']}", flush=True)

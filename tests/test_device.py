@@ -38,7 +38,7 @@ def test_on_cuda_the_caches_stay_on_the_gpu_and_speculation_gives_the_plain_text
 
     bundle = load_bundle()
     model = OnnxStageModel(bundle, device="cuda", threads=1)
-    assert model.writes_cache and isinstance(model.new_cache(rows=2, capacity=16), DeviceKVCache)
+    assert model.device_resident and isinstance(model.new_cache(rows=2, capacity=16), DeviceKVCache)
     prompts = [bundle.tokenizer().encode(text).ids for text in ("ROMEO. But soft, what light", "Enter a Messenger.")]
     kwargs = {"max_new_tokens": 48, "eos_id": -1, "sampling": sampling}
     for prompt, generation in zip(prompts, generate_speculative(model, prompts, **kwargs)):

@@ -107,25 +107,27 @@ def adapted(hidden: np.ndarray, adapter: ExitMap) -> np.ndarray:
 
 
 class HeadLog:
-    """Wraps a model's run_stage and classify: for every classify call, the hidden states at the last position
+    """Wraps a model's run_stage and its classifier calls: for every one, the hidden states at the last position
     of every row that the stage calls since the previous one gave, and the hidden states the head was given."""
 
     def __init__(self, model):
         self.calls: list[tuple[np.ndarray, np.ndarray]] = []  # (stage outputs of the tick, head input)
         self._outputs: list[np.ndarray] = []
-        run_stage, classify = model.run_stage, model.classify
+        run_stage, classify, classify_greedy = model.run_stage, model.classify, model.classify_greedy
 
         def logged_run_stage(stage, hidden, cache, rows):
             out = run_stage(stage, hidden, cache, rows)
             self._outputs.extend(out[:, -1].copy())
             return out
 
-        def logged_classify(hidden):
-            self.calls.append((np.array(self._outputs), np.array(hidden)))
-            self._outputs = []
-            return classify(hidden)
+        def logged(head):
+            def call(hidden, *arguments, **options):
+                self.calls.append((np.array(self._outputs), np.array(hidden)))
+                self._outputs = []
+                return head(hidden, *arguments, **options)
+            return call
 
-        model.run_stage, model.classify = logged_run_stage, logged_classify
+        model.run_stage, model.classify, model.classify_greedy = logged_run_stage, logged(classify), logged(classify_greedy)
 
 
 @pytest.fixture

@@ -12,8 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from runtime.core.errors import SpeedError
-from runtime.executor.cache_writing import cache_writing_graph
-from runtime.executor.prepacked_graphs import prepacked_graph
+from runtime.executor.prepacked_graphs import derived_graph, prepacked_graph
 
 log = logging.getLogger("speed.node")
 
@@ -21,20 +20,20 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def create_session(path: Path, *, device: str = "cpu", threads: int = 0, sha256: str | None = None,
-                   writes_cache: bool = False) -> ort.InferenceSession:
+                   derived: str | None = None) -> ort.InferenceSession:
     """threads: intra-op threads, 0 = ONNX Runtime's default (one per physical core). sha256: the graph's
     hash from its bundle; on CPU the session then loads this machine's pre-packed copy of the graph.
-    writes_cache: run the graph derived from a stage or exit graph that writes its own cache."""
+    derived: run the graph derived from it by this name (prepacked_graphs.DERIVED)."""
     if device not in PROVIDERS:
         raise SpeedError(f"unknown device {device!r}; expected one of {', '.join(PROVIDERS)}")
     source: str | bytes | None = None
     if device == "cpu" and sha256 is not None:
         try:
-            source = str(prepacked_graph(path, sha256, writes_cache=writes_cache))
+            source = str(prepacked_graph(path, sha256, derived=derived))
         except OSError as exc:
             log.warning("no pre-packed copy of %s (%s); loading the graph itself", path.name, exc)
     if source is None:
-        source = cache_writing_graph(path) if writes_cache else str(path)
+        source = derived_graph(path, derived)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads

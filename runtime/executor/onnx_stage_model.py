@@ -12,8 +12,10 @@ from runtime.core.bundle import Bundle
 from runtime.core.errors import SpeedError
 from runtime.executor.cache_writing import WRITES
 from runtime.executor.device_cache import CacheBinding, DeviceKVCache
+from runtime.executor.greedy_head import PROBABILITY
 from runtime.executor.kv_cache import KVCache
 from runtime.executor.onnx_session import create_session
+from runtime.executor.stage_model import top_probabilities
 
 KEPT_BINDINGS = 256  # (session, span of rows, cache memory) bindings kept for the next call
 
@@ -26,39 +28,41 @@ class OnnxStageModel:
     """One session per distinct stage graph: stages that share weights share a session. Only the graphs
     of `stages` are loaded (default all), so a node holds in memory just what it may run.
 
-    writes_cache: the stage and exit graphs write their new cache entries themselves, into caches bound by
-    address (runtime.executor.cache_writing), instead of returning them for the host to write. The default
-    on a GPU, where the caches then stay on the device (DeviceKVCache); on the CPU writing from the host is
-    faster (the graph's writes cost SmolLM2 0.6 ms a token there, docs/performance.md), so it is used only
-    to check the GPU's path where there is no GPU."""
+    device_resident: state stays where the graphs run. The stage and exit graphs write their new cache
+    entries themselves, into caches bound by address (runtime.executor.cache_writing), instead of returning
+    them for the host to write, and greedy classification fetches tokens and their probabilities, not logits
+    (runtime.executor.greedy_head). The default on a GPU, where the caches then stay on the device
+    (DeviceKVCache); on the CPU the host's path is faster (the graphs' writes cost SmolLM2 0.6 ms a token
+    there, docs/performance.md), so it runs there only to check the GPU's path where there is no GPU."""
 
     def __init__(self, bundle: Bundle, *, device: str = "cpu", threads: int = 0, stages: Iterable[int] | None = None,
-                 writes_cache: bool | None = None):
+                 device_resident: bool | None = None):
         self.config = bundle.config
         self.device = device
-        self.writes_cache = device != "cpu" if writes_cache is None else writes_cache
+        self.device_resident = device != "cpu" if device_resident is None else device_resident
         self._graph_ids = bundle.graph_ids
         # where a single row is computed with another kernel (Bundle.one_row_computed_apart), the graphs
         # always get at least two rows, so a token's result never depends on what it is batched with, which
         # lossless speculation needs
         self._never_one_row = bundle.one_row_computed_apart
 
-        def session(path: Path, *, with_cache: bool = False):
+        def session(path: Path, derived: str):
             return create_session(path, device=device, threads=threads, sha256=bundle.file_sha256(path),
-                                  writes_cache=with_cache and self.writes_cache)
+                                  derived=derived if self.device_resident else None)
 
         graphs = bundle.stage_graphs
         self.stages = frozenset(range(len(graphs)) if stages is None else stages)  # the stages it can run
-        sessions = {path: session(path, with_cache=True) for path in {graphs[stage] for stage in self.stages}}
+        sessions = {path: session(path, "writes") for path in {graphs[stage] for stage in self.stages}}
         self._stage_sessions = {stage: sessions[graphs[stage]] for stage in self.stages}
-        self._head = session(bundle.head_graph)
+        self._head = session(bundle.head_graph, "greedy")
         self.provider = self._head.get_providers()[0]
         guess_head = bundle.guess_head_graph
-        self._guess_head = session(guess_head) if guess_head is not None else self._head
+        self._guess_head = session(guess_head, "greedy") if guess_head is not None else self._head
+        self._head_outputs = {head: [out.name for out in head.get_outputs()] for head in (self._head, self._guess_head)}
         self.guess_vocabulary = bundle.guess_vocabulary()
         self._embedding = bundle.embedding()
         self.exit_maps = bundle.exit_maps()
-        self._exit_sessions = {stage: session(path, with_cache=True) for stage, path in bundle.exit_layer_graphs().items()
+        self._exit_sessions = {stage: session(path, "writes") for stage, path in bundle.exit_layer_graphs().items()
                                if stage in self.stages}
         self.exit_layer_stages = frozenset(self._exit_sessions)
         self._layers = [len(self.config.stage_layers(s)) for s in range(self.config.n_stages)]
@@ -68,7 +72,7 @@ class OnnxStageModel:
         """A cache for these graphs: on the device when they write it there; at least two rows where one row
         is computed apart (the second gives a single token a neighbour)."""
         rows = max(rows, 2) if self._never_one_row else rows
-        if self.writes_cache and self.device != "cpu":
+        if self.device_resident and self.device != "cpu":
             return DeviceKVCache(self.config, rows=rows, capacity=capacity, layers=layers, device=self.device)
         return KVCache(self.config, rows=rows, capacity=capacity, layers=layers)
 
@@ -93,7 +97,7 @@ class OnnxStageModel:
         return self._run(self._exit_sessions[stage], 1, hidden, cache, rows)
 
     def _run(self, session, layers: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> np.ndarray:
-        if not self.writes_cache:
+        if not self.device_resident:
             out = session.run(stage_outputs(layers), {"hidden": hidden, **cache.feeds(rows, layers)})
             cache.write(rows, out[1 : 1 + layers], out[1 + layers :])
             return out[0]
@@ -139,9 +143,20 @@ class OnnxStageModel:
         indices into it (N,)."""
         return self._classify(self._guess_head, hidden)
 
-    def _classify(self, head, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def classify_greedy(self, hidden: np.ndarray, scored: np.ndarray, *, guesses: bool = False
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """hidden (N, d) -> greedy tokens (with guesses: indices into guess_vocabulary) (N,) and their probabilities
+        (N,): every row's where the graphs keep the logits, only the `scored` rows' on the host."""
+        head = self._guess_head if guesses else self._head
+        if not self.device_resident:
+            logits, tokens = self._classify(head, hidden)
+            return tokens, top_probabilities(logits, scored)
+        tokens, probabilities = self._classify(head, hidden, [self._head_outputs[head][1], PROBABILITY])
+        return tokens, probabilities
+
+    def _classify(self, head, hidden: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
+        """The head's logits and tokens, or the named outputs."""
+        outputs = outputs or self._head_outputs[head][:2]
         if self._never_one_row and len(hidden) == 1:
-            logits, tokens = head.run(None, {"hidden": np.concatenate([hidden, hidden])})
-            return logits[:1], tokens[:1]
-        logits, tokens = head.run(None, {"hidden": hidden})
-        return logits, tokens
+            return [out[:1] for out in head.run(outputs, {"hidden": np.concatenate([hidden, hidden])})]
+        return head.run(outputs, {"hidden": hidden})

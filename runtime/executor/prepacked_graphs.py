@@ -34,6 +34,7 @@ import onnxruntime as ort
 
 from runtime.core.errors import SpeedError
 from runtime.executor.cache_writing import cache_writing_graph
+from runtime.executor.greedy_head import greedy_head_graph
 
 GRAPH_FILE = "graph.onnx"
 DATA_FILE = "graph.data"
@@ -42,6 +43,9 @@ log = logging.getLogger("speed.node")
 DEFAULT_LIMIT_MB = 2048  # room for the copies of a few bundles; an edge board's disk is small
 LIMIT_VARIABLE = "SPEED_GRAPH_CACHE_MB"
 COPY_FORMAT = 3  # 2: checked against the graph (copies made before are made again); 3: 8-bit products pre-packed
+# graphs a node derives from a bundle's, by name: stage and exit graphs that write their own caches, heads that
+# give their greedy token's probability (what a GPU node runs, to keep its state on the GPU)
+DERIVED = {"writes": cache_writing_graph, "greedy": greedy_head_graph}
 
 
 @dataclass(frozen=True)
@@ -84,12 +88,17 @@ def cpu_fingerprint() -> str:
     return hashlib.sha256("\n".join(described).encode()).hexdigest()[:12]
 
 
-def prepacked_graph(path: Path, sha256: str, *, writes_cache: bool = False) -> Path:
-    """The optimized copy of the graph at `path` (whose content has this sha256), made on first use; with
-    writes_cache, of the graph derived from it that writes its cache (runtime.executor.cache_writing).
-    Raises OSError when the cache cannot be written; the caller then loads the original."""
+def derived_graph(path: Path, derived: str | None) -> str | bytes:
+    """The graph at `path` (its path), or the serialized graph derived from it by DERIVED[derived]."""
+    return str(path) if derived is None else DERIVED[derived](path)
+
+
+def prepacked_graph(path: Path, sha256: str, *, derived: str | None = None) -> Path:
+    """The optimized copy of the graph at `path` (whose content has this sha256), or of the graph derived from
+    it (DERIVED), made on first use. Raises OSError when the cache cannot be written; the caller then loads
+    the original."""
     root = cache_root()
-    form = "-writes" if writes_cache else ""
+    form = f"-{derived}" if derived else ""
     target = root / f"{sha256[:16]}{form}-ort{ort.__version__}-{cpu_fingerprint()}-v{COPY_FORMAT}"
     if (target / GRAPH_FILE).is_file():
         os.utime(target)  # used now: the last to go when the cache is full
@@ -97,7 +106,7 @@ def prepacked_graph(path: Path, sha256: str, *, writes_cache: bool = False) -> P
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".", dir=root))
     try:
-        _write_checked_copy(path, staging, writes_cache)
+        _write_checked_copy(path, staging, derived)
         try:
             staging.rename(target)
         except OSError:
@@ -109,9 +118,9 @@ def prepacked_graph(path: Path, sha256: str, *, writes_cache: bool = False) -> P
     return target / GRAPH_FILE
 
 
-def _write_checked_copy(path: Path, directory: Path, writes_cache: bool) -> None:
+def _write_checked_copy(path: Path, directory: Path, derived: str | None) -> None:
     """The optimized copy with its pre-packed weights, or without them where those change the results."""
-    source = cache_writing_graph(path) if writes_cache else str(path)
+    source = derived_graph(path, derived)
     attempts = (False,) if _int8_activation_products(path) else (True, False)
     for save_prepacked in attempts:
         options = ort.SessionOptions()

@@ -37,3 +37,17 @@ class StageModel(Protocol):
 
     # (N, d) -> logits over guess_vocabulary, greedy indices into it: a cheaper head for guesses
     def classify_guesses(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    # (N, d) -> greedy tokens (with guesses: indices into guess_vocabulary) and their probabilities, (N,) each,
+    # where `scored` (N,) bool asks (elsewhere they may be NaN): all that greedy decoding needs, so the logits
+    # may stay where they were computed
+    def classify_greedy(self, hidden: np.ndarray, scored: np.ndarray, *, guesses: bool = False
+                        ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def top_probabilities(logits: np.ndarray, scored: np.ndarray) -> np.ndarray:
+    """Logits (N, V) -> where `scored`, the probability of the row's most likely token (NaN elsewhere), (N,)."""
+    probabilities = np.full(len(logits), np.nan, dtype=np.float32)
+    rows = logits[scored]
+    probabilities[scored] = 1 / np.exp(rows - rows.max(axis=-1, keepdims=True)).sum(axis=-1)
+    return probabilities

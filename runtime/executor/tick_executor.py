@@ -240,31 +240,42 @@ class TickExecutor:
             return {}, {}
         vocabulary = self.model.guess_vocabulary
         if vocabulary is None:  # one call classifies guesses and committed tokens together
-            groups = [(items, self.model.classify, None)]
+            groups = [(items, False, None)]
         else:
-            groups = [([item for item in items if item.final], self.model.classify, None),
-                      ([item for item in items if not item.final], self.model.classify_guesses, vocabulary)]
+            groups = [([item for item in items if item.final], False, None),
+                      ([item for item in items if not item.final], True, vocabulary)]
         predictions, confidence = {}, {}
-        for group, classify, token_ids in groups:
+        for group, guesses, token_ids in groups:
             if group:
-                self._classify(group, classify, token_ids, last_hidden, predictions, confidence)
+                self._classify(group, guesses, token_ids, last_hidden, predictions, confidence)
         return predictions, confidence
 
-    def _classify(self, items: list[Item], classify: Callable, token_ids: np.ndarray | None,
+    def _classify(self, items: list[Item], guesses: bool, token_ids: np.ndarray | None,
                   last_hidden: dict[Item, np.ndarray], predictions: dict, confidence: dict) -> None:
-        """One classifier call over the items; token_ids: the tokens its logits score (None: all)."""
+        """One classifier call over the items, through the guess head with `guesses`; token_ids: the tokens
+        its scores are for (None: all). Where every item is greedy, only tokens and probabilities are fetched."""
         started = time.thread_time()
-        logits, greedy = classify(np.stack([self._head_input(item, last_hidden[item]) for item in items]))
-        for i, item in enumerate(items):
-            key, sampling = (item.seq_id, item.start), self._sampling[item.seq_id]
-            # a guess of a sampled sequence is the draw the last stage will make at that position, with the
-            # same random numbers, from the early distribution: it agrees whenever the two are close
-            index = (int(greedy[i]) if sampling.greedy else
-                     choose_token(logits[i], sampling, item.start + item.length, token_ids=token_ids,
-                                  vocab_size=self.cfg.vocab_size))
+        hidden = np.stack([self._head_input(item, last_hidden[item]) for item in items])
+        if all(self._sampling[item.seq_id].greedy for item in items):
+            scored = np.array([not item.final for item in items])
+            indices, probabilities = self.model.classify_greedy(hidden, scored, guesses=guesses)
+            chosen = [(int(index), float(probability)) for index, probability in zip(indices, probabilities)]
+        else:
+            logits, greedy = (self.model.classify_guesses if guesses else self.model.classify)(hidden)
+            chosen = []
+            for i, item in enumerate(items):
+                sampling = self._sampling[item.seq_id]
+                # a guess of a sampled sequence is the draw the last stage will make at that position, with the
+                # same random numbers, from the early distribution: it agrees whenever the two are close
+                index = (int(greedy[i]) if sampling.greedy else
+                         choose_token(logits[i], sampling, item.start + item.length, token_ids=token_ids,
+                                      vocab_size=self.cfg.vocab_size))
+                chosen.append((index, guess_probability(logits[i], index, sampling.temperature)))
+        for item, (index, probability) in zip(items, chosen):
+            key = (item.seq_id, item.start)
             predictions[key] = index if token_ids is None else int(token_ids[index])
             if not item.final:
-                confidence[key] = guess_probability(logits[i], index, sampling.temperature)
+                confidence[key] = probability
         # the call's time is shared out by rows between guesses and committed tokens
         seconds, final = time.thread_time() - started, sum(item.final for item in items)
         self.profile.add("commit", seconds * final / len(items))

@@ -9,6 +9,7 @@ from onnx import numpy_helper
 
 from runtime.core.bundle import Bundle
 from runtime.executor.kv_cache import KVCache
+from runtime.executor.stage_model import top_probabilities
 from runtime.models.decoder import SpeedDecoder
 
 PARAMETER_PREFIX = "model."  # the export wraps the decoder as `model`
@@ -76,3 +77,8 @@ class TorchStageModel:
 
     def classify_guesses(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.classify(hidden)
+
+    def classify_greedy(self, hidden: np.ndarray, scored: np.ndarray, *, guesses: bool = False
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        logits, tokens = self.classify(hidden)
+        return tokens, top_probabilities(logits, scored)

@@ -1,5 +1,6 @@
-"""Stage graphs that write their own caches, bound by address (the path GPU nodes take), computed on the CPU
-provider: the same bits as the bundle's graphs, the same text, and nothing written outside a row's room."""
+"""State kept where the graphs run (the path GPU nodes take), computed on the CPU provider: stage graphs that
+write their own caches, bound by address, give the bundle graphs' bits and text and write nothing outside a
+row's room; greedy classification fetches only tokens and their probabilities."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from runtime.core.sampling import SamplingParams
 from runtime.executor.device_cache import DeviceKVCache
 from runtime.executor.kv_cache import KVCache
 from runtime.executor.onnx_stage_model import OnnxStageModel
+from runtime.executor.tick_executor import guess_probability
 from runtime.local.plain import generate_plain
 from runtime.local.speculative import generate_speculative
 from runtime.models.quantize import Quantization, quantize_bundle
@@ -22,7 +24,7 @@ from runtime.models.quantize import Quantization, quantize_bundle
 def models() -> tuple[OnnxStageModel, OnnxStageModel]:
     """The demo bundle run as the CPU runs it (the host writes the caches) and as a GPU runs it."""
     bundle = load_bundle()
-    return OnnxStageModel(bundle, threads=1), OnnxStageModel(bundle, threads=1, writes_cache=True)
+    return OnnxStageModel(bundle, threads=1), OnnxStageModel(bundle, threads=1, device_resident=True)
 
 
 def filled(cache: KVCache, lengths: list[int], seed: int) -> KVCache:
@@ -84,6 +86,20 @@ def test_a_device_cache_on_the_cpu_provider_is_written_in_place_and_keeps_its_en
         device.write(slice(0, 1), [], [])
 
 
+def test_greedy_classification_fetches_the_tokens_and_their_probabilities(models):
+    host_model, resident_model = models
+    hidden = np.random.default_rng(5).standard_normal((5, host_model.config.d_model)).astype(np.float32)
+    logits, tokens = host_model.classify(hidden)
+    resident_logits, resident_tokens = resident_model.classify(hidden)  # the derived head's are the bundle's
+    assert np.array_equal(resident_logits, logits) and np.array_equal(resident_tokens, tokens)
+    expected = [guess_probability(row, token, 0.0) for row, token in zip(logits, tokens)]
+    scored = np.array([True, False, True, True, False])
+    for model in models:
+        greedy, probabilities = model.classify_greedy(hidden, scored)
+        assert np.array_equal(greedy, tokens)
+        np.testing.assert_allclose(probabilities[scored], np.array(expected)[scored], rtol=1e-5)
+
+
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.8, seed=4)],
                          ids=["greedy", "sampled"])
 def test_speculative_decoding_on_caches_the_graphs_write_gives_the_plain_text(models, sampling):
@@ -104,7 +120,7 @@ def test_a_bundle_that_computes_one_row_apart_gives_a_single_token_a_neighbour_r
     bundle = load_bundle(quantize_bundle(DEFAULT_BUNDLE, tmp_path / "int4", Quantization("int4", accuracy_level=1)))
     assert bundle.one_row_computed_apart
     host_model = OnnxStageModel(bundle, threads=1)
-    writing_model = OnnxStageModel(bundle, threads=1, writes_cache=True)
+    writing_model = OnnxStageModel(bundle, threads=1, device_resident=True)
     prompts = [bundle.tokenizer().encode(text).ids for text in ("ROMEO. But soft", "Enter a Messenger.")]
     kwargs = {"max_new_tokens": 32, "eos_id": -1}
     for prompt, generation in zip(prompts, generate_speculative(writing_model, prompts, **kwargs)):
