@@ -5,8 +5,8 @@ The passes are timed at start, after the warm-up and before the node registers, 
 an idle node (what it can do, not what it happens to be doing) and cost under a second for a small model.
 Each figure is the fastest of its timed passes: the other nodes of a cluster starting on the same machine
 only ever slow a pass down (by twice, on two cores), while a slower device slows every one. When the
-coordinator asks again (Measure, one node at a time), the figures are medians: a CPU quota slows some
-passes and not others, and nothing else runs then.
+coordinator asks again (Measure, one node at a time), nothing else runs then, and each figure is the time
+a call takes when calls follow each other: a CPU quota slows some calls and not others.
 """
 
 from __future__ import annotations
@@ -27,13 +27,15 @@ TICK_ROWS = (1, 2, 4)  # sequences in one pass: alone, and the rows of a specula
 CACHED_POSITIONS = 32  # each row's cache: a short context, where the weights dominate a pass
 REPEATS = 5  # timed calls per figure, after one untimed
 PASS_REPEATS = 9  # timed passes per stage and row count, after one untimed; the fastest is reported
+SUSTAINED_BLOCK_S = 0.04  # a block of calls timed together when a node measures itself alone: 13 quota periods
+SUSTAINED_BLOCKS = 3
 
 
 def measure_passes(model: StageModel, stages: list[int], *, alone: bool = False) -> tuple[list[pb.PassTime], float]:
     """(each stage's pass time per row count, the classifier's time for one row), in milliseconds: the fastest
     of the timed passes, or with `alone` (nothing else runs beside it: the coordinator measures one node at a
-    time) their median, which also holds what a CPU quota takes now and then."""
-    timed = partial(median_ms, repeats=PASS_REPEATS) if alone else fastest_ms
+    time) the time a call takes when calls follow each other (sustained_ms)."""
+    timed = sustained_ms if alone else fastest_ms
     cfg = model.config
     times = []
     for stage in stages:
@@ -56,6 +58,22 @@ def memory_available_bytes() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def sustained_ms(call: Callable[[], object], block_s: float = SUSTAINED_BLOCK_S, blocks: int = SUSTAINED_BLOCKS) -> float:
+    """What a call takes when calls follow each other: the median over `blocks` of a block's time per call,
+    each block calling for at least block_s. Under a CPU quota single calls are bimodal (within the period's
+    budget, or waiting for the next period: SmolLM2's classifier 1.9 or 10 ms under a third of a core, where
+    its median of 9 moved from start to start); a block of many periods averages that out, as decoding does."""
+    call()  # warms caches, or connects
+    per_call = []
+    for _ in range(blocks):
+        calls, started = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - started) < block_s:
+            call()
+            calls += 1
+        per_call.append(elapsed / calls * 1e3)
+    return round(statistics.median(per_call), 4)
 
 
 def median_ms(call: Callable[[], object], repeats: int = REPEATS) -> float:
