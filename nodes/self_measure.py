@@ -29,6 +29,7 @@ REPEATS = 5  # timed calls per figure, after one untimed
 PASS_REPEATS = 9  # timed passes per stage and row count, after one untimed; the fastest is reported
 SUSTAINED_BLOCK_S = 0.04  # a block of calls timed together when a node measures itself alone: 13 quota periods
 SUSTAINED_BLOCKS = 3
+BLOCK_CALLS = 30  # at most this many calls a block (the demo model's passes: 9 ms, 9 quota periods at a third)
 
 
 def measure_passes(model: StageModel, stages: list[int], *, alone: bool = False) -> tuple[list[pb.PassTime], float]:
@@ -62,14 +63,16 @@ def memory_available_bytes() -> int:
 
 def sustained_ms(call: Callable[[], object], block_s: float = SUSTAINED_BLOCK_S, blocks: int = SUSTAINED_BLOCKS) -> float:
     """What a call takes when calls follow each other: the median over `blocks` of a block's time per call,
-    each block calling for at least block_s. Under a CPU quota single calls are bimodal (within the period's
-    budget, or waiting for the next period: SmolLM2's classifier 1.9 or 10 ms under a third of a core, where
-    its median of 9 moved from start to start); a block of many periods averages that out, as decoding does."""
+    each block calling for block_s or BLOCK_CALLS calls, whichever comes first. Under a CPU quota single calls
+    are bimodal (within the period's budget, or waiting for the next period: SmolLM2's classifier 1.9 or 10
+    ms under a third of a core, where its median of 9 moved from start to start); a block of many periods
+    averages that out, as decoding does. The cap on calls keeps a small model's figures quick: a serving node
+    measures on its stage worker."""
     call()  # warms caches, or connects
     per_call = []
     for _ in range(blocks):
         calls, started = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - started) < block_s:
+        while (elapsed := time.perf_counter() - started) < block_s and calls < BLOCK_CALLS:
             call()
             calls += 1
         per_call.append(elapsed / calls * 1e3)
