@@ -50,6 +50,7 @@ MISSED_HEARTBEATS = 3  # a node silent this many intervals is down
 DIAL_BACK_TIMEOUT_S = 2.0  # to check a registering node at the address it gave
 MAX_JOINED = 64  # nodes a cluster takes beside its file's: each holds streams and state here
 DRAIN_POLL_S = 0.05  # how often a drain looks whether the node's stages have moved
+TIMINGS_POLL_S = 0.2  # how often, under placement: file, the coordinator looks whether the serving nodes changed
 
 
 class Coordinator:
@@ -72,6 +73,7 @@ class Coordinator:
                                   stall_timeout_s=spec.coordinator.step_timeout_s * (bundle.config.n_stages + 1))
         auto = AutoPlacement(spec, bundle, lambda: (self.engine.flips_seen, self.engine.checks_seen), self._measured) \
             if spec.placement == PlacementKind.AUTO else None
+        self._timed_for: frozenset[str] = frozenset()  # the serving nodes last timed alone (placement: file)
         self.engine = Engine(self.nodes, config=bundle.config, eos_id=bundle.eos_token_id,
                              max_queue=spec.coordinator.max_queue, incarnation=time.time_ns(), metrics=self.metrics,
                              data_path=data_path,
@@ -286,15 +288,21 @@ class Coordinator:
         """Under placement: file, have the serving nodes time their passes again, one at a time, whenever they
         change (what `speed plan` predicts with): timed at their own start, nodes starting together on one
         machine slow each other's figures. (Under auto the choice does it.)"""
-        timed_for: frozenset[str] = frozenset()
-        while True:
-            await asyncio.sleep(self.spec.coordinator.heartbeat_interval_s)
+        while True:  # a task of the server's for as long as it serves
+            await asyncio.sleep(TIMINGS_POLL_S)
             serving = [node for node in self.nodes if node.state == NodeState.SERVING]
             names = frozenset(node.name for node in serving)
-            if self.spec.placement == PlacementKind.FILE and names != timed_for:
-                timed_for = names
+            if self.spec.placement == PlacementKind.FILE and names != self._timed_for:
                 for node in serving:
                     await node.measure(self.spec.coordinator.step_timeout_s * MEASURE_TIMEOUT_STEPS)
+                self._timed_for = names
+
+    @property
+    def timings_settled(self) -> bool:
+        """Whether the serving nodes' figures are from timing them alone, after they all started."""
+        if self.spec.placement != PlacementKind.FILE:
+            return True  # a choice times them first
+        return self._timed_for == frozenset(node.name for node in self.nodes if node.state == NodeState.SERVING)
 
     async def watch_heartbeats(self) -> None:
         interval = self.spec.coordinator.heartbeat_interval_s
@@ -339,7 +347,8 @@ class Coordinator:
         reply = pb.ClusterStatusReply(cluster=self.spec.name, bundle_sha256=self.bundle.sha256, serving=self.serving,
                                       active_requests=engine.active_requests, queued_requests=engine.queued_requests,
                                       max_queue=engine.max_queue, speculation=self.spec.speculation.enabled,
-                                      placement_settled=engine.placement_settled, placement=str(self.spec.placement),
+                                      placement_settled=engine.placement_settled and self.timings_settled,
+                                      placement=str(self.spec.placement),
                                       flips=[pb.FlipCount(boundary=b, flips=f, checks=c) for b, (f, c)
                                              in enumerate(zip(engine.flips_seen, engine.checks_seen))],
                                       alone_sequential_tokens_per_s=engine.measured_tokens_per_s(False),

@@ -141,6 +141,11 @@ class RemoteNode:
             log.warning("%s did not time its passes again (%s); its earlier figures stay", self.describe(),
                         exc.code().name)
             return
+        except asyncio.CancelledError:
+            if self._channel is channel:
+                raise  # the task itself was cancelled
+            log.info("%s went while it timed its passes", self.describe())  # its channel closed under the call
+            return
         problem = measurement_problem(info)
         if problem or self.info is None:
             log.warning("%s timed its passes with %s; its earlier figures stay", self.describe(), problem)
