@@ -270,7 +270,7 @@ class TickExecutor:
                 index = (int(greedy[i]) if sampling.greedy else
                          choose_token(logits[i], sampling, item.start + item.length, token_ids=token_ids,
                                       vocab_size=self.cfg.vocab_size))
-                chosen.append((index, guess_probability(logits[i], index, sampling.temperature)))
+                chosen.append((index, None if item.final else guess_probability(logits[i], index, sampling.temperature)))
         for item, (index, probability) in zip(items, chosen):
             key = (item.seq_id, item.start)
             predictions[key] = index if token_ids is None else int(token_ids[index])
