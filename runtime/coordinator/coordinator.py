@@ -290,19 +290,22 @@ class Coordinator:
         machine slow each other's figures. (Under auto the choice does it.)"""
         while True:  # a task of the server's for as long as it serves
             await asyncio.sleep(TIMINGS_POLL_S)
-            serving = [node for node in self.nodes if node.state == NodeState.SERVING]
+            serving = self._serving_nodes()
             names = frozenset(node.name for node in serving)
             if self.spec.placement == PlacementKind.FILE and names != self._timed_for:
                 for node in serving:
                     await node.measure(self.spec.coordinator.step_timeout_s * MEASURE_TIMEOUT_STEPS)
                 self._timed_for = names
 
+    def _serving_nodes(self) -> list[RemoteNode]:
+        return [node for node in self.nodes if node.state == NodeState.SERVING]
+
     @property
     def timings_settled(self) -> bool:
         """Whether the serving nodes' figures are from timing them alone, after they all started."""
         if self.spec.placement != PlacementKind.FILE:
             return True  # a choice times them first
-        return self._timed_for == frozenset(node.name for node in self.nodes if node.state == NodeState.SERVING)
+        return self._timed_for == frozenset(node.name for node in self._serving_nodes())
 
     async def watch_heartbeats(self) -> None:
         interval = self.spec.coordinator.heartbeat_interval_s

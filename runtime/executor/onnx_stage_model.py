@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from runtime.executor.stage_model import top_probabilities
 KEPT_BINDINGS = 256  # (session, span of rows, cache memory) bindings kept for the next call
 
 
+@functools.cache  # asked for on every stage call of the host's path
 def stage_outputs(layers: int) -> list[str]:
     return ["hidden_out", *(f"new_key_{l}" for l in range(layers)), *(f"new_value_{l}" for l in range(layers))]
 
