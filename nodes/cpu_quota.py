@@ -16,20 +16,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from nodes.machine import CGROUP_ROOT, cpu_cgroup
 from runtime.core.errors import SpeedError
 
 MIN_QUOTA_US = 1000  # the kernel's smallest quota and period
 MAX_PERIOD_US = 1_000_000
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 class CpuQuota:
     """This process's CPU quota; `release` undoes it."""
 
     def __init__(self, share: float, group: str, *, root: Path = CGROUP_ROOT):
-        v2 = (root / "cgroup.controllers").is_file()
-        hierarchy = root if v2 else root / "cpu"
-        self._parent = _own_group(hierarchy, v2)
+        found = cpu_cgroup(root)
+        if found is None:
+            raise SpeedError("emulated_cpu_share needs a cgroup CPU controller, and this process is in none; "
+                             "remove the key")
+        _, v2, self._parent = found
         self.directory = self._parent / group
         period = min(MAX_PERIOD_US, max(MIN_QUOTA_US, round(MIN_QUOTA_US / share)))
         quota = max(MIN_QUOTA_US, round(share * period))
@@ -54,12 +56,3 @@ class CpuQuota:
         except OSError:
             pass  # another process of the group still runs, or the group went already
 
-
-def _own_group(hierarchy: Path, v2: bool) -> Path:
-    """The directory of the cgroup this process is in, in `hierarchy`."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        number, controllers, path = line.split(":", 2)
-        if (v2 and number == "0") or (not v2 and "cpu" in controllers.split(",")):
-            return hierarchy / path.lstrip("/")
-    raise SpeedError("emulated_cpu_share needs a cgroup CPU controller, and this process is in none; "
-                     "remove the key")

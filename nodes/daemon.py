@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from nodes.cpu_quota import CpuQuota
 from nodes.host import StageHost
+from nodes.machine import cores_used, this_machine
 from nodes.node_metrics import NodeMetrics
 from nodes.registration import Registration
 from nodes.self_measure import measure_passes, memory_available_bytes
@@ -95,6 +96,7 @@ def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threadin
     host = StageHost(model, name=node.name, stages=node.stages, max_sequences=node.max_sequences,
                      idle_timeout_s=node.idle_timeout_s, hostable=hostable_stages(bundle, node))
 
+    machine, cores = this_machine(), cores_used(node.threads)  # after the quota, which it counts
     measured = [pb.NodeInfo()]  # its pass times, once warm; replaced whole when measured again
 
     def info() -> pb.NodeInfo:
@@ -103,7 +105,8 @@ def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threadin
                             max_sequences=node.max_sequences, emulated_link_ms=node.emulated_link_ms,
                             standby_stages=[s for s in host.hostable if s not in node.stages], hosting=host.stages,
                             incarnation=host.incarnation, profile=profile_to_wire(host.profile),
-                            memory_available_bytes=memory_available_bytes(), links=service.link_probe.times())
+                            memory_available_bytes=memory_available_bytes(), links=service.link_probe.times(),
+                            machine=machine, cores_used=cores)
         reply.MergeFrom(measured[0])
         return reply
 

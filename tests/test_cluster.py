@@ -151,8 +151,8 @@ def test_a_client_that_goes_away_has_its_caches_freed_on_every_node(cluster):
             assert pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=5).open_sequences == 0, node.name
 
 
-STATUS_COLUMNS = ["node", "address", "state", "stages", "sequences", "step ms", "tokens/s", "pass ms", "free MB",
-                  "heartbeat", "provider"]
+STATUS_COLUMNS = ["node", "address", "state", "stages", "sequences", "step ms", "tokens/s", "pass ms", "cores",
+                  "free MB", "heartbeat", "provider"]
 
 
 def busy_status(cluster, *args: str) -> subprocess.CompletedProcess:
@@ -181,6 +181,7 @@ def test_speed_status_lists_every_node_serving(cluster):
         assert (row["state"], row["stages"], row["provider"]) == ("serving", str(stage), "CPU"), row
         assert float(row["step ms"]) > 0 and float(row["tokens/s"]) > 0, row
         assert float(row["pass ms"]) > 0 and float(row["free MB"]) > 0, row  # what the node measured of itself
+        assert row["cores"] == f"1/{len(os.sched_getaffinity(0))}", row  # one thread, on this machine's cores
         assert row["heartbeat"].endswith(" s ago") and row["sequences"].endswith("/8"), row
 
 
@@ -200,6 +201,9 @@ def test_speed_status_json_is_one_object_with_each_nodes_load(cluster):
         assert {(p["stage"], p["rows"]) for p in node["pass_times"]} == {(s, r) for s in range(3) for r in (1, 2, 4)}
         assert all(p["ms"] > 0 for p in node["pass_times"]) and node["head_ms"] > 0, node
         assert int(node["memory_available_bytes"]) > 0, node
+    # one machine: the same id, whose cores every node's passes share
+    assert len({node["machine"]["id"] for node in status["nodes"]}) == 1
+    assert all(node["cores_used"] == 1 and node["machine"]["cores"] >= 1 for node in status["nodes"]), status["nodes"]
     # round trips to the other nodes of its ring; lockstep nodes do not talk to each other
     links = {node["name"]: {link["node"] for link in node["links"] if link["rtt_ms"] > 0} for node in status["nodes"]}
     names = {"edge-1", "edge-2", "edge-3"}

@@ -48,6 +48,10 @@ def test_a_node_with_a_cpu_share_runs_under_that_quota_and_serves_the_same_text(
         assert group.name == f"speed-{spec['cluster']}-edge-2" and quota == "1000 2000"  # 1 ms of every 2 ms
         assert quota_of(cluster.processes["edge-1"].pid)[0] != group  # only the node it was given to
         with Client(cluster.endpoint) as client:
+            # it tells the coordinator that its passes keep half a core busy, on the machine the others share
+            nodes = {node.name: node for node in client.status().nodes}
+            assert (nodes["edge-2"].cores_used, nodes["edge-1"].cores_used) == (0.5, 1.0)
+            assert nodes["edge-2"].machine == nodes["edge-1"].machine
             for speculative in (False, True):
                 result = client.generate(PROMPT, max_new_tokens=16, speculative=speculative, ignore_eos=True)
                 assert result.result().token_ids == expected

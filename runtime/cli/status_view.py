@@ -23,8 +23,8 @@ from runtime.wire.enums import node_state_of
 PIPE_WIDTH = 160  # characters a line may take when stdout is not a terminal (a file, a pipe)
 WATCH_TIMEOUT_S = 3.0  # how long --watch waits for one answer before it says the coordinator is unreachable
 STATE_STYLES = {NodeState.SERVING: "green", NodeState.DOWN: "bold red", NodeState.WAITING: "yellow", NodeState.LEFT: "dim"}
-COLUMNS = ("node", "address", "state", "stages", "sequences", "step ms", "tokens/s", "pass ms", "free MB", "heartbeat",
-           "provider")
+COLUMNS = ("node", "address", "state", "stages", "sequences", "step ms", "tokens/s", "pass ms", "cores", "free MB",
+           "heartbeat", "provider")
 
 
 def console_for_stdout() -> Console:
@@ -63,6 +63,7 @@ def _own_pass_ms(node: pb.NodeStatus) -> str:
 
 
 def node_row(node: pb.NodeStatus) -> list[Text | str]:
+    """cores: how many cores one of its passes keeps busy, of those its machine lets it run on."""
     state = node_state_of(node)
     serving = state == NodeState.SERVING
     return [
@@ -71,6 +72,7 @@ def node_row(node: pb.NodeStatus) -> list[Text | str]:
         f"{node.step_ms:.1f}" if serving and node.step_ms > 0 else "-",
         f"{node.positions_per_s:.1f}" if serving else "-",
         _own_pass_ms(node),
+        f"{node.cores_used:g}/{node.machine.cores:g}" if node.machine.cores else "-",
         f"{node.memory_available_bytes / 2**20:.0f}" if node.memory_available_bytes else "-",
         f"{node.last_heartbeat_s:.1f} s ago" if node.last_heartbeat_s >= 0 else "never",
         node.provider.removesuffix("ExecutionProvider") or "-",  # CPU, CUDA: the JSON has the whole name
@@ -81,7 +83,7 @@ def node_table(status: pb.ClusterStatusReply) -> Table:
     """A row per node; on a narrow terminal the cells after its name, address and state wrap."""
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True, header_style="bold")
     for column in COLUMNS:
-        numeric = column in ("sequences", "step ms", "tokens/s", "pass ms", "free MB", "heartbeat")
+        numeric = column in ("sequences", "step ms", "tokens/s", "pass ms", "cores", "free MB", "heartbeat")
         table.add_column(column, justify="right" if numeric else "left", no_wrap=column in ("node", "address", "state"))
     for node in status.nodes:
         table.add_row(*node_row(node))

@@ -29,7 +29,8 @@ MIN_CHECKS = 200  # guesses checked at a stage boundary before its seen flip rat
 
 def node_timings(nodes) -> dict[str, NodeTiming]:
     """What each node that measured itself reported (NodeStatus or NodeInfo messages, by name)."""
-    return {node.name: NodeTiming({(p.stage, p.rows): p.ms for p in node.pass_times}, node.head_ms)
+    return {node.name: NodeTiming({(p.stage, p.rows): p.ms for p in node.pass_times}, node.head_ms,
+                                  machine=node.machine.id, machine_cores=node.machine.cores, cores_used=node.cores_used)
             for node in nodes if node.pass_times}
 
 

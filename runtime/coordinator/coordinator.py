@@ -365,7 +365,9 @@ class Coordinator:
                             max_sequences=node.max_sequences, step_ms=node.step_ms,
                             positions_per_s=node.positions_per_s, pass_times=node.info.pass_times if node.info else [],
                             head_ms=node.info.head_ms if node.info else 0.0,
-                            memory_available_bytes=node.memory_available_bytes, links=node.links)
+                            memory_available_bytes=node.memory_available_bytes, links=node.links,
+                            machine=node.info.machine if node.info else None,
+                            cores_used=node.info.cores_used if node.info else 0.0)
         return reply
 
 

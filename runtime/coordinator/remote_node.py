@@ -22,6 +22,8 @@ log = logging.getLogger("speed.coordinator")
 MAX_STEP_MS = 3_600_000.0  # a batch or a pass: an hour is already absurd
 MAX_POSITIONS_PER_S = 1e9
 MAX_MEMORY_BYTES = 2**60
+MAX_CORES = 1 << 16
+MAX_MACHINE_ID_CHARS = 128
 
 
 def measurement_problem(info: pb.NodeInfo) -> str:
@@ -30,6 +32,11 @@ def measurement_problem(info: pb.NodeInfo) -> str:
     for field, value in measured:
         if not 0 <= value <= MAX_STEP_MS:  # also NaN
             return f"{field} {value}, not 0 to {MAX_STEP_MS:g}"
+    for field, value in (("machine.cores", info.machine.cores), ("cores_used", info.cores_used)):
+        if not 0 <= value <= MAX_CORES:
+            return f"{field} {value}, not 0 to {MAX_CORES}"
+    if len(info.machine.id) > MAX_MACHINE_ID_CHARS:
+        return f"machine.id of {len(info.machine.id)} characters, more than {MAX_MACHINE_ID_CHARS}"
     return ""
 
 

@@ -3,7 +3,8 @@ itself (runtime/core/scheduler.py) ticked by a model whose early stages guess wr
 tick lasting as long as its slowest node: the round trip of its step message, plus the measured pass of
 each of its items (interpolated by row count as on the ring) and the classifier for each item whose
 prediction is read. Several items on one node are taken to cost the sum of their passes (one call per
-graph is cheaper where stages share weights). Pure: no I/O, no tensors, no model.
+graph is cheaper where stages share weights), and nodes on one machine share its cores
+(runtime/core/shared_cores.py). Pure: no I/O, no tensors, no model.
 
 As in runtime/core/ring_timing.py the model's tokens are a fixed sequence; a stage predicts the next one
 unless it flips, and predicts nonsense from a context that holds a wrong token, so flushes cost what they
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from runtime.core.grouping import PREFILL_CHUNK
 from runtime.core.ring_timing import VOCAB, NodeTiming, true_token
 from runtime.core.scheduler import SpeedScheduler
+from runtime.core.shared_cores import shared_ends
 
 
 @dataclass
@@ -65,13 +67,26 @@ class LockstepTiming:
                     predictions[(0, item.start)] = self._prediction(item.stage, item.start + item.length - 1,
                                                                     item.stage in first_wrong, n_stages)
             carried = moving
-            now += max((ms + self.round_trip_ms(node) for node, ms in busy.items()), default=0.0)
+            now += max((ms + self.round_trip_ms(node) for node, ms in self._ends(busy).items()), default=0.0)
             before = len(seq.generated)
             scheduler.apply(predictions)
             commits += [now] * (len(seq.generated) - before)
         if len(commits) < 2 or commits[-1] <= commits[0]:
             raise ValueError("the simulated scheduler committed fewer than two tokens")
         return (len(commits) - 1) * 1000 / (commits[-1] - commits[0])
+
+    def _ends(self, busy: dict[str, float]) -> dict[str, float]:
+        """When each node's work of a tick ends, the nodes of one machine sharing its cores."""
+        ends, machines = {}, defaultdict(dict)
+        for node, ms in busy.items():
+            timing = self.timings[node]
+            if timing.shares_cores:
+                machines[timing.machine][node] = (ms, timing.cores_used)
+            else:
+                ends[node] = ms
+        for works in machines.values():
+            ends.update(shared_ends(works, self.timings[next(iter(works))].machine_cores))
+        return ends
 
     def _prediction(self, stage: int, position: int, wrong_context: bool, n_stages: int) -> int:
         if wrong_context:

@@ -8,9 +8,11 @@ token unless it flips (at the stage's rate, drawn per stage and position), and t
 right, so the committed text is the sequence and only the timing depends on the placement. A node runs
 one batch of runs at a time; a batch costs the node's measured pass time of each run's stage at as many
 rows as the run has positions (interpolated between the measured row counts, extrapolated past them),
-plus the classifier for each run whose prediction is read. The coordinator is taken to be beside the
-head: its messages cost nothing. A confidence gate of 1 (a stage that makes no guesses) is followed; any
-lower one is taken to send every guess. What this does not see: other processes sharing a node's cores.
+plus the classifier for each run whose prediction is read. Nodes on one machine share its cores: batches
+that run at once there take longer when they want more cores than it has (runtime/core/shared_cores.py).
+The coordinator is taken to be beside the head: its messages cost nothing, and its own work takes no core.
+A confidence gate of 1 (a stage that makes no guesses) is followed; any lower one is taken to send every
+guess.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from functools import cached_property
 
 from runtime.core.grouping import PREFILL_CHUNK
 from runtime.core.ring import Commit, Correction, Hop, RingMachine, Run
+from runtime.core.shared_cores import SharedMachine
 
 VOCAB = 1 << 16
 
@@ -34,6 +37,13 @@ class NodeTiming:
 
     pass_ms: Mapping[tuple[int, int], float]
     head_ms: float
+    machine: str = ""  # nodes with the same machine share its cores; "" = a machine of its own
+    machine_cores: float = 0.0
+    cores_used: float = 0.0  # by one of its passes; 0 = none it shares (its passes run on an accelerator)
+
+    @property
+    def shares_cores(self) -> bool:
+        return bool(self.machine) and self.machine_cores > 0 and self.cores_used > 0
 
     @cached_property
     def _points(self) -> dict[int, list[tuple[int, float]]]:
@@ -67,6 +77,8 @@ class _Node:
     core: RingMachine
     timing: NodeTiming
     busy: bool = False
+    runs: list[Run] = field(default_factory=list)  # of its batch running on a shared machine
+    ends: int = 0  # how often its batch's end was moved: a scheduled end of an older count is void
 
 
 @dataclass
@@ -93,6 +105,8 @@ class RingTiming:
         self._events: list = []
         self._order = itertools.count()
         self._link_free: dict[tuple[str, str], float] = {}
+        self._machines = {timing.machine: SharedMachine(timing.machine_cores)
+                          for name, timing in self.timings.items() if name in self.nodes and timing.shares_cores}
 
     def decode(self, prompt_tokens: int, new_tokens: int) -> float:
         """Tokens per second of steady decoding (after the first token) of one request."""
@@ -145,7 +159,27 @@ class RingTiming:
         node.busy = True
         cost = sum(node.timing.run_ms(run.stage, len(run.tokens)) + self.run_overhead_ms
                    + (node.timing.head_ms if run.predict or run.final else 0.0) for run in runs)
-        self._at(self.now + cost, lambda: self._finish(node, runs))
+        machine = self._machines.get(node.timing.machine) if node.timing.shares_cores else None
+        if machine is None:
+            self._at(self.now + cost, lambda: self._finish(node, runs))
+            return
+        machine.start(node.name, cost, node.timing.cores_used, self.now)
+        node.runs = runs
+        self._schedule_ends(machine)
+
+    def _schedule_ends(self, machine: SharedMachine) -> None:
+        """A batch started or ended on `machine`: the others there now end at other times."""
+        for name, at in machine.ends().items():
+            node = self.nodes[name]
+            node.ends += 1
+            self._at(at, lambda node=node, count=node.ends: self._shared_end(node, machine, count))
+
+    def _shared_end(self, node: _Node, machine: SharedMachine, count: int) -> None:
+        if count != node.ends:
+            return  # moved since
+        machine.finish(node.name, self.now)
+        self._schedule_ends(machine)
+        self._finish(node, node.runs)
 
     def _finish(self, node: _Node, runs: list[Run]) -> None:
         for run in runs:

@@ -160,7 +160,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("name", "address", "stages", "state", "provider", "threads", "last_heartbeat_s", "hosting", "sequences", "max_sequences", "step_ms", "positions_per_s", "pass_times", "head_ms", "memory_available_bytes", "links")
+    __slots__ = ("name", "address", "stages", "state", "provider", "threads", "last_heartbeat_s", "hosting", "sequences", "max_sequences", "step_ms", "positions_per_s", "pass_times", "head_ms", "memory_available_bytes", "links", "machine", "cores_used")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,8 @@ class NodeStatus(_message.Message):
     HEAD_MS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
+    CORES_USED_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     stages: _containers.RepeatedScalarFieldContainer[int]
@@ -193,7 +195,9 @@ class NodeStatus(_message.Message):
     head_ms: float
     memory_available_bytes: int
     links: _containers.RepeatedCompositeFieldContainer[LinkTime]
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[NodeState, str]] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., hosting: _Optional[_Iterable[int]] = ..., sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., step_ms: _Optional[float] = ..., positions_per_s: _Optional[float] = ..., pass_times: _Optional[_Iterable[_Union[PassTime, _Mapping]]] = ..., head_ms: _Optional[float] = ..., memory_available_bytes: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkTime, _Mapping]]] = ...) -> None: ...
+    machine: Machine
+    cores_used: float
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[NodeState, str]] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., last_heartbeat_s: _Optional[float] = ..., hosting: _Optional[_Iterable[int]] = ..., sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., step_ms: _Optional[float] = ..., positions_per_s: _Optional[float] = ..., pass_times: _Optional[_Iterable[_Union[PassTime, _Mapping]]] = ..., head_ms: _Optional[float] = ..., memory_available_bytes: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkTime, _Mapping]]] = ..., machine: _Optional[_Union[Machine, _Mapping]] = ..., cores_used: _Optional[float] = ...) -> None: ...
 
 class ClusterStatusReply(_message.Message):
     __slots__ = ("cluster", "bundle_sha256", "serving", "nodes", "active_requests", "speculation", "queued_requests", "max_queue", "placement_settled", "placement", "flips", "alone_sequential_tokens_per_s", "alone_speculative_tokens_per_s")
@@ -410,7 +414,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "stages", "bundle_sha256", "provider", "threads", "device", "open_sequences", "max_sequences", "emulated_link_ms", "standby_stages", "hosting", "incarnation", "profile", "pass_times", "head_ms", "memory_available_bytes", "links")
+    __slots__ = ("name", "stages", "bundle_sha256", "provider", "threads", "device", "open_sequences", "max_sequences", "emulated_link_ms", "standby_stages", "hosting", "incarnation", "profile", "pass_times", "head_ms", "memory_available_bytes", "links", "machine", "cores_used")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -428,6 +432,8 @@ class NodeInfo(_message.Message):
     HEAD_MS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
+    CORES_USED_FIELD_NUMBER: _ClassVar[int]
     name: str
     stages: _containers.RepeatedScalarFieldContainer[int]
     bundle_sha256: str
@@ -445,7 +451,17 @@ class NodeInfo(_message.Message):
     head_ms: float
     memory_available_bytes: int
     links: _containers.RepeatedCompositeFieldContainer[LinkTime]
-    def __init__(self, name: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., bundle_sha256: _Optional[str] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., device: _Optional[str] = ..., open_sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., emulated_link_ms: _Optional[float] = ..., standby_stages: _Optional[_Iterable[int]] = ..., hosting: _Optional[_Iterable[int]] = ..., incarnation: _Optional[int] = ..., profile: _Optional[_Union[NodeProfile, _Mapping]] = ..., pass_times: _Optional[_Iterable[_Union[PassTime, _Mapping]]] = ..., head_ms: _Optional[float] = ..., memory_available_bytes: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkTime, _Mapping]]] = ...) -> None: ...
+    machine: Machine
+    cores_used: float
+    def __init__(self, name: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., bundle_sha256: _Optional[str] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., device: _Optional[str] = ..., open_sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., emulated_link_ms: _Optional[float] = ..., standby_stages: _Optional[_Iterable[int]] = ..., hosting: _Optional[_Iterable[int]] = ..., incarnation: _Optional[int] = ..., profile: _Optional[_Union[NodeProfile, _Mapping]] = ..., pass_times: _Optional[_Iterable[_Union[PassTime, _Mapping]]] = ..., head_ms: _Optional[float] = ..., memory_available_bytes: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkTime, _Mapping]]] = ..., machine: _Optional[_Union[Machine, _Mapping]] = ..., cores_used: _Optional[float] = ...) -> None: ...
+
+class Machine(_message.Message):
+    __slots__ = ("id", "cores")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CORES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    cores: float
+    def __init__(self, id: _Optional[str] = ..., cores: _Optional[float] = ...) -> None: ...
 
 class LinkTime(_message.Message):
     __slots__ = ("node", "rtt_ms")
