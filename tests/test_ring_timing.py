@@ -47,5 +47,9 @@ def test_a_slow_node_holds_the_ring_back_and_moving_its_stage_away_helps():
 def test_pass_times_between_and_beyond_the_measured_row_counts_are_interpolated():
     node = NodeTiming({(0, 1): 1.0, (0, 2): 1.5, (0, 4): 2.5}, 0.1)
     assert node.run_ms(0, 3) == pytest.approx(2.0) and node.run_ms(0, 8) == pytest.approx(4.5)
+    # a measured row count is its measurement, even where the measurements are not in line (under a CPU quota)
+    noisy = NodeTiming({(0, 1): 17.7, (0, 2): 14.0, (0, 4): 22.9}, 0.1)
+    assert [noisy.run_ms(0, rows) for rows in (1, 2, 4)] == [17.7, 14.0, 22.9]
     with pytest.raises(ValueError, match="stage 1"):
         node.run_ms(1, 1)
+

@@ -52,6 +52,7 @@ def plan(spec: ClusterSpec, bundle: Bundle, status: pb.ClusterStatusReply) -> di
 
     return {"cluster": spec.name, "bundle": bundle.manifest["name"], "data_path": str(spec.data_path),
             "window": model.window, "mode": model.mode, "flips": list(flips),
+            "knows_better": list(model.knows_better),
             "guess_thresholds": list(model.thresholds), "flips_from": flips_from,
             "calibration": {"run_overhead_ms": fitted.run_overhead_ms if fitted_to else None, "fitted_to": fitted_to},
             "candidates": [entry(i, c) for i, c in enumerate(candidates)]}

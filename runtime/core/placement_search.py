@@ -14,6 +14,7 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from runtime.core.flip_fit import knows_better
 from runtime.core.lockstep_timing import LockstepTiming
 from runtime.core.ring_timing import NodeTiming, RingTiming
 
@@ -30,7 +31,7 @@ class TimingModel:
 
     timings: Mapping[str, NodeTiming]  # per node: its measured pass and classifier times
     link_ms: Callable[[str, str], float]  # one-way latency from one node to another ("coordinator" included)
-    flips: tuple[float, ...]  # per early stage: how often its guess is wrong
+    flips: tuple[float, ...]  # per stage boundary: the share of checks found wrong, as the data path counts them
     thresholds: tuple[float, ...]  # per early stage: the confidence gate
     speculate: bool
     window: int  # the ring: positions stage 0 runs ahead when speculating
@@ -47,16 +48,24 @@ class TimingModel:
         speculative = self.rate(placement, speculate=True) if self.mode == "speculative" else sequential
         return Scored(dict(placement), sequential, speculative)
 
+    @property
+    def knows_better(self) -> tuple[float, ...]:
+        """The synthetic guesses' draws that make this data path count the flip rates seen."""
+        return knows_better(tuple(self.flips), data_path=self.data_path, window=self.window,
+                            thresholds=tuple(self.thresholds), prefill_chunk=self.prefill_chunk)
+
     def rate(self, placement: Mapping[int, str], *, speculate: bool) -> float:
         if self.data_path == "lockstep":
             def round_trip(node: str) -> float:
                 return self.link_ms(COORDINATOR, node) + self.link_ms(node, COORDINATOR)
 
-            timing = LockstepTiming(dict(placement), self.timings, round_trip, self.flips, speculate, self.thresholds,
-                                    prefill_chunk=self.prefill_chunk, run_overhead_ms=self.run_overhead_ms)
+            timing = LockstepTiming(dict(placement), self.timings, round_trip, self.knows_better, speculate,
+                                    self.thresholds, prefill_chunk=self.prefill_chunk,
+                                    run_overhead_ms=self.run_overhead_ms)
         else:
-            timing = RingTiming(dict(placement), self.timings, self.link_ms, self.flips, self.window if speculate else 0,
-                                self.thresholds, prefill_chunk=self.prefill_chunk, run_overhead_ms=self.run_overhead_ms)
+            timing = RingTiming(dict(placement), self.timings, self.link_ms, self.knows_better,
+                                self.window if speculate else 0, self.thresholds, prefill_chunk=self.prefill_chunk,
+                                run_overhead_ms=self.run_overhead_ms)
         return round(timing.decode(PROMPT_TOKENS, NEW_TOKENS), 1)
 
 

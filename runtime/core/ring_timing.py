@@ -3,9 +3,9 @@ simulation of the real ring state machines (`RingMachine`, one per node) whose p
 nodes measured of themselves, over first-in first-out links of given one-way latency, with early-stage
 guesses wrong at given rates. Pure: no I/O, no tensors, no model.
 
-The model's tokens are a fixed sequence; a stage's guess for the next position is that sequence's
-token unless it flips (at the stage's rate, drawn per stage and position), and the last stage is always
-right, so the committed text is the sequence and only the timing depends on the placement. A node runs
+The model's tokens are a fixed sequence (runtime/core/synthetic_guesses.py): early stages guess wrong at
+the rates the coordinator counts on the ring, and the last stage is always right, so the committed text is
+the sequence and only the timing depends on the placement. A node runs
 one batch of runs at a time; a batch costs the node's measured pass time of each run's stage at as many
 rows as the run has positions (interpolated between the measured row counts, extrapolated past them),
 plus the classifier for each run whose prediction is read. Nodes on one machine share its cores: batches
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -27,8 +26,7 @@ from functools import cached_property
 from runtime.core.grouping import PREFILL_CHUNK
 from runtime.core.ring import Commit, Correction, Hop, RingMachine, Run
 from runtime.core.shared_cores import SharedMachine
-
-VOCAB = 1 << 16
+from runtime.core.synthetic_guesses import Guesses, true_token
 
 
 @dataclass(frozen=True)
@@ -59,16 +57,15 @@ class NodeTiming:
             raise ValueError(f"no pass time measured for stage {stage}")
         if len(points) == 1:
             return points[0][1] * positions / points[0][0]
+        exact = next((ms for rows, ms in points if rows == positions), None)
+        if exact is not None:
+            return exact
         below = [p for p in points if p[0] <= positions] or points[:1]
         above = [p for p in points if p[0] >= positions] or points[-1:]
         (r0, m0), (r1, m1) = (below[-1], above[0]) if below[-1] != above[0] else (points[-2], points[-1])
         if r0 == r1:
             return m0
         return max(0.0, m0 + (m1 - m0) * (positions - r0) / (r1 - r0))
-
-
-def true_token(position: int) -> int:
-    return (position * 7919 + 13) % VOCAB
 
 
 @dataclass
@@ -86,7 +83,7 @@ class RingTiming:
     placement: Mapping[int, str]  # stage -> node
     timings: Mapping[str, NodeTiming]
     link_ms: Callable[[str, str], float]  # one-way latency from one node to another
-    flips: tuple[float, ...]  # per early stage: how often its guess for the next position is wrong
+    knows_better: tuple[float, ...]  # per stage boundary, the synthetic guesses' draws (synthetic_guesses.Guesses)
     window: int  # positions stage 0 may run ahead on its own guesses; 0 = sequential decoding
     thresholds: tuple[float, ...] = ()  # per early stage, the confidence gate; () = every guess sent
     prefill_chunk: int = PREFILL_CHUNK
@@ -102,6 +99,7 @@ class RingTiming:
             hosting.setdefault(name, []).append(stage)
         self.nodes = {name: _Node(name, RingMachine(tuple(stages), n_stages, prefill_chunk=self.prefill_chunk),
                                   self.timings[name]) for name, stages in hosting.items()}
+        self._guesses = Guesses(tuple(self.knows_better), self.seed)
         self._events: list = []
         self._order = itertools.count()
         self._link_free: dict[tuple[str, str], float] = {}
@@ -122,6 +120,14 @@ class RingTiming:
         if len(self.commits) < 2 or self.commits[-1] <= self.commits[0]:
             raise ValueError("the simulated ring committed fewer than two tokens")
         return (len(self.commits) - 1) * 1000 / (self.commits[-1] - self.commits[0])
+
+    def counted_flip_rates(self) -> tuple[float | None, ...]:
+        """Per stage boundary, the share of the checks found wrong by the decode so far, as the coordinator counts
+        them on the ring; None where nothing was checked."""
+        counts = {stage: count for node in self.nodes.values() if 1 in node.core.sequences
+                  for stage, count in node.core.counts(1)[0].items()}
+        return tuple(counts[b].flips / counts[b].checks if b in counts and counts[b].checks else None
+                     for b in range(1, len(self.placement)))
 
     def _at(self, when: float, action) -> None:
         heapq.heappush(self._events, (when, next(self._order), action))
@@ -186,11 +192,7 @@ class RingTiming:
             if run.seq_id not in node.core.sequences:
                 continue
             right = all(token == true_token(run.start + i) for i, token in enumerate(run.tokens))
-            prediction = true_token(run.end) if right else (true_token(run.end) + 1) % VOCAB
-            if run.predict and not run.final:
-                draw = random.Random(hash((self.seed, run.stage, run.end, run.gen)))
-                if draw.random() < self.flips[run.stage]:
-                    prediction = (prediction + 1 + draw.randrange(VOCAB - 1)) % VOCAB
+            prediction = self._guesses.prediction(run.stage, run.end, run.gen, right_context=right)
             node.core.ran(run, prediction if run.predict or run.final else None, 1.0)
             for message in node.core.drain():
                 self._route(node, message)
