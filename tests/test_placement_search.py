@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from runtime.coordinator.auto_placement import MIN_CHECKS, flip_rates
+from runtime.coordinator.auto_placement import PRIOR_CHECKS, flip_rates
 from runtime.core import placement_search
 from runtime.core.bundle import load_bundle
 from runtime.core.placement_search import TimingModel, choose, fit_run_overhead, hostable_by, ranked
@@ -66,14 +66,15 @@ def test_beyond_the_candidate_limit_a_local_search_still_finds_the_fast_nodes(mo
     assert "b" not in choose(model(timings), EVEN, hostable_by(timings, 3)).placement.values()
 
 
-def test_flip_rates_seen_by_the_coordinator_replace_the_bundle_s_once_enough_guesses_were_checked():
+def test_flip_rates_seen_by_the_coordinator_outweigh_the_bundle_s_as_checks_add_up():
     bundle = load_bundle()  # the demo: its training report holds held-out flip rates
     reported, source = bundle.guess_flip_rates()
     assert flip_rates(bundle, [0, 0], [0, 0]) == (reported, source)
-    assert flip_rates(bundle, [50, 1], [MIN_CHECKS, MIN_CHECKS - 1]) == (
-        (50 / MIN_CHECKS, reported[1]), f"seen by the coordinator where checked, else {source}: {2 * MIN_CHECKS - 1} "
-                                        "guesses checked")
-    assert flip_rates(bundle, [50, 100], [MIN_CHECKS, 2 * MIN_CHECKS])[0] == (50 / MIN_CHECKS, 0.25)
+    rates, where = flip_rates(bundle, [50, 9], [200, 10])
+    assert rates == pytest.approx(((50 + PRIOR_CHECKS * reported[0]) / (200 + PRIOR_CHECKS),
+                                   (9 + PRIOR_CHECKS * reported[1]) / (10 + PRIOR_CHECKS)))
+    assert where == f"seen by the coordinator: 210 guesses checked, with {source} as {PRIOR_CHECKS} more a boundary"
+    assert flip_rates(bundle, [90_000, 10_000], [100_000, 100_000])[0] == pytest.approx((0.9, 0.1), abs=1e-3)
 
 
 @pytest.mark.parametrize("data_path", ["ring", "lockstep"])

@@ -8,6 +8,8 @@ Candidates: runtime/core/placement_search.py's, the file's own placement first.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from runtime.coordinator.auto_placement import calibrated, flip_rates, link_ms, node_timings, timing_model
 from runtime.core.bundle import Bundle
 from runtime.core.cluster_file import ClusterSpec
@@ -34,11 +36,11 @@ def plan(spec: ClusterSpec, bundle: Bundle, status: pb.ClusterStatusReply) -> di
     flips, flips_from = flip_rates(bundle, [count.flips for count in seen], [count.checks for count in seen])
     model = timing_model(spec, bundle, timings, link_ms(spec, {node.name: node.links for node in status.nodes}), flips)
     own = {stage: node.name for node in spec.nodes for stage in node.stages}
-    candidates = ranked(model, own, hostable)
     now = {stage: node.name for node in status.nodes for stage in node.hosting}
+    fitted, fitted_to = calibrated(model, now, status.alone_sequential_tokens_per_s, status.alone_speculative_tokens_per_s)
+    model = replace(model, guess_draws=fitted.guess_draws)  # the guesses fitted to what `now` counted, in both
+    candidates = ranked(model, own, hostable)
     current = next((c for c in candidates if c.placement == now), None)
-    fitted, fitted_to = calibrated(model, current.placement if current else {}, status.alone_sequential_tokens_per_s,
-                                   status.alone_speculative_tokens_per_s)
     again = {id(c) for c in [candidates[0], *([current] if current else []), *candidates[1:CALIBRATED]]}
 
     def entry(i: int, c) -> dict:

@@ -19,12 +19,12 @@ from runtime.core.bundle import Bundle
 from runtime.core.cluster_file import ClusterSpec
 from runtime.core.generation import guess_thresholds
 from runtime.core.placement import stages_of
-from runtime.core.placement_search import TimingModel, choose, fit_run_overhead, hostable_by
+from runtime.core.placement_search import TimingModel, choose, fit_guesses, fit_run_overhead, hostable_by
 from runtime.core.ring_timing import NodeTiming
 
 log = logging.getLogger("speed.coordinator")
 MEASURE_TIMEOUT_STEPS = 10  # a node times its passes again within this many step timeouts
-MIN_CHECKS = 200  # guesses checked at a stage boundary before its seen flip rate replaces the bundle's
+PRIOR_CHECKS = 50  # the bundle's flip rate weighs as much as this many checks the coordinator saw
 
 
 def node_timings(nodes) -> dict[str, NodeTiming]:
@@ -48,15 +48,17 @@ def link_ms(spec: ClusterSpec, links: Mapping[str, list]) -> Callable[[str, str]
 
 
 def flip_rates(bundle: Bundle, flips: Sequence[int], checks: Sequence[int]) -> tuple[tuple[float, ...], str]:
-    """Per early stage, how often its guesses are wrong: as the coordinator saw them where it checked at least
-    MIN_CHECKS, else the bundle's figure; and where the figures come from."""
+    """Per stage boundary, how often its checks find a guess wrong, and where the figures come from: what the
+    coordinator counted, weighed with the bundle's figure as if it were PRIOR_CHECKS more checks (a boundary
+    the ring checks rarely, the one after a stage whose guesses seldom pass, still says what it saw)."""
     rates, source = bundle.guess_flip_rates()
-    seen = [b for b, count in enumerate(checks[: len(rates)]) if count >= MIN_CHECKS]
-    if not seen:
+    counted = list(zip(flips, checks))[: len(rates)]
+    if not any(checked for _, checked in counted):
         return rates, source
-    observed = tuple(flips[b] / checks[b] if b in seen else rate for b, rate in enumerate(rates))
-    where = "seen by the coordinator" if len(seen) == len(rates) else f"seen by the coordinator where checked, else {source}"
-    return observed, f"{where}: {sum(checks)} guesses checked"
+    blended = tuple((wrong + PRIOR_CHECKS * rate) / (checked + PRIOR_CHECKS)
+                    for (wrong, checked), rate in zip(counted, rates))
+    return blended, (f"seen by the coordinator: {sum(checks)} guesses checked, with {source} as {PRIOR_CHECKS} more a "
+                     "boundary")
 
 
 def timing_model(spec: ClusterSpec, bundle: Bundle, timings: Mapping[str, NodeTiming],
@@ -70,17 +72,18 @@ def timing_model(spec: ClusterSpec, bundle: Bundle, timings: Mapping[str, NodeTi
 
 def calibrated(model: TimingModel, placed: Mapping[int, str], sequential: float,
                speculative: float) -> tuple[TimingModel, str | None]:
-    """The model with the cost of a run beside its pass that what `placed` measured implies (tokens/s of its
-    requests decoding alone, 0 where none), and the mode it was fitted to; the model as it is and None
-    without a measurement. Fitted to sequential decoding where there is one: nothing but passes, hops and
-    what each run costs make its time, while speculation adds what the model knows least (flips, nodes
-    sharing cores)."""
+    """The model whose synthetic guesses make `placed` count the flip rates seen (fit_guesses), with the cost of
+    a run beside its pass that what `placed` measured implies (tokens/s of its requests decoding alone, 0
+    where none), and the mode that cost was fitted to (None without a measurement). Fitted to sequential
+    decoding where there is one: nothing but passes, hops and what each run costs make its time, while
+    speculation adds what the model knows least (flips, nodes sharing cores)."""
     if len(placed) != len(model.flips) + 1 or not set(placed.values()) <= set(model.timings):
         return model, None
+    model = fit_guesses(model, placed)  # without a cost per run yet: fitted again once it is known
     for mode, measured in (("sequential", sequential), ("speculative", speculative)):
         if measured > 0:
             overhead = fit_run_overhead(model, placed, speculate=mode == "speculative", measured=measured)
-            return replace(model, run_overhead_ms=overhead), mode
+            return fit_guesses(replace(model, run_overhead_ms=overhead), placed), mode
     return model, None
 
 

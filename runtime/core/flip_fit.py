@@ -3,14 +3,16 @@ the coordinator saw. Pure.
 
 A rate counted at a boundary is not the share of guesses that go wrong there: it also counts the checks of
 positions run again after a correction, and of guesses made from contexts that already held a wrong token,
-and on the ring only what passed the checks before. So the draws are searched for: a cluster of one node
-per stage, alike, decodes with the file's window, gates and prefill chunk, and a coordinate search moves each
-boundary's share until what the data path counts is closest to what was seen. Rates read from a bundle (held
-out, where no cluster counted anything yet) are taken as counted too.
+and on the ring only what passed the checks before. How often a check finds a wrong guess also depends on the
+timing (a commit that overtakes a correction spares its check), so the draws are searched for on the
+placement that counted the rates, with its nodes' timings (placement_search.fit_guesses), else on a
+cluster of one node per stage, alike: a coordinate search moves each boundary's share until what the data
+path counts is closest to what was seen. Rates read from a bundle are taken as counted too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 
 from runtime.core.lockstep_timing import LockstepTiming
@@ -25,13 +27,18 @@ _NODE = NodeTiming({(stage, rows): 1.0 + 0.1 * (rows - 1) for stage in range(64)
 @lru_cache(maxsize=64)
 def knows_better(flips: tuple[float, ...], *, data_path: str, window: int, thresholds: tuple[float, ...],
                  prefill_chunk: int) -> tuple[float, ...]:
-    """Per boundary, the share drawn (Guesses.knows_better) whose decode counts rates closest to `flips`."""
+    """Per boundary, the share drawn (Guesses.knows_better) whose decode on a cluster of one node per stage,
+    alike, counts rates closest to `flips`: for where no placement of the cluster counted them."""
     if not flips or (data_path == "ring" and window == 0):
         return flips  # nothing is guessed, so nothing is counted
+    return search_shares(flips, lambda shares: counted_rates(shares, data_path, window, thresholds, prefill_chunk))
 
+
+def search_shares(flips: tuple[float, ...], count: Callable[[tuple[float, ...]], tuple[float | None, ...]]
+                  ) -> tuple[float, ...]:
+    """The shares whose decode counts (`count`) rates closest to `flips`: a coordinate search from `flips`."""
     def error(shares: tuple[float, ...]) -> float:
-        counted = counted_rates(shares, data_path, window, thresholds, prefill_chunk)
-        return sum((seen - got) ** 2 for seen, got in zip(flips, counted) if got is not None)
+        return sum((seen - got) ** 2 for seen, got in zip(flips, count(shares)) if got is not None)
 
     best, least, step, trials = flips, error(flips), FIRST_STEP, 1
     while step >= LAST_STEP and trials < MAX_TRIALS:

@@ -14,7 +14,7 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from runtime.core.flip_fit import knows_better
+from runtime.core.flip_fit import FIT_TOKENS, knows_better, search_shares
 from runtime.core.lockstep_timing import LockstepTiming
 from runtime.core.ring_timing import NodeTiming, RingTiming
 
@@ -38,6 +38,7 @@ class TimingModel:
     prefill_chunk: int
     data_path: str = "ring"  # or "lockstep"
     run_overhead_ms: float = 0.0  # what a run costs beside its pass (fit_run_overhead finds it from a measurement)
+    guess_draws: tuple[float, ...] | None = None  # fit_guesses finds them on the placement that counted the flips
 
     @property
     def mode(self) -> str:
@@ -50,23 +51,28 @@ class TimingModel:
 
     @property
     def knows_better(self) -> tuple[float, ...]:
-        """The synthetic guesses' draws that make this data path count the flip rates seen."""
+        """The synthetic guesses' draws: fitted on the placement that counted the flip rates (fit_guesses), else
+        on a cluster of one node per stage."""
+        if self.guess_draws is not None:
+            return self.guess_draws
         return knows_better(tuple(self.flips), data_path=self.data_path, window=self.window,
                             thresholds=tuple(self.thresholds), prefill_chunk=self.prefill_chunk)
 
     def rate(self, placement: Mapping[int, str], *, speculate: bool) -> float:
+        return round(self.timing(placement, speculate=speculate).decode(PROMPT_TOKENS, NEW_TOKENS), 1)
+
+    def timing(self, placement: Mapping[int, str], *, speculate: bool,
+               knows_better: tuple[float, ...] | None = None) -> RingTiming | LockstepTiming:
+        """The data path's simulation of `placement`, ready to decode."""
+        draws = self.knows_better if knows_better is None else knows_better
         if self.data_path == "lockstep":
             def round_trip(node: str) -> float:
                 return self.link_ms(COORDINATOR, node) + self.link_ms(node, COORDINATOR)
 
-            timing = LockstepTiming(dict(placement), self.timings, round_trip, self.knows_better, speculate,
-                                    self.thresholds, prefill_chunk=self.prefill_chunk,
-                                    run_overhead_ms=self.run_overhead_ms)
-        else:
-            timing = RingTiming(dict(placement), self.timings, self.link_ms, self.knows_better,
-                                self.window if speculate else 0, self.thresholds, prefill_chunk=self.prefill_chunk,
-                                run_overhead_ms=self.run_overhead_ms)
-        return round(timing.decode(PROMPT_TOKENS, NEW_TOKENS), 1)
+            return LockstepTiming(dict(placement), self.timings, round_trip, draws, speculate, self.thresholds,
+                                  prefill_chunk=self.prefill_chunk, run_overhead_ms=self.run_overhead_ms)
+        return RingTiming(dict(placement), self.timings, self.link_ms, draws, self.window if speculate else 0,
+                          self.thresholds, prefill_chunk=self.prefill_chunk, run_overhead_ms=self.run_overhead_ms)
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,21 @@ def fit_run_overhead(model: TimingModel, placement: Mapping[int, str], *, specul
         middle = (low + high) / 2
         low, high = (middle, high) if rate(middle) > measured else (low, middle)
     return round(high, 2)
+
+
+def fit_guesses(model: TimingModel, placement: Mapping[int, str]) -> TimingModel:
+    """The model whose synthetic guesses make `placement` (where the flip rates were counted) count them; the
+    model as it is where it does not speculate or `placement` is not whole."""
+    whole = len(placement) == len(model.flips) + 1 and set(placement.values()) <= set(model.timings)
+    if model.mode != "speculative" or not whole:
+        return model
+
+    def counted(shares: tuple[float, ...]) -> tuple[float | None, ...]:
+        timing = model.timing(placement, speculate=True, knows_better=shares)
+        timing.decode(PROMPT_TOKENS, FIT_TOKENS)
+        return timing.counted_flip_rates()
+
+    return dataclasses.replace(model, guess_draws=search_shares(tuple(model.flips), counted))
 
 
 def _climb(model: TimingModel, start: Scored, hostable: Mapping[int, Sequence[str]]) -> list[Scored]:
