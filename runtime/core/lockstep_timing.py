@@ -63,7 +63,7 @@ class LockstepTiming:
                     first_wrong.setdefault(item.stage, wrong[0])
                 node = self.placement[item.stage]
                 timing = self.timings[node]
-                busy[node] += (timing.run_ms(item.stage, item.length) + timing.overhead_ms(self.run_overhead_ms)
+                busy[node] += (timing.run_ms(item.stage, item.length) + self.run_overhead_ms
                                + (timing.head_ms if item.predict else 0.0))
                 if item.predict:
                     predicted = item.start + item.length

@@ -43,11 +43,6 @@ class NodeTiming:
     def shares_cores(self) -> bool:
         return bool(self.machine) and self.machine_cores > 0 and self.cores_used > 0
 
-    def overhead_ms(self, run_overhead_ms: float) -> float:
-        """What a run costs it beside its pass, given that cost on a whole core: the bookkeeping is one thread's,
-        so a node allowed less than a core (a CPU quota) takes that much longer, as its passes do."""
-        return run_overhead_ms / self.cores_used if 0 < self.cores_used < 1 else run_overhead_ms
-
     @cached_property
     def _points(self) -> dict[int, list[tuple[int, float]]]:
         """Per stage, (rows, ms) by rows: run_ms is called for every simulated run."""
@@ -168,7 +163,7 @@ class RingTiming:
         if not runs:
             return
         node.busy = True
-        cost = sum(node.timing.run_ms(run.stage, len(run.tokens)) + node.timing.overhead_ms(self.run_overhead_ms)
+        cost = sum(node.timing.run_ms(run.stage, len(run.tokens)) + self.run_overhead_ms
                    + (node.timing.head_ms if run.predict or run.final else 0.0) for run in runs)
         machine = self._machines.get(node.timing.machine) if node.timing.shares_cores else None
         if machine is None:
