@@ -87,3 +87,16 @@ def test_the_cost_of_a_run_is_fitted_to_what_a_placement_measured(data_path):
     fitted = dataclasses.replace(ring, run_overhead_ms=overhead)
     assert fitted.rate(EVEN, speculate=False) == pytest.approx(predicted / 2, rel=0.01)
     assert fit_run_overhead(ring, EVEN, speculate=False, measured=predicted * 2) == 0.0  # the model is slower already
+
+
+@pytest.mark.parametrize("data_path", ["ring", "lockstep"])
+def test_guesses_are_fitted_to_what_the_placement_that_counted_the_flips_counts(data_path):
+    # two stages on one node, one slow node: not the alike cluster the rates would otherwise be read on
+    timings = {"a": timing(1.0), "b": timing(3.0), "c": timing(1.0)}
+    placement = {0: "a", 1: "b", 2: "b"}
+    seen = (0.3, 0.4)
+    fitted = placement_search.fit_guesses(dataclasses.replace(model(timings, data_path=data_path), flips=seen),
+                                          placement)
+    simulated = fitted.timing(placement, speculate=True)
+    simulated.decode(16, placement_search.FIT_TOKENS)
+    assert simulated.counted_flip_rates() == pytest.approx(seen, abs=0.05)
