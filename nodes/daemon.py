@@ -29,6 +29,7 @@ from runtime.core.bundle import Bundle, load_bundle
 from runtime.core.cluster_file import ClusterSpec, NodeSpec, load_cluster, parse_address
 from runtime.core.errors import SpeedError
 from runtime.executor.cpu_profile import CpuProfile
+from runtime.executor.onnx_session import PROVIDERS
 from runtime.executor.onnx_stage_model import OnnxStageModel
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
@@ -96,7 +97,8 @@ def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threadin
     host = StageHost(model, name=node.name, stages=node.stages, max_sequences=node.max_sequences,
                      idle_timeout_s=node.idle_timeout_s, hostable=hostable_stages(bundle, node))
 
-    machine, cores = this_machine(), cores_used(node.threads)  # after the quota, which it counts
+    # after the quota, which it counts; passes on an accelerator keep no core busy
+    machine, cores = this_machine(), cores_used(node.threads) if model.provider == PROVIDERS["cpu"] else 0.0
     measured = [pb.NodeInfo()]  # its pass times, once warm; replaced whole when measured again
 
     def info() -> pb.NodeInfo:

@@ -28,6 +28,7 @@ def this_machine() -> pb.Machine:
 
 
 def cores_used(threads: int, *, root: Path = CGROUP_ROOT) -> float:
+    """How many cores a pass with `threads` intra-op threads (0: one per core) keeps busy on this machine."""
     cores = _cores()
     wanted = min(threads, cores) if threads > 0 else cores
     limit = quota_cores(root=root)
