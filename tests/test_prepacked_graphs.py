@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from runtime.core.bundle import load_bundle
 from runtime.executor import prepacked_graphs
@@ -120,3 +121,19 @@ def test_speed_cache_lists_and_clears_the_copies(tiny_bundle, tmp_path, monkeypa
     assert cleared.returncode == 0 and "removed 1 copy" in cleared.stdout and not copy.parent.exists()
     bad = subprocess.run(speed, capture_output=True, text=True, env={**env, "SPEED_GRAPH_CACHE_MB": "lots"})
     assert bad.returncode == 1 and bad.stderr.strip().endswith("got 'lots'") and "Traceback" not in bad.stderr
+
+
+def test_a_derived_graph_for_a_gpu_is_derived_once_and_saved(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEED_GRAPH_CACHE", str(tmp_path / "graphs"))
+    bundle = load_bundle(tiny_bundle)
+    (path,) = set(bundle.stage_graphs)
+    derive, calls = prepacked_graphs.DERIVED["writes"], []
+    monkeypatch.setitem(prepacked_graphs.DERIVED, "writes", lambda graph: calls.append(graph) or derive(graph))
+    copy = prepacked_graphs.derived_copy(path, bundle.file_sha256(path), "writes")
+    assert prepacked_graphs.derived_copy(path, bundle.file_sha256(path), "writes") == copy and calls == [path]
+    assert copy.parent in [entry.path for entry in cached_graphs()]  # listed and trimmed like every copy
+    saved, fresh = (ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+                    for source in (str(copy), derive(path)))
+    feeds = probe_feeds(fresh)
+    for a, b in zip(saved.run(None, feeds), fresh.run(None, feeds)):
+        np.testing.assert_array_equal(a, b)

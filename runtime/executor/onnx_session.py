@@ -12,7 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from runtime.core.errors import SpeedError
-from runtime.executor.prepacked_graphs import derived_graph, prepacked_graph
+from runtime.executor.prepacked_graphs import derived_copy, derived_graph, prepacked_graph
 
 log = logging.getLogger("speed.node")
 
@@ -22,16 +22,18 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 def create_session(path: Path, *, device: str = "cpu", threads: int = 0, sha256: str | None = None,
                    derived: str | None = None) -> ort.InferenceSession:
     """threads: intra-op threads, 0 = ONNX Runtime's default (one per physical core). sha256: the graph's
-    hash from its bundle; on CPU the session then loads this machine's pre-packed copy of the graph.
-    derived: run the graph derived from it by this name (prepacked_graphs.DERIVED)."""
+    hash from its bundle; on CPU the session then loads this machine's pre-packed copy of the graph, elsewhere
+    the copy of the derived graph saved on first use. derived: run the graph derived from it by this name
+    (prepacked_graphs.DERIVED)."""
     if device not in PROVIDERS:
         raise SpeedError(f"unknown device {device!r}; expected one of {', '.join(PROVIDERS)}")
     source: str | bytes | None = None
-    if device == "cpu" and sha256 is not None:
+    if sha256 is not None and (device == "cpu" or derived is not None):
         try:
-            source = str(prepacked_graph(path, sha256, derived=derived))
+            source = str(prepacked_graph(path, sha256, derived=derived) if device == "cpu"
+                         else derived_copy(path, sha256, derived))
         except OSError as exc:
-            log.warning("no pre-packed copy of %s (%s); loading the graph itself", path.name, exc)
+            log.warning("no machine-local copy of %s (%s); loading the graph itself", path.name, exc)
     if source is None:
         source = derived_graph(path, derived)
     options = ort.SessionOptions()

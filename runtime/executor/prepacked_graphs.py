@@ -118,6 +118,31 @@ def prepacked_graph(path: Path, sha256: str, *, derived: str | None = None) -> P
     return target / GRAPH_FILE
 
 
+def derived_copy(path: Path, sha256: str, derived: str) -> Path:
+    """The graph derived from the one at `path` (whose content has this sha256) by DERIVED[derived], saved in the
+    cache on first use, for devices that take no pre-packed copy (a GPU): deriving reads and rewrites the whole
+    graph, seconds for a large one at every start. Not specific to this CPU: ONNX Runtime optimizes it when a
+    session loads it. Raises OSError when the cache cannot be written; the caller then derives it in memory."""
+    root = cache_root()
+    target = root / f"{sha256[:16]}-{derived}-derived-v{COPY_FORMAT}"
+    if (target / GRAPH_FILE).is_file():
+        os.utime(target)
+        return target / GRAPH_FILE
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".", dir=root))
+    try:
+        (staging / GRAPH_FILE).write_bytes(DERIVED[derived](path))
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / GRAPH_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    trim_cache(keep=target)
+    return target / GRAPH_FILE
+
+
 def _write_checked_copy(path: Path, directory: Path, derived: str | None) -> None:
     """The optimized copy with its pre-packed weights, or without them where those change the results."""
     source = derived_graph(path, derived)
