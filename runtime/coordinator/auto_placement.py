@@ -79,12 +79,13 @@ def calibrated(model: TimingModel, placed: Mapping[int, str], sequential: float,
     speculation adds what the model knows least (flips, nodes sharing cores)."""
     if len(placed) != len(model.flips) + 1 or not set(placed.values()) <= set(model.timings):
         return model, None
-    model = fit_guesses(model, placed)  # without a cost per run yet: fitted again once it is known
     for mode, measured in (("sequential", sequential), ("speculative", speculative)):
         if measured > 0:
-            overhead = fit_run_overhead(model, placed, speculate=mode == "speculative", measured=measured)
+            speculate = mode == "speculative"
+            guessing = fit_guesses(model, placed) if speculate else model  # sequential decoding makes no guesses
+            overhead = fit_run_overhead(guessing, placed, speculate=speculate, measured=measured)
             return fit_guesses(replace(model, run_overhead_ms=overhead), placed), mode
-    return model, None
+    return fit_guesses(model, placed), None
 
 
 class AutoPlacement:
