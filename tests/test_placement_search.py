@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from runtime.coordinator.auto_placement import PRIOR_CHECKS, flip_rates
+from runtime.coordinator.auto_placement import PRIOR_CHECKS, calibrated, flip_rates
 from runtime.core import placement_search
 from runtime.core.bundle import load_bundle
-from runtime.core.placement_search import TimingModel, choose, fit_run_overhead, hostable_by, ranked
+from runtime.core.placement_search import TimingModel, choose, fit_cost, hostable_by, ranked
 from runtime.core.ring_timing import NodeTiming
 
 
@@ -82,11 +82,26 @@ def test_the_cost_of_a_run_is_fitted_to_what_a_placement_measured(data_path):
     timings = {name: timing(1.0) for name in "abc"}
     ring = model(timings, data_path=data_path)
     predicted = ring.rate(EVEN, speculate=False)
-    overhead = fit_run_overhead(ring, EVEN, speculate=False, measured=predicted / 2)
+    overhead = fit_cost(ring, EVEN, "run_overhead_ms", speculate=False, measured=predicted / 2)
     assert overhead > 0
     fitted = dataclasses.replace(ring, run_overhead_ms=overhead)
     assert fitted.rate(EVEN, speculate=False) == pytest.approx(predicted / 2, rel=0.01)
-    assert fit_run_overhead(ring, EVEN, speculate=False, measured=predicted * 2) == 0.0  # the model is slower already
+    assert fit_cost(ring, EVEN, "run_overhead_ms", speculate=False, measured=predicted * 2) == 0.0  # slower already
+
+
+def test_on_the_ring_speculation_measured_tells_what_a_flushed_guess_s_message_costs():
+    timings = {"a": timing(1.0), "b": timing(3.0), "c": timing(1.0)}
+    truth = dataclasses.replace(model(timings), run_overhead_ms=1.0, message_ms=1.0)
+    sequential, speculative = truth.rate(EVEN, speculate=False), truth.rate(EVEN, speculate=True)
+    fitted, fitted_to = calibrated(model(timings), EVEN, sequential, speculative)
+    assert fitted_to == "sequential and speculative"
+    assert fitted.run_overhead_ms == pytest.approx(1.0, abs=0.05) and fitted.message_ms == pytest.approx(1.0, abs=0.1)
+    assert fitted.rate(EVEN, speculate=True) == pytest.approx(speculative, rel=0.03)
+    # sequential decoding sends one message a run: what messages beyond cost does not change its time
+    assert dataclasses.replace(truth, message_ms=0.0).rate(EVEN, speculate=False) == sequential
+    # nothing else measured: the cost of a run alone; a cost no value of which explains the measurement: none
+    assert calibrated(model(timings), EVEN, sequential, 0.0)[0].message_ms == 0.0
+    assert fit_cost(model(timings), EVEN, "message_ms", speculate=False, measured=sequential) == 0.0
 
 
 @pytest.mark.parametrize("data_path", ["ring", "lockstep"])

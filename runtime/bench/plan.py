@@ -56,7 +56,8 @@ def plan(spec: ClusterSpec, bundle: Bundle, status: pb.ClusterStatusReply) -> di
             "window": model.window, "mode": model.mode, "flips": list(flips),
             "knows_better": list(model.knows_better),
             "guess_thresholds": list(model.thresholds), "flips_from": flips_from,
-            "calibration": {"run_overhead_ms": fitted.run_overhead_ms if fitted_to else None, "fitted_to": fitted_to},
+            "calibration": {"run_overhead_ms": fitted.run_overhead_ms if fitted_to else None,
+                            "message_ms": fitted.message_ms if fitted_to else None, "fitted_to": fitted_to},
             "candidates": [entry(i, c) for i, c in enumerate(candidates)]}
 
 
@@ -67,8 +68,9 @@ def format_plan(report: dict, top: int) -> str:
              f"({report['flips_from']})"]
     calibration = report["calibration"]
     if calibration["fitted_to"] is not None:
-        lines.append(f"  calibrated: a run costs {calibration['run_overhead_ms']:.2f} ms beside its pass, as the current "
-                     f"placement's {calibration['fitted_to']} requests decoding alone measured")
+        messages = f" and a message beyond one a run {calibration['message_ms']:.2f} ms" if calibration["message_ms"] else ""
+        lines.append(f"  calibrated: a run costs {calibration['run_overhead_ms']:.2f} ms beside its pass{messages}, as the "
+                     f"current placement's {calibration['fitted_to']} requests decoding alone measured")
     for i, c in enumerate(report["candidates"][: top + 1]):
         placed = "  ".join(f"{name}: {','.join(map(str, stages)) or '-'}" for name, stages in c["placement"].items())
         label = "the file's" if c["files_own"] else f"#{i}"

@@ -19,7 +19,7 @@ from runtime.core.bundle import Bundle
 from runtime.core.cluster_file import ClusterSpec
 from runtime.core.generation import guess_thresholds
 from runtime.core.placement import stages_of
-from runtime.core.placement_search import TimingModel, choose, fit_guesses, fit_run_overhead, hostable_by
+from runtime.core.placement_search import TimingModel, choose, fit_cost, fit_guesses, hostable_by
 from runtime.core.ring_timing import NodeTiming
 
 log = logging.getLogger("speed.coordinator")
@@ -72,20 +72,25 @@ def timing_model(spec: ClusterSpec, bundle: Bundle, timings: Mapping[str, NodeTi
 
 def calibrated(model: TimingModel, placed: Mapping[int, str], sequential: float,
                speculative: float) -> tuple[TimingModel, str | None]:
-    """The model whose synthetic guesses make `placed` count the flip rates seen (fit_guesses), with the cost of
-    a run beside its pass that what `placed` measured implies (tokens/s of its requests decoding alone, 0
-    where none), and the mode that cost was fitted to (None without a measurement). Fitted to sequential
-    decoding where there is one: nothing but passes, hops and what each run costs make its time, while
-    speculation adds what the model knows least (flips, nodes sharing cores)."""
+    """The model whose synthetic guesses make `placed` count the flip rates seen (fit_guesses), with the costs
+    that what `placed` measured implies (tokens/s of its requests decoding alone, 0 where none), and what they
+    were fitted to (None without a measurement). The cost of a run is fitted to sequential decoding where there
+    is one: nothing but passes, hops and what each run costs make its time. On the ring, speculation then fits
+    what a message beyond one a run costs: a speculating head sends the next node a hop for every guess, most
+    of them flushed before they run."""
     if len(placed) != len(model.flips) + 1 or not set(placed.values()) <= set(model.timings):
         return model, None
-    for mode, measured in (("sequential", sequential), ("speculative", speculative)):
-        if measured > 0:
-            speculate = mode == "speculative"
-            guessing = fit_guesses(model, placed) if speculate else model  # sequential decoding makes no guesses
-            overhead = fit_run_overhead(guessing, placed, speculate=speculate, measured=measured)
-            return fit_guesses(replace(model, run_overhead_ms=overhead), placed), mode
-    return fit_guesses(model, placed), None
+    fitted_to = None
+    if sequential > 0:
+        overhead = fit_cost(model, placed, "run_overhead_ms", speculate=False, measured=sequential)
+        model, fitted_to = replace(model, run_overhead_ms=overhead), "sequential"
+        if speculative > 0 and model.mode == "speculative" and model.data_path == "ring":
+            messages = fit_cost(fit_guesses(model, placed), placed, "message_ms", speculate=True, measured=speculative)
+            model, fitted_to = replace(model, message_ms=messages), "sequential and speculative"
+    elif speculative > 0:
+        overhead = fit_cost(fit_guesses(model, placed), placed, "run_overhead_ms", speculate=True, measured=speculative)
+        model, fitted_to = replace(model, run_overhead_ms=overhead), "speculative"
+    return fit_guesses(model, placed), fitted_to
 
 
 class AutoPlacement:

@@ -22,7 +22,7 @@ MAX_CANDIDATES = 4096
 PROMPT_TOKENS, NEW_TOKENS = 16, 128  # the request each candidate decodes in the simulation
 COORDINATOR = "coordinator"  # its name for link_ms, on the lockstep data path
 MOVE_MARGIN = 1.05  # a placement replaces the current one only when predicted this much faster
-MAX_RUN_OVERHEAD_MS = 1024.0  # a fit beyond means the model does not describe the cluster
+MAX_COST_MS = 1024.0  # a cost fitted beyond means the model does not describe the cluster
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,11 @@ class TimingModel:
     window: int  # the ring: positions stage 0 runs ahead when speculating
     prefill_chunk: int
     data_path: str = "ring"  # or "lockstep"
-    run_overhead_ms: float = 0.0  # what a run costs beside its pass (fit_run_overhead finds it from a measurement)
+    run_overhead_ms: float = 0.0  # what a run costs beside its pass (fit_cost finds it from a measurement)
     guess_draws: tuple[float, ...] | None = None  # fit_guesses finds them on the placement that counted the flips
+    # the ring: what a node spends on each message from another node beyond one a run (a speculating head's hops,
+    # most of them flushed before they run), milliseconds of a core of its own (fit_cost finds it from speculation)
+    message_ms: float = 0.0
 
     @property
     def mode(self) -> str:
@@ -72,7 +75,8 @@ class TimingModel:
             return LockstepTiming(dict(placement), self.timings, round_trip, draws, speculate, self.thresholds,
                                   prefill_chunk=self.prefill_chunk, run_overhead_ms=self.run_overhead_ms)
         return RingTiming(dict(placement), self.timings, self.link_ms, draws, self.window if speculate else 0,
-                          self.thresholds, prefill_chunk=self.prefill_chunk, run_overhead_ms=self.run_overhead_ms)
+                          self.thresholds, prefill_chunk=self.prefill_chunk, run_overhead_ms=self.run_overhead_ms,
+                          message_ms=self.message_ms)
 
 
 @dataclass(frozen=True)
@@ -122,16 +126,20 @@ def choose(model: TimingModel, current: Mapping[int, str], hostable: Mapping[int
     return best if best.rate(model.mode) > MOVE_MARGIN * candidates[0].rate(model.mode) else candidates[0]
 
 
-def fit_run_overhead(model: TimingModel, placement: Mapping[int, str], *, speculate: bool, measured: float) -> float:
-    """The cost of a run beside its pass (milliseconds, to 0.01) that makes the model predict what `placement`
-    measured (tokens/s); 0 when the model without it is already no faster than the measurement."""
-    def rate(overhead: float) -> float:
-        return dataclasses.replace(model, run_overhead_ms=overhead).rate(placement, speculate=speculate)
+def fit_cost(model: TimingModel, placement: Mapping[int, str], cost: str, *, speculate: bool,
+             measured: float) -> float:
+    """The value of one of the model's costs ("run_overhead_ms" or "message_ms"; milliseconds, to 0.01) that
+    makes it predict what `placement` measured (tokens/s); 0 when the model without it is already no faster,
+    or when no value of it would slow the model down to the measurement."""
+    def rate(value: float) -> float:
+        return dataclasses.replace(model, **{cost: value}).rate(placement, speculate=speculate)
 
     if rate(0.0) <= measured:
         return 0.0
     low, high = 0.0, 1.0
-    while rate(high) > measured and high < MAX_RUN_OVERHEAD_MS:
+    while rate(high) > measured:
+        if high >= MAX_COST_MS:
+            return 0.0
         low, high = high, high * 2
     while high - low > 0.01:
         middle = (low + high) / 2

@@ -8,7 +8,9 @@ the rates the coordinator counts on the ring, and the last stage is always right
 the sequence and only the timing depends on the placement. A node runs
 one batch of runs at a time; a batch costs the node's measured pass time of each run's stage at as many
 rows as the run has positions (interpolated between the measured row counts, extrapolated past them),
-plus the classifier for each run whose prediction is read. Nodes on one machine share its cores: batches
+plus the classifier for each run whose prediction is read, plus what the messages it received since
+its last batch beyond one a run cost it (most of a speculating head's hops are flushed before they run,
+but each was received). Nodes on one machine share its cores: batches
 that run at once there take longer when they want more cores than it has (runtime/core/shared_cores.py).
 The coordinator is taken to be beside the head: its messages cost nothing, and its own work takes no core.
 A confidence gate of 1 (a stage that makes no guesses) is followed; any lower one is taken to send every
@@ -51,6 +53,11 @@ class NodeTiming:
             points.setdefault(stage, []).append((rows, ms))
         return points
 
+    def message_ms(self, on_a_core: float) -> float:
+        """What handling a message that takes on_a_core milliseconds of a core takes this node: a node under a CPU
+        quota of less than a core takes longer."""
+        return on_a_core / self.cores_used if 0 < self.cores_used < 1 else on_a_core
+
     def run_ms(self, stage: int, positions: int) -> float:
         points = self._points.get(stage)
         if not points:
@@ -76,6 +83,7 @@ class _Node:
     busy: bool = False
     runs: list[Run] = field(default_factory=list)  # of its batch running on a shared machine
     ends: int = 0  # how often its batch's end was moved: a scheduled end of an older count is void
+    received_ms: float = 0.0  # what the messages it received since its last batch started cost it
 
 
 @dataclass
@@ -89,6 +97,7 @@ class RingTiming:
     prefill_chunk: int = PREFILL_CHUNK
     seed: int = 0
     run_overhead_ms: float = 0.0  # what a run costs beside its pass: bookkeeping, serialization, the hop's send
+    message_ms: float = 0.0  # what a node spends on a message from another node beyond one a run, on a core of its own
     now: float = 0.0
     commits: list[float] = field(default_factory=list)  # when each token was committed
 
@@ -139,7 +148,11 @@ class RingTiming:
             return
         arrives = max(self.now + self.link_ms(src, dst), self._link_free.get((src, dst), 0.0))  # first in first out
         self._link_free[(src, dst)] = arrives
-        self._at(arrives, lambda: self._deliver(node, message))
+        self._at(arrives, lambda: self._receive(node, message))
+
+    def _receive(self, node: _Node, message) -> None:
+        node.received_ms += node.timing.message_ms(self.message_ms)
+        self._deliver(node, message)
 
     def _deliver(self, node: _Node, message) -> None:
         node.core.receive(message)
@@ -163,8 +176,11 @@ class RingTiming:
         if not runs:
             return
         node.busy = True
-        cost = sum(node.timing.run_ms(run.stage, len(run.tokens)) + self.run_overhead_ms
-                   + (node.timing.head_ms if run.predict or run.final else 0.0) for run in runs)
+        # the cost of a run holds the message that brought its input: the batch pays for the messages beyond
+        beyond = max(0.0, node.received_ms - len(runs) * node.timing.message_ms(self.message_ms))
+        cost = beyond + sum(node.timing.run_ms(run.stage, len(run.tokens)) + self.run_overhead_ms
+                            + (node.timing.head_ms if run.predict or run.final else 0.0) for run in runs)
+        node.received_ms = 0.0
         machine = self._machines.get(node.timing.machine) if node.timing.shares_cores else None
         if machine is None:
             self._at(self.now + cost, lambda: self._finish(node, runs))
