@@ -16,8 +16,9 @@ def timing(pass_ms: float, head_ms: float = 0.1) -> NodeTiming:
                       head_ms)
 
 
-def rate(placement, timings, *, window: int, link: float = 0.2, flips=FLIPS, thresholds=()) -> float:
-    return RingTiming(placement, timings, lambda src, dst: link, flips, window, thresholds).decode(16, NEW_TOKENS)
+def rate(placement, timings, *, window: int, link: float = 0.2, flips=FLIPS, thresholds=(), message_ms=0.0) -> float:
+    return RingTiming(placement, timings, lambda src, dst: link, flips, window, thresholds,
+                      message_ms=message_ms).decode(16, NEW_TOKENS)
 
 
 EVEN = {0: "a", 1: "b", 2: "c"}
@@ -42,6 +43,14 @@ def test_a_slow_node_holds_the_ring_back_and_moving_its_stage_away_helps():
     slow = {**SAME, "b": timing(3.0)}
     assert rate(EVEN, slow, window=8) < 0.7 * rate(EVEN, SAME, window=8)
     assert rate({0: "a", 1: "a", 2: "c"}, slow, window=8) > rate(EVEN, slow, window=8)
+
+
+def test_messages_beyond_one_a_run_cost_their_receiver_more_under_a_cpu_quota():
+    # sequentially every message brings a run's input; speculating, most of the head's hops are flushed unrun
+    assert rate(EVEN, SAME, window=0, message_ms=2.0) == rate(EVEN, SAME, window=0)
+    assert rate(EVEN, SAME, window=8, message_ms=2.0) < 0.9 * rate(EVEN, SAME, window=8)
+    quota = NodeTiming({(0, 1): 1.0}, 0.1, machine="m", machine_cores=2, cores_used=0.25)
+    assert quota.message_ms(1.0) == 4.0 and timing(1.0).message_ms(1.0) == 1.0
 
 
 def test_pass_times_between_and_beyond_the_measured_row_counts_are_interpolated():
