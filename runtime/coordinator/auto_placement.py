@@ -2,7 +2,7 @@
 nodes measured of themselves (pass times, classifier, link round trips) and the flip rates seen so far
 (else the bundle's), whenever the set of serving nodes changes (runtime/core/placement_search.py does the
 choosing); with what the current placement's requests measured, the model first learns what a run costs
-beside its pass.
+beside its pass and, on the ring, what a node's messages beyond one a run cost it.
 
 Also what `speed plan` predicts with: the nodes' timings, the links' one-way latencies and the model
 under the cluster file's speculation settings.

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from runtime.core.flip_fit import FIT_TOKENS, knows_better, search_shares
 from runtime.core.lockstep_timing import LockstepTiming
@@ -23,6 +24,7 @@ PROMPT_TOKENS, NEW_TOKENS = 16, 128  # the request each candidate decodes in the
 COORDINATOR = "coordinator"  # its name for link_ms, on the lockstep data path
 MOVE_MARGIN = 1.05  # a placement replaces the current one only when predicted this much faster
 MAX_COST_MS = 1024.0  # a cost fitted beyond means the model does not describe the cluster
+Cost = Literal["run_overhead_ms", "message_ms"]  # the model's costs that fit_cost can find
 
 
 @dataclass(frozen=True)
@@ -126,11 +128,11 @@ def choose(model: TimingModel, current: Mapping[int, str], hostable: Mapping[int
     return best if best.rate(model.mode) > MOVE_MARGIN * candidates[0].rate(model.mode) else candidates[0]
 
 
-def fit_cost(model: TimingModel, placement: Mapping[int, str], cost: str, *, speculate: bool,
+def fit_cost(model: TimingModel, placement: Mapping[int, str], cost: Cost, *, speculate: bool,
              measured: float) -> float:
-    """The value of one of the model's costs ("run_overhead_ms" or "message_ms"; milliseconds, to 0.01) that
-    makes it predict what `placement` measured (tokens/s); 0 when the model without it is already no faster,
-    or when no value of it would slow the model down to the measurement."""
+    """The value of one of the model's costs (milliseconds, to 0.01) that makes it predict what `placement`
+    measured (tokens/s); 0 when the model without it is already no faster, or when no value of it would slow
+    the model down to the measurement."""
     def rate(value: float) -> float:
         return dataclasses.replace(model, **{cost: value}).rate(placement, speculate=speculate)
 
