@@ -6,7 +6,9 @@ For every kind of bundle: float32, and int4 and int8 weights (MatMulNBits) with 
 level 4, the default) and with float32 arithmetic (level 1). A row alone is the same row in a cache of its
 own with a second, idle row, as every cache of a multi-stage model has. With int8 activations a single
 position of that row is computed alone; at accuracy level 1 it is not (ONNX Runtime computes one row with
-another kernel there, see Bundle.one_row_computed_apart)."""
+another kernel there, see Bundle.one_row_computed_apart). The demo bundle runs its own attention operators; a
+bundle exported with the fused rotary embedding runs ONNX Runtime's fused attention on the CPU (float32 and
+int4 with int8 activations here)."""
 
 from __future__ import annotations
 
@@ -25,14 +27,19 @@ pytestmark = pytest.mark.training  # it quantizes the demo bundle
 KINDS = {"float32": None, "int4": Quantization("int4"), "int8": Quantization("int8"),  # int8 activations
          "int4-float-arithmetic": Quantization("int4", accuracy_level=1),
          "int8-float-arithmetic": Quantization("int8", accuracy_level=1)}
+FUSED_ATTENTION = {"float32-fused-attention": None, "int4-fused-attention": Quantization("int4")}
 
 
-@pytest.fixture(scope="module", params=list(KINDS))
+@pytest.fixture(scope="module", params=[*KINDS, *FUSED_ATTENTION])
 def model(request, tmp_path_factory) -> OnnxStageModel:
-    settings_ = KINDS[request.param]
-    path = DEFAULT_BUNDLE if settings_ is None else \
-        quantize_bundle(DEFAULT_BUNDLE, tmp_path_factory.mktemp("kinds") / request.param, settings_)
-    return OnnxStageModel(load_bundle(path), threads=1)
+    fused = request.param in FUSED_ATTENTION
+    source = request.getfixturevalue("tiny_bundle") if fused else DEFAULT_BUNDLE
+    settings_ = (FUSED_ATTENTION if fused else KINDS)[request.param]
+    path = source if settings_ is None else \
+        quantize_bundle(source, tmp_path_factory.mktemp("kinds") / request.param, settings_)
+    model = OnnxStageModel(load_bundle(path), threads=1)
+    assert model.fused_attention == fused
+    return model
 
 
 calls = st.fixed_dictionaries({
@@ -57,7 +64,9 @@ def prefilled(model: OnnxStageModel, stage: int, rows: list[np.ndarray], capacit
 def new_entries(cache: KVCache, row: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """The keys and values a call wrote for the row's next `tokens` positions."""
     start = int(cache.lengths[row])
-    return cache.keys[:, row, ..., start : start + tokens], cache.values[:, row, :, start : start + tokens]
+    keys = cache.keys[:, row, :, start : start + tokens] if cache.keys_by_position else \
+        cache.keys[:, row, ..., start : start + tokens]
+    return keys, cache.values[:, row, :, start : start + tokens]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,

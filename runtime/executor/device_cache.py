@@ -53,7 +53,7 @@ class CacheBinding:
     def __init__(self, memory: CacheMemory):
         self.memory = memory
         self._rows_per_layer = memory.key_shape[1]
-        self._rows = {"key": (memory.keys, list(memory.key_shape[2:])),  # one row: (Hkv, hd, C)
+        self._rows = {"key": (memory.keys, list(memory.key_shape[2:])),  # one row: (Hkv, hd, C) or (Hkv, C, hd)
                       "value": (memory.values, list(memory.value_shape[2:]))}  # (Hkv, C, hd)
 
     def bind(self, binding: ort.IOBinding, rows: slice, layers: int, written: str) -> None:

@@ -3,7 +3,9 @@
 The position is the single source of truth: entry p of a row holds the keys and values of the token
 at position p, so rolling back speculative tokens only lowers the row's length and the next write
 overwrites. Keys are stored transposed, (L, R, Hkv, hd, C), so attention multiplies by them without a
-copy, and rows are the second axis so any contiguous range of rows is a zero-copy view per layer.
+copy, and rows are the second axis so any contiguous range of rows is a zero-copy view per layer. Graphs
+with fused attention (runtime.executor.fused_attention) read keys laid out like values instead,
+(L, R, Hkv, C, hd), and write the cache themselves.
 """
 
 from __future__ import annotations
@@ -37,14 +39,23 @@ class CacheMemory(NamedTuple):
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, *, rows: int, capacity: int, layers: int | None = None):
-        """layers: per row, default the deepest stage's."""
-        L, Hkv, hd = layers or cfg.max_stage_layers, cfg.n_kv_heads, cfg.head_dim
-        capacity = tiled(capacity)
-        self.capacity = capacity
+    def __init__(self, cfg: ModelConfig, *, rows: int, capacity: int, layers: int | None = None,
+                 keys_by_position: bool = False):
+        """layers: per row, default the deepest stage's. keys_by_position: keys laid out like values, for graphs
+        with fused attention, with one spare position a row beyond the capacity: a fused graph writes a row's new
+        entry at its length even when the row only rides along in the call, and such a row may be full."""
+        self._shape = (layers or cfg.max_stage_layers, rows, cfg.n_kv_heads, cfg.head_dim)
+        self.keys_by_position = keys_by_position
+        self.capacity = tiled(capacity)
         self.lengths = np.zeros(rows, dtype=np.int64)  # valid entries per row
-        self._store(np.zeros((L, rows, Hkv, hd, capacity), dtype=np.float32),
-                    np.zeros((L, rows, Hkv, capacity, hd), dtype=np.float32))
+        self._store(*self._empty(self.capacity))
+
+    def _empty(self, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+        L, rows, Hkv, hd = self._shape
+        positions = capacity + 1 if self.keys_by_position else capacity
+        values = np.zeros((L, rows, Hkv, positions, hd), dtype=np.float32)
+        return (np.zeros_like(values) if self.keys_by_position else np.zeros((L, rows, Hkv, hd, capacity), np.float32),
+                values)
 
     def _store(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Hold these arrays as the cache (runtime.executor.device_cache moves them to a device)."""
@@ -66,6 +77,8 @@ class KVCache:
         """Write each row's new entries, new_keys[l] (B, Hkv, hd, T) and new_values[l] (B, Hkv, T, hd), at its
         length, as far as it has room; lengths stay (`advance` keeps them). What a cache-writing graph does
         (runtime.executor.cache_writing): a row riding along in a call gets entries beyond its length."""
+        if self.keys_by_position:
+            raise TypeError("a cache with keys by position is written by the stage graphs themselves")
         T = new_keys[0].shape[-1]
         for r, row in enumerate(range(rows.start, rows.stop)):
             start = int(self.lengths[row])
@@ -95,9 +108,11 @@ class KVCache:
         capacity = tiled(capacity)
         keep = min(capacity, self.capacity)
         old_keys, old_values = self.keys, self.values
-        keys = np.zeros(old_keys.shape[:-1] + (capacity,), dtype=np.float32)
-        values = np.zeros(old_values.shape[:3] + (capacity, old_values.shape[-1]), dtype=np.float32)
-        keys[..., :keep] = old_keys[..., :keep]
+        keys, values = self._empty(capacity)
+        if self.keys_by_position:
+            keys[:, :, :, :keep] = old_keys[:, :, :, :keep]
+        else:
+            keys[..., :keep] = old_keys[..., :keep]
         values[:, :, :, :keep] = old_values[:, :, :, :keep]
         self._store(keys, values)
         self.capacity = capacity

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from runtime.executor.greedy_head import PROBABILITY
 from runtime.executor.kv_cache import KVCache
 from runtime.executor.onnx_session import create_session
 from runtime.executor.stage_model import top_probabilities
+
+log = logging.getLogger("speed.node")
 
 KEPT_BINDINGS = 256  # (session, span of rows, cache memory) bindings kept for the next call
 
@@ -35,10 +38,14 @@ class OnnxStageModel:
     them for the host to write, and greedy classification fetches tokens and their probabilities, not logits
     (runtime.executor.greedy_head). The default on a GPU, where the caches then stay on the device
     (DeviceKVCache); on the CPU the host's path is faster (the graphs' writes cost SmolLM2 0.6 ms a token
-    there, docs/performance.md), so it runs there only to check the GPU's path where there is no GPU."""
+    there, docs/performance.md), so it runs there only to check the GPU's path where there is no GPU.
+
+    fused_attention (default): on the CPU, graphs exported with the fused rotary embedding run each layer's
+    attention as ONNX Runtime's one fused operator, which writes the cache in place
+    (runtime.executor.fused_attention). Their caches hold keys by position (KVCache)."""
 
     def __init__(self, bundle: Bundle, *, device: str = "cpu", threads: int = 0, stages: Iterable[int] | None = None,
-                 device_resident: bool | None = None):
+                 device_resident: bool | None = None, fused_attention: bool = True):
         self.config = bundle.config
         self.device = device
         self.device_resident = device != "cpu" if device_resident is None else device_resident
@@ -48,24 +55,35 @@ class OnnxStageModel:
         # lossless speculation needs
         self._never_one_row = bundle.one_row_computed_apart
 
-        def session(path: Path, derived: str):
+        def session(path: Path, derived: str | None):
             return create_session(path, device=device, threads=threads, sha256=bundle.file_sha256(path),
-                                  derived=derived if self.device_resident else None)
+                                  derived=derived)
 
         graphs = bundle.stage_graphs
         self.stages = frozenset(range(len(graphs)) if stages is None else stages)  # the stages it can run
-        sessions = {path: session(path, "writes") for path in {graphs[stage] for stage in self.stages}}
+        exit_graphs = {stage: path for stage, path in bundle.exit_layer_graphs().items() if stage in self.stages}
+        cached = {graphs[stage] for stage in self.stages} | set(exit_graphs.values())  # the graphs taking a cache
+        sessions = None
+        self.fused_attention = fused_attention and device == "cpu" and not self.device_resident
+        if self.fused_attention:
+            try:
+                sessions = {path: session(path, "attention") for path in cached}
+            except ValueError as exc:  # an older export: its attention has another pattern
+                log.info("running the bundle's own attention operators (%s)", exc)
+                self.fused_attention = False
+        if sessions is None:
+            sessions = {path: session(path, "writes" if self.device_resident else None) for path in cached}
         self._stage_sessions = {stage: sessions[graphs[stage]] for stage in self.stages}
-        self._head = session(bundle.head_graph, "greedy")
+        self._head = session(bundle.head_graph, "greedy" if self.device_resident else None)
         self.provider = self._head.get_providers()[0]
         guess_head = bundle.guess_head_graph
-        self._guess_head = session(guess_head, "greedy") if guess_head is not None else self._head
+        self._guess_head = (session(guess_head, "greedy" if self.device_resident else None) if guess_head is not None
+                            else self._head)
         self._head_outputs = {head: [out.name for out in head.get_outputs()] for head in (self._head, self._guess_head)}
         self.guess_vocabulary = bundle.guess_vocabulary()
         self._embedding = bundle.embedding()
         self.exit_maps = bundle.exit_maps()
-        self._exit_sessions = {stage: session(path, "writes") for stage, path in bundle.exit_layer_graphs().items()
-                               if stage in self.stages}
+        self._exit_sessions = {stage: sessions[path] for stage, path in exit_graphs.items()}
         self.exit_layer_stages = frozenset(self._exit_sessions)
         self._layers = [len(self.config.stage_layers(s)) for s in range(self.config.n_stages)]
         self._bindings: dict[tuple, ort.IOBinding] = {}
@@ -76,7 +94,7 @@ class OnnxStageModel:
         rows = max(rows, 2) if self._never_one_row else rows
         if self.device_resident and self.device != "cpu":
             return DeviceKVCache(self.config, rows=rows, capacity=capacity, layers=layers, device=self.device)
-        return KVCache(self.config, rows=rows, capacity=capacity, layers=layers)
+        return KVCache(self.config, rows=rows, capacity=capacity, layers=layers, keys_by_position=self.fused_attention)
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         """(B, T) int64 -> (B, T, d) float32."""
@@ -99,10 +117,26 @@ class OnnxStageModel:
         return self._run(self._exit_sessions[stage], 1, hidden, cache, rows)
 
     def _run(self, session, layers: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> np.ndarray:
-        if not self.device_resident:
+        if self.fused_attention and hidden.shape[1] > 1:
+            return self._run_rows_apart(session, layers, hidden, cache, rows)
+        if not (self.device_resident or self.fused_attention):
             out = session.run(stage_outputs(layers), {"hidden": hidden, **cache.feeds(rows, layers)})
             cache.write(rows, out[1 : 1 + layers], out[1 + layers :])
             return out[0]
+        return self._run_bound(session, layers, hidden, cache, rows)
+
+    def _run_rows_apart(self, session, layers: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> np.ndarray:
+        """Several new tokens a row, one call a row: ONNX Runtime's fused attention takes more than one new token
+        after a cache for a single row only. Rows riding along are left out (each row's output is its own
+        anyway); their output, never read, stays zero."""
+        out = np.zeros_like(hidden)
+        for i, row in enumerate(range(rows.start, rows.stop)):
+            if cache.lengths[row] + hidden.shape[1] <= cache.capacity:  # a row with an item always has room
+                out[i : i + 1] = self._run_bound(session, layers, hidden[i : i + 1], cache, slice(row, row + 1))
+        return out
+
+    def _run_bound(self, session, layers: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> np.ndarray:
+        """Run a graph that writes its own cache entries, the cache bound by address."""
         binding = self._binding(session, layers, cache, rows)
         binding.bind_output("hidden_out", "cpu")  # again: a bound output keeps the last call's shape
         binding.bind_cpu_input("hidden", np.ascontiguousarray(hidden))

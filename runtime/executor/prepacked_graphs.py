@@ -20,6 +20,7 @@ file goes when it lets go). `speed cache` lists and clears it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -34,6 +35,7 @@ import onnxruntime as ort
 
 from runtime.core.errors import SpeedError
 from runtime.executor.cache_writing import cache_writing_graph
+from runtime.executor.fused_attention import fused_attention_graph
 from runtime.executor.greedy_head import greedy_head_graph
 
 GRAPH_FILE = "graph.onnx"
@@ -45,7 +47,8 @@ LIMIT_VARIABLE = "SPEED_GRAPH_CACHE_MB"
 COPY_FORMAT = 3  # 2: checked against the graph (copies made before are made again); 3: 8-bit products pre-packed
 # graphs a node derives from a bundle's, by name: stage and exit graphs that write their own caches, heads that
 # give their greedy token's probability (what a GPU node runs, to keep its state on the GPU)
-DERIVED = {"writes": cache_writing_graph, "greedy": greedy_head_graph}
+DERIVED = {"writes": cache_writing_graph, "greedy": greedy_head_graph, "attention": fused_attention_graph}
+NOT_DERIVED = "not-derived"  # a copy's directory holding only this file: the graph has no such derived form
 
 
 @dataclass(frozen=True)
@@ -96,17 +99,26 @@ def derived_graph(path: Path, derived: str | None) -> str | bytes:
 def prepacked_graph(path: Path, sha256: str, *, derived: str | None = None) -> Path:
     """The optimized copy of the graph at `path` (whose content has this sha256), or of the graph derived from
     it (DERIVED), made on first use. Raises OSError when the cache cannot be written; the caller then loads
-    the original."""
+    the original. Raises ValueError where the graph has no such derived form (remembered in the cache, so
+    that the next session does not read the graph to find out again)."""
     root = cache_root()
     form = f"-{derived}" if derived else ""
     target = root / f"{sha256[:16]}{form}-ort{ort.__version__}-{cpu_fingerprint()}-v{COPY_FORMAT}"
     if (target / GRAPH_FILE).is_file():
         os.utime(target)  # used now: the last to go when the cache is full
         return target / GRAPH_FILE
+    if (target / NOT_DERIVED).is_file():
+        raise ValueError((target / NOT_DERIVED).read_text())
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".", dir=root))
     try:
-        _write_checked_copy(path, staging, derived)
+        try:
+            _write_checked_copy(path, staging, derived)
+        except ValueError as exc:
+            (staging / NOT_DERIVED).write_text(f"{path.name}: {exc}")
+            with contextlib.suppress(OSError):  # another process remembered it first
+                staging.rename(target)
+            raise
         try:
             staging.rename(target)
         except OSError:
