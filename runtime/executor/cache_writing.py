@@ -40,15 +40,22 @@ def cache_writing_graph(path: Path) -> bytes:
     return cache_writing_model(path).SerializeToString()
 
 
-def cache_writing_model(path: Path) -> onnx.ModelProto:
+def load_cache_graph(path: Path) -> tuple[onnx.ModelProto, int]:
+    """The stage or exit graph at `path` and how many layers' caches it takes; ValueError for any other graph."""
     import onnx  # only where a graph is derived: a node that loads its derived copies never holds onnx
-    from onnx import TensorProto, helper
 
     model = onnx.load(str(path))
-    graph = model.graph
-    layers = cache_layers(graph)
+    layers = cache_layers(model.graph)
     if not layers:
-        raise ValueError(f"{path.name} takes no cache to write")
+        raise ValueError(f"{path.name} takes no cache")
+    return model, layers
+
+
+def cache_writing_model(path: Path) -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    model, layers = load_cache_graph(path)
+    graph = model.graph
     nodes = []
 
     def op(kind: str, inputs: list[str], **attributes) -> str:

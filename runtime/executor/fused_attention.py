@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime.executor.cache_writing import WRITES, cache_layers, written_names
+from runtime.executor.cache_writing import WRITES, load_cache_graph, written_names
 
 if TYPE_CHECKING:
     import onnx
@@ -63,14 +63,10 @@ def fused_attention_graph(path: Path) -> bytes:
 
 
 def fused_attention_model(path: Path) -> onnx.ModelProto:
-    import onnx  # only where a graph is derived: a node that loads its derived copies never holds onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper  # only where a graph is derived, as load_cache_graph
 
-    model = onnx.load(str(path))
+    model, layers = load_cache_graph(path)
     graph = model.graph
-    layers = cache_layers(graph)
-    if not layers:
-        raise ValueError(f"{path.name} takes no cache")
     inputs = {arg.name: arg for arg in graph.input}
     key_dims = [dim.dim_value for dim in inputs["cache_key_0"].type.tensor_type.shape.dim]  # (B, Hkv, hd, C)
     kv_heads, head_size = key_dims[1], key_dims[2]

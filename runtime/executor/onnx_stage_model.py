@@ -74,11 +74,11 @@ class OnnxStageModel:
         if sessions is None:
             sessions = {path: session(path, "writes" if self.device_resident else None) for path in cached}
         self._stage_sessions = {stage: sessions[graphs[stage]] for stage in self.stages}
-        self._head = session(bundle.head_graph, "greedy" if self.device_resident else None)
+        head_form = "greedy" if self.device_resident else None
+        self._head = session(bundle.head_graph, head_form)
         self.provider = self._head.get_providers()[0]
         guess_head = bundle.guess_head_graph
-        self._guess_head = (session(guess_head, "greedy" if self.device_resident else None) if guess_head is not None
-                            else self._head)
+        self._guess_head = session(guess_head, head_form) if guess_head is not None else self._head
         self._head_outputs = {head: [out.name for out in head.get_outputs()] for head in (self._head, self._guess_head)}
         self.guess_vocabulary = bundle.guess_vocabulary()
         self._embedding = bundle.embedding()
