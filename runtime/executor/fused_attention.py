@@ -12,8 +12,9 @@ writes into that very buffer when its outputs `written_key_{l}` and `written_val
 
 Each row attends over its own cache length only, so its result does not depend on the cache's capacity or on
 the rows beside it. The projections, norms and feed-forward layers are the bundle graph's own operators.
-A row's new entries go at its cache length: a row riding along in a call must have room for them
-(OnnxStageModel splits a call around rows that have none).
+Every row of a call gets its new entries at its cache length, a row riding along in the call too: a cache
+with keys by position keeps a spare position a row for a full one (KVCache). ONNX Runtime takes several new
+tokens after a cache for one row a call only, so OnnxStageModel runs such calls a row at a time.
 
 Graphs exported with the fused rotary embedding (runtime.models.export) have the pattern this rewrites; for
 any other graph (older exports) `fused_attention_graph` raises ValueError and the node runs the graph itself.
