@@ -64,9 +64,7 @@ def prefilled(model: OnnxStageModel, stage: int, rows: list[np.ndarray], capacit
 def new_entries(cache: KVCache, row: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """The keys and values a call wrote for the row's next `tokens` positions."""
     start = int(cache.lengths[row])
-    keys = cache.keys[:, row, :, start : start + tokens] if cache.keys_by_position else \
-        cache.keys[:, row, ..., start : start + tokens]
-    return keys, cache.values[:, row, :, start : start + tokens]
+    return cache.position_keys()[:, row, :, start : start + tokens], cache.values[:, row, :, start : start + tokens]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -127,8 +127,8 @@ def test_a_layer_exit_runs_for_guesses_only_and_its_cache_rolls_back_with_the_st
         assert length == executor.cache_length(0, stage)
         window = exit_layers.new_cache(rows=1, capacity=text.shape[1], layers=1)
         exit_layers.run_exit_layer(stage, hidden[stage], window, slice(0, 1))
-        np.testing.assert_allclose(executor.exit_cache.keys[0, executor.exit_row(0, stage), ..., :length],
-                                   window.keys[0, 0, ..., :length], rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(executor.exit_cache.position_keys()[0, executor.exit_row(0, stage), :, :length],
+                                   window.position_keys()[0, 0, :, :length], rtol=1e-3, atol=1e-4)
     calls.clear()
     generate_speculative(model, [prompt], max_new_tokens=8, eos_id=-1, plain_guesses=True)
     assert calls == []

@@ -28,14 +28,9 @@ def models(tiny_bundle) -> tuple[OnnxStageModel, OnnxStageModel]:
     return OnnxStageModel(bundle, threads=1, fused_attention=False), OnnxStageModel(bundle, threads=1)
 
 
-def keys_by_position(cache: KVCache) -> np.ndarray:
-    """(L, R, Hkv, C, hd) whatever the cache's layout."""
-    return cache.keys if cache.keys_by_position else cache.keys.swapaxes(-1, -2)
-
-
 def filled(cache: KVCache, lengths: list[int], keys: np.ndarray, values: np.ndarray) -> KVCache:
     """The cache holding these keys and values (L, R, Hkv, C, hd) at its first C positions."""
-    keys_by_position(cache)[..., :CAPACITY, :] = keys
+    cache.position_keys()[..., :CAPACITY, :] = keys
     cache.values[..., :CAPACITY, :] = values
     cache.lengths[:] = lengths
     return cache
@@ -68,13 +63,13 @@ def test_fused_attention_computes_and_writes_what_the_bundles_graph_does(models,
     expected = own.run_stage(call["stage"], hidden, host, rows)
     got = fused.run_stage(call["stage"], hidden, bound, rows)
     for row, length in enumerate(lengths):
-        assert np.array_equal(keys_by_position(bound)[:, row, :, :length], keys[:, row, :, :length])
+        assert np.array_equal(bound.position_keys()[:, row, :, :length], keys[:, row, :, :length])
         assert np.array_equal(bound.values[:, row, :, :length], values[:, row, :, :length])
         if length + T <= CAPACITY and row >= rows.start:
             np.testing.assert_allclose(got[row - rows.start], expected[row - rows.start], atol=1e-5)
             written = slice(length, length + T)
-            np.testing.assert_allclose(keys_by_position(bound)[:, row, :, written],
-                                       keys_by_position(host)[:, row, :, written], atol=1e-5)
+            np.testing.assert_allclose(bound.position_keys()[:, row, :, written],
+                                       host.position_keys()[:, row, :, written], atol=1e-5)
             np.testing.assert_allclose(bound.values[:, row, :, written], host.values[:, row, :, written], atol=1e-5)
 
 

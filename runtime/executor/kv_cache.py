@@ -61,6 +61,10 @@ class KVCache:
         """Hold these arrays as the cache (runtime.executor.device_cache moves them to a device)."""
         self.keys, self.values = keys, values
 
+    def position_keys(self) -> np.ndarray:
+        """The keys as (L, R, Hkv, positions, hd) whatever their layout: a view, to read them."""
+        return self.keys if self.keys_by_position else self.keys.swapaxes(-1, -2)
+
     def memory(self) -> CacheMemory:
         return CacheMemory("cpu", self.keys.ctypes.data, self.values.ctypes.data, self.keys.shape, self.values.shape)
 

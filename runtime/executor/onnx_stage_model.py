@@ -69,7 +69,7 @@ class OnnxStageModel:
             try:
                 sessions = {path: session(path, "attention") for path in cached}
             except ValueError as exc:  # an older export: its attention has another pattern
-                log.info("running the bundle's own attention operators (%s)", exc)
+                log.debug("running the bundle's own attention operators (%s)", exc)
                 self.fused_attention = False
         if sessions is None:
             sessions = {path: session(path, "writes" if self.device_resident else None) for path in cached}
