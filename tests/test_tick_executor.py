@@ -38,6 +38,16 @@ def test_items_append_their_entries_and_truncations_roll_them_back(model):
     assert executor.cache.lengths[row] == 2
 
 
+def test_a_closed_sequences_rows_hold_nothing_while_others_decode(model):
+    executor = TickExecutor(model, slots=2, capacity=16)
+    executor.open(0)
+    executor.open(1)
+    prompts = [Item(seq_id=seq, start=0, length=4, stage=0, tokens=(5, 6, 7, 8), final=False) for seq in (0, 1)]
+    executor.run(TickPlan([], prompts, []))
+    executor.close(0)
+    assert executor.cache.lengths.tolist() == [0, 0, 0, 4, 0, 0]
+
+
 def test_the_cache_refuses_to_grow_past_its_capacity(tiny_bundle):
     cfg = load_bundle(tiny_bundle).config
     cache = KVCache(cfg, rows=1, capacity=2)  # room for a whole tile of positions

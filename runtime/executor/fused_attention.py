@@ -25,6 +25,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from runtime.executor.cache_writing import WRITES, load_cache_graph, written_names
 
 if TYPE_CHECKING:
@@ -85,6 +87,20 @@ def fused_attention_model(path: Path) -> onnx.ModelProto:
         heads_first = found.made_by(rotary.input[0], "Transpose")
         return rotary, found.made_by(heads_first.input[0], "Reshape").input[0]
 
+    extended: dict[str, str] = {}
+
+    def beyond_the_context(table: str) -> str:
+        """The cos or sin table with one more row: a row full to the model's context that rides along in a call
+        is written at the position after it (its spare position, KVCache), and that position must have a
+        row; what is written there is never read."""
+        if table not in extended:
+            if table not in constants:
+                raise ValueError(f"the rotary table {table} is not a constant")
+            values = constants[table]
+            extended[table] = f"fused_attention/{table}"
+            graph.initializer.append(numpy_helper.from_array(np.concatenate([values, values[-1:]]), extended[table]))
+        return extended[table]
+
     fused, replaced = [], {}
     for layer in range(layers):
         scores = [node for node in found.readers.get(f"cache_key_{layer}", []) if node.op_type == "MatMul"]
@@ -111,7 +127,7 @@ def fused_attention_model(path: Path) -> onnx.ModelProto:
         fused.append(helper.make_node(
             "GroupQueryAttention",
             [query, key, value, f"cache_key_{layer}", f"cache_value_{layer}", SEQUENCE_LENGTHS, TOTAL_LENGTH,
-             rotary.input[2], rotary.input[3]],
+             *(beyond_the_context(table) for table in rotary.input[2:4])],
             [output, f"{WRITES}_key_{layer}", f"{WRITES}_value_{layer}"], name=f"fused_attention/layer_{layer}",
             domain="com.microsoft", num_heads=d_model // head_size, kv_num_heads=kv_heads, scale=float(scale),
             do_rotary=1, rotary_interleaved=interleaved))

@@ -44,7 +44,9 @@ log = logging.getLogger("speed.node")
 
 DEFAULT_LIMIT_MB = 2048  # room for the copies of a few bundles; an edge board's disk is small
 LIMIT_VARIABLE = "SPEED_GRAPH_CACHE_MB"
-COPY_FORMAT = 3  # 2: checked against the graph (copies made before are made again); 3: 8-bit products pre-packed
+# 2: checked against the graph (copies made before are made again); 3: 8-bit products pre-packed; 4: fused
+# attention's rotary tables reach one position beyond the context
+COPY_FORMAT = 4
 # graphs a node derives from a bundle's, by name: stage and exit graphs that write their own caches, heads that
 # give their greedy token's probability (what a GPU node runs, to keep its state on the GPU)
 DERIVED = {"writes": cache_writing_graph, "greedy": greedy_head_graph, "attention": fused_attention_graph}

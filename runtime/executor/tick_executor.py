@@ -98,7 +98,12 @@ class TickExecutor:
 
     def close(self, seq_id: int) -> None:
         """Free a sequence's slot; the last one to go gives the caches' memory back (the next open
-        allocates them again anyway), so an idle node holds no more than it did at start."""
+        allocates them again anyway), so an idle node holds no more than it did at start. Its rows are emptied:
+        rows ride along in the calls of their neighbours, and a row full to the model's context would be written
+        beyond the rotary tables of a bundle's graphs."""
+        if seq_id in self._slot_of:
+            for stage in self.stages:
+                self._truncate(seq_id, stage, 0)
         if self._slot_of.pop(seq_id, None) is not None and not self._slot_of and self.cache.capacity > CAPACITY_TILE:
             self._resize(1)
             self._hidden = {}
