@@ -1,7 +1,8 @@
 """Fused attention on the CPU: a graph exported with the fused rotary embedding runs each layer's attention
 as ONNX Runtime's GroupQueryAttention, which writes the cache in place. It computes what the bundle's graph
-computes, writes each row's new entries at its length and nothing else, keeps a full row riding along
-intact, and speculation over it gives the text of plain decoding; an older export runs its own graph."""
+computes, writes each row's new entries at its length and nothing else (a full row riding along:
+tests/test_riding_rows.py), and speculation over it gives the text of plain decoding; an older export runs
+its own graph."""
 
 from __future__ import annotations
 
@@ -71,18 +72,6 @@ def test_fused_attention_computes_and_writes_what_the_bundles_graph_does(models,
             np.testing.assert_allclose(bound.position_keys()[:, row, :, written],
                                        host.position_keys()[:, row, :, written], atol=1e-5)
             np.testing.assert_allclose(bound.values[:, row, :, written], host.values[:, row, :, written], atol=1e-5)
-
-
-def test_a_row_full_to_the_models_context_rides_along_and_keeps_its_entries(models):
-    """Its new entry goes to its spare position, past the rotary tables of the bundle's graph."""
-    fused, cfg = models[1], models[1].config
-    hidden = np.random.default_rng(3).standard_normal((2, 1, cfg.d_model)).astype(np.float32)
-    alone, together = fused.new_cache(rows=2, capacity=64), fused.new_cache(rows=2, capacity=cfg.context_length)
-    alone.lengths[0], together.lengths[:] = 7, [7, cfg.context_length]
-    together.position_keys()[:, 1, :, : cfg.context_length] = 1.0
-    expected = fused.run_stage(0, hidden[:1], alone, slice(0, 1))
-    assert np.array_equal(fused.run_stage(0, hidden, together, slice(0, 2))[:1], expected)
-    assert (together.position_keys()[:, 1, :, : cfg.context_length] == 1.0).all()
 
 
 def test_a_cache_with_keys_by_position_keeps_its_entries_when_it_grows_and_is_not_written_by_the_host(models):

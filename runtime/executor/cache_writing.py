@@ -11,7 +11,10 @@ keeps the bits of the bundle's own graph.
 
 An entry whose position lies beyond the cache's capacity is dropped (its slot keeps its old value):
 rows that ride along in a call without an item of their own may be full, and must not be written
-outside their row. A row with an item always has room; the caller checks that before the call.
+outside their row. A row with an item always has room; the caller checks that before the call. A row
+riding along full to the model's context would also take rotary positions past the tables of a graph
+exported with the fused rotary embedding, which fails the call: its positions are clamped to the tables'
+last row, and what it computes there is never read.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ def cache_writing_model(path: Path) -> onnx.ModelProto:
             nodes.append(helper.make_node("ScatterElements", [cache, index, entries], [written], axis=axis,
                                           name=f"cache_write/{written}"))
     graph.node.extend(nodes)
+    _clamp_rotary_positions(graph)
     inputs = {arg.name: arg for arg in graph.input}
     hidden_out = [arg for arg in graph.output if arg.name == "hidden_out"]
     del graph.output[:]
@@ -103,3 +107,29 @@ def cache_writing_model(path: Path) -> onnx.ModelProto:
         output.CopyFrom(cache)
         output.name = name
     return model
+
+
+def _clamp_rotary_positions(graph: onnx.GraphProto) -> None:
+    """Each RotaryEmbedding reads its positions through a Min with its tables' last row; rows within the
+    context keep their positions, and so their bits."""
+    from onnx import TensorProto, helper
+
+    clamped: dict[tuple[str, str], str] = {}
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "RotaryEmbedding":
+            positions, table = node.input[1], node.input[2]
+            if (positions, table) not in clamped:
+                name = f"rotary_clamp/{len(clamped)}"
+                nodes += [
+                    helper.make_node("Shape", [table], [f"{name}/rows"], start=0, end=1),
+                    helper.make_node("Constant", [], [f"{name}/one"],
+                                     value=helper.make_tensor(f"{name}/one", TensorProto.INT64, [1], [1])),
+                    helper.make_node("Sub", [f"{name}/rows", f"{name}/one"], [f"{name}/last"]),
+                    helper.make_node("Min", [positions, f"{name}/last"], [f"{name}/positions"]),
+                ]
+                clamped[positions, table] = f"{name}/positions"
+            node.input[1] = clamped[positions, table]
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)

@@ -120,7 +120,11 @@ class OnnxStageModel:
         if self.fused_attention and hidden.shape[1] > 1:
             return self._run_rows_apart(session, layers, hidden, cache, rows)
         if not (self.device_resident or self.fused_attention):
-            out = session.run(stage_outputs(layers), {"hidden": hidden, **cache.feeds(rows, layers)})
+            feeds = cache.feeds(rows, layers)
+            # a row riding along near or at the model's context computes at the rotary tables' last positions
+            # instead of past them (its result and its entries beyond its room are never read)
+            feeds["cache_length"] = np.minimum(feeds["cache_length"], self.config.context_length - hidden.shape[1])
+            out = session.run(stage_outputs(layers), {"hidden": hidden, **feeds})
             cache.write(rows, out[1 : 1 + layers], out[1 + layers :])
             return out[0]
         return self._run_bound(session, layers, hidden, cache, rows)

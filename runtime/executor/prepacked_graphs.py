@@ -45,8 +45,9 @@ log = logging.getLogger("speed.node")
 DEFAULT_LIMIT_MB = 2048  # room for the copies of a few bundles; an edge board's disk is small
 LIMIT_VARIABLE = "SPEED_GRAPH_CACHE_MB"
 # 2: checked against the graph (copies made before are made again); 3: 8-bit products pre-packed; 4: fused
-# attention's rotary tables reach one position beyond the context
-COPY_FORMAT = 4
+# attention's rotary tables reach one position beyond the context; 5: graphs writing their caches clamp rotary
+# positions to the tables
+COPY_FORMAT = 5
 # graphs a node derives from a bundle's, by name: stage and exit graphs that write their own caches, heads that
 # give their greedy token's probability (what a GPU node runs, to keep its state on the GPU)
 DERIVED = {"writes": cache_writing_graph, "greedy": greedy_head_graph, "attention": fused_attention_graph}
