@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from runtime.core.bundle import load_bundle
+from runtime.core.bundle import DEFAULT_BUNDLE, load_bundle
 from runtime.core.sampling import SamplingParams
 from runtime.local.backends import open_stage_model
 from runtime.local.speculative import generate_speculative
@@ -128,6 +128,40 @@ def test_guesses_from_a_guess_head_keep_the_sequential_text(guess_head_bundle, s
     speculative = generate_speculative(model, prompts, **kwargs)
     assert [g.token_ids for g in speculative] == [g.token_ids for g in sequential]
     assert sum(g.stats.ticks for g in speculative) < sum(g.stats.ticks for g in sequential)  # guesses were right often
+
+
+@pytest.fixture(scope="module")
+def quantized_guess_head_bundle(tmp_path_factory):
+    """An int4 copy of the demo bundle calibrated by `speed calibrate`, with a guess head."""
+    from runtime.models.quantize import Quantization, quantize_bundle
+
+    bundle = quantize_bundle(DEFAULT_BUNDLE, tmp_path_factory.mktemp("quantized") / "demo-int4", Quantization())
+    result = run_speed("calibrate", str(bundle), "--windows", "4", "--guess-vocabulary", "0.25")
+    assert result.returncode == 0, result.stderr
+    return bundle
+
+
+def test_a_quantized_bundles_guess_head_is_cut_from_its_classifiers_own_blocks(quantized_guess_head_bundle):
+    bundle = load_bundle(quantized_guess_head_bundle)
+    vocabulary = bundle.guess_vocabulary()
+    assert len(vocabulary) == bundle.config.vocab_size // 4 and len(bundle.guess_thresholds) == 2
+    model = open_stage_model(bundle, threads=1)
+    hidden = np.random.default_rng(0).standard_normal((3, bundle.config.d_model)).astype(np.float32)
+    logits, index = model.classify_guesses(hidden)
+    assert np.array_equal(logits, model.classify(hidden)[0][:, vocabulary])  # the classifier's own scores
+    assert (index == logits.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.8, top_k=40, seed=5)],
+                         ids=["greedy", "sampled"])
+def test_a_calibrated_quantized_bundle_keeps_the_sequential_text(quantized_guess_head_bundle, sampling):
+    bundle = load_bundle(quantized_guess_head_bundle)
+    model = open_stage_model(bundle, threads=1)
+    prompts = [bundle.tokenizer().encode(p).ids for p in PROMPTS]
+    kwargs = {"max_new_tokens": 48, "eos_id": -1, "sampling": sampling}
+    sequential = generate_speculative(model, prompts, speculate=False, **kwargs)
+    speculative = generate_speculative(model, prompts, guess_thresholds=bundle.guess_thresholds, **kwargs)
+    assert [g.token_ids for g in speculative] == [g.token_ids for g in sequential]
 
 
 def test_frequent_tokens_rank_by_count_then_id():

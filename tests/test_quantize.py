@@ -83,6 +83,11 @@ def test_the_torch_backend_refuses_a_quantized_bundle_in_one_sentence(quantized)
         open_stage_model(load_bundle(quantized), backend="torch")
 
 
+def test_exit_training_refuses_a_quantized_bundle_in_one_sentence(quantized):
+    assert_one_line_error(run_speed("train-exit", str(quantized), "--steps", "1"), "is quantized",
+                          "the float32 bundle it was made from")
+
+
 def test_speed_quantize_writes_a_bundle_and_refuses_bad_settings(tmp_path):
     out = tmp_path / "demo-int4"
     result = run_speed("quantize", str(DEFAULT_BUNDLE), str(out), "--weights", "int4")

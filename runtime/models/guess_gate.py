@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from runtime.core.bundle import Bundle, load_bundle, sha256_of, update_bundle
 from runtime.core.errors import SpeedError
@@ -43,9 +42,7 @@ from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.executor.onnx_session import create_session
 from runtime.executor.onnx_stage_model import OnnxStageModel
 from runtime.models.corpus import held_out_ids, held_out_windows
-from runtime.models.decoder import SpeedDecoder
-from runtime.models.export import export_guess_head
-from runtime.models.torch_backend import model_from_bundle
+from runtime.models.quantized_guess_head import quantized_guess_head
 
 BINS = 20  # probability bins of equal counts
 GUESS_SHARE = 0.25  # of the vocabulary, for a guess head
@@ -96,26 +93,32 @@ def frequent_tokens(token_ids: list[int], vocab_size: int, share: float) -> np.n
     return np.sort(order[:max(1, round(share * vocab_size))]).astype(np.int64)
 
 
-@torch.no_grad()
-def guess_outcomes(model: SpeedDecoder, bundle: Bundle, windows: torch.Tensor, vocabulary: np.ndarray | None
+def guess_outcomes(bundle: Bundle, windows: np.ndarray, vocabulary: np.ndarray | None
                    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per early stage, every held-out position's guess probability, whether the final prediction agreed,
-    and whether the full head's guess would have; the guess reads the head through the stage's exit as
-    nodes do, and scores only `vocabulary` (None: every token)."""
-    reads = ExitReads(bundle)
-    outcomes: list[tuple[list, list, list]] = [([], [], []) for _ in range(model.cfg.n_stages - 1)]
-    ids = None if vocabulary is None else torch.from_numpy(vocabulary)
-    for batch in windows.split(4):
-        hidden = model.stage_hiddens(batch)
-        final = model.classify(hidden[-1]).argmax(-1).flatten()
-        for stage, h in enumerate(hidden[:-1]):
-            logits = model.classify(torch.from_numpy(reads(stage, h.numpy()))).float().flatten(0, 1)  # (N, V)
-            scored = logits if ids is None else logits[:, ids]
-            confidence, index = torch.softmax(scored, -1).max(-1)
-            guess = index if ids is None else ids[index]
-            outcomes[stage][0].append(confidence.numpy())
-            outcomes[stage][1].append((guess == final).numpy())
-            outcomes[stage][2].append((logits.argmax(-1) == final).numpy())
+    and whether the full head's guess would have: computed by the bundle's graphs on ONNX Runtime as a node
+    computes them (a quantized bundle's arithmetic included), the guess reading the head through the stage's
+    exit, and scoring only `vocabulary` (None: every token)."""
+    model, reads = OnnxStageModel(bundle, threads=0), ExitReads(bundle)
+    d_model = bundle.config.d_model
+    outcomes: list[tuple[list, list, list]] = [([], [], []) for _ in range(bundle.config.n_stages - 1)]
+    for batch in np.array_split(windows, -(-len(windows) // 4)):
+        hidden, stage_hiddens = model.embed(batch), []
+        for stage in range(bundle.config.n_stages):  # every stage its own cache, from position 0
+            cache = model.new_cache(rows=len(batch), capacity=batch.shape[1])
+            hidden = model.run_stage(stage, hidden, cache, slice(0, len(batch)))
+            stage_hiddens.append(hidden)
+        final = model.classify(stage_hiddens[-1].reshape(-1, d_model))[1]
+        for stage, h in enumerate(stage_hiddens[:-1]):
+            logits = model.classify(np.ascontiguousarray(reads(stage, h).reshape(-1, d_model)))[0]  # (N, V)
+            scored = logits if vocabulary is None else logits[:, vocabulary]
+            index = scored.argmax(-1)
+            top = np.take_along_axis(scored, index[:, None], -1)
+            confidence = 1 / np.exp(scored - top).sum(-1)  # the softmax at the greedy token
+            guess = index if vocabulary is None else vocabulary[index]
+            outcomes[stage][0].append(confidence.astype(np.float32))
+            outcomes[stage][1].append(guess == final)
+            outcomes[stage][2].append(logits.argmax(-1) == final)
     return [tuple(np.concatenate(part) for part in stage) for stage in outcomes]
 
 
@@ -194,20 +197,19 @@ def calibrate(bundle_path: Path, cfg: Calibration, *, progress: Progress = NO_PR
     G = bundle.config.n_stages
     if G < 2:
         raise SpeedError(f"bundle {bundle_path} has one stage: it makes no guesses to gate")
-    model = model_from_bundle(bundle)
     tokenizer, vocab_size = bundle.tokenizer(), bundle.config.vocab_size
-    windows = torch.tensor(held_out_windows(tokenizer, cfg.windows, cfg.window))
+    windows = np.array(held_out_windows(tokenizer, cfg.windows, cfg.window), dtype=np.int64)
     stage_ms, head_ms = pass_costs_ms(bundle, cfg.window)
     share = cfg.guess_vocabulary
     if share is None:
         share = GUESS_SHARE if head_ms >= HEAD_SHARE_FOR_A_GUESS_HEAD * statistics.mean(stage_ms) else 1.0
     vocabulary = frequent_tokens(held_out_ids(tokenizer), vocab_size, share)
     vocabulary = vocabulary if len(vocabulary) < vocab_size else None
-    outcomes = guess_outcomes(model, bundle, windows, vocabulary)
+    outcomes = guess_outcomes(bundle, windows, vocabulary)
     with tempfile.TemporaryDirectory() as scratch:
         guess_head = None if vocabulary is None else Path(scratch) / "guess_head.onnx"
         if guess_head is not None:
-            export_guess_head(model, vocabulary, guess_head)
+            write_guess_head(bundle, vocabulary, guess_head)
             head_ms = head_call_ms(guess_head, bundle.config.d_model)
         progress.note(f"one row on one thread: early stage passes {', '.join(f'{ms:.2f}' for ms in stage_ms)} ms, "
                       f"a guess classifier call {head_ms:.2f} ms")
@@ -228,6 +230,22 @@ def calibrate(bundle_path: Path, cfg: Calibration, *, progress: Progress = NO_PR
                                                   != kept.get(key)],
                       guess_gate={"thresholds": [s["threshold"] for s in stages], "report": report}, **entries)
     return report
+
+
+def write_guess_head(bundle: Bundle, vocabulary: np.ndarray, path: Path) -> None:
+    """The classifier over `vocabulary` only: exported from the torch model of a float32 bundle, cut from the
+    blocks of a quantized one."""
+    if not bundle.quantized:
+        from runtime.models.export import export_guess_head  # torch, only where it exports
+        from runtime.models.torch_backend import model_from_bundle
+
+        export_guess_head(model_from_bundle(bundle), vocabulary, path)
+        return
+    try:
+        quantized_guess_head(bundle.head_graph, vocabulary, path)
+    except ValueError as exc:
+        raise SpeedError(f"no guess head can be cut from this bundle's classifier ({exc}); calibrate it with "
+                         "--guess-vocabulary 1, its guesses then scoring every token") from None
 
 
 def guess_head_files(bundle: Bundle, graph: Path | None, vocabulary: np.ndarray | None) -> tuple[dict, dict]:

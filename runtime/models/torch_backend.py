@@ -8,6 +8,7 @@ import torch
 from onnx import numpy_helper
 
 from runtime.core.bundle import Bundle
+from runtime.core.errors import SpeedError
 from runtime.executor.kv_cache import KVCache
 from runtime.executor.stage_model import top_probabilities
 from runtime.models.decoder import SpeedDecoder
@@ -18,6 +19,9 @@ PARAMETER_PREFIX = "model."  # the export wraps the decoder as `model`
 def model_from_bundle(bundle: Bundle) -> SpeedDecoder:
     """Load the stage and head initializers, which carry the torch parameter names (the other constants the
     export names after the layer that reads them, such as the rotary tables, are not parameters)."""
+    if bundle.quantized:
+        raise SpeedError(f"bundle {bundle.path} is quantized, and exits are trained and models fine-tuned on float32 "
+                         "weights; give the float32 bundle it was made from (`speed import gguf` without --weights q4)")
     model = SpeedDecoder(bundle.config)
     parameters = model.state_dict().keys()
     state = {"embedding.weight": torch.from_numpy(np.array(bundle.embedding()))}
