@@ -17,7 +17,8 @@ the manifest, where nodes and the coordinator read them as every request's defau
 
 A guess never decides the text (the last stage's full classifier does), so it may be approximate: where
 the classifier costs at least a quarter of a stage pass (a large vocabulary), the bundle also gets a
-guess head, the classifier over the tokens most frequent in the held-out text only (a quarter of the
+guess head (cut from a quantized classifier's own blocks, runtime.models.quantized_guess_head), the
+classifier over the tokens most frequent in the held-out text only (a quarter of the
 vocabulary by default; frequency-ranked drafting, FR-Spec 2025, cuts a draft head's cost by about 75% at
 little loss of acceptance). Guesses, their probabilities and the classifier call above are then those
 of the guess head, and the report gives the agreement of the full head beside it. Where the classifier
