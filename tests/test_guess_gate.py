@@ -11,6 +11,7 @@ import pytest
 
 from runtime.core.bundle import DEFAULT_BUNDLE, load_bundle
 from runtime.core.sampling import SamplingParams
+from runtime.executor.onnx_session import create_session
 from runtime.local.backends import open_stage_model
 from runtime.local.speculative import generate_speculative
 from runtime.models.guess_gate import choose_threshold, frequent_tokens
@@ -162,6 +163,24 @@ def test_a_calibrated_quantized_bundle_keeps_the_sequential_text(quantized_guess
     sequential = generate_speculative(model, prompts, speculate=False, **kwargs)
     speculative = generate_speculative(model, prompts, guess_thresholds=bundle.guess_thresholds, **kwargs)
     assert [g.token_ids for g in speculative] == [g.token_ids for g in sequential]
+
+
+def test_the_guess_head_is_loaded_at_the_first_guess_only(quantized_guess_head_bundle, monkeypatch):
+    """A node whose gate holds every guess (the fast kind's) never holds the guess head in memory."""
+    import runtime.executor.onnx_stage_model as stage_model
+
+    loaded = []
+    monkeypatch.setattr(stage_model, "create_session", lambda path, **options: loaded.append(path.name) or
+                        create_session(path, **options))
+    bundle = load_bundle(quantized_guess_head_bundle)
+    guess_head = bundle.guess_head_graph.name
+    model = stage_model.OnnxStageModel(bundle, threads=1)
+    prompts = [bundle.tokenizer().encode(p).ids for p in PROMPTS]
+    kwargs = {"max_new_tokens": 8, "eos_id": -1}
+    held = generate_speculative(model, prompts, guess_thresholds=(1.0, 1.0), **kwargs)
+    assert guess_head not in loaded
+    sent = generate_speculative(model, prompts, guess_thresholds=(0.0, 0.0), **kwargs)
+    assert loaded.count(guess_head) == 1 and [g.token_ids for g in sent] == [g.token_ids for g in held]
 
 
 def test_frequent_tokens_rank_by_count_then_id():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -78,8 +79,11 @@ class OnnxStageModel:
         self._head = session(bundle.head_graph, head_form)
         self.provider = self._head.get_providers()[0]
         guess_head = bundle.guess_head_graph
-        self._guess_head = session(guess_head, head_form) if guess_head is not None else self._head
-        self._head_outputs = {head: [out.name for out in head.get_outputs()] for head in (self._head, self._guess_head)}
+        # the guess head is loaded at the first guess: a node whose gate holds every guess never holds it
+        self._open_guess_head = (lambda: session(guess_head, head_form)) if guess_head is not None else None
+        self._guess_head_session = None if guess_head is not None else self._head
+        self._guess_head_loading = threading.Lock()
+        self._head_outputs = {self._head: [out.name for out in self._head.get_outputs()]}
         self.guess_vocabulary = bundle.guess_vocabulary()
         self._embedding = bundle.embedding()
         self.exit_maps = bundle.exit_maps()
@@ -173,6 +177,16 @@ class OnnxStageModel:
         pair = slice(row, row + 2) if row + 1 < len(cache.lengths) else slice(row - 1, row + 1)
         out = self.run_stage(stage, np.concatenate([hidden, hidden]), cache, pair)  # (2, 1, d)
         return out[row - pair.start : row - pair.start + 1]
+
+    @property
+    def _guess_head(self) -> ort.InferenceSession:
+        if self._guess_head_session is None:
+            with self._guess_head_loading:
+                if self._guess_head_session is None:
+                    head = self._open_guess_head()
+                    self._head_outputs[head] = [out.name for out in head.get_outputs()]
+                    self._guess_head_session = head
+        return self._guess_head_session
 
     def classify(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """hidden (N, d) -> logits (N, V), greedy tokens (N,)."""
