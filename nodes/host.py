@@ -146,11 +146,13 @@ class StageHost:
         return expired
 
     def warm_up(self) -> None:
-        """One real forward pass of every hosted stage and the classifier, so the first request is not slow."""
+        """One real forward pass of every hosted stage and the classifier, so the first request is not slow. Early
+        stages make no guess: a guess head is loaded at the first guess a gate lets through."""
         seq_id = 2**64 - 1  # no caller has opened anything yet
         batch = pb.StepBatch(opens=[pb.OpenSequence(seq_id=seq_id, capacity=8)], incarnation=self.incarnation)
         for stage in self.stages:
-            item = batch.items.add(seq_id=seq_id, start=0, length=8, stage=stage)
+            item = batch.items.add(seq_id=seq_id, start=0, length=8, stage=stage,
+                                   skip_prediction=stage != self.cfg.n_stages - 1)
             if stage == 0:
                 item.tokens.extend([0] * 8)
             elif stage - 1 not in self.stages:
