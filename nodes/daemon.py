@@ -112,9 +112,16 @@ def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threadin
         reply.MergeFrom(measured[0])
         return reply
 
-    def measure() -> None:  # on the stage worker, between steps
-        pass_times, head_ms = measure_passes(model, sorted(host.hostable), alone=True)
+    def measured_passes(*, alone: bool) -> list[pb.PassTime]:
+        pass_times, head_ms = measure_passes(model, sorted(host.hostable), alone=alone)
         measured[0] = pb.NodeInfo(pass_times=pass_times, head_ms=head_ms)
+        if bundle.config.n_stages - 1 not in host.stages:
+            # timed for placement only: this node classifies just for guesses, and loads it again at the first
+            model.release_classifiers()
+        return pass_times
+
+    def measure() -> None:  # on the stage worker, between steps
+        pass_times = measured_passes(alone=True)
         log.info("timed its passes again for the coordinator: %s ms a row", ", ".join(
             f"stage {p.stage} {p.ms:.2f}" for p in pass_times if p.rows == 1))
 
@@ -157,8 +164,7 @@ def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threadin
     server.start()
 
     host.warm_up()
-    pass_times, head_ms = measure_passes(model, sorted(host.hostable))
-    measured[0] = pb.NodeInfo(pass_times=pass_times, head_ms=head_ms)
+    measured_passes(alone=False)
     for service_name in ("", SERVICE_NAME):
         health_service.set(service_name, health_pb2.HealthCheckResponse.SERVING)
     log.info("node %s serving stages %s of %s on %s (%s, %d thread%s)%s", node.name, list(node.stages),

@@ -183,6 +183,24 @@ def test_the_guess_head_is_loaded_at_the_first_guess_only(quantized_guess_head_b
     assert loaded.count(guess_head) == 1 and [g.token_ids for g in sent] == [g.token_ids for g in held]
 
 
+def test_released_classifiers_open_again_at_the_next_classification_with_the_same_results(
+        quantized_guess_head_bundle, monkeypatch):
+    """What a node not running the last stage does after timing them: their memory goes, their results stay."""
+    import runtime.executor.onnx_stage_model as stage_model
+
+    loaded = []
+    monkeypatch.setattr(stage_model, "create_session", lambda path, **options: loaded.append(path.name) or
+                        create_session(path, **options))
+    bundle = load_bundle(quantized_guess_head_bundle)
+    model = stage_model.OnnxStageModel(bundle, threads=1)
+    hidden = np.random.default_rng(1).standard_normal((2, bundle.config.d_model)).astype(np.float32)
+    before = [*model.classify(hidden), *model.classify_guesses(hidden)]
+    model.release_classifiers()
+    after = [*model.classify(hidden), *model.classify_guesses(hidden)]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    assert loaded.count(bundle.head_graph.name) == 2 and loaded.count(bundle.guess_head_graph.name) == 2
+
+
 def test_frequent_tokens_rank_by_count_then_id():
     assert frequent_tokens([5, 5, 5, 2, 2, 9], vocab_size=10, share=0.3).tolist() == [2, 5, 9]
     assert frequent_tokens([5, 5, 5, 2, 2, 9], vocab_size=10, share=0.5).tolist() == [0, 1, 2, 5, 9]  # unseen by id

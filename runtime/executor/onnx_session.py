@@ -7,6 +7,8 @@ the provider is read back from the session and a CUDA request that was not honou
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import onnxruntime as ort
@@ -58,3 +60,34 @@ def create_session(path: Path, *, device: str = "cpu", threads: int = 0, sha256:
                          "and that onnxruntime-gpu (not onnxruntime) is installed")
     return session
 
+
+
+class LazySession:
+    """A session opened at its first use, which its holder may release to give its memory back (a classifier that
+    a node runs only for the last stage, or for guesses); the next use opens it again. A call running on the
+    released session keeps it until it returns."""
+
+    def __init__(self, open_session: Callable[[], ort.InferenceSession]):
+        self._open = open_session
+        self._session: ort.InferenceSession | None = None
+        self._opening = threading.Lock()
+        self.outputs: list[str] = []  # its output names, once opened
+
+    def get(self) -> ort.InferenceSession:
+        session = self._session
+        if session is None:
+            with self._opening:
+                if self._session is None:
+                    opened = self._open()
+                    self.outputs = [out.name for out in opened.get_outputs()]
+                    self._session = opened
+                session = self._session
+        return session
+
+    @property
+    def is_open(self) -> bool:
+        return self._session is not None
+
+    def release(self) -> None:
+        with self._opening:
+            self._session = None

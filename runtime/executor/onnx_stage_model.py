@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from runtime.executor.cache_writing import WRITES
 from runtime.executor.device_cache import CacheBinding, DeviceKVCache
 from runtime.executor.greedy_head import PROBABILITY
 from runtime.executor.kv_cache import KVCache
-from runtime.executor.onnx_session import create_session
+from runtime.executor.onnx_session import LazySession, create_session
 from runtime.executor.stage_model import top_probabilities
 
 log = logging.getLogger("speed.node")
@@ -75,15 +74,12 @@ class OnnxStageModel:
         if sessions is None:
             sessions = {path: session(path, "writes" if self.device_resident else None) for path in cached}
         self._stage_sessions = {stage: sessions[graphs[stage]] for stage in self.stages}
-        head_form = "greedy" if self.device_resident else None
-        self._head = session(bundle.head_graph, head_form)
-        self.provider = self._head.get_providers()[0]
-        guess_head = bundle.guess_head_graph
-        # the guess head is loaded at the first guess: a node whose gate holds every guess never holds it
-        self._open_guess_head = (lambda: session(guess_head, head_form)) if guess_head is not None else None
-        self._guess_head_session = None if guess_head is not None else self._head
-        self._guess_head_loading = threading.Lock()
-        self._head_outputs = {self._head: [out.name for out in self._head.get_outputs()]}
+        head_form, guess_head = ("greedy" if self.device_resident else None), bundle.guess_head_graph
+        # the classifiers are opened at their first use: a node whose gate holds every guess never holds the guess
+        # head, and one that does not run the last stage gives the head back (release_classifiers)
+        self._head = LazySession(lambda: session(bundle.head_graph, head_form))
+        self._guess_head = LazySession(lambda: session(guess_head, head_form)) if guess_head is not None else self._head
+        self.provider = (next(iter(sessions.values())) if sessions else self._head.get()).get_providers()[0]
         self.guess_vocabulary = bundle.guess_vocabulary()
         self._embedding = bundle.embedding()
         self.exit_maps = bundle.exit_maps()
@@ -178,16 +174,6 @@ class OnnxStageModel:
         out = self.run_stage(stage, np.concatenate([hidden, hidden]), cache, pair)  # (2, 1, d)
         return out[row - pair.start : row - pair.start + 1]
 
-    @property
-    def _guess_head(self) -> ort.InferenceSession:
-        if self._guess_head_session is None:
-            with self._guess_head_loading:
-                if self._guess_head_session is None:
-                    head = self._open_guess_head()
-                    self._head_outputs[head] = [out.name for out in head.get_outputs()]
-                    self._guess_head_session = head
-        return self._guess_head_session
-
     def classify(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """hidden (N, d) -> logits (N, V), greedy tokens (N,)."""
         return self._classify(self._head, hidden)
@@ -205,12 +191,19 @@ class OnnxStageModel:
         if not self.device_resident:
             logits, tokens = self._classify(head, hidden)
             return tokens, top_probabilities(logits, scored)
-        tokens, probabilities = self._classify(head, hidden, [self._head_outputs[head][1], PROBABILITY])
+        tokens, probabilities = self._classify(head, hidden, probabilities=True)
         return tokens, probabilities
 
-    def _classify(self, head, hidden: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
-        """The head's logits and tokens, or the named outputs."""
-        outputs = outputs or self._head_outputs[head][:2]
+    def release_classifiers(self) -> None:
+        """Give the classifiers' memory back until the next classification (a node not running the last stage
+        classifies only for guesses, which its gate may hold back)."""
+        self._head.release()
+        self._guess_head.release()
+
+    def _classify(self, head: LazySession, hidden: np.ndarray, *, probabilities: bool = False) -> list[np.ndarray]:
+        """The head's logits and tokens, or with `probabilities` its tokens and their probabilities."""
+        session = head.get()
+        outputs = [head.outputs[1], PROBABILITY] if probabilities else head.outputs[:2]
         if self._never_one_row and len(hidden) == 1:
-            return [out[:1] for out in head.run(outputs, {"hidden": np.concatenate([hidden, hidden])})]
-        return head.run(outputs, {"hidden": hidden})
+            return [out[:1] for out in session.run(outputs, {"hidden": np.concatenate([hidden, hidden])})]
+        return session.run(outputs, {"hidden": hidden})
