@@ -4,6 +4,7 @@ to the end with placement, assignment and results as the two real ones get them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from runtime.coordinator.cluster_view import ClusterView
 from runtime.coordinator.data_path import DataPath, data_path_for
@@ -116,6 +117,33 @@ def test_a_third_data_path_drives_the_engine_to_the_end_of_a_request(tmp_path):
     assert streamed == list(finished.token_ids) == expected
     assert sorted(assigned) == [("edge-1", (0,), {"epoch": 1}), ("edge-2", (1,), {"epoch": 1}),
                                 ("edge-3", (2,), {"epoch": 1})]
+
+
+def test_a_request_decoding_while_nodes_time_their_passes_measures_no_rate(tmp_path):
+    """`speed plan` and placement: auto fit their costs to the rates of requests that decoded alone; a node
+    timing its passes between steps slows the request beside it."""
+    bundle = load_bundle()
+    tokenizer = bundle.tokenizer()
+    engine = Engine(serving_nodes(tmp_path, []), config=bundle.config, eos_id=bundle.eos_token_id, max_queue=4,
+                    incarnation=1, metrics=CoordinatorMetrics(), data_path=CountingPath)
+    no_stop = StopStrings(tokenizer, [])
+
+    async def decode(during_timing: bool) -> None:
+        request = Request(PROMPT, GenerationOptions(max_new_tokens=5, ignore_eos=True), speculative=False,
+                          guess_thresholds=(), stop=no_stop, text=TextStream(tokenizer, no_stop))
+        loop = asyncio.create_task(engine.run())
+        try:
+            with engine.timing_nodes() if during_timing else contextlib.nullcontext():
+                engine.submit(request)
+                while not isinstance(await asyncio.wait_for(request.events.get(), timeout=10), GenerationResult):
+                    pass
+        finally:
+            loop.cancel()
+
+    asyncio.run(decode(during_timing=True))
+    assert engine.measured_tokens_per_s(False) == 0
+    asyncio.run(decode(during_timing=False))
+    assert engine.measured_tokens_per_s(False) > 0
 
 
 def test_the_cluster_file_names_one_of_the_two_data_paths(tmp_path):

@@ -293,8 +293,9 @@ class Coordinator:
             serving = self._serving_nodes()
             names = frozenset(node.name for node in serving)
             if self.spec.placement == PlacementKind.FILE and names != self._timed_for:
-                for node in serving:
-                    await node.measure(self.spec.coordinator.step_timeout_s * MEASURE_TIMEOUT_STEPS)
+                with self.engine.timing_nodes():
+                    for node in serving:
+                        await node.measure(self.spec.coordinator.step_timeout_s * MEASURE_TIMEOUT_STEPS)
                 self._timed_for = names
 
     def _serving_nodes(self) -> list[RemoteNode]:

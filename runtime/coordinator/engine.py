@@ -17,12 +17,13 @@ while it still serves, so its stages move before it leaves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import statistics
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from runtime.coordinator.cluster_view import ClusterView
 from runtime.coordinator.data_path import DataPath
@@ -57,6 +58,7 @@ class Engine:
         self.flips_seen, self.checks_seen = [0] * (config.n_stages - 1), [0] * (config.n_stages - 1)
         # tokens/s of the last requests that decoded alone on the current placement, by whether they speculated
         self.alone_rates: dict[bool, deque[float]] = {False: deque(maxlen=RATES_KEPT), True: deque(maxlen=RATES_KEPT)}
+        self._nodes_timing = 0  # nodes timing their passes now (timing_nodes)
         self.view = ClusterView(config=config, nodes=self.nodes, metrics=metrics, incarnation=incarnation,
                                 eos_id=eos_id)
         self.config = config
@@ -97,6 +99,18 @@ class Engine:
         """The median tokens/s of the last requests that decoded alone on the current placement; 0 when none."""
         rates = self.alone_rates[speculative]
         return statistics.median(rates) if rates else 0.0
+
+    @contextlib.contextmanager
+    def timing_nodes(self) -> Iterator[None]:
+        """While nodes time their passes (between steps, for placement), the requests decoding are slowed by it:
+        none of them measures the placement's rate."""
+        self._nodes_timing += 1
+        for request in self._active.values():
+            request.alone = False
+        try:
+            yield
+        finally:
+            self._nodes_timing -= 1
 
     @property
     def active_requests(self) -> int:
@@ -172,6 +186,8 @@ class Engine:
             if len(self._active) > 1:
                 for sharing in self._active.values():
                     sharing.alone = False
+            if self._nodes_timing:
+                request.alone = False
             if seq.done:  # a resumed request whose end was lost on the way
                 self._emit()
 
@@ -231,7 +247,8 @@ class Engine:
         self._chosen = (frozenset(serving), None)
         start = self._placement_now()
         if len(start) == self.config.n_stages:
-            homes = await self.choose_homes([self.nodes[name] for name in serving], start)
+            with self.timing_nodes():  # a choice starts by timing every serving node
+                homes = await self.choose_homes([self.nodes[name] for name in serving], start)
             if self._chosen[0] == frozenset(serving):
                 self._chosen = (frozenset(serving), homes)
 
