@@ -121,14 +121,18 @@ def test_a_guess_head_scores_the_most_frequent_tokens_and_is_cheaper(guess_head_
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.8, top_k=40, seed=5)],
                          ids=["greedy", "sampled"])
 def test_guesses_from_a_guess_head_keep_the_sequential_text(guess_head_bundle, sampling):
-    bundle = load_bundle(guess_head_bundle)
+    sequential, speculative = decoded_both_ways(load_bundle(guess_head_bundle), sampling)
+    assert [g.token_ids for g in speculative] == [g.token_ids for g in sequential]
+    assert sum(g.stats.ticks for g in speculative) < sum(g.stats.ticks for g in sequential)  # guesses were right often
+
+
+def decoded_both_ways(bundle, sampling: SamplingParams, **speculation) -> tuple[list, list]:
+    """PROMPTS decoded by the bundle in one process, sequentially and speculatively."""
     model = open_stage_model(bundle, threads=1)
     prompts = [bundle.tokenizer().encode(p).ids for p in PROMPTS]
     kwargs = {"max_new_tokens": 48, "eos_id": -1, "sampling": sampling}
-    sequential = generate_speculative(model, prompts, speculate=False, **kwargs)
-    speculative = generate_speculative(model, prompts, **kwargs)
-    assert [g.token_ids for g in speculative] == [g.token_ids for g in sequential]
-    assert sum(g.stats.ticks for g in speculative) < sum(g.stats.ticks for g in sequential)  # guesses were right often
+    return (generate_speculative(model, prompts, speculate=False, **kwargs),
+            generate_speculative(model, prompts, **speculation, **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -157,11 +161,7 @@ def test_a_quantized_bundles_guess_head_is_cut_from_its_classifiers_own_blocks(q
                          ids=["greedy", "sampled"])
 def test_a_calibrated_quantized_bundle_keeps_the_sequential_text(quantized_guess_head_bundle, sampling):
     bundle = load_bundle(quantized_guess_head_bundle)
-    model = open_stage_model(bundle, threads=1)
-    prompts = [bundle.tokenizer().encode(p).ids for p in PROMPTS]
-    kwargs = {"max_new_tokens": 48, "eos_id": -1, "sampling": sampling}
-    sequential = generate_speculative(model, prompts, speculate=False, **kwargs)
-    speculative = generate_speculative(model, prompts, guess_thresholds=bundle.guess_thresholds, **kwargs)
+    sequential, speculative = decoded_both_ways(bundle, sampling, guess_thresholds=bundle.guess_thresholds)
     assert [g.token_ids for g in speculative] == [g.token_ids for g in sequential]
 
 
