@@ -116,7 +116,7 @@ def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threadin
         pass_times, head_ms = measure_passes(model, sorted(host.hostable), alone=alone)
         measured[0] = pb.NodeInfo(pass_times=pass_times, head_ms=head_ms)
         if bundle.config.n_stages - 1 not in host.stages:
-            # timed for placement only: this node classifies just for guesses, and loads it again at the first
+            # timed for placement only: this node classifies just for guesses, and opens them again at the first
             model.release_classifiers()
         return pass_times
 

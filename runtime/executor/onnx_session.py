@@ -61,7 +61,6 @@ def create_session(path: Path, *, device: str = "cpu", threads: int = 0, sha256:
     return session
 
 
-
 class LazySession:
     """A session opened at its first use, which its holder may release to give its memory back (a classifier that
     a node runs only for the last stage, or for guesses); the next use opens it again. A call running on the
@@ -83,10 +82,6 @@ class LazySession:
                     self._session = opened
                 session = self._session
         return session
-
-    @property
-    def is_open(self) -> bool:
-        return self._session is not None
 
     def release(self) -> None:
         with self._opening:
