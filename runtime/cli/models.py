@@ -71,7 +71,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         help="layers of each stage, first to last, e.g. 11,12,7 (fewer on the last stage, which also "
                              "runs the classifier)")
     q.add_argument("--weights", choices=["f32", "q4"], default="f32",
-                   help="f32: float32 (default; what train-exit, calibrate and the torch backend read); q4: for "
+                   help="f32: float32 (default; what train-exit and the torch backend read); q4: for "
                         "serving, layers keeping the file's own Q4_0 / Q4_1 blocks (and with int8 activations its "
                         "Q8_0 ones, the embedding's included), other matrices quantized to int4")
     accuracy_level_argument(q)
