@@ -113,10 +113,11 @@ def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threadin
         return reply
 
     def measured_passes(*, alone: bool) -> list[pb.PassTime]:
+        opened_to_time_it = not model.classifier_open
         pass_times, head_ms = measure_passes(model, sorted(host.hostable), alone=alone)
         measured[0] = pb.NodeInfo(pass_times=pass_times, head_ms=head_ms)
-        if bundle.config.n_stages - 1 not in host.stages:
-            # timed for placement only: this node classifies just for guesses, and opens them again at the first
+        if opened_to_time_it and bundle.config.n_stages - 1 not in host.stages:
+            # timed for placement only: this node classifies just for guesses, and the first opens it again
             model.release_classifiers()
         return pass_times
 

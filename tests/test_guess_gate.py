@@ -194,8 +194,11 @@ def test_released_classifiers_open_again_at_the_next_classification_with_the_sam
     bundle = load_bundle(quantized_guess_head_bundle)
     model = stage_model.OnnxStageModel(bundle, threads=1)
     hidden = np.random.default_rng(1).standard_normal((2, bundle.config.d_model)).astype(np.float32)
+    assert not model.classifier_open
     before = [*model.classify(hidden), *model.classify_guesses(hidden)]
+    assert model.classifier_open
     model.release_classifiers()
+    assert not model.classifier_open
     after = [*model.classify(hidden), *model.classify_guesses(hidden)]
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
     assert loaded.count(bundle.head_graph.name) == 2 and loaded.count(bundle.guess_head_graph.name) == 2

@@ -83,6 +83,10 @@ class LazySession:
                 session = self._session
         return session
 
+    @property
+    def is_open(self) -> bool:
+        return self._session is not None
+
     def release(self) -> None:
         with self._opening:
             self._session = None

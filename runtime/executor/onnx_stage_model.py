@@ -194,6 +194,10 @@ class OnnxStageModel:
         tokens, probabilities = self._classify(head, hidden, probabilities=True)
         return tokens, probabilities
 
+    @property
+    def classifier_open(self) -> bool:
+        return self._head.is_open
+
     def release_classifiers(self) -> None:
         """Give the classifiers' memory back until the next classification (a node not running the last stage
         classifies only for guesses, which its gate may hold back)."""
