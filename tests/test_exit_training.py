@@ -17,12 +17,12 @@ from runtime.core.bundle import load_bundle
 from runtime.core.config import EXIT_KINDS
 from runtime.core.sampling import SamplingParams
 from runtime.core.scheduler import SpeedScheduler
+from runtime.executor.onnx_stage_model import OnnxStageModel
 from runtime.executor.tick_executor import TickExecutor
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
 from runtime.local.speculative import generate_speculative
 from runtime.models.decoder import SpeedDecoder
-from runtime.models.guess_gate import ExitReads
 from runtime.models.torch_backend import model_from_bundle
 from tests.conftest import assert_one_line_error, run_speed, write_cluster
 from tests.gguf_writer import source_config, write_gguf
@@ -121,7 +121,7 @@ def test_a_layer_exit_runs_for_guesses_only_and_its_cache_rolls_back_with_the_st
     assert seq.stats.flushed_steps > 0 and set(calls) == {0, 1}
     text = torch.tensor([prompt + seq.generated])
     hidden = [h.detach().numpy() for h in model_from_bundle(bundle).stage_hiddens(text)]
-    exit_layers = ExitReads(bundle).layers
+    exit_layers = OnnxStageModel(bundle, threads=0)
     for stage in (0, 1):
         length = executor.exit_cache.lengths[executor.exit_row(0, stage)]
         assert length == executor.cache_length(0, stage)

@@ -72,16 +72,15 @@ class ExitReads:
     """What early stages' guesses read the head at, computed as nodes compute it: through the bundle's
     exit maps, or its one-layer exit graphs on ONNX Runtime over a window from position 0."""
 
-    def __init__(self, bundle: Bundle):
-        self.maps, layers = bundle.exit_maps(), bundle.exit_layer_graphs()
-        self.layers = OnnxStageModel(bundle, stages=list(layers), threads=0) if layers else None
-        self.config = bundle.config
+    def __init__(self, bundle: Bundle, model: OnnxStageModel):
+        """model: the bundle's graphs, its exit layers among them."""
+        self.maps, self.layers = bundle.exit_maps(), model
 
     def __call__(self, stage: int, hidden: np.ndarray) -> np.ndarray:
         """hidden (windows, T, d) after `stage` -> (windows, T, d)."""
         if stage in self.maps:
             return self.maps[stage].apply(hidden)
-        if self.layers is not None and stage in self.layers.exit_layer_stages:
+        if stage in self.layers.exit_layer_stages:
             cache = self.layers.new_cache(rows=len(hidden), capacity=hidden.shape[1], layers=1)
             return self.layers.run_exit_layer(stage, np.ascontiguousarray(hidden), cache, slice(0, len(hidden)))
         return hidden
@@ -100,7 +99,8 @@ def guess_outcomes(bundle: Bundle, windows: np.ndarray, vocabulary: np.ndarray |
     and whether the full head's guess would have: computed by the bundle's graphs on ONNX Runtime as a node
     computes them (a quantized bundle's arithmetic included), the guess reading the head through the stage's
     exit, and scoring only `vocabulary` (None: every token)."""
-    model, reads = OnnxStageModel(bundle, threads=0), ExitReads(bundle)
+    model = OnnxStageModel(bundle, threads=0)
+    reads = ExitReads(bundle, model)
     d_model = bundle.config.d_model
     outcomes: list[tuple[list, list, list]] = [([], [], []) for _ in range(bundle.config.n_stages - 1)]
     for batch in np.array_split(windows, -(-len(windows) // 4)):
