@@ -56,6 +56,8 @@ def imported(source, tmp_path_factory) -> Path:
     result = run_speed("import", "gguf", str(source[0]), str(out), "--stages", "3")
     assert result.returncode == 0, result.stderr
     assert "5 layers as 3 stage(s) of 2 + 2 + 1 layers" in result.stderr
+    # by default a file whose layers are not all in blocks the fast kind keeps becomes float32
+    assert "layers of F16, F32, Q4_1, Q8_0: dequantized to float32" in result.stderr
     return out
 
 
@@ -188,15 +190,15 @@ def test_an_existing_bundle_directory_is_kept_unless_forced(source, tmp_path):
 
 @pytest.fixture(scope="module")
 def four_bit(tiny_bundle, tmp_path_factory) -> dict[str, Path | str]:
-    """A file of 4-bit layers and a Q8_0 embedding imported three times: float32 (the default), keeping its blocks
-    with int8 activations (the default arithmetic), and keeping its 4-bit blocks with float32 arithmetic; and what
+    """A file of 4-bit layers and a Q8_0 embedding imported three times: float32, the default (the file's kind:
+    keeping its blocks, with int8 activations), and keeping its 4-bit blocks with float32 arithmetic; and what
     the second printed."""
     tokenizer_json = json.loads((tiny_bundle / "tokenizer.json").read_text())
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("gguf") / "four-bit.gguf"
     write_gguf(path, SpeedDecoder(source_config(tokenizer_json)), tokenizer_json, types=FOUR_BIT)
     out = tmp_path_factory.mktemp("imported")
-    imports = {"f32": [], "q4": ["--weights", "q4"], "q4-level1": ["--weights", "q4", "--accuracy-level", "1"]}
+    imports = {"f32": ["--weights", "f32"], "q4": [], "q4-level1": ["--weights", "q4", "--accuracy-level", "1"]}
     printed = {}
     for kind, flags in imports.items():
         result = run_speed("import", "gguf", str(path), str(out / kind), "--stages", "3", *flags)
@@ -228,6 +230,7 @@ def test_with_int8_activations_the_q8_0_embedding_is_kept_as_the_head_s_weights_
     made = kept.manifest["quantization"]
     assert made["accuracy_level"] == 4 and not kept.one_row_computed_apart
     assert "token_embd.weight" in made["kept_from_gguf"] and made["float32"] == []
+    assert "layers of Q4_0, Q4_1: kept in their blocks for serving (--weights f32 for float32)" in four_bit["printed"]
     assert ("kept the file's own blocks of 35 of 35 layer matrices (Q4_0, Q4_1) and of the embedding and tied head "
             "(Q8_0)") in four_bit["printed"]
     assert kept.manifest["embedding"]["dtype"] == "q8_0" and "embedding.bin" not in kept.manifest["files"]

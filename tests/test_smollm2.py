@@ -35,9 +35,9 @@ def gguf_file(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def smollm2(gguf_file, tmp_path_factory) -> Path:
-    """The default import: float32."""
+    """Dequantized to float32."""
     out = tmp_path_factory.mktemp("bundles") / "smollm2-135m"
-    imported = run_speed("import", "gguf", gguf_file, str(out), "--stages", "3", timeout=900)
+    imported = run_speed("import", "gguf", gguf_file, str(out), "--stages", "3", "--weights", "f32", timeout=900)
     assert imported.returncode == 0, imported.stderr
     assert "30 layers as 3 stage(s) of 10 + 10 + 10 layers" in imported.stderr
     return out
@@ -45,10 +45,11 @@ def smollm2(gguf_file, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2_fast(gguf_file, tmp_path_factory) -> Path:
-    """The file's own blocks, int8 activations."""
+    """The default import of a file of Q4_1 layers: the file's own blocks, int8 activations."""
     out = tmp_path_factory.mktemp("bundles") / "smollm2-135m-q4"
-    imported = run_speed("import", "gguf", gguf_file, str(out), "--stages", "3", "--weights", "q4", timeout=900)
+    imported = run_speed("import", "gguf", gguf_file, str(out), "--stages", "3", timeout=900)
     assert imported.returncode == 0, imported.stderr
+    assert "layers of Q4_1: kept in their blocks for serving" in imported.stderr
     assert ("kept the file's own blocks of 210 of 210 layer matrices (Q4_1) and of the embedding and tied head "
             "(Q8_0)") in imported.stderr
     return out

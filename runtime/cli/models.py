@@ -70,10 +70,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     stages.add_argument("--stage-layers", type=layer_counts, metavar="N,N,...",
                         help="layers of each stage, first to last, e.g. 11,12,7 (fewer on the last stage, which also "
                              "runs the classifier)")
-    q.add_argument("--weights", choices=["f32", "q4"], default="f32",
-                   help="f32: float32 (default; what train-exit and the torch backend read); q4: for "
-                        "serving, layers keeping the file's own Q4_0 / Q4_1 blocks (and with int8 activations its "
-                        "Q8_0 ones, the embedding's included), other matrices quantized to int4")
+    q.add_argument("--weights", choices=["auto", "f32", "q4"], default="auto",
+                   help="auto: the file's kind (default): q4 when its layers are all Q4_0 / Q4_1 / Q8_0 blocks, "
+                        "else f32; f32: float32 (what train-exit and the torch backend read); q4: for serving, "
+                        "layers keeping the file's own Q4_0 / Q4_1 blocks (and with int8 activations its Q8_0 "
+                        "ones, the embedding's included), other matrices quantized to int4")
     accuracy_level_argument(q)
     q.add_argument("--name", help="bundle name (default: the file's name)")
     q.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")

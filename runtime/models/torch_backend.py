@@ -21,7 +21,7 @@ def model_from_bundle(bundle: Bundle) -> SpeedDecoder:
     export names after the layer that reads them, such as the rotary tables, are not parameters)."""
     if bundle.quantized:
         raise SpeedError(f"bundle {bundle.path} is quantized, and exits are trained and models fine-tuned on float32 "
-                         "weights; give the float32 bundle it was made from (`speed import gguf` without --weights q4)")
+                         "weights; give the float32 bundle it was made from (`speed import gguf --weights f32`)")
     model = SpeedDecoder(bundle.config)
     parameters = model.state_dict().keys()
     state = {"embedding.weight": torch.from_numpy(np.array(bundle.embedding()))}
