@@ -30,11 +30,13 @@ test-fast: setup
 	$(VENV)/bin/pytest -q -m "not cluster and not training and not decoding and not needs_model"
 
 # on a machine with an NVIDIA GPU, with onnxruntime-gpu and the runtime's requirements installed (or WHEELS=DIR
-# to install them offline from wheels): the GPU tests, tokens against the CPU's, benchmarks, three CUDA nodes;
-# one report, gpu-check.json, in under 8 minutes (deploy/gpu_check.py)
+# to install them offline from wheels): the GPU tests, tokens against the CPU's, benchmarks, three CUDA nodes
+# (BUNDLE=DIR: also that bundle's tokens and speed); one report, gpu-check.json, in under 8 minutes
+# (deploy/gpu_check.py)
 GPU_PYTHON ?= python3
 gpu-check:
-	$(GPU_PYTHON) -m deploy.gpu_check --out gpu-check.json $(if $(WHEELS),--wheels $(WHEELS))
+	$(GPU_PYTHON) -m deploy.gpu_check --out gpu-check.json $(if $(WHEELS),--wheels $(WHEELS)) \
+		$(if $(BUNDLE),--bundle $(BUNDLE))
 
 bench: setup
 	$(VENV)/bin/speed bench --reference

@@ -6,8 +6,11 @@ step has its own time limit, so the whole check fits in 8 minutes on one GPU:
 1. the machine: the GPU (nvidia-smi), ONNX Runtime's version and providers;
 2. the GPU tests (tests/test_device.py, tests/test_device_resident.py), where pytest is installed;
 3. the tokens on the GPU against the CPU's: `speed reference`, greedy and sampled, plain and speculative;
-4. `speed bench --reference` and `--local` on the GPU and on the CPU;
+4. whether the stage graphs run as CUDA graphs (decode tiles), and `speed bench --reference` and `--local` on
+   the GPU, on the GPU without CUDA graphs (SPEED_CUDA_GRAPHS=0) and on the CPU;
 5. three CUDA nodes on the one GPU (deploy/local.yaml, every node `device: cuda`): `speed bench FILE`.
+6. with --bundle DIR (e.g. SmolLM2's fast kind, carried to the machine: it reaches no index), that bundle's
+   tokens on the GPU against the CPU's, greedy, and `speed bench --reference --bundle DIR` on both.
 A step that fails is recorded with the end of its output, and the next one runs. `--device cpu` runs
 every step on the CPU instead, which checks the script itself where there is no GPU.
 """
@@ -75,22 +78,31 @@ def machine() -> dict:
     return {"gpu": gpu.get("stdout", "").strip(), "onnxruntime": probe.get("result", probe)}
 
 
-def tokens(device: str) -> dict:
+def tokens(device: str, samplings: dict[str, list[str]], bundle: list[str]) -> dict:
     """`speed reference` on the device and on the CPU, each sampling plain and speculative: the same tokens?"""
     report = {}
-    for name, sampling in SAMPLINGS.items():
+    for name, sampling in samplings.items():
         runs = {}
         for where in dict.fromkeys((device, "cpu")):
             for mode in ("plain", "speculative"):
                 flags = ["--speculate"] if mode == "speculative" else []
-                runs[f"{mode}_{where}"] = speed("reference", "--device", where, "--json", "--max-new-tokens", "64",
-                                                *flags, *sampling, PROMPT, timeout_s=120)
+                runs[f"{mode}_{where}"] = speed("reference", *bundle, "--device", where, "--json", "--max-new-tokens",
+                                                "64", *flags, *sampling, PROMPT, timeout_s=120)
         ids = {key: outcome.get("result", {}).get("token_ids") for key, outcome in runs.items()}
         report[name] = {"all_equal": None not in ids.values() and len({tuple(i) for i in ids.values()}) == 1,
                         "tokens_per_s": {key: outcome.get("result", {}).get("tokens_per_s") for key, outcome in
                                          runs.items()},
                         "failed": {key: outcome for key, outcome in runs.items() if outcome["rc"] != 0}}
     return report
+
+
+def graph_capture(device: str) -> dict:
+    """Whether the demo model's stage sessions on `device` were given CUDA graphs (ONNX Runtime refuses a graph
+    it cannot capture, and the node then runs it without)."""
+    return run([sys.executable, "-c", "import json; from runtime.core.bundle import load_bundle; "
+                "from runtime.executor.onnx_stage_model import OnnxStageModel; "
+                f"model = OnnxStageModel(load_bundle(), device={device!r}); "
+                "print(json.dumps({'provider': model.provider, 'cuda_graphs': model.cuda_graphs}))"], 120)
 
 
 def cluster_file(directory: Path, device: str) -> Path:
@@ -103,7 +115,7 @@ def cluster_file(directory: Path, device: str) -> Path:
     return path
 
 
-def check(device: str, wheels: Path | None) -> dict:
+def check(device: str, wheels: Path | None, bundle: Path | None) -> dict:
     report: dict = {"device": device, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     if wheels is not None:
         report["install"] = install(wheels)
@@ -116,17 +128,29 @@ def check(device: str, wheels: Path | None) -> dict:
     except ImportError:
         report["tests"] = {"rc": None, "skipped": "pytest is not installed here"}
     print(f"tests: rc {report['tests']['rc']}", flush=True)
-    report["tokens"] = tokens(device)
+    report["tokens"] = tokens(device, SAMPLINGS, [])
     print(f"tokens equal: { {name: r['all_equal'] for name, r in report['tokens'].items()} }", flush=True)
+    report["graph_capture"] = graph_capture(device)
+    runs = {device: {}, "cpu": {}}  # the name of a run: its device's environment
+    if device == "cuda":
+        runs["cuda_without_cuda_graphs"] = {"SPEED_CUDA_GRAPHS": "0"}
     for bench in ("--reference", "--local"):
-        for where in dict.fromkeys((device, "cpu")):
-            key = f"bench_{bench.strip('-')}_{where}"
-            report[key] = speed("bench", bench, "--device", where, "--repeats", "2", "--json", timeout_s=180)
+        for name, env in runs.items():
+            key = f"bench_{bench.strip('-')}_{name}"
+            report[key] = speed("bench", bench, "--device", "cpu" if name == "cpu" else device, "--repeats", "2",
+                                "--json", timeout_s=150, env=env)
             print(f"{key}: rc {report[key]['rc']} in {report[key]['seconds']} s", flush=True)
     with tempfile.TemporaryDirectory(prefix="speed-gpu-check-") as scratch:
         report["bench_cluster"] = speed("bench", str(cluster_file(Path(scratch), device)), "--repeats", "1", "--json",
                                         timeout_s=240, env={"SPEED_STATE_DIR": scratch})
     print(f"bench_cluster: rc {report['bench_cluster']['rc']} in {report['bench_cluster']['seconds']} s", flush=True)
+    if bundle is not None:
+        given = ["--bundle", str(bundle.resolve())]
+        report["bundle"] = {"path": str(bundle), "tokens": tokens(device, {"greedy": []}, given)}
+        for where in dict.fromkeys((device, "cpu")):
+            report["bundle"][f"bench_reference_{where}"] = speed("bench", "--reference", *given, "--device", where,
+                                                                 "--repeats", "1", "--json", timeout_s=150)
+        print(f"bundle: tokens equal {report['bundle']['tokens']['greedy']['all_equal']}", flush=True)
     return report
 
 
@@ -135,8 +159,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("gpu-check.json"), help="the report (default gpu-check.json)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--wheels", type=Path, help="install onnxruntime-gpu and the requirements from wheels here")
+    parser.add_argument("--bundle", type=Path, help="also check this bundle's tokens and speed (e.g. SmolLM2's)")
     args = parser.parse_args()
-    report = check(args.device, args.wheels)
+    report = check(args.device, args.wheels, args.bundle)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"report: {args.out}")
 

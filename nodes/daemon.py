@@ -170,7 +170,8 @@ def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threadin
         health_service.set(service_name, health_pb2.HealthCheckResponse.SERVING)
     log.info("node %s serving stages %s of %s on %s (%s, %d thread%s)%s", node.name, list(node.stages),
              bundle.manifest["name"], node.address, model.provider, node.threads, "" if node.threads == 1 else "s",
-             "".join([f"; EMULATING a {node.emulated_link_ms:g} ms one-way link" if node.emulated_link_ms else "",
+             "".join(["; decode ticks replayed as CUDA graphs" if model.cuda_graphs else "",
+                      f"; EMULATING a {node.emulated_link_ms:g} ms one-way link" if node.emulated_link_ms else "",
                       f"; EMULATING a slower device: {node.emulated_cpu_share:g} of one core" if quota else ""]))
 
     refusal: list[str] = []

@@ -1,6 +1,7 @@
 """State kept where the graphs run (the path GPU nodes take), computed on the CPU provider: stage graphs that
 write their own caches, bound by address, give the bundle graphs' bits and text and write nothing outside a
-row's room; greedy classification fetches only tokens and their probabilities."""
+row's room, whether a call binds its span of rows or runs as a decode tile over every row (what a GPU captures
+as a CUDA graph); greedy classification fetches only tokens and their probabilities."""
 
 from __future__ import annotations
 
@@ -22,9 +23,16 @@ from runtime.models.quantize import Quantization, quantize_bundle
 
 @pytest.fixture(scope="module")
 def models() -> tuple[OnnxStageModel, OnnxStageModel]:
-    """The demo bundle run as the CPU runs it (the host writes the caches) and as a GPU runs it."""
+    """The demo bundle run as the CPU runs it (the host writes the caches) and as a GPU runs it without
+    decode tiles."""
     bundle = load_bundle()
     return OnnxStageModel(bundle, threads=1), OnnxStageModel(bundle, threads=1, device_resident=True)
+
+
+@pytest.fixture(scope="module")
+def tiled() -> OnnxStageModel:
+    """The demo bundle as a GPU runs it by default: decode ticks as tiles over every row of their cache."""
+    return OnnxStageModel(load_bundle(), threads=1, device_resident=True, decode_tiles=True)
 
 
 def filled(cache: KVCache, lengths: list[int], seed: int) -> KVCache:
@@ -46,8 +54,9 @@ calls = st.fixed_dictionaries({
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(call=calls)
-def test_a_graph_writing_its_cache_computes_and_writes_what_the_host_would(models, call):
-    """Rows with room get the same entries; full rows riding along keep every entry they hold."""
+def test_a_graph_writing_its_cache_computes_and_writes_what_the_host_would(models, tiled, call):
+    """Rows with room get the same entries; full rows riding along, and with a decode tile the rows outside the
+    call, keep every entry they hold."""
     host_model, writing_model = models
     cfg = host_model.config
     lengths = [0] * call["first"] + call["lengths"]
@@ -55,21 +64,21 @@ def test_a_graph_writing_its_cache_computes_and_writes_what_the_host_would(model
     T = call["tokens"]
     hidden = np.random.default_rng(call["seed"]).standard_normal((len(call["lengths"]), T, cfg.d_model)).astype(np.float32)
     host = filled(KVCache(cfg, rows=len(lengths), capacity=32), lengths, call["seed"])
-    bound = filled(KVCache(cfg, rows=len(lengths), capacity=32), lengths, call["seed"])
-    before = bound.keys.copy(), bound.values.copy()
     expected = host_model.run_stage(call["stage"], hidden, host, rows)
-    got = writing_model.run_stage(call["stage"], hidden, bound, rows)
-    assert np.array_equal(got, expected)
-    for row, length in enumerate(lengths):
-        # a row's own entries never change; entries beyond them are the host's where the row has room
-        assert np.array_equal(bound.keys[:, row, ..., :length], before[0][:, row, ..., :length])
-        assert np.array_equal(bound.values[:, row, :, :length], before[1][:, row, :, :length])
-        if length + T <= bound.capacity:
-            assert np.array_equal(bound.keys[:, row], host.keys[:, row]), f"row {row}'s keys"
-            assert np.array_equal(bound.values[:, row], host.values[:, row]), f"row {row}'s values"
+    for model in (writing_model, tiled):
+        bound = filled(KVCache(cfg, rows=len(lengths), capacity=32), lengths, call["seed"])
+        before = bound.keys.copy(), bound.values.copy()
+        assert np.array_equal(model.run_stage(call["stage"], hidden, bound, rows), expected)
+        for row, length in enumerate(lengths):
+            # a row's own entries never change; entries beyond them are the host's where a row of the call has room
+            assert np.array_equal(bound.keys[:, row, ..., :length], before[0][:, row, ..., :length])
+            assert np.array_equal(bound.values[:, row, :, :length], before[1][:, row, :, :length])
+            if row >= rows.start and length + T <= bound.capacity:
+                assert np.array_equal(bound.keys[:, row], host.keys[:, row]), f"row {row}'s keys"
+                assert np.array_equal(bound.values[:, row], host.values[:, row]), f"row {row}'s values"
 
 
-def test_a_device_cache_on_the_cpu_provider_is_written_in_place_and_keeps_its_entries_when_it_grows(models):
+def test_a_device_cache_on_the_cpu_provider_is_written_in_place_grows_keeping_its_entries_and_never_shrinks(models):
     host_model, writing_model = models
     cfg = host_model.config
     hidden = np.random.default_rng(0).standard_normal((2, 3, cfg.d_model)).astype(np.float32)
@@ -79,9 +88,13 @@ def test_a_device_cache_on_the_cpu_provider_is_written_in_place_and_keeps_its_en
     assert np.array_equal(writing_model.run_stage(1, hidden, device, slice(0, 2)),
                           host_model.run_stage(1, hidden, host, slice(0, 2)))
     assert np.array_equal(device.keys, host.keys) and np.array_equal(device.values, host.values)
-    device.resize(40)
-    assert device.capacity == 48 and device.keys.shape[-1] == 48
+    device.resize(40)  # to a power of two, so a node's cache moves (and its decode ticks capture anew) rarely
+    assert device.capacity == 64 and device.keys.shape[-1] == 64
     assert np.array_equal(device.keys[..., :16], host.keys) and not device.keys[..., 16:].any()
+    memory = device.memory()
+    device.resize(16)  # never smaller: it stays where its ticks were captured
+    assert device.capacity == 64 and device.memory() == memory
+    assert np.array_equal(device.keys[..., :16], host.keys)
     with pytest.raises(TypeError, match="written by the stage graphs"):
         device.write(slice(0, 1), [], [])
 
@@ -102,16 +115,18 @@ def test_greedy_classification_fetches_the_tokens_and_their_probabilities(models
 
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.8, seed=4)],
                          ids=["greedy", "sampled"])
-def test_speculative_decoding_on_caches_the_graphs_write_gives_the_plain_text(models, sampling):
+def test_speculative_decoding_on_caches_the_graphs_write_gives_the_plain_text(models, tiled, sampling):
     host_model, writing_model = models
     tokenizer = load_bundle().tokenizer()
     prompts = [tokenizer.encode(text).ids for text in ("ROMEO. But soft, what light", "Enter a Messenger.",
                                                        "KING HENRY. Once more unto the breach, dear friends,")]
     kwargs = {"max_new_tokens": 40, "eos_id": -1, "sampling": sampling}
-    speculative = generate_speculative(writing_model, prompts, **kwargs)
-    for prompt, generation in zip(prompts, speculative):
-        assert generation.token_ids == generate_plain(host_model, prompt, **kwargs).token_ids
-    assert sum(g.stats.flushed_steps for g in speculative) > 0  # rollbacks happened, and lost nothing
+    plain = [generate_plain(host_model, prompt, **kwargs).token_ids for prompt in prompts]
+    for model in (writing_model, tiled):
+        speculative = generate_speculative(model, prompts, **kwargs)
+        assert [generation.token_ids for generation in speculative] == plain
+        assert sum(g.stats.flushed_steps for g in speculative) > 0  # rollbacks happened, and lost nothing
+    assert [generate_plain(tiled, prompt, **kwargs).token_ids for prompt in prompts] == plain
 
 
 @pytest.mark.training  # it quantizes the demo bundle

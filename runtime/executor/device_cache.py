@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.core.config import ModelConfig
-from runtime.executor.kv_cache import CacheMemory, KVCache
+from runtime.executor.kv_cache import CacheMemory, KVCache, tiled
 
 FLOAT_BYTES = 4
 
@@ -24,7 +24,15 @@ class DeviceKVCache(KVCache):
 
     def __init__(self, cfg: ModelConfig, *, rows: int, capacity: int, layers: int | None = None, device: str):
         self.device = device
+        self._context = tiled(cfg.context_length)
         super().__init__(cfg, rows=rows, capacity=capacity, layers=layers)
+
+    def resize(self, capacity: int) -> None:
+        """Grow to the next power of two positions a row (at most the model's context) and never shrink: a GPU
+        replays decode ticks bound to the cache's addresses (runtime.executor.decode_tiles), and each move makes
+        them capture anew. So an idle GPU node keeps its largest cache."""
+        if capacity > self.capacity:
+            super().resize(min(1 << (tiled(capacity) - 1).bit_length(), self._context))
 
     def _store(self, keys: np.ndarray, values: np.ndarray) -> None:
         self._keys = ort.OrtValue.ortvalue_from_numpy(keys, self.device, 0)

@@ -22,11 +22,13 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def create_session(path: Path, *, device: str = "cpu", threads: int = 0, sha256: str | None = None,
-                   derived: str | None = None) -> ort.InferenceSession:
+                   derived: str | None = None, graph_capture: bool = False) -> ort.InferenceSession:
     """threads: intra-op threads, 0 = ONNX Runtime's default (one per physical core). sha256: the graph's
     hash from its bundle; on CPU the session then loads this machine's pre-packed copy of the graph, elsewhere
     the copy of the derived graph saved on first use. derived: run the graph derived from it by this name
-    (prepacked_graphs.DERIVED)."""
+    (prepacked_graphs.DERIVED). graph_capture: on CUDA, let calls be captured and replayed as CUDA graphs
+    (runtime.executor.decode_tiles; every call must then name its capture id); a graph that cannot be captured
+    runs without."""
     if device not in PROVIDERS:
         raise SpeedError(f"unknown device {device!r}; expected one of {', '.join(PROVIDERS)}")
     source: str | bytes | None = None
@@ -52,7 +54,15 @@ def create_session(path: Path, *, device: str = "cpu", threads: int = 0, sha256:
     wanted = [PROVIDERS[device]] + ([PROVIDERS["cpu"]] if device != "cpu" else [])
     # a provider that cannot load is reported below in one sentence, not by ONNX Runtime's native log
     ort.set_default_logger_severity(4)
-    session = ort.InferenceSession(source, sess_options=options, providers=wanted)
+    session = None
+    if graph_capture and device == "cuda":
+        try:
+            session = ort.InferenceSession(source, sess_options=options,
+                                           providers=[(PROVIDERS[device], {"enable_cuda_graph": "1"}), *wanted[1:]])
+        except Exception as exc:  # ONNX Runtime refuses graphs with nodes it cannot capture, with several kinds
+            log.warning("%s runs without CUDA graphs: %s", path.name, str(exc).splitlines()[0][:200])
+    if session is None:
+        session = ort.InferenceSession(source, sess_options=options, providers=wanted)
     got = session.get_providers()[0]
     if got != PROVIDERS[device]:
         raise SpeedError(f"device {device} was requested but ONNX Runtime runs {path.name} on {got}; check that "

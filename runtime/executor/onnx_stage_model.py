@@ -13,10 +13,11 @@ import onnxruntime as ort
 from runtime.core.bundle import Bundle
 from runtime.core.errors import SpeedError
 from runtime.executor.cache_writing import WRITES
+from runtime.executor.decode_tiles import UNCAPTURED, DecodeTiles, tiles_by_default
 from runtime.executor.device_cache import CacheBinding, DeviceKVCache
 from runtime.executor.greedy_head import PROBABILITY
 from runtime.executor.kv_cache import KVCache
-from runtime.executor.onnx_session import LazySession, create_session
+from runtime.executor.onnx_session import PROVIDERS, LazySession, create_session
 from runtime.executor.stage_model import top_probabilities
 
 log = logging.getLogger("speed.node")
@@ -42,10 +43,13 @@ class OnnxStageModel:
 
     fused_attention (default): on the CPU, graphs exported with the fused rotary embedding run each layer's
     attention as ONNX Runtime's one fused operator, which writes the cache in place
-    (runtime.executor.fused_attention). Their caches hold keys by position (KVCache)."""
+    (runtime.executor.fused_attention). Their caches hold keys by position (KVCache).
+
+    decode_tiles (default on CUDA, with device_resident): a decode tick runs over every row of its cache through
+    buffers bound once, which ONNX Runtime captures as a CUDA graph and replays (runtime.executor.decode_tiles)."""
 
     def __init__(self, bundle: Bundle, *, device: str = "cpu", threads: int = 0, stages: Iterable[int] | None = None,
-                 device_resident: bool | None = None, fused_attention: bool = True):
+                 device_resident: bool | None = None, fused_attention: bool = True, decode_tiles: bool | None = None):
         self.config = bundle.config
         self.device = device
         self.device_resident = device != "cpu" if device_resident is None else device_resident
@@ -55,9 +59,14 @@ class OnnxStageModel:
         # lossless speculation needs
         self._never_one_row = bundle.one_row_computed_apart
 
-        def session(path: Path, derived: str | None):
+        # decode ticks as fixed tiles, which a GPU replays as CUDA graphs (default on CUDA); on the CPU only tests
+        # ask for them, to run their every line
+        tiles = tiles_by_default(device) if decode_tiles is None else decode_tiles
+        self._tiles = DecodeTiles(device, self.config.d_model) if tiles and self.device_resident else None
+
+        def session(path: Path, derived: str | None, *, graph_capture: bool = False):
             return create_session(path, device=device, threads=threads, sha256=bundle.file_sha256(path),
-                                  derived=derived)
+                                  derived=derived, graph_capture=graph_capture)
 
         graphs = bundle.stage_graphs
         self.stages = frozenset(range(len(graphs)) if stages is None else stages)  # the stages it can run
@@ -72,7 +81,8 @@ class OnnxStageModel:
                 log.debug("running the bundle's own attention operators (%s)", exc)
                 self.fused_attention = False
         if sessions is None:
-            sessions = {path: session(path, "writes" if self.device_resident else None) for path in cached}
+            sessions = {path: session(path, "writes" if self.device_resident else None,
+                                      graph_capture=self._tiles is not None) for path in cached}
         self._stage_sessions = {stage: sessions[graphs[stage]] for stage in self.stages}
         head_form, guess_head = ("greedy" if self.device_resident else None), bundle.guess_head_graph
         # the classifiers are opened at their first use: a node whose gate holds every guess never holds the guess
@@ -119,6 +129,8 @@ class OnnxStageModel:
     def _run(self, session, layers: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> np.ndarray:
         if self.fused_attention and hidden.shape[1] > 1:
             return self._run_rows_apart(session, layers, hidden, cache, rows)
+        if self._tiles is not None and hidden.shape[1] == 1:
+            return self._tiles.run(session, layers, hidden, cache, rows)
         if not (self.device_resident or self.fused_attention):
             feeds = cache.feeds(rows, layers)
             # a row riding along near or at the model's context computes at the rotary tables' last positions
@@ -145,7 +157,7 @@ class OnnxStageModel:
         binding.bind_output("hidden_out", "cpu")  # again: a bound output keeps the last call's shape
         binding.bind_cpu_input("hidden", np.ascontiguousarray(hidden))
         binding.bind_cpu_input("cache_length", cache.lengths[rows])
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, UNCAPTURED)  # a session capturing decode tiles needs every call named
         return binding.get_outputs()[0].numpy()
 
     def _binding(self, session, layers: int, cache: KVCache, rows: slice) -> ort.IOBinding:
@@ -193,6 +205,13 @@ class OnnxStageModel:
             return tokens, top_probabilities(logits, scored)
         tokens, probabilities = self._classify(head, hidden, probabilities=True)
         return tokens, probabilities
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether its decode ticks are replayed as CUDA graphs: tiles, on sessions ONNX Runtime let capture."""
+        return self._tiles is not None and all(
+            session.get_provider_options().get(PROVIDERS["cuda"], {}).get("enable_cuda_graph") == "1"
+            for session in self._stage_sessions.values())
 
     @property
     def classifier_open(self) -> bool:

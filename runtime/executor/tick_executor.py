@@ -98,7 +98,8 @@ class TickExecutor:
 
     def close(self, seq_id: int) -> None:
         """Free a sequence's slot; the last one to go gives the caches' memory back (the next open
-        allocates them again anyway), so an idle node holds no more than it did at start. Its rows are emptied:
+        allocates them again anyway), so an idle node holds no more than it did at start (a GPU's caches stay
+        where its captured decode ticks expect them: DeviceKVCache). Its rows are emptied:
         rows ride along in the calls of their neighbours, and a row full to the model's context would be written
         beyond the rotary tables of a bundle's graphs."""
         if seq_id in self._slot_of:
