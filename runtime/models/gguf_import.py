@@ -195,17 +195,17 @@ def import_gguf(path: Path, out_dir: Path, *, stages: int | tuple[int, ...], wei
         for weight in model_file.weights(cfg):
             tensors.append(weight)
             progress.advance()
-    if weights == "auto":
-        weights = "q4" if all(_kept_blocks(w, accuracy_level) for w in _layer_matrices(tensors)) else "f32"
-        kinds = ", ".join(sorted({w.kind for w in _layer_matrices(tensors)}))
-        progress.note(f"layers of {kinds}: " + ("kept in their blocks for serving (--weights f32 for float32)"
-                                                if weights == "q4" else "dequantized to float32"))
     model = SpeedDecoder(cfg)
     model.load_state_dict({w.parameter: torch.from_numpy(np.array(w.values)) for w in tensors})  # writable copies
     model.eval()
     split = " + ".join(str(len(cfg.stage_layers(s))) for s in range(cfg.n_stages))
     progress.note(f"{model_file.value('general.name', path.stem)}: {cfg.n_distinct_layers} layers as {cfg.n_stages} "
                   f"stage(s) of {split} layers, d={cfg.d_model}, vocabulary {cfg.vocab_size}")
+    if weights == "auto":
+        weights = "q4" if all(_kept_blocks(w, accuracy_level) for w in _layer_matrices(tensors)) else "f32"
+        kinds = ", ".join(sorted({w.kind for w in _layer_matrices(tensors)}))
+        progress.note(f"layers of {kinds}: " + ("kept in their blocks for serving (--weights f32 for float32)"
+                                                if weights == "q4" else "dequantized to float32"))
     with staged_directory(out_dir, force=force) as staging:
         progress.note("exporting the stage graphs to ONNX ...")
         stage_files = write_model(model, staging, progress)
