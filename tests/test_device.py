@@ -1,5 +1,6 @@
 """The CUDA provider is used only when it really loads; otherwise the request is refused clearly. Where there is
-a GPU, its caches stay on it and the text is what plain decoding gives."""
+a GPU, its caches stay on it, its decode ticks are replayed as CUDA graphs, and the text is what plain decoding
+gives, with and without the graphs."""
 
 import json
 
@@ -39,7 +40,11 @@ def test_on_cuda_the_caches_stay_on_the_gpu_and_speculation_gives_the_plain_text
     bundle = load_bundle()
     model = OnnxStageModel(bundle, device="cuda", threads=1)
     assert model.device_resident and isinstance(model.new_cache(rows=2, capacity=16), DeviceKVCache)
+    assert model.cuda_graphs
+    without_graphs = OnnxStageModel(bundle, device="cuda", threads=1, decode_tiles=False)
     prompts = [bundle.tokenizer().encode(text).ids for text in ("ROMEO. But soft, what light", "Enter a Messenger.")]
     kwargs = {"max_new_tokens": 48, "eos_id": -1, "sampling": sampling}
-    for prompt, generation in zip(prompts, generate_speculative(model, prompts, **kwargs)):
-        assert generation.token_ids == generate_plain(model, prompt, **kwargs).token_ids
+    plain = [generate_plain(without_graphs, prompt, **kwargs).token_ids for prompt in prompts]
+    for decoding in (model, without_graphs):
+        assert [g.token_ids for g in generate_speculative(decoding, prompts, **kwargs)] == plain
+    assert [generate_plain(model, prompt, **kwargs).token_ids for prompt in prompts] == plain
