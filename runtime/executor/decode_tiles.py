@@ -29,9 +29,7 @@ from runtime.executor.kv_cache import KVCache
 CAPTURE_ID = "gpu_graph_id"  # ONNX Runtime's run option naming a call's captured graph
 SKIP = "-1"  # its value for a call that is neither captured nor replayed
 MAX_CAPTURES = 32  # per model: ONNX Runtime keeps each captured graph as long as its session
-
-
-SWITCH = "SPEED_CUDA_GRAPHS"
+SWITCH = "SPEED_CUDA_GRAPHS"  # "0" in the environment: no tiles on CUDA either
 
 
 def tiles_by_default(device: str) -> bool:

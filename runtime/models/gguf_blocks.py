@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 BLOCK = 32  # input channels per block in both formats
+BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # the block types kept as they are, and their bits a weight
 _HALF = np.dtype("<f2")
 
 
@@ -47,7 +48,7 @@ def nbits_weight(kind: str, raw: np.ndarray) -> NBitsWeight | None:
         blocks = raw.reshape(raw.shape[0], -1, 2 + BLOCK)
         codes = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)  # (out, blocks, 32)
         return NBitsWeight(codes, _scales(blocks), None, bits=8)
-    if kind not in ("Q4_0", "Q4_1"):
+    if kind not in BITS:
         return None
     header = 2 if kind == "Q4_0" else 4
     blocks = raw.reshape(raw.shape[0], -1, header + BLOCK // 2)

@@ -37,7 +37,7 @@ from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.core.staging import check_directory_free, staged_directory
 from runtime.models.decoder import SpeedDecoder
 from runtime.models.export import store_outside, write_model
-from runtime.models.gguf_blocks import BLOCK, NBitsWeight, nbits_weight
+from runtime.models.gguf_blocks import BITS, BLOCK, NBitsWeight, nbits_weight
 from runtime.models.quantize import (
     ACCURACY_LEVEL,
     INT8_ACTIVATIONS,
@@ -202,10 +202,10 @@ def import_gguf(path: Path, out_dir: Path, *, stages: int | tuple[int, ...], wei
     progress.note(f"{model_file.value('general.name', path.stem)}: {cfg.n_distinct_layers} layers as {cfg.n_stages} "
                   f"stage(s) of {split} layers, d={cfg.d_model}, vocabulary {cfg.vocab_size}")
     if weights == "auto":
-        weights = "q4" if all(_kept_blocks(w, accuracy_level) for w in _layer_matrices(tensors)) else "f32"
-        kinds = ", ".join(sorted({w.kind for w in _layer_matrices(tensors)}))
-        progress.note(f"layers of {kinds}: " + ("kept in their blocks for serving (--weights f32 for float32)"
-                                                if weights == "q4" else "dequantized to float32"))
+        kinds = sorted({w.kind for w in _layer_matrices(tensors)})
+        weights = "q4" if all(_keeps(kind, accuracy_level) for kind in kinds) else "f32"
+        progress.note(f"layers of {', '.join(kinds)}: " + ("kept in their blocks for serving (--weights f32 for "
+                                                           "float32)" if weights == "q4" else "dequantized to float32"))
     with staged_directory(out_dir, force=force) as staging:
         progress.note("exporting the stage graphs to ONNX ...")
         stage_files = write_model(model, staging, progress)
@@ -267,10 +267,14 @@ def _layer_matrices(tensors: list[Weight]) -> list[Weight]:
     return [w for w in tensors if w.values.ndim == 2 and w.parameter.startswith("layers.")]
 
 
+def _keeps(kind: str, accuracy_level: int) -> bool:
+    """Whether a weight of this GGML type keeps its blocks: 8-bit ones only where the arithmetic runs them fast."""
+    return BITS.get(kind) == 4 or (kind in BITS and accuracy_level == INT8_ACTIVATIONS)
+
+
 def _kept_blocks(weight: Weight, accuracy_level: int) -> NBitsWeight | None:
-    """The weight's own blocks as MatMulNBits weights, or None where it has none that the arithmetic runs fast."""
-    blocks = nbits_weight(weight.kind, weight.stored)
-    return blocks if blocks is not None and (blocks.bits == 4 or accuracy_level == INT8_ACTIVATIONS) else None
+    """The weight's own blocks as MatMulNBits weights, or None where it keeps none."""
+    return nbits_weight(weight.kind, weight.stored) if _keeps(weight.kind, accuracy_level) else None
 
 
 def _keep_embedding_blocks(embedding: Weight, out_dir: Path, settings: Quantization) -> dict:
