@@ -56,8 +56,10 @@ def imported(source, tmp_path_factory) -> Path:
     result = run_speed("import", "gguf", str(source[0]), str(out), "--stages", "3")
     assert result.returncode == 0, result.stderr
     assert "5 layers as 3 stage(s) of 2 + 2 + 1 layers" in result.stderr
-    # by default a file whose layers are not all in blocks the fast kind keeps becomes float32
+    # by default a file whose layers are not all in blocks the fast kind keeps becomes float32, and the import
+    # chooses the gate of its guesses
     assert "layers of F16, F32, Q4_1, Q8_0: dequantized to float32" in result.stderr
+    assert "guess thresholds per early stage" in result.stdout
     return out
 
 
@@ -101,11 +103,12 @@ def test_chat_prompts_are_rendered_with_the_model_s_template(imported):
 
 def test_stages_of_the_sizes_asked_for_decode_like_the_even_split(source, imported, tmp_path):
     out = tmp_path / "uneven"
-    result = run_speed("import", "gguf", str(source[0]), str(out), "--stage-layers", "1,3,1")
+    result = run_speed("import", "gguf", str(source[0]), str(out), "--stage-layers", "1,3,1", "--no-calibrate")
     assert result.returncode == 0, result.stderr
     assert "5 layers as 3 stage(s) of 1 + 3 + 1 layers" in result.stderr
     uneven, even = load_bundle(out), load_bundle(imported)
     assert [s["layers"] for s in uneven.manifest["stages"]] == [[0], [1, 2, 3], [4]]
+    assert len(even.manifest["guess_gate"]["thresholds"]) == 2 and "guess_gate" not in uneven.manifest
     prompt = uneven.tokenizer().encode(PROMPTS[0]).ids
     expected = generate_plain(open_stage_model(even), prompt, max_new_tokens=16, eos_id=-1).token_ids
     (speculative,) = generate_speculative(open_stage_model(uneven), [prompt], max_new_tokens=16, eos_id=-1)
@@ -201,7 +204,7 @@ def four_bit(tiny_bundle, tmp_path_factory) -> dict[str, Path | str]:
     imports = {"f32": ["--weights", "f32"], "q4": [], "q4-level1": ["--weights", "q4", "--accuracy-level", "1"]}
     printed = {}
     for kind, flags in imports.items():
-        result = run_speed("import", "gguf", str(path), str(out / kind), "--stages", "3", *flags)
+        result = run_speed("import", "gguf", str(path), str(out / kind), "--stages", "3", "--no-calibrate", *flags)
         assert result.returncode == 0, result.stderr
         printed[kind] = result.stderr
     return {**{kind: out / kind for kind in imports}, "printed": printed["q4"]}
@@ -261,7 +264,8 @@ def test_speculative_decoding_of_a_4_bit_import_equals_its_sequential_decoding(f
 
 def test_matrices_in_other_types_are_quantized_from_their_values(source, tmp_path):
     out = tmp_path / "q4"
-    result = run_speed("import", "gguf", str(source[0]), str(out), "--stages", "3", "--weights", "q4")
+    result = run_speed("import", "gguf", str(source[0]), str(out), "--stages", "3", "--weights", "q4",
+                       "--no-calibrate")
     assert result.returncode == 0, result.stderr
     made = load_bundle(out).manifest["quantization"]
     assert made["kept_from_gguf"] == sorted(f"blk.{i}.{part}.weight" for i in range(5)  # the file's Q4_1 and Q8_0 ones

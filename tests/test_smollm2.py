@@ -37,7 +37,8 @@ def gguf_file(tmp_path_factory) -> str:
 def smollm2(gguf_file, tmp_path_factory) -> Path:
     """Dequantized to float32."""
     out = tmp_path_factory.mktemp("bundles") / "smollm2-135m"
-    imported = run_speed("import", "gguf", gguf_file, str(out), "--stages", "3", "--weights", "f32", timeout=900)
+    imported = run_speed("import", "gguf", gguf_file, str(out), "--stages", "3", "--weights", "f32", "--no-calibrate",
+                         timeout=900)
     assert imported.returncode == 0, imported.stderr
     assert "30 layers as 3 stage(s) of 10 + 10 + 10 layers" in imported.stderr
     return out
@@ -45,11 +46,14 @@ def smollm2(gguf_file, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2_fast(gguf_file, tmp_path_factory) -> Path:
-    """The default import of a file of Q4_1 layers: the file's own blocks, int8 activations."""
+    """The default import of a file of Q4_1 layers: the file's own blocks, int8 activations, and the gate of its
+    guesses chosen."""
     out = tmp_path_factory.mktemp("bundles") / "smollm2-135m-q4"
     imported = run_speed("import", "gguf", gguf_file, str(out), "--stages", "3", timeout=900)
     assert imported.returncode == 0, imported.stderr
     assert "layers of Q4_1: kept in their blocks for serving" in imported.stderr
+    assert f"guess thresholds per early stage 1.000  1.000 (no guesses sent) written into {out}" in imported.stdout
+    assert load_bundle(out).guess_head_graph is None  # a gate sending no guess needs no guess head
     assert ("kept the file's own blocks of 210 of 210 layer matrices (Q4_1) and of the embedding and tied head "
             "(Q8_0)") in imported.stderr
     return out
@@ -124,7 +128,7 @@ def test_the_three_node_cluster_gives_the_reference_tokens(smollm2_fast, data_pa
 def test_its_4_bit_blocks_with_float32_arithmetic_give_the_float32_import_s_answers(gguf_file, smollm2, tmp_path):
     out = tmp_path / "smollm2-135m-q4"
     imported = run_speed("import", "gguf", gguf_file, str(out), "--stages", "3", "--weights", "q4",
-                         "--accuracy-level", "1", timeout=900)
+                         "--accuracy-level", "1", "--no-calibrate", timeout=900)
     assert imported.returncode == 0, imported.stderr
     assert "kept the file's own blocks of 210 of 210 layer matrices (Q4_1); float32: token_embd.weight" in imported.stderr
     result = run_speed("reference", "--bundle", str(out), "--chat", "--json", "--max-new-tokens", "16", QUESTION)

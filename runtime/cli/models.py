@@ -76,6 +76,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         "layers keeping the file's own Q4_0 / Q4_1 blocks (and with int8 activations its Q8_0 "
                         "ones, the embedding's included), other matrices quantized to int4")
     accuracy_level_argument(q)
+    q.add_argument("--no-calibrate", action="store_true",
+                   help="leave the confidence gate of its guesses unchosen (every guess sent until `speed calibrate`, "
+                        "or `speed train-exit`, which ends by choosing it)")
     q.add_argument("--name", help="bundle name (default: the file's name)")
     q.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     q.set_defaults(run=cmd_import_gguf)
@@ -163,9 +166,12 @@ def cmd_import_gguf(args: argparse.Namespace) -> None:
     from runtime.models.gguf_import import import_gguf
 
     stages = args.stage_layers if args.stage_layers is not None else args.stages
-    out = import_gguf(args.file, args.out_dir, stages=stages, weights=args.weights, accuracy_level=args.accuracy_level,
-                      name=args.name, force=args.force, progress=stderr_progress())
-    print(f"wrote bundle {out}")
+    report = import_gguf(args.file, args.out_dir, stages=stages, weights=args.weights,
+                         accuracy_level=args.accuracy_level, name=args.name, force=args.force,
+                         gate=not args.no_calibrate, progress=stderr_progress())
+    if report is not None:
+        print(gate_line(report, args.out_dir))
+    print(f"wrote bundle {args.out_dir}")
 
 
 def layer_counts(text: str) -> tuple[int, ...]:
@@ -191,12 +197,18 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     report = calibrate(args.bundle, Calibration(windows=args.windows, window=args.window,
                                                 min_precision=args.min_precision, guess_vocabulary=args.guess_vocabulary),
                        progress=stderr_progress())
+    print(gate_line(report, args.bundle))
+
+
+def gate_line(report: dict, bundle: Path) -> str:
+    """What a calibration chose, in one line."""
     thresholds = "  ".join(f"{stage['threshold']:.3f}" for stage in report["stages"])
     vocabulary = report["guess_vocabulary"]
-    scored = (f"guesses score the {vocabulary} most frequent tokens" if vocabulary < report["vocab_size"]
+    scored = ("no guesses sent" if all(stage["threshold"] >= 1 for stage in report["stages"])
+              else f"guesses score the {vocabulary} most frequent tokens" if vocabulary < report["vocab_size"]
               else "guesses score every token")
-    print(f"guess thresholds per early stage {thresholds} ({scored}) written into {args.bundle} "
-          f"({report['positions']} held-out positions)")
+    return (f"guess thresholds per early stage {thresholds} ({scored}) written into {bundle} "
+            f"({report['positions']} held-out positions)")
 
 
 def cmd_train_exit(args: argparse.Namespace) -> None:

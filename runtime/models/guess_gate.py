@@ -225,7 +225,9 @@ def calibrate(bundle_path: Path, cfg: Calibration, *, progress: Progress = NO_PR
                   "exits": bundle.exits.get("kind"), "stage_pass_ms": [round(ms, 3) for ms in stage_ms],
                   "vocab_size": vocab_size, "guess_vocabulary": vocab_size if vocabulary is None else len(vocabulary),
                   "classifier_ms": round(head_ms, 3), "stages": stages}
-        new_files, entries = guess_head_files(bundle, guess_head, vocabulary)
+        # a gate that sends no guess needs no guess head, and the bundle stays the size it was
+        sends = any(stage["threshold"] < 1 for stage in stages)
+        new_files, entries = guess_head_files(bundle, guess_head if sends else None, vocabulary)
         old, kept = bundle.manifest.get("guess_head") or {}, entries["guess_head"] or {}
         update_bundle(bundle, new_files, removed=[old[key] for key in ("graph", "tokens") if old.get(key, kept.get(key))
                                                   != kept.get(key)],
