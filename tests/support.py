@@ -148,6 +148,17 @@ def stop_node(node: NodeProcess) -> int:
 
 
 @contextlib.contextmanager
+def node_stubs(nodes: dict[str, NodeProcess]) -> Iterator[dict[str, pb_grpc.NodeStub]]:
+    """A Node stub for each running node; their channels close after."""
+    channels = {name: node.channel() for name, node in nodes.items()}
+    try:
+        yield {name: pb_grpc.NodeStub(channel) for name, channel in channels.items()}
+    finally:
+        for channel in channels.values():
+            channel.close()
+
+
+@contextlib.contextmanager
 def running_nodes(cluster: Path, *names: str) -> Iterator[dict[str, NodeProcess]]:
     registry = RegistryStandIn()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))

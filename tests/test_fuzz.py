@@ -33,6 +33,7 @@ from tests.support import (
     assert_a_sentence,
     decode_on_nodes,
     demo_bundle,
+    node_stubs,
     resident_mb,
     running_nodes,
     steps,
@@ -232,10 +233,8 @@ def nodes(tmp_path_factory) -> Iterator[dict]:
 
 @pytest.fixture(scope="module")
 def stubs(nodes) -> Iterator[dict[str, pb_grpc.NodeStub]]:
-    channels = {name: node.channel() for name, node in nodes.items()}
-    yield {name: pb_grpc.NodeStub(channel) for name, channel in channels.items()}
-    for channel in channels.values():
-        channel.close()
+    with node_stubs(nodes) as made:
+        yield made
 
 
 def test_fuzzed_step_messages_are_refused_with_a_sentence_and_harm_no_node(nodes, stubs, reference):

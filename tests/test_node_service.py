@@ -22,7 +22,7 @@ from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.tensor import pack, unpack
 from tests.conftest import TINY, run_speed, write_cluster
-from tests.support import STOP_TIMEOUT_S, NodeProcess, running_nodes, steps, stop_node
+from tests.support import STOP_TIMEOUT_S, NodeProcess, node_stubs, running_nodes, steps, stop_node
 
 STAGES = [[0], [1, 2]]  # edge-1, edge-2
 PROMPT = 5
@@ -42,10 +42,8 @@ def nodes(cluster) -> Iterator[dict[str, NodeProcess]]:
 
 @pytest.fixture(scope="module")
 def stubs(nodes) -> Iterator[dict[str, pb_grpc.NodeStub]]:
-    channels = {name: node.channel() for name, node in nodes.items()}
-    yield {name: pb_grpc.NodeStub(channel) for name, channel in channels.items()}
-    for channel in channels.values():
-        channel.close()
+    with node_stubs(nodes) as made:
+        yield made
 
 
 # --- step messages -----------------------------------------------------------------------------
