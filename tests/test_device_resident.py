@@ -99,6 +99,26 @@ def test_a_device_cache_on_the_cpu_provider_is_written_in_place_grows_keeping_it
         device.write(slice(0, 1), [], [])
 
 
+def test_decode_tiles_follow_a_cache_that_moves_when_it_grows(models, tiled):
+    """A node's cache moves when a longer sequence opens: its ticks get a new tile, and compute what the host's
+    path computes before and after."""
+    host_model, _ = models
+    cfg = host_model.config
+    host, moved = KVCache(cfg, rows=3, capacity=16), KVCache(cfg, rows=3, capacity=16)
+    rng = np.random.default_rng(3)
+    for step in range(24):
+        if step == 10:
+            for cache in (host, moved):
+                cache.resize(48)
+        hidden = rng.standard_normal((2, 1, cfg.d_model)).astype(np.float32)
+        rows = slice(step % 2, step % 2 + 2)
+        assert np.array_equal(tiled.run_stage(step % 3, hidden, moved, rows),
+                              host_model.run_stage(step % 3, hidden, host, rows)), f"step {step}"
+        for cache in (host, moved):
+            for row in range(rows.start, rows.stop):
+                cache.advance(row, 1)
+
+
 def test_greedy_classification_fetches_the_tokens_and_their_probabilities(models):
     host_model, resident_model = models
     hidden = np.random.default_rng(5).standard_normal((5, host_model.config.d_model)).astype(np.float32)
