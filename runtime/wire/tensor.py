@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from runtime.core.errors import SpeedError
@@ -28,7 +30,7 @@ def unpack(tensor: pb.Tensor, *, dtype: str, shape: tuple[int, ...], what: str, 
     if dims != len(shape) or tuple(tensor.shape) != shape:
         shown = list(tensor.shape) if dims <= SHOWN_DIMS else f"{dims} dimensions"
         raise SpeedError(f"{what} must have shape {list(shape)}, got {shown}")
-    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    expected = math.prod(shape) * np.dtype(dtype).itemsize  # math's: numpy's takes 3 us on a short tuple
     data = tensor.data
     if len(data) != expected:
         raise SpeedError(f"{what} has {len(data)} bytes of data; shape {list(shape)} of {dtype} needs {expected}")
