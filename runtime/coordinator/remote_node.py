@@ -142,16 +142,22 @@ class RemoteNode:
         channel = self._channel
         if channel is None:
             return
+        # The call is a task of its own: the channel closing under it (the node went) cancels only the call,
+        # while a cancellation of ours (the coordinator stopping) must reach the caller, whatever the channel did.
+        call = asyncio.ensure_future(
+            pb_grpc.NodeStub(channel).Measure(pb.MeasureRequest(), timeout=timeout_s, metadata=self._metadata))
         try:
-            info = await pb_grpc.NodeStub(channel).Measure(pb.MeasureRequest(), timeout=timeout_s, metadata=self._metadata)
+            await asyncio.wait([call])
+        finally:
+            call.cancel()
+        if call.cancelled():
+            log.info("%s went while it timed its passes", self.describe())
+            return
+        try:
+            info = call.result()
         except grpc.aio.AioRpcError as exc:
             log.warning("%s did not time its passes again (%s); its earlier figures stay", self.describe(),
                         exc.code().name)
-            return
-        except asyncio.CancelledError:
-            if self._channel is channel:
-                raise  # the task itself was cancelled
-            log.info("%s went while it timed its passes", self.describe())  # its channel closed under the call
             return
         problem = measurement_problem(info)
         if problem or self.info is None:
