@@ -32,7 +32,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_REQUIREMENTS = ["numpy", "grpcio", "grpcio-health-checking", "protobuf", "pyyaml", "tokenizers", "jinja2",
                         "prometheus-client", "cryptography", "rich", "psutil", "onnx"]
-SAMPLINGS = {"greedy": [], "sampled": ["--temperature", "0.8", "--seed", "3"]}
+# sampled twice: drawn from a row's largest logits, which top-k always lets decide, and without top-k
+SAMPLINGS = {"greedy": [], "sampled": ["--temperature", "0.8", "--seed", "3"],
+             "sampled, top-k": ["--temperature", "0.8", "--top-k", "40", "--seed", "3"]}
 PROMPT = "ROMEO: But soft, what light"
 
 

@@ -29,8 +29,9 @@ def test_cuda_decoding_runs_on_the_cuda_provider():
 
 
 @needs_gpu
-@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.8, seed=3)],
-                         ids=["greedy", "sampled"])
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.8, seed=3),
+                                      SamplingParams(temperature=0.8, top_k=40, seed=3)],
+                         ids=["greedy", "sampled", "sampled-top-k"])
 def test_on_cuda_the_caches_stay_on_the_gpu_and_speculation_gives_the_plain_text(sampling):
     from runtime.executor.device_cache import DeviceKVCache
     from runtime.executor.onnx_stage_model import OnnxStageModel

@@ -1,7 +1,8 @@
 """State kept where the graphs run (the path GPU nodes take), computed on the CPU provider: stage graphs that
 write their own caches, bound by address, give the bundle graphs' bits and text and write nothing outside a
 row's room, whether a call binds its span of rows or runs as a decode tile over every row (what a GPU captures
-as a CUDA graph); greedy classification fetches only tokens and their probabilities."""
+as a CUDA graph); classification fetches greedy tokens and their probabilities, and a drawn row's largest logits,
+every logit only where those cannot decide its draw."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from hypothesis import strategies as st
 
 from runtime.core.bundle import DEFAULT_BUNDLE, load_bundle
 from runtime.core.sampling import SamplingParams
+from runtime.executor import draws
 from runtime.executor.device_cache import DeviceKVCache
+from runtime.executor.draws import classify_rows, guess_probability
 from runtime.executor.kv_cache import KVCache
 from runtime.executor.onnx_stage_model import OnnxStageModel
-from runtime.executor.tick_executor import guess_probability
 from runtime.local.plain import generate_plain
 from runtime.local.speculative import generate_speculative
 from runtime.models.quantize import Quantization, quantize_bundle
@@ -131,6 +133,33 @@ def test_greedy_classification_fetches_the_tokens_and_their_probabilities(models
         greedy, probabilities = model.classify_greedy(hidden, scored)
         assert np.array_equal(greedy, tokens)
         np.testing.assert_allclose(probabilities[scored], np.array(expected)[scored], rtol=1e-5)
+
+
+def test_drawn_rows_fetch_their_largest_logits_and_draw_the_hosts_tokens(models, monkeypatch):
+    host_model, resident_model = models
+    monkeypatch.setattr(draws, "TOP_FOR_TEMPERATURE", 16)  # of 4096: a draw without top_k is often undecided
+    fetched = []
+    classify_top = resident_model.classify_top
+
+    def counting_classify_top(*args, **kwargs):
+        top = classify_top(*args, **kwargs)
+        return top._replace(fetch_all=lambda: fetched.append(1) or top.fetch_all())
+
+    monkeypatch.setattr(resident_model, "classify_top", counting_classify_top)
+    hidden = np.random.default_rng(6).standard_normal((5, host_model.config.d_model)).astype(np.float32) * 4
+    by_top_k = [SamplingParams(), SamplingParams(temperature=0.8, top_k=5, seed=1), SamplingParams(),
+                SamplingParams(temperature=0.5, top_k=40, top_p=0.8, seed=2), SamplingParams(temperature=1.3, top_k=2)]
+    others = [SamplingParams(temperature=1.0, seed=3), SamplingParams(), SamplingParams(temperature=0.9, top_p=0.9),
+              SamplingParams(temperature=0.3, seed=5), SamplingParams(temperature=0.7, top_k=9)]
+    scored = np.array([True, True, False, True, True])
+    for samplings, fetches in ((by_top_k, 0), (others, 1)):
+        for position in range(0, 200, 10):
+            fetched.clear()
+            drawn = classify_rows(resident_model, hidden, samplings, [position] * 5, scored)
+            expected = classify_rows(host_model, hidden, samplings, [position] * 5, scored)
+            assert [token for token, _ in drawn] == [token for token, _ in expected]
+            np.testing.assert_allclose([p for _, p in drawn], [p for _, p in expected], rtol=1e-5)
+            assert len(fetched) == fetches  # every logit only where top-p alone needs them all
 
 
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.8, seed=4)],

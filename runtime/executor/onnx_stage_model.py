@@ -15,10 +15,10 @@ from runtime.core.errors import SpeedError
 from runtime.executor.cache_writing import WRITES
 from runtime.executor.decode_tiles import UNCAPTURED, DecodeTiles, tiles_by_default
 from runtime.executor.device_cache import CacheBinding, DeviceKVCache
-from runtime.executor.greedy_head import PROBABILITY
+from runtime.executor.kept_logits import INVERSE_TEMPERATURE, TEMPERED_TOTAL, TOP_COUNT, TOP_LOGITS, TOP_TOKENS
 from runtime.executor.kv_cache import KVCache
 from runtime.executor.onnx_session import PROVIDERS, LazySession, create_session
-from runtime.executor.stage_model import top_probabilities
+from runtime.executor.stage_model import TopLogits, top_probabilities
 
 log = logging.getLogger("speed.node")
 
@@ -36,9 +36,9 @@ class OnnxStageModel:
 
     device_resident: state stays where the graphs run. The stage and exit graphs write their new cache
     entries themselves, into caches bound by address (runtime.executor.cache_writing), instead of returning
-    them for the host to write, and greedy classification fetches tokens and their probabilities, not logits
-    (runtime.executor.greedy_head). The default on a GPU, where the caches then stay on the device
-    (DeviceKVCache); on the CPU the host's path is faster (the graphs' writes cost SmolLM2 0.6 ms a token
+    them for the host to write, and classification fetches greedy tokens and their probabilities, or each row's
+    largest logits, not every logit (runtime.executor.kept_logits). The default on a GPU, where the caches then
+    stay on the device (DeviceKVCache); on the CPU the host's path is faster (the graphs' writes cost SmolLM2 0.6 ms a token
     there, docs/performance.md), so it runs there only to check the GPU's path where there is no GPU.
 
     fused_attention (default): on the CPU, graphs exported with the fused rotary embedding run each layer's
@@ -84,7 +84,7 @@ class OnnxStageModel:
             sessions = {path: session(path, "writes" if self.device_resident else None,
                                       graph_capture=self._tiles is not None) for path in cached}
         self._stage_sessions = {stage: sessions[graphs[stage]] for stage in self.stages}
-        head_form, guess_head = ("greedy" if self.device_resident else None), bundle.guess_head_graph
+        head_form, guess_head = ("kept-logits" if self.device_resident else None), bundle.guess_head_graph
         # the classifiers are opened at their first use: a node whose gate holds every guess never holds the guess
         # head, and one that does not run the last stage gives the head back (release_classifiers)
         self._head = LazySession(lambda: session(bundle.head_graph, head_form))
@@ -201,11 +201,38 @@ class OnnxStageModel:
         """hidden (N, d) -> greedy tokens (with guesses: indices into guess_vocabulary) (N,) and their probabilities
         (N,): every row's where the graphs keep the logits, only the `scored` rows' on the host."""
         head = self._guess_head if guesses else self._head
-        if not self.device_resident:
+        if not self.keeps_logits:
             logits, tokens = self._classify(head, hidden)
             return tokens, top_probabilities(logits, scored)
-        tokens, probabilities = self._classify(head, hidden, probabilities=True)
-        return tokens, probabilities
+        tokens, totals = self._classify(head, hidden, totals=True)
+        return tokens, 1 / totals
+
+    @property
+    def keeps_logits(self) -> bool:
+        return self.device_resident
+
+    def classify_top(self, hidden: np.ndarray, inverse_temperature: np.ndarray, count: int, *, guesses: bool = False
+                     ) -> TopLogits:
+        """hidden (N, d), inverse_temperature (N,) -> each row's `count` largest logits and what else its draw needs
+        (TopLogits); every logit stays where it was computed until asked for. Only where the graphs keep the logits."""
+        head = self._guess_head if guesses else self._head
+        session = head.get()
+        rows = len(hidden)
+        binding = session.io_binding()
+        for name, value in self._head_feeds(hidden, self._kept_feeds(inverse_temperature, count)).items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output(head.outputs[0], self.device)
+        for name in (head.outputs[1], TEMPERED_TOTAL, TOP_LOGITS, TOP_TOKENS):
+            binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        logits, *fetched = binding.get_outputs()
+        tokens, totals, top_logits, top_tokens = (value.numpy()[:rows] for value in fetched)
+        return TopLogits(top_logits, top_tokens, totals, tokens, logits.shape()[-1], lambda: logits.numpy()[:rows])
+
+    @staticmethod
+    def _kept_feeds(inverse_temperature: np.ndarray, count: int) -> dict[str, np.ndarray]:
+        return {INVERSE_TEMPERATURE: inverse_temperature.astype(np.float32).reshape(-1, 1),
+                TOP_COUNT: np.array([count], np.int64)}
 
     @property
     def cuda_graphs(self) -> bool:
@@ -224,10 +251,16 @@ class OnnxStageModel:
         self._head.release()
         self._guess_head.release()
 
-    def _classify(self, head: LazySession, hidden: np.ndarray, *, probabilities: bool = False) -> list[np.ndarray]:
-        """The head's logits and tokens, or with `probabilities` its tokens and their probabilities."""
+    def _classify(self, head: LazySession, hidden: np.ndarray, *, totals: bool = False) -> list[np.ndarray]:
+        """The head's logits and tokens for these rows, or with `totals` its tokens and tempered totals (at 1)."""
         session = head.get()
-        outputs = [head.outputs[1], PROBABILITY] if probabilities else head.outputs[:2]
+        feeds = self._kept_feeds(np.ones(len(hidden), np.float32), 1) if self.keeps_logits else {}
+        outputs = [head.outputs[1], TEMPERED_TOTAL] if totals else head.outputs[:2]
+        return [out[: len(hidden)] for out in session.run(outputs, self._head_feeds(hidden, feeds))]
+
+    def _head_feeds(self, hidden: np.ndarray, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A head call's feeds: a single row twice where one row is computed apart (the outputs' first row is its)."""
+        feeds = {"hidden": hidden, **feeds}
         if self._never_one_row and len(hidden) == 1:
-            return [out[:1] for out in session.run(outputs, {"hidden": np.concatenate([hidden, hidden])})]
-        return session.run(outputs, {"hidden": hidden})
+            return {name: value if name == TOP_COUNT else np.concatenate([value, value]) for name, value in feeds.items()}
+        return feeds

@@ -36,7 +36,7 @@ import onnxruntime as ort
 from runtime.core.errors import SpeedError
 from runtime.executor.cache_writing import cache_writing_graph
 from runtime.executor.fused_attention import fused_attention_graph
-from runtime.executor.greedy_head import greedy_head_graph
+from runtime.executor.kept_logits import kept_logits_graph
 
 GRAPH_FILE = "graph.onnx"
 DATA_FILE = "graph.data"
@@ -50,7 +50,7 @@ LIMIT_VARIABLE = "SPEED_GRAPH_CACHE_MB"
 COPY_FORMAT = 5
 # graphs a node derives from a bundle's, by name: stage and exit graphs that write their own caches, heads that
 # give their greedy token's probability (what a GPU node runs, to keep its state on the GPU)
-DERIVED = {"writes": cache_writing_graph, "greedy": greedy_head_graph, "attention": fused_attention_graph}
+DERIVED = {"writes": cache_writing_graph, "kept-logits": kept_logits_graph, "attention": fused_attention_graph}
 NOT_DERIVED = "not-derived"  # a copy's directory holding only this file: the graph has no such derived form
 
 

@@ -3,13 +3,25 @@ torch eager in one process (runtime.models.torch_backend)."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
 from runtime.core.bundle import ExitMap
 from runtime.core.config import ModelConfig
 from runtime.executor.kv_cache import KVCache
+
+
+class TopLogits(NamedTuple):
+    """A classifier call's answer where its logits stay where it computed them."""
+
+    logits: np.ndarray  # (N, count) each row's largest logits, largest first,
+    tokens: np.ndarray  # (N, count) their tokens (with guesses: indices into guess_vocabulary)
+    totals: np.ndarray  # (N,) sum(exp((logits - max) * inverse temperature)) over each row's every logit
+    greedy: np.ndarray  # (N,) each row's most likely token
+    size: int  # logits a row
+    fetch_all: Callable[[], np.ndarray]  # (N, size) every logit, brought to the host when called
 
 
 class StageModel(Protocol):
@@ -43,6 +55,13 @@ class StageModel(Protocol):
     # may stay where they were computed
     def classify_greedy(self, hidden: np.ndarray, scored: np.ndarray, *, guesses: bool = False
                         ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    # whether its logits stay where they were computed (a GPU's): a draw then asks classify_top
+    keeps_logits: bool
+
+    # (N, d), inverse temperatures (N,) -> each row's `count` largest logits and what else a draw needs
+    def classify_top(self, hidden: np.ndarray, inverse_temperature: np.ndarray, count: int, *, guesses: bool = False
+                     ) -> TopLogits: ...
 
 
 def top_probabilities(logits: np.ndarray, scored: np.ndarray) -> np.ndarray:

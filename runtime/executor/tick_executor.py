@@ -22,9 +22,10 @@ from typing import NamedTuple
 import numpy as np
 
 from runtime.core.errors import SpeedError
-from runtime.core.sampling import GREEDY, SamplingParams, choose_token
+from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.core.scheduler import Item, TickPlan
 from runtime.executor.cpu_profile import CpuProfile
+from runtime.executor.draws import classify_rows
 from runtime.executor.kv_cache import CAPACITY_TILE, KVCache
 from runtime.executor.stage_model import StageModel
 
@@ -35,14 +36,6 @@ class TickResult(NamedTuple):
     predictions: dict[Key, int]  # each item's prediction for the position after it
     handoff: dict[Key, np.ndarray]  # (length, d) hidden states whose next stage is hosted elsewhere
     confidence: dict[Key, float]  # an early stage's probability of its guess, for the confidence gate
-
-
-def guess_probability(logits: np.ndarray, token: int, temperature: float) -> float:
-    """The probability a stage gives its guess: the top probability for greedy decoding, the drawn
-    token's under the tempered distribution for sampling."""
-    scaled = logits * np.float32(1 / (temperature or 1.0))  # (V,) float32: precise enough to gate a guess, and
-    shifted = np.exp(scaled - scaled.max())  # on a large vocabulary several times faster than float64
-    return float(shifted[token] / shifted.sum())
 
 
 class TickExecutor:
@@ -259,24 +252,12 @@ class TickExecutor:
     def _classify(self, items: list[Item], guesses: bool, token_ids: np.ndarray | None,
                   last_hidden: dict[Item, np.ndarray], predictions: dict, confidence: dict) -> None:
         """One classifier call over the items, through the guess head with `guesses`; token_ids: the tokens
-        its scores are for (None: all). Where every item is greedy, only tokens and probabilities are fetched."""
+        its scores are for (None: all)."""
         started = time.thread_time()
         hidden = np.stack([self._head_input(item, last_hidden[item]) for item in items])
-        if all(self._sampling[item.seq_id].greedy for item in items):
-            scored = np.array([not item.final for item in items])
-            indices, probabilities = self.model.classify_greedy(hidden, scored, guesses=guesses)
-            chosen = [(int(index), float(probability)) for index, probability in zip(indices, probabilities)]
-        else:
-            logits, greedy = (self.model.classify_guesses if guesses else self.model.classify)(hidden)
-            chosen = []
-            for i, item in enumerate(items):
-                sampling = self._sampling[item.seq_id]
-                # a guess of a sampled sequence is the draw the last stage will make at that position, with the
-                # same random numbers, from the early distribution: it agrees whenever the two are close
-                index = (int(greedy[i]) if sampling.greedy else
-                         choose_token(logits[i], sampling, item.start + item.length, token_ids=token_ids,
-                                      vocab_size=self.cfg.vocab_size))
-                chosen.append((index, None if item.final else guess_probability(logits[i], index, sampling.temperature)))
+        chosen = classify_rows(self.model, hidden, [self._sampling[item.seq_id] for item in items],
+                               [item.start + item.length for item in items], np.array([not item.final for item in items]),
+                               guesses=guesses, token_ids=token_ids)
         for item, (index, probability) in zip(items, chosen):
             key = (item.seq_id, item.start)
             predictions[key] = index if token_ids is None else int(token_ids[index])

@@ -15,8 +15,9 @@ import numpy as np
 from runtime.core.generation import SpeculationStats, steady_rate
 from runtime.core.grouping import PREFILL_CHUNK
 from runtime.core.limits import cache_capacity, check_request
-from runtime.core.sampling import GREEDY, SamplingParams, choose_token
+from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.core.stopping import StopReason
+from runtime.executor.draws import classify_rows
 from runtime.executor.kv_cache import KVCache
 from runtime.executor.stage_model import StageModel
 
@@ -81,5 +82,5 @@ def _run_stages(model: StageModel, token_ids: np.ndarray, cache: KVCache) -> np.
 
 def _choose(model: StageModel, hidden: np.ndarray, cache: KVCache, sampling: SamplingParams) -> int:
     """The next token after the last position run."""
-    logits, _ = model.classify(hidden[0, -1:])
-    return choose_token(logits[0], sampling, position=int(cache.lengths[0]))
+    [(token, _)] = classify_rows(model, hidden[0, -1:], [sampling], [int(cache.lengths[0])], np.zeros(1, dtype=bool))
+    return token

@@ -39,6 +39,7 @@ class TorchStageModel:
     """The same interface as runtime.executor.onnx_stage_model.OnnxStageModel, computed by torch eager."""
 
     provider = "torch-cpu"
+    keeps_logits = False  # they are on the host: a draw reads them all
 
     def __init__(self, bundle: Bundle, *, threads: int = 0):
         if threads:
