@@ -11,7 +11,7 @@ from gguf.quants import dequantize, quant_shape_to_byte_shape, quantize
 
 from runtime.core.config import ModelConfig
 from runtime.models.decoder import SpeedDecoder
-from runtime.models.gguf_import import TENSOR_NAMES
+from runtime.models.gguf_file import TENSOR_NAMES
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
