@@ -38,8 +38,8 @@ class OnnxStageModel:
     entries themselves, into caches bound by address (runtime.executor.cache_writing), instead of returning
     them for the host to write, and classification fetches greedy tokens and their probabilities, or each row's
     largest logits, not every logit (runtime.executor.kept_logits). The default on a GPU, where the caches then
-    stay on the device (DeviceKVCache); on the CPU the host's path is faster (the graphs' writes cost SmolLM2 0.6 ms a token
-    there, docs/performance.md), so it runs there only to check the GPU's path where there is no GPU.
+    stay on the device (DeviceKVCache); on the CPU the host's path is faster (the graphs' writes cost SmolLM2
+    0.6 ms a token there, docs/performance.md), so it runs there only to check the GPU's path where there is no GPU.
 
     fused_attention (default): on the CPU, graphs exported with the fused rotary embedding run each layer's
     attention as ONNX Runtime's one fused operator, which writes the cache in place
@@ -209,6 +209,7 @@ class OnnxStageModel:
 
     @property
     def keeps_logits(self) -> bool:
+        """Whether the logits stay where the head computed them (device_resident): a draw then asks classify_top."""
         return self.device_resident
 
     def classify_top(self, hidden: np.ndarray, inverse_temperature: np.ndarray, count: int, *, guesses: bool = False
