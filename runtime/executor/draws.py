@@ -8,6 +8,7 @@ greedy tokens and their probabilities, or each drawn row's largest logits, which
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -54,13 +55,7 @@ def _from_top(model: StageModel, hidden: np.ndarray, samplings: list[SamplingPar
     size = len(token_ids) if token_ids is not None else model.config.vocab_size
     inverse = np.array([1 / (sampling.temperature or 1.0) for sampling in samplings], np.float32)
     top = model.classify_top(hidden, inverse, min(size, max(_top_count(s, size) for s in samplings)), guesses=guesses)
-    every: list[np.ndarray] = []  # every logit, fetched once for the call where a row's largest do not decide
-
-    def all_logits() -> np.ndarray:
-        if not every:
-            every.append(top.fetch_all())
-        return every[0]
-
+    all_logits = functools.cache(top.fetch_all)  # fetched once for the call, where a row's largest do not decide
     chosen = []
     for row, (sampling, position) in enumerate(zip(samplings, positions)):
         if sampling.greedy:
