@@ -24,6 +24,20 @@ TINY = ModelConfig(vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidd
                    n_distinct_layers=2, n_stages=3, context_length=640)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def trace_cache(tmp_path_factory) -> Iterator[Path]:
+    """Traces kept for this run only, by every export and `speed` process it starts: the first export of an
+    architecture traces it whatever this machine kept before, and the later ones bind their weights into it."""
+    root = tmp_path_factory.mktemp("traces")
+    before = os.environ.get("SPEED_TRACE_CACHE")
+    os.environ["SPEED_TRACE_CACHE"] = str(root)
+    yield root
+    if before is None:
+        del os.environ["SPEED_TRACE_CACHE"]
+    else:
+        os.environ["SPEED_TRACE_CACHE"] = before
+
+
 def tiny_training():
     """The tiny model's training settings (importing torch only where a test trains: a GPU machine may lack it)."""
     from runtime.models.train import TrainConfig

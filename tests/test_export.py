@@ -72,23 +72,28 @@ def test_stage_graphs_rotate_with_onnx_runtimes_fused_kernel(tiny_bundle):
     assert not [n for n in graph.node if n.op_type in ("Cos", "Sin")]
 
 
-def test_a_stage_given_another_stage_s_graph_is_the_graph_its_own_trace_gives(tmp_path):
-    """Stages of one size share a trace: the second gets the first's graph with its own weights, which must be
-    what tracing it would have written, operation for operation and weight for weight."""
+def test_a_stage_given_another_stage_s_graph_is_the_graph_its_own_trace_gives(tmp_path, monkeypatch):
+    """Stages of one size share a trace: the second gets the first's graph, kept without weights, bound to its own
+    weights, which must be what tracing it would have written, operation for operation and weight for weight."""
     import torch
     from onnx import numpy_helper
 
     from runtime.core.config import ModelConfig
     from runtime.models.decoder import SpeedDecoder
-    from runtime.models.export import export_stage, rebind_stage
+    from runtime.models.export import export_stage
+    from runtime.models.trace_cache import bind, keep_trace
 
+    monkeypatch.setenv("SPEED_TRACE_CACHE", str(tmp_path / "traces"))
     torch.manual_seed(0)
     model = SpeedDecoder(ModelConfig(vocab_size=64, d_model=32, n_heads=2, n_kv_heads=1, ffn_hidden=64,
                                      n_distinct_layers=2, n_stages=2, context_length=32, shared_layers=False))
     export_stage(model, 0, tmp_path / "stage_0.onnx")
     export_stage(model, 1, tmp_path / "traced.onnx")
-    rebind_stage(model, tmp_path / "stage_0.onnx", 0, 1, tmp_path / "rebound.onnx")
-    traced, rebound = (onnx.load(str(tmp_path / name)).graph for name in ("traced.onnx", "rebound.onnx"))
+    stripped = keep_trace("stage", onnx.load(str(tmp_path / "stage_0.onnx")), model.state_dict())
+    kept = [t for t in stripped.graph.initializer if t.name.removeprefix("model.") in model.state_dict()]
+    assert kept and not any(t.raw_data for t in kept)  # kept without weights
+    rebound = bind(stripped, model.state_dict(), first_layer=1).graph
+    traced = onnx.load(str(tmp_path / "traced.onnx")).graph
     assert [(n.op_type, list(n.input)) for n in rebound.node] == [(n.op_type, list(n.input)) for n in traced.node]
     weights = {t.name: numpy_helper.to_array(t) for t in traced.initializer}
     assert {t.name for t in rebound.initializer} == set(weights) and any("layers.1." in name for name in weights)

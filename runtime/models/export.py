@@ -19,16 +19,16 @@ and head.onnx reads its tied LM-head weight from that same file.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
+import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxscript
 import torch
-from onnx import numpy_helper
 from onnx.defs import OpSchema
 from onnx.external_data_helper import set_external_data
 from torch import nn
@@ -41,10 +41,11 @@ from runtime.models.checkpoint import load_checkpoint
 from runtime.models.corpus import PLAY_CHAT_TEMPLATE
 from runtime.models.decoder import SpeedDecoder
 from runtime.models.tokenizer import eos_id
+from runtime.models.trace_cache import bind, keep_trace, load_trace, trace_key
 
 OPSET = 20
+log = logging.getLogger("speed.export")
 EMBEDDING_WEIGHT = "model.embedding.weight"  # initializer names are the torch parameter names
-LAYER_WEIGHT = re.compile(r"model\.layers\.(\d+)\.")
 
 # ONNX Runtime's own operator, declared here because the onnx package does not know its domain
 _FUSED_ROTARY = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "RotaryEmbedding", OpSchema(
@@ -118,43 +119,44 @@ def stage_graph_files(cfg: ModelConfig) -> list[str]:
 
 
 def export_stages(model: SpeedDecoder, out_dir: Path, progress: Progress = NO_PROGRESS) -> list[str]:
-    """Tracing takes most of an export (about a minute a stage of SmolLM2-135M), so a stage with as many
-    layers as one already traced gets that graph with its own weights instead of a trace of its own."""
-    files = stage_graph_files(model.cfg)
-    traced: dict[int, int] = {}  # layers in a stage -> the stage traced with that many
+    """Tracing takes most of an export (about half a minute a stage of SmolLM2-135M), so a stage gets the trace
+    of one as deep, from this export or a kept one (runtime.models.trace_cache), with its own weights."""
+    cfg = model.cfg
+    files = stage_graph_files(cfg)
+    traces: dict[int, onnx.ModelProto] = {}  # layers in a stage -> its trace, weights stripped
     for stage, file in enumerate(files):
-        layers = len(model.cfg.stage_layers(stage))
-        if not (out_dir / file).exists():
-            if layers in traced:
-                rebind_stage(model, out_dir / files[traced[layers]], traced[layers], stage, out_dir / file)
-            else:
-                export_stage(model, stage, out_dir / file)
-            progress.advance()
-        traced.setdefault(layers, stage)
+        if (out_dir / file).exists():
+            continue  # stages sharing their layers share one graph
+        layers = cfg.stage_layers(stage)
+        if len(layers) in traces:
+            graph = bind(traces[len(layers)], model.state_dict(), first_layer=layers.start)
+        else:
+            traces[len(layers)], graph = traced_graph(
+                model, f"stage of {len(layers)} layers", lambda path, stage=stage: export_stage(model, stage, path),
+                first_layer=layers.start)
+        onnx.save(graph, str(out_dir / file))
+        progress.advance()
     return files
 
 
-def rebind_stage(model: SpeedDecoder, traced_path: Path, traced_stage: int, stage: int, path: Path) -> None:
-    """The graph of `traced_stage` computing `stage`: the same operations, on the layers `stage` runs, whose
-    weights it reads under their own names (model.layers.<i>...)."""
-    cfg = model.cfg
-    shift = cfg.stage_layers(stage).start - cfg.stage_layers(traced_stage).start
+def traced_graph(model: SpeedDecoder, graph: str, trace: Callable[[Path], None], *, first_layer: int = 0
+                 ) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """`graph` (trace_key's name) of `model` whose layers start at `first_layer`, as a stripped trace and bound
+    to the model's weights: kept from an earlier export where it binds them, else made by `trace` (writing the
+    graph to a path) and kept."""
+    key = trace_key(model.cfg, graph)
     weights = model.state_dict()
-    graph = onnx.load(str(traced_path))
-    renamed = {}
-    for tensor in graph.graph.initializer:
-        layer = LAYER_WEIGHT.match(tensor.name)
-        if layer is None:
-            continue  # not a layer's: the same in every stage
-        name = f"model.layers.{int(layer[1]) + shift}.{tensor.name[layer.end():]}"
-        renamed[tensor.name] = tensor.name = name
-        weight = weights.get(name.removeprefix("model."))
-        if weight is not None:  # else a constant the trace lifted (the rotary tables): the same in every stage
-            assert tuple(tensor.dims) == tuple(weight.shape), name
-            tensor.CopyFrom(numpy_helper.from_array(weight.detach().numpy(), name))
-    for node in graph.graph.node:
-        node.input[:] = [renamed.get(name, name) for name in node.input]
-    onnx.save(graph, str(path))
+    kept = load_trace(key)
+    if kept is not None:
+        try:
+            return kept, bind(kept, weights, first_layer=first_layer)
+        except ValueError as exc:
+            log.warning("traced again: the kept trace of the %s does not fit this model (%s)", graph, exc)
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "traced.onnx"
+        trace(path)
+        stripped = keep_trace(key, onnx.load(str(path)), weights, first_layer=first_layer)
+    return stripped, bind(stripped, weights, first_layer=first_layer)
 
 
 def export_stage(model: SpeedDecoder, stage: int, path: Path) -> None:
@@ -179,8 +181,10 @@ def export_stage(model: SpeedDecoder, stage: int, path: Path) -> None:
 
 
 def export_head(model: SpeedDecoder, path: Path) -> None:
-    _export(HeadGraph(model), (torch.randn(3, model.cfg.d_model),), path,
-            ({0: torch.export.Dim("rows")},), ["hidden"], ["logits", "token"])
+    _, graph = traced_graph(model, "head", lambda traced: _export(
+        HeadGraph(model), (torch.randn(3, model.cfg.d_model),), traced, ({0: torch.export.Dim("rows")},), ["hidden"],
+        ["logits", "token"]))
+    onnx.save(graph, str(path))
 
 
 def export_guess_head(model: SpeedDecoder, token_ids: np.ndarray, path: Path) -> None:

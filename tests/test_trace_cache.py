@@ -1,0 +1,79 @@
+"""Traces kept between exports: an export binding its weights into a kept trace writes, byte for byte, what
+tracing would have written; a kept trace that is damaged or made for another model is traced again; the cache
+keeps its newest entries only."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.training  # traces torch models to ONNX
+
+torch = pytest.importorskip("torch")
+
+from runtime.core.config import ModelConfig  # noqa: E402
+from runtime.models.decoder import SpeedDecoder  # noqa: E402
+from runtime.models.export import write_model  # noqa: E402
+from runtime.models.trace_cache import ENTRIES, keep_trace, trace_cache_root  # noqa: E402
+
+# distinct layers in stages of 2 and 1: two stage traces and the head's
+ARCHITECTURE = dict(vocab_size=64, d_model=32, n_heads=2, n_kv_heads=1, ffn_hidden=64, n_distinct_layers=3,
+                    n_stages=2, context_length=32, shared_layers=False)
+
+
+def model(seed: int, **changes) -> SpeedDecoder:
+    torch.manual_seed(seed)
+    return SpeedDecoder(ModelConfig(**{**ARCHITECTURE, **changes})).eval()
+
+
+def exported(decoder: SpeedDecoder, out_dir: Path) -> dict[str, bytes]:
+    out_dir.mkdir(parents=True)
+    write_model(decoder, out_dir)
+    return {path.name: path.read_bytes() for path in sorted(out_dir.iterdir())}
+
+
+def test_another_model_of_the_architecture_binds_the_kept_traces_and_writes_what_tracing_writes(tmp_path,
+                                                                                                monkeypatch):
+    monkeypatch.setenv("SPEED_TRACE_CACHE", str(tmp_path / "kept"))
+    exported(model(0), tmp_path / "first")
+    assert len(list((tmp_path / "kept").glob("*.onnx"))) == 3  # a stage of 2 layers, one of 1, the head
+    # other weights, and the stages split the other way: each trace bound where its layers are not the first
+    other = model(1, stage_sizes=(1, 2))
+    from_kept = exported(other, tmp_path / "from-kept")
+    monkeypatch.setenv("SPEED_TRACE_CACHE", str(tmp_path / "empty"))
+    traced = exported(other, tmp_path / "traced")
+    assert from_kept.keys() == traced.keys() and "stage_1.onnx" in traced
+    for name in traced:
+        assert from_kept[name] == traced[name], name
+
+
+def test_a_damaged_trace_or_one_of_another_model_is_traced_again(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SPEED_TRACE_CACHE", str(tmp_path / "kept"))
+    decoder = model(0)
+    expected = exported(decoder, tmp_path / "first")
+    kept = sorted(trace_cache_root().glob("*.onnx"), key=lambda path: path.stat().st_size)
+    kept[0].write_bytes(b"not a graph")  # the head's, the smallest
+    kept[1].write_bytes(kept[2].read_bytes())  # a stage of 1 layer named as a stage of 2, or the other way
+    with caplog.at_level(logging.WARNING, logger="speed.export"):
+        again = exported(decoder, tmp_path / "again")
+    assert again == expected
+    assert "the kept trace" in caplog.text and "cannot be read" in caplog.text and "does not fit" in caplog.text
+    # traced again, they are kept again
+    with caplog.at_level(logging.WARNING, logger="speed.export"):
+        caplog.clear()
+        assert exported(decoder, tmp_path / "third") == expected
+    assert not caplog.text
+
+
+def test_the_cache_keeps_its_newest_traces(tmp_path, monkeypatch):
+    import onnx
+
+    monkeypatch.setenv("SPEED_TRACE_CACHE", str(tmp_path / "kept"))
+    graph = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))
+    for index in range(ENTRIES + 3):
+        keep_trace(f"trace-{index:02}", graph, {})
+        time.sleep(0.02)  # beyond the file system's clock tick, so each is newer than the one before
+    assert sorted(path.stem for path in trace_cache_root().glob("*")) == [f"trace-{i:02}" for i in range(3, ENTRIES + 3)]
