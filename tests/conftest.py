@@ -29,13 +29,9 @@ def trace_cache(tmp_path_factory) -> Iterator[Path]:
     """Traces kept for this run only, by every export and `speed` process it starts: the first export of an
     architecture traces it whatever this machine kept before, and the later ones bind their weights into it."""
     root = tmp_path_factory.mktemp("traces")
-    before = os.environ.get("SPEED_TRACE_CACHE")
-    os.environ["SPEED_TRACE_CACHE"] = str(root)
-    yield root
-    if before is None:
-        del os.environ["SPEED_TRACE_CACHE"]
-    else:
-        os.environ["SPEED_TRACE_CACHE"] = before
+    with pytest.MonkeyPatch.context() as session_patch:
+        session_patch.setenv("SPEED_TRACE_CACHE", str(root))
+        yield root
 
 
 def tiny_training():

@@ -1,6 +1,6 @@
 """Traces kept between exports: an export binding its weights into a kept trace writes, byte for byte, what
 tracing would have written; a kept trace that is damaged or made for another model is traced again; the cache
-keeps its newest entries only."""
+keeps its newest entries only; and an export where none can be kept writes the same graphs."""
 
 from __future__ import annotations
 
@@ -77,3 +77,14 @@ def test_the_cache_keeps_its_newest_traces(tmp_path, monkeypatch):
         keep_trace(f"trace-{index:02}", graph, {})
         time.sleep(0.02)  # beyond the file system's clock tick, so each is newer than the one before
     assert sorted(path.stem for path in trace_cache_root().glob("*")) == [f"trace-{i:02}" for i in range(3, ENTRIES + 3)]
+
+
+def test_an_export_where_no_trace_can_be_kept_still_writes_its_graphs(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("SPEED_TRACE_CACHE", str(tmp_path / "kept"))
+    expected = exported(model(0), tmp_path / "kept-export")
+    monkeypatch.setenv("SPEED_TRACE_CACHE", str(blocker / "traces"))  # cannot be made
+    with caplog.at_level(logging.WARNING, logger="speed.export"):
+        assert exported(model(0), tmp_path / "unkept-export") == expected
+    assert "could not keep the trace" in caplog.text and not list(tmp_path.glob("**/*.partial"))

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import re
 import tempfile
 from pathlib import Path
@@ -49,8 +50,8 @@ def trace_key(cfg: ModelConfig, graph: str) -> str:
     described.pop("stage_sizes", None)
     if not cfg.shared_layers:
         del described["n_stages"]  # a stage of distinct layers is the same graph however the rest is split
-    digest = hashlib.sha256(json.dumps([described, graph, torch.__version__, onnx.__version__,
-                                        onnxscript.__version__], sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps([described, graph, platform.python_version(), torch.__version__,
+                                        onnx.__version__, onnxscript.__version__], sort_keys=True).encode())
     models = Path(__file__).parent
     for source in sorted(models.glob("*.py")) + [models.parent / "core" / "config.py"]:
         digest.update(source.read_bytes())
@@ -82,13 +83,17 @@ def keep_trace(key: str, traced: onnx.ModelProto, weights: dict[str, torch.Tenso
     for described in [trace.graph, *trace.graph.node, *trace.graph.value_info, *trace.graph.input, *trace.graph.output]:
         del described.metadata_props[:]
     root = trace_cache_root()
+    partial = None
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, suffix=".partial", delete=False) as partial:
-            partial.write(trace.SerializeToString())
-        os.replace(partial.name, root / f"{key}.onnx")  # whole or absent, even beside another export
+        with tempfile.NamedTemporaryFile(dir=root, suffix=".partial", delete=False) as file:
+            partial = Path(file.name)
+            file.write(trace.SerializeToString())
+        os.replace(partial, root / f"{key}.onnx")  # whole or absent, even beside another export
         _trim(root)
     except OSError as exc:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
         log.warning("could not keep the trace in %s (%s); the next export traces again", root, exc)
     return trace
 
