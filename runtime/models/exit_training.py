@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -225,12 +224,10 @@ def write_exits(bundle: Bundle, model: SpeedDecoder, exits: list[torch.nn.Module
 
 
 def exit_layer_graph(model: SpeedDecoder, exit_module: LayerExit) -> bytes:
-    """A one-layer, one-stage decoder holding the exit layer, exported like a stage graph."""
-    from runtime.models.export import export_stage
+    """A one-layer, one-stage decoder holding the exit layer, exported like a stage graph (every exit after the
+    first, here or in an earlier run, binds its weights into the first one's trace)."""
+    from runtime.models.export import stage_graph
 
     one_layer = SpeedDecoder(replace(model.cfg, n_distinct_layers=1, n_stages=1, shared_layers=True))
     one_layer.layers[0].load_state_dict(exit_module.layer.state_dict())
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "exit.onnx"
-        export_stage(one_layer.eval(), 0, path)
-        return path.read_bytes()
+    return stage_graph(one_layer.eval(), 0).SerializeToString()

@@ -121,22 +121,27 @@ def stage_graph_files(cfg: ModelConfig) -> list[str]:
 def export_stages(model: SpeedDecoder, out_dir: Path, progress: Progress = NO_PROGRESS) -> list[str]:
     """Tracing takes most of an export (about half a minute a stage of SmolLM2-135M), so a stage gets the trace
     of one as deep, from this export or a kept one (runtime.models.trace_cache), with its own weights."""
-    cfg = model.cfg
-    files = stage_graph_files(cfg)
-    traces: dict[int, onnx.ModelProto] = {}  # layers in a stage -> its trace, weights stripped
+    files = stage_graph_files(model.cfg)
+    traces: dict[int, onnx.ModelProto] = {}
     for stage, file in enumerate(files):
         if (out_dir / file).exists():
             continue  # stages sharing their layers share one graph
-        layers = cfg.stage_layers(stage)
-        if len(layers) in traces:
-            graph = bind(traces[len(layers)], model.state_dict(), first_layer=layers.start)
-        else:
-            traces[len(layers)], graph = traced_graph(
-                model, f"stage of {len(layers)} layers", lambda path, stage=stage: export_stage(model, stage, path),
-                first_layer=layers.start)
-        onnx.save(graph, str(out_dir / file))
+        onnx.save(stage_graph(model, stage, traces), str(out_dir / file))
         progress.advance()
     return files
+
+
+def stage_graph(model: SpeedDecoder, stage: int, traces: dict[int, onnx.ModelProto] | None = None
+                ) -> onnx.ModelProto:
+    """The graph of `stage`: the trace of a stage as deep with its weights. traces (layers in a stage -> its
+    trace, weights stripped): those of this export, which gain the one made or read here."""
+    traces = {} if traces is None else traces
+    layers = model.cfg.stage_layers(stage)
+    if len(layers) in traces:
+        return bind(traces[len(layers)], model.state_dict(), first_layer=layers.start)
+    traces[len(layers)], graph = traced_graph(model, f"stage of {len(layers)} layers",
+                                              lambda path: export_stage(model, stage, path), first_layer=layers.start)
+    return graph
 
 
 def traced_graph(model: SpeedDecoder, graph: str, trace: Callable[[Path], None], *, first_layer: int = 0
