@@ -81,7 +81,7 @@ def test_a_stage_given_another_stage_s_graph_is_the_graph_its_own_trace_gives(tm
     from runtime.core.config import ModelConfig
     from runtime.models.decoder import SpeedDecoder
     from runtime.models.export import export_stage
-    from runtime.models.trace_cache import bind, keep_trace
+    from runtime.models.trace_binding import bind, keep_trace
 
     monkeypatch.setenv("SPEED_TRACE_CACHE", str(tmp_path / "traces"))
     torch.manual_seed(0)

@@ -110,6 +110,7 @@ def test_the_cache_keeps_to_its_limit_dropping_the_least_recently_used(tiny_bund
 
 def test_speed_cache_lists_and_clears_the_copies(tiny_bundle, tmp_path, monkeypatch):
     monkeypatch.setenv("SPEED_GRAPH_CACHE", str(tmp_path / "graphs"))
+    monkeypatch.setenv("SPEED_TRACE_CACHE", str(tmp_path / "traces"))  # --clear clears them too
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     bundle = load_bundle(tiny_bundle)
     (path,) = set(bundle.stage_graphs)

@@ -1,10 +1,14 @@
 """Traces kept between exports: an export binding its weights into a kept trace writes, byte for byte, what
 tracing would have written; a kept trace that is damaged or made for another model is traced again; the cache
-keeps its newest entries only; and an export where none can be kept writes the same graphs."""
+keeps its newest entries only, and `speed cache` lists and clears them; and an export where none can be kept
+writes the same graphs."""
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +21,8 @@ torch = pytest.importorskip("torch")
 from runtime.core.config import ModelConfig  # noqa: E402
 from runtime.models.decoder import SpeedDecoder  # noqa: E402
 from runtime.models.export import write_model  # noqa: E402
-from runtime.models.trace_cache import ENTRIES, keep_trace, trace_cache_root  # noqa: E402
+from runtime.models.trace_binding import keep_trace  # noqa: E402
+from runtime.models.trace_cache import ENTRIES, trace_cache_root  # noqa: E402
 
 # distinct layers in stages of 2 and 1: two stage traces and the head's
 ARCHITECTURE = dict(vocab_size=64, d_model=32, n_heads=2, n_kv_heads=1, ffn_hidden=64, n_distinct_layers=3,
@@ -88,3 +93,22 @@ def test_an_export_where_no_trace_can_be_kept_still_writes_its_graphs(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="speed.export"):
         assert exported(model(0), tmp_path / "unkept-export") == expected
     assert "could not keep the trace" in caplog.text and not list(tmp_path.glob("**/*.partial"))
+
+
+def test_speed_cache_lists_and_clears_the_kept_traces(tmp_path, monkeypatch):
+    import onnx
+
+    monkeypatch.setenv("SPEED_GRAPH_CACHE", str(tmp_path / "graphs"))
+    monkeypatch.setenv("SPEED_TRACE_CACHE", str(tmp_path / "kept"))
+    graph = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))
+    for key in ("older", "newer"):
+        keep_trace(key, graph, {})
+        time.sleep(0.02)
+    speed = [sys.executable, "-m", "runtime.cli", "cache"]
+    listed = subprocess.run(speed, capture_output=True, text=True, env=os.environ)
+    assert listed.returncode == 0, listed.stderr
+    assert f"{tmp_path / 'kept'}: 2 traces" in listed.stdout and f"the {ENTRIES} used last are kept" in listed.stdout
+    assert listed.stdout.index("newer.onnx") < listed.stdout.index("older.onnx")  # the one used last first
+    cleared = subprocess.run([*speed, "--clear"], capture_output=True, text=True, env=os.environ)
+    assert cleared.returncode == 0 and f"removed 2 traces (0.0 MB) from {tmp_path / 'kept'}" in cleared.stdout
+    assert not list((tmp_path / "kept").iterdir())

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from runtime.core.cache_directories import cache_directory
 from runtime.core.errors import SpeedError
 from runtime.executor.cache_writing import cache_writing_graph
 from runtime.executor.fused_attention import fused_attention_graph
@@ -76,10 +77,7 @@ def cache_limit_bytes() -> int:
 
 
 def cache_root() -> Path:
-    if os.environ.get("SPEED_GRAPH_CACHE"):
-        return Path(os.environ["SPEED_GRAPH_CACHE"])
-    base = Path(os.environ["XDG_CACHE_HOME"]) if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
-    return base / "speed" / "graphs"
+    return cache_directory("graphs", "SPEED_GRAPH_CACHE")
 
 
 def cpu_fingerprint() -> str:

@@ -41,7 +41,7 @@ from runtime.models.checkpoint import load_checkpoint
 from runtime.models.corpus import PLAY_CHAT_TEMPLATE
 from runtime.models.decoder import SpeedDecoder
 from runtime.models.tokenizer import eos_id
-from runtime.models.trace_cache import bind, keep_trace, load_trace, trace_key
+from runtime.models.trace_binding import bind, keep_trace, load_trace, trace_key
 
 OPSET = 20
 log = logging.getLogger("speed.export")
@@ -120,7 +120,7 @@ def stage_graph_files(cfg: ModelConfig) -> list[str]:
 
 def export_stages(model: SpeedDecoder, out_dir: Path, progress: Progress = NO_PROGRESS) -> list[str]:
     """Tracing takes most of an export (about half a minute a stage of SmolLM2-135M), so a stage gets the trace
-    of one as deep, from this export or a kept one (runtime.models.trace_cache), with its own weights."""
+    of one as deep, from this export or a kept one (runtime.models.trace_binding), with its own weights."""
     files = stage_graph_files(model.cfg)
     traces: dict[int, onnx.ModelProto] = {}
     for stage, file in enumerate(files):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from runtime.core.bundle import sha256_of
+from runtime.core.cache_directories import cache_directory
 from runtime.core.errors import SpeedError
 from runtime.core.progress import NO_PROGRESS, Progress
 
@@ -58,11 +59,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 
 
 def cache_dir() -> Path:
-    if os.environ.get("SPEED_CACHE_DIR"):
-        return Path(os.environ["SPEED_CACHE_DIR"])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "speed" / "models"
-    return Path.home() / ".cache" / "speed" / "models"
+    return cache_directory("models", "SPEED_CACHE_DIR")
 
 
 def _lookup(name: str) -> KnownModel:

@@ -1,157 +1,86 @@
-"""Traced graphs kept on this machine between exports, without their weights.
-
-Tracing a model to ONNX is most of an import (SmolLM2-135M: 28 s for a stage of ten layers and 4 s for the
-head, of 50 s in all), and what it gives depends on the architecture only. So each trace is kept with its
-weights stripped, named by everything it depends on: the model's configuration, the layers it holds, the
-code that defines and exports the model, and the exporter's versions. A later export of the same
-architecture (another stage split, another kind of weights, another fine-tune) binds its own weights into it
-instead of tracing again. A stage's trace is kept with its layers numbered from 0 and renumbered when bound,
-and without the exporter's notes (each operation's source line and module, the graph's signature: they name
-layers, and this machine's paths), so a bound graph is byte for byte the graph a trace of its own would give.
-
-The cache lives in $SPEED_TRACE_CACHE (default ~/.cache/speed/traces) and keeps the ENTRIES used last.
-"""
+"""Traced graphs kept on this machine between exports ($SPEED_TRACE_CACHE, default ~/.cache/speed/traces):
+the files only, each the serialized trace its key names (runtime.models.trace_binding says what a trace holds
+and how an export uses it). The ENTRIES used last are kept. No torch or onnx here: `speed cache` lists and
+clears them where only the runtime is installed."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
-import platform
-import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import onnx
-import onnxscript
-import torch
-from onnx import numpy_helper
+from runtime.core.cache_directories import cache_directory
 
-from runtime.core.config import ModelConfig
-
-ENTRIES = 8  # a few architectures' stage sizes and heads; a stripped trace is a few hundred KB
-LAYER_WEIGHT = re.compile(r"model\.layers\.(\d+)\.")  # initializer names are the torch parameter names
+ENTRIES = 8  # a few architectures' stage sizes and heads; a SmolLM2 stage's trace is 2.2 MB
+SUFFIX = ".onnx"
 log = logging.getLogger("speed.export")
 
 
+@dataclass(frozen=True)
+class KeptTrace:
+    path: Path
+    bytes: int
+    last_used: float  # seconds since the epoch
+
+
 def trace_cache_root() -> Path:
-    if os.environ.get("SPEED_TRACE_CACHE"):
-        return Path(os.environ["SPEED_TRACE_CACHE"])
-    base = Path(os.environ["XDG_CACHE_HOME"]) if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
-    return base / "speed" / "traces"
+    return cache_directory("traces", "SPEED_TRACE_CACHE")
 
 
-def trace_key(cfg: ModelConfig, graph: str) -> str:
-    """The name of `graph` ("head", "stage of 10 layers") of a model of `cfg`: a digest of all it depends on."""
-    described = cfg.to_dict()
-    described.pop("stage_sizes", None)
-    if not cfg.shared_layers:
-        del described["n_stages"]  # a stage of distinct layers is the same graph however the rest is split
-    digest = hashlib.sha256(json.dumps([described, graph, platform.python_version(), torch.__version__,
-                                        onnx.__version__, onnxscript.__version__], sort_keys=True).encode())
-    models = Path(__file__).parent
-    for source in sorted(models.glob("*.py")) + [models.parent / "core" / "config.py"]:
-        digest.update(source.read_bytes())
-    return digest.hexdigest()[:32]
-
-
-def load_trace(key: str) -> onnx.ModelProto | None:
-    """The kept trace named `key`, or None when there is none or it cannot be read (it is traced again)."""
-    path = trace_cache_root() / f"{key}.onnx"
+def read_trace(key: str) -> bytes | None:
+    """The trace kept as `key`, now the one used last; None when there is none or it cannot be read."""
+    path = trace_cache_root() / f"{key}{SUFFIX}"
     try:
-        trace = onnx.load(str(path))
-        path.touch()  # used last: kept longest
+        data = path.read_bytes()
+        path.touch()
     except FileNotFoundError:
         return None
-    except Exception as exc:  # noqa: BLE001 - a damaged entry of any kind is only a slower export
+    except OSError as exc:
         log.warning("traced again: the kept trace %s cannot be read (%s)", path, exc)
         return None
-    return trace
+    return data
 
 
-def keep_trace(key: str, traced: onnx.ModelProto, weights: dict[str, torch.Tensor], *, first_layer: int = 0
-               ) -> onnx.ModelProto:
-    """`traced` without the values of `weights`, its layers numbered from 0 (its first is `first_layer`), kept
-    as `key` where the cache can be written; returns that stripped trace. `traced` loses those values too."""
-    for tensor in traced.graph.initializer:
-        if tensor.name.removeprefix("model.") in weights:
-            _strip(tensor)  # before the copy below: a stage's weights are copied no more
-    trace = rebound(traced, weights, shift=-first_layer, fill=False)
-    for described in [trace.graph, *trace.graph.node, *trace.graph.value_info, *trace.graph.input, *trace.graph.output]:
-        del described.metadata_props[:]
+def write_trace(key: str, data: bytes) -> None:
+    """Keep `data` as `key` where the cache can be written (else say so: the next export traces again)."""
     root = trace_cache_root()
     partial = None
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=root, suffix=".partial", delete=False) as file:
             partial = Path(file.name)
-            file.write(trace.SerializeToString())
-        os.replace(partial, root / f"{key}.onnx")  # whole or absent, even beside another export
-        _trim(root)
+            file.write(data)
+        os.replace(partial, root / f"{key}{SUFFIX}")  # whole or absent, even beside another export
+        for trace in kept_traces()[ENTRIES:]:
+            with contextlib.suppress(OSError):
+                trace.path.unlink()
     except OSError as exc:
         if partial is not None:
             partial.unlink(missing_ok=True)
         log.warning("could not keep the trace in %s (%s); the next export traces again", root, exc)
-    return trace
 
 
-def bind(trace: onnx.ModelProto, weights: dict[str, torch.Tensor], *, first_layer: int = 0) -> onnx.ModelProto:
-    """A copy of a stripped `trace` computing layers from `first_layer` on with `weights`: every stripped value
-    given, or ValueError when `weights` lack one."""
-    graph = rebound(trace, weights, shift=first_layer, fill=True)
-    missing = [t.name for t in graph.graph.initializer if _stripped(t)]
-    if missing:
-        raise ValueError(f"no weight for {len(missing)} of the trace's values, e.g. {missing[0]}")
-    return graph
+def kept_traces() -> list[KeptTrace]:
+    """The kept traces, the one used last first."""
+    root = trace_cache_root()
+    if not root.is_dir():
+        return []
+    kept = []
+    for path in root.glob(f"*{SUFFIX}"):
+        with contextlib.suppress(OSError):  # removed meanwhile
+            stat = path.stat()
+            kept.append(KeptTrace(path, stat.st_size, stat.st_mtime))
+    return sorted(kept, key=lambda trace: trace.last_used, reverse=True)
 
 
-def rebound(graph: onnx.ModelProto, weights: dict[str, torch.Tensor], *, shift: int, fill: bool) -> onnx.ModelProto:
-    """A copy of `graph` whose layers' values are renamed `shift` layers on, and whose values named after
-    `weights` (model.<parameter>) hold them (fill) or nothing but their shape (not fill). Values the trace
-    lifted that are no parameter (rotary tables) are kept as they are."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(graph)
-    renamed = {}
-    for tensor in copy.graph.initializer:
-        layer = LAYER_WEIGHT.match(tensor.name)
-        if layer is not None and shift:
-            renamed[tensor.name] = tensor.name = f"model.layers.{int(layer[1]) + shift}.{tensor.name[layer.end():]}"
-        weight = weights.get(tensor.name.removeprefix("model."))
-        if weight is None:
-            continue
-        if tuple(tensor.dims) != tuple(weight.shape):
-            raise ValueError(f"{tensor.name} is {tuple(weight.shape)} in the model and {tuple(tensor.dims)} in the trace")
-        if fill:
-            tensor.CopyFrom(numpy_helper.from_array(weight.detach().numpy(), tensor.name))
-        else:
-            _strip(tensor)
-    for node in copy.graph.node:
-        node.input[:] = [renamed.get(name, name) for name in node.input]
-    for value in copy.graph.value_info:
-        value.name = renamed.get(value.name, value.name)
-    return copy
-
-
-def _strip(tensor: onnx.TensorProto) -> None:
-    dims, data_type, name = list(tensor.dims), tensor.data_type, tensor.name
-    tensor.Clear()
-    tensor.name, tensor.data_type = name, data_type
-    tensor.dims.extend(dims)
-
-
-def _stripped(tensor: onnx.TensorProto) -> bool:
-    """Whether `tensor` has a shape with values but holds none (an empty raw_data and no typed data either)."""
-    if not int(np.prod(tensor.dims)) or tensor.raw_data or tensor.data_location == onnx.TensorProto.EXTERNAL:
-        return False
-    return not any(len(getattr(tensor, field)) for field in
-                   ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"))
-
-
-def _trim(root: Path) -> None:
-    kept = sorted(root.glob("*.onnx"), key=lambda path: path.stat().st_mtime, reverse=True)
-    for path in kept[ENTRIES:]:
+def clear_traces() -> list[KeptTrace]:
+    """Remove every kept trace (the next export of its architecture traces again); returns them."""
+    removed = []
+    for trace in kept_traces():
         with contextlib.suppress(OSError):
-            path.unlink()
+            trace.path.unlink()
+            removed.append(trace)
+    return removed
