@@ -166,11 +166,12 @@ def cmd_import_gguf(args: argparse.Namespace) -> None:
     from runtime.models.gguf_file import GGUFModel
 
     stages = args.stage_layers if args.stage_layers is not None else args.stages
-    GGUFModel(args.file).config(stages)  # a bad file or stage count is named at once, before torch and ONNX load
+    model_file = GGUFModel(args.file)
+    model_file.config(stages)  # a bad file or stage count is named at once, before torch and ONNX load
 
     from runtime.models.gguf_import import import_gguf
 
-    report = import_gguf(args.file, args.out_dir, stages=stages, weights=args.weights,
+    report = import_gguf(model_file, args.out_dir, stages=stages, weights=args.weights,
                          accuracy_level=args.accuracy_level, name=args.name, force=args.force,
                          gate=not args.no_calibrate, progress=stderr_progress())
     if report is not None:
