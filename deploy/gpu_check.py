@@ -42,8 +42,10 @@ def run(command: list[str], timeout_s: float, env: dict[str, str] | None = None)
     """A step's outcome: exit status, seconds, its output parsed as JSON where it is, else the output's end."""
     started = time.monotonic()
     try:
+        # the packages on PYTHONPATH stay (requirements installed with pip --target, as where no index is at hand)
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                              env={**os.environ, "PYTHONPATH": path, **(env or {})})
         outcome = {"rc": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
     except subprocess.TimeoutExpired as exc:
         outcome = {"rc": None, "stdout": exc.stdout or "", "stderr": f"timed out after {timeout_s:g} s"}

@@ -49,3 +49,23 @@ def test_on_cuda_the_caches_stay_on_the_gpu_and_speculation_gives_the_plain_text
     for decoding in (model, without_graphs):
         assert [g.token_ids for g in generate_speculative(decoding, prompts, **kwargs)] == plain
     assert [generate_plain(model, prompt, **kwargs).token_ids for prompt in prompts] == plain
+
+
+def test_what_onnx_runtime_says_loading_cuda_s_libraries_goes_to_the_log_not_to_stdout(monkeypatch, capsys, caplog):
+    """A command's stdout is its JSON: ONNX Runtime's preload_dlls prints what it cannot load, and the session's own
+    start then says whether CUDA runs."""
+    import logging
+
+    import onnxruntime as ort
+
+    from runtime.executor.onnx_session import load_cuda_libraries
+
+    def preload_dlls():
+        print("Failed to load libcublasLt.so.13: not found")
+        raise RuntimeError("no nvidia packages")
+
+    monkeypatch.setattr(ort, "preload_dlls", preload_dlls, raising=False)
+    with caplog.at_level(logging.INFO, logger="speed.node"):
+        load_cuda_libraries.__wrapped__()
+    assert capsys.readouterr().out == ""
+    assert "Failed to load libcublasLt.so.13: not found no nvidia packages" in caplog.text

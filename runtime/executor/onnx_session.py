@@ -6,6 +6,9 @@ the provider is read back from the session and a CUDA request that was not honou
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import logging
 import threading
 from collections.abc import Callable
@@ -52,6 +55,8 @@ def create_session(path: Path, *, device: str = "cpu", threads: int = 0, sha256:
     options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3  # errors only: no warnings about nodes placed on CPU
     wanted = [PROVIDERS[device]] + ([PROVIDERS["cpu"]] if device != "cpu" else [])
+    if device == "cuda":
+        load_cuda_libraries()
     # a provider that cannot load is reported below in one sentence, not by ONNX Runtime's native log
     ort.set_default_logger_severity(4)
     session = None
@@ -69,6 +74,24 @@ def create_session(path: Path, *, device: str = "cpu", threads: int = 0, sha256:
                          "this machine has an NVIDIA GPU with the CUDA and cuDNN libraries onnxruntime-gpu needs, "
                          "and that onnxruntime-gpu (not onnxruntime) is installed")
     return session
+
+
+@functools.cache  # once a process
+def load_cuda_libraries() -> None:
+    """onnxruntime-gpu's CUDA provider finds CUDA's libraries on the loader's path only; where they are pip
+    packages beside it (onnxruntime-gpu[cuda,cudnn]), ONNX Runtime's preload_dlls loads them first. It reports
+    on stdout, which a command's JSON owns, so what it says goes to the log."""
+    preload = getattr(ort, "preload_dlls", None)  # ONNX Runtime 1.21 and later; a CPU build returns at once
+    if preload is None:
+        return
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        try:
+            preload()
+        except Exception as exc:  # noqa: BLE001 - the session's own start then says what is missing
+            print(exc)
+    if said.getvalue().strip():
+        log.info("loading CUDA's libraries: %s", " ".join(said.getvalue().split()))
 
 
 class LazySession:
