@@ -19,6 +19,7 @@ pytestmark = pytest.mark.training  # traces torch models to ONNX
 torch = pytest.importorskip("torch")
 
 from runtime.core.config import ModelConfig  # noqa: E402
+from runtime.core.progress import NO_PROGRESS, Progress  # noqa: E402
 from runtime.models.decoder import SpeedDecoder  # noqa: E402
 from runtime.models.export import write_model  # noqa: E402
 from runtime.models.trace_binding import keep_trace  # noqa: E402
@@ -34,20 +35,33 @@ def model(seed: int, **changes) -> SpeedDecoder:
     return SpeedDecoder(ModelConfig(**{**ARCHITECTURE, **changes})).eval()
 
 
-def exported(decoder: SpeedDecoder, out_dir: Path) -> dict[str, bytes]:
+class Notes(Progress):
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def note(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def exported(decoder: SpeedDecoder, out_dir: Path, notes: Progress = NO_PROGRESS) -> dict[str, bytes]:
     out_dir.mkdir(parents=True)
-    write_model(decoder, out_dir)
+    write_model(decoder, out_dir, notes)
     return {path.name: path.read_bytes() for path in sorted(out_dir.iterdir())}
 
 
 def test_another_model_of_the_architecture_binds_the_kept_traces_and_writes_what_tracing_writes(tmp_path,
                                                                                                 monkeypatch):
     monkeypatch.setenv("SPEED_TRACE_CACHE", str(tmp_path / "kept"))
-    exported(model(0), tmp_path / "first")
+    first, second = Notes(), Notes()
+    exported(model(0), tmp_path / "first", first)
     assert len(list((tmp_path / "kept").glob("*.onnx"))) == 3  # a stage of 2 layers, one of 1, the head
+    assert [line.split(":")[0] for line in first.lines if "traced in" in line] == [
+        "the stage of 2 layers", "the stage of 1 layer", "the head"]
     # other weights, and the stages split the other way: each trace bound where its layers are not the first
     other = model(1, stage_sizes=(1, 2))
-    from_kept = exported(other, tmp_path / "from-kept")
+    from_kept = exported(other, tmp_path / "from-kept", second)
+    assert sorted(second.lines) == sorted(f"the {graph}: bound to the trace kept in {tmp_path / 'kept'}"
+                                          for graph in ("stage of 1 layer", "stage of 2 layers", "head"))
     monkeypatch.setenv("SPEED_TRACE_CACHE", str(tmp_path / "empty"))
     traced = exported(other, tmp_path / "traced")
     assert from_kept.keys() == traced.keys() and "stage_1.onnx" in traced

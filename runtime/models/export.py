@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,7 @@ from runtime.models.corpus import PLAY_CHAT_TEMPLATE
 from runtime.models.decoder import SpeedDecoder
 from runtime.models.tokenizer import eos_id
 from runtime.models.trace_binding import bind, keep_trace, load_trace, trace_key
+from runtime.models.trace_cache import trace_cache_root
 
 OPSET = 20
 log = logging.getLogger("speed.export")
@@ -119,33 +121,34 @@ def stage_graph_files(cfg: ModelConfig) -> list[str]:
 
 
 def export_stages(model: SpeedDecoder, out_dir: Path, progress: Progress = NO_PROGRESS) -> list[str]:
-    """Tracing takes most of an export (about half a minute a stage of SmolLM2-135M), so a stage gets the trace
+    """Tracing takes most of an export (12 s a stage of SmolLM2-135M's ten layers), so a stage gets the trace
     of one as deep, from this export or a kept one (runtime.models.trace_binding), with its own weights."""
     files = stage_graph_files(model.cfg)
     traces: dict[int, onnx.ModelProto] = {}
     for stage, file in enumerate(files):
         if (out_dir / file).exists():
             continue  # stages sharing their layers share one graph
-        onnx.save(stage_graph(model, stage, traces), str(out_dir / file))
+        onnx.save(stage_graph(model, stage, traces, progress), str(out_dir / file))
         progress.advance()
     return files
 
 
-def stage_graph(model: SpeedDecoder, stage: int, traces: dict[int, onnx.ModelProto] | None = None
-                ) -> onnx.ModelProto:
+def stage_graph(model: SpeedDecoder, stage: int, traces: dict[int, onnx.ModelProto] | None = None,
+                progress: Progress = NO_PROGRESS) -> onnx.ModelProto:
     """The graph of `stage`: the trace of a stage as deep with its weights. traces (layers in a stage -> its
     trace, weights stripped): those of this export, which gain the one made or read here."""
     traces = {} if traces is None else traces
     layers = model.cfg.stage_layers(stage)
     if len(layers) in traces:
         return bind(traces[len(layers)], model.state_dict(), first_layer=layers.start)
-    traces[len(layers)], graph = traced_graph(model, f"stage of {len(layers)} layers",
-                                              lambda path: export_stage(model, stage, path), first_layer=layers.start)
+    traces[len(layers)], graph = traced_graph(model, f"stage of {len(layers)} layer{'s' * (len(layers) != 1)}",
+                                              lambda path: export_stage(model, stage, path), first_layer=layers.start,
+                                              progress=progress)
     return graph
 
 
-def traced_graph(model: SpeedDecoder, graph: str, trace: Callable[[Path], None], *, first_layer: int = 0
-                 ) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+def traced_graph(model: SpeedDecoder, graph: str, trace: Callable[[Path], None], *, first_layer: int = 0,
+                 progress: Progress = NO_PROGRESS) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """`graph` (trace_key's name) of `model` whose layers start at `first_layer`, as a stripped trace and bound
     to the model's weights: kept from an earlier export where it binds them, else made by `trace` (writing the
     graph to a path) and kept."""
@@ -154,13 +157,18 @@ def traced_graph(model: SpeedDecoder, graph: str, trace: Callable[[Path], None],
     kept = load_trace(key)
     if kept is not None:
         try:
-            return kept, bind(kept, weights, first_layer=first_layer)
+            bound = bind(kept, weights, first_layer=first_layer)
+            progress.note(f"the {graph}: bound to the trace kept in {trace_cache_root()}")
+            return kept, bound
         except ValueError as exc:
             log.warning("traced again: the kept trace of the %s does not fit this model (%s)", graph, exc)
+    started = time.monotonic()
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "traced.onnx"
         trace(path)
         stripped = keep_trace(key, onnx.load(str(path)), weights, first_layer=first_layer)
+    progress.note(f"the {graph}: traced in {time.monotonic() - started:.0f} s, kept in {trace_cache_root()} for "
+                  "later exports of this architecture")
     return stripped, bind(stripped, weights, first_layer=first_layer)
 
 
@@ -185,10 +193,10 @@ def export_stage(model: SpeedDecoder, stage: int, path: Path) -> None:
     _export(StageGraph(model, stage), args, path, dynamic_shapes, inputs, outputs)
 
 
-def export_head(model: SpeedDecoder, path: Path) -> None:
+def export_head(model: SpeedDecoder, path: Path, progress: Progress = NO_PROGRESS) -> None:
     _, graph = traced_graph(model, "head", lambda traced: _export(
         HeadGraph(model), (torch.randn(3, model.cfg.d_model),), traced, ({0: torch.export.Dim("rows")},), ["hidden"],
-        ["logits", "token"]))
+        ["logits", "token"]), progress=progress)
     onnx.save(graph, str(path))
 
 
@@ -230,7 +238,7 @@ def write_model(model: SpeedDecoder, out_dir: Path, progress: Progress = NO_PROG
     """Stage graphs, head graph and embedding of a torch model; returns each stage's graph file."""
     with progress.task("graphs exported", total=len(set(stage_graph_files(model.cfg))) + 1):  # the head's too
         stage_files = export_stages(model, out_dir, progress)
-        export_head(model, out_dir / HEAD_FILE)
+        export_head(model, out_dir / HEAD_FILE, progress)
         progress.advance()
     share_embedding_weight(out_dir / HEAD_FILE, model.embedding.weight.detach().numpy(), out_dir)
     return stage_files
