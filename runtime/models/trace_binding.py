@@ -66,7 +66,7 @@ def keep_trace(key: str, traced: onnx.ModelProto, weights: dict[str, torch.Tenso
     for tensor in traced.graph.initializer:
         if tensor.name.removeprefix("model.") in weights:
             _strip(tensor)  # before the copy below: a stage's weights are copied no more
-    trace = rebound(traced, weights, shift=-first_layer, fill=False)
+    trace = _rebound(traced, {}, shift=-first_layer)
     for described in [trace.graph, *trace.graph.node, *trace.graph.value_info, *trace.graph.input, *trace.graph.output]:
         del described.metadata_props[:]
     write_trace(key, trace.SerializeToString())
@@ -76,17 +76,17 @@ def keep_trace(key: str, traced: onnx.ModelProto, weights: dict[str, torch.Tenso
 def bind(trace: onnx.ModelProto, weights: dict[str, torch.Tensor], *, first_layer: int = 0) -> onnx.ModelProto:
     """A copy of a stripped `trace` computing layers from `first_layer` on with `weights`: every stripped value
     given, or ValueError when `weights` lack one."""
-    graph = rebound(trace, weights, shift=first_layer, fill=True)
+    graph = _rebound(trace, weights, shift=first_layer)
     missing = [t.name for t in graph.graph.initializer if _stripped(t)]
     if missing:
         raise ValueError(f"no weight for {len(missing)} of the trace's values, e.g. {missing[0]}")
     return graph
 
 
-def rebound(graph: onnx.ModelProto, weights: dict[str, torch.Tensor], *, shift: int, fill: bool) -> onnx.ModelProto:
+def _rebound(graph: onnx.ModelProto, weights: dict[str, torch.Tensor], *, shift: int) -> onnx.ModelProto:
     """A copy of `graph` whose layers' values are renamed `shift` layers on, and whose values named after
-    `weights` (model.<parameter>) hold them (fill) or nothing but their shape (not fill). Values the trace
-    lifted that are no parameter (rotary tables) are kept as they are."""
+    `weights` (model.<parameter>) hold them. Values the trace lifted that are no parameter (rotary tables) are
+    kept as they are."""
     copy = onnx.ModelProto()
     copy.CopyFrom(graph)
     renamed = {}
@@ -99,10 +99,7 @@ def rebound(graph: onnx.ModelProto, weights: dict[str, torch.Tensor], *, shift: 
             continue
         if tuple(tensor.dims) != tuple(weight.shape):
             raise ValueError(f"{tensor.name} is {tuple(weight.shape)} in the model and {tuple(tensor.dims)} in the trace")
-        if fill:
-            tensor.CopyFrom(numpy_helper.from_array(weight.detach().numpy(), tensor.name))
-        else:
-            _strip(tensor)
+        tensor.CopyFrom(numpy_helper.from_array(weight.detach().numpy(), tensor.name))
     for node in copy.graph.node:
         node.input[:] = [renamed.get(name, name) for name in node.input]
     for value in copy.graph.value_info:
