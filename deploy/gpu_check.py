@@ -7,7 +7,8 @@ step has its own time limit, so the whole check fits in 8 minutes on one GPU:
 2. the GPU tests (tests/test_device.py, tests/test_device_resident.py), where pytest is installed;
 3. the tokens on the GPU against the CPU's: `speed reference`, greedy and sampled, plain and speculative;
 4. whether the stage graphs run as CUDA graphs (decode tiles), and `speed bench --reference` and `--local` on
-   the GPU, on the GPU without CUDA graphs (SPEED_CUDA_GRAPHS=0) and on the CPU;
+   the GPU, on the GPU without CUDA graphs (SPEED_CUDA_GRAPHS=0) and on the CPU (`--local` also says where a
+   token's time goes: ONNX Runtime's runs, copies between host and device, binding, the host's own work);
 5. three CUDA nodes on the one GPU (deploy/local.yaml, every node `device: cuda`): `speed bench FILE`.
 6. with --bundle DIR (e.g. SmolLM2's fast kind, carried to the machine: it reaches no index), that bundle's
    tokens on the GPU against the CPU's, greedy, and `speed bench --reference --bundle DIR` on both.

@@ -107,6 +107,9 @@ def test_bench_local_prints_speedup_and_cost_model_as_json(tiny_bundle):
     assert len(report["flips_per_boundary"]) == 2
     assert report["steps_per_token"]["measured"] >= 1
     assert report["temperature"] == 0
+    stages = json.loads((tiny_bundle / "manifest.json").read_text())["model_config"]["n_stages"]
+    sequential = report["time_per_token"]["sequential"]  # a token: every stage's run and the classifier's
+    assert sequential["onnx_runtime_calls"]["runs"] == stages + 1 and sequential["ms"] > 0
 
 
 def test_bench_local_samples_with_temperature(tiny_bundle):

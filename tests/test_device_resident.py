@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from runtime.bench.token_time import time_per_token
 from runtime.core.bundle import DEFAULT_BUNDLE, load_bundle
 from runtime.core.sampling import SamplingParams
 from runtime.executor import draws
@@ -176,6 +177,17 @@ def test_speculative_decoding_on_caches_the_graphs_write_gives_the_plain_text(mo
         assert [generation.token_ids for generation in speculative] == plain
         assert sum(g.stats.flushed_steps for g in speculative) > 0  # rollbacks happened, and lost nothing
     assert [generate_plain(tiled, prompt, **kwargs).token_ids for prompt in prompts] == plain
+
+
+def test_a_tokens_time_counts_the_copies_between_host_and_device_where_the_graphs_run_bound(models, tiled):
+    prompt = load_bundle().tokenizer().encode("ROMEO. But soft").ids
+    spent = {name: time_per_token(lambda m=model: len(generate_plain(m, prompt, max_new_tokens=8, eos_id=-1).token_ids),
+                                  runs=1) for name, model in (("host", models[0]), ("tiled", tiled))}
+    assert spent["host"]["onnx_runtime_calls"]["copies"] == 0  # the host's arrays are ONNX Runtime's inputs
+    assert spent["tiled"]["onnx_runtime_calls"]["copies"] > 0  # a tile's buffers are filled and read
+    for name in spent:
+        assert spent[name]["onnx_runtime_calls"]["runs"] == 4  # three stages and the classifier a token
+        assert spent[name]["ms"] >= spent[name]["onnx_runtime_ms"]["runs"] * 0.5 > 0
 
 
 @pytest.mark.training  # it quantizes the demo bundle

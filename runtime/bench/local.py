@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from runtime.bench.tally import ModeTally, describe_speculation
+from runtime.bench.token_time import describe_token_time, time_per_token
 from runtime.core.bundle import Bundle
 from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.core.sampling import GREEDY, SamplingParams
@@ -135,6 +136,10 @@ def bench_local(bundle: Bundle, *, new_tokens: int = 128, repeats: int = 3, thre
     speculation = tallies["speculative"].speculation()
     predicted_steps = 1 + sum((s + 1) * p for s, p in enumerate(speculation["flips_per_boundary"]))
     capacity = max(len(p) for p in prompts) + new_tokens
+    spent = {"sequential": time_per_token(lambda: len(generate_plain(model, prompts[0], max_new_tokens=new_tokens,
+                                                                     eos_id=-1, sampling=sampling).token_ids)),
+             "speculative": time_per_token(lambda: len(generate_speculative(model, [prompts[0]], max_new_tokens=new_tokens,
+                                                                            eos_id=-1, sampling=sampling)[0].token_ids))}
     one_row, all_rows = pass_cost_us(model, 1, capacity), pass_cost_us(model, G, capacity)
     sequential, speculative = tallies["sequential"].median, tallies["speculative"].median
     report = {
@@ -151,6 +156,7 @@ def bench_local(bundle: Bundle, *, new_tokens: int = 128, repeats: int = 3, thre
         "steps_per_token": {"measured": speculation["ticks_per_token"], "cost_model": round(predicted_steps, 3)},
         "pass_cost_us": {"1_token": round(one_row), f"{G}_tokens": round(all_rows), "ratio": round(all_rows / one_row, 2)},
         "predicted_speedup": round(G * one_row / (predicted_steps * all_rows), 2),
+        "time_per_token": spent,
     }
     if "gated" in gates:
         gated = tallies["gated"].median
@@ -181,4 +187,5 @@ def format_local(report: dict) -> str:
     lines += [f"  passes per token {steps['measured']} measured, {steps['cost_model']} by the cost model; one stage "
               "pass: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in cost.items())
               + f" -> predicted speedup {report['predicted_speedup']:.2f}x"]
+    lines += ["  " + describe_token_time(mode, spent) for mode, spent in report["time_per_token"].items()]
     return "\n".join(lines)
