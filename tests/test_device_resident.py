@@ -12,13 +12,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime.bench.token_time import time_per_token
-from runtime.core.bundle import DEFAULT_BUNDLE, load_bundle
+from runtime.core.bundle import DEFAULT_BUNDLE, ExitMap, load_bundle
 from runtime.core.sampling import SamplingParams
+from runtime.core.scheduler import Item, TickPlan
 from runtime.executor import draws
 from runtime.executor.device_cache import DeviceKVCache
 from runtime.executor.draws import classify_rows, guess_probability
+from runtime.executor.kept_states import FROM_HIDDEN, FROM_TOKEN, RIDES
 from runtime.executor.kv_cache import KVCache
 from runtime.executor.onnx_stage_model import OnnxStageModel
+from runtime.executor.stage_model import KeptRows
+from runtime.executor.tick_executor import TickExecutor
 from runtime.local.plain import generate_plain
 from runtime.local.speculative import generate_speculative
 from runtime.models.quantize import Quantization, quantize_bundle
@@ -165,18 +169,84 @@ def test_drawn_rows_fetch_their_largest_logits_and_draw_the_hosts_tokens(models,
 
 @pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.8, seed=4)],
                          ids=["greedy", "sampled"])
-def test_speculative_decoding_on_caches_the_graphs_write_gives_the_plain_text(models, tiled, sampling):
+def test_speculative_decoding_on_caches_the_graphs_write_gives_the_plain_text(models, tiled, sampling, monkeypatch):
     host_model, writing_model = models
     tokenizer = load_bundle().tokenizer()
     prompts = [tokenizer.encode(text).ids for text in ("ROMEO. But soft, what light", "Enter a Messenger.",
                                                        "KING HENRY. Once more unto the breach, dear friends,")]
     kwargs = {"max_new_tokens": 40, "eos_id": -1, "sampling": sampling}
     plain = [generate_plain(host_model, prompt, **kwargs).token_ids for prompt in prompts]
+    monkeypatch.setattr(tiled, "read_kept", None)  # what tiles keep on the device is never read back here
     for model in (writing_model, tiled):
         speculative = generate_speculative(model, prompts, **kwargs)
         assert [generation.token_ids for generation in speculative] == plain
         assert sum(g.stats.flushed_steps for g in speculative) > 0  # rollbacks happened, and lost nothing
     assert [generate_plain(tiled, prompt, **kwargs).token_ids for prompt in prompts] == plain
+
+
+def test_a_decode_call_reads_its_inputs_where_they_are_and_keeps_its_outputs_on_the_device(models, tiled):
+    """Each row's input from a kept state, a token looked up on the device, the host, or none (riding along): the
+    outputs and cache entries the host's path gives for the same inputs, and rows outside the call keep theirs."""
+    host_model = models[0]
+    rng = np.random.default_rng(11)
+    rows, d = 5, host_model.config.d_model
+    kept_cache, host_cache = tiled.new_cache(rows=rows, capacity=32), host_model.new_cache(rows=rows, capacity=32)
+    first = rng.standard_normal((rows, 1, d)).astype(np.float32)
+    tiled.run_kept(0, kept_cache, slice(0, rows), np.full(rows, FROM_HIDDEN), np.zeros(rows, np.int64), first)
+    expected_first = host_model.run_stage(0, first, host_cache, slice(0, rows))
+    everything = KeptRows(kept_cache, tuple(range(rows)))
+    assert np.array_equal(tiled.read_kept(everything), expected_first)
+    for cache in (kept_cache, host_cache):
+        cache.lengths[:] = 1
+    sources, tokens = np.array([0, FROM_TOKEN, FROM_HIDDEN, RIDES]), np.array([0, 42, 0, 0])
+    hidden = rng.standard_normal((4, 1, d)).astype(np.float32)
+    tiled.run_kept(1, kept_cache, slice(1, rows), sources, tokens, hidden)
+    inputs = np.stack([expected_first[0], host_model.embed(np.array([[42]]))[0], hidden[2], hidden[3]])
+    expected = host_model.run_stage(1, inputs, host_cache, slice(1, rows))
+    kept = tiled.read_kept(everything)
+    assert np.array_equal(kept[1:4], expected[:3])
+    assert np.array_equal(kept[[0, 4]], expected_first[[0, 4]])  # a row riding along keeps its state
+    for cache in (kept_cache, host_cache):
+        cache.lengths[1:4] += 1
+    for row in range(1, 4):
+        valid = int(kept_cache.lengths[row])
+        assert np.array_equal(kept_cache.position_keys()[:, row, :, :valid], host_cache.position_keys()[:, row, :, :valid])
+        assert np.array_equal(kept_cache.values[:, row, :, :valid], host_cache.values[:, row, :, :valid])
+
+
+def test_stages_split_over_two_executors_hand_kept_states_on_as_the_host_gives_them(tiled):
+    """A node hosting the first stage hands its decode items' states to the next node's: read back to the host once,
+    they are what one executor hosting every stage keeps, and the predictions are the same."""
+    stages = tiled.config.n_stages
+    whole = TickExecutor(tiled, slots=1, capacity=16)
+    first = TickExecutor(tiled, slots=1, capacity=16, stages=[0])
+    rest = TickExecutor(tiled, slots=1, capacity=16, stages=range(1, stages))
+    for executor in (whole, first, rest):
+        executor.open(0)
+    for start, tokens in ((0, (5, 6, 7, 8)), (4, (9,))):  # a prompt, then a decode item
+        handed = {}
+        for stage in range(stages):
+            item = Item(0, start, len(tokens), stage, tokens if stage == 0 else None, final=stage == stages - 1)
+            expected = whole.run(TickPlan([], [item], [])).predictions[(0, start)]
+            out = (first if stage == 0 else rest).run(TickPlan([], [item], []), hidden_in=handed)
+            assert out.predictions[(0, start)] == expected
+            if stage == 0:
+                handed = out.handoff
+                assert handed[(0, start)].shape == (len(tokens), tiled.config.d_model)
+
+
+def test_guesses_through_exit_maps_read_kept_states_on_the_host_and_speculation_keeps_the_plain_text(models, tiled,
+                                                                                                    monkeypatch):
+    rng = np.random.default_rng(2)
+    d = tiled.config.d_model
+    maps = {stage: ExitMap((rng.standard_normal((d, 4)) / np.sqrt(d)).astype(np.float32),
+                           rng.standard_normal((4, d)).astype(np.float32), None) for stage in range(2)}
+    monkeypatch.setattr(tiled, "exit_maps", maps)
+    prompt = load_bundle().tokenizer().encode("Enter a Messenger.").ids
+    kwargs = {"max_new_tokens": 24, "eos_id": -1}
+    plain = generate_plain(models[0], prompt, **kwargs).token_ids
+    (speculative,) = generate_speculative(tiled, [prompt], **kwargs)
+    assert speculative.token_ids == plain
 
 
 def test_a_tokens_time_counts_the_copies_between_host_and_device_where_the_graphs_run_bound(models, tiled):

@@ -19,6 +19,7 @@ from runtime.client import Client, Unavailable
 from runtime.core.bundle import load_bundle
 from runtime.core.config import ModelConfig
 from runtime.core.sampling import GREEDY, SamplingParams
+from runtime.executor.onnx_stage_model import OnnxStageModel
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
 from runtime.local.speculative import generate_speculative
@@ -91,6 +92,19 @@ def test_onnx_torch_speculative_and_plain_decoding_agree(imported):
         plain = generate_plain(onnx_model, prompt, max_new_tokens=24, eos_id=-1).token_ids
         assert generate_plain(torch_model, prompt, max_new_tokens=24, eos_id=-1).token_ids == plain
         assert spec.token_ids == plain
+
+
+@pytest.mark.parametrize("kind", ["f32", "q4"])
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=0.8, seed=5)], ids=["greedy", "sampled"])
+def test_a_gpu_s_path_decodes_stages_of_their_own_graphs_speculatively_as_plainly(four_bit, kind, sampling):
+    """As a GPU runs it, on the CPU provider: a decode tile per stage graph, each over the whole cache, the hidden
+    states kept between them (a later stage's call reads what the one before it left in the previous tick)."""
+    bundle = load_bundle(four_bit[kind])
+    model = OnnxStageModel(bundle, threads=1, device_resident=True, decode_tiles=True)
+    prompts = [bundle.tokenizer().encode(p).ids for p in PROMPTS]
+    kwargs = {"max_new_tokens": 24, "eos_id": -1, "sampling": sampling}
+    plain = [generate_plain(model, prompt, **kwargs).token_ids for prompt in prompts]
+    assert [generation.token_ids for generation in generate_speculative(model, prompts, **kwargs)] == plain
 
 
 def test_chat_prompts_are_rendered_with_the_model_s_template(imported):

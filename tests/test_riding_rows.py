@@ -12,7 +12,8 @@ import pytest
 from runtime.core.bundle import load_bundle
 from runtime.executor.onnx_stage_model import OnnxStageModel
 
-PATHS = {"host": {"fused_attention": False}, "writes": {"device_resident": True}, "fused": {}}
+PATHS = {"host": {"fused_attention": False}, "writes": {"device_resident": True},
+         "tiles": {"device_resident": True, "decode_tiles": True}, "fused": {}}
 
 
 @pytest.fixture(scope="module")

@@ -38,11 +38,6 @@ def cache_layers(graph: onnx.GraphProto) -> int:
     return sum(1 for layer in range(len(names)) if f"cache_key_{layer}" in names)
 
 
-def cache_writing_graph(path: Path) -> bytes:
-    """The serialized graph that writes its cache, derived from the bundle's stage or exit graph at `path`."""
-    return cache_writing_model(path).SerializeToString()
-
-
 def load_cache_graph(path: Path) -> tuple[onnx.ModelProto, int]:
     """The stage or exit graph at `path` and how many layers' caches it takes; ValueError for any other graph."""
     import onnx  # only where a graph is derived: a node that loads its derived copies never holds onnx
@@ -55,6 +50,7 @@ def load_cache_graph(path: Path) -> tuple[onnx.ModelProto, int]:
 
 
 def cache_writing_model(path: Path) -> onnx.ModelProto:
+    """The graph that writes its cache, derived from the bundle's stage or exit graph at `path`."""
     from onnx import TensorProto, helper
 
     model, layers = load_cache_graph(path)

@@ -14,14 +14,14 @@ import math
 import numpy as np
 
 from runtime.core.sampling import SamplingParams, choose_from_top, choose_token
-from runtime.executor.stage_model import StageModel
+from runtime.executor.stage_model import KeptRows, StageModel
 
 # the largest logits fetched for a draw without top_k. Of 144 positions of three sampled SmolLM2 answers, 1024
 # decided 99% of the draws at temperature 0.7 and 72% at 1 (256: 86% and 46%); a GPU fetches 12 KB a row, not 196
 TOP_FOR_TEMPERATURE = 1024
 
 
-def classify_rows(model: StageModel, hidden: np.ndarray, samplings: list[SamplingParams], positions: list[int],
+def classify_rows(model: StageModel, hidden: np.ndarray | KeptRows, samplings: list[SamplingParams], positions: list[int],
                   scored: np.ndarray, *, guesses: bool = False, token_ids: np.ndarray | None = None
                   ) -> list[tuple[int, float]]:
     """hidden (N, d) -> each row's token for its position (with guesses: drawn through the guess head, an index into

@@ -6,13 +6,16 @@ confidence gate's input); a drawn row needs its largest logits, which decide mos
 (runtime.core.sampling.choose_from_top). On a GPU the logits are a row of the vocabulary each (SmolLM2: 196 KB); the
 node derives from each head graph one that also takes an inverse temperature a row and a count, and gives each row's
 `count` largest logits with their tokens and the total of its tempered weights, sum(exp((logits - max) / temperature)),
-and fetches those instead. The logits and greedy tokens are the bundle graph's own.
+and fetches those instead. The logits and greedy tokens are the bundle graph's own. Its rows may be read from hidden
+states kept on the device (runtime.executor.kept_states).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from runtime.executor.kept_states import read_input_from_states
 
 if TYPE_CHECKING:
     import onnx
@@ -34,6 +37,7 @@ def kept_logits_model(path: Path) -> onnx.ModelProto:
 
     model = onnx.load(str(path))
     graph = model.graph
+    read_input_from_states(graph)
     logits = graph.output[0].name
     last_axis = helper.make_tensor("kept/last_axis", TensorProto.INT64, [1], [-1])
     graph.initializer.append(last_axis)

@@ -16,13 +16,15 @@ from runtime.executor.cache_writing import WRITES
 from runtime.executor.decode_tiles import UNCAPTURED, DecodeTiles, tiles_by_default
 from runtime.executor.device_cache import CacheBinding, DeviceKVCache
 from runtime.executor.kept_logits import INVERSE_TEMPERATURE, TEMPERED_TOTAL, TOP_COUNT, TOP_LOGITS, TOP_TOKENS
+from runtime.executor.kept_states import EMBEDDING, FROM_HIDDEN, KEPT_STATES, ROW_PLAN, STATE_ROWS, STATES
 from runtime.executor.kv_cache import KVCache
 from runtime.executor.onnx_session import PROVIDERS, LazySession, create_session
-from runtime.executor.stage_model import TopLogits, top_probabilities
+from runtime.executor.stage_model import KeptRows, TopLogits, top_probabilities
 
 log = logging.getLogger("speed.node")
 
 KEPT_BINDINGS = 256  # (session, span of rows, cache memory) bindings kept for the next call
+LOGITS, TOKENS = 0, 1  # a head's outputs, by position
 
 
 @functools.cache  # asked for on every stage call of the host's path
@@ -46,7 +48,9 @@ class OnnxStageModel:
     (runtime.executor.fused_attention). Their caches hold keys by position (KVCache).
 
     decode_tiles (default on CUDA, with device_resident): a decode tick runs over every row of its cache through
-    buffers bound once, which ONNX Runtime captures as a CUDA graph and replays (runtime.executor.decode_tiles)."""
+    buffers bound once, which ONNX Runtime captures as a CUDA graph and replays (runtime.executor.decode_tiles), and
+    its hidden states stay on the device for the next stage's call and the classifiers (keeps_states,
+    runtime.executor.kept_states)."""
 
     def __init__(self, bundle: Bundle, *, device: str = "cpu", threads: int = 0, stages: Iterable[int] | None = None,
                  device_resident: bool | None = None, fused_attention: bool = True, decode_tiles: bool | None = None):
@@ -62,7 +66,7 @@ class OnnxStageModel:
         # decode ticks as fixed tiles, which a GPU replays as CUDA graphs (default on CUDA); on the CPU only tests
         # ask for them, to run their every line
         tiles = tiles_by_default(device) if decode_tiles is None else decode_tiles
-        self._tiles = DecodeTiles(device, self.config.d_model) if tiles and self.device_resident else None
+        tiles = tiles and self.device_resident
 
         def session(path: Path, derived: str | None, *, graph_capture: bool = False):
             return create_session(path, device=device, threads=threads, sha256=bundle.file_sha256(path),
@@ -82,7 +86,7 @@ class OnnxStageModel:
                 self.fused_attention = False
         if sessions is None:
             sessions = {path: session(path, "writes" if self.device_resident else None,
-                                      graph_capture=self._tiles is not None) for path in cached}
+                                      graph_capture=tiles) for path in cached}
         self._stage_sessions = {stage: sessions[graphs[stage]] for stage in self.stages}
         head_form, guess_head = ("kept-logits" if self.device_resident else None), bundle.guess_head_graph
         # the classifiers are opened at their first use: a node whose gate holds every guess never holds the guess
@@ -97,6 +101,17 @@ class OnnxStageModel:
         self.exit_layer_stages = frozenset(self._exit_sessions)
         self._layers = [len(self.config.stage_layers(s)) for s in range(self.config.n_stages)]
         self._bindings: dict[tuple, ort.IOBinding] = {}
+        self._tiles = None
+        if self.device_resident:  # what the derived graphs read on the device (runtime.executor.kept_states)
+            d = self.config.d_model
+            on_device = functools.partial(ort.OrtValue.ortvalue_from_numpy, device_type=device, device_id=0)
+            self._no_states = on_device(np.zeros((1, 1, d), np.float32))  # where every input is the host's
+            self._no_hidden = on_device(np.zeros((1, d), np.float32))  # for a classifier reading only kept states
+            # the whole table only where tokens are looked up (every form of it gives float32 rows)
+            table = self._embedding[np.arange(self.config.vocab_size)] if 0 in self.stages else np.zeros((1, d))
+            self._device_embedding = on_device(np.ascontiguousarray(table, np.float32))
+            if tiles:
+                self._tiles = DecodeTiles(device, d, self._device_embedding)
 
     def new_cache(self, *, rows: int, capacity: int, layers: int | None = None) -> KVCache:
         """A cache for these graphs: on the device when they write it there; at least two rows where one row
@@ -126,11 +141,30 @@ class OnnxStageModel:
         """The stage's one-layer exit: a stage graph of one layer over its own cache (one layer per row)."""
         return self._run(self._exit_sessions[stage], 1, hidden, cache, rows)
 
+    @property
+    def keeps_states(self) -> bool:
+        """Whether decode calls may leave their hidden states on the device (with decode tiles)."""
+        return self._tiles is not None
+
+    def run_kept(self, stage: int, cache: KVCache, rows: slice, sources: np.ndarray, tokens: np.ndarray,
+                 hidden: np.ndarray | None) -> None:
+        """One new token a row of `rows`, each row's input where sources (B,) says (runtime.executor.kept_states): a
+        kept state of the cache, the embedding of tokens[i] (B,), or hidden[i] (B, 1, d); their outputs stay on the
+        device as the kept states of these rows."""
+        self._tiles.run(self._stage_sessions[stage], self._layers[stage], cache, rows, sources, tokens, hidden)
+
+    def read_kept(self, kept: KeptRows) -> np.ndarray:
+        """(len(kept.rows), 1, d): these kept states on the host."""
+        return self._tiles.read(kept.cache, list(kept.rows))
+
     def _run(self, session, layers: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> np.ndarray:
         if self.fused_attention and hidden.shape[1] > 1:
             return self._run_rows_apart(session, layers, hidden, cache, rows)
         if self._tiles is not None and hidden.shape[1] == 1:
-            return self._tiles.run(session, layers, hidden, cache, rows)
+            rows_in_call = hidden.shape[0]
+            self._tiles.run(session, layers, cache, rows, np.full(rows_in_call, FROM_HIDDEN),
+                            np.zeros(rows_in_call, np.int64), hidden)
+            return self._tiles.read(cache, rows)
         if not (self.device_resident or self.fused_attention):
             feeds = cache.feeds(rows, layers)
             # a row riding along near or at the model's context computes at the rotary tables' last positions
@@ -158,7 +192,13 @@ class OnnxStageModel:
         # into an array of this call's shape: reading the bound outputs back wraps every cache output too
         binding.bind_output("hidden_out", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
         binding.bind_cpu_input("hidden", np.ascontiguousarray(hidden))
-        binding.bind_cpu_input("cache_length", cache.lengths[rows])
+        if self.device_resident:  # its graphs read kept states, here none, and keep none
+            plan = np.zeros((3, hidden.shape[0]), np.int64)
+            plan[0], plan[1] = cache.lengths[rows], FROM_HIDDEN
+            binding.bind_cpu_input(ROW_PLAN, plan)
+            binding.bind_output(KEPT_STATES, self.device)  # of this call's shape, left to ONNX Runtime
+        else:
+            binding.bind_cpu_input("cache_length", cache.lengths[rows])
         session.run_with_iobinding(binding, UNCAPTURED)  # a session capturing decode tiles needs every call named
         return out
 
@@ -173,6 +213,9 @@ class OnnxStageModel:
                 self._bindings.clear()
             binding = session.io_binding()
             CacheBinding(memory).bind(binding, rows, layers, WRITES)
+            if self.device_resident:
+                binding.bind_ortvalue_input(STATES, self._no_states)
+                binding.bind_ortvalue_input(EMBEDDING, self._device_embedding)
             self._bindings[key] = binding
         return binding
 
@@ -196,7 +239,7 @@ class OnnxStageModel:
         indices into it (N,)."""
         return self._classify(self._guess_head, hidden)
 
-    def classify_greedy(self, hidden: np.ndarray, scored: np.ndarray, *, guesses: bool = False
+    def classify_greedy(self, hidden: np.ndarray | KeptRows, scored: np.ndarray, *, guesses: bool = False
                         ) -> tuple[np.ndarray, np.ndarray]:
         """hidden (N, d) -> greedy tokens (with guesses: indices into guess_vocabulary) (N,) and their probabilities
         (N,): every row's where the graphs keep the logits, only the `scored` rows' on the host."""
@@ -204,7 +247,8 @@ class OnnxStageModel:
         if not self.keeps_logits:
             logits, tokens = self._classify(head, hidden)
             return tokens, top_probabilities(logits, scored)
-        tokens, totals = self._classify(head, hidden, totals=True)
+        tokens, totals = (value.numpy()[: len(hidden)] for value in self._run_kept_head(
+            head, hidden, np.ones(len(hidden), np.float32), 1, [TOKENS, TEMPERED_TOTAL]))
         return tokens, 1 / totals
 
     @property
@@ -212,23 +256,43 @@ class OnnxStageModel:
         """Whether the logits stay where the head computed them (device_resident): a draw then asks classify_top."""
         return self.device_resident
 
-    def classify_top(self, hidden: np.ndarray, inverse_temperature: np.ndarray, count: int, *, guesses: bool = False
-                     ) -> TopLogits:
+    def classify_top(self, hidden: np.ndarray | KeptRows, inverse_temperature: np.ndarray, count: int, *,
+                     guesses: bool = False) -> TopLogits:
         """hidden (N, d), inverse_temperature (N,) -> each row's `count` largest logits and what else its draw needs
         (TopLogits); every logit stays where it was computed until asked for. Only where the graphs keep the logits."""
         head = self._guess_head if guesses else self._head
-        session = head.get()
         rows = len(hidden)
-        binding = session.io_binding()
-        for name, value in self._head_feeds(hidden, self._kept_feeds(inverse_temperature, count)).items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        binding.bind_output(head.outputs[0], self.device)
-        for name in (head.outputs[1], TEMPERED_TOTAL, TOP_LOGITS, TOP_TOKENS):
-            binding.bind_output(name, "cpu")
-        session.run_with_iobinding(binding)
-        logits, *fetched = binding.get_outputs()
+        logits, *fetched = self._run_kept_head(head, hidden, inverse_temperature, count,
+                                               [TOKENS, TEMPERED_TOTAL, TOP_LOGITS, TOP_TOKENS], keep_logits=True)
         tokens, totals, top_logits, top_tokens = (value.numpy()[:rows] for value in fetched)
         return TopLogits(top_logits, top_tokens, totals, tokens, logits.shape()[-1], lambda: logits.numpy()[:rows])
+
+    def _run_kept_head(self, head: LazySession, hidden: np.ndarray | KeptRows, inverse_temperature: np.ndarray,
+                       count: int, fetched: list[str | int], *, keep_logits: bool = False) -> list[ort.OrtValue]:
+        """A head keeping its logits (runtime.executor.kept_logits) over rows given by the host or kept on the device:
+        its outputs `fetched` (names, or LOGITS and TOKENS) on the host, after its logits left on the device where
+        keep_logits."""
+        session = head.get()
+        binding = session.io_binding()
+        feeds = self._kept_feeds(inverse_temperature, count)
+        if isinstance(hidden, KeptRows):
+            feeds[STATE_ROWS] = np.array(hidden.rows, np.int64)
+            binding.bind_ortvalue_input(STATES, self._tiles.states(hidden.cache))
+            if hidden.given is None:
+                binding.bind_ortvalue_input("hidden", self._no_hidden)  # read by no row
+            else:
+                feeds["hidden"] = hidden.given
+        else:
+            feeds |= {STATE_ROWS: np.full(len(hidden), FROM_HIDDEN), "hidden": hidden}
+            binding.bind_ortvalue_input(STATES, self._no_states)
+        for name, value in self._head_feeds(feeds, len(feeds[STATE_ROWS])).items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        if keep_logits:
+            binding.bind_output(head.outputs[LOGITS], self.device)
+        for name in fetched:
+            binding.bind_output(head.outputs[name] if isinstance(name, int) else name, "cpu")
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
 
     @staticmethod
     def _kept_feeds(inverse_temperature: np.ndarray, count: int) -> dict[str, np.ndarray]:
@@ -252,16 +316,17 @@ class OnnxStageModel:
         self._head.release()
         self._guess_head.release()
 
-    def _classify(self, head: LazySession, hidden: np.ndarray, *, totals: bool = False) -> list[np.ndarray]:
-        """The head's logits and tokens for these rows, or with `totals` its tokens and tempered totals (at 1)."""
-        session = head.get()
-        feeds = self._kept_feeds(np.ones(len(hidden), np.float32), 1) if self.keeps_logits else {}
-        outputs = [head.outputs[1], TEMPERED_TOTAL] if totals else head.outputs[:2]
-        return [out[: len(hidden)] for out in session.run(outputs, self._head_feeds(hidden, feeds))]
+    def _classify(self, head: LazySession, hidden: np.ndarray) -> list[np.ndarray]:
+        """The head's logits and tokens for these rows."""
+        if self.keeps_logits:
+            out = [value.numpy() for value in self._run_kept_head(head, hidden, np.ones(len(hidden), np.float32), 1,
+                                                                  [LOGITS, TOKENS])]
+        else:
+            out = head.get().run(head.outputs[:2], self._head_feeds({"hidden": hidden}, len(hidden)))
+        return [value[: len(hidden)] for value in out]
 
-    def _head_feeds(self, hidden: np.ndarray, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _head_feeds(self, feeds: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
         """A head call's feeds: a single row twice where one row is computed apart (the outputs' first row is its)."""
-        feeds = {"hidden": hidden, **feeds}
-        if self._never_one_row and len(hidden) == 1:
+        if self._never_one_row and rows == 1:
             return {name: value if name == TOP_COUNT else np.concatenate([value, value]) for name, value in feeds.items()}
         return feeds

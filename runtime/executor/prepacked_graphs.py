@@ -35,9 +35,9 @@ import onnxruntime as ort
 
 from runtime.core.cache_directories import cache_directory
 from runtime.core.errors import SpeedError
-from runtime.executor.cache_writing import cache_writing_graph
 from runtime.executor.fused_attention import fused_attention_graph
 from runtime.executor.kept_logits import kept_logits_graph
+from runtime.executor.kept_states import kept_states_graph
 
 GRAPH_FILE = "graph.onnx"
 DATA_FILE = "graph.data"
@@ -47,11 +47,12 @@ DEFAULT_LIMIT_MB = 2048  # room for the copies of a few bundles; an edge board's
 LIMIT_VARIABLE = "SPEED_GRAPH_CACHE_MB"
 # 2: checked against the graph (copies made before are made again); 3: 8-bit products pre-packed; 4: fused
 # attention's rotary tables reach one position beyond the context; 5: graphs writing their caches clamp rotary
-# positions to the tables
-COPY_FORMAT = 5
-# graphs a node derives from a bundle's, by name: stage and exit graphs that write their own caches, heads that
-# give their greedy token's probability (what a GPU node runs, to keep its state on the GPU)
-DERIVED = {"writes": cache_writing_graph, "kept-logits": kept_logits_graph, "attention": fused_attention_graph}
+# positions to the tables; 6: graphs writing their caches, and heads keeping their logits, read and keep hidden
+# states on the device
+COPY_FORMAT = 6
+# graphs a node derives from a bundle's, by name: stage and exit graphs that write their own caches and keep their
+# hidden states, heads that give their greedy token's probability (what a GPU node runs, to keep its state on the GPU)
+DERIVED = {"writes": kept_states_graph, "kept-logits": kept_logits_graph, "attention": fused_attention_graph}
 NOT_DERIVED = "not-derived"  # a copy's directory holding only this file: the graph has no such derived form
 
 

@@ -18,8 +18,9 @@ from runtime.core.limits import cache_capacity, check_request
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.core.stopping import StopReason
 from runtime.executor.draws import classify_rows
+from runtime.executor.kept_states import FROM_TOKEN
 from runtime.executor.kv_cache import KVCache
-from runtime.executor.stage_model import StageModel
+from runtime.executor.stage_model import KeptRows, StageModel
 
 
 @dataclass(frozen=True)
@@ -70,17 +71,25 @@ def generate_plain(model: StageModel, prompt_ids: list[int], *, max_new_tokens: 
     return Generation(generated, stop, len(prompt_ids), first_token_at - started, time.perf_counter() - first_token_at)
 
 
-def _run_stages(model: StageModel, token_ids: np.ndarray, cache: KVCache) -> np.ndarray:
-    """Run tokens (1, T) through every stage (row s of the cache is stage s): the last stage's hidden states."""
-    hidden = model.embed(token_ids)
+def _run_stages(model: StageModel, token_ids: np.ndarray, cache: KVCache) -> np.ndarray | KeptRows:
+    """Run tokens (1, T) through every stage (row s of the cache is stage s): the last stage's hidden states, (1, T, d)
+    or, for one token on a model that keeps them on its device, there."""
     count = token_ids.shape[1]
+    if model.keeps_states and count == 1:  # the first stage looks the token up, each next reads the state before it
+        for stage in range(model.config.n_stages):
+            model.run_kept(stage, cache, slice(stage, stage + 1), np.array([stage - 1 if stage else FROM_TOKEN]),
+                           token_ids[0], None)
+            cache.advance(stage, count)
+        return KeptRows(cache, (model.config.n_stages - 1,))
+    hidden = model.embed(token_ids)
     for stage in range(model.config.n_stages):
         hidden = model.run_stage(stage, hidden, cache, slice(stage, stage + 1))
         cache.advance(stage, count)
     return hidden
 
 
-def _choose(model: StageModel, hidden: np.ndarray, cache: KVCache, sampling: SamplingParams) -> int:
+def _choose(model: StageModel, hidden: np.ndarray | KeptRows, cache: KVCache, sampling: SamplingParams) -> int:
     """The next token after the last position run."""
-    [(token, _)] = classify_rows(model, hidden[0, -1:], [sampling], [int(cache.lengths[0])], np.zeros(1, dtype=bool))
+    last = hidden if isinstance(hidden, KeptRows) else hidden[0, -1:]
+    [(token, _)] = classify_rows(model, last, [sampling], [int(cache.lengths[0])], np.zeros(1, dtype=bool))
     return token

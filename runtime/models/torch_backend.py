@@ -40,6 +40,7 @@ class TorchStageModel:
 
     provider = "torch-cpu"
     keeps_logits = False  # they are on the host: a draw reads them all
+    keeps_states = False  # hidden states too
 
     def __init__(self, bundle: Bundle, *, threads: int = 0):
         if threads:
