@@ -112,6 +112,7 @@ class OnnxStageModel:
             self._device_embedding = on_device(np.ascontiguousarray(table, np.float32))
             if tiles:
                 self._tiles = DecodeTiles(device, d, self._device_embedding)
+        self.keeps_states = self._tiles is not None  # decode calls leave their hidden states on the device
 
     def new_cache(self, *, rows: int, capacity: int, layers: int | None = None) -> KVCache:
         """A cache for these graphs: on the device when they write it there; at least two rows where one row
@@ -140,11 +141,6 @@ class OnnxStageModel:
     def run_exit_layer(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> np.ndarray:
         """The stage's one-layer exit: a stage graph of one layer over its own cache (one layer per row)."""
         return self._run(self._exit_sessions[stage], 1, hidden, cache, rows)
-
-    @property
-    def keeps_states(self) -> bool:
-        """Whether decode calls may leave their hidden states on the device (with decode tiles)."""
-        return self._tiles is not None
 
     def run_kept(self, stage: int, cache: KVCache, rows: slice, sources: np.ndarray, tokens: np.ndarray,
                  hidden: np.ndarray | None) -> None:

@@ -162,7 +162,8 @@ class TickExecutor:
                 self._hidden[key] = hidden_after[key]
             elif not item.final:
                 handoff[key] = hidden_after[key]
-        handoff = self._on_host(handoff)
+        if self.model.keeps_states:
+            handoff = self._on_host(handoff)
         last_hidden |= self._run_exits(plan.items, hidden_after)
         predictions, confidence = self._predict(plan.items, last_hidden)
         return TickResult(predictions, handoff, confidence)
@@ -192,8 +193,9 @@ class TickExecutor:
         if self.model.keeps_states and items[0].length == 1:
             outputs = self._run_kept(stage, items, item_rows, hidden_in)
         else:
-            inputs = self._on_host([self._input_of(item, hidden_in) for item in items])
-            outputs = self._call(items, item_rows, inputs, self.cache, run)
+            inputs = [self._input_of(item, hidden_in) for item in items]
+            outputs = self._call(items, item_rows, self._on_host(inputs) if self.model.keeps_states else inputs,
+                                 self.cache, run)
         for item, out in zip(items, outputs):
             hidden_after[(item.seq_id, item.start)] = out
             last_hidden[item] = out if isinstance(out, KeptRows) else out[-1]
@@ -237,8 +239,11 @@ class TickExecutor:
         values = [next(read) if isinstance(value, KeptRows) else value for value in values]
         return dict(zip(hidden, values)) if isinstance(hidden, Mapping) else values
 
-    def _head_rows(self, inputs: list[np.ndarray | KeptRows], kept: list[bool]) -> KeptRows:
-        """A classifier call's rows where some are kept on the device: those read there, the others given."""
+    def _head_rows(self, inputs: list[np.ndarray | KeptRows]) -> np.ndarray | KeptRows:
+        """A classifier call's rows where the model keeps states: those kept read on the device, the others given."""
+        kept = [isinstance(x, KeptRows) for x in inputs]
+        if not any(kept):
+            return np.stack(inputs)
         given = None
         if not all(kept):
             given = np.zeros((len(inputs), self.cfg.d_model), dtype=np.float32)
@@ -329,8 +334,7 @@ class TickExecutor:
         its scores are for (None: all). Hidden states kept on the device are read there."""
         started = time.thread_time()
         inputs = [self._head_input(item, last_hidden[item]) for item in items]
-        kept = [isinstance(x, KeptRows) for x in inputs]
-        hidden = np.stack(inputs) if not any(kept) else self._head_rows(inputs, kept)
+        hidden = self._head_rows(inputs) if self.model.keeps_states else np.stack(inputs)
         chosen = classify_rows(self.model, hidden, [self._sampling[item.seq_id] for item in items],
                                [item.start + item.length for item in items], np.array([not item.final for item in items]),
                                guesses=guesses, token_ids=token_ids)
