@@ -58,6 +58,22 @@ def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
     return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundles") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def older_tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny model exported as versions before the fused rotary embedding exported it: the rotary embedding in
+    plain operators, so that a CPU runs the bundle's own attention (the demo bundle was such an export)."""
+    from runtime.models import decoder
+    from runtime.models.export import export_bundle
+
+    def plain_rotary(x, positions, cos_table, sin_table):
+        return decoder.apply_rotary(x, cos_table[positions][:, None], sin_table[positions][:, None])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decoder, "rotate_at_positions", plain_rotary)
+        patch.setenv("SPEED_TRACE_CACHE", str(tmp_path_factory.mktemp("older-traces")))  # not the traces kept
+        return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundles") / "older")
+
+
 def run_speed(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the `speed` command as a user would, in a separate process."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -6,9 +6,9 @@ For every kind of bundle: float32, and int4 and int8 weights (MatMulNBits) with 
 level 4, the default) and with float32 arithmetic (level 1). A row alone is the same row in a cache of its
 own with a second, idle row, as every cache of a multi-stage model has. With int8 activations a single
 position of that row is computed alone; at accuracy level 1 it is not (ONNX Runtime computes one row with
-another kernel there, see Bundle.one_row_computed_apart). The demo bundle runs its own attention operators; a
-bundle exported with the fused rotary embedding runs ONNX Runtime's fused attention on the CPU (float32 and
-int4 with int8 activations here)."""
+another kernel there, see Bundle.one_row_computed_apart). Each kind runs the bundle's own attention operators
+(as a GPU does), and float32 and int4 with int8 activations also ONNX Runtime's fused attention (the CPU's
+default)."""
 
 from __future__ import annotations
 
@@ -33,11 +33,10 @@ FUSED_ATTENTION = {"float32-fused-attention": None, "int4-fused-attention": Quan
 @pytest.fixture(scope="module", params=[*KINDS, *FUSED_ATTENTION])
 def model(request, tmp_path_factory) -> OnnxStageModel:
     fused = request.param in FUSED_ATTENTION
-    source = request.getfixturevalue("tiny_bundle") if fused else DEFAULT_BUNDLE
     settings_ = (FUSED_ATTENTION if fused else KINDS)[request.param]
-    path = source if settings_ is None else \
-        quantize_bundle(source, tmp_path_factory.mktemp("kinds") / request.param, settings_)
-    model = OnnxStageModel(load_bundle(path), threads=1)
+    path = DEFAULT_BUNDLE if settings_ is None else \
+        quantize_bundle(DEFAULT_BUNDLE, tmp_path_factory.mktemp("kinds") / request.param, settings_)
+    model = OnnxStageModel(load_bundle(path), threads=1, fused_attention=fused)
     assert model.fused_attention == fused
     return model
 

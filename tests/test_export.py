@@ -1,6 +1,7 @@
 """Export parity: ONNX Runtime against torch on the same bundle, logits and greedy tokens."""
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -8,7 +9,9 @@ import pytest
 
 from runtime.core.bundle import load_bundle
 from runtime.executor.onnx_stage_model import OnnxStageModel
+from runtime.local.plain import generate_plain
 from runtime.models.torch_backend import TorchStageModel
+from tests.conftest import assert_one_line_error, run_speed
 from tests.support import assert_backends_agree
 
 pytestmark = pytest.mark.training  # its tests train, export, quantize or calibrate a model
@@ -99,3 +102,33 @@ def test_a_stage_given_another_stage_s_graph_is_the_graph_its_own_trace_gives(tm
     assert {t.name for t in rebound.initializer} == set(weights) and any("layers.1." in name for name in weights)
     for tensor in rebound.initializer:
         np.testing.assert_array_equal(numpy_helper.to_array(tensor), weights[tensor.name])
+
+
+def test_an_older_export_exported_again_gets_fused_attention_and_decodes_the_same_text(older_tiny_bundle, tmp_path):
+    again = tmp_path / "again"
+    result = run_speed("export", str(older_tiny_bundle), str(again))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote bundle {again}"
+    older, newer = load_bundle(older_tiny_bundle), load_bundle(again)
+    assert "RotaryEmbedding" not in {node.op_type for node in onnx.load(str(older.stage_graphs[0])).graph.node}
+    old_model, new_model = OnnxStageModel(older, threads=1), OnnxStageModel(newer, threads=1)
+    assert not old_model.fused_attention and new_model.fused_attention
+    for prompt in ([5, 17, 99, 3], list(range(40, 71))):
+        assert (generate_plain(new_model, prompt, max_new_tokens=40, eos_id=-1).token_ids
+                == generate_plain(old_model, prompt, max_new_tokens=40, eos_id=-1).token_ids)
+    # the weights, the tokenizer and every other entry are the bundle's own
+    assert newer.manifest["files"]["embedding.bin"] == older.manifest["files"]["embedding.bin"]
+    assert newer.manifest["files"]["tokenizer.json"] == older.manifest["files"]["tokenizer.json"]
+    assert newer.manifest["files"]["training_report.json"] == older.manifest["files"]["training_report.json"]
+    kept = ("name", "model_config", "eos_token_id", "trained_steps", "chat_template")
+    assert {key: newer.manifest[key] for key in kept} == {key: older.manifest[key] for key in kept}
+
+
+def test_a_bundle_is_exported_again_in_place_with_force(older_tiny_bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(older_tiny_bundle, copy)
+    assert_one_line_error(run_speed("export", str(copy), str(copy)), "already exists", "--force")
+    result = run_speed("export", str(copy), str(copy), "--force", "--name", "renamed")
+    assert result.returncode == 0, result.stderr
+    bundle = load_bundle(copy)
+    assert bundle.manifest["name"] == "renamed" and OnnxStageModel(bundle, threads=1).fused_attention

@@ -33,6 +33,12 @@ def quantized(request, tmp_path_factory) -> Path:
                            Quantization(weights=request.param))
 
 
+def test_a_quantized_bundle_is_not_exported_again(quantized, tmp_path):
+    assert_one_line_error(run_speed("export", str(quantized), str(tmp_path / "again")), "is quantized",
+                          "export the float32 bundle it was made from again, then quantize that")
+    assert not (tmp_path / "again").exists()
+
+
 def test_a_quantized_bundle_records_how_it_was_made_and_stores_its_matrices_in_few_bits(quantized):
     bundle = load_bundle(quantized)  # every file verified against the manifest
     source = load_bundle()

@@ -46,10 +46,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                    help=f"torch threads; 0 = one per core (default), at most {MAX_THREADS}")
     p.set_defaults(run=cmd_train)
 
-    p = commands.add_parser("export", help="export a checkpoint to an ONNX bundle")
-    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="checkpoint.pt written by speed train")
+    p = commands.add_parser("export", help="export a checkpoint to an ONNX bundle, or a bundle again")
+    p.add_argument("checkpoint", type=Path, metavar="SOURCE",
+                   help="checkpoint.pt written by speed train, or a float32 bundle directory, whose graphs are exported "
+                        "again from its own weights (bundles exported by older versions get the current graphs)")
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="bundle directory to create")
-    p.add_argument("--name", help="bundle name (default speed-NdxG)")
+    p.add_argument("--name", help="bundle name (default speed-NdxG, or the bundle's own)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.set_defaults(run=cmd_export)
 

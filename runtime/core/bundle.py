@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,6 +288,25 @@ def update_bundle(bundle: Bundle, new_files: dict[str, bytes], removed: list[str
     scratch.replace(bundle.path / MANIFEST_FILE)
     for name in removed:
         (bundle.path / name).unlink(missing_ok=True)
+
+
+MANIFEST_OWN_KEYS = {"format", "name", "architecture", "model_config", "dtype", "vocab_size", "eos_token_id", "stages",
+                     "head", "embedding", "tokenizer", "files"}  # what write_manifest writes for any bundle
+
+
+def other_manifest_entries(bundle: Bundle) -> dict[str, Any]:
+    """The manifest's entries beyond MANIFEST_OWN_KEYS (exits, the guess gate, a chat template ...)."""
+    return {key: value for key, value in bundle.manifest.items() if key not in MANIFEST_OWN_KEYS}
+
+
+def carry_other_files(bundle: Bundle, out_dir: Path, *, skip: set[str]) -> list[str]:
+    """Copy the bundle's files but `skip` (tokenizer, exits, reports) as they are into out_dir; their names."""
+    carried = []
+    for name in bundle.manifest["files"]:
+        if name not in skip:
+            shutil.copy2(bundle.path / name, out_dir / name)
+            carried.append(name)
+    return sorted(carried)
 
 
 def load_bundle(path: Path | None = None, *, verify: bool = True) -> Bundle:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from runtime.core.bundle import EMBEDDING_Q8_FILE, EMBEDDING_SCALES_FILE, Bundle, load_bundle, write_manifest
+from runtime.core.bundle import (
+    EMBEDDING_Q8_FILE,
+    EMBEDDING_SCALES_FILE,
+    carry_other_files,
+    load_bundle,
+    other_manifest_entries,
+    write_manifest,
+)
 from runtime.core.errors import SpeedError
 from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.core.staging import check_directory_free, staged_directory
@@ -41,10 +47,6 @@ INT8_ON_CPU = ("note: int8 weights with float32 arithmetic decode slowly on CPUs
                "against 1.3 ms with int8 activations on one x86 core; ONNX Runtime has no fast kernel for them): "
                "choose them for their accuracy, or for a GPU")
 # the manifest keys write_manifest derives itself; every other key of the source manifest is carried over
-_DERIVED_KEYS = {"format", "name", "architecture", "model_config", "dtype", "vocab_size", "eos_token_id", "stages",
-                 "head", "embedding", "tokenizer", "files"}
-
-
 @dataclass(frozen=True)
 class Quantization:
     weights: str = "int4"  # int4 or int8
@@ -79,8 +81,8 @@ def quantize_bundle(source: Path, out_dir: Path, settings: Quantization, *, forc
                 progress.advance()
         progress.note("storing the embedding table as int8 rows ...")
         _write_int8_rows(bundle.embedding(), staging)
-        carried = _carry_other_files(bundle, staging, skip={*graphs, bundle.manifest["embedding"]["file"]})
-        extra = {key: value for key, value in bundle.manifest.items() if key not in _DERIVED_KEYS}
+        carried = carry_other_files(bundle, staging, skip={*graphs, bundle.manifest["embedding"]["file"]})
+        extra = other_manifest_entries(bundle)
         write_manifest(
             staging, name=f"{bundle.manifest['name']}-{settings.weights}", model_config=bundle.config,
             stage_graphs=[path.name for path in bundle.stage_graphs], eos_token_id=bundle.eos_token_id, **extra,
@@ -244,16 +246,6 @@ def _write_int8_rows(table: np.ndarray, out_dir: Path) -> None:
     values = np.clip(np.rint(table / scales[:, None]), -127, 127).astype(np.int8)  # (V, d)
     values.tofile(out_dir / EMBEDDING_Q8_FILE)
     scales.astype("<f4").tofile(out_dir / EMBEDDING_SCALES_FILE)
-
-
-def _carry_other_files(bundle: Bundle, out_dir: Path, *, skip: set[str]) -> list[str]:
-    """Tokenizer, exits, reports: copied as they are."""
-    carried = []
-    for name in bundle.manifest["files"]:
-        if name not in skip:
-            shutil.copy2(bundle.path / name, out_dir / name)
-            carried.append(name)
-    return sorted(carried)
 
 
 def ort_version() -> str:
