@@ -6,6 +6,8 @@ its own graph."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -96,11 +98,14 @@ def test_speculation_over_fused_attention_gives_the_text_of_plain_decoding(model
     assert [generation.token_ids for generation in together] == plain
 
 
-def test_an_older_export_runs_its_own_graph_and_is_not_read_again_to_find_out(older_tiny_bundle, tmp_path, monkeypatch):
+def test_an_older_export_runs_its_own_graph_and_is_not_read_again_to_find_out(older_tiny_bundle, tmp_path, monkeypatch,
+                                                                              caplog):
     monkeypatch.setenv("SPEED_GRAPH_CACHE", str(tmp_path / "graphs"))
     bundle = load_bundle(older_tiny_bundle)  # its rotary embedding is not the fused operator
-    model = OnnxStageModel(bundle, threads=1)
+    with caplog.at_level(logging.INFO, logger="speed.node"):
+        model = OnnxStageModel(bundle, threads=1)
     assert not model.fused_attention and not model.new_cache(rows=1, capacity=16).keys_by_position
+    assert f"`speed export {older_tiny_bundle} OUT_DIR` exports its graphs again" in caplog.text
     remembered = [entry.path for entry in cached_graphs() if (entry.path / NOT_DERIVED).is_file()]
     assert len(remembered) == 1 and "stage.onnx" in (remembered[0] / NOT_DERIVED).read_text()
     reads = []

@@ -17,7 +17,8 @@ with keys by position keeps a spare position a row for a full one (KVCache). ONN
 tokens after a cache for one row a call only, so OnnxStageModel runs such calls a row at a time.
 
 Graphs exported with the fused rotary embedding (runtime.models.export) have the pattern this rewrites; for
-any other graph (older exports) `fused_attention_graph` raises ValueError and the node runs the graph itself.
+any other graph (older exports) `fused_attention_graph` raises ValueError and the node runs the graph itself
+(`speed export BUNDLE OUT_DIR` exports such a bundle again).
 """
 
 from __future__ import annotations

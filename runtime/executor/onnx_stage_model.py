@@ -82,7 +82,9 @@ class OnnxStageModel:
             try:
                 sessions = {path: session(path, "attention") for path in cached}
             except ValueError as exc:  # an older export: its attention has another pattern
-                log.debug("running the bundle's own attention operators (%s)", exc)
+                log.info("%s runs its own attention operators, as exported before the fused rotary embedding (%s); "
+                         "`speed export %s OUT_DIR` exports its graphs again, with fused attention on a CPU",
+                         bundle.manifest["name"], exc, bundle.path)
                 self.fused_attention = False
         if sessions is None:
             sessions = {path: session(path, "writes" if self.device_resident else None,
