@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,20 @@ def test_guesses_are_fitted_to_what_the_placement_that_counted_the_flips_counts(
     simulated = fitted.timing(placement, speculate=True)
     simulated.decode(16, placement_search.FIT_TOKENS)
     assert simulated.counted_flip_rates() == pytest.approx(seen, abs=0.05)
+
+
+def test_a_plan_before_every_node_reported_names_each_with_its_state_and_what_to_do():
+    from runtime.bench.plan import plan
+    from runtime.core.cluster_file import load_cluster
+    from runtime.core.errors import SpeedError
+    from runtime.wire import speed_pb2 as pb
+
+    measured = [pb.PassTime(stage=stage, rows=1, ms=1.0) for stage in range(3)]
+    status = pb.ClusterStatusReply(nodes=[
+        pb.NodeStatus(name="edge-1", state=pb.NODE_STATE_SERVING, pass_times=measured),
+        pb.NodeStatus(name="edge-2", state=pb.NODE_STATE_WAITING),  # a coordinator that has just started
+        pb.NodeStatus(name="edge-3", state=pb.NODE_STATE_SERVING, pass_times=measured)])
+    with pytest.raises(SpeedError) as raised:
+        plan(load_cluster(Path(__file__).parents[1] / "deploy" / "local.yaml"), load_bundle(), status)
+    assert str(raised.value).startswith("node(s) edge-2 (waiting) reported no measurements yet;")
+    assert "wait until `speed status` shows each serving, and plan again" in str(raised.value)

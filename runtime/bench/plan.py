@@ -24,10 +24,13 @@ def plan(spec: ClusterSpec, bundle: Bundle, status: pb.ClusterStatusReply) -> di
     """Every candidate with its predicted tokens/s, the file's own placement first, then best first."""
     n_stages = bundle.config.n_stages
     timings = node_timings(status.nodes)
-    missing = [node.name for node in spec.nodes if node.name not in timings]
+    states = {node.name: pb.NodeState.Name(node.state).removeprefix("NODE_STATE_").lower() for node in status.nodes}
+    missing = [f"{node.name} ({states.get(node.name, 'unknown')})" for node in spec.nodes if node.name not in timings]
     if missing:
-        raise SpeedError(f"node(s) {', '.join(missing)} reported no measurements; start every node of the cluster "
-                         "(each measures itself when it starts) and plan again")
+        raise SpeedError(f"node(s) {', '.join(missing)} reported no measurements yet; a node measures itself when it "
+                         "starts and tells the coordinator when it registers (a coordinator that has just started hears "
+                         "from each within a few heartbeats): start every node, wait until `speed status` shows each "
+                         "serving, and plan again")
     hostable = hostable_by(timings, n_stages)
     nobody = next((stage for stage, names in hostable.items() if not names), None)
     if nobody is not None:
