@@ -133,3 +133,13 @@ def test_the_nucleus_and_the_kth_largest_are_those_of_sorting_every_token(size, 
     assert np.array_equal(nucleus(probs, top_p), sorted_nucleus(probs, top_p))
     k = min(k, size)
     assert kth_largest(scores, k) == np.partition(scores, -k)[-k]
+
+
+def test_every_draw_at_a_position_gets_that_position_s_noise_unchanged():
+    """Each stage draws the same position with the same noise, kept once made: no draw may change it."""
+    params = SamplingParams(temperature=0.9, seed=5)
+    rng = np.random.default_rng(1)
+    early, late = (rng.standard_normal(300).astype(np.float32) for _ in range(2))
+    for logits in (early, late, early, late):
+        drawn = int(np.argmax(logits.astype(np.float64) / 0.9 + gumbel_noise(5, 7, 300)))
+        assert choose_token(logits, params, 7) == drawn
