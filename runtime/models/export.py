@@ -34,7 +34,17 @@ from onnx.defs import OpSchema
 from onnx.external_data_helper import set_external_data
 from torch import nn
 
-from runtime.core.bundle import EMBEDDING_FILE, HEAD_FILE, STAGE_FILE, TOKENIZER_FILE, TRAINING_REPORT_FILE, write_manifest
+from runtime.core.bundle import (
+    EMBEDDING_FILE,
+    HEAD_FILE,
+    STAGE_FILE,
+    TOKENIZER_FILE,
+    TRAINING_REPORT_FILE,
+    carry_other_files,
+    load_bundle,
+    other_manifest_entries,
+    write_manifest,
+)
 from runtime.core.config import ModelConfig
 from runtime.core.errors import SpeedError
 from runtime.core.progress import NO_PROGRESS, Progress
@@ -43,6 +53,7 @@ from runtime.models.checkpoint import load_checkpoint
 from runtime.models.corpus import PLAY_CHAT_TEMPLATE
 from runtime.models.decoder import SpeedDecoder
 from runtime.models.tokenizer import eos_id
+from runtime.models.torch_backend import model_from_bundle
 from runtime.models.trace_binding import bind, keep_trace, load_trace, trace_key
 from runtime.models.trace_cache import trace_cache_root
 
@@ -282,9 +293,6 @@ def reexport_bundle(source: Path, out_dir: Path, *, name: str | None = None, for
     bundle's own weights; every other file and manifest entry (tokenizer, exits, the guess gate, reports) is carried
     as it is. A bundle exported before the rotary embedding was one fused operator gets it, and with it fused
     attention on a CPU (runtime.executor.fused_attention) and fewer operators a layer everywhere."""
-    from runtime.core.bundle import carry_other_files, load_bundle, other_manifest_entries
-    from runtime.models.torch_backend import model_from_bundle
-
     bundle = load_bundle(source)
     if bundle.quantized:
         raise SpeedError(f"bundle {source} is quantized, and graphs are exported from float32 weights; export the "
