@@ -20,11 +20,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from nodes.cpu_quota import CpuQuota
 from nodes.host import StageHost
+from nodes.link_listener import LinkListener
 from nodes.machine import cores_used, this_machine
 from nodes.node_metrics import NodeMetrics
+from nodes.peer_links import Dialler
 from nodes.registration import Registration
 from nodes.self_measure import measure_passes, memory_available_bytes
-from nodes.service import NodeService, server_threads
+from nodes.service import SERVER_THREADS, NodeService
 from runtime.core.bundle import Bundle, load_bundle
 from runtime.core.cluster_file import ClusterSpec, NodeSpec, load_cluster, parse_address
 from runtime.core.errors import SpeedError
@@ -35,7 +37,7 @@ from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.cluster_secret import SecretCheck, load_secret
-from runtime.wire.security import COORDINATOR, check_exposure, node_identity, open_channel
+from runtime.wire.security import COORDINATOR, check_exposure, link_contexts, node_identity, open_channel
 
 log = logging.getLogger("speed.node")
 
@@ -78,7 +80,7 @@ def run_node(cluster_path: Path, name: str, *, emulated_link_ms: float | None = 
         node = replace(node, emulated_link_ms=emulated_link_ms)
     bundle = load_bundle(spec.bundle, verify=False)
     spec.check_stages(bundle.config.n_stages)
-    serve_node(spec, node, bundle, stop, cluster_size=len(spec.nodes))
+    serve_node(spec, node, bundle, stop)
 
 
 def stop_on_signals() -> threading.Event:
@@ -89,8 +91,8 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
-def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threading.Event, *, cluster_size: int) -> None:
-    """Run `node` of the cluster `spec` until `stop` is set (or it is drained); cluster_size: its nodes."""
+def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threading.Event) -> None:
+    """Run `node` of the cluster `spec` until `stop` is set (or it is drained)."""
     quota = CpuQuota(node.emulated_cpu_share, f"speed-{spec.name}-{node.name}") if node.emulated_cpu_share else None
     bundle.verify(bundle.files_for(hostable_stages(bundle, node)))  # what this node reads, no more
     model = open_model(bundle, node)
@@ -108,7 +110,7 @@ def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threadin
                             standby_stages=[s for s in host.hostable if s not in node.stages], hosting=host.stages,
                             incarnation=host.incarnation, profile=profile_to_wire(host.profile),
                             memory_available_bytes=memory_available_bytes(), links=service.link_probe.times(),
-                            machine=machine, cores_used=cores)
+                            machine=machine, cores_used=cores, link_port=listener.port)
         reply.MergeFrom(measured[0])
         return reply
 
@@ -148,15 +150,20 @@ def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threadin
         stop.set()
         return reply
 
+    link_server_tls, link_client_tls = link_contexts(spec.security, node.name) if spec.security else (None, None)
     service = NodeService(host, info, metrics=metrics, emulated_link_ms=node.emulated_link_ms,
                           only_caller=COORDINATOR if identity else None, prefill_chunk=spec.speculation.prefill_chunk,
-                          open_peer_channel=open_peer_channel, drain=drain, measure=measure)
+                          open_peer_channel=open_peer_channel, dial=Dialler(node.name, secret, link_client_tls),
+                          drain=drain, measure=measure)
     health_service = health.HealthServicer()
     for service_name in ("", SERVICE_NAME):
         health_service.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
     largest_step = options.step_message_bytes(d_model=bundle.config.d_model, max_positions=spec.speculation.prefill_chunk,
                                               max_items=node.max_sequences * len(host.hostable))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=server_threads(cluster_size)),
+    listener = LinkListener(parse_address(node.address)[0], owner=f"node {node.name}", secret=secret,
+                            admit=service.admit_link, take=service.take_forwarded, max_frame_bytes=largest_step,
+                            tls=link_server_tls, port=node.link_port or 0)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=SERVER_THREADS),
                          options=options.node_server(largest_step),
                          interceptors=[SecretCheck(secret, f"node {node.name}")])
     pb_grpc.add_NodeServicer_to_server(service, server)
@@ -191,6 +198,7 @@ def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threadin
 
     registration.stopping.set()
     service.stop_ring()  # ends its streams, which would otherwise hold the server past its grace period
+    listener.close()
     health_service.enter_graceful_shutdown()
     server.stop(grace=STOP_GRACE_S).wait()
     service.worker.stop()

@@ -35,6 +35,7 @@ class Joining:
     secret_file: Path | None = None  # the cluster's secret; None: the certificates directory's
     threads: int = 1
     max_sequences: int = 8
+    link_port: int | None = None  # where other nodes' direct links come in; None: any free port
 
 
 def join_cluster(joining: Joining) -> None:
@@ -51,7 +52,7 @@ def join_cluster(joining: Joining) -> None:
                        source=spec.source, security=spec.security, insecure=settings.insecure,
                        secret_file=spec.secret_file)
     node = spec.nodes[0]
-    serve_node(spec, node, bundle, stop, cluster_size=settings.nodes + 1)
+    serve_node(spec, node, bundle, stop)
 
 
 def joining_spec(joining: Joining) -> ClusterSpec:
@@ -62,7 +63,7 @@ def joining_spec(joining: Joining) -> ClusterSpec:
     secret_file = joining.secret_file or joining.certs / SECRET_FILE
     stages = tuple(range(load_bundle(joining.bundle, verify=False).config.n_stages))
     node = NodeSpec(name=joining.name, address=joining.address, stages=(), standby_stages=stages,
-                    threads=joining.threads, max_sequences=joining.max_sequences)
+                    threads=joining.threads, max_sequences=joining.max_sequences, link_port=joining.link_port)
     # no cluster file here: `path` only names the state directory and messages, `source` says what it is
     return ClusterSpec(name="joining", path=secret_file.resolve(), bundle=joining.bundle.resolve(),
                        coordinator=CoordinatorSpec(joining.coordinator), speculation=SpeculationSpec(), nodes=(node,),

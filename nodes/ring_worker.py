@@ -158,6 +158,7 @@ class RingWorker:
         self.core.receive(message)
 
     def _route(self) -> None:
+        outgoing: dict[str, list] = {}  # one message a peer for everything that leaves together
         for message in self.core.drain():
             if isinstance(message, Commit):
                 self.events.put(commit_to_wire(message))
@@ -165,7 +166,9 @@ class RingWorker:
             if target == self.name:
                 self._take(message)
             else:
-                self.links.send(target, message)
+                outgoing.setdefault(target, []).append(message)
+        for target, messages in outgoing.items():
+            self.links.send(target, messages)
 
     def _execute(self, runs: list[Run]) -> None:
         """One batch: at most one run per (sequence, start), the others wait for the next batch."""

@@ -1,14 +1,15 @@
 """The Node gRPC service: step messages in, results out (the lockstep data path); or, once assigned a
-placement, the ring data path's streams to and from the coordinator and the other nodes, run by a
-RingWorker.
+placement, the ring data path's streams to and from the coordinator, and the direct links to and from the
+other nodes, run by a RingWorker.
 
 How a node is concurrent, in three sentences. Every ONNX Runtime call and every change to the node's
 sequences runs on its one stage worker thread, fed by one inbox (nodes/stage_worker.py), so nothing else
 touches the model and no lock is needed. The handlers here only check, translate and enqueue, on a gRPC
-pool with a thread for every stream that can be open at once plus some for short calls (`server_threads`),
-so a stream never waits for a thread and Info always finds one. Each outgoing stream (a Forward to a peer,
-the Ring events to the coordinator) is written from a line by a thread of its own, the coordinator's Ring
-controls are read by one, and a delay line sits in a path only where a link latency is emulated."""
+pool with a thread for every stream that can be open at once plus some for short calls (`SERVER_THREADS`),
+so a stream never waits for a thread and Info always finds one; each direct link from a peer is read by a
+thread of its own (nodes/link_listener.py). The stage worker writes to the peers' links itself, the Ring
+events to the coordinator go from a line by a thread of their own, its Ring controls are read by one, and a
+delay line sits in a path only where a link latency is emulated."""
 
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from nodes.freed_memory import FreedMemory
 from nodes.host import StageHost, StepRefused
 from nodes.link_probe import LinkProbe
 from nodes.node_metrics import NodeMetrics
-from nodes.peer_links import PeerLinks
+from nodes.peer_links import Dialler, PeerLinks
 from nodes.ring_worker import RingWorker
 from nodes.stage_worker import StageWorker
 from runtime.core.errors import SpeedError
@@ -39,11 +41,8 @@ log = logging.getLogger("speed.node")
 SHORT_CALL_THREADS = 4  # Info, Assign and health checks, beside the streams
 
 
-def server_threads(n_nodes: int) -> int:
-    """The gRPC pool of a node of a cluster of n_nodes: a thread per stream that can be open at once (the
-    coordinator's Steps and Ring, a Forward from every other node), twice over for the streams of an
-    assignment that are still ending while the next one's open, plus the short calls."""
-    return 2 * (2 + n_nodes - 1) + SHORT_CALL_THREADS
+STREAM_THREADS = 2 * 2  # the coordinator's Steps and Ring, twice over for an assignment's still ending
+SERVER_THREADS = STREAM_THREADS + SHORT_CALL_THREADS  # a node's gRPC pool: a stream never waits for a thread
 
 
 def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
@@ -55,10 +54,11 @@ def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) 
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, host: StageHost, info: Callable[[], pb.NodeInfo], *, metrics: NodeMetrics,
                  emulated_link_ms: float = 0.0, only_caller: str | None = None, prefill_chunk: int = 64,
-                 open_peer_channel: Callable[[str, str], grpc.Channel] | None = None,
+                 open_peer_channel: Callable[[str, str], grpc.Channel] | None = None, dial: Dialler,
                  drain: Callable[[], pb.DrainReply] | None = None, measure: Callable[[], None] | None = None):
         """only_caller: the one certificate name allowed to call (the coordinator's), in a secure cluster;
-        open_peer_channel(name, address): a channel to another node, for the ring data path; drain: hands
+        open_peer_channel(name, address): a gRPC channel to another node, to time the link; dial: opens direct
+        links to the other nodes, for the ring data path (nodes/peer_links.py); drain: hands
         the node's stages over and stops it (SpeedError with a sentence when it cannot); measure: times its
         passes again, on the stage worker."""
         self.host = host
@@ -66,6 +66,7 @@ class NodeService(pb_grpc.NodeServicer):
         self._measure = measure
         self.prefill_chunk = prefill_chunk
         self._open_peer_channel = open_peer_channel or (lambda name, address: open_channel(address))
+        self._dial = dial
         self._ring: RingWorker | None = None
         self._ring_stamp = (0, 0)  # (incarnation, epoch) the ring worker serves
         self._ring_peers: set[str] = set()  # certificate names of the nodes allowed to forward to it
@@ -145,7 +146,8 @@ class NodeService(pb_grpc.NodeServicer):
         placement = {place.stage: place.node for place in request.placement}
         addresses = {place.node: place.address for place in request.placement if place.node != self.host.name}
         self.link_probe.measure(addresses)
-        links = PeerLinks(addresses, self._open_peer_channel, delay_s=self._link_delay_s,
+        links = PeerLinks({place.node: place.link_address for place in request.placement if place.node in addresses},
+                          self._dial, delay_s=self._link_delay_s,
                           incarnation=request.incarnation, epoch=request.epoch, profile=self.host.profile)
         self._ring = RingWorker(self.host.model, name=self.host.name, stages=self.host.stages, placement=placement,
                                 links=links, max_sequences=self.host.max_sequences, prefill_chunk=self.prefill_chunk,
@@ -227,23 +229,30 @@ class NodeService(pb_grpc.NodeServicer):
                  pb.RingFailure: events.failed}[type(event)].append(event)
             yield events
 
-    def Forward(self, requests: Iterator[pb.Forwarded], context: grpc.ServicerContext) -> pb.ForwardReply:
-        if self.only_caller is not None and caller(context) not in self._ring_peers:
-            _refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"node {self.host.name} takes forwarded states only "
-                    f"from the nodes of its placement, not {caller(context) or 'a caller without a certificate'}")
+    def admit_link(self, certificate: str) -> str:
+        """Whether a direct link may bring it forwarded states ("" if so, else why not): in a secure cluster, only
+        from the nodes of its placement (the link's certificate names the node); its secret is checked before."""
+        if self.only_caller is not None and certificate not in self._ring_peers:
+            return (f"node {self.host.name} takes forwarded states only from the nodes of its placement, not "
+                    f"{certificate or 'a caller without a certificate'}")
+        return ""
+
+    def take_forwarded(self, payload: bytes) -> str:
+        """A Forwarded message from a direct link, to the ring it is for ("" once taken, else why it is refused).
+        Checked whatever its epoch, so that no answer tells which epoch is the live one."""
         cfg = self.host.cfg
-        for message in requests:
-            try:  # checked whatever its epoch, so that no answer tells which epoch is the live one
-                with self.host.profile.timed("serialize"):
-                    messages = messages_from_wire(message, d_model=cfg.d_model, vocab_size=cfg.vocab_size,
-                                                  context_length=cfg.context_length)
-            except SpeedError as exc:
-                self.metrics.refused(grpc.StatusCode.INVALID_ARGUMENT.name)
-                _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            ring = self._ring
-            if ring is not None and (message.incarnation, message.epoch) == self._ring_stamp:
-                ring.deliver(messages)  # else from before the last assignment: what it carries is void
-        return pb.ForwardReply()
+        try:
+            with self.host.profile.timed("serialize"):
+                message = pb.Forwarded.FromString(payload)
+                messages = messages_from_wire(message, d_model=cfg.d_model, vocab_size=cfg.vocab_size,
+                                              context_length=cfg.context_length)
+        except (DecodeError, SpeedError) as exc:
+            self.metrics.refused(grpc.StatusCode.INVALID_ARGUMENT.name)
+            return str(exc) if isinstance(exc, SpeedError) else f"node {self.host.name} cannot read a forwarded message"
+        ring = self._ring
+        if ring is not None and (message.incarnation, message.epoch) == self._ring_stamp:
+            ring.deliver(messages)  # else from before the last assignment: what it carries is void
+        return ""
 
     def _emulate_link(self) -> None:
         """EMULATION for benchmarks: the one-way latency of a slow link, paid by each step message."""

@@ -303,7 +303,7 @@ def test_a_duplicate_node_name_is_named(tmp_path):
 def test_colliding_addresses_are_named(tmp_path, index, address, user):
     path = cluster_with(tmp_path, set_node_key(index, "address", address))
     fails(path, f"{path}: nodes[{index}].address: {address} is already used by {user}; "
-                "give every node, the coordinator and each metrics port its own address")
+                "give every node, the coordinator and each metrics or link port its own address")
 
 
 def test_addresses_collide_by_meaning_for_ip_hosts(tmp_path):
@@ -372,7 +372,14 @@ def test_node_and_owner_of_name_what_exists(tmp_path):
 def test_a_metrics_port_may_not_take_another_process_address(tmp_path):
     path = cluster_with(tmp_path, set_node_key(1, "metrics_port", 50051))
     fails(path, f"{path}: nodes[1].metrics_port: 127.0.0.1:50051 is already used by edge-1; give every node, the "
-                "coordinator and each metrics port its own address")
+                "coordinator and each metrics or link port its own address")
+
+
+def test_a_link_port_is_read_and_may_not_take_another_process_address(tmp_path):
+    assert load_cluster(cluster_with(tmp_path, set_node_key(1, "link_port", 50151))).nodes[1].link_port == 50151
+    path = cluster_with(tmp_path, set_node_key(2, "link_port", 50052))
+    fails(path, f"{path}: nodes[2].link_port: 127.0.0.1:50052 is already used by edge-2; give every node, the "
+                "coordinator and each metrics or link port its own address")
 
 
 def test_the_http_api_may_not_take_another_process_address(tmp_path):

@@ -1,11 +1,12 @@
 """The ring data path on real `speed node` processes, with this test in the coordinator's place: it assigns
 a placement, opens sequences on each node's Ring stream and reads the committed tokens, while the nodes
-forward hidden states, corrections and commits to each other over real gRPC."""
+forward hidden states, corrections and commits to each other over their direct links."""
 
 from __future__ import annotations
 
 import itertools
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,15 +16,18 @@ import grpc
 import numpy as np
 import pytest
 
+from nodes.peer_links import Dialler, LinkRefused
 from runtime.core.bundle import load_bundle
 from runtime.core.cluster_file import load_cluster
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.cluster_secret import load_secret
+from runtime.wire.frames import HANDSHAKE_BYTES, frame, read_frame
 from runtime.wire.sampling import sampling_to_wire
 from runtime.wire.tensor import pack
 from tests.conftest import CLUSTER_NEW_TOKENS, CLUSTER_PROMPTS, write_cluster
-from tests.support import REFUSAL_CODES, NodeProcess, assert_a_sentence, running_nodes
+from tests.support import NodeProcess, assert_a_sentence, running_nodes
 
 pytestmark = pytest.mark.cluster  # its tests start real processes on loopback
 
@@ -39,7 +43,8 @@ class Coordinator:
         self.epoch = epoch
         self.channels = {n.name: nodes[n.name].channel() for n in spec.nodes}
         self.stubs = {name: pb_grpc.NodeStub(channel) for name, channel in self.channels.items()}
-        placement = [pb.StagePlace(stage=stage, node=n.name, address=n.address) for n in spec.nodes for stage in n.stages]
+        placement = [pb.StagePlace(stage=stage, node=n.name, address=n.address, link_address=nodes[n.name].link_address())
+                     for n in spec.nodes for stage in n.stages]
         for n in spec.nodes:
             self.stubs[n.name].Assign(pb.AssignRequest(incarnation=INCARNATION, stages=n.stages, placement=placement,
                                                        epoch=epoch, assign_key=nodes[n.name].assign_key), timeout=10)
@@ -112,28 +117,41 @@ def test_nodes_forwarding_to_each_other_commit_the_reference_tokens(nodes, refer
                 assert driver.decode(ids, sampling, CLUSTER_NEW_TOKENS, window) == reference(prompt, sampling)
 
 
+def link_to(node: NodeProcess) -> socket.socket:
+    """A direct link to `node` as another node of the cluster dials it."""
+    return Dialler("edge-1", load_secret(load_cluster(node.cluster)))(node.name, node.link_address())
+
+
 @pytest.mark.parametrize("epoch", [20, 19, 2**40], ids=["live", "stale", "never"])
-def test_a_forwarded_state_of_the_wrong_shape_is_refused_with_a_sentence_whatever_its_epoch(nodes, epoch):
+def test_a_forwarded_state_of_the_wrong_shape_ends_its_link_with_a_sentence_whatever_its_epoch(nodes, epoch, reference):
     """The same answer at every epoch: no refusal tells which epoch is the live one."""
-    with coordinator(nodes, epoch=20):
-        stub = pb_grpc.NodeStub(nodes["edge-2"].channel())
+    tokenizer = load_bundle().tokenizer()
+    with coordinator(nodes, epoch=20) as driver, link_to(nodes["edge-2"]) as link:
         bad = pb.Forwarded(incarnation=INCARNATION, epoch=epoch, hops=[pb.RingHop(
             seq_id=1, gen=0, stage=1, start=0, tokens=[1, 2], hidden=pack(np.zeros((3, 7), np.float32)))])
-        with pytest.raises(grpc.RpcError) as refusal:
-            stub.Forward(iter([bad]), timeout=10)
-        assert refusal.value.code() in REFUSAL_CODES
-        assert_a_sentence(refusal.value)
-        assert "hidden state must have shape" in refusal.value.details()
+        link.sendall(frame(bad.SerializeToString()))
+        with link.makefile("rb") as answers:
+            refusal = pb.LinkAnswer.FromString(read_frame(answers, HANDSHAKE_BYTES)).refusal
+            assert read_frame(answers, HANDSHAKE_BYTES) is None  # and the link is closed
+        assert "hidden state must have shape" in refusal and "\n" not in refusal and len(refusal) < 1000
+        assert refusal in nodes["edge-2"].stderr()
+        prompt = CLUSTER_PROMPTS[2]  # the node goes on serving
+        assert driver.decode(tokenizer.encode(prompt).ids, GREEDY, 16, 4) == reference(prompt, GREEDY)[:16]
+
+
+def test_a_link_without_the_cluster_secret_is_refused_with_a_sentence(nodes):
+    with coordinator(nodes, epoch=25), pytest.raises(LinkRefused) as refused:
+        Dialler("edge-1", "0" * 64)("edge-2", nodes["edge-2"].link_address())
+    assert "did not carry the cluster's secret" in str(refused.value)
 
 
 def test_messages_of_another_placement_are_dropped_and_decoding_goes_on(nodes, reference):
     tokenizer = load_bundle().tokenizer()
-    with coordinator(nodes, epoch=30) as driver:
-        stub = pb_grpc.NodeStub(nodes["edge-2"].channel())
+    with coordinator(nodes, epoch=30) as driver, link_to(nodes["edge-2"]) as link:
         stale = pb.Forwarded(incarnation=INCARNATION, epoch=29, commits=[pb.RingCommit(seq_id=1, position=0, token=5)],
                              hops=[pb.RingHop(seq_id=1, gen=0, stage=1, start=0, tokens=[1],
                                               hidden=pack(np.zeros((1, 256), np.float32)))])
-        stub.Forward(iter([stale]), timeout=10)
+        link.sendall(frame(stale.SerializeToString()))
         prompt = CLUSTER_PROMPTS[3]
         assert driver.decode(tokenizer.encode(prompt).ids, GREEDY, 16, 4) == reference(prompt, GREEDY)[:16]
 

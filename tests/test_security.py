@@ -15,14 +15,15 @@ import grpc
 import pytest
 from cryptography import x509
 
+from nodes.peer_links import Dialler, LinkRefused
 from runtime.client import Client, Unauthenticated, Unavailable
 from runtime.core.bundle import load_bundle
-from runtime.core.cluster_file import load_cluster
+from runtime.core.cluster_file import format_address, load_cluster, parse_address
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.cluster_secret import load_secret
-from runtime.wire.security import member_channel, open_channel
+from runtime.wire.security import Identity, member_channel, open_channel
 from tests.conftest import CLUSTER_PROMPTS as PROMPTS
 from tests.conftest import assert_one_line_error, free_port, generate_on, run_speed, running_cluster
 
@@ -289,11 +290,21 @@ def test_on_the_ring_nodes_forward_to_each_other_over_tls_and_refuse_other_calle
         with Client(cluster.endpoint, ca=certs / "ca.pem", token=token_of(cluster)) as client:
             for sampling in (GREEDY, SAMPLED):
                 assert generate_on(client, PROMPTS[1], sampling).token_ids == reference(PROMPTS[1], sampling)
-        credentials = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes(), (certs / "client.key").read_bytes(),
-                                                   (certs / "client.pem").read_bytes())
-        node = load_cluster(cluster.path).node("edge-2")
-        with open_channel(node.address, credentials, server_name="edge-2", secret=load_secret(cluster.spec)) as ch:
-            with pytest.raises(grpc.RpcError) as refused:
-                pb_grpc.NodeStub(ch).Forward(iter([pb.Forwarded()]), timeout=10)
-        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "takes forwarded states only from the nodes of its placement, not speed client" in refused.value.details()
+        spec, secret = load_cluster(cluster.path), load_secret(cluster.spec)
+        node = spec.node("edge-2")
+        coordinator = Identity.load(spec.security, "coordinator").channel()
+        with open_channel(node.address, coordinator, server_name="edge-2", secret=secret) as channel:
+            port = pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=10).link_port
+        link_address = format_address(parse_address(node.address)[0], port)
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.check_hostname = False
+        client.load_verify_locations(certs / "ca.pem")
+        client.load_cert_chain(certs / "client.pem", certs / "client.key")
+        with pytest.raises(LinkRefused) as refused:
+            Dialler("edge-1", secret, client)("edge-2", link_address)
+        assert "takes forwarded states only from the nodes of its placement, not speed client" in str(refused.value)
+        without_certificate = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        without_certificate.check_hostname = False
+        without_certificate.load_verify_locations(certs / "ca.pem")
+        with pytest.raises(OSError):  # the handshake fails: a link must show a certificate of the cluster
+            Dialler("edge-1", secret, without_certificate)("edge-2", link_address).recv(1)

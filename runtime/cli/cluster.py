@@ -65,6 +65,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     joining.add_argument("--secret-file", type=Path, metavar="FILE", help="a copy of the cluster's secret file")
     joining.add_argument("--threads", type=whole(0, 256, "one per core"), default=1, help="intra-op threads (default 1)")
     joining.add_argument("--max-sequences", type=whole(1, 4096), default=8, help="sequences held at once (default 8)")
+    joining.add_argument("--link-port", type=whole(1, 65535), metavar="PORT",
+                         help="take the other nodes' direct links (ring hops) on this port (default: any free port)")
     p.add_argument("--emulate-link-ms", type=link_ms, metavar="MS",
                    help="EMULATED one-way latency per step message, 0 to 60000, for benchmarks (overrides the file)")
     p.add_argument("--drain", action="store_true",
@@ -133,7 +135,8 @@ def cmd_node(args: argparse.Namespace) -> None:
         if not args.address or not args.bundle:
             raise SpeedError("a joining node needs --address (where it serves) and --bundle (the cluster's bundle)")
         joining = Joining(args.join, args.name, args.address, args.bundle, certs=args.certs,
-                          secret_file=args.secret_file, threads=args.threads, max_sequences=args.max_sequences)
+                          secret_file=args.secret_file, threads=args.threads, max_sequences=args.max_sequences,
+                          link_port=args.link_port)
     if args.drain:
         from nodes.drain import drain_joined, drain_node
 

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from runtime.core.cluster_file import NodeSpec
+from runtime.core.cluster_file import NodeSpec, format_address, parse_address
 from runtime.core.node_state import NodeState
 from runtime.core.request import FailureKind
 from runtime.wire import options
@@ -88,6 +88,13 @@ class RemoteNode:
     def can_run(self) -> frozenset[int]:
         """The stages whose graphs it holds: its own and its standby stages."""
         return frozenset(self.info.stages) | frozenset(self.info.standby_stages) if self.info else frozenset()
+
+    def place(self, stage: int) -> pb.StagePlace:
+        """Where the ring finds `stage` when this node runs it: its gRPC address and that of its direct links,
+        on the same host as the address it registered from."""
+        link_port = self.info.link_port if self.info else 0
+        return pb.StagePlace(stage=stage, node=self.name, address=self.address,
+                             link_address=format_address(parse_address(self.address)[0], link_port))
 
     @property
     def max_sequences(self) -> int:

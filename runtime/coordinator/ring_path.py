@@ -55,8 +55,7 @@ class RingPath:
         """What Assign tells each node besides its stages: where every stage runs, under a new epoch."""
         self.epoch = next(self._epochs)
         nodes = self.view.nodes
-        return dict(placement=[pb.StagePlace(stage=stage, node=name, address=nodes[name].address)
-                               for stage, name in sorted(placement.items())], epoch=self.epoch)
+        return dict(placement=[nodes[name].place(stage) for stage, name in sorted(placement.items())], epoch=self.epoch)
 
     def replay(self, active: dict[int, Request]) -> None:
         """The nodes were assigned the new placement (which freed everything): open a Ring stream to each

@@ -143,8 +143,7 @@ class RegistryService(pb_grpc.RegistryServicer):
             log.warning("%s", exc)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         nodes = {node.name: node for node in self.coordinator.nodes}
-        return pb.DrainReply(placement=[pb.StagePlace(stage=stage, node=name, address=nodes[name].address)
-                                        for stage, name in sorted(placement.items())])
+        return pb.DrainReply(placement=[nodes[name].place(stage) for stage, name in sorted(placement.items())])
 
 
 def heartbeat_problem(beat: pb.HeartbeatRequest, max_sequences: int, nodes: list[str]) -> str:

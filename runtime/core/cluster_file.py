@@ -38,6 +38,8 @@ A cluster file is YAML (see deploy/local.yaml):
         emulated_cpu_share: 0.33     # optional, > 0, EMULATION for benchmarks only: the node process may use this
                                      # share of one core (a CPU quota through cgroups), a slower device
         metrics_port: 9151           # optional: serve Prometheus metrics over HTTP on this port of the address's host
+        link_port: 50151             # optional: take the other nodes' direct links (ring hops) on this port of the
+                                     # address's host; absent: any free port (the node tells the coordinator)
     security:                        # optional: mutual TLS between the processes, TLS and authentication for clients
       certs: certs/local             # a directory written by `speed certs init DIR --cluster FILE`, relative to this file
       client_auth: token             # token (bearer tokens, `speed tokens add`) or certificate (client certificates)
@@ -126,6 +128,7 @@ class NodeSpec:
     emulated_cpu_share: float | None = None  # emulation for benchmarks only: a CPU quota of this share of one core
     standby_stages: tuple[int, ...] = ()  # stages whose graphs it also loads, to take them over
     metrics_port: int | None = None  # Prometheus metrics over HTTP; None = off
+    link_port: int | None = None  # where other nodes' direct links (ring hops) come in; None = any free port
 
 
 CLIENT_AUTH = ("token", "certificate")
@@ -200,6 +203,11 @@ class ClusterSpec:
             raise SpeedError(f"emulated link latency must be a number of milliseconds >= 0, got {ms!r}")
         nodes = tuple(dataclasses.replace(node, emulated_link_ms=float(ms)) for node in self.nodes)
         return dataclasses.replace(self, nodes=nodes)
+
+
+def format_address(host: str, port: int) -> str:
+    """parse_address's inverse: ("::1", 50051) -> "[::1]:50051"."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -485,6 +493,7 @@ NODE_CHECKS: dict[str, Check] = {
     "emulated_link_ms": partial(_number, minimum=0, inclusive=True),
     "emulated_cpu_share": partial(_number, minimum=0, inclusive=False),
     "metrics_port": _port,
+    "link_port": _port,
 }
 NODE_REQUIRED = {
     "name": "letters, digits, '-', '_' or '.', e.g. edge-1",
@@ -528,24 +537,25 @@ def listen_addresses(spec: ClusterSpec) -> list[tuple[str, str]]:
     return [(owner, address) for owner, address, _ in _listeners(spec.coordinator, spec.nodes)]
 
 
-def _metrics_address(address: str, port: int) -> str:
-    host, _ = parse_address(address)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _on_host_of(address: str, port: int) -> str:
+    return format_address(parse_address(address)[0], port)
 
 
 def _listeners(coordinator: CoordinatorSpec, nodes: tuple[NodeSpec, ...]) -> list[tuple[str, str, str]]:
     """(owner, host:port, key path) of every listening port."""
     found = [("the coordinator", coordinator.address, "coordinator.address")]
     if coordinator.metrics_port is not None:
-        found.append(("the coordinator's metrics", _metrics_address(coordinator.address, coordinator.metrics_port),
+        found.append(("the coordinator's metrics", _on_host_of(coordinator.address, coordinator.metrics_port),
                       "coordinator.metrics_port"))
     if coordinator.http_address is not None:
         found.append(("the coordinator's HTTP API", coordinator.http_address, "coordinator.http_address"))
     for i, node in enumerate(nodes):
         found.append((node.name, node.address, f"nodes[{i}].address"))
         if node.metrics_port is not None:
-            found.append((f"{node.name}'s metrics", _metrics_address(node.address, node.metrics_port),
+            found.append((f"{node.name}'s metrics", _on_host_of(node.address, node.metrics_port),
                           f"nodes[{i}].metrics_port"))
+        if node.link_port is not None:
+            found.append((f"{node.name}'s links", _on_host_of(node.address, node.link_port), f"nodes[{i}].link_port"))
     return found
 
 
@@ -556,5 +566,5 @@ def _check_addresses_unique(coordinator: CoordinatorSpec, nodes: tuple[NodeSpec,
         if endpoint in users:
             key = _Key(top.file, path)
             raise key.error(f"{address} is already used by {users[endpoint]}; give every node, the coordinator "
-                            "and each metrics port its own address")
+                            "and each metrics or link port its own address")
         users[endpoint] = owner

@@ -121,6 +121,12 @@ def _refusal(owner: str) -> str:
             "file its secret_file names)")
 
 
+def refusal_without(sent: str, secret: str, owner: str) -> str:
+    """For what is not a gRPC call (a direct link's hello): "" where `sent` is the secret, else the sentence a
+    call without it gets."""
+    return "" if hmac.compare_digest(sent.encode(), secret.encode()) else _refusal(owner)
+
+
 def _carries(metadata, secret: str) -> bool:
     sent = next((value for key, value in metadata or () if key == METADATA_KEY), "")
     return hmac.compare_digest(str(sent).encode(), secret.encode())

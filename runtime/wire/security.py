@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,30 @@ class Identity:
 
 def node_identity(security: SecuritySpec, name: str) -> Identity:
     return Identity.load(security, f"node.{name}")
+
+
+def link_contexts(security: SecuritySpec, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """TLS for node `name`'s direct links (nodes/link_listener.py, nodes/peer_links.py): the context its
+    listener serves with and the one it dials with. Each end shows its node certificate and takes only
+    certificates of the cluster's authority; who the peer is, its certificate's common name says
+    (`certificate_name`), as `caller()` does for gRPC."""
+    ca, cert, key = (security.certs / f for f in ("ca.pem", f"node.{name}.pem", f"node.{name}.key"))
+    for path in (ca, cert, key):
+        _read(path)  # a missing file is named in a sentence
+    contexts = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for context in contexts:
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(cert, key)
+        context.load_verify_locations(cafile=ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    contexts[1].check_hostname = False  # the peer's common name is checked instead: node names need not be hosts
+    return contexts
+
+
+def certificate_name(connection: ssl.SSLSocket) -> str:
+    """The common name of the certificate the other end of a TLS connection showed; "" without one."""
+    subject = (connection.getpeercert() or {}).get("subject", ())
+    return next((value for rdn in subject for key, value in rdn if key == "commonName"), "")
 
 
 def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None, *, server_name: str | None = None,

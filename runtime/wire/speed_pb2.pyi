@@ -268,14 +268,16 @@ class AssignRequest(_message.Message):
     def __init__(self, incarnation: _Optional[int] = ..., stages: _Optional[_Iterable[int]] = ..., placement: _Optional[_Iterable[_Union[StagePlace, _Mapping]]] = ..., epoch: _Optional[int] = ..., assign_key: _Optional[str] = ...) -> None: ...
 
 class StagePlace(_message.Message):
-    __slots__ = ("stage", "node", "address")
+    __slots__ = ("stage", "node", "address", "link_address")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LINK_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     stage: int
     node: str
     address: str
-    def __init__(self, stage: _Optional[int] = ..., node: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+    link_address: str
+    def __init__(self, stage: _Optional[int] = ..., node: _Optional[str] = ..., address: _Optional[str] = ..., link_address: _Optional[str] = ...) -> None: ...
 
 class RingOpen(_message.Message):
     __slots__ = ("sequence", "prefill", "last_position", "window", "guess_thresholds", "prompt_tokens")
@@ -355,6 +357,20 @@ class RingCommit(_message.Message):
     token: int
     def __init__(self, seq_id: _Optional[int] = ..., position: _Optional[int] = ..., token: _Optional[int] = ...) -> None: ...
 
+class LinkHello(_message.Message):
+    __slots__ = ("secret", "node")
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    secret: str
+    node: str
+    def __init__(self, secret: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
+
+class LinkAnswer(_message.Message):
+    __slots__ = ("refusal",)
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    refusal: str
+    def __init__(self, refusal: _Optional[str] = ...) -> None: ...
+
 class Forwarded(_message.Message):
     __slots__ = ("incarnation", "epoch", "hops", "corrections", "commits")
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -368,10 +384,6 @@ class Forwarded(_message.Message):
     corrections: _containers.RepeatedCompositeFieldContainer[RingCorrection]
     commits: _containers.RepeatedCompositeFieldContainer[RingCommit]
     def __init__(self, incarnation: _Optional[int] = ..., epoch: _Optional[int] = ..., hops: _Optional[_Iterable[_Union[RingHop, _Mapping]]] = ..., corrections: _Optional[_Iterable[_Union[RingCorrection, _Mapping]]] = ..., commits: _Optional[_Iterable[_Union[RingCommit, _Mapping]]] = ...) -> None: ...
-
-class ForwardReply(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
 
 class RingStageStats(_message.Message):
     __slots__ = ("stage", "runs", "checks", "flips", "dropped", "positions")
@@ -414,7 +426,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "stages", "bundle_sha256", "provider", "threads", "device", "open_sequences", "max_sequences", "emulated_link_ms", "standby_stages", "hosting", "incarnation", "profile", "pass_times", "head_ms", "memory_available_bytes", "links", "machine", "cores_used")
+    __slots__ = ("name", "stages", "bundle_sha256", "provider", "threads", "device", "open_sequences", "max_sequences", "emulated_link_ms", "standby_stages", "hosting", "incarnation", "profile", "pass_times", "head_ms", "memory_available_bytes", "links", "machine", "cores_used", "link_port")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -434,6 +446,7 @@ class NodeInfo(_message.Message):
     LINKS_FIELD_NUMBER: _ClassVar[int]
     MACHINE_FIELD_NUMBER: _ClassVar[int]
     CORES_USED_FIELD_NUMBER: _ClassVar[int]
+    LINK_PORT_FIELD_NUMBER: _ClassVar[int]
     name: str
     stages: _containers.RepeatedScalarFieldContainer[int]
     bundle_sha256: str
@@ -453,7 +466,8 @@ class NodeInfo(_message.Message):
     links: _containers.RepeatedCompositeFieldContainer[LinkTime]
     machine: Machine
     cores_used: float
-    def __init__(self, name: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., bundle_sha256: _Optional[str] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., device: _Optional[str] = ..., open_sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., emulated_link_ms: _Optional[float] = ..., standby_stages: _Optional[_Iterable[int]] = ..., hosting: _Optional[_Iterable[int]] = ..., incarnation: _Optional[int] = ..., profile: _Optional[_Union[NodeProfile, _Mapping]] = ..., pass_times: _Optional[_Iterable[_Union[PassTime, _Mapping]]] = ..., head_ms: _Optional[float] = ..., memory_available_bytes: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkTime, _Mapping]]] = ..., machine: _Optional[_Union[Machine, _Mapping]] = ..., cores_used: _Optional[float] = ...) -> None: ...
+    link_port: int
+    def __init__(self, name: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., bundle_sha256: _Optional[str] = ..., provider: _Optional[str] = ..., threads: _Optional[int] = ..., device: _Optional[str] = ..., open_sequences: _Optional[int] = ..., max_sequences: _Optional[int] = ..., emulated_link_ms: _Optional[float] = ..., standby_stages: _Optional[_Iterable[int]] = ..., hosting: _Optional[_Iterable[int]] = ..., incarnation: _Optional[int] = ..., profile: _Optional[_Union[NodeProfile, _Mapping]] = ..., pass_times: _Optional[_Iterable[_Union[PassTime, _Mapping]]] = ..., head_ms: _Optional[float] = ..., memory_available_bytes: _Optional[int] = ..., links: _Optional[_Iterable[_Union[LinkTime, _Mapping]]] = ..., machine: _Optional[_Union[Machine, _Mapping]] = ..., cores_used: _Optional[float] = ..., link_port: _Optional[int] = ...) -> None: ...
 
 class Machine(_message.Message):
     __slots__ = ("id", "cores")

@@ -178,11 +178,6 @@ class NodeStub:
                 request_serializer=speed_dot_v1_dot_speed__pb2.RingControl.SerializeToString,
                 response_deserializer=speed_dot_v1_dot_speed__pb2.RingEvents.FromString,
                 _registered_method=True)
-        self.Forward = channel.stream_unary(
-                '/speed.v1.Node/Forward',
-                request_serializer=speed_dot_v1_dot_speed__pb2.Forwarded.SerializeToString,
-                response_deserializer=speed_dot_v1_dot_speed__pb2.ForwardReply.FromString,
-                _registered_method=True)
         self.Drain = channel.unary_unary(
                 '/speed.v1.Node/Drain',
                 request_serializer=speed_dot_v1_dot_speed__pb2.DrainRequest.SerializeToString,
@@ -228,14 +223,6 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Forward(self, request_iterator, context):
-        """The ring data path between nodes: hidden states for the next stage, corrections and commits for
-        the node hosting stage 0. The caller must be a node of the same cluster.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Drain(self, request, context):
         """Hand every stage over to the other nodes (the coordinator replays what they carried), then stop.
         The caller must hold the node's own certificate (`speed node --drain` on its machine).
@@ -275,11 +262,6 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Ring,
                     request_deserializer=speed_dot_v1_dot_speed__pb2.RingControl.FromString,
                     response_serializer=speed_dot_v1_dot_speed__pb2.RingEvents.SerializeToString,
-            ),
-            'Forward': grpc.stream_unary_rpc_method_handler(
-                    servicer.Forward,
-                    request_deserializer=speed_dot_v1_dot_speed__pb2.Forwarded.FromString,
-                    response_serializer=speed_dot_v1_dot_speed__pb2.ForwardReply.SerializeToString,
             ),
             'Drain': grpc.unary_unary_rpc_method_handler(
                     servicer.Drain,
@@ -402,33 +384,6 @@ class Node:
             '/speed.v1.Node/Ring',
             speed_dot_v1_dot_speed__pb2.RingControl.SerializeToString,
             speed_dot_v1_dot_speed__pb2.RingEvents.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Forward(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/speed.v1.Node/Forward',
-            speed_dot_v1_dot_speed__pb2.Forwarded.SerializeToString,
-            speed_dot_v1_dot_speed__pb2.ForwardReply.FromString,
             options,
             channel_credentials,
             insecure,

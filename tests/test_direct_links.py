@@ -1,0 +1,141 @@
+"""Direct links between nodes, in one process over real loopback sockets: messages in order, the hello and
+its refusals, frames a listener will not read, a peer that is down, TLS with node certificates."""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from deploy.certs import Authority, common_name
+from nodes.link_listener import LinkListener
+from nodes.peer_links import Dialler, LinkRefused, PeerLinks
+from runtime.core.cluster_file import SecuritySpec
+from runtime.core.errors import SpeedError
+from runtime.core.ring import Commit
+from runtime.executor.cpu_profile import CpuProfile
+from runtime.wire import speed_pb2 as pb
+from runtime.wire.frames import HANDSHAKE_BYTES, frame, read_frame
+from runtime.wire.security import link_contexts
+from tests.conftest import free_port
+
+SECRET = "ab" * 32
+
+
+@contextmanager
+def listening(*, admit=lambda certificate: "", tls=None, max_frame_bytes=1 << 20) -> Iterator[tuple[str, queue.Queue]]:
+    """A listener of node edge-2 whose messages land in the queue: (its address, the queue)."""
+    taken: queue.SimpleQueue = queue.SimpleQueue()
+    listener = LinkListener("127.0.0.1", owner="node edge-2", secret=SECRET, admit=admit,
+                            take=lambda payload: taken.put(pb.Forwarded.FromString(payload)) or "",
+                            max_frame_bytes=max_frame_bytes, tls=tls)
+    try:
+        yield f"127.0.0.1:{listener.port}", taken
+    finally:
+        listener.close()
+
+
+def links_to(address: str, *, delay_s: float = 0.0, dial: Dialler | None = None) -> PeerLinks:
+    return PeerLinks({"edge-2": address}, dial or Dialler("edge-1", SECRET), delay_s=delay_s, incarnation=3, epoch=4,
+                     profile=CpuProfile())
+
+
+def commits(taken: queue.SimpleQueue, count: int) -> list[int]:
+    positions = []
+    while len(positions) < count:
+        message = taken.get(timeout=10)
+        assert (message.incarnation, message.epoch) == (3, 4)
+        positions += [commit.position for commit in message.commits]
+    return positions
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.02], ids=["direct", "emulated-latency"])
+def test_messages_arrive_whole_and_in_order(delay_s):
+    with listening() as (address, taken):
+        links = links_to(address, delay_s=delay_s)
+        sent_at = time.monotonic()
+        for position in range(200):
+            links.send("edge-2", [Commit(seq_id=1, position=position, token=7), Commit(seq_id=2, position=position,
+                                                                                     token=8)])
+        assert commits(taken, 400) == [p for position in range(200) for p in (position, position)]
+        assert time.monotonic() - sent_at >= delay_s
+        links.close()
+
+
+def test_a_link_without_the_cluster_secret_is_refused_with_a_sentence():
+    with listening() as (address, taken):
+        with pytest.raises(LinkRefused) as refused:
+            Dialler("edge-1", "cd" * 32)("edge-2", address)
+        assert "did not carry the cluster's secret" in str(refused.value)
+        with Dialler("edge-1", SECRET)("edge-2", address) as link:  # the listener still takes the cluster's links
+            link.sendall(frame(pb.Forwarded(epoch=4).SerializeToString()))
+            assert taken.get(timeout=10).epoch == 4
+
+
+def test_a_link_the_node_does_not_admit_is_refused_with_its_sentence():
+    with listening(admit=lambda certificate: "node edge-2 takes no links today") as (address, _):
+        with pytest.raises(LinkRefused, match="node edge-2 takes no links today"):
+            Dialler("edge-1", SECRET)("edge-2", address)
+
+
+def test_a_frame_larger_than_the_listener_takes_ends_its_link_unread():
+    with listening(max_frame_bytes=1000) as (address, taken), Dialler("edge-1", SECRET)("edge-2", address) as link:
+        link.sendall(frame(b"x" * 5000))
+        with link.makefile("rb") as answers:
+            refusal = pb.LinkAnswer.FromString(read_frame(answers, HANDSHAKE_BYTES)).refusal
+            assert read_frame(answers, HANDSHAKE_BYTES) is None
+        assert refusal == "a frame of 5000 bytes is more than the 1000 a link takes"
+        assert taken.empty()
+
+
+def test_frames_cut_short_are_errors_and_an_ended_stream_is_none():
+    assert read_frame(io.BytesIO(b""), 10) is None
+    assert read_frame(io.BytesIO(frame(b"abc")), 10) == b"abc"
+    for cut in (frame(b"abc")[:2], frame(b"abc")[:5]):
+        with pytest.raises(SpeedError, match="the link closed inside a frame"):
+            read_frame(io.BytesIO(cut), 10)
+
+
+def test_sending_to_a_node_that_is_down_loses_the_messages_and_says_so_once(caplog):
+    links = links_to(f"127.0.0.1:{free_port()}")
+    with caplog.at_level(logging.WARNING, logger="speed.node"):
+        for position in range(20):  # never raises, never blocks the stage worker
+            links.send("edge-2", [Commit(seq_id=1, position=position, token=7)])
+        deadline = time.monotonic() + 10
+        while not caplog.records and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for position in range(20):
+            links.send("edge-2", [Commit(seq_id=1, position=position, token=7)])
+    links.close()
+    said = [record.getMessage() for record in caplog.records]
+    assert len(said) == 1 and said[0].startswith("the link to node edge-2 broke"), said
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("certs")
+    authority = Authority("links", days=1)
+    (directory / "ca.pem").write_bytes(authority.cert.public_bytes(serialization.Encoding.PEM))
+    for name in ("edge-1", "edge-2"):
+        authority.issue(directory, f"node.{name}", common_name("node", name), [name, "127.0.0.1"])
+    return SecuritySpec(certs=directory)
+
+
+def test_over_tls_each_end_shows_its_node_certificate(certs):
+    seen = []
+    server, _ = link_contexts(certs, "edge-2")
+    _, client = link_contexts(certs, "edge-1")
+    with listening(tls=server, admit=lambda certificate: seen.append(certificate) or "") as (address, taken):
+        links = links_to(address, dial=Dialler("edge-1", SECRET, client))
+        links.send("edge-2", [Commit(seq_id=1, position=0, token=7)])
+        assert commits(taken, 1) == [0]
+        assert seen == [common_name("node", "edge-1")]
+        with pytest.raises(LinkRefused, match="shows the certificate of 'speed node edge-2', not node edge-3's"):
+            Dialler("edge-1", SECRET, client)("edge-3", address)
+        links.close()
