@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 
 from google.protobuf.message import DecodeError
@@ -25,6 +26,8 @@ from runtime.wire.security import certificate_name
 
 log = logging.getLogger("speed.node")
 HELLO_TIMEOUT_S = 10.0  # a connection that does not say who it is within this long is closed
+MAX_OPEN_LINKS = 128  # links a node serves at once, said hello or not: a thread each
+RETRY_ACCEPT_S = 0.1
 
 
 class LinkListener:
@@ -61,13 +64,24 @@ class LinkListener:
         while True:
             try:
                 connection, peer = self._server.accept()
-            except OSError:
-                return  # closed
+            except OSError as exc:
+                if self._closed:
+                    return
+                log.warning("%s could not take a link: %s", self._owner, exc)  # e.g. out of file descriptors
+                time.sleep(RETRY_ACCEPT_S)
+                continue
             with self._lock:
                 if self._closed:
                     _end(connection)
                     return
-                self._open.add(connection)
+                crowded = len(self._open) >= MAX_OPEN_LINKS
+                if not crowded:
+                    self._open.add(connection)
+            if crowded:  # a ring needs a link from each other node: this many are not its nodes
+                log.warning("%s refused a link from %s: %d links are open already", self._owner, peer[0],
+                            MAX_OPEN_LINKS)
+                connection.close()
+                continue
             threading.Thread(target=self._serve, args=(connection, peer[0]), daemon=True, name="link-in").start()
 
     def _serve(self, connection: socket.socket, peer: str) -> None:

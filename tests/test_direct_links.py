@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import queue
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,9 +15,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from deploy.certs import Authority, common_name
+from nodes import link_listener
 from nodes.link_listener import LinkListener
 from nodes.peer_links import Dialler, LinkRefused, PeerLinks
-from runtime.core.cluster_file import SecuritySpec
+from runtime.core.cluster_file import SecuritySpec, parse_address
 from runtime.core.errors import SpeedError
 from runtime.core.ring import Commit
 from runtime.executor.cpu_profile import CpuProfile
@@ -92,6 +94,23 @@ def test_a_frame_larger_than_the_listener_takes_ends_its_link_unread():
             assert read_frame(answers, HANDSHAKE_BYTES) is None
         assert refusal == "a frame of 5000 bytes is more than the 1000 a link takes"
         assert taken.empty()
+
+
+def test_connections_beyond_the_most_a_node_serves_are_closed_and_later_links_still_taken(monkeypatch):
+    monkeypatch.setattr(link_listener, "MAX_OPEN_LINKS", 2)
+    with listening() as (address, taken):
+        host, port = parse_address(address)
+        silent = [socket.create_connection((host, port)) for _ in range(2)]  # say no hello: each holds a thread
+        time.sleep(0.2)
+        with socket.create_connection((host, port), timeout=10) as crowded:
+            assert crowded.recv(1) == b""  # closed at once
+        for connection in silent:
+            connection.close()
+        time.sleep(0.2)
+        links = links_to(address)
+        links.send("edge-2", [Commit(seq_id=1, position=0, token=7)])
+        assert commits(taken, 1) == [0]
+        links.close()
 
 
 def test_frames_cut_short_are_errors_and_an_ended_stream_is_none():

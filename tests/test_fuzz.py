@@ -11,6 +11,7 @@ previous stage are exercised; the coordinator is a separate cluster of its own.
 from __future__ import annotations
 
 import math
+import socket
 import time
 from collections.abc import Iterator
 
@@ -20,11 +21,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nodes.peer_links import Dialler
 from runtime.client import Client
+from runtime.core.cluster_file import load_cluster
 from runtime.core.stopping import StopReason
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.cluster_secret import load_secret
+from runtime.wire.frames import HANDSHAKE_BYTES, frame, read_frame
 from runtime.wire.tensor import pack
 from tests.conftest import CLUSTER_PROMPTS, generate_on, running_cluster, write_cluster
 from tests.support import (
@@ -271,6 +276,53 @@ def test_fuzzed_step_messages_are_refused_with_a_sentence_and_harm_no_node(nodes
     for name in nodes:
         assert stubs[name].Info(pb.InfoRequest(), timeout=5).open_sequences == 0
         assert after[name] - before[name] <= MEMORY_BOUND_MB, (name, before[name], after[name])
+    assert decode_on_nodes(pipeline, CLUSTER_PROMPTS[0]) == reference(CLUSTER_PROMPTS[0])
+
+
+# --- forwarded messages on the direct links between nodes ----------------------------------------------------
+
+
+tensors = st.one_of(
+    st.builds(lambda rows, width, fill: pack(np.full((rows, width), fill, np.float32)), st.integers(0, 3),
+              st.sampled_from([D, D - 1, 1, 0]), odd_floats),
+    st.builds(pb.Tensor, dtype=st.sampled_from(["float32", "float64", "int8", "", "<f4"]),
+              shape=st.lists(i32, max_size=3), data=st.binary(max_size=64)))
+hops = st.builds(pb.RingHop, seq_id=u64, gen=u64, stage=i32, start=i32, tokens=st.lists(i32, max_size=4),
+                 committed=i32, hidden=tensors)
+forwarded_messages = st.builds(
+    pb.Forwarded, incarnation=u64, epoch=u64, hops=st.lists(hops, max_size=3),
+    corrections=st.lists(st.builds(pb.RingCorrection, seq_id=u64, gen=u64, position=i32, token=i32, found_at=i32),
+                         max_size=2),
+    commits=st.lists(st.builds(pb.RingCommit, seq_id=u64, position=i32, token=i32), max_size=2))
+frames_on_a_link = st.lists(st.one_of(forwarded_messages.map(pb.Forwarded.SerializeToString), st.binary(max_size=300)),
+                            min_size=1, max_size=4)
+
+
+def test_fuzzed_forwarded_messages_end_their_link_with_a_sentence_and_harm_no_node(nodes, stubs, reference):
+    dial = Dialler("edge-1", load_secret(load_cluster(nodes["edge-2"].cluster)))
+    address = nodes["edge-2"].link_address()
+    outcomes = {"taken": 0, "refused": 0}
+
+    @FUZZ
+    @given(frames_on_a_link)
+    def fuzz(payloads: list[bytes]) -> None:
+        with dial("edge-2", address) as link, link.makefile("rb") as answers:
+            link.settimeout(2)
+            for payload in payloads:
+                link.sendall(frame(payload))
+            link.shutdown(socket.SHUT_WR)  # the link ends here: whatever the node says comes before its end
+            answer = read_frame(answers, HANDSHAKE_BYTES)
+        if answer is None:
+            outcomes["taken"] += 1
+        else:
+            outcomes["refused"] += 1
+            refusal = pb.LinkAnswer.FromString(answer).refusal
+            assert refusal.strip() and "\n" not in refusal and len(refusal) < 1000, refusal
+        assert nodes["edge-2"].process.poll() is None
+
+    fuzz()
+    assert outcomes["taken"] and outcomes["refused"], outcomes
+    pipeline = [(stubs[name], stages) for name, stages in NODE_STAGES.items()]
     assert decode_on_nodes(pipeline, CLUSTER_PROMPTS[0]) == reference(CLUSTER_PROMPTS[0])
 
 

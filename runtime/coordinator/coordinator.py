@@ -264,7 +264,7 @@ class Coordinator:
         """What a joining node needs to know of the cluster."""
         return pb.ClusterSettings(cluster=self.spec.name, bundle_sha256=self.bundle.sha256,
                                   prefill_chunk=self.spec.speculation.prefill_chunk,
-                                  step_timeout_s=self.spec.coordinator.step_timeout_s, nodes=len(self.nodes),
+                                  step_timeout_s=self.spec.coordinator.step_timeout_s,
                                   secure=self.spec.security is not None, insecure=self.spec.insecure)
 
     def _check_node(self, node: RemoteNode, info: pb.NodeInfo) -> None:

@@ -600,22 +600,20 @@ class SettingsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClusterSettings(_message.Message):
-    __slots__ = ("cluster", "bundle_sha256", "prefill_chunk", "step_timeout_s", "nodes", "secure", "insecure")
+    __slots__ = ("cluster", "bundle_sha256", "prefill_chunk", "step_timeout_s", "secure", "insecure")
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
     PREFILL_CHUNK_FIELD_NUMBER: _ClassVar[int]
     STEP_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
-    NODES_FIELD_NUMBER: _ClassVar[int]
     SECURE_FIELD_NUMBER: _ClassVar[int]
     INSECURE_FIELD_NUMBER: _ClassVar[int]
     cluster: str
     bundle_sha256: str
     prefill_chunk: int
     step_timeout_s: float
-    nodes: int
     secure: bool
     insecure: bool
-    def __init__(self, cluster: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., prefill_chunk: _Optional[int] = ..., step_timeout_s: _Optional[float] = ..., nodes: _Optional[int] = ..., secure: _Optional[bool] = ..., insecure: _Optional[bool] = ...) -> None: ...
+    def __init__(self, cluster: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., prefill_chunk: _Optional[int] = ..., step_timeout_s: _Optional[float] = ..., secure: _Optional[bool] = ..., insecure: _Optional[bool] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("name",)
