@@ -101,9 +101,15 @@ class PeerLink:
     def _run(self, dial: Dialler, address: str) -> None:
         try:
             connection = dial(self.peer, address)
-        except (OSError, SpeedError) as exc:
-            with self._lock:
-                self._broke(exc)
+        except LinkRefused as exc:
+            log.warning("node %s refused a link: %s", self.peer, exc)
+            self._failed()
+            return
+        except OSError as exc:
+            log.warning("cannot open a link to node %s at %s (%s); it is dialled again for the next message. Where a "
+                        "firewall stands between the nodes, let that port through, or fix it with link_port in the "
+                        "cluster file", self.peer, address, str(exc) or type(exc).__name__)
+            self._failed()
             return
         with self._lock:
             self._connection = connection
@@ -122,6 +128,11 @@ class PeerLink:
             with self._lock:
                 self._end()
 
+    def _failed(self) -> None:
+        with self._lock:
+            self.broken_at = time.monotonic()
+            self._end()
+
     def _write(self, data: bytes) -> None:
         """With the lock held."""
         try:
@@ -129,10 +140,10 @@ class PeerLink:
         except OSError as exc:
             self._broke(exc)
 
-    def _broke(self, exc: Exception) -> None:
+    def _broke(self, exc: OSError) -> None:
         """With the lock held."""
         if self.broken_at is None and not self._closed:
-            log.warning("the link to node %s broke (%s); it is opened again for the next message", self.peer,
+            log.warning("the link to node %s broke (%s); it is dialled again for the next message", self.peer,
                         str(exc) or type(exc).__name__)
         self.broken_at = time.monotonic()
         self._end()

@@ -182,8 +182,8 @@ def test_an_unknown_node_key_is_named_with_a_suggestion(tmp_path):
 
     path = cluster_with(tmp_path, edit)
     fails(path, f"{path}: nodes[1]: unknown key 'stage'; expected one of address, cpu_fallback, device, "
-                "emulated_cpu_share, emulated_link_ms, idle_timeout_s, link_port, max_sequences, metrics_port, name, stages, "
-                "standby_stages, threads (did you mean 'stages'?)")
+                "emulated_cpu_share, emulated_link_ms, idle_timeout_s, link_port, max_sequences, metrics_port, name, "
+                "stages, standby_stages, threads (did you mean 'stages'?)")
 
 
 def test_placement_auto_is_read(tmp_path):

@@ -122,7 +122,8 @@ def test_frames_cut_short_are_errors_and_an_ended_stream_is_none():
 
 
 def test_sending_to_a_node_that_is_down_loses_the_messages_and_says_so_once(caplog):
-    links = links_to(f"127.0.0.1:{free_port()}")
+    address = f"127.0.0.1:{free_port()}"
+    links = links_to(address)
     with caplog.at_level(logging.WARNING, logger="speed.node"):
         for position in range(20):  # never raises, never blocks the stage worker
             links.send("edge-2", [Commit(seq_id=1, position=position, token=7)])
@@ -133,7 +134,8 @@ def test_sending_to_a_node_that_is_down_loses_the_messages_and_says_so_once(capl
             links.send("edge-2", [Commit(seq_id=1, position=position, token=7)])
     links.close()
     said = [record.getMessage() for record in caplog.records]
-    assert len(said) == 1 and said[0].startswith("the link to node edge-2 broke"), said
+    assert len(said) == 1 and said[0].startswith(f"cannot open a link to node edge-2 at {address}"), said
+    assert "link_port" in said[0]
 
 
 @pytest.fixture(scope="module")

@@ -85,3 +85,11 @@ def test_a_coordinator_stopping_while_a_node_times_its_passes_is_not_held_up(tmp
 
     task, node = timing(tmp_path, coordinator_stops)
     assert task.cancelled()  # a cancellation taken for the node going left the task running on: a hang at exit
+
+
+def test_a_node_is_placed_with_its_link_address_on_the_host_it_registered_from(tmp_path):
+    spec = load_cluster(write_cluster(tmp_path)).nodes[0]
+    node = RemoteNode(spec, step_timeout_s=1.0, on_state_change=lambda node: None, metadata=())
+    for registered, expected in (("127.0.0.1:50051", "127.0.0.1:6001"), ("[::1]:50051", "[::1]:6001")):
+        node.info, node.address = pb.NodeInfo(name=spec.name, link_port=6001), registered
+        assert node.place(2) == pb.StagePlace(stage=2, node=spec.name, address=registered, link_address=expected)
