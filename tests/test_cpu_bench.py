@@ -6,7 +6,9 @@ import json
 
 import pytest
 
+from deploy.certs import init_certs
 from runtime.bench.cpu import PARTS, breakdown, figures, format_cpu
+from runtime.core.cluster_file import load_cluster
 from tests.conftest import assert_one_line_error, run_speed, write_cluster
 from tests.support import ports_free
 
@@ -44,8 +46,13 @@ def test_ratios_compare_the_busiest_node_and_all_processes_with_the_single_proce
     assert result["stage_call_ms"] == {"edge-1": 0.4, "edge-2": 0.4}  # stage time over stage calls
 
 
-def test_cpu_reports_every_process_and_where_each_node_spends_per_token(tmp_path, state_dir):
-    path = write_cluster(tmp_path)
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls"])
+def test_cpu_reports_every_process_and_where_each_node_spends_per_token(tmp_path, state_dir, secure):
+    """A secure cluster's nodes answer only their coordinator: the bench reads them with its certificate."""
+    path = write_cluster(tmp_path, extra_top_keys="security:\n  certs: certs\n" if secure else "")
+    if secure:
+        spec = load_cluster(path)
+        init_certs(spec.security.certs, spec)
     result = run_speed("bench", str(path), "--cpu", "ring", "--temperature", "0", "--new-tokens", "32", "--repeats", "1",
                        "--json")
     assert result.returncode == 0, result.stderr
@@ -77,7 +84,6 @@ def test_cpu_reports_every_process_and_where_each_node_spends_per_token(tmp_path
     (["deploy/local.yaml", "--cpu", "star"], ["--cpu", "give data paths separated by commas", "lockstep, ring"]),
     (["deploy/local.yaml", "--cpu", "--clients", "2"], ["--cpu is a benchmark of its own", "--clients"]),
     (["deploy/local.yaml", "--cpu", "--emulate-link-ms", "5"], ["--cpu is a benchmark of its own", "--emulate-link-ms"]),
-    (["deploy/secure-local.yaml", "--cpu"], ["secure cluster", "without its security section"]),
 ])
 def test_argument_mistakes_get_one_line(args, fragments):
     assert_one_line_error(run_speed("bench", *args, timeout=60), *fragments)

@@ -28,14 +28,13 @@ from runtime.bench.local import LOCAL_PROMPTS, sampled
 from runtime.client import Client
 from runtime.core.bundle import load_bundle
 from runtime.core.cluster_file import DATA_PATHS, load_cluster
-from runtime.core.errors import SpeedError
 from runtime.core.progress import NO_PROGRESS, Progress
 from runtime.core.sampling import SamplingParams
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
-from runtime.wire.security import member_channel
+from runtime.wire.security import operator_channel
 
 SAMPLED_TEMPERATURE = 0.8
 MODES = ("sequential", "speculative")
@@ -52,9 +51,6 @@ def bench_cpu(cluster_path: Path, *, data_paths: tuple[str, ...] = DATA_PATHS,
     """window: positions stage 0 runs ahead on the ring (default: the cluster file's); guess_threshold: the
     confidence gate of the speculative runs (default: the cluster file's, else the bundle's, else none)."""
     spec = load_cluster(cluster_path)
-    if spec.security is not None:
-        raise SpeedError(f"{cluster_path} is a secure cluster, whose nodes answer Info only to their coordinator; "
-                         "measure a copy of the file without its security section")
     bundle = load_bundle(spec.bundle)
     model = TimedStageCalls(open_stage_model(bundle, threads=1))
     chat = bundle.answers_questions
@@ -137,7 +133,7 @@ def measure_case(cluster: LocalCluster, client: Client, prompts: tuple[str, ...]
                  repeats: int, generate: dict, progress: Progress) -> dict:
     """Every process's CPU and every node's profile over the short runs and over the long runs."""
     processes = {name: psutil.Process(process.pid) for name, process in cluster.processes.items()}
-    nodes = {node.name: pb_grpc.NodeStub(member_channel(cluster.spec, node.address)) for node in cluster.spec.nodes}
+    nodes = {node.name: pb_grpc.NodeStub(operator_channel(cluster.spec, node)) for node in cluster.spec.nodes}
     spent = {length: {} for length in lengths}  # length -> what -> summed difference
     tokens = dict.fromkeys(lengths, 0)
     rates = []

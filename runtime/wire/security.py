@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from runtime.core.cluster_file import ClusterSpec, SecuritySpec, parse_address
+from runtime.core.cluster_file import ClusterSpec, NodeSpec, SecuritySpec, parse_address
 from runtime.core.errors import SpeedError
 from runtime.wire.cluster_secret import SecretCarrier, load_secret
 from runtime.wire.options import CHANNEL
@@ -105,6 +105,15 @@ def member_channel(spec: ClusterSpec, address: str) -> grpc.Channel:
     """A channel to a process of a plain cluster as the cluster's own processes open it, carrying its secret
     (for an operator's tools on the cluster's machine, e.g. reading a node's Info)."""
     return open_channel(address, secret=load_secret(spec))
+
+
+def operator_channel(spec: ClusterSpec, node: NodeSpec) -> grpc.Channel:
+    """A channel to a node as an operator's tools on the cluster's machine read it (its Info): with the secret, and
+    in a secure cluster with the coordinator's certificate, the only one a node answers."""
+    if spec.security is None:
+        return member_channel(spec, node.address)
+    return open_channel(node.address, Identity.load(spec.security, "coordinator").channel(), server_name=node.name,
+                        secret=load_secret(spec))
 
 
 def expect_name(name: str) -> list[tuple[str, str]]:
