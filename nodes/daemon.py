@@ -28,7 +28,7 @@ from nodes.registration import Registration
 from nodes.self_measure import measure_passes, memory_available_bytes
 from nodes.service import SERVER_THREADS, NodeService
 from runtime.core.bundle import Bundle, load_bundle
-from runtime.core.cluster_file import ClusterSpec, NodeSpec, load_cluster, parse_address
+from runtime.core.cluster_file import ClusterSpec, NodeSpec, listening_ports, load_cluster, parse_address
 from runtime.core.errors import SpeedError
 from runtime.executor.cpu_profile import CpuProfile
 from runtime.executor.onnx_session import PROVIDERS
@@ -162,7 +162,7 @@ def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threadin
                                               max_items=node.max_sequences * len(host.hostable))
     listener = LinkListener(parse_address(node.address)[0], owner=f"node {node.name}", secret=secret,
                             admit=service.admit_link, take=service.take_forwarded, max_frame_bytes=largest_step,
-                            tls=link_server_tls, port=node.link_port or 0)
+                            tls=link_server_tls, port=node.link_port or 0, avoid=frozenset(listening_ports(spec)))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=SERVER_THREADS),
                          options=options.node_server(largest_step),
                          interceptors=[SecretCheck(secret, f"node {node.name}")])

@@ -28,20 +28,22 @@ log = logging.getLogger("speed.node")
 HELLO_TIMEOUT_S = 10.0  # a connection that does not say who it is within this long is closed
 MAX_OPEN_LINKS = 128  # links a node serves at once, said hello or not: a thread each
 RETRY_ACCEPT_S = 0.1
+LINGER_S = 2.0  # how long a refused link is read to its end, at most
 
 
 class LinkListener:
     def __init__(self, host: str, *, owner: str, secret: str, admit: Callable[[str], str], take: Callable[[bytes], str],
-                 max_frame_bytes: int, tls: ssl.SSLContext | None = None, port: int = 0):
+                 max_frame_bytes: int, tls: ssl.SSLContext | None = None, port: int = 0,
+                 avoid: frozenset[int] = frozenset()):
         """owner: who refuses, in sentences ("node edge-1"); admit(certificate name) and take(frame): "" or the
-        sentence refusing the link or the message; port 0: any free port (`port` says which)."""
+        sentence refusing the link or the message; port 0: any free port (`port` says which) but those in `avoid`
+        (the ports the cluster's other processes are to listen on, which may not have started yet)."""
         self._owner, self._secret = owner, secret
         self._admit, self._take = admit, take
         self._max_frame_bytes = max_frame_bytes
         self._tls = tls
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         try:
-            self._server = socket.create_server((host, port), family=family)
+            self._server = _listen(host, port, avoid)
         except OSError as exc:
             raise SpeedError(f"{owner} cannot listen for links on {host} port {port} ({exc.strerror}); free the port "
                              "or choose another") from None
@@ -98,15 +100,16 @@ class LinkListener:
                 hello = pb.LinkHello.FromString(read_frame(stream, HANDSHAKE_BYTES) or b"")
                 refusal = refusal_without(hello.secret, self._secret, self._owner) \
                     or self._admit(certificate_name(link) if self._tls else "")
-                _answer(link, refusal)
                 if refusal:
                     log.warning("refused a link from %s (%s): %s", hello.node or "a process", peer, refusal)
+                    _refuse(link, refusal)
                     return
+                _answer(link, "")
                 link.settimeout(None)  # a link may be idle for as long as its ring is
                 refusal = self._take_messages(stream)
                 if refusal:
-                    _answer(link, refusal)
                     log.warning("ended the link from node %s: %s", hello.node, refusal)
+                    _refuse(link, refusal)
         except (OSError, ssl.SSLError, DecodeError, SpeedError) as exc:
             if not self._closed:
                 log.info("a link from %s ended: %s", peer, exc)
@@ -129,8 +132,33 @@ class LinkListener:
                 return refusal
 
 
+def _listen(host: str, port: int, avoid: frozenset[int]) -> socket.socket:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    taken = []  # held while another is tried, so that the system does not give the same port again
+    try:
+        while True:
+            server = socket.create_server((host, port), family=family)
+            if port or server.getsockname()[1] not in avoid:
+                return server
+            taken.append(server)
+    finally:
+        for server in taken:
+            server.close()
+
+
 def _answer(link: socket.socket, refusal: str) -> None:
     link.sendall(frame(pb.LinkAnswer(refusal=refusal).SerializeToString()))
+
+
+def _refuse(link: socket.socket, refusal: str) -> None:
+    """Answer with the refusal, then read what the peer still sends until it stops, so that closing does not reset
+    the connection and lose the answer with what the peer had sent unread."""
+    _answer(link, refusal)
+    link.shutdown(socket.SHUT_WR)
+    link.settimeout(LINGER_S)
+    deadline = time.monotonic() + LINGER_S
+    while time.monotonic() < deadline and link.recv(1 << 16):
+        pass
 
 
 def _end(connection: socket.socket) -> None:

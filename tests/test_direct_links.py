@@ -113,6 +113,26 @@ def test_connections_beyond_the_most_a_node_serves_are_closed_and_later_links_st
         links.close()
 
 
+def test_a_port_the_cluster_file_gives_another_process_is_not_taken_for_links(monkeypatch):
+    """Any free port, but not one another process of the cluster is about to listen on."""
+    reserved = free_port()
+    made = []
+
+    def create_server(address, **options):  # the system's first choice: the reserved port
+        made.append(real_create_server((address[0], reserved if not made else address[1]), **options))
+        return made[-1]
+
+    real_create_server = socket.create_server
+    monkeypatch.setattr(link_listener.socket, "create_server", create_server)
+    listener = LinkListener("127.0.0.1", owner="node edge-2", secret=SECRET, admit=lambda certificate: "",
+                            take=lambda payload: "", max_frame_bytes=1000, avoid=frozenset({reserved}))
+    try:
+        assert listener.port != reserved and len(made) == 2
+        assert made[0].fileno() == -1  # the reserved port was given back
+    finally:
+        listener.close()
+
+
 def test_frames_cut_short_are_errors_and_an_ended_stream_is_none():
     assert read_frame(io.BytesIO(b""), 10) is None
     assert read_frame(io.BytesIO(frame(b"abc")), 10) == b"abc"

@@ -310,7 +310,7 @@ def test_fuzzed_forwarded_messages_end_their_link_with_a_sentence_and_harm_no_no
             link.settimeout(2)
             for payload in payloads:
                 link.sendall(frame(payload))
-            link.shutdown(socket.SHUT_WR)  # the link ends here: whatever the node says comes before its end
+            link.shutdown(socket.SHUT_WR)  # the link ends here; a refusing node reads it to its end, then closes
             answer = read_frame(answers, HANDSHAKE_BYTES)
         if answer is None:
             outcomes["taken"] += 1

@@ -541,6 +541,12 @@ def _on_host_of(address: str, port: int) -> str:
     return format_address(parse_address(address)[0], port)
 
 
+def listening_ports(spec: ClusterSpec) -> set[int]:
+    """Every port the file has a process of the cluster listen on, whatever the host: a port a node takes for its
+    links when none is named must not be one of them, or the process it belongs to could not start."""
+    return {parse_address(address)[1] for _, address, _ in _listeners(spec.coordinator, spec.nodes)}
+
+
 def _listeners(coordinator: CoordinatorSpec, nodes: tuple[NodeSpec, ...]) -> list[tuple[str, str, str]]:
     """(owner, host:port, key path) of every listening port."""
     found = [("the coordinator", coordinator.address, "coordinator.address")]
