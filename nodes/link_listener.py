@@ -110,7 +110,7 @@ class LinkListener:
                 if refusal:
                     log.warning("ended the link from node %s: %s", hello.node, refusal)
                     _refuse(link, refusal)
-        except (OSError, ssl.SSLError, DecodeError, SpeedError) as exc:
+        except (OSError, DecodeError, SpeedError) as exc:  # ssl.SSLError is an OSError
             if not self._closed:
                 log.info("a link from %s ended: %s", peer, exc)
         finally:

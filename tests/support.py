@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, settings
 
 from runtime.core.bundle import Bundle, load_bundle
-from runtime.core.cluster_file import format_address, load_cluster, parse_address
+from runtime.core.cluster_file import load_cluster, on_host_of, parse_address
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.security import member_channel
@@ -100,7 +100,7 @@ class NodeProcess:
         """Where it takes direct links from the other nodes, as its Info says."""
         with self.channel() as channel:
             port = pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=10).link_port
-        return format_address(parse_address(self.address)[0], port)
+        return on_host_of(self.address, port)
 
 
 class RegistryStandIn(pb_grpc.RegistryServicer):

@@ -18,7 +18,7 @@ from cryptography import x509
 from nodes.peer_links import Dialler, LinkRefused
 from runtime.client import Client, Unauthenticated, Unavailable
 from runtime.core.bundle import load_bundle
-from runtime.core.cluster_file import format_address, load_cluster, parse_address
+from runtime.core.cluster_file import load_cluster, on_host_of
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
@@ -295,7 +295,7 @@ def test_on_the_ring_nodes_forward_to_each_other_over_tls_and_refuse_other_calle
         coordinator = Identity.load(spec.security, "coordinator").channel()
         with open_channel(node.address, coordinator, server_name="edge-2", secret=secret) as channel:
             port = pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=10).link_port
-        link_address = format_address(parse_address(node.address)[0], port)
+        link_address = on_host_of(node.address, port)
         client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         client.check_hostname = False
         client.load_verify_locations(certs / "ca.pem")

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from runtime.core.cluster_file import NodeSpec, format_address, parse_address
+from runtime.core.cluster_file import NodeSpec, on_host_of
 from runtime.core.node_state import NodeState
 from runtime.core.request import FailureKind
 from runtime.wire import options
@@ -94,7 +94,7 @@ class RemoteNode:
         on the same host as the address it registered from."""
         link_port = self.info.link_port if self.info else 0
         return pb.StagePlace(stage=stage, node=self.name, address=self.address,
-                             link_address=format_address(parse_address(self.address)[0], link_port))
+                             link_address=on_host_of(self.address, link_port))
 
     @property
     def max_sequences(self) -> int:

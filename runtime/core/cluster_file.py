@@ -205,8 +205,9 @@ class ClusterSpec:
         return dataclasses.replace(self, nodes=nodes)
 
 
-def format_address(host: str, port: int) -> str:
-    """parse_address's inverse: ("::1", 50051) -> "[::1]:50051"."""
+def on_host_of(address: str, port: int) -> str:
+    """Another port on the host of address: ("[::1]:50051", 50151) -> "[::1]:50151"."""
+    host, _ = parse_address(address)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -537,10 +538,6 @@ def listen_addresses(spec: ClusterSpec) -> list[tuple[str, str]]:
     return [(owner, address) for owner, address, _ in _listeners(spec.coordinator, spec.nodes)]
 
 
-def _on_host_of(address: str, port: int) -> str:
-    return format_address(parse_address(address)[0], port)
-
-
 def listening_ports(spec: ClusterSpec) -> set[int]:
     """Every port the file has a process of the cluster listen on, whatever the host: a port a node takes for its
     links when none is named must not be one of them, or the process it belongs to could not start."""
@@ -551,17 +548,17 @@ def _listeners(coordinator: CoordinatorSpec, nodes: tuple[NodeSpec, ...]) -> lis
     """(owner, host:port, key path) of every listening port."""
     found = [("the coordinator", coordinator.address, "coordinator.address")]
     if coordinator.metrics_port is not None:
-        found.append(("the coordinator's metrics", _on_host_of(coordinator.address, coordinator.metrics_port),
+        found.append(("the coordinator's metrics", on_host_of(coordinator.address, coordinator.metrics_port),
                       "coordinator.metrics_port"))
     if coordinator.http_address is not None:
         found.append(("the coordinator's HTTP API", coordinator.http_address, "coordinator.http_address"))
     for i, node in enumerate(nodes):
         found.append((node.name, node.address, f"nodes[{i}].address"))
         if node.metrics_port is not None:
-            found.append((f"{node.name}'s metrics", _on_host_of(node.address, node.metrics_port),
+            found.append((f"{node.name}'s metrics", on_host_of(node.address, node.metrics_port),
                           f"nodes[{i}].metrics_port"))
         if node.link_port is not None:
-            found.append((f"{node.name}'s links", _on_host_of(node.address, node.link_port), f"nodes[{i}].link_port"))
+            found.append((f"{node.name}'s links", on_host_of(node.address, node.link_port), f"nodes[{i}].link_port"))
     return found
 
 
