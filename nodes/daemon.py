@@ -150,7 +150,7 @@ def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threadin
         stop.set()
         return reply
 
-    link_server_tls, link_client_tls = link_contexts(spec.security, node.name) if spec.security else (None, None)
+    link_server_tls, link_client_tls = link_contexts(spec.security, f"node.{node.name}") if spec.security else (None, None)
     service = NodeService(host, info, metrics=metrics, emulated_link_ms=node.emulated_link_ms,
                           only_caller=COORDINATOR if identity else None, prefill_chunk=spec.speculation.prefill_chunk,
                           open_peer_channel=open_peer_channel, dial=Dialler(node.name, secret, link_client_tls),
@@ -161,7 +161,7 @@ def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threadin
     largest_step = options.step_message_bytes(d_model=bundle.config.d_model, max_positions=spec.speculation.prefill_chunk,
                                               max_items=node.max_sequences * len(host.hostable))
     listener = LinkListener(parse_address(node.address)[0], owner=f"node {node.name}", secret=secret,
-                            admit=service.admit_link, take=service.take_forwarded, max_frame_bytes=largest_step,
+                            open_session=service.open_link, max_frame_bytes=largest_step,
                             tls=link_server_tls, port=node.link_port or 0, avoid=frozenset(listening_ports(spec)))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=SERVER_THREADS),
                          options=options.node_server(largest_step),
@@ -197,7 +197,7 @@ def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threadin
             log.info("freed sequence %d after %g s without a step", seq_id, node.idle_timeout_s)
 
     registration.stopping.set()
-    service.stop_ring()  # ends its streams, which would otherwise hold the server past its grace period
+    service.stop_ring()  # ends its links
     listener.close()
     health_service.enter_graceful_shutdown()
     server.stop(grace=STOP_GRACE_S).wait()

@@ -1,8 +1,8 @@
 """The ring data path on one node: on the node's stage worker thread, it feeds what arrived (the
 coordinator's opens and closes, the other nodes' hops, corrections and commits) to the node's ring state
 machine, runs the runs it hands out in one ONNX Runtime call per batch, and sends what comes out to the
-next node, the node of stage 0 or the coordinator. The state machine decides what runs; this shell only
-moves tensors and bytes.
+next node, the node of stage 0 or the coordinator (one message for each round of work). The state machine
+decides what runs; this shell only moves tensors and bytes.
 
 EMULATION: with a link latency set, everything the node sends waits in a delay line for that long, and
 so does what the coordinator sends it; the node itself never sleeps.
@@ -14,7 +14,8 @@ import logging
 import threading
 import time
 
-from nodes.delay_line import DelayLine, line
+from nodes.coordinator_link import CoordinatorLink
+from nodes.delay_line import DelayLine
 from nodes.host import StepRefused, check_open
 from nodes.node_metrics import NodeMetrics
 from nodes.peer_links import PeerLinks
@@ -27,6 +28,7 @@ from runtime.executor.cpu_profile import CpuProfile
 from runtime.executor.stage_model import StageModel
 from runtime.executor.tick_executor import TickExecutor
 from runtime.wire import speed_pb2 as pb
+from runtime.wire.framed_connection import FramedConnection
 from runtime.wire.ring import commit_to_wire
 
 log = logging.getLogger("speed.node")
@@ -49,7 +51,9 @@ class RingWorker:
         self.profile = profile
         self.executor = TickExecutor(model, slots=max_sequences, capacity=1, stages=stages, hand_over_locally=False,
                                      profile=profile)
-        self.events = line(delay_s)  # to the coordinator: commits, closed sequences' counts, failures
+        self._delay_s = delay_s
+        self._coordinator: CoordinatorLink | None = None  # once its link is attached
+        self._events = pb.RingEvents()  # for the coordinator: commits, closed sequences' counts, failures
         # from the coordinator: straight to the worker, unless a latency is emulated
         self._arrivals = DelayLine(delay_s) if delay_s else None
         self._deferred: list[Run] = []
@@ -58,7 +62,7 @@ class RingWorker:
         if self._arrivals is not None:
             threading.Thread(target=self._pump_arrivals, daemon=True, name=f"ring-arrivals-{name}").start()
 
-    # --- called from the gRPC handlers' threads --------------------------------------------------
+    # --- called from the links' and the gRPC handlers' threads ----------------------------------
 
     def control(self, message: pb.RingControl) -> None:
         if self._arrivals is None:
@@ -70,10 +74,11 @@ class RingWorker:
         self.worker.arrive(self, "messages", messages)
 
     def stop(self) -> None:
-        """Its streams end; what still arrives for it is dropped by the worker."""
+        """Its links end; what still arrives for it is dropped by the worker."""
         if self._arrivals is not None:
             self._arrivals.close()
-        self.events.close()
+        if self._coordinator is not None:
+            self._coordinator.close()
         self.links.close()
 
     @property
@@ -87,10 +92,17 @@ class RingWorker:
 
     # --- on the stage worker's thread ------------------------------------------------------------
 
-    def work(self, events: list) -> bool:
+    def attach(self, connection: FramedConnection) -> bool:
+        """The coordinator's link for this placement, which its events go to from now on; False when it has one."""
+        if self._coordinator is not None:
+            return False
+        self._coordinator = CoordinatorLink(connection, delay_s=self._delay_s, profile=self.profile)
+        return True
+
+    def work(self, arrivals: list) -> bool:
         """Apply what arrived, run what can run, send what comes out; whether anything ran (then the worker
         calls again before it waits, as running may have made more runnable)."""
-        for kind, payload in events:
+        for kind, payload in arrivals:
             if kind == "control":
                 self._apply_control(payload)
             else:
@@ -100,7 +112,17 @@ class RingWorker:
         if runs:
             self._execute(runs)
             self._route()
+        self._report()
         return bool(runs)
+
+    def _report(self) -> None:
+        """What this round of work has for the coordinator, in one message (before its link is attached the ring
+        has no sequence, so nothing)."""
+        events = self._events
+        if events.commits or events.closed or events.failed:
+            if self._coordinator is not None:
+                self._coordinator.send(events)
+            self._events = pb.RingEvents()
 
     def _apply_control(self, control: pb.RingControl) -> None:
         for seq_id in control.closes:
@@ -109,7 +131,7 @@ class RingWorker:
             try:
                 self._open(o)
             except (StepRefused, RingError) as exc:
-                self.events.put(pb.RingFailure(seq_id=o.sequence.seq_id, message=str(exc)))
+                self._events.failed.add(seq_id=o.sequence.seq_id, message=str(exc))
 
     def _open(self, o: pb.RingOpen) -> None:
         seq_id = o.sequence.seq_id
@@ -133,10 +155,10 @@ class RingWorker:
             return
         if report:
             counts, held = self.core.counts(seq_id)
-            self.events.put(pb.RingSequenceStats(seq_id=seq_id, held_guesses=held, stages=[
+            self._events.closed.add(seq_id=seq_id, held_guesses=held, stages=[
                 pb.RingStageStats(stage=stage, runs=c.runs, checks=c.checks, flips=c.flips, dropped=c.dropped,
                                   positions=c.positions)
-                for stage, c in sorted(counts.items())]))
+                for stage, c in sorted(counts.items())])
         self.core.close(seq_id)
         self.executor.close(seq_id)
         self._ran_at = {key: at for key, at in self._ran_at.items() if key[0] != seq_id}
@@ -161,7 +183,7 @@ class RingWorker:
         outgoing: dict[str, list] = {}  # one message a peer for everything that leaves together
         for message in self.core.drain():
             if isinstance(message, Commit):
-                self.events.put(commit_to_wire(message))
+                self._events.commits.append(commit_to_wire(message))
             target = self.placement[message.stage if isinstance(message, Hop) else 0]
             if target == self.name:
                 self._take(message)
@@ -187,7 +209,7 @@ class RingWorker:
         except Exception as exc:  # a bug: these sequences fail, the node keeps serving the others
             log.exception("a ring batch failed")
             for seq_id in {run.seq_id for run in batch}:
-                self.events.put(pb.RingFailure(seq_id=seq_id, message=f"node {self.name} failed to run it: {exc!r}"))
+                self._events.failed.add(seq_id=seq_id, message=f"node {self.name} failed to run it: {exc!r}")
                 self._close(seq_id, report=False)
             return
         finished = time.perf_counter()

@@ -1,22 +1,21 @@
 """The Node gRPC service: step messages in, results out (the lockstep data path); or, once assigned a
-placement, the ring data path's streams to and from the coordinator, and the direct links to and from the
-other nodes, run by a RingWorker.
+placement, the ring data path, run by a RingWorker over direct links: the coordinator's, which opens and
+closes sequences and takes the node's events, and those to and from the other nodes.
 
 How a node is concurrent, in three sentences. Every ONNX Runtime call and every change to the node's
 sequences runs on its one stage worker thread, fed by one inbox (nodes/stage_worker.py), so nothing else
 touches the model and no lock is needed. The handlers here only check, translate and enqueue, on a gRPC
 pool with a thread for every stream that can be open at once plus some for short calls (`SERVER_THREADS`),
-so a stream never waits for a thread and Info always finds one; each direct link from a peer is read by a
-thread of its own (nodes/link_listener.py). The stage worker writes to the peers' links itself, the Ring
-events to the coordinator go from a line by a thread of their own, its Ring controls are read by one, and a
-delay line sits in a path only where a link latency is emulated."""
+so a stream never waits for a thread and Info always finds one; each direct link to the node, the
+coordinator's included, is read by a thread of its own (nodes/link_listener.py). The stage worker writes to
+the peers' links and the coordinator's itself, and a delay line sits in a path only where a link latency is
+emulated."""
 
 from __future__ import annotations
 
 import hmac
 import logging
 import secrets
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -25,6 +24,7 @@ from google.protobuf.message import DecodeError
 
 from nodes.freed_memory import FreedMemory
 from nodes.host import StageHost, StepRefused
+from nodes.link_listener import LinkSession
 from nodes.link_probe import LinkProbe
 from nodes.node_metrics import NodeMetrics
 from nodes.peer_links import Dialler, PeerLinks
@@ -34,6 +34,8 @@ from runtime.core.errors import SpeedError
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.framed_connection import FramedConnection
+from runtime.wire.frames import frame
 from runtime.wire.ring import messages_from_wire
 from runtime.wire.security import caller, node_common_name, open_channel
 
@@ -41,7 +43,7 @@ log = logging.getLogger("speed.node")
 SHORT_CALL_THREADS = 4  # Info, Assign and health checks, beside the streams
 
 
-STREAM_THREADS = 2 * 2  # the coordinator's Steps and Ring, twice over for an assignment's still ending
+STREAM_THREADS = 2  # the coordinator's Steps, twice over for an assignment's still ending
 SERVER_THREADS = STREAM_THREADS + SHORT_CALL_THREADS  # a node's gRPC pool: a stream never waits for a thread
 
 
@@ -205,36 +207,45 @@ class NodeService(pb_grpc.NodeServicer):
         self.metrics.step(time.perf_counter() - started, sum(item.length for item in batch.items))
         return results
 
-    def Ring(self, requests: Iterator[pb.RingControl], context: grpc.ServicerContext) -> Iterator[pb.RingEvents]:
-        self._admit(context)
-        ring, stamp = self._ring, self._ring_stamp
-        if ring is None or context.peer() != self._owner:
-            _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, f"node {self.host.name} runs the ring data path "
-                    "only for the coordinator that assigned it a placement")
+    def open_link(self, hello: pb.LinkHello, certificate: str, connection: FramedConnection) -> LinkSession | str:
+        """A direct link whose hello carried the cluster's secret: the coordinator's for the ring's control, or
+        another node's with forwarded states; the sentence refusing it where the node does not take it."""
+        if not hello.HasField("ring"):
+            return self.admit_link(certificate) or LinkSession(take=self.take_forwarded)
+        if self.only_caller is not None and certificate != self.only_caller:
+            return (f"node {self.host.name} takes the ring's control only from its cluster's coordinator, not "
+                    f"{certificate or 'a caller without a certificate'}")
+        if not hmac.compare_digest(hello.ring.assign_key.encode(), self.assign_key.encode()):
+            return f"node {self.host.name} takes the ring's control only from the coordinator it registered with"
+        return self.worker.call(lambda: self._attach_coordinator(hello.ring, connection))
 
-        def read() -> None:
-            try:
-                for control in requests:
-                    if (control.incarnation, control.epoch) == stamp:
-                        ring.control(control)
-            except grpc.RpcError:
-                pass  # the coordinator went away: the stream's end below stops the worker
-
-        threading.Thread(target=read, daemon=True, name="ring-control").start()
-        context.add_callback(lambda: self.stop_ring(ring))  # the coordinator went away: nobody reads its commits
-        for batch in ring.events.batches():
-            events = pb.RingEvents()
-            for event in batch:
-                {pb.RingCommit: events.commits, pb.RingSequenceStats: events.closed,
-                 pb.RingFailure: events.failed}[type(event)].append(event)
-            yield events
+    def _attach_coordinator(self, binding: pb.RingBinding, connection: FramedConnection) -> LinkSession | str:
+        ring, stamp = self._ring, (binding.incarnation, binding.epoch)
+        if ring is None or stamp != self._ring_stamp:
+            return (f"node {self.host.name} runs the ring data path only for the placement its coordinator assigned "
+                    "last")
+        if not ring.attach(connection):
+            return f"node {self.host.name} already has its coordinator's link for this placement"
+        return LinkSession(take=lambda payload: self._take_control(ring, stamp, payload),
+                           ended=lambda: self.stop_ring(ring),  # the coordinator went: nobody reads its commits
+                           refusal=lambda sentence: frame(pb.RingEvents(refusal=sentence).SerializeToString()))
 
     def admit_link(self, certificate: str) -> str:
-        """Whether a direct link may bring it forwarded states ("" if so, else why not): in a secure cluster, only
-        from the nodes of its placement (the link's certificate names the node); its secret is checked before."""
+        """Whether another node's link may bring it forwarded states ("" if so, else why not): in a secure cluster,
+        only from the nodes of its placement (the link's certificate names the node); its secret is checked before."""
         if self.only_caller is not None and certificate not in self._ring_peers:
             return (f"node {self.host.name} takes forwarded states only from the nodes of its placement, not "
                     f"{certificate or 'a caller without a certificate'}")
+        return ""
+
+    def _take_control(self, ring: RingWorker, stamp: tuple[int, int], payload: bytes) -> str:
+        try:
+            control = pb.RingControl.FromString(payload)
+        except DecodeError:
+            self.metrics.refused(grpc.StatusCode.INVALID_ARGUMENT.name)
+            return f"node {self.host.name} cannot read a ring control message"
+        if (control.incarnation, control.epoch) == stamp:
+            ring.control(control)
         return ""
 
     def take_forwarded(self, payload: bytes) -> str:

@@ -13,6 +13,7 @@ from runtime.coordinator.lockstep import LockstepPath
 from runtime.coordinator.metrics import CoordinatorMetrics
 from runtime.coordinator.remote_node import RemoteNode
 from runtime.coordinator.requests import Request
+from runtime.coordinator.ring_link import RingDialler
 from runtime.coordinator.ring_path import RingPath
 from runtime.core.bundle import load_bundle
 from runtime.core.cluster_file import DataPathKind, load_cluster
@@ -41,7 +42,7 @@ class CountingPath:
         self.assignments += 1
         return {"epoch": self.assignments}
 
-    def replay(self, active: dict[int, Request]) -> None:
+    async def replay(self, active: dict[int, Request]) -> None:
         for seq_id in active:
             self.ledger.rewind(seq_id)
 
@@ -148,7 +149,8 @@ def test_a_request_decoding_while_nodes_time_their_passes_measures_no_rate(tmp_p
 
 def test_the_cluster_file_names_one_of_the_two_data_paths(tmp_path):
     view = ClusterView(config=load_bundle().config, nodes={}, metrics=CoordinatorMetrics(), incarnation=1, eos_id=0)
-    made = {kind: data_path_for(kind, prefill_chunk=64, stall_timeout_s=5.0)(view) for kind in DataPathKind}
+    made = {kind: data_path_for(kind, prefill_chunk=64, stall_timeout_s=5.0, dial=RingDialler(""))(view)
+            for kind in DataPathKind}
     assert isinstance(made[DataPathKind.LOCKSTEP], LockstepPath) and isinstance(made[DataPathKind.RING], RingPath)
     seam = {name for name in vars(DataPath) if not name.startswith("_")}
     assert {"assignment", "replay", "forget", "add", "advance", "end"} <= seam

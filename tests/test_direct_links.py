@@ -1,5 +1,6 @@
-"""Direct links between nodes, in one process over real loopback sockets: messages in order, the hello and
-its refusals, frames a listener will not read, a peer that is down, TLS with node certificates."""
+"""Direct links, in one process over real loopback sockets: messages in order, the hello and its refusals,
+frames a listener will not read, a peer that is down, TLS with node certificates, a link read and written at
+once."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import queue
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import pytest
@@ -16,13 +18,14 @@ from cryptography.hazmat.primitives import serialization
 
 from deploy.certs import Authority, common_name
 from nodes import link_listener
-from nodes.link_listener import LinkListener
+from nodes.link_listener import LinkListener, LinkSession
 from nodes.peer_links import Dialler, LinkRefused, PeerLinks
 from runtime.core.cluster_file import SecuritySpec, parse_address
 from runtime.core.errors import SpeedError
 from runtime.core.ring import Commit
 from runtime.executor.cpu_profile import CpuProfile
 from runtime.wire import speed_pb2 as pb
+from runtime.wire.framed_connection import FramedConnection
 from runtime.wire.frames import HANDSHAKE_BYTES, frame, read_frame
 from runtime.wire.security import link_contexts
 from tests.conftest import free_port
@@ -34,8 +37,10 @@ SECRET = "ab" * 32
 def listening(*, admit=lambda certificate: "", tls=None, max_frame_bytes=1 << 20) -> Iterator[tuple[str, queue.Queue]]:
     """A listener of node edge-2 whose messages land in the queue: (its address, the queue)."""
     taken: queue.SimpleQueue = queue.SimpleQueue()
-    listener = LinkListener("127.0.0.1", owner="node edge-2", secret=SECRET, admit=admit,
-                            take=lambda payload: taken.put(pb.Forwarded.FromString(payload)) or "",
+    def open_session(hello: pb.LinkHello, certificate: str, connection) -> LinkSession | str:
+        return admit(certificate) or LinkSession(take=lambda payload: taken.put(pb.Forwarded.FromString(payload)) or "")
+
+    listener = LinkListener("127.0.0.1", owner="node edge-2", secret=SECRET, open_session=open_session,
                             max_frame_bytes=max_frame_bytes, tls=tls)
     try:
         yield f"127.0.0.1:{listener.port}", taken
@@ -124,8 +129,9 @@ def test_a_port_the_cluster_file_gives_another_process_is_not_taken_for_links(mo
 
     real_create_server = socket.create_server
     monkeypatch.setattr(link_listener.socket, "create_server", create_server)
-    listener = LinkListener("127.0.0.1", owner="node edge-2", secret=SECRET, admit=lambda certificate: "",
-                            take=lambda payload: "", max_frame_bytes=1000, avoid=frozenset({reserved}))
+    listener = LinkListener("127.0.0.1", owner="node edge-2", secret=SECRET,
+                            open_session=lambda *link: LinkSession(take=lambda payload: ""), max_frame_bytes=1000,
+                            avoid=frozenset({reserved}))
     try:
         assert listener.port != reserved and len(made) == 2
         assert made[0].fileno() == -1  # the reserved port was given back
@@ -170,8 +176,8 @@ def certs(tmp_path_factory):
 
 def test_over_tls_each_end_shows_its_node_certificate(certs):
     seen = []
-    server, _ = link_contexts(certs, "edge-2")
-    _, client = link_contexts(certs, "edge-1")
+    server, _ = link_contexts(certs, "node.edge-2")
+    _, client = link_contexts(certs, "node.edge-1")
     with listening(tls=server, admit=lambda certificate: seen.append(certificate) or "") as (address, taken):
         links = links_to(address, dial=Dialler("edge-1", SECRET, client))
         links.send("edge-2", [Commit(seq_id=1, position=0, token=7)])
@@ -180,3 +186,47 @@ def test_over_tls_each_end_shows_its_node_certificate(certs):
         with pytest.raises(LinkRefused, match="shows the certificate of 'speed node edge-2', not node edge-3's"):
             Dialler("edge-1", SECRET, client)("edge-3", address)
         links.close()
+
+
+def test_over_tls_a_link_is_read_and_written_at_once_without_a_frame_torn(certs):
+    """The coordinator's link to a node: the node's link thread reads while other threads write (OpenSSL takes
+    one call on a connection at a time); every frame arrives whole both ways."""
+    server_context, _ = link_contexts(certs, "node.edge-2")
+    _, client_context = link_contexts(certs, "node.edge-1")
+    server, dialled = socket.socket(), socket.socket()
+    for end in (server, dialled):  # small buffers (before connecting): writes wait for the reader, TLS repeats them
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        dialled.connect(server.getsockname())
+        accepted, _ = server.accept()
+    with ThreadPoolExecutor(2) as pool:
+        handshakes = pool.submit(server_context.wrap_socket, accepted, server_side=True), \
+            pool.submit(client_context.wrap_socket, dialled)
+        node_end, other_end = (done.result(timeout=10) for done in handshakes)
+    node = FramedConnection(node_end, send_timeout_s=10)
+    other = FramedConnection(other_end, send_timeout_s=10)
+    sizes = [1, 40, 5_000, 70_000, 300]
+
+    def write(connection: FramedConnection, tag: int) -> None:
+        for size in sizes * 20:
+            connection.send(frame(bytes([tag]) * size))
+
+    def read(connection: FramedConnection, count: int) -> list[bytes]:
+        return [connection.read_frame(1 << 20, timeout_s=30) for _ in range(count)]
+
+    with ThreadPoolExecutor(5) as pool:
+        from_node = pool.submit(read, other, 2 * len(sizes) * 20)
+        to_node = pool.submit(read, node, len(sizes) * 20)
+        for done in [pool.submit(write, node, 1), pool.submit(write, node, 2), pool.submit(write, other, 3)]:
+            done.result(timeout=60)
+        received, taken = from_node.result(timeout=60), to_node.result(timeout=60)
+    assert all(len(set(payload)) == 1 for payload in received + taken)  # no frame holds another's bytes
+    assert sorted(len(payload) for payload in received) == sorted(sizes * 40)
+    assert [len(payload) for payload in taken] == sizes * 20 and {payload[0] for payload in taken} == {3}
+    node.end()
+    assert other.read_frame(1 << 20, timeout_s=10) is None  # the other end sees the link's end
+    node_end.close()
+    other_end.close()

@@ -1,5 +1,5 @@
 """The ring data path on real `speed node` processes, with this test in the coordinator's place: it assigns
-a placement, opens sequences on each node's Ring stream and reads the committed tokens, while the nodes
+a placement, opens sequences on its direct link to each node and reads the committed tokens, while the nodes
 forward hidden states, corrections and commits to each other over their direct links."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import BinaryIO
 
-import grpc
 import numpy as np
 import pytest
 
 from nodes.peer_links import Dialler, LinkRefused
 from runtime.core.bundle import load_bundle
-from runtime.core.cluster_file import load_cluster
+from runtime.core.cluster_file import load_cluster, parse_address
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
@@ -27,7 +27,7 @@ from runtime.wire.frames import HANDSHAKE_BYTES, frame, read_frame
 from runtime.wire.sampling import sampling_to_wire
 from runtime.wire.tensor import pack
 from tests.conftest import CLUSTER_NEW_TOKENS, CLUSTER_PROMPTS, write_cluster
-from tests.support import NodeProcess, assert_a_sentence, running_nodes
+from tests.support import NodeProcess, running_nodes
 
 pytestmark = pytest.mark.cluster  # its tests start real processes on loopback
 
@@ -35,43 +35,50 @@ INCARNATION = 7
 SEQ_IDS = itertools.count(1)
 
 
+def ring_link(node: NodeProcess, epoch: int, **binding) -> tuple[socket.socket, BinaryIO, str]:
+    """The coordinator's link to `node` for placement `epoch` (binding: fields to change): the connection, its
+    reading end and the node's answer's refusal."""
+    fields = dict(incarnation=INCARNATION, epoch=epoch, assign_key=node.assign_key) | binding
+    hello = pb.LinkHello(secret=load_secret(load_cluster(node.cluster)), ring=pb.RingBinding(**fields))
+    link = socket.create_connection(parse_address(node.link_address()), timeout=60)
+    link.sendall(frame(hello.SerializeToString()))
+    answers = link.makefile("rb")
+    return link, answers, pb.LinkAnswer.FromString(read_frame(answers, HANDSHAKE_BYTES)).refusal
+
+
 class Coordinator:
-    """What the coordinator does on the ring: one channel per node for Assign and the Ring stream."""
+    """What the coordinator does on the ring: a channel per node for Assign, and a link per node for the ring."""
 
     def __init__(self, nodes: dict[str, NodeProcess], epoch: int):
         spec = load_cluster(nodes["edge-1"].cluster)
         self.epoch = epoch
         self.channels = {n.name: nodes[n.name].channel() for n in spec.nodes}
-        self.stubs = {name: pb_grpc.NodeStub(channel) for name, channel in self.channels.items()}
         placement = [pb.StagePlace(stage=stage, node=n.name, address=n.address, link_address=nodes[n.name].link_address())
                      for n in spec.nodes for stage in n.stages]
         for n in spec.nodes:
-            self.stubs[n.name].Assign(pb.AssignRequest(incarnation=INCARNATION, stages=n.stages, placement=placement,
-                                                       epoch=epoch, assign_key=nodes[n.name].assign_key), timeout=10)
-        self.controls = {name: queue.SimpleQueue() for name in self.stubs}
+            pb_grpc.NodeStub(self.channels[n.name]).Assign(pb.AssignRequest(
+                incarnation=INCARNATION, stages=n.stages, placement=placement, epoch=epoch,
+                assign_key=nodes[n.name].assign_key), timeout=10)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
-        self.calls = [self.stubs[name].Ring(iter(self.controls[name].get, None)) for name in self.stubs]
-        for call in self.calls:
-            threading.Thread(target=self._read, args=(call,), daemon=True).start()
+        self.links = []
+        for n in spec.nodes:
+            link, answers, refusal = ring_link(nodes[n.name], epoch)
+            assert refusal == ""
+            self.links.append(link)
+            threading.Thread(target=self._read, args=(answers,), daemon=True).start()
 
-    def _read(self, call) -> None:
-        try:
-            for events in call:
-                self.events.put(events)
-        except grpc.RpcError:
-            pass
+    def _read(self, answers: BinaryIO) -> None:
+        with answers:
+            while (payload := read_frame(answers, 1 << 24)) is not None:
+                self.events.put(pb.RingEvents.FromString(payload))
 
     def send(self, **fields) -> None:
-        for control in self.controls.values():
-            control.put(pb.RingControl(incarnation=INCARNATION, epoch=self.epoch, **fields))
+        for link in self.links:
+            link.sendall(frame(pb.RingControl(incarnation=INCARNATION, epoch=self.epoch, **fields).SerializeToString()))
 
     def decode(self, prompt_ids: list[int], sampling: SamplingParams, new_tokens: int, window: int) -> list[int]:
         seq_id = next(SEQ_IDS)
-        opened = pb.RingOpen(sequence=pb.OpenSequence(seq_id=seq_id, sampling=sampling_to_wire(sampling),
-                                                      capacity=len(prompt_ids) + new_tokens),
-                             prefill=prompt_ids, last_position=len(prompt_ids) + new_tokens - 2, window=window,
-                             prompt_tokens=len(prompt_ids))
-        self.send(opens=[opened])
+        self.send(opens=[open_message(seq_id, prompt_ids, sampling, new_tokens, window)])
         tokens, deadline = {}, time.monotonic() + 60
         while len(tokens) < new_tokens and time.monotonic() < deadline:
             events = self.events.get(timeout=60)
@@ -83,12 +90,19 @@ class Coordinator:
         return ordered[:ordered.index(eos)] if eos in ordered else ordered
 
     def close(self) -> None:
-        for control in self.controls.values():
-            control.put(None)
-        for call in self.calls:
-            call.cancel()
+        for link in self.links:
+            link.shutdown(socket.SHUT_RDWR)  # its reading end holds the connection open
+            link.close()
         for channel in self.channels.values():
             channel.close()
+
+
+def open_message(seq_id: int, prompt_ids: list[int], sampling: SamplingParams, new_tokens: int,
+                 window: int) -> pb.RingOpen:
+    return pb.RingOpen(sequence=pb.OpenSequence(seq_id=seq_id, sampling=sampling_to_wire(sampling),
+                                                capacity=len(prompt_ids) + new_tokens),
+                       prefill=prompt_ids, last_position=len(prompt_ids) + new_tokens - 2, window=window,
+                       prompt_tokens=len(prompt_ids))
 
 
 @pytest.fixture(scope="module")
@@ -156,12 +170,54 @@ def test_messages_of_another_placement_are_dropped_and_decoding_goes_on(nodes, r
         assert driver.decode(tokenizer.encode(prompt).ids, GREEDY, 16, 4) == reference(prompt, GREEDY)[:16]
 
 
-def test_a_ring_stream_without_an_assigned_placement_is_refused(nodes):
+def test_a_ring_link_without_an_assigned_placement_is_refused_with_a_sentence(nodes):
+    with nodes["edge-1"].channel() as channel:
+        pb_grpc.NodeStub(channel).Assign(pb.AssignRequest(incarnation=INCARNATION, stages=[0],
+                                                          assign_key=nodes["edge-1"].assign_key), timeout=10)  # lockstep
+    link, answers, refusal = ring_link(nodes["edge-1"], epoch=0)
+    with link, answers:
+        assert refusal == "node edge-1 runs the ring data path only for the placement its coordinator assigned last"
+        assert read_frame(answers, HANDSHAKE_BYTES) is None  # and the link is closed
+
+
+def test_a_ring_link_of_another_placement_or_without_the_assign_key_is_refused(nodes, reference):
+    with coordinator(nodes, epoch=40) as driver:
+        for binding, refused in [(dict(epoch=39), "only for the placement its coordinator assigned last"),
+                                 (dict(assign_key="0" * 32), "only from the coordinator it registered with"),
+                                 ({}, "already has its coordinator's link for this placement")]:
+            link, answers, refusal = ring_link(nodes["edge-2"], **{"epoch": 40} | binding)
+            with link, answers:
+                assert refused in refusal and "\n" not in refusal
+        prompt = CLUSTER_PROMPTS[1]  # the coordinator's own link still serves
+        tokenizer = load_bundle().tokenizer()
+        assert driver.decode(tokenizer.encode(prompt).ids, GREEDY, 16, 4) == reference(prompt, GREEDY)[:16]
+
+
+def test_the_ring_stops_when_its_coordinator_link_ends(nodes, reference):
+    """The node frees the placement's sequences: nobody reads their commits any more. A new assignment serves."""
+    tokenizer = load_bundle().tokenizer()
+    prompt = CLUSTER_PROMPTS[0]
     with nodes["edge-1"].channel() as channel:
         stub = pb_grpc.NodeStub(channel)
-        stub.Assign(pb.AssignRequest(incarnation=INCARNATION, stages=[0], assign_key=nodes["edge-1"].assign_key),
-                    timeout=10)  # the lockstep path
-        with pytest.raises(grpc.RpcError) as refusal:
-            next(stub.Ring(iter([]), timeout=10))
-        assert refusal.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert_a_sentence(refusal.value)
+        with coordinator(nodes, epoch=50) as driver:
+            driver.send(opens=[open_message(next(SEQ_IDS), tokenizer.encode(prompt).ids, GREEDY, 64, 4)])
+            assert driver.events.get(timeout=60).commits  # decoding
+            assert stub.Info(pb.InfoRequest(), timeout=10).open_sequences == 1
+        deadline = time.monotonic() + 30
+        while stub.Info(pb.InfoRequest(), timeout=10).open_sequences and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stub.Info(pb.InfoRequest(), timeout=10).open_sequences == 0
+    with coordinator(nodes, epoch=51) as driver:
+        assert driver.decode(tokenizer.encode(prompt).ids, GREEDY, 16, 4) == reference(prompt, GREEDY)[:16]
+
+
+def test_a_control_message_the_node_cannot_read_ends_the_coordinator_link_with_a_sentence(nodes, reference):
+    tokenizer = load_bundle().tokenizer()
+    with coordinator(nodes, epoch=60) as driver:
+        driver.links[1].sendall(frame(b"\xff\xff\xff"))
+        refusal = driver.events.get(timeout=60).refusal
+        assert refusal == "node edge-2 cannot read a ring control message"
+        assert refusal in nodes["edge-2"].stderr()
+    prompt = CLUSTER_PROMPTS[2]
+    with coordinator(nodes, epoch=61) as driver:  # the node serves the next placement
+        assert driver.decode(tokenizer.encode(prompt).ids, GREEDY, 16, 4) == reference(prompt, GREEDY)[:16]

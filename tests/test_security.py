@@ -3,6 +3,7 @@ TLS and tokens (or client certificates) for clients, and nothing served in the c
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import stat
@@ -17,8 +18,10 @@ from cryptography import x509
 
 from nodes.peer_links import Dialler, LinkRefused
 from runtime.client import Client, Unauthenticated, Unavailable
+from runtime.coordinator.ring_link import RingDialler
 from runtime.core.bundle import load_bundle
 from runtime.core.cluster_file import load_cluster, on_host_of
+from runtime.core.errors import SpeedError
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
@@ -303,6 +306,9 @@ def test_on_the_ring_nodes_forward_to_each_other_over_tls_and_refuse_other_calle
         with pytest.raises(LinkRefused) as refused:
             Dialler("edge-1", secret, client)("edge-2", link_address)
         assert "takes forwarded states only from the nodes of its placement, not speed client" in str(refused.value)
+        with pytest.raises(SpeedError) as refused:  # nor drive the ring as its coordinator does
+            asyncio.run(RingDialler(secret, client).open("edge-2", link_address, pb.RingBinding()))
+        assert "takes the ring's control only from its cluster's coordinator, not speed client" in str(refused.value)
         without_certificate = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         without_certificate.check_hostname = False
         without_certificate.load_verify_locations(certs / "ca.pem")

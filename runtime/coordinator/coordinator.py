@@ -26,6 +26,7 @@ from runtime.coordinator.engine import Engine
 from runtime.coordinator.metrics import CoordinatorMetrics
 from runtime.coordinator.remote_node import MAX_MEMORY_BYTES, RemoteNode, measurement_problem
 from runtime.coordinator.requests import Request
+from runtime.coordinator.ring_link import RingDialler
 from runtime.coordinator.tokens import TOKENS_FILE, TokenFile
 from runtime.core.bundle import Bundle
 from runtime.core.cluster_file import NODE_NAME, ClusterSpec, NodeSpec, PlacementKind, listen_addresses, same_address
@@ -41,7 +42,7 @@ from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.cluster_secret import load_secret, secret_metadata
 from runtime.wire.enums import to_wire
-from runtime.wire.security import Identity, check_exposure, open_channel
+from runtime.wire.security import Identity, check_exposure, link_contexts, open_channel
 
 log = logging.getLogger("speed.coordinator")
 
@@ -69,8 +70,10 @@ class Coordinator:
         self.nodes = [RemoteNode(node, step_timeout_s=spec.coordinator.step_timeout_s, on_state_change=self.node_changed,
                                  metadata=secret_metadata(self.secret)) for node in spec.nodes]
         self.file_nodes = {node.name for node in spec.nodes}  # the others joined
+        ring_tls = link_contexts(security, "coordinator")[1] if security else None
         data_path = data_path_for(spec.data_path, prefill_chunk=spec.speculation.prefill_chunk,
-                                  stall_timeout_s=spec.coordinator.step_timeout_s * (bundle.config.n_stages + 1))
+                                  stall_timeout_s=spec.coordinator.step_timeout_s * (bundle.config.n_stages + 1),
+                                  dial=RingDialler(self.secret, ring_tls))
         auto = AutoPlacement(spec, bundle, lambda: (self.engine.flips_seen, self.engine.checks_seen), self._measured) \
             if spec.placement == PlacementKind.AUTO else None
         self._timed_for: frozenset[str] = frozenset()  # the serving nodes last timed alone (placement: file)

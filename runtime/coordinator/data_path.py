@@ -14,6 +14,7 @@ from typing import Protocol
 from runtime.coordinator.cluster_view import ClusterView
 from runtime.coordinator.lockstep import LockstepPath
 from runtime.coordinator.requests import Request
+from runtime.coordinator.ring_link import RingDialler
 from runtime.coordinator.ring_path import RingPath
 from runtime.core.cluster_file import DataPathKind
 from runtime.core.scheduler import SequenceState
@@ -23,7 +24,7 @@ class DataPath(Protocol):
     def assignment(self, placement: dict[int, str]) -> dict:
         """What Assign tells every node besides its stages, for this placement (keyword arguments)."""
 
-    def replay(self, active: dict[int, Request]) -> None:
+    async def replay(self, active: dict[int, Request]) -> None:
         """The nodes were just assigned (which freed everything): start every active sequence again from
         its prompt and committed tokens."""
 
@@ -49,8 +50,10 @@ class DataPath(Protocol):
         """Forget a sequence and free its caches on the nodes."""
 
 
-def data_path_for(kind: DataPathKind, *, prefill_chunk: int, stall_timeout_s: float) -> Callable[[ClusterView], DataPath]:
-    """The data path a cluster file names, made once the engine has its view of the cluster."""
+def data_path_for(kind: DataPathKind, *, prefill_chunk: int, stall_timeout_s: float,
+                  dial: RingDialler) -> Callable[[ClusterView], DataPath]:
+    """The data path a cluster file names, made once the engine has its view of the cluster; dial: opens the ring's
+    links to the nodes."""
     if kind == DataPathKind.RING:
-        return lambda view: RingPath(view, stall_timeout_s=stall_timeout_s)
+        return lambda view: RingPath(view, stall_timeout_s=stall_timeout_s, dial=dial)
     return lambda view: LockstepPath(view, prefill_chunk=prefill_chunk)

@@ -240,7 +240,7 @@ class Engine:
                         log.warning("%s", result)
                 continue  # a node failed on the way: place again without it
             previous, self.view.placement = self.placement, placement
-            self._replay(previous)
+            await self._replay(previous)
             return
 
     async def _choose_homes(self, serving: list[str]) -> None:
@@ -275,9 +275,9 @@ class Engine:
         for seq_id in list(self._active):
             self._fail(seq_id, RequestFailed(FailureKind.UNAVAILABLE, self._unservable()))
 
-    def _replay(self, previous: dict[int, str]) -> None:
+    async def _replay(self, previous: dict[int, str]) -> None:
         """Every active sequence starts again on the new placement from its prompt and committed tokens."""
-        self.data_path.replay(self._active)
+        await self.data_path.replay(self._active)
         for rates in self.alone_rates.values():
             rates.clear()  # they were the old placement's
         for request in self._active.values():

@@ -70,7 +70,7 @@ class LockstepPath:
         """Nodes on lockstep need only their stages: each step message says what to run."""
         return {}
 
-    def replay(self, active: dict[int, Request]) -> None:
+    async def replay(self, active: dict[int, Request]) -> None:
         self._control.clear()
         self._handoff.clear()
         for seq_id, request in active.items():

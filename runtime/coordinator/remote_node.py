@@ -1,4 +1,4 @@
-"""The coordinator's link to one node: its registration state and its stream of step messages."""
+"""The coordinator's link to one node: its registration state, its stream of step messages, and its ring links."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from runtime.coordinator.ring_link import RingDialler, RingLink
 from runtime.core.cluster_file import NodeSpec, on_host_of
+from runtime.core.errors import SpeedError
 from runtime.core.node_state import NodeState
 from runtime.core.request import FailureKind
 from runtime.wire import options
@@ -90,11 +92,13 @@ class RemoteNode:
         return frozenset(self.info.stages) | frozenset(self.info.standby_stages) if self.info else frozenset()
 
     def place(self, stage: int) -> pb.StagePlace:
-        """Where the ring finds `stage` when this node runs it: its gRPC address and that of its direct links,
-        on the same host as the address it registered from."""
-        link_port = self.info.link_port if self.info else 0
-        return pb.StagePlace(stage=stage, node=self.name, address=self.address,
-                             link_address=on_host_of(self.address, link_port))
+        """Where the ring finds `stage` when this node runs it: its gRPC address and that of its direct links."""
+        return pb.StagePlace(stage=stage, node=self.name, address=self.address, link_address=self.link_address)
+
+    @property
+    def link_address(self) -> str:
+        """Where it takes direct links: on the same host as the address it registered from."""
+        return on_host_of(self.address, self.info.link_port if self.info else 0)
 
     @property
     def max_sequences(self) -> int:
@@ -198,11 +202,22 @@ class RemoteNode:
                 self._stream = pb_grpc.NodeStub(self._channel).Steps(metadata=self._metadata)
             raise NodeFailure(f"{self.describe()} refused a step: {exc.details()}") from None
 
-    def ring(self):
-        """A new Ring stream (the ring data path's control and events) to a node assigned a placement."""
-        if self._channel is None or self.assigned is None:
-            raise NodeLost(f"{self.describe()} is {self.state if self._channel is None else 'not assigned its stages yet'}")
-        return self._stream, pb_grpc.NodeStub(self._channel).Ring(metadata=self._metadata)
+    async def open_ring(self, dial: RingDialler, incarnation: int, epoch: int) -> tuple[object, RingLink]:
+        """A new ring link (the ring data path's control and events) to a node assigned the placement `epoch`,
+        with its step stream of now (for `lost`)."""
+        stream = self._stream
+        if stream is None or self.assigned is None:
+            raise NodeLost(f"{self.describe()} is {self.state if stream is None else 'not assigned its stages yet'}")
+        link_address = self.link_address
+        try:
+            return stream, await dial.open(self.name, link_address, pb.RingBinding(
+                incarnation=incarnation, epoch=epoch, assign_key=self._assign_key))
+        except SpeedError as exc:
+            raise NodeLost(f"{self.describe()} refused the ring's link: {exc}") from None
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise NodeLost(f"{self.describe()} cannot be reached on its link port ({link_address}: "
+                           f"{str(exc) or type(exc).__name__}); where a firewall stands between the coordinator and "
+                           "the node, let that port through, or fix it with link_port in the cluster file") from None
 
     async def lost(self, stream, what: str) -> NodeLost:
         """Mark the node down, unless it has registered again since `stream` (its step stream, as ring()

@@ -1,6 +1,6 @@
 """The ring data path, coordinator side: nodes hand hidden states to each other and settle guesses among
-themselves; the coordinator opens and closes sequences on a Ring stream per node and takes the
-committed tokens from the node of the last stage. It keeps admission, prompts, failover and the
+themselves; the coordinator opens and closes sequences on a direct link to each node (ring_link.py) and
+takes the committed tokens from the node of the last stage. It keeps admission, prompts, failover and the
 authority over what is committed (the ledger): a replay reopens every sequence with its prompt and the
 tokens committed so far.
 
@@ -16,11 +16,11 @@ import itertools
 import logging
 import time
 
-import grpc
-
 from runtime.coordinator.cluster_view import ClusterView
 from runtime.coordinator.remote_node import NodeLost
 from runtime.coordinator.requests import Request
+from runtime.coordinator.ring_link import RingDialler, RingLink
+from runtime.core.errors import SpeedError
 from runtime.core.limits import cache_capacity
 from runtime.core.ring import RingError
 from runtime.core.ring_ledger import RingLedger
@@ -32,13 +32,14 @@ log = logging.getLogger("speed.coordinator")
 
 
 class RingPath:
-    def __init__(self, view: ClusterView, *, stall_timeout_s: float):
+    def __init__(self, view: ClusterView, *, stall_timeout_s: float, dial: RingDialler):
         self.view = view
+        self._dial = dial
         self.stall_timeout_s = stall_timeout_s
         self.ledger = RingLedger(view.config.n_stages)
         self._epochs = itertools.count(1)
         self.epoch = 0
-        self._streams: dict[str, tuple[object, object]] = {}  # node -> (its step stream, its Ring call)
+        self._links: dict[str, tuple[object, RingLink]] = {}  # node -> (its step stream, its ring link)
         self._readers: list[asyncio.Task] = []
         self._events: asyncio.Queue = asyncio.Queue()  # (epoch, node, RingEvents or the exception that ended it)
         self._control: dict[str, pb.RingControl] = {}  # waiting to be written, per node
@@ -57,41 +58,43 @@ class RingPath:
         nodes = self.view.nodes
         return dict(placement=[nodes[name].place(stage) for stage, name in sorted(placement.items())], epoch=self.epoch)
 
-    def replay(self, active: dict[int, Request]) -> None:
-        """The nodes were assigned the new placement (which freed everything): open a Ring stream to each
+    async def replay(self, active: dict[int, Request]) -> None:
+        """The nodes were assigned the new placement (which freed everything): open a ring link to each
         and every active sequence again from its prompt and committed tokens."""
         self.forget()
-        for name in set(self.view.placement.values()):
-            node = self.view.nodes[name]
-            try:
-                step_stream, call = node.ring()
-            except NodeLost as exc:
-                log.warning("%s", exc)
-                node.reassign_later()
+        names = sorted(set(self.view.placement.values()))
+        opened = await asyncio.gather(*(self.view.nodes[name].open_ring(self._dial, self.view.incarnation, self.epoch)
+                                        for name in names), return_exceptions=True)
+        for name, link in zip(names, opened):
+            if isinstance(link, NodeLost):
+                log.warning("%s", link)
+                self.view.nodes[name].reassign_later()
                 continue
-            self._streams[name] = (step_stream, call)
-            self._readers.append(asyncio.ensure_future(self._read(self.epoch, name, call)))
+            if isinstance(link, BaseException):
+                raise link
+            self._links[name] = link
+            self._readers.append(asyncio.ensure_future(self._read(self.epoch, name, link[1])))
         for seq_id, request in active.items():
             self.ledger.rewind(seq_id)
             self._open(seq_id, request)
         self._last_progress = time.monotonic()
 
     def forget(self) -> None:
-        """The placement is gone: close the streams; what was on the way is void."""
-        for _, call in self._streams.values():
-            call.cancel()
+        """The placement is gone: close the links; what was on the way is void."""
+        for _, link in self._links.values():
+            link.close()
         for reader in self._readers:
             reader.cancel()
-        self._streams, self._readers, self._control = {}, [], {}
+        self._links, self._readers, self._control = {}, [], {}
         for seq_id in self._closing:
             self._closing[seq_id] = (set(), 0.0)  # no node will report on it any more
 
-    async def _read(self, epoch: int, name: str, call) -> None:
+    async def _read(self, epoch: int, name: str, link: RingLink) -> None:
         try:
-            async for events in call:
+            async for events in link.events():
                 self._events.put_nowait((epoch, name, events))
-            ended: Exception = ConnectionError("closed its ring stream")
-        except grpc.aio.AioRpcError as exc:
+            ended: Exception = ConnectionError("closed")
+        except (OSError, SpeedError) as exc:
             ended = exc
         self._events.put_nowait((epoch, name, ended))
 
@@ -115,7 +118,7 @@ class RingPath:
                                      plain_guesses=request.options.plain_guesses),
             prefill=seq.prefill, last_position=seq.last_position, window=request.window if seq.speculate else 0,
             guess_thresholds=request.guess_thresholds, prompt_tokens=len(seq.prompt))
-        for name in self._streams:
+        for name in self._links:
             self._control_for(name).opens.append(opened)
 
     def _control_for(self, name: str) -> pb.RingControl:
@@ -128,7 +131,7 @@ class RingPath:
         (or stall_timeout_s has passed, or the placement changed)."""
         if seq_id not in self._closing:
             self._close(seq_id)
-            self._closing[seq_id] = (set(self._streams), time.monotonic())
+            self._closing[seq_id] = (set(self._links), time.monotonic())
         waiting, since = self._closing[seq_id]
         return not waiting or time.monotonic() - since > self.stall_timeout_s
 
@@ -139,7 +142,7 @@ class RingPath:
         self.ledger.remove(seq_id)
 
     def _close(self, seq_id: int) -> None:
-        for name in self._streams:
+        for name in self._links:
             self._control_for(name).closes.append(seq_id)
 
     # --- the loop --------------------------------------------------------------------------------
@@ -173,18 +176,18 @@ class RingPath:
     async def _flush(self) -> None:
         control, self._control = self._control, {}
         for name, message in control.items():
-            step_stream, call = self._streams[name]
+            step_stream, link = self._links[name]
             try:
-                await call.write(message)
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-                await self._lose(name, step_stream, f"refused ring control ({exc!r})")
+                link.send(message)
+            except ConnectionError:
+                await self._lose(name, step_stream, "closed its ring link")
 
     async def _apply(self, epoch: int, name: str, events) -> None:
         if epoch != self.epoch:
             return  # from before the placement changed
         if isinstance(events, Exception):
-            code = events.code().name if isinstance(events, grpc.aio.AioRpcError) else events
-            await self._lose(name, self._streams.get(name, (None, None))[0], f"ended its ring stream ({code})")
+            await self._lose(name, self._links.get(name, (None, None))[0],
+                             f"ended its ring link ({str(events) or type(events).__name__})")
             return
         for commit in events.commits:
             try:
@@ -224,7 +227,7 @@ class RingPath:
             self._last_progress = time.monotonic()
 
     def _doubt_all(self) -> None:
-        for name in self._streams:
+        for name in self._links:
             self.view.nodes[name].reassign_later()
 
     async def _lose(self, name: str, step_stream, what: str) -> None:

@@ -8,23 +8,23 @@ from typing import BinaryIO
 
 from runtime.core.errors import SpeedError
 
-_LENGTH = struct.Struct("<I")
+LENGTH = struct.Struct("<I")
 HANDSHAKE_BYTES = 4096  # the most a LinkHello or LinkAnswer frame may take
 
 
 def frame(payload: bytes) -> bytes:
-    return _LENGTH.pack(len(payload)) + payload
+    return LENGTH.pack(len(payload)) + payload
 
 
 def read_frame(stream: BinaryIO, max_bytes: int) -> bytes | None:
     """The next frame's bytes from a buffered stream (a socket's makefile("rb")); None where the stream ends
     between frames; SpeedError for a frame longer than max_bytes (not read) or one the stream cuts short."""
-    head = stream.read(_LENGTH.size)
+    head = stream.read(LENGTH.size)
     if not head:
         return None
-    if len(head) < _LENGTH.size:
+    if len(head) < LENGTH.size:
         raise SpeedError("the link closed inside a frame")
-    (length,) = _LENGTH.unpack(head)
+    (length,) = LENGTH.unpack(head)
     if length > max_bytes:
         raise SpeedError(f"a frame of {length} bytes is more than the {max_bytes} a link takes")
     body = stream.read(length)

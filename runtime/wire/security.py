@@ -64,12 +64,13 @@ def node_identity(security: SecuritySpec, name: str) -> Identity:
     return Identity.load(security, f"node.{name}")
 
 
-def link_contexts(security: SecuritySpec, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """TLS for node `name`'s direct links (nodes/link_listener.py, nodes/peer_links.py): the context its
-    listener serves with and the one it dials with. Each end shows its node certificate and takes only
-    certificates of the cluster's authority; who the peer is, its certificate's common name says
+def link_contexts(security: SecuritySpec, stem: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """TLS for the direct links of the process whose certificate is `stem` ("node.NAME", or "coordinator",
+    which only dials): the context its listener serves with (nodes/link_listener.py) and the one it dials
+    with (nodes/peer_links.py, runtime/coordinator/ring_link.py). Each end shows its certificate and takes
+    only certificates of the cluster's authority; who the peer is, its certificate's common name says
     (`certificate_name`), as `caller()` does for gRPC."""
-    ca, cert, key = (security.certs / f for f in ("ca.pem", f"node.{name}.pem", f"node.{name}.key"))
+    ca, cert, key = (security.certs / f for f in ("ca.pem", f"{stem}.pem", f"{stem}.key"))
     for path in (ca, cert, key):
         _read(path)  # a missing file is named in a sentence
     contexts = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -82,7 +83,7 @@ def link_contexts(security: SecuritySpec, name: str) -> tuple[ssl.SSLContext, ss
     return contexts
 
 
-def certificate_name(connection: ssl.SSLSocket) -> str:
+def certificate_name(connection: ssl.SSLSocket | ssl.SSLObject) -> str:
     """The common name of the certificate the other end of a TLS connection showed; "" without one."""
     subject = (connection.getpeercert() or {}).get("subject", ())
     return next((value for rdn in subject for key, value in rdn if key == "commonName"), "")

@@ -358,12 +358,24 @@ class RingCommit(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., position: _Optional[int] = ..., token: _Optional[int] = ...) -> None: ...
 
 class LinkHello(_message.Message):
-    __slots__ = ("secret", "node")
+    __slots__ = ("secret", "node", "ring")
     SECRET_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
+    RING_FIELD_NUMBER: _ClassVar[int]
     secret: str
     node: str
-    def __init__(self, secret: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
+    ring: RingBinding
+    def __init__(self, secret: _Optional[str] = ..., node: _Optional[str] = ..., ring: _Optional[_Union[RingBinding, _Mapping]] = ...) -> None: ...
+
+class RingBinding(_message.Message):
+    __slots__ = ("incarnation", "epoch", "assign_key")
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ASSIGN_KEY_FIELD_NUMBER: _ClassVar[int]
+    incarnation: int
+    epoch: int
+    assign_key: str
+    def __init__(self, incarnation: _Optional[int] = ..., epoch: _Optional[int] = ..., assign_key: _Optional[str] = ...) -> None: ...
 
 class LinkAnswer(_message.Message):
     __slots__ = ("refusal",)
@@ -402,14 +414,16 @@ class RingStageStats(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., runs: _Optional[int] = ..., checks: _Optional[int] = ..., flips: _Optional[int] = ..., dropped: _Optional[int] = ..., positions: _Optional[int] = ...) -> None: ...
 
 class RingEvents(_message.Message):
-    __slots__ = ("commits", "closed", "failed")
+    __slots__ = ("commits", "closed", "failed", "refusal")
     COMMITS_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
     commits: _containers.RepeatedCompositeFieldContainer[RingCommit]
     closed: _containers.RepeatedCompositeFieldContainer[RingSequenceStats]
     failed: _containers.RepeatedCompositeFieldContainer[RingFailure]
-    def __init__(self, commits: _Optional[_Iterable[_Union[RingCommit, _Mapping]]] = ..., closed: _Optional[_Iterable[_Union[RingSequenceStats, _Mapping]]] = ..., failed: _Optional[_Iterable[_Union[RingFailure, _Mapping]]] = ...) -> None: ...
+    refusal: str
+    def __init__(self, commits: _Optional[_Iterable[_Union[RingCommit, _Mapping]]] = ..., closed: _Optional[_Iterable[_Union[RingSequenceStats, _Mapping]]] = ..., failed: _Optional[_Iterable[_Union[RingFailure, _Mapping]]] = ..., refusal: _Optional[str] = ...) -> None: ...
 
 class RingSequenceStats(_message.Message):
     __slots__ = ("seq_id", "stages", "held_guesses")

@@ -173,11 +173,6 @@ class NodeStub:
                 request_serializer=speed_dot_v1_dot_speed__pb2.AssignRequest.SerializeToString,
                 response_deserializer=speed_dot_v1_dot_speed__pb2.NodeInfo.FromString,
                 _registered_method=True)
-        self.Ring = channel.stream_stream(
-                '/speed.v1.Node/Ring',
-                request_serializer=speed_dot_v1_dot_speed__pb2.RingControl.SerializeToString,
-                response_deserializer=speed_dot_v1_dot_speed__pb2.RingEvents.FromString,
-                _registered_method=True)
         self.Drain = channel.unary_unary(
                 '/speed.v1.Node/Drain',
                 request_serializer=speed_dot_v1_dot_speed__pb2.DrainRequest.SerializeToString,
@@ -215,16 +210,9 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Ring(self, request_iterator, context):
-        """The ring data path: the coordinator opens and closes sequences; the node hosting the last stage
-        streams back the committed tokens.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Drain(self, request, context):
-        """Hand every stage over to the other nodes (the coordinator replays what they carried), then stop.
+        """(The ring data path's own traffic is not gRPC: see "Direct links" below.)
+        Hand every stage over to the other nodes (the coordinator replays what they carried), then stop.
         The caller must hold the node's own certificate (`speed node --drain` on its machine).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -257,11 +245,6 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Assign,
                     request_deserializer=speed_dot_v1_dot_speed__pb2.AssignRequest.FromString,
                     response_serializer=speed_dot_v1_dot_speed__pb2.NodeInfo.SerializeToString,
-            ),
-            'Ring': grpc.stream_stream_rpc_method_handler(
-                    servicer.Ring,
-                    request_deserializer=speed_dot_v1_dot_speed__pb2.RingControl.FromString,
-                    response_serializer=speed_dot_v1_dot_speed__pb2.RingEvents.SerializeToString,
             ),
             'Drain': grpc.unary_unary_rpc_method_handler(
                     servicer.Drain,
@@ -357,33 +340,6 @@ class Node:
             '/speed.v1.Node/Assign',
             speed_dot_v1_dot_speed__pb2.AssignRequest.SerializeToString,
             speed_dot_v1_dot_speed__pb2.NodeInfo.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Ring(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/speed.v1.Node/Ring',
-            speed_dot_v1_dot_speed__pb2.RingControl.SerializeToString,
-            speed_dot_v1_dot_speed__pb2.RingEvents.FromString,
             options,
             channel_credentials,
             insecure,
