@@ -37,7 +37,7 @@ from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.cluster_secret import SecretCheck, load_secret
-from runtime.wire.security import COORDINATOR, check_exposure, link_contexts, node_identity, open_channel
+from runtime.wire.security import COORDINATOR, check_exposure, link_contexts, node_identity
 
 log = logging.getLogger("speed.node")
 
@@ -135,9 +135,6 @@ def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threadin
     secret = load_secret(spec)
     if check_exposure(spec, node.address, f"node {node.name}"):
         log.warning("serving %s WITHOUT TLS, as the cluster file allows (insecure: true)", node.address)
-    def open_peer_channel(name: str, address: str) -> grpc.Channel:
-        return open_channel(address, identity.channel() if identity else None, server_name=name, secret=secret)
-
     registration: Registration | None = None  # once the node is warm
 
     def drain() -> pb.DrainReply:
@@ -153,7 +150,7 @@ def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threadin
     link_server_tls, link_client_tls = link_contexts(spec.security, f"node.{node.name}") if spec.security else (None, None)
     service = NodeService(host, info, metrics=metrics, emulated_link_ms=node.emulated_link_ms,
                           only_caller=COORDINATOR if identity else None, prefill_chunk=spec.speculation.prefill_chunk,
-                          open_peer_channel=open_peer_channel, dial=Dialler(node.name, secret, link_client_tls),
+                          dial=Dialler(node.name, secret, link_client_tls),
                           drain=drain, measure=measure)
     health_service = health.HealthServicer()
     for service_name in ("", SERVICE_NAME):

@@ -1,36 +1,39 @@
 """Round trips from a node to the other nodes of its ring, measured after each assignment: what placing
 stages by link speed needs to know.
 
-A gRPC health check (answered by every node, in plain and secure clusters alike, without touching its
-stages) is timed a few times over a channel like the ring's own; the median is kept. The probe runs on a
-thread of its own, so an assignment never waits for it; a peer that does not answer is left out.
+A small frame is echoed a few times over a direct link dialled like the ring's own (a probe link: the peer
+sends every frame back), so the time is what a hop's transport costs, TLS included; the median is kept. The
+probe runs on a thread of its own, so an assignment never waits for it; a peer that does not answer is left
+out.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable
-from functools import partial
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from nodes.peer_links import Dialler
 from nodes.self_measure import median_ms
+from runtime.core.errors import SpeedError
 from runtime.wire import speed_pb2 as pb
+from runtime.wire.frames import frame, read_frame
 
+log = logging.getLogger("speed.node")
 PINGS = 5
 PING_TIMEOUT_S = 2.0
+PING_BYTES = 64  # about a commit's message; a hop's hidden states add their bytes' transfer time
 
 
 class LinkProbe:
-    def __init__(self, open_channel: Callable[[str, str], grpc.Channel]):
-        self._open_channel = open_channel
+    def __init__(self, dial: Dialler):
+        self._dial = dial
         self._lock = threading.Lock()
         self._times: dict[str, float] = {}
         self._round = 0  # a newer assignment's probe replaces an older one's results
 
     def measure(self, peers: dict[str, str]) -> None:
-        """Start timing the round trip to each peer (name -> address), replacing what was measured before."""
+        """Start timing the round trip to each peer (name -> the address of its direct links), replacing what was
+        measured before."""
         with self._lock:
             self._round += 1
             self._times = {}
@@ -51,10 +54,16 @@ class LinkProbe:
                     self._times[name] = ms
 
     def _round_trip_ms(self, name: str, address: str) -> float | None:
-        with self._open_channel(name, address) as channel:
-            check = partial(health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckRequest(),
-                            timeout=PING_TIMEOUT_S)
-            try:
-                return median_ms(check, PINGS)
-            except grpc.RpcError:
-                return None
+        try:
+            with self._dial(name, address, probe=True) as link, link.makefile("rb") as echoes:
+                link.settimeout(PING_TIMEOUT_S)
+
+                def ping() -> None:
+                    link.sendall(frame(bytes(PING_BYTES)))
+                    if read_frame(echoes, PING_BYTES) is None:
+                        raise SpeedError("the link closed")
+
+                return median_ms(ping, PINGS)
+        except (OSError, SpeedError) as exc:  # LinkRefused is a SpeedError
+            log.info("could not time the link to node %s at %s: %s", name, address, str(exc) or type(exc).__name__)
+            return None

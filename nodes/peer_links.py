@@ -38,10 +38,12 @@ class Dialler:
     """Opens node `name`'s links: TCP, TLS with its node certificate in a secure cluster, the hello answered."""
 
     def __init__(self, name: str, secret: str, tls: ssl.SSLContext | None = None):
-        self._hello = frame(pb.LinkHello(secret=secret, node=name).SerializeToString())
+        self._hellos = {probe: frame(pb.LinkHello(secret=secret, node=name, probe=probe).SerializeToString())
+                        for probe in (False, True)}
         self._tls = tls
 
-    def __call__(self, peer: str, address: str) -> socket.socket:
+    def __call__(self, peer: str, address: str, *, probe: bool = False) -> socket.socket:
+        """probe: a link whose frames the peer echoes, to time it (nodes/link_probe.py)."""
         host, port = parse_address(address)
         connection = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
         try:
@@ -52,7 +54,7 @@ class Dialler:
                 shown = certificate_name(connection)
                 if shown != node_common_name(peer):
                     raise LinkRefused(f"{address} shows the certificate of {shown!r}, not node {peer}'s")
-            connection.sendall(self._hello)
+            connection.sendall(self._hellos[probe])
             with connection.makefile("rb") as answers:
                 answer = pb.LinkAnswer.FromString(read_frame(answers, HANDSHAKE_BYTES) or b"")
             if answer.refusal:

@@ -37,7 +37,7 @@ from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.framed_connection import FramedConnection
 from runtime.wire.frames import frame
 from runtime.wire.ring import messages_from_wire
-from runtime.wire.security import caller, node_common_name, open_channel
+from runtime.wire.security import caller, node_common_name
 
 log = logging.getLogger("speed.node")
 SHORT_CALL_THREADS = 4  # Info, Assign and health checks, beside the streams
@@ -56,18 +56,17 @@ def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) 
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, host: StageHost, info: Callable[[], pb.NodeInfo], *, metrics: NodeMetrics,
                  emulated_link_ms: float = 0.0, only_caller: str | None = None, prefill_chunk: int = 64,
-                 open_peer_channel: Callable[[str, str], grpc.Channel] | None = None, dial: Dialler,
+                 dial: Dialler,
                  drain: Callable[[], pb.DrainReply] | None = None, measure: Callable[[], None] | None = None):
         """only_caller: the one certificate name allowed to call (the coordinator's), in a secure cluster;
-        open_peer_channel(name, address): a gRPC channel to another node, to time the link; dial: opens direct
-        links to the other nodes, for the ring data path (nodes/peer_links.py); drain: hands
+        dial: opens direct links to the other nodes, for the ring data path (nodes/peer_links.py) and to time
+        them; drain: hands
         the node's stages over and stops it (SpeedError with a sentence when it cannot); measure: times its
         passes again, on the stage worker."""
         self.host = host
         self._drain = drain
         self._measure = measure
         self.prefill_chunk = prefill_chunk
-        self._open_peer_channel = open_peer_channel or (lambda name, address: open_channel(address))
         self._dial = dial
         self._ring: RingWorker | None = None
         self._ring_stamp = (0, 0)  # (incarnation, epoch) the ring worker serves
@@ -82,7 +81,7 @@ class NodeService(pb_grpc.NodeServicer):
         self._freed = FreedMemory()
         self._owner: str | None = None  # the connection (gRPC peer) of the coordinator that assigned the stages
         self.assign_key = secrets.token_hex(16)  # given only to the coordinator it registers with
-        self.link_probe = LinkProbe(self._open_peer_channel)  # round trips to the other nodes of its ring
+        self.link_probe = LinkProbe(dial)  # round trips to the other nodes of its ring
 
     def _admit(self, context: grpc.ServicerContext) -> None:
         if self.only_caller is not None and caller(context) != self.only_caller:
@@ -146,10 +145,9 @@ class NodeService(pb_grpc.NodeServicer):
         if not request.placement or not self.host.stages:
             return
         placement = {place.stage: place.node for place in request.placement}
-        addresses = {place.node: place.address for place in request.placement if place.node != self.host.name}
+        addresses = {place.node: place.link_address for place in request.placement if place.node != self.host.name}
         self.link_probe.measure(addresses)
-        links = PeerLinks({place.node: place.link_address for place in request.placement if place.node in addresses},
-                          self._dial, delay_s=self._link_delay_s,
+        links = PeerLinks(addresses, self._dial, delay_s=self._link_delay_s,
                           incarnation=request.incarnation, epoch=request.epoch, profile=self.host.profile)
         self._ring = RingWorker(self.host.model, name=self.host.name, stages=self.host.stages, placement=placement,
                                 links=links, max_sequences=self.host.max_sequences, prefill_chunk=self.prefill_chunk,
@@ -210,6 +208,8 @@ class NodeService(pb_grpc.NodeServicer):
     def open_link(self, hello: pb.LinkHello, certificate: str, connection: FramedConnection) -> LinkSession | str:
         """A direct link whose hello carried the cluster's secret: the coordinator's for the ring's control, or
         another node's with forwarded states; the sentence refusing it where the node does not take it."""
+        if hello.probe:
+            return self._admit_probe(certificate) or LinkSession(take=lambda payload: self._echo(connection, payload))
         if not hello.HasField("ring"):
             return self.admit_link(certificate) or LinkSession(take=self.take_forwarded)
         if self.only_caller is not None and certificate != self.only_caller:
@@ -236,6 +236,19 @@ class NodeService(pb_grpc.NodeServicer):
         if self.only_caller is not None and certificate not in self._ring_peers:
             return (f"node {self.host.name} takes forwarded states only from the nodes of its placement, not "
                     f"{certificate or 'a caller without a certificate'}")
+        return ""
+
+    def _admit_probe(self, certificate: str) -> str:
+        """A node timing its link to this one: in a secure cluster, any node's certificate (the echo tells nothing,
+        and the other nodes may probe before this one has taken the same placement)."""
+        if self.only_caller is not None and not certificate.startswith(node_common_name("")):
+            return (f"node {self.host.name} echoes probes only for the nodes of its cluster, not "
+                    f"{certificate or 'a caller without a certificate'}")
+        return ""
+
+    @staticmethod
+    def _echo(connection: FramedConnection, payload: bytes) -> str:
+        connection.send(frame(payload))
         return ""
 
     def _take_control(self, ring: RingWorker, stamp: tuple[int, int], payload: bytes) -> str:

@@ -16,6 +16,7 @@ from typing import BinaryIO
 import numpy as np
 import pytest
 
+from nodes.link_probe import LinkProbe
 from nodes.peer_links import Dialler, LinkRefused
 from runtime.core.bundle import load_bundle
 from runtime.core.cluster_file import load_cluster, parse_address
@@ -26,7 +27,7 @@ from runtime.wire.cluster_secret import load_secret
 from runtime.wire.frames import HANDSHAKE_BYTES, frame, read_frame
 from runtime.wire.sampling import sampling_to_wire
 from runtime.wire.tensor import pack
-from tests.conftest import CLUSTER_NEW_TOKENS, CLUSTER_PROMPTS, write_cluster
+from tests.conftest import CLUSTER_NEW_TOKENS, CLUSTER_PROMPTS, free_port, write_cluster
 from tests.support import NodeProcess, running_nodes
 
 pytestmark = pytest.mark.cluster  # its tests start real processes on loopback
@@ -221,3 +222,17 @@ def test_a_control_message_the_node_cannot_read_ends_the_coordinator_link_with_a
     prompt = CLUSTER_PROMPTS[2]
     with coordinator(nodes, epoch=61) as driver:  # the node serves the next placement
         assert driver.decode(tokenizer.encode(prompt).ids, GREEDY, 16, 4) == reference(prompt, GREEDY)[:16]
+
+
+def test_a_probe_link_echoes_and_times_the_link_to_a_node(nodes):
+    dial = Dialler("edge-1", load_secret(load_cluster(nodes["edge-2"].cluster)))
+    with dial("edge-2", nodes["edge-2"].link_address(), probe=True) as link, link.makefile("rb") as echoes:
+        link.sendall(frame(b"ping") + frame(b"again"))
+        assert [read_frame(echoes, 16), read_frame(echoes, 16)] == [b"ping", b"again"]
+    probe = LinkProbe(dial)
+    probe.measure({"edge-2": nodes["edge-2"].link_address(), "nowhere": f"127.0.0.1:{free_port()}"})
+    deadline = time.monotonic() + 30
+    while not probe.times() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [measured] = probe.times()  # a peer that does not answer is left out
+    assert measured.node == "edge-2" and 0 < measured.rtt_ms < 1000

@@ -309,6 +309,12 @@ def test_on_the_ring_nodes_forward_to_each_other_over_tls_and_refuse_other_calle
         with pytest.raises(SpeedError) as refused:  # nor drive the ring as its coordinator does
             asyncio.run(RingDialler(secret, client).open("edge-2", link_address, pb.RingBinding()))
         assert "takes the ring's control only from its cluster's coordinator, not speed client" in str(refused.value)
+        with pytest.raises(LinkRefused) as refused:  # nor have its probes echoed
+            Dialler("edge-1", secret, client)("edge-2", link_address, probe=True)
+        assert "echoes probes only for the nodes of its cluster, not speed client" in str(refused.value)
+        with open_channel(node.address, coordinator, server_name="edge-2", secret=secret) as channel:
+            timed = {link.node for link in pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=10).links}
+        assert timed == {"edge-1", "edge-3"}  # its links timed over TLS, each with the node certificates
         without_certificate = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         without_certificate.check_hostname = False
         without_certificate.load_verify_locations(certs / "ca.pem")

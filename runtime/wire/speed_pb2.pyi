@@ -358,14 +358,16 @@ class RingCommit(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., position: _Optional[int] = ..., token: _Optional[int] = ...) -> None: ...
 
 class LinkHello(_message.Message):
-    __slots__ = ("secret", "node", "ring")
+    __slots__ = ("secret", "node", "ring", "probe")
     SECRET_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     RING_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
     secret: str
     node: str
     ring: RingBinding
-    def __init__(self, secret: _Optional[str] = ..., node: _Optional[str] = ..., ring: _Optional[_Union[RingBinding, _Mapping]] = ...) -> None: ...
+    probe: bool
+    def __init__(self, secret: _Optional[str] = ..., node: _Optional[str] = ..., ring: _Optional[_Union[RingBinding, _Mapping]] = ..., probe: _Optional[bool] = ...) -> None: ...
 
 class RingBinding(_message.Message):
     __slots__ = ("incarnation", "epoch", "assign_key")
