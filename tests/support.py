@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import grpc
 import pytest
@@ -28,6 +29,8 @@ from runtime.core.bundle import Bundle, load_bundle
 from runtime.core.cluster_file import load_cluster, on_host_of, parse_address
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
+from runtime.wire.cluster_secret import load_secret
+from runtime.wire.frames import HANDSHAKE_BYTES, frame, read_frame
 from runtime.wire.security import member_channel
 from tests.conftest import CLUSTER_NEW_TOKENS
 
@@ -286,3 +289,14 @@ def decode_on_nodes(pipeline: list[tuple[pb_grpc.NodeStub, tuple[int, ...]]], pr
             with steps(stub) as stream:
                 stream.step(pb.StepBatch(closes=[seq_id]))
     return generated
+
+
+def ring_link(node: NodeProcess, incarnation: int, epoch: int, **binding) -> tuple[socket.socket, BinaryIO, str]:
+    """A coordinator's link to `node` for placement `epoch` of `incarnation` (binding: fields to change): the
+    connection, its reading end and the node's answer's refusal."""
+    fields = dict(incarnation=incarnation, epoch=epoch, assign_key=node.assign_key) | binding
+    hello = pb.LinkHello(secret=load_secret(load_cluster(node.cluster)), ring=pb.RingBinding(**fields))
+    link = socket.create_connection(parse_address(node.link_address()), timeout=60)
+    link.sendall(frame(hello.SerializeToString()))
+    answers = link.makefile("rb")
+    return link, answers, pb.LinkAnswer.FromString(read_frame(answers, HANDSHAKE_BYTES)).refusal

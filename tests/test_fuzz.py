@@ -40,6 +40,7 @@ from tests.support import (
     demo_bundle,
     node_stubs,
     resident_mb,
+    ring_link,
     running_nodes,
     steps,
 )
@@ -324,6 +325,61 @@ def test_fuzzed_forwarded_messages_end_their_link_with_a_sentence_and_harm_no_no
     assert outcomes["taken"] and outcomes["refused"], outcomes
     pipeline = [(stubs[name], stages) for name, stages in NODE_STAGES.items()]
     assert decode_on_nodes(pipeline, CLUSTER_PROMPTS[0]) == reference(CLUSTER_PROMPTS[0])
+
+
+# --- ring control on a coordinator's link to a node ----------------------------------------------------------
+
+
+ring_opens = st.builds(
+    pb.RingOpen, sequence=st.builds(pb.OpenSequence, seq_id=u64, sampling=st.one_of(fair_samplings, samplings),
+                                    capacity=i32, plain_guesses=st.booleans()),
+    prefill=st.lists(st.one_of(st.integers(0, VOCAB - 1), i32), max_size=6), last_position=i32, window=i32,
+    guess_thresholds=st.lists(odd_floats, max_size=3), prompt_tokens=i32)
+ring_controls = st.builds(pb.RingControl, closes=st.lists(u64, max_size=3), opens=st.lists(ring_opens, max_size=3))
+# (the control, whether it carries the link's own placement) or raw bytes
+frames_on_a_ring_link = st.lists(st.one_of(st.tuples(ring_controls, st.booleans()), st.binary(max_size=200)),
+                                 min_size=1, max_size=4)
+
+
+def test_fuzzed_ring_control_ends_no_node_and_every_failure_is_a_sentence(nodes, stubs, reference):
+    """What a coordinator's link may bring a node (after its secret and the node's assign key): whatever opens
+    and closes, the node answers with failures and refusals in sentences, and goes on serving."""
+    placement = [pb.StagePlace(stage=stage, node=name, address=nodes[name].address, link_address=nodes[name].link_address())
+                 for name, stages in NODE_STAGES.items() for stage in stages]
+    epochs = iter(range(1, 10**6))
+    said = {"failures": 0, "refusals": 0}
+
+    @FUZZ
+    @given(frames_on_a_ring_link)
+    def fuzz(sent: list) -> None:
+        epoch = next(epochs)
+        stubs["edge-2"].Assign(pb.AssignRequest(stages=NODE_STAGES["edge-2"], placement=placement, epoch=epoch,
+                                                assign_key=nodes["edge-2"].assign_key), timeout=10)
+        link, answers, refusal = ring_link(nodes["edge-2"], 0, epoch)
+        with link, answers:
+            assert refusal == ""
+            link.settimeout(10)
+            for message in sent:
+                if isinstance(message, tuple):
+                    control, live = message
+                    control.epoch = epoch if live else control.epoch
+                    message = control.SerializeToString()
+                link.sendall(frame(message))
+            link.shutdown(socket.SHUT_WR)  # the placement ends here: the node frees what it opened
+            while (payload := read_frame(answers, 1 << 24)) is not None:
+                events = pb.RingEvents.FromString(payload)
+                for sentence in [failure.message for failure in events.failed] + [events.refusal] * bool(events.refusal):
+                    assert sentence.strip() and "\n" not in sentence and len(sentence) < 1000, sentence
+                said["failures"] += len(events.failed)
+                said["refusals"] += bool(events.refusal)
+        assert nodes["edge-2"].process.poll() is None
+
+    fuzz()
+    assert said["failures"] and said["refusals"], said
+    stubs["edge-2"].Assign(pb.AssignRequest(stages=NODE_STAGES["edge-2"], assign_key=nodes["edge-2"].assign_key),
+                           timeout=10)  # back to the lockstep path
+    pipeline = [(stubs[name], stages) for name, stages in NODE_STAGES.items()]
+    assert decode_on_nodes(pipeline, CLUSTER_PROMPTS[1]) == reference(CLUSTER_PROMPTS[1])
 
 
 # --- requests to a coordinator ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 from nodes.link_probe import LinkProbe
 from nodes.peer_links import Dialler, LinkRefused
 from runtime.core.bundle import load_bundle
-from runtime.core.cluster_file import load_cluster, parse_address
+from runtime.core.cluster_file import load_cluster
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
@@ -28,23 +28,12 @@ from runtime.wire.frames import HANDSHAKE_BYTES, frame, read_frame
 from runtime.wire.sampling import sampling_to_wire
 from runtime.wire.tensor import pack
 from tests.conftest import CLUSTER_NEW_TOKENS, CLUSTER_PROMPTS, free_port, write_cluster
-from tests.support import NodeProcess, running_nodes
+from tests.support import NodeProcess, ring_link, running_nodes
 
 pytestmark = pytest.mark.cluster  # its tests start real processes on loopback
 
 INCARNATION = 7
 SEQ_IDS = itertools.count(1)
-
-
-def ring_link(node: NodeProcess, epoch: int, **binding) -> tuple[socket.socket, BinaryIO, str]:
-    """The coordinator's link to `node` for placement `epoch` (binding: fields to change): the connection, its
-    reading end and the node's answer's refusal."""
-    fields = dict(incarnation=INCARNATION, epoch=epoch, assign_key=node.assign_key) | binding
-    hello = pb.LinkHello(secret=load_secret(load_cluster(node.cluster)), ring=pb.RingBinding(**fields))
-    link = socket.create_connection(parse_address(node.link_address()), timeout=60)
-    link.sendall(frame(hello.SerializeToString()))
-    answers = link.makefile("rb")
-    return link, answers, pb.LinkAnswer.FromString(read_frame(answers, HANDSHAKE_BYTES)).refusal
 
 
 class Coordinator:
@@ -63,7 +52,7 @@ class Coordinator:
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.links = []
         for n in spec.nodes:
-            link, answers, refusal = ring_link(nodes[n.name], epoch)
+            link, answers, refusal = ring_link(nodes[n.name], INCARNATION, epoch)
             assert refusal == ""
             self.links.append(link)
             threading.Thread(target=self._read, args=(answers,), daemon=True).start()
@@ -175,7 +164,7 @@ def test_a_ring_link_without_an_assigned_placement_is_refused_with_a_sentence(no
     with nodes["edge-1"].channel() as channel:
         pb_grpc.NodeStub(channel).Assign(pb.AssignRequest(incarnation=INCARNATION, stages=[0],
                                                           assign_key=nodes["edge-1"].assign_key), timeout=10)  # lockstep
-    link, answers, refusal = ring_link(nodes["edge-1"], epoch=0)
+    link, answers, refusal = ring_link(nodes["edge-1"], INCARNATION, epoch=0)
     with link, answers:
         assert refusal == "node edge-1 runs the ring data path only for the placement its coordinator assigned last"
         assert read_frame(answers, HANDSHAKE_BYTES) is None  # and the link is closed
@@ -186,7 +175,7 @@ def test_a_ring_link_of_another_placement_or_without_the_assign_key_is_refused(n
         for binding, refused in [(dict(epoch=39), "only for the placement its coordinator assigned last"),
                                  (dict(assign_key="0" * 32), "only from the coordinator it registered with"),
                                  ({}, "already has its coordinator's link for this placement")]:
-            link, answers, refusal = ring_link(nodes["edge-2"], **{"epoch": 40} | binding)
+            link, answers, refusal = ring_link(nodes["edge-2"], INCARNATION, **{"epoch": 40} | binding)
             with link, answers:
                 assert refused in refusal and "\n" not in refusal
         prompt = CLUSTER_PROMPTS[1]  # the coordinator's own link still serves
