@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from runtime.core.cluster_file import parse_address
 from runtime.core.errors import SpeedError
 from runtime.wire import speed_pb2 as pb
-from runtime.wire.frames import HANDSHAKE_BYTES, LENGTH, frame
+from runtime.wire.frames import CUT_SHORT, HANDSHAKE_BYTES, LENGTH, frame, frame_length
 from runtime.wire.security import certificate_name, node_common_name
 
 CONNECT_TIMEOUT_S = 5.0
@@ -68,8 +68,8 @@ class RingLink:
                 payload = await self.read(MAX_EVENTS_BYTES)
             except asyncio.IncompleteReadError as exc:
                 if exc.partial:
-                    raise SpeedError("closed its link inside a frame") from None
-                return
+                    raise SpeedError(CUT_SHORT) from None
+                return  # ended between frames
             try:
                 events = pb.RingEvents.FromString(payload)
             except DecodeError:
@@ -79,10 +79,12 @@ class RingLink:
             yield events
 
     async def read(self, max_bytes: int) -> bytes:
-        (length,) = LENGTH.unpack(await self._reader.readexactly(LENGTH.size))
-        if length > max_bytes:
-            raise SpeedError(f"sent a frame of {length} bytes, more than the {max_bytes} its link takes")
-        return await self._reader.readexactly(length)
+        """The next frame; IncompleteReadError where the link ends in its header, SpeedError in its body."""
+        length = frame_length(await self._reader.readexactly(LENGTH.size), max_bytes)
+        try:
+            return await self._reader.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise SpeedError(CUT_SHORT) from None
 
     def close(self) -> None:
         self._writer.close()

@@ -16,7 +16,7 @@ import threading
 import time
 
 from runtime.core.errors import SpeedError
-from runtime.wire.frames import LENGTH
+from runtime.wire.frames import CUT_SHORT, LENGTH, frame_length
 
 RECEIVE_BYTES = 1 << 16
 CROSS_WAIT_S = 0.01  # TLS asked a write to read first, or a read to write: the other thread may take that turn
@@ -42,15 +42,12 @@ class FramedConnection:
         while len(self._received) < LENGTH.size:
             if not self._receive(deadline):
                 if self._received:
-                    raise SpeedError("the link closed inside a frame")
+                    raise SpeedError(CUT_SHORT)
                 return None
-        (length,) = LENGTH.unpack_from(self._received)
-        if length > max_bytes:
-            raise SpeedError(f"a frame of {length} bytes is more than the {max_bytes} a link takes")
-        end = LENGTH.size + length
+        end = LENGTH.size + frame_length(self._received, max_bytes)
         while len(self._received) < end:
             if not self._receive(deadline):
-                raise SpeedError("the link closed inside a frame")
+                raise SpeedError(CUT_SHORT)
         payload = bytes(self._received[LENGTH.size:end])
         del self._received[:end]
         return payload

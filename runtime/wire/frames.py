@@ -1,5 +1,6 @@
-"""Frames of the direct links between nodes (proto/speed/v1/speed.proto, "Direct links"): each message
-its length as 4 little-endian bytes, then its bytes."""
+"""Frames of the direct links (proto/speed/v1/speed.proto, "Direct links"): each message its length as 4
+little-endian bytes, then its bytes. Every reader of them (a buffered stream here, a link's listening end in
+framed_connection.py, the coordinator's asyncio link) checks a frame's header with `frame_length`."""
 
 from __future__ import annotations
 
@@ -10,10 +11,20 @@ from runtime.core.errors import SpeedError
 
 LENGTH = struct.Struct("<I")
 HANDSHAKE_BYTES = 4096  # the most a LinkHello or LinkAnswer frame may take
+CUT_SHORT = "the link closed inside a frame"
 
 
 def frame(payload: bytes) -> bytes:
     return LENGTH.pack(len(payload)) + payload
+
+
+def frame_length(head: bytes | bytearray, max_bytes: int) -> int:
+    """The length a frame's header (its first LENGTH.size bytes) gives; SpeedError where it is more than max_bytes,
+    and the frame is not to be read."""
+    (length,) = LENGTH.unpack_from(head)
+    if length > max_bytes:
+        raise SpeedError(f"a frame of {length} bytes is more than the {max_bytes} a link takes")
+    return length
 
 
 def read_frame(stream: BinaryIO, max_bytes: int) -> bytes | None:
@@ -23,11 +34,9 @@ def read_frame(stream: BinaryIO, max_bytes: int) -> bytes | None:
     if not head:
         return None
     if len(head) < LENGTH.size:
-        raise SpeedError("the link closed inside a frame")
-    (length,) = LENGTH.unpack(head)
-    if length > max_bytes:
-        raise SpeedError(f"a frame of {length} bytes is more than the {max_bytes} a link takes")
+        raise SpeedError(CUT_SHORT)
+    length = frame_length(head, max_bytes)
     body = stream.read(length)
     if len(body) < length:
-        raise SpeedError("the link closed inside a frame")
+        raise SpeedError(CUT_SHORT)
     return body
