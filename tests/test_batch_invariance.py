@@ -5,10 +5,11 @@ a speculative pass runs more rows than a sequential one, and a token must not de
 For every kind of bundle: float32, and int4 and int8 weights (MatMulNBits) with int8 activations (accuracy
 level 4, the default) and with float32 arithmetic (level 1). A row alone is the same row in a cache of its
 own with a second, idle row, as every cache of a multi-stage model has. With int8 activations a single
-position of that row is computed alone; at accuracy level 1 it is not (ONNX Runtime computes one row with
-another kernel there, see Bundle.one_row_computed_apart). Each kind runs the bundle's own attention operators
-(as a GPU does), and float32 and int4 with int8 activations also ONNX Runtime's fused attention (the CPU's
-default)."""
+position of that row is computed alone where ONNX Runtime computes one row with the kernel of several (8-bit
+weights always, 4-bit ones on some processors: runtime.executor.row_kernels); at accuracy level 1 it is not
+(ONNX Runtime computes one row with another kernel there, see Bundle.one_row_computed_apart). Each kind runs
+the bundle's own attention operators (as a GPU does), and float32 and int4 with int8 activations also ONNX
+Runtime's fused attention (the CPU's default)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from hypothesis import strategies as st
 
 from runtime.core.bundle import DEFAULT_BUNDLE, load_bundle
 from runtime.executor.kv_cache import KVCache
+from runtime.executor.onnx_session import create_session
 from runtime.executor.onnx_stage_model import OnnxStageModel
+from runtime.executor.row_kernels import int4_row_computed_apart
 from runtime.models.quantize import Quantization, quantize_bundle
 
 pytestmark = pytest.mark.training  # it quantizes the demo bundle
@@ -86,3 +89,14 @@ def test_a_rows_results_do_not_depend_on_the_rows_beside_it_or_its_cache(model, 
         for kind, a, b in zip(("keys", "values"), new_entries(alone, 0, T), new_entries(together, r, T)):
             assert np.array_equal(a, b), f"row {r}: new {kind}"
         assert np.array_equal(logits[0], batch_logits[r]), f"row {r}: logits"
+
+
+def test_the_machine_s_own_answer_on_one_row_of_4_bit_products_is_what_a_4_bit_bundle_s_classifier_does(tmp_path):
+    """The small product runtime.executor.row_kernels measures stands for a real bundle's: its classifier (4-bit, int8
+    activations) gives a row alone the same bits as beside another row exactly where the machine says so."""
+    bundle = load_bundle(quantize_bundle(DEFAULT_BUNDLE, tmp_path / "int4", Quantization("int4")))
+    assert bundle.int4_products_with_int8_activations
+    head = create_session(bundle.head_graph, threads=1)
+    rows = np.random.default_rng(3).standard_normal((2, bundle.config.d_model)).astype(np.float32)
+    alone, beside = head.run(["logits"], {"hidden": rows[:1]})[0], head.run(["logits"], {"hidden": rows})[0]
+    assert np.array_equal(alone[0], beside[0]) != int4_row_computed_apart()

@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct pulled and imported as an operator would, in float32 and keeping the file's own Q4_1 and
-Q8_0 blocks with int8 activations (the fast kind): it answers, the fast kind is about the file's size, every
-decoder agrees, and the three-node cluster of deploy/smollm2.yaml serving the fast kind gives the single-process
-reference's tokens on both data paths."""
+Q8_0 blocks with int8 activations (the fast kind): it answers, the fast kind predicts text nearly as well and is
+about the file's size, every decoder agrees, and the three-node cluster of deploy/smollm2.yaml serving the fast
+kind gives the single-process reference's tokens on both data paths."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ import pytest
 import yaml
 
 from deploy.launcher import LocalCluster
+from runtime.bench.agreement import held_out_loss
 from runtime.client import Client
 from runtime.core.bundle import load_bundle
 from runtime.core.sampling import GREEDY, SamplingParams
 from runtime.local.backends import open_stage_model
 from runtime.local.plain import generate_plain
 from runtime.local.speculative import generate_speculative
+from runtime.models.corpus import held_out_windows
 from tests.conftest import free_port, run_speed
 
 pytestmark = pytest.mark.needs_model  # pulls SmolLM2-135M
@@ -59,12 +61,19 @@ def smollm2_fast(gguf_file, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("kind", ["smollm2", "smollm2_fast"])
-def test_it_answers_the_capital_of_france_with_paris(kind, request):
-    bundle = request.getfixturevalue(kind)
-    result = run_speed("reference", "--bundle", str(bundle), "--chat", "--json", "--max-new-tokens", "16", QUESTION)
+def test_it_answers_the_capital_of_france_with_paris(smollm2):
+    result = run_speed("reference", "--bundle", str(smollm2), "--chat", "--json", "--max-new-tokens", "16", QUESTION)
     assert result.returncode == 0, result.stderr
     assert "Paris" in json.loads(result.stdout)["text"]
+
+
+def test_the_fast_kind_predicts_held_out_text_within_a_few_hundredths_of_a_nat_of_the_float32_import(smollm2_fast,
+                                                                                                     smollm2):
+    """Its int8 activations are rounded by the processor's own kernels, so its greedy answers differ from one processor
+    to another (on an AVX2 one without AVX-512 it names no capital in 16 tokens); how well it predicts text does not."""
+    fast, exact = load_bundle(smollm2_fast), load_bundle(smollm2)
+    windows = [list(window) for window in held_out_windows(exact.tokenizer(), 8, 128)]
+    assert held_out_loss(open_stage_model(fast), windows) - held_out_loss(open_stage_model(exact), windows) < 0.05
 
 
 def test_the_fast_bundle_is_about_the_size_of_its_file(smollm2_fast, gguf_file):
@@ -119,7 +128,6 @@ def test_the_three_node_cluster_gives_the_reference_tokens(smollm2_fast, data_pa
         for speculative in (False, True):
             result = client.generate(QUESTION, chat=True, max_new_tokens=12, speculative=speculative).result()
             assert result.token_ids == expected[GREEDY]
-            assert "Paris" in result.text
             result = client.generate(QUESTION, chat=True, max_new_tokens=12, speculative=speculative,
                                      temperature=sampled.temperature, top_k=sampled.top_k, seed=sampled.seed).result()
             assert result.token_ids == expected[sampled]

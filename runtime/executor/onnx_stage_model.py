@@ -19,6 +19,7 @@ from runtime.executor.kept_logits import INVERSE_TEMPERATURE, TEMPERED_TOTAL, TO
 from runtime.executor.kept_states import EMBEDDING, FROM_HIDDEN, KEPT_STATES, ROW_PLAN, STATE_ROWS, STATES
 from runtime.executor.kv_cache import KVCache
 from runtime.executor.onnx_session import PROVIDERS, LazySession, create_session
+from runtime.executor.row_kernels import int4_row_computed_apart
 from runtime.executor.stage_model import KeptRows, TopLogits, top_probabilities
 
 log = logging.getLogger("speed.node")
@@ -58,10 +59,11 @@ class OnnxStageModel:
         self.device = device
         self.device_resident = device != "cpu" if device_resident is None else device_resident
         self._graph_ids = bundle.graph_ids
-        # where a single row is computed with another kernel (Bundle.one_row_computed_apart), the graphs
-        # always get at least two rows, so a token's result never depends on what it is batched with, which
-        # lossless speculation needs
-        self._never_one_row = bundle.one_row_computed_apart
+        # where a single row is computed with another kernel (Bundle.one_row_computed_apart; for 4-bit products with
+        # int8 activations, as this machine's CPU computes them), the graphs always get at least two rows, so a token's
+        # result never depends on what it is batched with, which lossless speculation needs
+        self._never_one_row = bundle.one_row_computed_apart or (
+            bundle.int4_products_with_int8_activations and device == "cpu" and int4_row_computed_apart())
 
         # decode ticks as fixed tiles, which a GPU replays as CUDA graphs (default on CUDA); on the CPU only tests
         # ask for them, to run their every line
