@@ -19,7 +19,7 @@ from runtime.executor.kept_logits import INVERSE_TEMPERATURE, TEMPERED_TOTAL, TO
 from runtime.executor.kept_states import EMBEDDING, FROM_HIDDEN, KEPT_STATES, ROW_PLAN, STATE_ROWS, STATES
 from runtime.executor.kv_cache import KVCache
 from runtime.executor.onnx_session import PROVIDERS, LazySession, create_session
-from runtime.executor.row_kernels import int4_row_computed_apart
+from runtime.executor.row_kernels import computes_one_row_apart, int4_row_computed_apart
 from runtime.executor.stage_model import KeptRows, TopLogits, top_probabilities
 
 log = logging.getLogger("speed.node")
@@ -64,6 +64,7 @@ class OnnxStageModel:
         # result never depends on what it is batched with, which lossless speculation needs
         self._never_one_row = bundle.one_row_computed_apart or (
             bundle.int4_products_with_int8_activations and device == "cpu" and int4_row_computed_apart())
+        self._heads_apart: dict[LazySession, bool] = {}  # whether a classifier computes one row apart, once measured
 
         # decode ticks as fixed tiles, which a GPU replays as CUDA graphs (default on CUDA); on the CPU only tests
         # ask for them, to run their every line
@@ -285,7 +286,7 @@ class OnnxStageModel:
         else:
             feeds |= {STATE_ROWS: np.full(len(hidden), FROM_HIDDEN), "hidden": hidden}
             binding.bind_ortvalue_input(STATES, self._no_states)
-        for name, value in self._head_feeds(feeds, len(feeds[STATE_ROWS])).items():
+        for name, value in self._head_feeds(head, feeds, len(feeds[STATE_ROWS])).items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         if keep_logits:
             binding.bind_output(head.outputs[LOGITS], self.device)
@@ -322,11 +323,27 @@ class OnnxStageModel:
             out = [value.numpy() for value in self._run_kept_head(head, hidden, np.ones(len(hidden), np.float32), 1,
                                                                   [LOGITS, TOKENS])]
         else:
-            out = head.get().run(head.outputs[:2], self._head_feeds({"hidden": hidden}, len(hidden)))
+            out = head.get().run(head.outputs[:2], self._head_feeds(head, {"hidden": hidden}, len(hidden)))
         return [value[: len(hidden)] for value in out]
 
-    def _head_feeds(self, feeds: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-        """A head call's feeds: a single row twice where one row is computed apart (the outputs' first row is its)."""
-        if self._never_one_row and rows == 1:
+    def _head_feeds(self, head: LazySession, feeds: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        """A head call's feeds: a single row twice where the head computes one row apart (the outputs' first row is
+        its)."""
+        if rows == 1 and self._head_computes_one_row_apart(head):
             return {name: value if name == TOP_COUNT else np.concatenate([value, value]) for name, value in feeds.items()}
         return feeds
+
+    def _head_computes_one_row_apart(self, head: LazySession) -> bool:
+        """Where the stages compute one row apart, whether this classifier does too, measured at its first use: a
+        bundle's classifier may hold other products than its stages (SmolLM2's fast kind: 8-bit, beside 4-bit
+        stages), and a second row costs the head a third more. A head keeping its logits is not measured."""
+        if not self._never_one_row:
+            return False
+        if self.keeps_logits:
+            return True
+        apart = self._heads_apart.get(head)
+        if apart is None:
+            session = head.get()
+            apart = self._heads_apart[head] = computes_one_row_apart(
+                lambda hidden: session.run(head.outputs[:1], {"hidden": hidden})[0], self.config.d_model)
+        return apart
