@@ -4,12 +4,11 @@ a speculative pass runs more rows than a sequential one, and a token must not de
 
 For every kind of bundle: float32, and int4 and int8 weights (MatMulNBits) with int8 activations (accuracy
 level 4, the default) and with float32 arithmetic (level 1). A row alone is the same row in a cache of its
-own with a second, idle row, as every cache of a multi-stage model has. With int8 activations a single
-position of that row is computed alone where ONNX Runtime computes one row with the kernel of several (8-bit
-weights always, 4-bit ones on some processors: runtime.executor.row_kernels); at accuracy level 1 it is not
-(ONNX Runtime computes one row with another kernel there, see Bundle.one_row_computed_apart). Each kind runs
-the bundle's own attention operators (as a GPU does), and float32 and int4 with int8 activations also ONNX
-Runtime's fused attention (the CPU's default)."""
+own with a second, idle row, as every cache of a multi-stage model has. Where ONNX Runtime computes a single
+row of a product with a kernel of its own (at level 1 always, for 4-bit weights at level 4 on some processors:
+runtime.executor.row_kernels), a single row's call runs graphs whose such products see two rows
+(runtime.executor.paired_rows). Each kind runs the bundle's own attention operators (as a GPU does), and float32
+and int4 with int8 activations also ONNX Runtime's fused attention (the CPU's default)."""
 
 from __future__ import annotations
 
@@ -22,6 +21,7 @@ from runtime.core.bundle import DEFAULT_BUNDLE, load_bundle
 from runtime.executor.kv_cache import KVCache
 from runtime.executor.onnx_session import create_session
 from runtime.executor.onnx_stage_model import OnnxStageModel
+from runtime.executor.paired_rows import paired_rows_graph
 from runtime.executor.row_kernels import int4_row_computed_apart
 from runtime.models.quantize import Quantization, quantize_bundle
 
@@ -95,8 +95,28 @@ def test_the_machine_s_own_answer_on_one_row_of_4_bit_products_is_what_a_4_bit_b
     """The small product runtime.executor.row_kernels measures stands for a real bundle's: its classifier (4-bit, int8
     activations) gives a row alone the same bits as beside another row exactly where the machine says so."""
     bundle = load_bundle(quantize_bundle(DEFAULT_BUNDLE, tmp_path / "int4", Quantization("int4")))
-    assert bundle.int4_products_with_int8_activations
+    assert bundle.manifest["quantization"]["accuracy_level"] == 4
     head = create_session(bundle.head_graph, threads=1)
     rows = np.random.default_rng(3).standard_normal((2, bundle.config.d_model)).astype(np.float32)
     alone, beside = head.run(["logits"], {"hidden": rows[:1]})[0], head.run(["logits"], {"hidden": rows})[0]
     assert np.array_equal(alone[0], beside[0]) != int4_row_computed_apart()
+
+
+@pytest.mark.parametrize("accuracy_level", [1, 4])
+def test_a_classifier_with_paired_products_gives_a_row_alone_the_bits_it_gets_beside_others(tmp_path, accuracy_level):
+    """The paired form of a 4-bit classifier: a single row is the first of two inside each product, so it gets the
+    bits of the kernel for several rows, whatever this machine computes one row with; several rows are unchanged."""
+    bundle = load_bundle(quantize_bundle(DEFAULT_BUNDLE, tmp_path / "int4", Quantization("int4",
+                                                                                          accuracy_level=accuracy_level)))
+    plain = create_session(bundle.head_graph, threads=1)
+    paired = create_session(bundle.head_graph, threads=1, paired={(4, accuracy_level)})
+    rows = np.random.default_rng(5).standard_normal((3, bundle.config.d_model)).astype(np.float32)
+    for session in (plain, paired):
+        assert [output.name for output in session.get_outputs()] == [output.name for output in plain.get_outputs()]
+    several = plain.run(None, {"hidden": rows})
+    assert all(np.array_equal(a, b) for a, b in zip(paired.run(None, {"hidden": rows}), several))
+    alone = paired.run(None, {"hidden": rows[:1]})
+    assert [value.shape[0] for value in alone] == [1] * len(alone)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(alone, several))
+    untouched = paired_rows_graph(str(bundle.head_graph), {(8, accuracy_level)})  # no product of that kind
+    assert b"paired_rows" not in untouched

@@ -233,7 +233,7 @@ def test_a_4_bit_import_keeps_the_file_s_blocks_and_computes_what_the_file_says(
     made = kept.manifest["quantization"]
     assert len(made["kept_from_gguf"]) == 5 * 7 and made["quantized_from_values"] == []
     assert made["float32"] == ["token_embd.weight"]  # no fast 8-bit kernel with float32 arithmetic
-    assert kept.quantized and kept.one_row_computed_apart
+    assert kept.quantized and made["accuracy_level"] == 1
     # the same numbers as the float32 import of the file, only stored in its 4 bits
     hidden = np.random.default_rng(0).standard_normal((2, 5, kept.config.d_model)).astype(np.float32)
     for graph_float, graph_kept in zip(floats.stage_graphs, kept.stage_graphs):
@@ -245,7 +245,7 @@ def test_a_4_bit_import_keeps_the_file_s_blocks_and_computes_what_the_file_says(
 def test_with_int8_activations_the_q8_0_embedding_is_kept_as_the_head_s_weights_and_the_table(four_bit):
     floats, kept = load_bundle(four_bit["f32"]), load_bundle(four_bit["q4"])
     made = kept.manifest["quantization"]
-    assert made["accuracy_level"] == 4 and not kept.one_row_computed_apart
+    assert made["accuracy_level"] == 4
     assert "token_embd.weight" in made["kept_from_gguf"] and made["float32"] == []
     assert "layers of Q4_0, Q4_1: kept in their blocks for serving (--weights f32 for float32)" in four_bit["printed"]
     assert ("kept the file's own blocks of 35 of 35 layer matrices (Q4_0, Q4_1) and of the embedding and tied head "

@@ -213,19 +213,6 @@ class Bundle:
         return "quantization" in self.manifest
 
     @property
-    def one_row_computed_apart(self) -> bool:
-        """ONNX Runtime's MatMulNBits with float32 arithmetic (accuracy level 1) computes a single row with
-        another kernel than several, whose sums differ in the last bits; with int8 activations (level 4) it
-        does so for 4-bit weights on some processors only (runtime.executor.row_kernels measures it), never for
-        8-bit ones (tests/test_batch_invariance.py)."""
-        return self.quantized and self.manifest["quantization"].get("accuracy_level", 1) == 1
-
-    @property
-    def int4_products_with_int8_activations(self) -> bool:
-        quantization = self.manifest.get("quantization") or {}
-        return quantization.get("weights") == "int4" and quantization.get("accuracy_level", 1) == 4
-
-    @property
     def exits(self) -> dict[str, Any]:
         """The manifest's exits (`speed train-exit`): kind, stages, files and report; {} when none."""
         return self.manifest.get("exits") or {}

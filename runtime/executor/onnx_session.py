@@ -17,7 +17,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from runtime.core.errors import SpeedError
-from runtime.executor.prepacked_graphs import derived_copy, derived_graph, prepacked_graph
+from runtime.executor.prepacked_graphs import Kinds, derived_copy, derived_graph, prepacked_graph
 
 log = logging.getLogger("speed.node")
 
@@ -25,24 +25,26 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def create_session(path: Path, *, device: str = "cpu", threads: int = 0, sha256: str | None = None,
-                   derived: str | None = None, graph_capture: bool = False) -> ort.InferenceSession:
+                   derived: str | None = None, paired: Kinds = (), graph_capture: bool = False
+                   ) -> ort.InferenceSession:
     """threads: intra-op threads, 0 = ONNX Runtime's default (one per physical core). sha256: the graph's
     hash from its bundle; on CPU the session then loads this machine's pre-packed copy of the graph, elsewhere
     the copy of the derived graph saved on first use. derived: run the graph derived from it by this name
-    (prepacked_graphs.DERIVED). graph_capture: on CUDA, let calls be captured and replayed as CUDA graphs
+    (prepacked_graphs.DERIVED). paired: the kinds of products given two rows where a call has one
+    (runtime.executor.paired_rows). graph_capture: on CUDA, let calls be captured and replayed as CUDA graphs
     (runtime.executor.decode_tiles; every call must then name its capture id); a graph that cannot be captured
     runs without."""
     if device not in PROVIDERS:
         raise SpeedError(f"unknown device {device!r}; expected one of {', '.join(PROVIDERS)}")
     source: str | bytes | None = None
-    if sha256 is not None and (device == "cpu" or derived is not None):
+    if sha256 is not None and (device == "cpu" or derived is not None or paired):
         try:
-            source = str(prepacked_graph(path, sha256, derived=derived) if device == "cpu"
-                         else derived_copy(path, sha256, derived))
+            source = str(prepacked_graph(path, sha256, derived=derived, paired=paired) if device == "cpu"
+                         else derived_copy(path, sha256, derived, paired))
         except OSError as exc:
             log.warning("no machine-local copy of %s (%s); loading the graph itself", path.name, exc)
     if source is None:
-        source = derived_graph(path, derived)
+        source = derived_graph(path, derived, paired)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads

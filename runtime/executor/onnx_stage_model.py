@@ -11,7 +11,6 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.core.bundle import Bundle
-from runtime.core.errors import SpeedError
 from runtime.executor.cache_writing import WRITES
 from runtime.executor.decode_tiles import UNCAPTURED, DecodeTiles, tiles_by_default
 from runtime.executor.device_cache import CacheBinding, DeviceKVCache
@@ -19,7 +18,7 @@ from runtime.executor.kept_logits import INVERSE_TEMPERATURE, TEMPERED_TOTAL, TO
 from runtime.executor.kept_states import EMBEDDING, FROM_HIDDEN, KEPT_STATES, ROW_PLAN, STATE_ROWS, STATES
 from runtime.executor.kv_cache import KVCache
 from runtime.executor.onnx_session import PROVIDERS, LazySession, create_session
-from runtime.executor.row_kernels import computes_one_row_apart, int4_row_computed_apart
+from runtime.executor.row_kernels import products_computing_one_row_apart
 from runtime.executor.stage_model import KeptRows, TopLogits, top_probabilities
 
 log = logging.getLogger("speed.node")
@@ -59,21 +58,22 @@ class OnnxStageModel:
         self.device = device
         self.device_resident = device != "cpu" if device_resident is None else device_resident
         self._graph_ids = bundle.graph_ids
-        # where a single row is computed with another kernel (Bundle.one_row_computed_apart; for 4-bit products with
-        # int8 activations, as this machine's CPU computes them), the graphs always get at least two rows, so a token's
-        # result never depends on what it is batched with, which lossless speculation needs
-        self._never_one_row = bundle.one_row_computed_apart or (
-            bundle.int4_products_with_int8_activations and device == "cpu" and int4_row_computed_apart())
-        self._heads_apart: dict[LazySession, bool] = {}  # whether a classifier computes one row apart, once measured
+        # products that compute a single row with another kernel are given two rows where a call has one, so that a
+        # token's result never depends on what it is batched with, which lossless speculation needs
+        paired = products_computing_one_row_apart(bundle, device)
+        # on the CPU's host path calls of several rows run the graphs without the pairing, whose operators cost such a
+        # call of SmolLM2's stage 8%, and single rows their paired form (opened at the first one: its session packs
+        # the weights again)
+        single_rows_apart = bool(paired) and device == "cpu" and not self.device_resident
 
         # decode ticks as fixed tiles, which a GPU replays as CUDA graphs (default on CUDA); on the CPU only tests
         # ask for them, to run their every line
         tiles = tiles_by_default(device) if decode_tiles is None else decode_tiles
         tiles = tiles and self.device_resident
 
-        def session(path: Path, derived: str | None, *, graph_capture: bool = False):
-            return create_session(path, device=device, threads=threads, sha256=bundle.file_sha256(path),
-                                  derived=derived, graph_capture=graph_capture)
+        def session(path: Path, derived: str | None, *, graph_capture: bool = False, pairs: bool = True):
+            return create_session(path, device=device, threads=threads, sha256=bundle.file_sha256(path), derived=derived,
+                                  paired=paired if pairs else (), graph_capture=graph_capture)
 
         graphs = bundle.stage_graphs
         self.stages = frozenset(range(len(graphs)) if stages is None else stages)  # the stages it can run
@@ -81,21 +81,27 @@ class OnnxStageModel:
         cached = {graphs[stage] for stage in self.stages} | set(exit_graphs.values())  # the graphs taking a cache
         sessions = None
         self.fused_attention = fused_attention and device == "cpu" and not self.device_resident
+        form = None
         if self.fused_attention:
             try:
-                sessions = {path: session(path, "attention") for path in cached}
+                sessions = {path: session(path, "attention", pairs=not single_rows_apart) for path in cached}
+                form = "attention"
             except ValueError as exc:  # an older export: its attention has another pattern
                 log.info("%s runs its own attention operators, as exported before the fused rotary embedding (%s); "
                          "`speed export %s OUT_DIR` exports its graphs again, with fused attention on a CPU",
                          bundle.manifest["name"], exc, bundle.path)
                 self.fused_attention = False
         if sessions is None:
-            sessions = {path: session(path, "writes" if self.device_resident else None,
-                                      graph_capture=tiles) for path in cached}
+            form = "writes" if self.device_resident else None
+            sessions = {path: session(path, form, graph_capture=tiles, pairs=not single_rows_apart) for path in cached}
         self._stage_sessions = {stage: sessions[graphs[stage]] for stage in self.stages}
+        single = {path: LazySession(functools.partial(session, path, form))
+                  for path in (cached if single_rows_apart else ())}
+        self._single_row_stage_sessions = {stage: single[graphs[stage]] for stage in self.stages if single}
         head_form, guess_head = ("kept-logits" if self.device_resident else None), bundle.guess_head_graph
         # the classifiers are opened at their first use: a node whose gate holds every guess never holds the guess
         # head, and one that does not run the last stage gives the head back (release_classifiers)
+        # (a classifier's one product is paired in calls of any rows: it costs little)
         self._head = LazySession(lambda: session(bundle.head_graph, head_form))
         self._guess_head = LazySession(lambda: session(guess_head, head_form)) if guess_head is not None else self._head
         self.provider = (next(iter(sessions.values())) if sessions else self._head.get()).get_providers()[0]
@@ -103,6 +109,7 @@ class OnnxStageModel:
         self._embedding = bundle.embedding()
         self.exit_maps = bundle.exit_maps()
         self._exit_sessions = {stage: sessions[path] for stage, path in exit_graphs.items()}
+        self._single_row_exit_sessions = {stage: single[path] for stage, path in exit_graphs.items() if single}
         self.exit_layer_stages = frozenset(self._exit_sessions)
         self._layers = [len(self.config.stage_layers(s)) for s in range(self.config.n_stages)]
         self._bindings: dict[tuple, ort.IOBinding] = {}
@@ -120,9 +127,7 @@ class OnnxStageModel:
         self.keeps_states = self._tiles is not None  # decode calls leave their hidden states on the device
 
     def new_cache(self, *, rows: int, capacity: int, layers: int | None = None) -> KVCache:
-        """A cache for these graphs: on the device when they write it there; at least two rows where one row
-        is computed apart (the second gives a single token a neighbour)."""
-        rows = max(rows, 2) if self._never_one_row else rows
+        """A cache for these graphs: on the device when they write it there."""
         if self.device_resident and self.device != "cpu":
             return DeviceKVCache(self.config, rows=rows, capacity=capacity, layers=layers, device=self.device)
         return KVCache(self.config, rows=rows, capacity=capacity, layers=layers, keys_by_position=self.fused_attention)
@@ -139,13 +144,21 @@ class OnnxStageModel:
         """hidden (B, T, d) of the tokens after each row's cache length, B = rows of `rows` -> hidden (B, T, d).
         Each row's new keys and values are written at its length, as far as it has room (KVCache.write);
         the caller advances the lengths of the rows it keeps."""
-        if self._never_one_row and hidden.shape[:2] == (1, 1):
-            return self._run_beside_a_neighbour(stage, hidden, cache, rows.start)
-        return self._run(self._stage_sessions[stage], self._layers[stage], hidden, cache, rows)
+        return self._run(self._session(self._stage_sessions, self._single_row_stage_sessions, stage, hidden),
+                         self._layers[stage], hidden, cache, rows)
 
     def run_exit_layer(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> np.ndarray:
         """The stage's one-layer exit: a stage graph of one layer over its own cache (one layer per row)."""
-        return self._run(self._exit_sessions[stage], 1, hidden, cache, rows)
+        return self._run(self._session(self._exit_sessions, self._single_row_exit_sessions, stage, hidden), 1, hidden,
+                         cache, rows)
+
+    @staticmethod
+    def _session(sessions: dict[int, ort.InferenceSession], single_rows: dict[int, LazySession], stage: int,
+                 hidden: np.ndarray) -> ort.InferenceSession:
+        """The stage's session for these rows: its paired form for a single row where it has one."""
+        if hidden.shape[:2] == (1, 1) and stage in single_rows:
+            return single_rows[stage].get()
+        return sessions[stage]
 
     def run_kept(self, stage: int, cache: KVCache, rows: slice, sources: np.ndarray, tokens: np.ndarray,
                  hidden: np.ndarray | None) -> None:
@@ -220,16 +233,6 @@ class OnnxStageModel:
             self._bindings[key] = binding
         return binding
 
-    def _run_beside_a_neighbour(self, stage: int, hidden: np.ndarray, cache: KVCache, row: int) -> np.ndarray:
-        """Run one token as one of two rows, the other a neighbouring cache row whose result is dropped
-        (rows are independent in every op, the neighbour is a view: nothing is copied, and it gets an entry
-        only beyond its length)."""
-        if len(cache.lengths) < 2:
-            raise SpeedError("this bundle computes a single row apart, so its caches need two rows; make them "
-                             "with OnnxStageModel.new_cache")
-        pair = slice(row, row + 2) if row + 1 < len(cache.lengths) else slice(row - 1, row + 1)
-        out = self.run_stage(stage, np.concatenate([hidden, hidden]), cache, pair)  # (2, 1, d)
-        return out[row - pair.start : row - pair.start + 1]
 
     def classify(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """hidden (N, d) -> logits (N, V), greedy tokens (N,)."""
@@ -248,7 +251,7 @@ class OnnxStageModel:
         if not self.keeps_logits:
             logits, tokens = self._classify(head, hidden)
             return tokens, top_probabilities(logits, scored)
-        tokens, totals = (value.numpy()[: len(hidden)] for value in self._run_kept_head(
+        tokens, totals = (value.numpy() for value in self._run_kept_head(
             head, hidden, np.ones(len(hidden), np.float32), 1, [TOKENS, TEMPERED_TOTAL]))
         return tokens, 1 / totals
 
@@ -262,11 +265,10 @@ class OnnxStageModel:
         """hidden (N, d), inverse_temperature (N,) -> each row's `count` largest logits and what else its draw needs
         (TopLogits); every logit stays where it was computed until asked for. Only where the graphs keep the logits."""
         head = self._guess_head if guesses else self._head
-        rows = len(hidden)
         logits, *fetched = self._run_kept_head(head, hidden, inverse_temperature, count,
                                                [TOKENS, TEMPERED_TOTAL, TOP_LOGITS, TOP_TOKENS], keep_logits=True)
-        tokens, totals, top_logits, top_tokens = (value.numpy()[:rows] for value in fetched)
-        return TopLogits(top_logits, top_tokens, totals, tokens, logits.shape()[-1], lambda: logits.numpy()[:rows])
+        tokens, totals, top_logits, top_tokens = (value.numpy() for value in fetched)
+        return TopLogits(top_logits, top_tokens, totals, tokens, logits.shape()[-1], logits.numpy)
 
     def _run_kept_head(self, head: LazySession, hidden: np.ndarray | KeptRows, inverse_temperature: np.ndarray,
                        count: int, fetched: list[str | int], *, keep_logits: bool = False) -> list[ort.OrtValue]:
@@ -286,7 +288,7 @@ class OnnxStageModel:
         else:
             feeds |= {STATE_ROWS: np.full(len(hidden), FROM_HIDDEN), "hidden": hidden}
             binding.bind_ortvalue_input(STATES, self._no_states)
-        for name, value in self._head_feeds(head, feeds, len(feeds[STATE_ROWS])).items():
+        for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         if keep_logits:
             binding.bind_output(head.outputs[LOGITS], self.device)
@@ -320,30 +322,6 @@ class OnnxStageModel:
     def _classify(self, head: LazySession, hidden: np.ndarray) -> list[np.ndarray]:
         """The head's logits and tokens for these rows."""
         if self.keeps_logits:
-            out = [value.numpy() for value in self._run_kept_head(head, hidden, np.ones(len(hidden), np.float32), 1,
-                                                                  [LOGITS, TOKENS])]
-        else:
-            out = head.get().run(head.outputs[:2], self._head_feeds(head, {"hidden": hidden}, len(hidden)))
-        return [value[: len(hidden)] for value in out]
-
-    def _head_feeds(self, head: LazySession, feeds: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-        """A head call's feeds: a single row twice where the head computes one row apart (the outputs' first row is
-        its)."""
-        if rows == 1 and self._head_computes_one_row_apart(head):
-            return {name: value if name == TOP_COUNT else np.concatenate([value, value]) for name, value in feeds.items()}
-        return feeds
-
-    def _head_computes_one_row_apart(self, head: LazySession) -> bool:
-        """Where the stages compute one row apart, whether this classifier does too, measured at its first use: a
-        bundle's classifier may hold other products than its stages (SmolLM2's fast kind: 8-bit, beside 4-bit
-        stages), and a second row costs the head a third more. A head keeping its logits is not measured."""
-        if not self._never_one_row:
-            return False
-        if self.keeps_logits:
-            return True
-        apart = self._heads_apart.get(head)
-        if apart is None:
-            session = head.get()
-            apart = self._heads_apart[head] = computes_one_row_apart(
-                lambda hidden: session.run(head.outputs[:1], {"hidden": hidden})[0], self.config.d_model)
-        return apart
+            return [value.numpy() for value in self._run_kept_head(head, hidden, np.ones(len(hidden), np.float32), 1,
+                                                                   [LOGITS, TOKENS])]
+        return head.get().run(head.outputs[:2], {"hidden": hidden})

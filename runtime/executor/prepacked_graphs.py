@@ -27,6 +27,7 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from runtime.core.errors import SpeedError
 from runtime.executor.fused_attention import fused_attention_graph
 from runtime.executor.kept_logits import kept_logits_graph
 from runtime.executor.kept_states import kept_states_graph
+from runtime.executor.paired_rows import paired_rows_graph
 
 GRAPH_FILE = "graph.onnx"
 DATA_FILE = "graph.data"
@@ -48,8 +50,8 @@ LIMIT_VARIABLE = "SPEED_GRAPH_CACHE_MB"
 # 2: checked against the graph (copies made before are made again); 3: 8-bit products pre-packed; 4: fused
 # attention's rotary tables reach one position beyond the context; 5: graphs writing their caches clamp rotary
 # positions to the tables; 6: graphs writing their caches, and heads keeping their logits, read and keep hidden
-# states on the device
-COPY_FORMAT = 6
+# states on the device; 7: products computing one row apart are given two (paired rows)
+COPY_FORMAT = 7
 # graphs a node derives from a bundle's, by name: stage and exit graphs that write their own caches and keep their
 # hidden states, heads that give their greedy token's probability (what a GPU node runs, to keep its state on the GPU)
 DERIVED = {"writes": kept_states_graph, "kept-logits": kept_logits_graph, "attention": fused_attention_graph}
@@ -93,18 +95,29 @@ def cpu_fingerprint() -> str:
     return hashlib.sha256("\n".join(described).encode()).hexdigest()[:12]
 
 
-def derived_graph(path: Path, derived: str | None) -> str | bytes:
-    """The graph at `path` (its path), or the serialized graph derived from it by DERIVED[derived]."""
-    return str(path) if derived is None else DERIVED[derived](path)
+Kinds = Collection[tuple[int, int]]  # MatMulNBits products by (weight bits, accuracy level)
 
 
-def prepacked_graph(path: Path, sha256: str, *, derived: str | None = None) -> Path:
+def derived_graph(path: Path, derived: str | None, paired: Kinds = ()) -> str | bytes:
+    """The graph at `path` (its path), or the serialized graph derived from it by DERIVED[derived]; where products
+    of the kinds `paired` compute one row apart, one whose such products never see a single row
+    (runtime.executor.paired_rows)."""
+    source = str(path) if derived is None else DERIVED[derived](path)
+    return paired_rows_graph(source, paired) if paired else source
+
+
+def _form(derived: str | None, paired: Kinds) -> str:
+    """What a copy's name says of its form."""
+    return (f"-{derived}" if derived else "") + "".join(f"-paired{bits}b{level}" for bits, level in sorted(paired))
+
+
+def prepacked_graph(path: Path, sha256: str, *, derived: str | None = None, paired: Kinds = ()) -> Path:
     """The optimized copy of the graph at `path` (whose content has this sha256), or of the graph derived from
-    it (DERIVED), made on first use. Raises OSError when the cache cannot be written; the caller then loads
-    the original. Raises ValueError where the graph has no such derived form (remembered in the cache, so
-    that the next session does not read the graph to find out again)."""
+    it (DERIVED, paired: derived_graph), made on first use. Raises OSError when the cache cannot be written; the
+    caller then loads the original. Raises ValueError where the graph has no such derived form (remembered in the
+    cache, so that the next session does not read the graph to find out again)."""
     root = cache_root()
-    form = f"-{derived}" if derived else ""
+    form = _form(derived, paired)
     target = root / f"{sha256[:16]}{form}-ort{ort.__version__}-{cpu_fingerprint()}-v{COPY_FORMAT}"
     if (target / GRAPH_FILE).is_file():
         os.utime(target)  # used now: the last to go when the cache is full
@@ -115,7 +128,7 @@ def prepacked_graph(path: Path, sha256: str, *, derived: str | None = None) -> P
     staging = Path(tempfile.mkdtemp(prefix=".", dir=root))
     try:
         try:
-            _write_checked_copy(path, staging, derived)
+            _write_checked_copy(path, staging, derived, paired)
         except ValueError as exc:
             (staging / NOT_DERIVED).write_text(f"{path.name}: {exc}")
             with contextlib.suppress(OSError):  # another process remembered it first
@@ -132,20 +145,20 @@ def prepacked_graph(path: Path, sha256: str, *, derived: str | None = None) -> P
     return target / GRAPH_FILE
 
 
-def derived_copy(path: Path, sha256: str, derived: str) -> Path:
-    """The graph derived from the one at `path` (whose content has this sha256) by DERIVED[derived], saved in the
-    cache on first use, for devices that take no pre-packed copy (a GPU): deriving reads and rewrites the whole
+def derived_copy(path: Path, sha256: str, derived: str | None, paired: Kinds = ()) -> Path:
+    """The graph derived from the one at `path` (whose content has this sha256) as derived_graph derives it, saved in
+    the cache on first use, for devices that take no pre-packed copy (a GPU): deriving reads and rewrites the whole
     graph, seconds for a large one at every start. Not specific to this CPU: ONNX Runtime optimizes it when a
     session loads it. Raises OSError when the cache cannot be written; the caller then derives it in memory."""
     root = cache_root()
-    target = root / f"{sha256[:16]}-{derived}-derived-v{COPY_FORMAT}"
+    target = root / f"{sha256[:16]}{_form(derived, paired)}-derived-v{COPY_FORMAT}"
     if (target / GRAPH_FILE).is_file():
         os.utime(target)
         return target / GRAPH_FILE
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".", dir=root))
     try:
-        (staging / GRAPH_FILE).write_bytes(DERIVED[derived](path))
+        (staging / GRAPH_FILE).write_bytes(derived_graph(path, derived, paired))
         try:
             staging.rename(target)
         except OSError:
@@ -157,9 +170,9 @@ def derived_copy(path: Path, sha256: str, derived: str) -> Path:
     return target / GRAPH_FILE
 
 
-def _write_checked_copy(path: Path, directory: Path, derived: str | None) -> None:
+def _write_checked_copy(path: Path, directory: Path, derived: str | None, paired: Kinds) -> None:
     """The optimized copy with its pre-packed weights, or without them where those change the results."""
-    source = derived_graph(path, derived)
+    source = derived_graph(path, derived, paired)
     attempts = (False,) if _int8_activation_products(path) else (True, False)
     for save_prepacked in attempts:
         options = ort.SessionOptions()

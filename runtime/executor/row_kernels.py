@@ -1,5 +1,6 @@
-"""Whether ONNX Runtime's CPU provider computes a single row of a 4-bit product with int8 activations (MatMulNBits,
-accuracy level 4) with a kernel of its own, as it always does with float32 arithmetic (Bundle.one_row_computed_apart).
+"""Which of a bundle's products ONNX Runtime computes a single row of with a kernel of its own: every MatMulNBits
+with float32 arithmetic (accuracy level 1), and on some processors those of 4-bit weights with int8 activations (level
+4). Their graphs then never compute one row alone (runtime.executor.paired_rows).
 
 It depends on the processor: with AVX-512 one row and several share a kernel, and a row's sums are the same bits
 in any batch; on an AVX2 processor without it (an AMD EPYC of the Zen 3 generation, ONNX Runtime 1.31) a single row
@@ -14,17 +15,29 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
 
 import numpy as np
 import onnxruntime as ort
 
+from runtime.core.bundle import Bundle
 from runtime.executor.onnx_session import PROVIDERS
+from runtime.executor.paired_rows import FLOAT32_ARITHMETIC, INT8_ACTIVATIONS
 from runtime.executor.prepacked_graphs import cache_root, cpu_fingerprint
 
 K, N, BLOCK = 256, 64, 32  # a product of a few blocks a row, with zero points, as a quantized bundle's are
-INT8_ACTIVATIONS = 4
 APART, SHARED = "apart", "shared"
+
+
+def products_computing_one_row_apart(bundle: Bundle, device: str) -> frozenset[tuple[int, int]]:
+    """The kinds, (weight bits, accuracy level), of MatMulNBits products that compute a single row with a kernel of
+    their own on this device: those with float32 arithmetic always, those of 4-bit weights with int8 activations
+    where this machine's CPU does (8-bit ones never do: tests/test_batch_invariance.py). Empty for a float bundle."""
+    if not bundle.quantized:
+        return frozenset()
+    kinds = {(4, FLOAT32_ARITHMETIC), (8, FLOAT32_ARITHMETIC)}
+    if device == "cpu" and int4_row_computed_apart():
+        kinds.add((4, INT8_ACTIVATIONS))
+    return frozenset(kinds)
 
 
 @functools.cache
@@ -60,11 +73,6 @@ def _measured() -> bool:
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=[PROVIDERS["cpu"]])
-    return computes_one_row_apart(lambda x: session.run(None, {"x": x})[0], K)
-
-
-def computes_one_row_apart(run: Callable[[np.ndarray], np.ndarray], width: int) -> bool:
-    """Whether a graph of independent rows, run(x (rows, width) float32) -> (rows, ...), gives a single row other
-    bits alone than beside another row (a kernel of its own differs in the last bits of many outputs)."""
-    x = np.random.default_rng(0).standard_normal((2, width)).astype(np.float32)
-    return not np.array_equal(run(x[:1])[0], run(x)[0])
+    x = rng.standard_normal((2, K)).astype(np.float32)
+    alone, beside = session.run(None, {"x": x[:1]})[0], session.run(None, {"x": x})[0]
+    return not np.array_equal(alone[0], beside[0])

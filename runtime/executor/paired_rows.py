@@ -1,0 +1,82 @@
+"""Graphs whose 4- and 8-bit products never compute a single row alone, where ONNX Runtime would compute it with a
+kernel of its own.
+
+ONNX Runtime's MatMulNBits computes one row with another kernel than several, whose sums differ in the last bits:
+always with float32 arithmetic (accuracy level 1), and for 4-bit weights with int8 activations (level 4) on some
+processors (runtime.executor.row_kernels). Lossless speculation needs a row's result not to depend on its batch: a
+speculative pass runs more rows than a sequential one. In the graph derived here each such product gets a second
+row when its call has one: the row is padded with a copy of itself, and only the first row of the product goes on.
+The rest of the graph (attention over the row's cache, norms, the feed-forward's activations) still runs one row,
+so a single token costs SmolLM2's stage two small operators a product, not a second row through every layer.
+
+Every product of a stage or classifier graph takes the same rows (the tokens of the call), so the rows are counted
+once, at the first product's input: pad = max(2 - rows, 0) rows, and the rows kept after it are 1 where a row was
+added, all of them otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnx
+
+FLOAT32_ARITHMETIC, INT8_ACTIVATIONS = 1, 4  # MatMulNBits accuracy levels (0, unset, computes as 1)
+PREFIX = "paired_rows"
+ALL_ROWS = 2**62  # a Slice end beyond any row count
+
+
+def product_kind(node: onnx.NodeProto) -> tuple[int, int]:
+    """A MatMulNBits node's (weight bits, accuracy level)."""
+    attributes = {attribute.name: attribute.i for attribute in node.attribute}
+    return attributes.get("bits", 4), attributes.get("accuracy_level", 0) or FLOAT32_ARITHMETIC
+
+
+def paired_rows_graph(source: str | bytes, kinds: Collection[tuple[int, int]]) -> bytes:
+    """The serialized graph at `source` (a path, or a serialized graph) whose MatMulNBits products of these kinds,
+    (bits, accuracy level), compute a single row beside a copy of it."""
+    import onnx
+
+    model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source)
+    pair_single_rows(model.graph, kinds)
+    return model.SerializeToString()
+
+
+def pair_single_rows(graph: onnx.GraphProto, kinds: Collection[tuple[int, int]]) -> None:
+    from onnx import TensorProto, helper
+
+    def constant(name: str, values: list[int]) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [f"{PREFIX}/{name}"], name=f"{PREFIX}/{name}",
+                                value=helper.make_tensor(f"{PREFIX}/{name}_value", TensorProto.INT64, [len(values)],
+                                                         values))
+
+    def op(kind: str, inputs: list[str], output: str, **attributes) -> onnx.NodeProto:
+        return helper.make_node(kind, inputs, [output], name=output, **attributes)
+
+    nodes: list[onnx.NodeProto] = []
+    counted = False
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or product_kind(node) not in kinds:
+            nodes.append(node)
+            continue
+        if not counted:  # the rows of this call, from the first product's input (B, ..., K)
+            p = PREFIX
+            nodes += [constant("zero", [0]), constant("one", [1]), constant("two", [2]), constant("all", [ALL_ROWS]),
+                      op("Shape", [node.input[0]], f"{p}/leading", end=-1),
+                      op("ReduceProd", [f"{p}/leading"], f"{p}/rows", keepdims=1),
+                      op("Sub", [f"{p}/two", f"{p}/rows"], f"{p}/short"),
+                      op("Max", [f"{p}/short", f"{p}/zero"], f"{p}/added"),
+                      op("Concat", [f"{p}/zero", f"{p}/added"], f"{p}/pads", axis=0),
+                      op("Greater", [f"{p}/added", f"{p}/zero"], f"{p}/was_added"),
+                      op("Where", [f"{p}/was_added", f"{p}/one", f"{p}/all"], f"{p}/kept")]
+            counted = True
+        source, product = node.input[0], node.output[0]
+        nodes.append(op("Pad", [source, f"{PREFIX}/pads", "", f"{PREFIX}/zero"], f"{PREFIX}/{product}/input",
+                        mode="edge"))
+        node.input[0] = f"{PREFIX}/{product}/input"
+        node.output[0] = f"{PREFIX}/{product}/output"
+        nodes.append(node)
+        nodes.append(op("Slice", [node.output[0], f"{PREFIX}/zero", f"{PREFIX}/kept", f"{PREFIX}/zero"], product))
+    del graph.node[:]
+    graph.node.extend(nodes)
