@@ -263,8 +263,8 @@ def test_a_tokens_time_counts_the_copies_between_host_and_device_where_the_graph
 
 @pytest.mark.training  # it quantizes the demo bundle
 def test_a_bundle_that_computes_one_row_apart_gives_the_host_s_text_on_written_caches(tmp_path):
-    """int4 weights with float32 arithmetic compute a single row apart: the graphs writing their caches pair every
-    product's row in every call, the host's only in single rows' calls, and the text is the same."""
+    """int4 weights with float32 arithmetic compute a single row apart: the graphs writing their caches pair a lone
+    row's products as the host's do, and the text is the same."""
     bundle = load_bundle(quantize_bundle(DEFAULT_BUNDLE, tmp_path / "int4", Quantization("int4", accuracy_level=1)))
     host_model = OnnxStageModel(bundle, threads=1, fused_attention=False)
     writing_model = OnnxStageModel(bundle, threads=1, device_resident=True)

@@ -59,21 +59,19 @@ class OnnxStageModel:
         self.device_resident = device != "cpu" if device_resident is None else device_resident
         self._graph_ids = bundle.graph_ids
         # products that compute a single row with another kernel are given two rows where a call has one, so that a
-        # token's result never depends on what it is batched with, which lossless speculation needs
+        # token's result never depends on what it is batched with, which lossless speculation needs. (Graphs without
+        # the pairing for calls of several rows would save such a call of SmolLM2's stage 0.3 ms of 3.6, but their
+        # sessions pack the weights again: 35 MB a stage, for no gain measured in decoding.)
         paired = products_computing_one_row_apart(bundle, device)
-        # on the CPU's host path calls of several rows run the graphs without the pairing, whose operators cost such a
-        # call of SmolLM2's stage 8%, and single rows their paired form (opened at the first one: its session packs
-        # the weights again)
-        single_rows_apart = bool(paired) and device == "cpu" and not self.device_resident
 
         # decode ticks as fixed tiles, which a GPU replays as CUDA graphs (default on CUDA); on the CPU only tests
         # ask for them, to run their every line
         tiles = tiles_by_default(device) if decode_tiles is None else decode_tiles
         tiles = tiles and self.device_resident
 
-        def session(path: Path, derived: str | None, *, graph_capture: bool = False, pairs: bool = True):
-            return create_session(path, device=device, threads=threads, sha256=bundle.file_sha256(path), derived=derived,
-                                  paired=paired if pairs else (), graph_capture=graph_capture)
+        def session(path: Path, derived: str | None, *, graph_capture: bool = False):
+            return create_session(path, device=device, threads=threads, sha256=bundle.file_sha256(path),
+                                  derived=derived, paired=paired, graph_capture=graph_capture)
 
         graphs = bundle.stage_graphs
         self.stages = frozenset(range(len(graphs)) if stages is None else stages)  # the stages it can run
@@ -81,27 +79,21 @@ class OnnxStageModel:
         cached = {graphs[stage] for stage in self.stages} | set(exit_graphs.values())  # the graphs taking a cache
         sessions = None
         self.fused_attention = fused_attention and device == "cpu" and not self.device_resident
-        form = None
         if self.fused_attention:
             try:
-                sessions = {path: session(path, "attention", pairs=not single_rows_apart) for path in cached}
-                form = "attention"
+                sessions = {path: session(path, "attention") for path in cached}
             except ValueError as exc:  # an older export: its attention has another pattern
                 log.info("%s runs its own attention operators, as exported before the fused rotary embedding (%s); "
                          "`speed export %s OUT_DIR` exports its graphs again, with fused attention on a CPU",
                          bundle.manifest["name"], exc, bundle.path)
                 self.fused_attention = False
         if sessions is None:
-            form = "writes" if self.device_resident else None
-            sessions = {path: session(path, form, graph_capture=tiles, pairs=not single_rows_apart) for path in cached}
+            sessions = {path: session(path, "writes" if self.device_resident else None,
+                                      graph_capture=tiles) for path in cached}
         self._stage_sessions = {stage: sessions[graphs[stage]] for stage in self.stages}
-        single = {path: LazySession(functools.partial(session, path, form))
-                  for path in (cached if single_rows_apart else ())}
-        self._single_row_stage_sessions = {stage: single[graphs[stage]] for stage in self.stages if single}
         head_form, guess_head = ("kept-logits" if self.device_resident else None), bundle.guess_head_graph
         # the classifiers are opened at their first use: a node whose gate holds every guess never holds the guess
         # head, and one that does not run the last stage gives the head back (release_classifiers)
-        # (a classifier's one product is paired in calls of any rows: it costs little)
         self._head = LazySession(lambda: session(bundle.head_graph, head_form))
         self._guess_head = LazySession(lambda: session(guess_head, head_form)) if guess_head is not None else self._head
         self.provider = (next(iter(sessions.values())) if sessions else self._head.get()).get_providers()[0]
@@ -109,7 +101,6 @@ class OnnxStageModel:
         self._embedding = bundle.embedding()
         self.exit_maps = bundle.exit_maps()
         self._exit_sessions = {stage: sessions[path] for stage, path in exit_graphs.items()}
-        self._single_row_exit_sessions = {stage: single[path] for stage, path in exit_graphs.items() if single}
         self.exit_layer_stages = frozenset(self._exit_sessions)
         self._layers = [len(self.config.stage_layers(s)) for s in range(self.config.n_stages)]
         self._bindings: dict[tuple, ort.IOBinding] = {}
@@ -144,21 +135,11 @@ class OnnxStageModel:
         """hidden (B, T, d) of the tokens after each row's cache length, B = rows of `rows` -> hidden (B, T, d).
         Each row's new keys and values are written at its length, as far as it has room (KVCache.write);
         the caller advances the lengths of the rows it keeps."""
-        return self._run(self._session(self._stage_sessions, self._single_row_stage_sessions, stage, hidden),
-                         self._layers[stage], hidden, cache, rows)
+        return self._run(self._stage_sessions[stage], self._layers[stage], hidden, cache, rows)
 
     def run_exit_layer(self, stage: int, hidden: np.ndarray, cache: KVCache, rows: slice) -> np.ndarray:
         """The stage's one-layer exit: a stage graph of one layer over its own cache (one layer per row)."""
-        return self._run(self._session(self._exit_sessions, self._single_row_exit_sessions, stage, hidden), 1, hidden,
-                         cache, rows)
-
-    @staticmethod
-    def _session(sessions: dict[int, ort.InferenceSession], single_rows: dict[int, LazySession], stage: int,
-                 hidden: np.ndarray) -> ort.InferenceSession:
-        """The stage's session for these rows: its paired form for a single row where it has one."""
-        if hidden.shape[:2] == (1, 1) and stage in single_rows:
-            return single_rows[stage].get()
-        return sessions[stage]
+        return self._run(self._exit_sessions[stage], 1, hidden, cache, rows)
 
     def run_kept(self, stage: int, cache: KVCache, rows: slice, sources: np.ndarray, tokens: np.ndarray,
                  hidden: np.ndarray | None) -> None:
@@ -232,7 +213,6 @@ class OnnxStageModel:
                 binding.bind_ortvalue_input(EMBEDDING, self._device_embedding)
             self._bindings[key] = binding
         return binding
-
 
     def classify(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """hidden (N, d) -> logits (N, V), greedy tokens (N,)."""
