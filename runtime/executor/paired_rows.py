@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 FLOAT32_ARITHMETIC, INT8_ACTIVATIONS = 1, 4  # MatMulNBits accuracy levels (0, unset, computes as 1)
 PREFIX = "paired_rows"
+# operators computing each row of their output from that row of their inputs
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Sigmoid", "Tanh", "Erf", "Relu", "Neg", "Reciprocal", "Cast",
+               "Identity"}
 ALL_ROWS = 2**62  # a Slice end beyond any row count
 
 
@@ -44,7 +47,32 @@ def paired_rows_graph(source: str | bytes, kinds: Collection[tuple[int, int]]) -
 
 
 def pair_single_rows(graph: onnx.GraphProto, kinds: Collection[tuple[int, int]]) -> None:
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
+
+    constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    constants |= {node.output[0]: numpy_helper.to_array(attribute.t) for node in graph.node if node.op_type == "Constant"
+                  for attribute in node.attribute if attribute.name == "value"}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def row_wise(node: onnx.NodeProto) -> bool:
+        """Whether each row of the node's outputs depends on that row of its inputs alone (a second row, a copy of
+        the first, then stays a copy of it), and its other inputs broadcast over rows."""
+        attributes = {attribute.name: attribute for attribute in node.attribute}
+        if node.op_type in ELEMENTWISE or node.op_type == "MatMulNBits":
+            return True
+        if node.op_type == "MatMul":  # by a constant matrix
+            return node.input[1] in constants and constants[node.input[1]].ndim == 2
+        if node.op_type == "ReduceMean":  # over the last axis
+            axes = constants.get(node.input[1]) if len(node.input) > 1 else None
+            return axes is not None and axes.tolist() == [-1] and attributes["keepdims"].i == 1 \
+                if "keepdims" in attributes else axes is not None and axes.tolist() == [-1]
+        if node.op_type == "Split":  # along the last axis, into row-wise readers
+            return attributes["axis"].i == -1 and all(row_wise(reader) for name in node.output
+                                                      for reader in readers.get(name, []))
+        return False
 
     def constant(name: str, values: list[int]) -> onnx.NodeProto:
         return helper.make_node("Constant", [], [f"{PREFIX}/{name}"], name=f"{PREFIX}/{name}",
@@ -54,14 +82,20 @@ def pair_single_rows(graph: onnx.GraphProto, kinds: Collection[tuple[int, int]])
     def op(kind: str, inputs: list[str], output: str, **attributes) -> onnx.NodeProto:
         return helper.make_node(kind, inputs, [output], name=output, **attributes)
 
+    p = PREFIX
     nodes: list[onnx.NodeProto] = []
+    paired: dict[str, str] = {}  # tensor -> its paired form, a second row where its call has one
+    unpaired: set[str] = set()  # paired tensors whose own name is made again, by slicing the paired form
     counted = False
+
+    def unpair(name: str) -> None:
+        if name in paired and name not in unpaired:
+            nodes.append(op("Slice", [paired[name], f"{p}/zero", f"{p}/kept", f"{p}/zero"], name))
+            unpaired.add(name)
+
     for node in graph.node:
-        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or product_kind(node) not in kinds:
-            nodes.append(node)
-            continue
-        if not counted:  # the rows of this call, from the first product's input (B, ..., K)
-            p = PREFIX
+        pairs = node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and product_kind(node) in kinds
+        if pairs and not counted:  # the rows of this call, from the first product's input (B, ..., K)
             nodes += [constant("zero", [0]), constant("one", [1]), constant("two", [2]), constant("all", [ALL_ROWS]),
                       op("Shape", [node.input[0]], f"{p}/leading", end=-1),
                       op("ReduceProd", [f"{p}/leading"], f"{p}/rows", keepdims=1),
@@ -71,12 +105,20 @@ def pair_single_rows(graph: onnx.GraphProto, kinds: Collection[tuple[int, int]])
                       op("Greater", [f"{p}/added", f"{p}/zero"], f"{p}/was_added"),
                       op("Where", [f"{p}/was_added", f"{p}/one", f"{p}/all"], f"{p}/kept")]
             counted = True
-        source, product = node.input[0], node.output[0]
-        nodes.append(op("Pad", [source, f"{PREFIX}/pads", "", f"{PREFIX}/zero"], f"{PREFIX}/{product}/input",
-                        mode="edge"))
-        node.input[0] = f"{PREFIX}/{product}/input"
-        node.output[0] = f"{PREFIX}/{product}/output"
+        if pairs and node.input[0] not in paired:
+            source = node.input[0]
+            paired[source] = f"{p}/{source}/paired"
+            unpaired.add(source)  # the tensor itself stays as it was
+            nodes.append(op("Pad", [source, f"{p}/pads", "", f"{p}/zero"], paired[source], mode="edge"))
+        if (pairs or row_wise(node)) and any(name in paired for name in node.input):
+            node.input[:] = [paired.get(name, name) for name in node.input]
+            for i, name in enumerate(node.output):
+                paired[name] = node.output[i] = f"{p}/{name}/paired"
+        else:
+            for name in node.input:
+                unpair(name)
         nodes.append(node)
-        nodes.append(op("Slice", [node.output[0], f"{PREFIX}/zero", f"{PREFIX}/kept", f"{PREFIX}/zero"], product))
+    for output in graph.output:
+        unpair(output.name)
     del graph.node[:]
     graph.node.extend(nodes)
