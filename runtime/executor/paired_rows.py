@@ -4,14 +4,17 @@ kernel of its own.
 ONNX Runtime's MatMulNBits computes one row with another kernel than several, whose sums differ in the last bits:
 always with float32 arithmetic (accuracy level 1), and for 4-bit weights with int8 activations (level 4) on some
 processors (runtime.executor.row_kernels). Lossless speculation needs a row's result not to depend on its batch: a
-speculative pass runs more rows than a sequential one. In the graph derived here each such product gets a second
-row when its call has one: the row is padded with a copy of itself, and only the first row of the product goes on.
-The rest of the graph (attention over the row's cache, norms, the feed-forward's activations) still runs one row,
-so a single token costs SmolLM2's stage two small operators a product, not a second row through every layer.
+speculative pass runs more rows than a sequential one. In the graph derived here such a product's input gets a
+second row, a copy of the first, when its call has one row. The copy goes on through the row-wise operators after
+the product (norms, residual sums, the feed-forward's activations, the next products), where it stays a copy, and
+is dropped before any other operator (attention over the row's cache, reshapes) and at the graph's outputs: a
+stage of SmolLM2 pads and slices twice a layer, and its attention still runs one row. (Before, a single token ran
+as one of two cache rows through the whole graph: a neighbour's attention over a history of 1000 positions cost more
+than the token's own layers.)
 
 Every product of a stage or classifier graph takes the same rows (the tokens of the call), so the rows are counted
-once, at the first product's input: pad = max(2 - rows, 0) rows, and the rows kept after it are 1 where a row was
-added, all of them otherwise.
+once, at the first product's input: pad = max(2 - rows, 0) rows, and the rows kept where the copy is dropped are 1
+where it was added, all of them otherwise.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def product_kind(node: onnx.NodeProto) -> tuple[int, int]:
 
 def paired_rows_graph(source: str | bytes, kinds: Collection[tuple[int, int]]) -> bytes:
     """The serialized graph at `source` (a path, or a serialized graph) whose MatMulNBits products of these kinds,
-    (bits, accuracy level), compute a single row beside a copy of it."""
+    (bits, accuracy level), compute a single row beside a copy of it (the module's docstring)."""
     import onnx
 
     model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source)
@@ -67,11 +70,10 @@ def pair_single_rows(graph: onnx.GraphProto, kinds: Collection[tuple[int, int]])
             return node.input[1] in constants and constants[node.input[1]].ndim == 2
         if node.op_type == "ReduceMean":  # over the last axis
             axes = constants.get(node.input[1]) if len(node.input) > 1 else None
-            return axes is not None and axes.tolist() == [-1] and attributes["keepdims"].i == 1 \
-                if "keepdims" in attributes else axes is not None and axes.tolist() == [-1]
-        if node.op_type == "Split":  # along the last axis, into row-wise readers
-            return attributes["axis"].i == -1 and all(row_wise(reader) for name in node.output
-                                                      for reader in readers.get(name, []))
+            return axes is not None and axes.tolist() == [-1]
+        if node.op_type == "Split":  # along the last axis, into row-wise readers only (else the copy goes before it)
+            axis = attributes["axis"].i if "axis" in attributes else 0
+            return axis == -1 and all(row_wise(reader) for name in node.output for reader in readers.get(name, []))
         return False
 
     def constant(name: str, values: list[int]) -> onnx.NodeProto:
