@@ -59,9 +59,9 @@ class OnnxStageModel:
         self.device_resident = device != "cpu" if device_resident is None else device_resident
         self._graph_ids = bundle.graph_ids
         # products that compute a single row with another kernel are given two rows where a call has one, so that a
-        # token's result never depends on what it is batched with, which lossless speculation needs. (Graphs without
-        # the pairing for calls of several rows would save such a call of SmolLM2's stage 0.3 ms of 3.6, but their
-        # sessions pack the weights again: 35 MB a stage, for no gain measured in decoding.)
+        # token's result never depends on what it is batched with, which lossless speculation needs. (Sessions of the
+        # graphs without pairing, for calls of several rows, gave no gain measured in decoding and packed the weights
+        # again: 35 MB a stage of SmolLM2.)
         paired = products_computing_one_row_apart(bundle, device)
 
         # decode ticks as fixed tiles, which a GPU replays as CUDA graphs (default on CUDA); on the CPU only tests
