@@ -20,7 +20,7 @@ def build_parser() -> OneLineErrorParser:
     return parser
 
 
-TRAINING_MODULES = {"torch", "onnx", "onnxscript", "gguf"}  # the `train` extra, which nodes do without
+TRAINING_MODULES = {"torch", "onnxscript", "gguf"}  # the `train` extra, which nodes do without
 PLOT_MODULES = {"matplotlib"}  # the `plot` extra: only `speed bench --plot` draws
 
 
