@@ -197,6 +197,7 @@ def serve_node(spec: ClusterSpec, node: NodeSpec, bundle: Bundle, stop: threadin
     service.stop_ring()  # ends its links
     listener.close()
     health_service.enter_graceful_shutdown()
+    service.step_streams.close()
     server.stop(grace=STOP_GRACE_S).wait()
     service.worker.stop()
     if quota is not None:

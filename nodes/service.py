@@ -30,6 +30,7 @@ from nodes.node_metrics import NodeMetrics
 from nodes.peer_links import Dialler, PeerLinks
 from nodes.ring_worker import RingWorker
 from nodes.stage_worker import StageWorker
+from nodes.step_streams import StepStreams
 from runtime.core.errors import SpeedError
 from runtime.wire import options
 from runtime.wire import speed_pb2 as pb
@@ -82,6 +83,7 @@ class NodeService(pb_grpc.NodeServicer):
         self._owner: str | None = None  # the connection (gRPC peer) of the coordinator that assigned the stages
         self.assign_key = secrets.token_hex(16)  # given only to the coordinator it registers with
         self.link_probe = LinkProbe(dial)  # round trips to the other nodes of its ring
+        self.step_streams = StepStreams()  # closed when the node stops
 
     def _admit(self, context: grpc.ServicerContext) -> None:
         if self.only_caller is not None and caller(context) != self.only_caller:
@@ -175,7 +177,7 @@ class NodeService(pb_grpc.NodeServicer):
 
     def Steps(self, requests: Iterator[pb.StepBatch], context: grpc.ServicerContext) -> Iterator[pb.StepResults]:
         self._admit(context)
-        for batch in requests:
+        for batch in self.step_streams.messages(requests, context):
             if self._owner is not None and context.peer() != self._owner:  # checked per message: Assign may come later
                 _refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"node {self.host.name} takes step messages only "
                         "on the connection of the coordinator that assigned its stages")

@@ -197,8 +197,9 @@ def test_speed_status_json_is_one_object_with_each_nodes_load(cluster):
     for node in status["nodes"]:
         assert node["state"] == "serving" and node["step_ms"] > 0 and node["positions_per_s"] > 0, node
         # measured by the node itself at start: each stage it can host (any, the demo's layers being shared) at the
-        # row counts of a tick
+        # row counts of a tick; the stages run one graph, timed once
         assert {(p["stage"], p["rows"]) for p in node["pass_times"]} == {(s, r) for s in range(3) for r in (1, 2, 4)}
+        assert all(len({p["ms"] for p in node["pass_times"] if p["rows"] == rows}) == 1 for rows in (1, 2, 4)), node
         assert all(p["ms"] > 0 for p in node["pass_times"]) and node["head_ms"] > 0, node
         assert int(node["memory_available_bytes"]) > 0, node
     # one machine: the same id, whose cores every node's passes share

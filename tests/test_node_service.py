@@ -16,13 +16,14 @@ import grpc
 import numpy as np
 import pytest
 
+from nodes.daemon import STOP_GRACE_S
 from runtime.core.bundle import load_bundle
 from runtime.core.cluster_file import load_cluster, parse_address
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
 from runtime.wire.tensor import pack, unpack
 from tests.conftest import TINY, run_speed, write_cluster
-from tests.support import STOP_TIMEOUT_S, NodeProcess, node_stubs, running_nodes, steps, stop_node
+from tests.support import NodeProcess, node_stubs, running_nodes, steps, stop_node
 
 STAGES = [[0], [1, 2]]  # edge-1, edge-2
 PROMPT = 5
@@ -277,14 +278,19 @@ def test_closing_frees_the_sequence(stubs):
     assert open_sequences(stub) == before
 
 
-def test_sigterm_stops_the_node_gracefully(tiny_bundle, tmp_path):
-    with running_nodes(write_cluster(tmp_path, bundle=tiny_bundle, stages=STAGES), "edge-1") as started:
+def test_sigterm_stops_the_node_gracefully_and_ends_the_step_stream_held_open_between_steps(tiny_bundle, tmp_path):
+    """A coordinator keeps its step stream open between steps: the node ends it when it stops instead of waiting
+    out its grace for it (which every idle node did, so each stop of a cluster took STOP_GRACE_S)."""
+    cluster = write_cluster(tmp_path, bundle=tiny_bundle, stages=STAGES)
+    with running_nodes(cluster, "edge-1") as started, node_stubs(started) as stubs, steps(stubs["edge-1"]) as stream:
+        stream.step(prompt_batch("edge-1", next(SEQ_IDS)))
         node = started["edge-1"]
         started_at = time.monotonic()
         status = stop_node(node)
         took = time.monotonic() - started_at
+        assert stream.refused(pb.StepBatch()).code() in {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
     assert status == 0, node.stderr()
-    assert took < STOP_TIMEOUT_S
+    assert took < STOP_GRACE_S, node.stderr()
     assert "stopped" in node.stderr()
 
 
