@@ -19,9 +19,11 @@ every step on the CPU instead, which checks the script itself where there is no 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -111,13 +113,27 @@ def graph_capture(device: str) -> dict:
 
 
 def cluster_file(directory: Path, device: str) -> Path:
-    """deploy/local.yaml with every node on `device`."""
+    """deploy/local.yaml with every node on `device`, on loopback ports free now: the file's own may be taken on a
+    borrowed machine, or by a test's cluster where the test suite runs this check."""
     spec = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
+    del spec["coordinator"]["http_address"]  # the benchmark speaks gRPC only
+    processes = [spec["coordinator"], *spec["nodes"]]
+    for process, address in zip(processes, free_loopback_addresses(len(processes))):
+        process["address"] = address
     for node in spec["nodes"]:
         node["device"] = device
     path = directory / f"local-{device}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def free_loopback_addresses(count: int) -> list[str]:
+    """`count` loopback addresses on distinct ports, free now (bound together, so none is given twice)."""
+    with contextlib.ExitStack() as held:
+        probes = [held.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [f"127.0.0.1:{probe.getsockname()[1]}" for probe in probes]
 
 
 def check(device: str, wheels: Path | None, bundle: Path | None) -> dict:
