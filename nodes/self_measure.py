@@ -5,8 +5,8 @@ The passes are timed at start, after the warm-up and before the node registers, 
 an idle node (what it can do, not what it happens to be doing) and cost under a second for a small model.
 Each figure is the fastest of its timed passes: the other nodes of a cluster starting on the same machine
 only ever slow a pass down (by twice, on two cores), while a slower device slows every one. When the
-coordinator asks again (Measure, one node at a time), nothing else runs then, and each figure is the time
-a call takes when calls follow each other: a CPU quota slows some calls and not others.
+coordinator asks again (Measure, one node of a machine at a time), nothing else runs there then, and each figure
+is the time a call takes when calls follow each other: a CPU quota slows some calls and not others.
 """
 
 from __future__ import annotations

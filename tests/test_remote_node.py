@@ -1,5 +1,5 @@
 """The coordinator's handle on a node, over a real gRPC channel, when a node's call to time its passes is still
-running: the node answering, the node going, the coordinator stopping."""
+running: the node answering, the node going, the coordinator stopping; and which nodes time at once."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 
 import grpc
 
-from runtime.coordinator.remote_node import RemoteNode
+from runtime.coordinator.remote_node import RemoteNode, time_passes_again
 from runtime.core.cluster_file import load_cluster
 from runtime.wire import speed_pb2 as pb
 from runtime.wire import speed_pb2_grpc as pb_grpc
@@ -93,3 +93,41 @@ def test_a_node_is_placed_with_its_link_address_on_the_host_it_registered_from(t
     for registered, expected in (("127.0.0.1:50051", "127.0.0.1:6001"), ("[::1]:50051", "[::1]:6001")):
         node.info, node.address = pb.NodeInfo(name=spec.name, link_port=6001), registered
         assert node.place(2) == pb.StagePlace(stage=2, node=spec.name, address=registered, link_address=expected)
+
+
+def test_nodes_of_one_machine_time_their_passes_in_turn_and_other_machines_beside_them(tmp_path):
+    """edge-1 and edge-2 on machine a, edge-3 on machine b: edge-3 times beside edge-1, edge-2 only after edge-1."""
+    specs = load_cluster(write_cluster(tmp_path)).nodes
+
+    async def run():
+        servicers, servers, nodes = [], [], []
+        for spec, machine in zip(specs, "aab"):
+            servicer, server = TimingNode(), grpc.aio.server()
+            pb_grpc.add_NodeServicer_to_server(servicer, server)
+            address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+            await server.start()
+            node = RemoteNode(spec, step_timeout_s=3.0)
+            await node.connect(pb.NodeInfo(name=spec.name, pass_times=REGISTERED, machine=pb.Machine(id=machine)),
+                               address, grpc.aio.insecure_channel(address), "key")
+            servicers.append(servicer)
+            servers.append(server)
+            nodes.append(node)
+        first, second, elsewhere = servicers
+        try:
+            task = asyncio.create_task(time_passes_again(nodes, timeout_s=60))
+            await asyncio.wait_for(asyncio.gather(first.called.wait(), elsewhere.called.wait()), 10)
+            await asyncio.sleep(0.2)  # time enough for a call that should not be made yet
+            assert not second.called.is_set()
+            first.answer.set()
+            await asyncio.wait_for(second.called.wait(), 10)
+            second.answer.set()
+            elsewhere.answer.set()
+            await asyncio.wait_for(task, 10)
+            assert all(list(node.info.pass_times) == TIMED for node in nodes)
+            for node in nodes:
+                await node.disconnect()
+        finally:
+            for server in servers:
+                await server.stop(grace=None)
+
+    asyncio.run(run())

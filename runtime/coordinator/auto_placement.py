@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
+from runtime.coordinator.remote_node import time_passes_again
 from runtime.core.bundle import Bundle
 from runtime.core.cluster_file import ClusterSpec
 from runtime.core.generation import guess_thresholds
@@ -95,7 +96,7 @@ def calibrated(model: TimingModel, placed: Mapping[int, str], sequential: float,
 
 class AutoPlacement:
     """Chooses the stages' homes among the serving nodes; the engine's failover rule places from them. Each
-    choice starts by having every serving node time its passes again, one node at a time."""
+    choice starts by having every serving node time its passes again, one node of a machine at a time."""
 
     def __init__(self, spec: ClusterSpec, bundle: Bundle, seen: Callable[[], tuple[Sequence[int], Sequence[int]]],
                  measured: Callable[[], tuple[Mapping[int, str], float, float]]):
@@ -107,8 +108,7 @@ class AutoPlacement:
     async def homes(self, nodes: list, start: dict[int, str]) -> dict[str, tuple[int, ...]] | None:
         """Each serving node's stages (RemoteNodes, with their registration's measurements); None to keep
         the file's homes (a node measured nothing). start: where the stages would run without a choice."""
-        for node in nodes:  # one at a time: a node's timing must not slow another's
-            await node.measure(self.spec.coordinator.step_timeout_s * MEASURE_TIMEOUT_STEPS)
+        await time_passes_again(nodes, self.spec.coordinator.step_timeout_s * MEASURE_TIMEOUT_STEPS)
         timings = node_timings(node.info for node in nodes)
         unmeasured = [node.name for node in nodes if node.name not in timings]
         if unmeasured:

@@ -24,7 +24,7 @@ from runtime.coordinator.auto_placement import MEASURE_TIMEOUT_STEPS, AutoPlacem
 from runtime.coordinator.data_path import data_path_for
 from runtime.coordinator.engine import Engine
 from runtime.coordinator.metrics import CoordinatorMetrics
-from runtime.coordinator.remote_node import MAX_MEMORY_BYTES, RemoteNode, measurement_problem
+from runtime.coordinator.remote_node import MAX_MEMORY_BYTES, RemoteNode, measurement_problem, time_passes_again
 from runtime.coordinator.requests import Request
 from runtime.coordinator.ring_link import RingDialler
 from runtime.coordinator.tokens import TOKENS_FILE, TokenFile
@@ -288,7 +288,7 @@ class Coordinator:
                              f"than {MAX_MEMORY_BYTES}; is it this runtime's node?")
 
     async def watch_timings(self) -> None:
-        """Under placement: file, have the serving nodes time their passes again, one at a time, whenever they
+        """Under placement: file, have the serving nodes time their passes again, one machine's at a time, whenever they
         change (what `speed plan` predicts with): timed at their own start, nodes starting together on one
         machine slow each other's figures. (Under auto the choice does it.)"""
         while True:  # a task of the server's for as long as it serves
@@ -297,8 +297,7 @@ class Coordinator:
             names = frozenset(node.name for node in serving)
             if self.spec.placement == PlacementKind.FILE and names != self._timed_for:
                 with self.engine.timing_nodes():
-                    for node in serving:
-                        await node.measure(self.spec.coordinator.step_timeout_s * MEASURE_TIMEOUT_STEPS)
+                    await time_passes_again(serving, self.spec.coordinator.step_timeout_s * MEASURE_TIMEOUT_STEPS)
                 self._timed_for = names
 
     def _serving_nodes(self) -> list[RemoteNode]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
@@ -40,6 +40,21 @@ def measurement_problem(info: pb.NodeInfo) -> str:
     if len(info.machine.id) > MAX_MACHINE_ID_CHARS:
         return f"machine.id of {len(info.machine.id)} characters, more than {MAX_MACHINE_ID_CHARS}"
     return ""
+
+
+async def time_passes_again(nodes: Sequence[RemoteNode], timeout_s: float) -> None:
+    """Have each node time its passes again (RemoteNode.measure): the nodes of one machine one after another, so
+    that none slows another's figures, and the machines side by side. Nodes that did not say which machine they
+    run on are timed as if they shared one."""
+    machines: dict[str, list[RemoteNode]] = {}
+    for node in nodes:
+        machines.setdefault(node.info.machine.id if node.info else "", []).append(node)
+
+    async def in_turn(machine: list[RemoteNode]) -> None:
+        for node in machine:
+            await node.measure(timeout_s)
+
+    await asyncio.gather(*(in_turn(machine) for machine in machines.values()))
 
 
 class NodeFailure(Exception):
