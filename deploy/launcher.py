@@ -227,7 +227,20 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    return not _exited(pid)
+
+
+def _exited(pid: int) -> bool:
+    """Whether `pid` has exited and waits to be collected by its parent. A detached cluster's processes are
+    the children of the system's first process, which may collect them seconds later, or in a container
+    never; until then signal 0 still finds them."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # no /proc here: signal 0 is all there is
+    return stat.rpartition(")")[2].split()[0] == "Z"  # after the command's name, which may hold anything
 
 
 def up(cluster_path: Path, *, detach: bool, emulated_link_ms: float | None = None, data_path: str | None = None,

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from deploy.launcher import PROCESSES_FILE
+from deploy.launcher import PROCESSES_FILE, STOP_TIMEOUT_S, stop_pids
 from runtime.core.cluster_file import load_cluster, parse_address
 from tests.conftest import HAS_GPU, assert_one_line_error, run_speed, write_cluster
 from tests.support import ports_free
@@ -151,3 +151,22 @@ def test_speed_down_stops_a_cluster_that_is_still_starting(tmp_path):
             run_speed("down", str(path))
     assert up.returncode == 0 and "stopped while it was starting" in out and "Traceback" not in err, (out, err)
     assert ports_free(path)
+
+
+def test_a_process_that_exited_is_stopped_before_its_parent_collects_it():
+    """A detached cluster's processes are children of the system's first process, which may collect them seconds
+    after they exit (or, in a container, never): `speed down` must not wait for that, nor signal them again."""
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, time; child = subprocess.Popen(['true']); "
+                               "print(child.pid, flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(parent.stdout.readline())  # not a child of this process, and never collected by its own
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.01)
+        started = time.monotonic()
+        stop_pids([pid])
+        assert time.monotonic() - started < STOP_TIMEOUT_S / 2
+    finally:
+        parent.kill()
+        parent.wait()

@@ -17,7 +17,12 @@ SERVER = COMMON + [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
 ]
-CHANNEL = COMMON
+CHANNEL = COMMON + [
+    # A peer back again (a coordinator restarted, or started after its nodes) is reached within seconds: gRPC's own
+    # reconnect backoff starts at 1 s and grows to 120 s, and until its next attempt every call fails at once.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+]
 
 MIN_STEP_MESSAGE_BYTES = 4 * 1024 * 1024
 
