@@ -288,7 +288,7 @@ class Coordinator:
                              f"than {MAX_MEMORY_BYTES}; is it this runtime's node?")
 
     async def watch_timings(self) -> None:
-        """Under placement: file, have the serving nodes time their passes again, one machine's at a time, whenever they
+        """Under placement: file, have the serving nodes time their passes again (time_passes_again) whenever they
         change (what `speed plan` predicts with): timed at their own start, nodes starting together on one
         machine slow each other's figures. (Under auto the choice does it.)"""
         while True:  # a task of the server's for as long as it serves
