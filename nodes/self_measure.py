@@ -42,13 +42,13 @@ def measure_passes(model: StageModel, stages: list[int], *, alone: bool = False)
     for stage in stages:
         layers = len(cfg.stage_layers(stage))
         for rows in TICK_ROWS:
-            if (model.graph_of(stage), rows) not in timed_graphs:
+            graph = (model.graph_of(stage), rows)
+            if graph not in timed_graphs:
                 cache = model.new_cache(rows=rows, capacity=tiled(CACHED_POSITIONS + 1), layers=layers)
                 cache.lengths[:] = CACHED_POSITIONS
                 hidden = np.zeros((rows, 1, cfg.d_model), np.float32)
-                timed_graphs[model.graph_of(stage), rows] = timed(partial(model.run_stage, stage, hidden, cache,
-                                                                          slice(0, rows)))
-            times.append(pb.PassTime(stage=stage, rows=rows, ms=timed_graphs[model.graph_of(stage), rows]))
+                timed_graphs[graph] = timed(partial(model.run_stage, stage, hidden, cache, slice(0, rows)))
+            times.append(pb.PassTime(stage=stage, rows=rows, ms=timed_graphs[graph]))
     return times, timed(partial(model.classify, np.zeros((1, cfg.d_model), np.float32)))
 
 

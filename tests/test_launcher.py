@@ -155,7 +155,7 @@ def test_speed_down_stops_a_cluster_that_is_still_starting(tmp_path):
 
 def test_a_process_that_exited_is_stopped_before_its_parent_collects_it():
     """A detached cluster's processes are children of the system's first process, which may collect them seconds
-    after they exit (or, in a container, never): `speed down` must not wait for that, nor signal them again."""
+    after they exit (or, in a container, never): `speed down` must not wait for that."""
     parent = subprocess.Popen([sys.executable, "-c", "import subprocess, time; child = subprocess.Popen(['true']); "
                                "print(child.pid, flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:

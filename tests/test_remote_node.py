@@ -31,20 +31,28 @@ class TimingNode(pb_grpc.NodeServicer):
         return pb.NodeInfo(pass_times=TIMED, head_ms=0.5)
 
 
+async def serving(spec, servers: list[grpc.aio.Server], machine: str = "") -> tuple[TimingNode, RemoteNode]:
+    """A TimingNode serving on loopback (its server added to `servers`, for the caller to stop) and the
+    coordinator's RemoteNode connected to it, registered as running on `machine`."""
+    servicer, server = TimingNode(), grpc.aio.server()
+    pb_grpc.add_NodeServicer_to_server(servicer, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    servers.append(server)
+    await server.start()
+    node = RemoteNode(spec, step_timeout_s=3.0)
+    await node.connect(pb.NodeInfo(name=spec.name, pass_times=REGISTERED, machine=pb.Machine(id=machine)), address,
+                       grpc.aio.insecure_channel(address), "key")
+    return servicer, node
+
+
 def timing(tmp_path, scenario) -> tuple[asyncio.Task, RemoteNode]:
     """Run `scenario(node, servicer, task)` while `task` has the node time its passes; the task and the node."""
     spec = load_cluster(write_cluster(tmp_path)).nodes[0]
 
     async def run():
-        servicer, server = TimingNode(), grpc.aio.server()
-        pb_grpc.add_NodeServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        servers = []
         try:
-            node = RemoteNode(spec, step_timeout_s=3.0)
-            address = f"127.0.0.1:{port}"
-            await node.connect(pb.NodeInfo(name=spec.name, pass_times=REGISTERED), address,
-                               grpc.aio.insecure_channel(address), "key")
+            servicer, node = await serving(spec, servers)
             task = asyncio.create_task(node.measure(timeout_s=60))
             await asyncio.wait_for(servicer.called.wait(), 10)
             await scenario(node, servicer, task)
@@ -53,7 +61,8 @@ def timing(tmp_path, scenario) -> tuple[asyncio.Task, RemoteNode]:
             await node.disconnect()
             return task, node
         finally:
-            await server.stop(grace=None)
+            for server in servers:
+                await server.stop(grace=None)
 
     return asyncio.run(run())
 
@@ -100,20 +109,10 @@ def test_nodes_of_one_machine_time_their_passes_in_turn_and_other_machines_besid
     specs = load_cluster(write_cluster(tmp_path)).nodes
 
     async def run():
-        servicers, servers, nodes = [], [], []
-        for spec, machine in zip(specs, "aab"):
-            servicer, server = TimingNode(), grpc.aio.server()
-            pb_grpc.add_NodeServicer_to_server(servicer, server)
-            address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-            await server.start()
-            node = RemoteNode(spec, step_timeout_s=3.0)
-            await node.connect(pb.NodeInfo(name=spec.name, pass_times=REGISTERED, machine=pb.Machine(id=machine)),
-                               address, grpc.aio.insecure_channel(address), "key")
-            servicers.append(servicer)
-            servers.append(server)
-            nodes.append(node)
-        first, second, elsewhere = servicers
+        servers = []
         try:
+            served = [await serving(spec, servers, machine) for spec, machine in zip(specs, "aab")]
+            (first, second, elsewhere), nodes = zip(*served)
             task = asyncio.create_task(time_passes_again(nodes, timeout_s=60))
             await asyncio.wait_for(asyncio.gather(first.called.wait(), elsewhere.called.wait()), 10)
             await asyncio.sleep(0.2)  # time enough for a call that should not be made yet
